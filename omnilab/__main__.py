@@ -1,0 +1,3 @@
+from omnilab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Synthesize checkpoints: tiny ones through transformers' own classes, full-scale sparse ones from a config.
+
+- `tiny_qwen3_moe` / `tiny_qwen3_omni`: random-weight models built by `Qwen3MoeForCausalLM` and
+  `Qwen3OmniMoeForConditionalGeneration` (tiny audio / vision / talker / code2wav towers included) and written
+  by their own `save_pretrained`, with a small `max_shard_size` so one layer's experts spread over several
+  shards. These are the test fixtures; a small byte-level BPE tokenizer goes beside them.
+- `sparse_from_config`: the exact on-disk layout of any config (e.g. the real Qwen3-Omni-30B-A3B's): real
+  safetensors headers with real offsets and data regions left as holes, so 70.5 GB costs kilobytes of disk.
+  Names and shapes come from transformers (a meta-device model plus its reverse weight conversion, as
+  `save_pretrained` writes them), never from a hand-written list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+# Text-decoder defaults for tiny fixtures: head_dim differs from hidden/heads, GQA, several layers.
+TINY_TEXT = dict(
+    vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2,
+    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+    max_position_embeddings=512, tie_word_embeddings=False,
+)
+
+SAMPLE_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture-of-Experts models route each token to a few experts.",
+    "def add(a, b):\n    return a + b\n",
+    "47 + 38 = 85\n12 + 30 = 42\n",
+    "Le renard brun saute par-dessus le chien paresseux.",
+]
+
+
+def tiny_qwen3_moe(out: str | os.PathLike, *, seed: int = 0, max_shard_size: str | int = "24KB",
+                   dtype: torch.dtype = torch.float32, tokenizer: bool = True, **text) -> Path:
+    """A tiny random Qwen3-MoE checkpoint written by transformers. `text` overrides TINY_TEXT fields."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    fields = {**TINY_TEXT, **text}
+    config = Qwen3MoeConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config).to(dtype).eval()
+    return _save(model, out, max_shard_size, tokenizer, fields["vocab_size"])
+
+
+def tiny_omni_config(**text) -> dict:
+    """config.json of a tiny Qwen3-Omni: every tower present, each a few kilobytes."""
+    fields = {**TINY_TEXT, **text}
+    hidden = fields["hidden_size"]
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 4, 4] if fields["head_dim"] == 24
+            else _mrope_section(fields["head_dim"]), "interleaved": True, "mrope_interleaved": True}
+    return {
+        "model_type": "qwen3_omni_moe",
+        "enable_audio_output": True,
+        "thinker_config": {
+            "model_type": "qwen3_omni_moe_thinker",
+            "text_config": {**fields, "model_type": "qwen3_omni_moe_text", "rope_parameters": rope},
+            "audio_config": dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                 d_model=16, output_dim=hidden, downsample_hidden_size=8, n_window=4,
+                                 n_window_infer=8, max_source_positions=32),
+            "vision_config": dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+                                  out_hidden_size=hidden, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+            "tie_word_embeddings": fields["tie_word_embeddings"],
+        },
+        "talker_config": {
+            "thinker_hidden_size": hidden, "accept_hidden_layer": 1, "num_code_groups": 4, "spatial_merge_size": 2,
+            "text_config": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16, moe_intermediate_size=16,
+                                num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=24,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            "code_predictor_config": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_code_groups=4),
+        },
+        "code2wav_config": dict(codebook_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                intermediate_size=48, num_hidden_layers=1, num_quantizers=4, upsample_rates=[2, 2],
+                                upsampling_ratios=[2], decoder_dim=32, sliding_window=8),
+    }
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    t = half - 2 * (half // 3)
+    return [t, half // 3, half // 3]
+
+
+def tiny_qwen3_omni(out: str | os.PathLike, *, seed: int = 0, max_shard_size: str | int = "48KB",
+                    dtype: torch.dtype = torch.float32, tokenizer: bool = True, **text) -> Path:
+    """A tiny random Qwen3-Omni checkpoint (thinker text + audio + vision + talker + code2wav) written by
+    transformers. `text` overrides the thinker text decoder's TINY_TEXT fields."""
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+    config = Qwen3OmniMoeConfig.from_dict(tiny_omni_config(**text))
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(config).to(dtype).eval()
+    return _save(model, out, max_shard_size, tokenizer, config.thinker_config.text_config.vocab_size)
+
+
+def _save(model, out, max_shard_size, tokenizer: bool, vocab_size: int) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+    if tokenizer:
+        tiny_tokenizer(min(vocab_size - 16, 256)).save_pretrained(out)
+    return out
+
+
+def tiny_tokenizer(vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained on a few sentences, with Qwen-style special tokens at the end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SAMPLE_TEXT * 4, trainer)
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+
+
+class _quiet_transformers:
+    """Silence transformers' progress bars and info lines while a fixture is written."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self._verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        logging.set_verbosity(self._verbosity)
+        logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full-scale sparse layouts
+# ---------------------------------------------------------------------------------------------------
+
+_ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def layout_from_config(config: dict, dtype: torch.dtype = torch.bfloat16) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) for every tensor `save_pretrained` would write for this config,
+    read off a meta-device transformers model after its reverse weight conversion."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    model_type = config.get("model_type")
+    config_cls = AutoConfig.for_model(model_type).__class__
+    hf_config = config_cls.from_dict(config)
+    if model_type == "qwen3_omni_moe":
+        from transformers import Qwen3OmniMoeForConditionalGeneration as model_cls
+    else:
+        model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
+    with _quiet_transformers(), torch.device("meta"):
+        model = model_cls._from_config(hf_config, dtype=dtype)
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    state = revert_weight_conversion(model, state)
+    return {name: (_ST_DTYPE[t.dtype], tuple(t.shape)) for name, t in state.items()}
+
+
+def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike, *, max_shard_size: str | int = "5GB",
+                       dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the full on-disk layout of `config` with holes for data: headers, index and config are real.
+
+    Shards are split as `save_pretrained` splits them (huggingface_hub's splitter, tensor bytes counted as
+    numel x itemsize). Each shard is written under a temporary name and renamed."""
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+    from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME
+
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    layout = layout_from_config(config, dtype)
+    sizes = {name: _numel(shape) * DTYPE_BYTES[dt] for name, (dt, shape) in layout.items()}
+    split = split_state_dict_into_shards_factory(
+        layout, get_storage_size=lambda spec: _numel(spec[1]) * DTYPE_BYTES[spec[0]], get_storage_id=lambda _: None,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for shard, names in split.filename_to_tensors.items():
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            dt, shape = layout[name]
+            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
+            offset += sizes[name]
+            weight_map[name] = shard
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
+        tmp = out / (shard + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            f.truncate(8 + len(blob) + offset)  # the data region is a hole: no disk blocks
+        tmp.replace(out / shard)
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(out / INDEX_NAME, index)
+    _write_json(out / "config.json", config)
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,284 @@
+"""Shared definitions for the omni-tiny scripts (build_corpus, train_tiny, evaluate_tiny).
+
+Not a script: imported by the three scripts in this folder. It holds the domain list, the
+special tokens, the arithmetic prompt format, and the function that builds the tiny
+`Qwen3OmniMoeConfig` (a thinker text model worth training, plus tiny audio / vision / talker /
+code2wav parts left at their random init so the checkpoint has every component the real one has).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO / "data"
+MODEL_DIR = DATA_DIR / "omni-tiny"
+EVAL_DIR = DATA_DIR / "eval"
+SCRATCH = REPO / ".scratch"
+
+# Domain names, in a fixed order (the order is the domain id used in token arrays and logs).
+DOMAINS = ["en", "fr", "es", "python", "arith"]
+DOMAIN_TITLES = {
+    "en": "English Wikipedia lead paragraphs",
+    "fr": "French Wikipedia lead paragraphs",
+    "es": "Spanish Wikipedia lead paragraphs",
+    "python": "Python source (CPython 3.11 standard library)",
+    "arith": "Integer addition, generated",
+}
+
+# Special tokens, named as in the Qwen3-Omni tokenizer. They take the first ids of the vocabulary.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",  # document separator; also eos / pad
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+    "<tts_pad>",
+    "<tts_text_bos>",
+    "<tts_text_eod>",
+    "<tts_text_bos_single>",
+]
+EOS = "<|endoftext|>"
+
+# Qwen2-style pre-tokenizer pattern: single digits, letters with one leading non-letter, etc.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# ---------------------------------------------------------------- arithmetic format
+# One problem per line: "47 + 38 = 85\n". The evaluation prompt is "47 + 38 =" and the model's
+# greedy continuation up to the newline is compared with " 85".
+
+
+def addition_line(a: int, b: int) -> str:
+    return f"{a} + {b} = {a + b}\n"
+
+
+def addition_prompt(a: int, b: int) -> str:
+    return f"{a} + {b} ="
+
+
+def heldout_addition_pairs(n: int = 1000, seed: int = 1234) -> list[tuple[int, int]]:
+    """Unordered 2-digit pairs (a <= b) held out of training; both a+b and b+a are excluded."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(a, 100)]
+    rng.shuffle(pairs)
+    return sorted(pairs[:n])
+
+
+# ---------------------------------------------------------------- model config
+
+def text_dims(vocab_size: int) -> dict:
+    """The thinker text model's dimensions (the part that is trained)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=512,  # unused (no dense-MLP layers) but kept like the real config
+        moe_intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=32,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        router_aux_loss_coef=0.01,
+        output_router_logits=False,
+        initializer_range=0.02,
+        # head_dim 64 -> 32 rotary frequencies, split over (t, h, w) like the real [24, 20, 20] of 64.
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": [12, 10, 10],
+            "interleaved": True,
+            "mrope_interleaved": True,
+        },
+    )
+
+
+def build_config(tokenizer_specials: dict[str, int], vocab_size: int, word_ids: dict[str, int]):
+    """The full Qwen3OmniMoeConfig. `tokenizer_specials` maps special-token strings to ids,
+    `word_ids` maps "user" / "system" / "assistant" to ids (the real config names these too)."""
+    from transformers import Qwen3OmniMoeConfig
+
+    sp = tokenizer_specials
+    eos = sp[EOS]
+    text = text_dims(vocab_size)
+    text.update(bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
+    H = text["hidden_size"]
+
+    audio = dict(
+        num_mel_bins=128,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        d_model=32,
+        output_dim=H,
+        downsample_hidden_size=8,
+        max_source_positions=1500,
+        n_window=50,
+        n_window_infer=800,
+        conv_chunksize=500,
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        in_channels=3,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=H,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1],
+    )
+    talker_text = dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": [4, 2, 2],
+            "interleaved": True,
+            "mrope_interleaved": True,
+        },
+    )
+    code_predictor = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_code_groups=4,
+        max_position_embeddings=4096,
+    )
+    talker = dict(
+        text_config=talker_text,
+        code_predictor_config=code_predictor,
+        num_code_groups=4,
+        thinker_hidden_size=H,
+        accept_hidden_layer=text["num_hidden_layers"] // 2,
+        # codec control ids live at the top of the talker's 256-entry codec vocabulary
+        codec_pad_id=248,
+        codec_bos_id=249,
+        codec_eos_token_id=250,
+        codec_nothink_id=251,
+        codec_think_bos_id=252,
+        codec_think_eos_id=253,
+        audio_token_id=sp["<|audio_pad|>"],
+        image_token_id=sp["<|image_pad|>"],
+        video_token_id=sp["<|video_pad|>"],
+        vision_start_token_id=sp["<|vision_start|>"],
+        audio_start_token_id=sp["<|audio_start|>"],
+        speaker_id={"ethan": 240, "chelsie": 241, "aiden": 242},
+        spatial_merge_size=2,
+    )
+    code2wav = dict(
+        codebook_size=64,
+        hidden_size=32,
+        max_position_embeddings=8000,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        sliding_window=72,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_quantizers=4,
+        upsample_rates=[2, 2],
+        upsampling_ratios=[2],
+        decoder_dim=32,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    thinker = dict(
+        text_config=text,
+        audio_config=audio,
+        vision_config=vision,
+        audio_token_id=sp["<|audio_pad|>"],
+        image_token_id=sp["<|image_pad|>"],
+        video_token_id=sp["<|video_pad|>"],
+        audio_start_token_id=sp["<|audio_start|>"],
+        user_token_id=word_ids["user"],
+        tie_word_embeddings=False,
+        position_id_per_seconds=25,
+    )
+    cfg = Qwen3OmniMoeConfig(
+        thinker_config=thinker,
+        talker_config=talker,
+        code2wav_config=code2wav,
+        enable_audio_output=True,
+        im_start_token_id=sp["<|im_start|>"],
+        im_end_token_id=sp["<|im_end|>"],
+        tts_pad_token_id=sp["<tts_pad>"],
+        tts_bos_token_id=sp["<tts_text_bos>"],
+        tts_eos_token_id=sp["<tts_text_eod>"],
+        system_token_id=word_ids["system"],
+        user_token_id=word_ids["user"],
+        assistant_token_id=word_ids["assistant"],
+    )
+    return cfg
+
+
+def config_from_tokenizer(tok_dir: Path):
+    """Build the config from a saved tokenizer folder (tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
+    sp = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
+    word_ids = {}
+    for w in ("user", "system", "assistant"):
+        ids = tk.encode(w).ids
+        word_ids[w] = ids[0]  # the first piece if the word is not a single token
+    return build_config(sp, tk.get_vocab_size(), word_ids)
+
+
+def read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_jsonl(path: Path, rows) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
