@@ -1,0 +1,141 @@
+"""Run the numbered notebooks on the embedded model and hold their headline metrics to baselines.
+
+Each notebook has a papermill `parameters` cell with `checkpoint` (default: the embedded model) and
+`out_dir`; it calls `save_metrics(out_dir, {...})` and `save_figure(fig, out_dir, name)`. `run_notebooks`
+executes every `notebooks/NN_*.ipynb` with papermill into `OUT/NN_name/`, gathers the metrics into
+`OUT/metrics.json`, and compares them with `notebooks/baselines.json` (value and tolerance per metric),
+failing loudly on drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+BASELINES = NOTEBOOKS / "baselines.json"
+
+
+def save_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
+    """Write a notebook's headline metrics (numbers, strings, lists) to OUT_DIR/metrics.json, atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, default=_plain) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
+    """Write a figure as OUT_DIR/NAME.png (temporary name, then rename) and return the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    tmp = out / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def _plain(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def numbered_notebooks(only: list[str] | None = None) -> list[Path]:
+    books = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        books = [b for b in books if any(b.name.startswith(o) or b.stem == o for o in only)]
+    return books
+
+
+def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None = None,
+                  update_baselines: bool = False) -> int:
+    """Execute the numbered notebooks with papermill; 0 when all ran and all metrics are within baselines."""
+    import papermill
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary, failures = {}, []
+    for book in numbered_notebooks(only):
+        target = out / book.stem
+        target.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        print(f"[regress] {book.name} ...", flush=True)
+        try:
+            papermill.execute_notebook(str(book), str(target / book.name), parameters={"out_dir": str(target)},
+                                       cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False)
+        except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
+            failures.append(f"{book.name}: failed to execute: {str(e).strip().splitlines()[-1] if str(e).strip() else e}")
+            print(f"[regress] {book.name} FAILED ({time.time() - start:.0f} s)", flush=True)
+            continue
+        metrics_file = target / "metrics.json"
+        summary[book.stem] = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        if not summary[book.stem]:
+            failures.append(f"{book.name}: wrote no metrics.json")
+        print(f"[regress] {book.name} ok ({time.time() - start:.0f} s)", flush=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if update_baselines:
+        write_baselines(summary)
+        print(f"[regress] baselines written to {BASELINES}")
+    else:
+        failures += check_baselines(summary)
+    print(f"[regress] metrics summary: {out / 'metrics.json'}")
+    for f in failures:
+        print(f"[regress] FAIL {f}", file=sys.stderr)
+    print(f"[regress] {len(summary)} notebooks, {len(failures)} failures")
+    return 1 if failures else 0
+
+
+def write_baselines(summary: dict, rel_tol: float = 0.05, abs_tol: float = 1e-6) -> None:
+    """Numbers become {value, rel_tol, abs_tol}; existing tolerances are kept. Strings must match exactly."""
+    old = json.loads(BASELINES.read_text()) if BASELINES.exists() else {}
+    new = {}
+    for book, metrics in summary.items():
+        new[book] = {}
+        for key, value in metrics.items():
+            prev = old.get(book, {}).get(key, {})
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                new[book][key] = {"value": value}
+            else:
+                new[book][key] = {"value": value, "rel_tol": prev.get("rel_tol", rel_tol),
+                                  "abs_tol": prev.get("abs_tol", abs_tol)}
+    BASELINES.write_text(json.dumps(new, indent=2) + "\n")
+
+
+def check_baselines(summary: dict) -> list[str]:
+    if not BASELINES.exists():
+        return [f"no baselines at {BASELINES}: run `omnilab regress --update-baselines` once and commit it"]
+    baselines = json.loads(BASELINES.read_text())
+    failures = []
+    for book, expected in baselines.items():
+        if book not in summary:
+            if numbered_notebooks([book]):
+                failures.append(f"{book}: no metrics (did it run?)")
+            continue
+        for key, spec in expected.items():
+            got = summary[book].get(key)
+            want = spec["value"]
+            if got is None:
+                failures.append(f"{book}.{key}: missing (baseline {want!r})")
+            elif "rel_tol" in spec:
+                if not (isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=spec["rel_tol"], abs_tol=spec["abs_tol"])):
+                    failures.append(f"{book}.{key}: {got!r} drifted from baseline {want!r} "
+                                    f"(rel_tol {spec['rel_tol']}, abs_tol {spec['abs_tol']})")
+            elif got != want:
+                failures.append(f"{book}.{key}: {got!r} != baseline {want!r}")
+    return failures
+
+
+def notebook_name(path: str) -> str:
+    return re.sub(r"\.ipynb$", "", Path(path).name)
