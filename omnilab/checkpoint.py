@@ -96,6 +96,8 @@ class Checkpoint:
             weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{path / INDEX_NAME}: no 'weight_map' object")
+            if not all(isinstance(s, str) for s in weight_map.values()):
+                raise CheckpointError(f"{path / INDEX_NAME}: 'weight_map' values must be shard file names")
             shard_files = sorted(set(weight_map.values()))
         elif (path / SINGLE_NAME).exists():
             self.root = path
@@ -137,6 +139,8 @@ class Checkpoint:
                     continue
                 try:
                     dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+                    if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)):
+                        raise ValueError("shape and data_offsets must be non-negative integers")
                 except (KeyError, TypeError, ValueError):
                     self.problems.append(Problem("bad_header", f"{shard}: malformed entry for tensor {name}",
                                                  tensor=name, shard=shard))

@@ -58,28 +58,218 @@ def _jsonable(x):
 # ---------------------------------------------------------------------------------------------------
 
 
+def _checkpoint_report(path: str):
+    """inventory + tokenizer check of one checkpoint: (Inventory, TokenizerReport | None, problems)."""
+    from omnilab.inventory import inventory
+    from omnilab.vocab import check_checkpoint_tokenizer
+
+    inv = inventory(path)
+    tok = check_checkpoint_tokenizer(inv)
+    problems = list(inv.problems)
+    if tok is not None and tok.problem() is not None:
+        problems.append(tok.problem())
+    return inv, tok, problems
+
+
 def cmd_inspect(args) -> int:
-    raise NotImplementedError("inspect")
+    """Inventory: shards, tensors, bytes per component, expert completeness, tokenizer, problems. Exit 0 when the
+    checkpoint could be read (problems are listed, `verify` is the gate), 2 when it could not.
+
+    --json: {path, model_type, shards, tensors, total_bytes, file_bytes, dtypes: {dtype: count},
+    components: {label: {tensors, bytes, shards}}, shard_map: {shard: {label: bytes}},
+    experts: {component, layers, moe_layers, experts_per_layer, complete, partial, missing, per_layer: [...]} | null,
+    tokenizer: {size, max_id, special_tokens, embedding_rows, verdict, padding_rows, ...} | null,
+    problems: [{kind, message, tensor, shard}], notes: [str]}. Component labels: see omnilab/inventory.py."""
+    from omnilab.inventory import format_bytes
+
+    inv, tok, problems = _checkpoint_report(args.path)
+    summary = {**inv.summary(), "tokenizer": tok.to_dict() if tok else None,
+               "problems": [p.to_dict() for p in problems]}
+    if args.json:
+        print_json(summary)
+        return 0
+    dtypes = ", ".join(f"{d} x{n:,}" for d, n in summary["dtypes"].items())
+    print(f"{summary['path']}: {summary['model_type'] or 'unknown architecture'}, {summary['shards']} shards, "
+          f"{summary['tensors']:,} tensors, {summary['total_bytes']:,} bytes ({format_bytes(summary['total_bytes'])}), "
+          f"{dtypes or 'no tensors'}")
+    width = max([len(c) for c in summary["components"]] + [9])
+    print(f"  {'component':<{width}} {'tensors':>8} {'bytes':>12} {'shards':>6}")
+    for label, c in summary["components"].items():
+        print(f"  {label:<{width}} {c['tensors']:>8,} {format_bytes(c['bytes']):>12} {c['shards']:>6}")
+    if (e := summary["experts"]) is not None:
+        print(f"  {e['component']}: {e['moe_layers']} MoE layers x {e['experts_per_layer']} experts: "
+              f"{e['complete']:,} complete, {e['partial']:,} partial, {e['missing']:,} missing")
+    if tok is not None:
+        print(f"  {tok.line()}")
+        if tok.special_tokens:
+            print("  special tokens: " + ", ".join(f"{t}={i}" for t, i in tok.special_tokens.items()))
+    for note in summary["notes"]:
+        print(f"  note: {note}")
+    shown = 20
+    print(f"  problems: {len(problems) or 'none'}")
+    for p in problems[:shown]:
+        print(f"    {p}")
+    if len(problems) > shown:
+        print(f"    ... {len(problems) - shown} more: `omnilab verify {args.path}` lists them all")
+    return 0
 
 
 def cmd_verify(args) -> int:
-    raise NotImplementedError("verify")
+    """Every problem, one line each (kind: message naming the tensor and/or shard file) on stdout, a summary on
+    stderr. Exit 0 sound, 1 problems found, 2 unreadable (main turns errors into one line and 2).
+
+    --json: {path, sound, shards, tensors, checked_against_config, counts: {kind: n},
+    problems: [{kind, message, tensor, shard}], notes: [str]}."""
+    from pathlib import Path
+
+    inv, _, problems = _checkpoint_report(args.path)
+    notes = list(inv.notes)
+    if (Path(args.path) / "manifest.json").exists():  # an extraction folder (omnilab.extract, issue 4)
+        try:
+            from omnilab.extract import verify_extraction
+        except ImportError:
+            verify_extraction = None
+        if verify_extraction is not None:
+            problems += verify_extraction(args.path, source=args.source)
+    elif args.source:
+        notes.append(f"--source is used for extraction folders only; {args.path} has no manifest.json")
+    counts: dict[str, int] = {}
+    for p in problems:
+        counts[p.kind] = counts.get(p.kind, 0) + 1
+    ckpt = inv.checkpoint
+    if args.json:
+        print_json({"path": str(ckpt.path), "sound": not problems, "shards": len(ckpt.shards),
+                    "tensors": len(ckpt.tensors), "checked_against_config": inv.config is not None,
+                    "counts": counts, "problems": [p.to_dict() for p in problems], "notes": notes})
+    else:
+        for p in problems:
+            print(p)
+        for note in notes:
+            print(f"omnilab verify: note: {note}", file=sys.stderr)
+        if problems:
+            kinds = ", ".join(f"{k} {n}" for k, n in counts.items())
+            print(f"omnilab verify: {len(problems)} problems ({kinds}) in {ckpt.path}", file=sys.stderr)
+        else:
+            against = "against config.json" if inv.config is not None else "(files only: no usable config.json)"
+            print(f"omnilab verify: sound: {len(ckpt.tensors):,} tensors in {len(ckpt.shards)} shards checked "
+                  f"{against}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_synth(args) -> int:
-    raise NotImplementedError("synth")
+    """Write a tiny random checkpoint or a full-scale sparse layout into OUT (built beside it, then renamed)."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: already exists and is not an empty folder")
+    if args.kind == "sparse" and not args.config:
+        raise ValueError("synth sparse needs --config CONFIG.json (e.g. the real Qwen3-Omni-30B-A3B's config.json)")
+    from omnilab import synth
+    from omnilab.checkpoint import Checkpoint
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        if args.kind == "tiny-omni":
+            synth.tiny_qwen3_omni(tmp, seed=args.seed)
+        elif args.kind == "tiny-moe":
+            synth.tiny_qwen3_moe(tmp, seed=args.seed)
+        else:
+            synth.sparse_from_config(args.config, tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(Checkpoint(out))
+    return 0
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+    if args.input_ids is not None:
+        if not args.input_ids:
+            raise ValueError("--input-ids: no token ids given")
+        return args.input_ids
+    if tokenizer is None:
+        raise ValueError(f"{args.path}: no tokenizer beside the checkpoint; give the prompt as --input-ids 1,2,3")
+    ids = tokenizer(args.prompt)["input_ids"]
+    if not ids:
+        raise ValueError("--prompt: the tokenizer turned the prompt into no tokens")
+    return ids
 
 
 def cmd_compare(args) -> int:
-    raise NotImplementedError("compare")
+    """Selective model and transformers on the same tokens; one row per hook point (DESIGN.md's JSON)."""
+    import torch
+
+    from omnilab.hooks import compare
+    from omnilab.model import SelectiveMoE
+    from omnilab.reference import Reference
+
+    selective = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device)
+    ids = _prompt_ids(args, selective.tokenizer)
+    for i in ids:
+        if not 0 <= i < selective.config.vocab_size:
+            raise ValueError(f"token id {i} is outside the embedding (vocab_size {selective.config.vocab_size})")
+    reference = Reference.from_checkpoint(args.path, dtype=args.dtype, device=args.device)
+    result = compare(reference, selective, torch.tensor([ids]))
+    if args.json:
+        print_json({"path": args.path, "dtype": args.dtype, "input_ids": ids, **result.to_json()})
+        return 0
+    table = result.table[["name", "max_abs", "rel_err", "cosine", "topk_agreement"]]
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3e}"))
+    print(f"first divergence (rel_err > {result.rtol:g}): {result.first_divergence or 'none'}")
+    print(f"top-1 agreement {result.top1_agreement:.4f}, KL(ref || selective) {result.kl:.3e}, "
+          f"max rel_err {result.table.rel_err.max():.3e} over {len(ids)} tokens ({args.dtype})")
+    return 0
 
 
 def cmd_generate(args) -> int:
-    raise NotImplementedError("generate")
+    """Generate with the selective model under an expert budget; report speed and the cache's statistics."""
+    from omnilab.model import SelectiveMoE
+
+    model = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device,
+                                         expert_budget=args.expert_budget)
+    ids = _prompt_ids(args, model.tokenizer)
+    stop = args.stop_ids
+    if stop is None:
+        eos = model.generation_config.get("eos_token_id")
+        stop = [eos] if isinstance(eos, int) else list(eos or [])
+    out = model.generate(ids, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed,
+                         progress=not args.json and sys.stderr.isatty())
+    new = out.new_token_ids[0]
+    text = model.tokenizer.decode(new, skip_special_tokens=False) if model.tokenizer is not None else None
+    stats = model.cache.stats
+    cache = {"budget_bytes": stats.budget_bytes, "peak_resident_bytes": stats.peak_resident_bytes,
+             "hits": stats.hits, "misses": stats.misses, "loaded_bytes": stats.loaded_bytes,
+             "evictions": stats.evictions, "hit_rate": stats.hit_rate, "load_seconds": stats.load_seconds,
+             "expert_bytes": model.cache.store.expert_bytes, "all_experts_bytes": model.cache.store.total_bytes}
+    if args.json:
+        print_json({"path": args.path, "input_ids": ids, "new_token_ids": new, "text": text,
+                    "tokens_per_s": out.tokens_per_s, "decode_tokens_per_s": out.decode_tokens_per_s,
+                    "stopped": out.stopped[0], "cache": cache})
+        return 0
+    print(text if text is not None else ",".join(map(str, new)))
+    print(f"[{len(new)} tokens, {out.tokens_per_s:.2f} tokens/s; experts: {stats.hits:,} hits, {stats.misses:,} misses "
+          f"({stats.hit_rate:.1%}), {stats.evictions:,} evictions, peak {stats.peak_resident_bytes:,} of "
+          f"{stats.budget_bytes:,} budget bytes]", file=sys.stderr)
+    return 0
 
 
 def cmd_extract(args) -> int:
-    raise NotImplementedError("extract")
+    from dataclasses import asdict
+
+    from omnilab.extract import extract, parse_range
+
+    result = extract(args.path, args.out, components=args.components,
+                     layers=parse_range(args.layers) if args.layers else None,
+                     experts=parse_range(args.experts) if args.experts else None,
+                     workers=args.workers, progress=not args.json, pause_after_file=args.pause_after_file)
+    if args.json:
+        print_json({**asdict(result), "out": str(result.out), "mb_per_s": result.mb_per_s})
+    else:
+        print(result.summary())
+    return 0
 
 
 def cmd_regress(args) -> int:
@@ -103,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("verify", help="check every tensor against the config; exit 0 sound, 1 problems, 2 unreadable")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--source", help="for an extraction folder: the checkpoint it was extracted from, to compare with")
     p.set_defaults(func=cmd_verify)
 
     p = verbs.add_parser("synth", help="write a synthetic checkpoint (tiny random, or full-scale sparse from a config)")
@@ -136,11 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert-budget", type=parse_size, default=None, metavar="SIZE",
                    help="bytes of experts held at once (512MB, 2GiB); default: all experts fit")
+    p.add_argument("--stop-ids", type=parse_ids, default=None, metavar="IDS",
+                   help="token ids that end generation (default: eos_token_id of generation_config.json)")
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("extract", help="take a checkpoint apart into per-expert and backbone files, with a manifest")
     p.add_argument("path")
-    p.add_argument("out")
+    p.add_argument("out", help="output folder; a rerun resumes, a run with another selection adds to it")
+    p.add_argument("--components", default=None,
+                   help="comma-separated: embed, attention, norms, router, experts, dense_mlp, final_norm, lm_head, "
+                        "audio, vision, talker, code2wav, unrecognised, or the groups all, text, backbone, towers "
+                        "(default: all, so the round trip is complete)")
+    p.add_argument("--layers", default=None, help="text-decoder layers, e.g. 0-3,10 (default: all)")
+    p.add_argument("--experts", default=None, help="experts of each layer, e.g. 0-7 (default: all)")
+    p.add_argument("--workers", type=int, default=2, help="source shards read at once (default: 2)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--pause-after-file", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: kill mid-way
     p.set_defaults(func=cmd_extract)
 
     p = verbs.add_parser("regress", help="run every numbered notebook on the embedded model and check its metrics")

@@ -16,10 +16,381 @@ import pandas as pd  # noqa: E402
 
 # -- 01 shard inspection -------------------------------------------------------------------------------
 
+
+def _short_bytes(n: float) -> str:
+    for unit in ("B", "k", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" or n >= 100 else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}T"
+
+
+def _short_shard(name: str) -> str:
+    """'model-00003-of-00015.safetensors' -> '00003'; other names as they are, without .safetensors."""
+    stem = name.removesuffix(".safetensors")
+    parts = stem.split("-")
+    return parts[1] if len(parts) == 4 and parts[0] == "model" and parts[2] == "of" else stem
+
+
+def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per component"):
+    """Horizontal bars of bytes per component (log scale), each labelled with its size and tensor count.
+
+    `components`: index component label, columns `tensors` and `bytes` (Inventory.components)."""
+    df = components[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(df) + 1.2))
+    colors = plt.cm.tab20(np.arange(len(components)) % 20)[::-1]
+    ax.barh(df.index, df["bytes"], color=colors)
+    ax.set_xscale("log")
+    total = components["bytes"].sum()
+    for y, (n, b) in enumerate(zip(df["tensors"], df["bytes"])):
+        ax.text(b * 1.15, y, f"{_short_bytes(b)}B  {b / total:.1%}  ({n:,} tensors)", va="center", fontsize=8)
+    ax.set_xlim(max(df["bytes"].min() / 3, 1), df["bytes"].max() * 2000)  # room for the labels
+    ax.set_xlabel("bytes (log scale)")
+    ax.set_title(f"{title}: {_short_bytes(total)}B in {components['tensors'].sum():,} tensors")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_shard_map(shard_map: pd.DataFrame, title: str = "Which components live in which shard"):
+    """Heatmap of bytes per (shard, component), log colour; cells labelled when there are few enough to read.
+
+    `shard_map`: rows shard files, columns component labels, values bytes (Inventory.shard_map)."""
+    from matplotlib.colors import LogNorm
+
+    data = shard_map.to_numpy(dtype=float)
+    shown = np.where(data > 0, data, np.nan)
+    rows, cols = data.shape
+    fig, ax = plt.subplots(figsize=(max(6, 0.75 * cols + 3), max(3, 0.32 * rows + 1.8)))
+    positive = data[data > 0]
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size and positive.min() < positive.max() else None
+    im = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+    ax.set_xticks(range(cols), shard_map.columns, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(rows), [_short_shard(s) for s in shard_map.index], fontsize=8 if rows <= 30 else 6)
+    ax.set_ylabel("shard")
+    if rows * cols <= 600:
+        for i, j in zip(*np.nonzero(data)):
+            light = norm is not None and norm(data[i, j]) < 0.6
+            ax.text(j, i, _short_bytes(data[i, j]), ha="center", va="center", fontsize=6.5,
+                    color="white" if light else "black")
+    fig.colorbar(im, ax=ax, label="bytes (log)", fraction=0.04)
+    ax.set_title(f"{title} ({rows} shards)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_expert_completeness(grid: np.ndarray, title: str = "Experts present"):
+    """Layers x experts: how many of each expert's 3 projections are on disk (0..3); grey rows are dense layers.
+
+    `grid`: float array layers x experts, NaN for layers without experts (Inventory.expert_grid)."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    layers, experts = grid.shape
+    cmap = ListedColormap(["#d62728", "#ff7f0e", "#ffd92f", "#2ca02c"])
+    cmap.set_bad("#dddddd")
+    fig, ax = plt.subplots(figsize=(min(11, max(5, 0.1 * experts + 3)), min(6, max(2.5, 0.16 * layers + 1.5))))
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], 4),
+                   interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    step = max(1, experts // 16)
+    ax.set_xticks(range(0, experts, step))
+    ax.set_yticks(range(0, layers, max(1, layers // 12)))
+    cbar = fig.colorbar(im, ax=ax, ticks=[0, 1, 2, 3], fraction=0.04)
+    cbar.ax.set_yticklabels(["0/3 missing", "1/3", "2/3", "3/3 complete"])
+    valid = ~np.isnan(grid)
+    complete, missing = int((grid[valid] == 3).sum()), int((grid[valid] == 0).sum())
+    partial = int(valid.sum()) - complete - missing
+    ax.set_title(f"{title}: {complete:,} complete, {partial:,} partial, {missing:,} missing")
+    fig.tight_layout()
+    return fig
+
+
+def plot_problem_counts(problems: pd.DataFrame, title: str = "verify"):
+    """Bars of problem counts by kind (`problems`: a frame with a `kind` column, inventory.problems_frame)."""
+    counts = problems["kind"].value_counts() if len(problems) else pd.Series(dtype=int)
+    fig, ax = plt.subplots(figsize=(6, 0.4 * max(len(counts), 1) + 1.2))
+    if counts.empty:
+        ax.text(0.5, 0.5, "no problems", ha="center", va="center", fontsize=14, color="#2ca02c")
+        ax.set_axis_off()
+    else:
+        ax.barh(counts.index[::-1], counts.values[::-1], color="#d62728")
+        for y, v in enumerate(counts.values[::-1]):
+            ax.text(v, y, f" {v:,}", va="center", fontsize=9)
+        ax.set_xlabel("problems")
+    ax.set_title(f"{title}: {int(counts.sum()) if len(counts) else 0} problems")
+    fig.tight_layout()
+    return fig
+
 # -- 02 component extraction ---------------------------------------------------------------------------
 
 # -- 03 activation comparison --------------------------------------------------------------------------
 
+_POINT_ORDER = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_router_logits", "mlp.hook_topk_weights",
+                "hook_mlp_out", "hook_resid_post"]
+_FLOOR = 1e-12  # exact zeros drawn here on log axes
+
+
+def plot_rel_err_by_layer(table: pd.DataFrame, title: str = "rel_err per hook point across layers",
+                          tol: float | None = 1e-5):
+    """One line per hook point (x: layer, y: rel_err = ||sel - ref|| / ||ref||, log scale); a dashed line at tol.
+    `table` is `Comparison.table` (columns name, layer, point, rel_err)."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    layered = table.dropna(subset=["layer"])
+    for point in _POINT_ORDER:
+        t = layered[layered.point == point]
+        if len(t):
+            ax.plot(t.layer.astype(int), t.rel_err.clip(lower=_FLOOR), marker="o", ms=3, label=point)
+    for name, marker in (("hook_embed", "s"), ("ln_final.hook_normalized", "D"), ("hook_logits", "^")):
+        row = table[table.name == name]
+        if len(row):
+            x = -0.5 if name == "hook_embed" else layered.layer.max() + 0.5
+            ax.scatter([x], row.rel_err.clip(lower=_FLOOR), marker=marker, color="black", zorder=3, label=name)
+    if tol:
+        ax.axhline(tol, color="red", ls="--", lw=1, label=f"tolerance {tol:g}")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"rel_err (log; exact zeros at {_FLOOR:g})")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def plot_routing_agreement(table: pd.DataFrame, title: str = "Router top-k set agreement per layer"):
+    """Bars: mean |ref set ∩ selective set| / k per MoE layer (1.0 = the same experts for every token)."""
+    t = table[table.point == "mlp.hook_topk_indices"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(t) + 2), 3))
+    colors = ["tab:green" if a == 1.0 else "tab:orange" for a in t.topk_agreement]
+    ax.bar(t.layer.astype(int), t.topk_agreement, color=colors)
+    ax.set_ylim(min(0.9, float(t.topk_agreement.min()) - 0.05) if len(t) else 0, 1.01)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("top-k agreement")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_continuations(reference: list[int], selective: list[int], labels: list[str] | None = None,
+                       title: str = "Greedy continuation: reference (top) vs selective (bottom)"):
+    """Two rows of generated tokens, cell by cell; green where the selective model matches the reference."""
+    n = max(len(reference), len(selective))
+    fig, ax = plt.subplots(figsize=(min(0.42 * n + 1.5, 18), 1.9))
+    for row, seq in enumerate((reference, selective)):
+        for j in range(n):
+            tok = seq[j] if j < len(seq) else None
+            ok = tok is not None and j < len(reference) and j < len(selective) and reference[j] == selective[j]
+            ax.add_patch(plt.Rectangle((j, 1 - row), 1, 1, color="#c8e6c9" if ok else "#ffcdd2", ec="white"))
+            text = "" if tok is None else (labels[tok] if labels and tok < len(labels) else str(tok))
+            ax.text(j + 0.5, 1.5 - row, text, ha="center", va="center", fontsize=6, rotation=90 if len(text) > 3 else 0)
+    ax.set_xlim(0, n)
+    ax.set_ylim(0, 2)
+    ax.set_yticks([1.5, 0.5], ["reference", "selective"])
+    ax.set_xlabel("generated token")
+    ax.set_title(title)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fault(table: pd.DataFrame, fault: str, first_divergence: str | None, injected_layer: int | None = None,
+               tol: float | None = None):
+    """One fault: rel_err of every hook in forward order (log), the injected layer shaded, the first divergent
+    hook called out."""
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    x = np.arange(len(table))
+    y = table.rel_err.clip(lower=_FLOOR).to_numpy()
+    ax.plot(x, y, color="tab:blue", lw=1)
+    ax.scatter(x, y, c=["tab:red" if d else "tab:blue" for d in table.divergent], s=10, zorder=3)
+    if injected_layer is not None:
+        idx = np.flatnonzero(table.layer.to_numpy() == injected_layer)
+        if len(idx):
+            ax.axvspan(idx[0] - 0.5, idx[-1] + 0.5, color="orange", alpha=0.15, label=f"layer {injected_layer} (injected)")
+    if tol:
+        ax.axhline(tol, color="gray", ls="--", lw=1, label=f"divergence threshold {tol:g}")
+    if first_divergence is not None:
+        i = int(np.flatnonzero(table.name.to_numpy() == first_divergence)[0])
+        ax.annotate(f"first divergence:\n{first_divergence}", xy=(i, y[i]), xytext=(0.02, 0.93),
+                    textcoords="axes fraction", va="top", fontsize=8,
+                    arrowprops=dict(arrowstyle="->", color="tab:red"))
+    layer_starts = table.index[table.point == "hook_resid_pre"]
+    ax.set_xticks([table.index.get_loc(i) for i in layer_starts],
+                  [f"L{int(table.layer[i])}" for i in layer_starts], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("rel_err (log)")
+    ax.set_title(f"fault: {fault}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_dtype_errors(tables: dict[str, pd.DataFrame], title: str = "Errors by dtype, every hook in forward order"):
+    """Several comparisons (label -> Comparison.table), rel_err per hook on one log axis: e.g. bf16 selective vs
+    bf16 transformers beside transformers' own bf16 vs fp32, so bf16 rounding is shown, not hidden."""
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for (label, t), ls in zip(tables.items(), ["-", "-", "--", ":", "-."] * 4):
+        t = t[t.point != "mlp.hook_topk_indices"]
+        ax.plot(np.arange(len(t)), t.rel_err.clip(lower=_FLOOR).to_numpy(), lw=1.4, ls=ls, label=label)
+    first = next(iter(tables.values()))
+    first = first[first.point != "mlp.hook_topk_indices"].reset_index(drop=True)
+    starts = first.index[first.point == "hook_resid_pre"]
+    ax.set_xticks(list(starts), [f"L{int(first.layer[i])}" for i in starts], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("rel_err (log)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 # -- 04 router heatmaps --------------------------------------------------------------------------------
+
+
+def plot_expert_load(load: pd.DataFrame):
+    """Layers x experts heatmap of each expert's share of its layer's routing, relative to uniform
+    (1 = 1 / num_experts; `load` from routing.expert_load)."""
+    rel = load.to_numpy() * load.shape[1]
+    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.28 * load.shape[1]), 1.2 + 0.4 * load.shape[0]))
+    im = ax.imshow(rel, aspect="auto", cmap="magma", vmin=0, vmax=max(2.0, float(np.nanmax(rel))))
+    ax.set(xlabel="expert", ylabel="layer", title="Expert load (share of the layer's top-k slots, x uniform)",
+           yticks=range(load.shape[0]), yticklabels=load.index)
+    fig.colorbar(im, ax=ax, label="load / uniform")
+    return fig
+
+
+def plot_domain_expert(lifts: dict[int, pd.DataFrame], clip: float = 2.0):
+    """One panel per layer: domains x experts, log2 of P(expert | domain) / P(expert) (routing.domain_lift).
+    Red: the domain uses the expert more than the layer does overall; blue: less; white: as often."""
+    layers = list(lifts)
+    cols = min(3, len(layers))
+    rows = -(-len(layers) // cols)
+    first = lifts[layers[0]]
+    fig, axes = plt.subplots(rows, cols, squeeze=False, sharey=True, layout="constrained",
+                             figsize=(cols * max(4.0, 0.14 * first.shape[1]), rows * (1.0 + 0.3 * first.shape[0])))
+    for ax, layer in zip(axes.flat, layers):
+        with np.errstate(divide="ignore"):
+            values = np.log2(lifts[layer].to_numpy(dtype=float))
+        im = ax.imshow(np.clip(np.nan_to_num(values, nan=0.0, neginf=-clip), -clip, clip), aspect="auto",
+                       cmap="RdBu_r", vmin=-clip, vmax=clip, interpolation="nearest")
+        ax.set(title=f"layer {layer}", xlabel="expert", yticks=range(len(lifts[layer].index)),
+               yticklabels=lifts[layer].index)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, label="log2 P(expert | domain) / P(expert)", shrink=0.8)
+    fig.suptitle("Domain x expert routing, relative to the layer's overall load")
+    return fig
+
+
+def plot_specialization(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame):
+    """Left: I(domain; expert) per layer against the shuffled-domain baseline (routing.specialization).
+    Right: OLMoE's top-expert share by token id and by domain, each against its shuffled baseline
+    (routing.token_specialization)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    x = np.arange(len(spec))
+    a.bar(x - 0.2, spec["mi_bits"], 0.4, label="I(domain; expert)")
+    a.bar(x + 0.2, spec["baseline_mean"], 0.4, yerr=spec["baseline_std"], color="0.7", label="shuffled domains")
+    a.set(xticks=x, xticklabels=spec.index, xlabel="layer", ylabel="bits",
+          title=f"Domain specialization (H(domain) = {spec['domain_entropy_bits'].mean():.2f} bits)")
+    a.legend(fontsize=8)
+    for frame, name, color in ((tokens, "token id", "C1"), (domains, "domain", "C0")):
+        b.plot(frame.index, frame["share"], "o-", color=color, label=f"by {name}")
+        b.plot(frame.index, frame["baseline"], "o--", color=color, alpha=0.5, label=f"by {name}, shuffled")
+    b.plot(tokens.index, tokens["chance"], ":", color="0.4", label="uniform router (k / E)")
+    b.set(xlabel="layer", ylabel="share routed to its top expert", ylim=(0, 1.02),
+          title="Top-expert share (OLMoE's specialization)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_coactivation(tables: dict[int, pd.DataFrame]):
+    """One panel per layer: P(b in top-k | a in top-k) for experts a (rows) and b (columns)
+    (routing.coactivation); the diagonal is left out."""
+    layers = list(tables)
+    fig, axes = plt.subplots(1, len(layers), squeeze=False, figsize=(4.2 * len(layers), 4), layout="constrained")
+    vmax = max(float(t.to_numpy().max()) for t in tables.values())
+    for ax, layer in zip(axes.flat, layers):
+        im = ax.imshow(tables[layer].to_numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set(title=f"layer {layer}", xlabel="expert b", ylabel="expert a")
+    fig.colorbar(im, ax=axes, label="P(b | a)", shrink=0.85)
+    fig.suptitle("Co-activation within a token's top-k")
+    return fig
+
+
+def plot_same_expert(same: pd.DataFrame):
+    """Per layer, consecutive tokens routed alike (routing.same_expert_rate): first choice equal, and top-k
+    overlap, each against its chance rate from the layer's loads."""
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    x = np.arange(len(same))
+    for i, (col, label, color) in enumerate((("top1", "same first choice", "C0"), ("overlap", "top-k overlap", "C2"))):
+        ax.bar(x + (i - 0.5) * 0.4, same[f"{col}_rate"], 0.4, color=color, label=label)
+        ax.plot(x + (i - 0.5) * 0.4, same[f"{col}_chance"], "k_", markersize=18, mew=2,
+                label="chance from loads" if i == 0 else None)
+    ax.set(xticks=x, xticklabels=same.index, xlabel="layer", ylabel="rate over consecutive token pairs",
+           title="Consecutive tokens routed to the same experts (Mixtral's statistic)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_hit_rates(curve: pd.DataFrame):
+    """Hit rate against cache size (share of all layers x experts) per eviction policy (routing.hit_rate_curve)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = {"belady": "Belady (optimal)", "lru": "LRU", "lfu": "LFU"}
+    for policy, c in curve.groupby("policy", sort=False):
+        ax.plot(100 * c["share"], c["hit_rate"], "o-", label=names.get(policy, policy))
+    ax.set(xlabel="cache size (% of all experts)", ylabel="hit rate", ylim=(0, 1.02),
+           title="Expert cache replayed on the routing trace")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_router_entropy(entropy: pd.DataFrame, max_bits: float | None = None):
+    """Mean router entropy (bits) per layer, one line per domain (`entropy`: layers x domains)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for domain in entropy.columns:
+        ax.plot(entropy.index, entropy[domain], "o-", label=str(domain))
+    if max_bits is not None:
+        ax.axhline(max_bits, color="0.5", ls=":", label="uniform router")
+    ax.set(xlabel="layer", ylabel="bits", title="Router entropy per layer and domain")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_layer_domain(table: pd.DataFrame, load: pd.DataFrame, layer: int, domain: str):
+    """One layer and one domain: P(expert | domain) as bars against the layer's overall load
+    (`table` from routing.domain_expert over all layers, `load` from routing.expert_load)."""
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.22 * load.shape[1]), 3.2))
+    row = table.loc[(layer, domain)]
+    ax.bar(row.index, row.to_numpy(), color="C0", label=f"{domain}")
+    ax.step(load.columns, load.loc[layer].to_numpy(), where="mid", color="k", label="all domains")
+    ax.set(xlabel="expert", ylabel="share of top-k slots", title=f"layer {layer}: where {domain} tokens go")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
+    """An ipywidgets explorer (layer slider, domain dropdown) over plot_layer_domain. Returns the widget; in a
+    headless run (papermill) it renders nothing, so notebooks also draw a static plot_layer_domain."""
+    import ipywidgets as widgets
+
+    layers = sorted(load.index)
+    domains = list(dict.fromkeys(d for _, d in table.index))
+    out = widgets.Output()
+
+    def draw(layer, domain):
+        out.clear_output(wait=True)
+        with out:
+            fig = plot_layer_domain(table, load, layer, domain)
+            plt.show(fig)
+            plt.close(fig)
+
+    slider = widgets.SelectionSlider(options=layers, value=layers[0], description="layer")
+    dropdown = widgets.Dropdown(options=domains, value=domains[0], description="domain")
+    widgets.interactive_output(draw, {"layer": slider, "domain": dropdown})
+    return widgets.VBox([widgets.HBox([slider, dropdown]), out])
+
 
 # -- 05 generation experiments -------------------------------------------------------------------------

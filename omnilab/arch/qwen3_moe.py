@@ -111,10 +111,10 @@ def read_config(config: dict) -> tuple[Qwen3MoeConfig, Layout]:
     if model_type in ("qwen3_omni_moe", "qwen3_omni_moe_thinker"):
         thinker = config.get("thinker_config", config)
         text = dict(thinker.get("text_config") or {})
-        if "tie_word_embeddings" not in text:
-            text["tie_word_embeddings"] = thinker.get("tie_word_embeddings", False)
         if not text:
             raise ValueError("config.json: qwen3_omni_moe without thinker_config.text_config")
+        if "tie_word_embeddings" not in text:
+            text["tie_word_embeddings"] = thinker.get("tie_word_embeddings", False)
         return Qwen3MoeConfig.from_dict(text), QWEN3_OMNI
     raise ValueError(f"config.json: model_type {model_type!r} is not in the Qwen3-MoE family (qwen3_moe, qwen3_omni_moe)")
 
