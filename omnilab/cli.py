@@ -124,13 +124,19 @@ def cmd_verify(args) -> int:
 
     inv, _, problems = _checkpoint_report(args.path)
     notes = list(inv.notes)
-    if (Path(args.path) / "manifest.json").exists():  # an extraction folder (omnilab.extract, issue 4)
-        try:
-            from omnilab.extract import verify_extraction
-        except ImportError:
-            verify_extraction = None
-        if verify_extraction is not None:
-            problems += verify_extraction(args.path, source=args.source)
+    availability_map = None
+    from omnilab.extract import is_extraction
+
+    if is_extraction(args.path):  # an extraction folder (omnilab.extract): files against manifest.json too
+        from omnilab.extract import availability, availability_text, missing_summary, not_extracted, verify_extraction
+
+        left_out = not_extracted(args.path)  # left out by the extraction's selection: reported, not a problem
+        problems = [p for p in problems if p.tensor not in left_out]
+        damaged = {p.shard for p in problems if p.kind in ("truncated", "bad_header")}
+        problems += [p for p in verify_extraction(args.path, source=args.source) if p.shard not in damaged]
+        if left_out:
+            notes.append(missing_summary(args.path))
+            availability_map = availability(args.path)
     elif args.source:
         notes.append(f"--source is used for extraction folders only; {args.path} has no manifest.json")
     counts: dict[str, int] = {}
@@ -140,8 +146,12 @@ def cmd_verify(args) -> int:
     if args.json:
         print_json({"path": str(ckpt.path), "sound": not problems, "shards": len(ckpt.shards),
                     "tensors": len(ckpt.tensors), "checked_against_config": inv.config is not None,
-                    "counts": counts, "problems": [p.to_dict() for p in problems], "notes": notes})
+                    "counts": counts, "problems": [p.to_dict() for p in problems], "notes": notes,
+                    "availability": None if availability_map is None else
+                    {"layers": [int(i) for i in availability_map.index], "projections_present": availability_map.values.tolist()}})
     else:
+        if availability_map is not None:
+            print(availability_text(availability_map), file=sys.stderr)
         for p in problems:
             print(p)
         for note in notes:
@@ -340,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all, so the round trip is complete)")
     p.add_argument("--layers", default=None, help="text-decoder layers, e.g. 0-3,10 (default: all)")
     p.add_argument("--experts", default=None, help="experts of each layer, e.g. 0-7 (default: all)")
-    p.add_argument("--workers", type=int, default=2, help="source shards read at once (default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="threads reading the source (shards in ~256 MB segments, each front to back; default: 2)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--pause-after-file", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: kill mid-way
     p.set_defaults(func=cmd_extract)

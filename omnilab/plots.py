@@ -124,6 +124,53 @@ def plot_problem_counts(problems: pd.DataFrame, title: str = "verify"):
 
 # -- 02 component extraction ---------------------------------------------------------------------------
 
+
+def plot_component_bytes(table: pd.DataFrame, title: str = "Bytes per component"):
+    """Bars of bytes per component of an extraction (log scale), labelled with its tensors and files.
+
+    `table`: index component, columns tensors, files, bytes (omnilab.extract.component_bytes)."""
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(table) + 1.4))
+    y = np.arange(len(table))[::-1]
+    colors = ["#1f77b4" if c == "experts" else "#7f7f7f" if c in ("audio", "vision", "talker", "code2wav") else "#2ca02c"
+              for c in table.index]
+    ax.barh(y, table["bytes"], color=colors)
+    for yi, (_, row) in zip(y, table.iterrows()):
+        ax.text(row["bytes"], yi, f" {_short_bytes(row['bytes'])}  ({row['tensors']:,} tensors, {row['files']:,} files)",
+                va="center", fontsize=8)
+    ax.set_yticks(y, table.index)
+    ax.set_xscale("log")
+    ax.set_xlim(right=table["bytes"].max() * 60)
+    ax.set_xlabel("bytes (log)")
+    total = int(table["bytes"].sum())
+    share = table["bytes"].get("experts", 0) / total if total else 0.0
+    ax.set_title(f"{title}: {_short_bytes(total)} in all, experts {share:.0%}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing experts costs"):
+    """KL(full || masked) and top-1 agreement with the full model against the share of experts extracted.
+
+    `table`: one row per partial extraction, columns experts_share (0..1), kl, top1_agreement, masked_share
+    (share of the full model's routed choices that fell on a missing expert)."""
+    t = table.sort_values("experts_share")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = 100 * t["experts_share"]
+    a.plot(x, t["kl"], "o-", color="#d62728")
+    for xi, k, m in zip(x, t["kl"], t["masked_share"]):
+        a.annotate(f"{m:.0%} masked", (xi, k), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    a.set(xlabel="experts extracted (% of each layer's)", ylabel="KL(full || masked), nats / token")
+    a.set_ylim(bottom=0, top=max(float(t["kl"].max()) * 1.25, 1e-9))
+    a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    b.plot(x, t["top1_agreement"], "o-", color="#1f77b4")
+    b.set(xlabel="experts extracted (% of each layer's)", ylabel="top-1 agreement with the full model", ylim=(0, 1.02))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 # -- 03 activation comparison --------------------------------------------------------------------------
 
 _POINT_ORDER = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_router_logits", "mlp.hook_topk_weights",
@@ -394,3 +441,59 @@ def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
 
 
 # -- 05 generation experiments -------------------------------------------------------------------------
+
+_GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "salience": ("C4", "D"),
+                "budget": ("C2", "^")}
+
+
+def plot_quality_memory(table: pd.DataFrame):
+    """Left: top-1 agreement with the full model against peak resident expert memory (share of all expert
+    bytes), one point per setting (omnilab.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
+    settings sit at exactly 0)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    for group, rows in table.groupby("group", sort=False):
+        color, marker = _GROUP_STYLE.get(group, ("0.5", "o"))
+        x = 100 * rows["peak_expert_share"]
+        a.scatter(x, rows["top1_agreement"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
+        b.scatter(x, rows["kl"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
+        for xi, ya, yb, name in zip(x, rows["top1_agreement"], rows["kl"], rows["name"]):
+            if group not in ("budget", "full"):
+                a.annotate(name, (xi, ya), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                b.annotate(name, (xi, yb), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    a.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="top-1 agreement with the full model",
+          title="Quality against memory")
+    b.set_yscale("symlog", linthresh=1e-4)
+    b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats",
+          title="Divergence from the full model")
+    a.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_cache_budget(table: pd.DataFrame):
+    """Budget settings: decode hit rate and expert bytes read per decoded token against the cache budget (share
+    of expert bytes), one line per eviction policy; salience-weighted routers as points at their budget."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    budget = table[table["group"] == "budget"]
+    names = {"lru": "LRU", "lfu": "LFU", "trust": "trust-weighted"}
+    for policy, rows in budget.groupby("policy", sort=False):
+        rows = rows.sort_values("budget_share")
+        a.plot(100 * rows["budget_share"], rows["hit_rate"], "o-", label=names.get(policy, policy))
+        b.plot(100 * rows["budget_share"], rows["loaded_bytes_per_token"] / 2**20, "o-", label=names.get(policy, policy))
+    sal = table[table["group"] == "salience"]
+    if len(sal):
+        a.scatter(100 * sal["budget_share"], sal["hit_rate"], c="C4", marker="D", zorder=3, label="salience router (LRU)")
+        for x, y, v in zip(100 * sal["budget_share"], sal["hit_rate"], sal["value"]):
+            a.annotate(f"alpha {v:g}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    full = table[table["group"] == "full"]
+    if len(full):
+        a.axhline(float(full["hit_rate"].iloc[0]), color="k", ls=":", label="all experts fit (cold misses only)")
+        b.axhline(float(full["loaded_bytes_per_token"].iloc[0]) / 2**20, color="k", ls=":", label="all experts fit")
+    a.set(xlabel="expert cache budget (% of expert bytes)", ylabel="decode hit rate", ylim=(0, 1.02),
+          title="Cache hit rate while decoding")
+    b.set(xlabel="expert cache budget (% of expert bytes)", ylabel="MiB of experts read per token",
+          title="Expert reads while decoding")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    return fig
