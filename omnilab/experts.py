@@ -1,0 +1,232 @@
+"""Where expert weights come from (`ExpertStore`) and the cache that holds some of them (`ExpertCache`).
+
+The store reads one expert's three projections (`gate_proj`, `up_proj`, `down_proj`) by tensor name through
+`Checkpoint.read`, so it works on the original shards and on an extraction folder alike, and never assumes
+which shard holds what: one expert's projections may sit in three different shards. The cache holds experts
+under a byte budget, evicts by a pluggable policy (LRU by default, LFU, plus a pinned set that is never
+evicted) and keeps statistics: hits, misses, loaded bytes, evictions, peak resident bytes, load time.
+
+Bytes are counted as the cache holds them: in the compute dtype on the compute device. The cache never holds
+more than its budget: an expert is admitted only after enough others were evicted to make room for it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class ExpertWeights(NamedTuple):
+    """One expert's projections, as nn.Linear weights: gate [I, H], up [I, H], down [H, I]."""
+
+    gate_proj: torch.Tensor
+    up_proj: torch.Tensor
+    down_proj: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+
+class MissingExpertError(KeyError):
+    """An expert the model needs is not in the checkpoint. The message names the first missing tensor."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "missing expert"
+
+
+class ExpertStore:
+    """Expert weights by (layer, expert), read from a Checkpoint by tensor name, in `dtype` on `device`.
+
+    `transform(layer, expert, weights) -> weights` lets fault injection alter an expert as it is loaded."""
+
+    def __init__(self, checkpoint, config, layout, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 transform=None):
+        self.checkpoint, self.config, self.layout = checkpoint, config, layout
+        self.dtype, self.device = dtype, torch.device(device)
+        self.transform = transform
+        I, H = config.moe_intermediate_size, config.hidden_size
+        self.expert_bytes = 3 * I * H * torch.empty((), dtype=dtype).element_size()
+        present = set(checkpoint.tensors.index)
+        self.missing_tensors: list[str] = []  # in layer, expert, projection order
+        self.available: dict[int, torch.Tensor] = {}  # layer -> bool [num_experts]
+        for layer in config.moe_layers:
+            ok = torch.ones(config.num_experts, dtype=torch.bool)
+            for e in range(config.num_experts):
+                for proj in EXPERT_PROJECTIONS:
+                    name = expert_tensor(layout, layer, e, proj)
+                    if name not in present:
+                        self.missing_tensors.append(name)
+                        ok[e] = False
+            self.available[layer] = ok
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every expert of every MoE layer, in the compute dtype."""
+        return self.expert_bytes * self.config.num_experts * len(self.config.moe_layers)
+
+    def is_complete(self) -> bool:
+        return not self.missing_tensors
+
+    def load(self, layer: int, expert: int) -> ExpertWeights:
+        """Read one expert's three projections (each by name, wherever its shard is)."""
+        names = [expert_tensor(self.layout, layer, expert, proj) for proj in EXPERT_PROJECTIONS]
+        for name in names:
+            if name not in self.checkpoint.tensors.index:
+                raise MissingExpertError(f"expert {expert} of layer {layer} is not in the checkpoint: "
+                                         f"tensor {name} is missing")
+        # copy=True: safetensors hands out views of the mmap'd shard; the cache holds its own memory, so its byte
+        # count is real (the page cache stays reclaimable) and compute does not run on mapped pages
+        weights = ExpertWeights(*(self.checkpoint.read(n).to(device=self.device, dtype=self.dtype, copy=True)
+                                  for n in names))
+        if self.transform is not None:
+            weights = self.transform(layer, expert, weights)
+        return weights
+
+
+# -- eviction policies -----------------------------------------------------------------------------------------
+
+
+class LRU:
+    """Evict the expert used longest ago."""
+
+    def __init__(self):
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, candidates: set[Key]) -> Key:
+        return next(k for k in self.order if k in candidates)
+
+
+class LFU:
+    """Evict the expert used least often (since it was first loaded); ties go to the one used longest ago.
+
+    Counts survive eviction, so an expert that is popular over the whole run is preferred when it comes back."""
+
+    def __init__(self):
+        self.count: dict[Key, int] = {}
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        self.count[key] = self.count.get(key, 0) + 1
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, candidates: set[Key]) -> Key:
+        rank = {k: i for i, k in enumerate(self.order)}
+        return min(candidates, key=lambda k: (self.count.get(k, 0), rank.get(k, -1)))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU}
+
+
+@dataclass
+class CacheStats:
+    """What the cache did. Bytes are as held (compute dtype): loaded_bytes sums every admitted expert, so it
+    exceeds the budget once experts are evicted and reloaded; peak_resident_bytes never exceeds the budget."""
+
+    budget_bytes: int
+    hits: int = 0
+    misses: int = 0
+    loaded_bytes: int = 0
+    evictions: int = 0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+    load_seconds: float = 0.0
+    masked_choices: int = 0  # routed choices that fell on a missing expert (mask_missing_experts only)
+    per_layer_misses: dict = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hit_rate"] = self.hit_rate
+        return d
+
+
+class ExpertCache:
+    """Experts held under a byte budget. `get(layer, expert)` returns the weights, loading them on a miss.
+
+    budget_bytes: None -> every expert fits, nothing is ever evicted. policy: "lru", "lfu" or an object with
+    touch/remove/victim. pinned: (layer, expert) keys that are never evicted (they still count in the budget)."""
+
+    def __init__(self, store: ExpertStore, budget_bytes: int | None = None, policy="lru", pinned=()):
+        self.store = store
+        self.budget_bytes = store.total_bytes if budget_bytes is None else int(budget_bytes)
+        if self.budget_bytes < store.expert_bytes:
+            raise ValueError(f"expert budget {self.budget_bytes:,} bytes is smaller than one expert "
+                             f"({store.expert_bytes:,} bytes in {str(store.dtype).removeprefix('torch.')})")
+        self.policy = POLICIES[policy]() if isinstance(policy, str) else policy
+        self.pinned: set[Key] = {tuple(k) for k in pinned}
+        if len(self.pinned) * store.expert_bytes > self.budget_bytes:
+            raise ValueError(f"{len(self.pinned)} pinned experts need {len(self.pinned) * store.expert_bytes:,} bytes, "
+                             f"more than the budget of {self.budget_bytes:,}")
+        self.resident: dict[Key, ExpertWeights] = {}
+        self.stats = CacheStats(self.budget_bytes)
+
+    def __contains__(self, key: Key) -> bool:
+        return tuple(key) in self.resident
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        key = (layer, expert)
+        weights = self.resident.get(key)
+        if weights is not None:
+            self.stats.hits += 1
+            self.policy.touch(key)
+            return weights
+        self.stats.misses += 1
+        self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
+        start = time.perf_counter()
+        weights = self.store.load(layer, expert)
+        self.stats.load_seconds += time.perf_counter() - start
+        self._make_room(weights.nbytes)
+        self.resident[key] = weights
+        self.stats.loaded_bytes += weights.nbytes
+        self.stats.resident_bytes += weights.nbytes
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
+        self.policy.touch(key)
+        return weights
+
+    def _make_room(self, nbytes: int) -> None:
+        while self.stats.resident_bytes + nbytes > self.budget_bytes:
+            candidates = set(self.resident) - self.pinned
+            if not candidates:
+                raise RuntimeError(f"expert budget {self.budget_bytes:,} bytes is full of pinned experts")
+            self.evict(self.policy.victim(candidates))
+
+    def evict(self, key: Key) -> None:
+        weights = self.resident.pop(key)
+        self.policy.remove(key)
+        self.stats.resident_bytes -= weights.nbytes
+        self.stats.evictions += 1
+
+    def clear(self) -> None:
+        """Drop every expert (pinned ones too); statistics are kept."""
+        for key in list(self.resident):
+            weights = self.resident.pop(key)
+            self.policy.remove(key)
+            self.stats.resident_bytes -= weights.nbytes
+
+    def reset_stats(self) -> None:
+        resident = self.stats.resident_bytes
+        self.stats = CacheStats(self.budget_bytes, resident_bytes=resident, peak_resident_bytes=resident)

@@ -1,0 +1,137 @@
+"""The transformers reference for a checkpoint, with the canonical hook names mapped onto its modules.
+
+qwen3_omni_moe: `Qwen3OmniMoeThinkerForConditionalGeneration` (reads only the thinker's tensors; its text
+decoder is `model.language_model`); qwen3_moe: `AutoModelForCausalLM`. Both are loaded with `from_pretrained`,
+which fuses the per-expert tensors on disk into `gate_up_proj` / `down_proj`. `Reference` offers the same small
+surface as `SelectiveMoE`: `add_hook(name, fn)`, `hook_names()`, `ref(input_ids, attention_mask) -> logits`,
+`generate(...)`, so omnilab.hooks treats the two alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnilab.checkpoint import Checkpoint
+from omnilab.model import as_dtype
+
+
+class Reference:
+    def __init__(self, hf_model, config, layout):
+        self.hf = hf_model
+        self.config, self.layout = config, layout
+        self.is_omni = layout.model_type == "qwen3_omni_moe"
+        # the thinker's text decoder is model.language_model in transformers 5.23 (model itself in some 5.x)
+        self.text = getattr(hf_model.model, "language_model", hf_model.model)
+        self.lm_head = hf_model.lm_head
+        self.tokenizer = None
+
+    @classmethod
+    def from_checkpoint(cls, path, *, dtype="float32", device="cpu", attn_implementation: str = "eager") -> "Reference":
+        """attn_implementation: "eager" by default (the plainest reference); "sdpa" for speed."""
+        from omnilab.synth import _quiet_transformers
+
+        dtype = as_dtype(dtype)
+        checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
+        config, layout = checkpoint.arch
+        if layout.model_type == "qwen3_omni_moe":
+            from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
+        else:
+            from transformers import AutoModelForCausalLM as model_cls
+        with _quiet_transformers():
+            hf = model_cls.from_pretrained(str(checkpoint.root), dtype=dtype, attn_implementation=attn_implementation)
+        hf = hf.to(device).eval().requires_grad_(False)
+        if layout.model_type == "qwen3_omni_moe" and not hasattr(hf.config, "vision_start_token_id"):
+            # transformers 5.23: Qwen3OmniMoeThinkerConfig has no vision_start_token_id, yet the thinker's
+            # get_rope_index reads it whenever an attention_mask is passed. <|vision_start|> is 151652 in the
+            # Qwen tokenizer (the talker config's default); text-only prompts never contain it.
+            hf.config.vision_start_token_id = 151652
+        ref = cls(hf, config, layout)
+        from omnilab.model import load_tokenizer
+
+        ref.tokenizer = load_tokenizer(checkpoint.root)
+        return ref
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def hook_names(self) -> list[str]:
+        from omnilab.hooks import hook_names
+
+        return hook_names(self.config)
+
+    def add_hook(self, name: str, fn):
+        """Call fn(tensor) with the activation at `name` (read only). Returns a handle with .remove()."""
+        if name not in self.hook_names():
+            raise KeyError(f"no hook point {name!r} in this model")
+        module, where = self.hook_site(name)
+        if where == "input":
+            return module.register_forward_pre_hook(lambda m, args, kwargs: _call(fn, _first(args, kwargs)),
+                                                    with_kwargs=True)
+        pick = {"output": lambda out: out[0] if isinstance(out, tuple) else out,
+                "router_logits": lambda out: out[0], "topk_weights": lambda out: out[1],
+                "topk_indices": lambda out: out[2]}[where]
+        return module.register_forward_hook(lambda m, args, out: _call(fn, pick(out)))
+
+    def hook_site(self, name: str) -> tuple[torch.nn.Module, str]:
+        """The module a hook name lives on and which of its values it is (output, input, router parts)."""
+        if name == "hook_embed":
+            return self.text.embed_tokens, "output"
+        if name == "ln_final.hook_normalized":
+            return self.text.norm, "output"
+        if name == "hook_logits":
+            return self.lm_head, "output"
+        _, i, point = name.split(".", 2)
+        layer = self.text.layers[int(i)]
+        return {
+            "hook_resid_pre": (layer, "input"),
+            "hook_attn_out": (layer.self_attn, "output"),
+            "hook_resid_mid": (layer.post_attention_layernorm, "input"),
+            "mlp.hook_router_logits": (getattr(layer.mlp, "gate", None), "router_logits"),
+            "mlp.hook_topk_indices": (getattr(layer.mlp, "gate", None), "topk_indices"),
+            "mlp.hook_topk_weights": (getattr(layer.mlp, "gate", None), "topk_weights"),
+            "hook_mlp_out": (layer.mlp, "output"),
+            "hook_resid_post": (layer, "output"),
+        }[point]
+
+    # -- running ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (no cache)."""
+        if self.is_omni:
+            self.hf.model.rope_deltas = None  # the thinker keeps M-RoPE deltas between calls
+        out = self.hf(input_ids=input_ids.to(self.device),
+                      attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                      use_cache=False)
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Greedy by default, through transformers' own generate (with its KV cache); new tokens [B, N].
+        No stop token unless eos_token_id is passed, so exactly max_new_tokens come back."""
+        if self.is_omni:
+            self.hf.model.rope_deltas = None
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("eos_token_id", None)
+        kwargs.setdefault("pad_token_id", 0)
+        out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask.to(self.device),
+                               max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if kwargs["eos_token_id"] is None else 0,
+                               **kwargs)
+        return out[:, input_ids.shape[1]:]
+
+
+def _first(args, kwargs):
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _call(fn, x):
+    fn(x)
+    return None  # the reference is only observed, never changed

@@ -1,0 +1,93 @@
+"""compare() and the `omnilab compare` / `omnilab generate` verbs against DESIGN.md's command-line contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from omnilab.cli import main
+from omnilab.hooks import capture, compare_activations, hook_names, topk_agreement
+from omnilab.model import SelectiveMoE
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_compare_json_contract(tiny_moe, capsys):
+    code, out, _ = run_cli(capsys, "compare", tiny_moe, "--input-ids", "1,2,3,4,5,6", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert {"hooks", "first_divergence", "top1_agreement", "kl"} <= set(result)
+    config = SelectiveMoE.from_checkpoint(tiny_moe, tokenizer=False).config
+    assert [h["name"] for h in result["hooks"]] == hook_names(config)
+    for h in result["hooks"]:
+        assert {"name", "max_abs", "rel_err", "cosine"} <= set(h)
+        assert h["rel_err"] <= 1e-5
+    assert result["first_divergence"] is None and result["top1_agreement"] == 1.0 and result["kl"] < 1e-8
+
+
+def test_cli_compare_prompt_and_bf16(tiny_omni, capsys):
+    code, out, _ = run_cli(capsys, "compare", tiny_omni, "--prompt", "The quick brown fox", "--dtype", "bfloat16",
+                           "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert 0.0 <= result["top1_agreement"] <= 1.0 and result["kl"] >= 0
+    assert max(h["rel_err"] for h in result["hooks"]) > 0  # bf16 rounding is reported, not hidden
+
+
+def test_cli_generate_json_contract(tiny_moe, capsys):
+    code, out, _ = run_cli(capsys, "generate", tiny_moe, "--input-ids", "5,6,7", "--max-new-tokens", "6", "--greedy",
+                           "--expert-budget", "60KB", "--stop-ids", "", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["new_token_ids"]) == 6 and isinstance(result["text"], str)
+    assert result["tokens_per_s"] > 0
+    cache = result["cache"]
+    assert cache["budget_bytes"] == 60_000 and cache["peak_resident_bytes"] <= 60_000
+    assert cache["misses"] > 0 and cache["loaded_bytes"] == cache["misses"] * 3 * 32 * 64 * 4
+    assert {"hits", "misses", "loaded_bytes", "peak_resident_bytes", "budget_bytes"} <= set(cache)
+
+
+def test_cli_errors_are_one_line(tiny_moe, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", tiny_moe, "--input-ids", "1,2", "--expert-budget", "1KB")
+    assert code == 2 and "smaller than one expert" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "compare", tmp_path, "--input-ids", "1,2")
+    assert code == 2 and str(tmp_path) in err and len(err.strip().splitlines()) == 1
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in tiny_moe.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (no_tok / f.name).symlink_to(f)
+    code, _, err = run_cli(capsys, "generate", no_tok, "--prompt", "hello")
+    assert code == 2 and "--input-ids" in err
+    code, out, _ = run_cli(capsys, "generate", no_tok, "--input-ids", "1,2", "--max-new-tokens", "3", "--greedy", "--json")
+    assert code == 0 and json.loads(out)["text"] is None
+
+
+def test_compare_finds_first_divergence_and_measures_it():
+    """compare_activations on hand-made captures: the first hook over rtol is named, set agreement counted."""
+    ref = {"hook_embed": torch.ones(1, 4, 8), "blocks.0.mlp.hook_topk_indices": torch.tensor([[0, 1], [2, 3]]),
+           "hook_logits": torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])}
+    sel = {"hook_embed": torch.ones(1, 4, 8), "blocks.0.mlp.hook_topk_indices": torch.tensor([[1, 0], [2, 5]]),
+           "hook_logits": torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]]])}
+    result = compare_activations(ref, sel, rtol=1e-4)
+    assert result.first_divergence == "blocks.0.mlp.hook_topk_indices"
+    row = result.table.set_index("name").loc["blocks.0.mlp.hook_topk_indices"]
+    assert row.topk_agreement == pytest.approx(0.75) and row.max_abs == pytest.approx(0.5)
+    assert result.top1_agreement == 0.5 and result.kl > 0
+    assert topk_agreement(torch.tensor([[0, 1]]), torch.tensor([[1, 0]])) == 1.0
+
+
+def test_capture_leaves_no_hooks_behind(tiny_moe):
+    sel = SelectiveMoE.from_checkpoint(tiny_moe, tokenizer=False)
+    with capture(sel) as acts:
+        sel(torch.tensor([[1, 2, 3]]))
+    assert set(acts) == set(hook_names(sel.config)) and sel.hooks == {}
+    assert acts["blocks.0.mlp.hook_topk_indices"].shape == (3, sel.config.num_experts_per_tok)
+    with pytest.raises(KeyError):
+        sel.add_hook("blocks.99.hook_resid_pre", print)
