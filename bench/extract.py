@@ -8,10 +8,13 @@ the same disk, in both orders (cp first, then extract; and extract first, then c
     cp SRC/*.safetensors DST/                      (GNU cp: copy_file_range in the kernel, no checksums)
     omnilab.extract.extract(SRC, OUT)              (read, sha256 of every tensor, write per-expert files)
 
-Nothing is dropped from the page cache (the source is hot for both); outputs are removed before each run.
-`--sync` adds a `sync` to each timed command, so dirty pages are on disk before the clock stops.
+By default the source is hot in the page cache for both (a memory-bandwidth race that a checksumming reader
+cannot win against the kernel's in-place copy); `--cold` drops the page cache before each timed command (needs
+root: /proc/sys/vm/drop_caches), which is the case that matters for a 70 GB checkpoint read from disk.
+Outputs are removed before each run. `--sync` adds a `sync` to each timed command, so dirty pages are on disk
+before the clock stops.
 
-    python bench/extract.py [--layers 2] [--workers 2] [--scratch /tmp/helper-extract/bench] [--sync]
+    python bench/extract.py [--layers 2] [--workers 2] [--scratch /tmp/omnilab-bench/extract] [--sync] [--cold]
 """
 
 from __future__ import annotations
@@ -62,11 +65,21 @@ def cpu_seconds(who) -> float:
     return r.ru_utime + r.ru_stime
 
 
-def time_cp(src: Path, dst: Path, sync: bool) -> tuple[float, float]:
+def drop_page_cache() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs root to write /proc/sys/vm/drop_caches: {e}") from None
+
+
+def time_cp(src: Path, dst: Path, sync: bool, cold: bool = False) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of `cp SRC/*.safetensors DST/`."""
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     os.sync()  # start clean: no dirty pages of the previous command being written back meanwhile
+    if cold:
+        drop_page_cache()
     files = sorted(glob.glob(str(src / "*.safetensors")))
     cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
@@ -76,10 +89,12 @@ def time_cp(src: Path, dst: Path, sync: bool) -> tuple[float, float]:
     return time.perf_counter() - t, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
-def time_extract(src: Path, dst: Path, workers: int, sync: bool) -> tuple[float, float]:
+def time_extract(src: Path, dst: Path, workers: int, sync: bool, cold: bool = False) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, all threads) of `extract(SRC, DST)`."""
     shutil.rmtree(dst, ignore_errors=True)
     os.sync()
+    if cold:
+        drop_page_cache()
     cpu = cpu_seconds(resource.RUSAGE_SELF)
     t = time.perf_counter()
     result = extract(src, dst, workers=workers, progress=False)
@@ -97,7 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", default="1GB", help="max_shard_size for save_pretrained (the real model: 5GB)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--scratch", default="/tmp/helper-extract/bench")
+    ap.add_argument("--scratch", default="/tmp/omnilab-bench/extract")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each timed command (root)")
     ap.add_argument("--sync", action="store_true", help="include `sync` in each timed command")
     args = ap.parse_args(argv)
 
@@ -107,7 +123,7 @@ def main(argv=None) -> int:
     ck = Checkpoint(src)
     nbytes = ck.total_bytes
     print(f"source: {src}: {len(ck.shards)} shards, {len(ck):,} tensors, {nbytes / 1e9:.2f} GB of tensors "
-          f"({ck.file_bytes / 1e9:.2f} GB of files); cpu cores: {os.cpu_count()}; sync: {args.sync}", flush=True)
+          f"({ck.file_bytes / 1e9:.2f} GB of files); cpu cores: {os.cpu_count()}; sync: {args.sync}; cold: {args.cold}", flush=True)
     # warm the page cache once so neither command pays the first read
     for f in glob.glob(str(src / "*.safetensors")):
         with open(f, "rb") as fh:
@@ -121,9 +137,9 @@ def main(argv=None) -> int:
                 times = {}
                 for step in order.split(", "):
                     if step == "cp":
-                        times["cp"] = time_cp(src, scratch / "cp-out", args.sync)
+                        times["cp"] = time_cp(src, scratch / "cp-out", args.sync, args.cold)
                     else:
-                        times["extract"] = time_extract(src, scratch / "extract-out", workers, args.sync)
+                        times["extract"] = time_extract(src, scratch / "extract-out", workers, args.sync, args.cold)
                 (cp_s, cp_cpu), (ex_s, ex_cpu) = times["cp"], times["extract"]
                 cp_mb, ex_mb = ck.file_bytes / 1e6 / cp_s, nbytes / 1e6 / ex_s
                 rows.append((workers, order, cp_s, cp_mb, cp_cpu, ex_s, ex_mb, ex_cpu, ex_mb / cp_mb))
