@@ -81,6 +81,87 @@ def heldout_addition_pairs(n: int = 1000, seed: int = 1234) -> list[tuple[int, i
     return sorted(pairs[:n])
 
 
+# Operand digit counts of generated problems and their weights. 3-digit problems (~10^6 distinct)
+# cannot be memorized, so the model has to learn carrying; 2-digit pairs are the evaluated case.
+ARITH_KINDS = [  # ((digits of a, digits of b), weight)
+    ((2, 2), 4.0), ((1, 1), 1.0), ((1, 2), 1.0), ((2, 1), 1.0),
+    ((3, 3), 3.0), ((2, 3), 1.0), ((3, 2), 1.0), ((1, 3), 0.5), ((3, 1), 0.5),
+]
+
+
+class AdditionSampler:
+    """Draws addition problems (a, b) from ARITH_KINDS, never a held-out 2-digit pair (either order).
+
+    `tokens(n_lines)` gives the token ids of n lines "a + b = s\n" directly (vectorized, no tokenizer
+    call), with <|endoftext|> before a line with probability 1/18 (documents of ~18 lines), exactly
+    as the tokenizer encodes that text (checked by `check_against`)."""
+
+    def __init__(self, heldout: list[tuple[int, int]], seed: int):
+        import numpy as np
+
+        self.np = np
+        self.rng = np.random.default_rng(seed)
+        self.forbidden = np.zeros((1000, 1000), dtype=bool)
+        for a, b in heldout:
+            self.forbidden[a, b] = self.forbidden[b, a] = True
+        w = np.array([k[1] for k in ARITH_KINDS], dtype=float)
+        self.kind_p = w / w.sum()
+        self.kind_digits = np.array([k[0] for k in ARITH_KINDS])
+        self.ids = None
+
+    def pairs(self, n: int):
+        np = self.np
+        out_a, out_b, got = [], [], 0
+        while got < n:
+            m = int((n - got) * 1.2) + 16
+            kind = self.rng.choice(len(ARITH_KINDS), size=m, p=self.kind_p)
+            da, db = self.kind_digits[kind, 0], self.kind_digits[kind, 1]
+            lo_a = np.where(da == 1, 0, 10 ** (da - 1))
+            lo_b = np.where(db == 1, 0, 10 ** (db - 1))
+            a = lo_a + (self.rng.random(m) * (10**da - lo_a)).astype(np.int64)
+            b = lo_b + (self.rng.random(m) * (10**db - lo_b)).astype(np.int64)
+            keep = ~self.forbidden[a, b]
+            out_a.append(a[keep]); out_b.append(b[keep]); got += int(keep.sum())
+        return np.concatenate(out_a)[:n], np.concatenate(out_b)[:n]
+
+    def set_token_ids(self, tokenizer) -> None:
+        """tokenizer: a `tokenizers.Tokenizer`. Looks up the ids of digits, ' +', ' ', ' =', newline, eos."""
+        enc = tokenizer.encode("12 + 34 = 46\n").tokens
+        ids = {t: tokenizer.token_to_id(t) for t in enc}
+        digit = [tokenizer.token_to_id(str(d)) for d in range(10)]
+        self.ids = {"digit": self.np.array(digit), "plus": ids[enc[2]], "sp": ids[enc[3]], "eq": ids[enc[6]],
+                    "nl": ids[enc[-1]], "eos": tokenizer.token_to_id(EOS)}
+        assert enc == ["1", "2", enc[2], enc[3], "3", "4", enc[6], enc[7], "4", "6", enc[-1]], enc
+
+    def _digit_cols(self, x):
+        np = self.np
+        nd = np.where(x >= 1000, 4, np.where(x >= 100, 3, np.where(x >= 10, 2, 1)))
+        cols = np.full((len(x), 4), -1, dtype=np.int64)
+        for j in range(4):  # column j holds the j-th digit from the left, if any
+            pos = nd - 1 - j  # power of ten of that digit
+            ok = pos >= 0
+            cols[:, j] = np.where(ok, self.ids["digit"][(x // 10 ** np.maximum(pos, 0)) % 10], -1)
+        return cols
+
+    def tokens(self, n_lines: int):
+        np = self.np
+        a, b = self.pairs(n_lines)
+        i = self.ids
+        eos_col = np.where(self.rng.random(n_lines) < 1 / 18, i["eos"], -1)[:, None]
+        const = lambda v: np.full((n_lines, 1), v, dtype=np.int64)  # noqa: E731
+        m = np.concatenate([eos_col, self._digit_cols(a), const(i["plus"]), const(i["sp"]), self._digit_cols(b),
+                            const(i["eq"]), const(i["sp"]), self._digit_cols(a + b), const(i["nl"])], axis=1)
+        return m[m >= 0], a, b
+
+    def check_against(self, tokenizer, n: int = 300) -> None:
+        toks, a, b = self.tokens(n)
+        text_ids = []
+        for x, y in zip(a.tolist(), b.tolist()):
+            text_ids.extend(tokenizer.encode(addition_line(x, y)).ids)
+        eos = self.ids["eos"]
+        assert [t for t in toks.tolist() if t != eos] == text_ids, "vectorized arithmetic tokens != tokenizer"
+
+
 # ---------------------------------------------------------------- model config
 
 def text_dims(vocab_size: int) -> dict:
@@ -233,6 +314,8 @@ def build_config(tokenizer_specials: dict[str, int], vocab_size: int, word_ids: 
         image_token_id=sp["<|image_pad|>"],
         video_token_id=sp["<|video_pad|>"],
         audio_start_token_id=sp["<|audio_start|>"],
+        # read by get_rope_index (generate); the published config has it, transformers' class does not
+        vision_start_token_id=sp["<|vision_start|>"],
         user_token_id=word_ids["user"],
         tie_word_embeddings=False,
         position_id_per_seconds=25,
@@ -252,6 +335,27 @@ def build_config(tokenizer_specials: dict[str, int], vocab_size: int, word_ids: 
         assistant_token_id=word_ids["assistant"],
     )
     return cfg
+
+
+def init_untrained_parts(model, seed: int) -> None:
+    """Fill what transformers 5.23 leaves uninitialized in a freshly built model.
+
+    Qwen3OmniMoePreTrainedModel._init_weights initializes the thinker's MoE experts and router but
+    not the talker's: `talker.model.layers.*.mlp.experts.{gate_up_proj,down_proj}` keep whatever
+    torch.empty returned (garbage, sometimes NaN or 1e26) and the talker routers stay all-zero. Give
+    them normal(0, initializer_range) values from a fixed seed, then check every tensor is finite."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.talker_config.initializer_range
+    with torch.no_grad():
+        for layer in model.talker.model.layers:
+            mlp = layer.mlp
+            if hasattr(mlp, "experts"):
+                for p in (mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.weight):
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all() or p.abs().max() > 100]
+    assert not bad, f"non-finite or huge values after init: {bad[:5]}"
 
 
 def config_from_tokenizer(tok_dir: Path):
