@@ -97,6 +97,10 @@ def tiny_qwen3_omni(out: str | os.PathLike, *, seed: int = 0, max_shard_size: st
     config = Qwen3OmniMoeConfig.from_dict(tiny_omni_config(**text))
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).to(dtype).eval()
+    with torch.no_grad():  # transformers 5.23 leaves the talker's experts as torch.empty: garbage, not seeded
+        for name, param in model.named_parameters():
+            if name.startswith("talker.") and ".experts." in name:
+                param.normal_(0.0, config.initializer_range or 0.02)
     return _save(model, out, max_shard_size, tokenizer, config.thinker_config.text_config.vocab_size)
 
 
