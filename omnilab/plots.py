@@ -35,15 +35,18 @@ def _short_shard(name: str) -> str:
 def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per component"):
     """Horizontal bars of bytes per component (log scale), each labelled with its size and tensor count.
 
-    `components`: index component label, columns `tensors` and `bytes` (Inventory.components)."""
+    `components`: index component label, columns `tensors` and `bytes`, optionally `files` (Inventory.components
+    for a checkpoint, omnilab.extract.component_bytes for an extraction)."""
     df = components[::-1]
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(df) + 1.2))
     colors = plt.cm.tab20(np.arange(len(components)) % 20)[::-1]
     ax.barh(df.index, df["bytes"], color=colors)
     ax.set_xscale("log")
     total = components["bytes"].sum()
-    for y, (n, b) in enumerate(zip(df["tensors"], df["bytes"])):
-        ax.text(b * 1.15, y, f"{_short_bytes(b)}B  {b / total:.1%}  ({n:,} tensors)", va="center", fontsize=8)
+    files = df["files"] if "files" in df else [None] * len(df)
+    for y, (n, b, f) in enumerate(zip(df["tensors"], df["bytes"], files)):
+        in_files = f", {f:,} files" if f is not None else ""
+        ax.text(b * 1.15, y, f"{_short_bytes(b)}B  {b / total:.1%}  ({n:,} tensors{in_files})", va="center", fontsize=8)
     ax.set_xlim(max(df["bytes"].min() / 3, 1), df["bytes"].max() * 2000)  # room for the labels
     ax.set_xlabel("bytes (log scale)")
     ax.set_title(f"{title}: {_short_bytes(total)}B in {components['tensors'].sum():,} tensors")
@@ -123,29 +126,6 @@ def plot_problem_counts(problems: pd.DataFrame, title: str = "verify"):
     return fig
 
 # -- 02 component extraction ---------------------------------------------------------------------------
-
-
-def plot_component_bytes(table: pd.DataFrame, title: str = "Bytes per component"):
-    """Bars of bytes per component of an extraction (log scale), labelled with its tensors and files.
-
-    `table`: index component, columns tensors, files, bytes (omnilab.extract.component_bytes)."""
-    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(table) + 1.4))
-    y = np.arange(len(table))[::-1]
-    colors = ["#1f77b4" if c == "experts" else "#7f7f7f" if c in ("audio", "vision", "talker", "code2wav") else "#2ca02c"
-              for c in table.index]
-    ax.barh(y, table["bytes"], color=colors)
-    for yi, (_, row) in zip(y, table.iterrows()):
-        ax.text(row["bytes"], yi, f" {_short_bytes(row['bytes'])}  ({row['tensors']:,} tensors, {row['files']:,} files)",
-                va="center", fontsize=8)
-    ax.set_yticks(y, table.index)
-    ax.set_xscale("log")
-    ax.set_xlim(right=table["bytes"].max() * 60)
-    ax.set_xlabel("bytes (log)")
-    total = int(table["bytes"].sum())
-    share = table["bytes"].get("experts", 0) / total if total else 0.0
-    ax.set_title(f"{title}: {_short_bytes(total)} in all, experts {share:.0%}")
-    fig.tight_layout()
-    return fig
 
 
 def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing experts costs"):
