@@ -311,13 +311,16 @@ def plot_domain_expert(lifts: dict[int, pd.DataFrame], clip: float = 2.0):
 
 
 def plot_specialization(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame):
-    """Left: I(domain; expert) per layer against the shuffled-domain baseline (routing.specialization).
-    Right: OLMoE's top-expert share by token id and by domain, each against its shuffled baseline
+    """Left: I(domain; expert) per layer against the shuffled-domain baseline, and the same given the token id
+    (routing.specialization). Right: OLMoE's top-expert share by token id and by domain, each against its shuffled baseline
     (routing.token_specialization)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
     x = np.arange(len(spec))
     a.bar(x - 0.2, spec["mi_bits"], 0.4, label="I(domain; expert)")
     a.bar(x + 0.2, spec["baseline_mean"], 0.4, yerr=spec["baseline_std"], color="0.7", label="shuffled domains")
+    if "cmi_bits" in spec:
+        a.plot(x, spec["cmi_bits"], "o-", color="C3", label="I(domain; expert | token id)")
+        a.plot(x, spec["cmi_baseline_mean"], "o--", color="C3", alpha=0.5, label="... shuffled domains")
     a.set(xticks=x, xticklabels=spec.index, xlabel="layer", ylabel="bits",
           title=f"Domain specialization (H(domain) = {spec['domain_entropy_bits'].mean():.2f} bits)")
     a.legend(fontsize=8)

@@ -1,0 +1,547 @@
+"""Routing traces, their statistics, and a cache simulation driven by them.
+
+A *trace* is a long pandas DataFrame with one row per routing assignment, i.e. per
+(document, position, layer, rank), in that order:
+
+    doc       int     document number within the trace
+    domain    str     the document's domain label (e.g. "en", "python")
+    position  int     token position within the document (0-based)
+    token_id  int     the input token at that position
+    layer     int     decoder layer
+    rank      int     0 = the router's first choice, ..., top_k - 1
+    expert    int     expert index within the layer
+    weight    float   the routing weight the selective model applied (after norm_topk_prob, if set)
+    entropy   float   router entropy of this token at this layer, in bits (softmax over all experts; the
+                      same on the token's top_k rows)
+
+`trace.attrs` carries `num_experts`, `top_k` and `num_layers` (statistics take them from there, or from the
+data when absent). `record_trace` records one with the selective model's hooks
+(`blocks.{i}.mlp.hook_topk_indices`, `hook_topk_weights`, `hook_router_logits`); `trace_rows` builds one
+from arrays, which is how tests make synthetic traces.
+
+The statistics follow published router analyses:
+- expert load per layer, and the domain x expert distribution per layer;
+- specialization by domain as mutual information I(domain; expert) in bits, against a baseline that shuffles
+  the domain labels between documents (so within-document correlation stays in the baseline);
+- token specialization as in OLMoE (Muennighoff et al. 2024): the share of a token id's occurrences that are
+  routed (within the top-k) to that token id's most frequent expert, against shuffled token ids; the same
+  measure by domain is computed for comparison;
+- co-activation P(b | a): of the tokens whose top-k holds expert a, the share whose top-k also holds b;
+- consecutive-token same-expert rate as in Mixtral (Jiang et al. 2024), against the rate expected by chance
+  from the layer's expert loads;
+- a cache simulation: the trace read as a request sequence (token by token, layers in order, each token
+  requesting its top-k experts, as decoding does) replayed through LRU, LFU and Belady's optimal (MIN).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TRACE_COLUMNS = ["doc", "domain", "position", "token_id", "layer", "rank", "expert", "weight", "entropy"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# documents and traces
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_documents(path: str | Path, *, per_domain: int | None = None, seed: int = 0,
+                   text_field: str | None = None, domain_field: str = "domain") -> pd.DataFrame:
+    """Read a domain-labelled JSONL eval split into a DataFrame with columns `domain`, `text` (and `id` when
+    present). `per_domain` keeps that many documents per domain, drawn with a fixed seed; `text_field`
+    defaults to the first of "text", "prompt" present."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such eval file")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    docs = pd.DataFrame(rows)
+    field = text_field or next((f for f in ("text", "prompt") if f in docs.columns), None)
+    if field is None or field not in docs.columns or domain_field not in docs.columns:
+        raise ValueError(f"{path}: needs a text field ({text_field or 'text/prompt'}) and {domain_field!r}; "
+                         f"has {list(docs.columns)}")
+    docs = docs.rename(columns={field: "text", domain_field: "domain"})
+    if per_domain is not None:
+        rng = np.random.default_rng(seed)
+        docs = docs.iloc[rng.permutation(len(docs))]
+        docs = docs.groupby("domain", sort=False).head(per_domain).sort_index(kind="stable")
+    keep = [c for c in ("domain", "id", "text") if c in docs.columns]
+    return docs[keep].reset_index(drop=True)
+
+
+def router_entropy(logits) -> np.ndarray:
+    """Entropy in bits of softmax(logits) over the last axis."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(axis=-1) / math.log(2)
+
+
+def trace_rows(doc: int, domain: str, token_ids, experts, weights=None, entropy=None,
+               layers=None) -> pd.DataFrame:
+    """Trace rows for one document. experts, weights: [layers, tokens, top_k]; entropy: [layers, tokens]
+    (bits); token_ids: [tokens]; layers: the layer numbers of the first axis (default 0..L-1)."""
+    experts = np.asarray(experts)
+    n_layers, n_tokens, k = experts.shape
+    weights = np.full(experts.shape, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
+    entropy = np.full((n_layers, n_tokens), np.nan) if entropy is None else np.asarray(entropy, dtype=np.float64)
+    token_ids = np.asarray(token_ids)
+    if weights.shape != experts.shape or entropy.shape != (n_layers, n_tokens) or token_ids.shape != (n_tokens,):
+        raise ValueError(f"doc {doc}: shapes disagree: experts {experts.shape}, weights {weights.shape}, "
+                         f"entropy {entropy.shape}, token_ids {token_ids.shape}")
+    layers = np.arange(n_layers) if layers is None else np.asarray(layers)
+    # rows in (position, layer, rank) order: move tokens first. [L, T, k] -> [T, L, k]
+    e = experts.transpose(1, 0, 2).reshape(-1)
+    w = weights.transpose(1, 0, 2).reshape(-1)
+    pos, lay, rank = np.meshgrid(np.arange(n_tokens), np.arange(n_layers), np.arange(k), indexing="ij")
+    return pd.DataFrame({
+        "doc": np.full(e.size, doc, dtype=np.int32),
+        "domain": domain,
+        "position": pos.reshape(-1).astype(np.int32),
+        "token_id": token_ids[pos.reshape(-1)].astype(np.int64),
+        "layer": layers[lay.reshape(-1)].astype(np.int32),
+        "rank": rank.reshape(-1).astype(np.int16),
+        "expert": e.astype(np.int32),
+        "weight": w.astype(np.float32),
+        "entropy": entropy.T[pos.reshape(-1), lay.reshape(-1)].astype(np.float32),  # [T, L] lookup
+    })
+
+
+def concat_traces(parts: list[pd.DataFrame], *, num_experts: int, top_k: int, num_layers: int) -> pd.DataFrame:
+    """Join per-document rows into one trace and set its attrs."""
+    trace = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TRACE_COLUMNS)
+    trace["domain"] = trace["domain"].astype("category")
+    trace.attrs.update(num_experts=int(num_experts), top_k=int(top_k), num_layers=int(num_layers))
+    return trace
+
+
+def record_trace(model, tokenizer, documents: pd.DataFrame, *, max_tokens: int = 128,
+                 per_domain: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run the selective model (omnilab.model.SelectiveMoE) over each document, the first `max_tokens`
+    tokens of at most `per_domain` documents per domain, one document per forward pass, and record its
+    routing through the hooks `blocks.{i}.mlp.hook_router_logits / hook_topk_indices / hook_topk_weights`.
+    tokenizer None: the model's own. A tqdm bar runs over documents."""
+    from tqdm.auto import tqdm
+
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise ValueError("record_trace needs a tokenizer: the checkpoint has none, pass one")
+    if per_domain is not None:
+        documents = documents.groupby("domain", sort=False).head(per_domain)
+    layers = list(model.config.moe_layers)
+    parts = []
+    for doc, row in enumerate(tqdm(list(documents.itertuples(index=False)), desc="routing trace",
+                                   unit="doc", disable=not progress)):
+        ids = tokenizer(row.text)["input_ids"][:max_tokens]
+        if ids:
+            experts, weights, logits = route(model, ids, layers)
+            parts.append(trace_rows(doc, row.domain, ids, experts, weights, router_entropy(logits), layers=layers))
+    if not parts:
+        raise ValueError("no tokens to trace: the documents are empty")
+    return concat_traces(parts, num_experts=model.config.num_experts, top_k=model.config.num_experts_per_tok,
+                         num_layers=len(layers))
+
+
+def route(model, ids: list[int], layers: list[int] | None = None):
+    """One forward pass over `ids` (the selective model, or anything with the same hook points); the routing
+    of each MoE layer as numpy arrays: (experts [L, T, k], weights [L, T, k], router logits [L, T, E])."""
+    import torch
+
+    from omnilab.hooks import run_with_cache
+
+    layers = list(model.config.moe_layers) if layers is None else layers
+    points = ("topk_indices", "topk_weights", "router_logits")
+    names = [f"blocks.{i}.mlp.hook_{p}" for i in layers for p in points]
+    _, acts = run_with_cache(model, torch.tensor([ids], device=getattr(model, "device", "cpu")), names=names)
+
+    def stack(point):  # each hook holds [B * T, .] with B = 1 -> [L, T, .]
+        x = torch.stack([acts[f"blocks.{i}.mlp.hook_{point}"] for i in layers]).cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+
+    return tuple(stack(p) for p in points)
+
+
+def _n(trace: pd.DataFrame, key: str) -> int:
+    if key in trace.attrs:
+        return int(trace.attrs[key])
+    if key == "num_experts":
+        return int(trace["expert"].max()) + 1
+    if key == "top_k":
+        return int(trace["rank"].max()) + 1
+    return int(trace["layer"].nunique())
+
+
+def _token_experts(trace: pd.DataFrame, layer: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """One layer as tokens x top_k: (the token rows: doc, domain, position, token_id; experts [T, k])."""
+    k = _n(trace, "top_k")
+    t = trace[trace["layer"] == layer].sort_values(["doc", "position", "rank"], kind="stable")
+    experts = t["expert"].to_numpy().reshape(-1, k)  # [T * k] -> [T, k]
+    tokens = t.iloc[::k][["doc", "domain", "position", "token_id"]].reset_index(drop=True)
+    return tokens, experts
+
+
+def layers_of(trace: pd.DataFrame) -> list[int]:
+    return sorted(int(x) for x in trace["layer"].unique())
+
+
+# ---------------------------------------------------------------------------------------------------
+# load and domain x expert
+# ---------------------------------------------------------------------------------------------------
+
+
+def expert_load(trace: pd.DataFrame) -> pd.DataFrame:
+    """layers x experts: the share of the layer's assignments (token x top-k slots) that go to each expert.
+    Rows sum to 1; a uniform router gives 1 / num_experts everywhere."""
+    E = _n(trace, "num_experts")
+    counts = pd.crosstab(trace["layer"], trace["expert"]).reindex(columns=range(E), fill_value=0)
+    return counts.div(counts.sum(axis=1), axis=0).rename_axis(index="layer", columns="expert")
+
+
+def domain_expert(trace: pd.DataFrame, layer: int | None = None) -> pd.DataFrame:
+    """(layer, domain) x experts: P(expert | domain), the share of that domain's assignments at that layer
+    going to each expert (rows sum to 1). With `layer`, just that layer's domain x experts table."""
+    E = _n(trace, "num_experts")
+    t = trace if layer is None else trace[trace["layer"] == layer]
+    counts = t.groupby(["layer", "domain"], observed=True)["expert"].value_counts().unstack(fill_value=0)
+    counts = counts.reindex(columns=range(E), fill_value=0)
+    table = counts.div(counts.sum(axis=1), axis=0).rename_axis(columns="expert")
+    return table.loc[layer] if layer is not None else table
+
+
+def domain_lift(trace: pd.DataFrame, layer: int) -> pd.DataFrame:
+    """domains x experts at one layer: P(expert | domain) / P(expert). 1 = the domain uses the expert as
+    often as the layer does overall; 3 = three times as often."""
+    load = expert_load(trace).loc[layer]
+    return domain_expert(trace, layer).div(load.where(load > 0), axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# specialization
+# ---------------------------------------------------------------------------------------------------
+
+
+def mutual_information(labels, experts) -> float:
+    """I(label; expert) in bits from paired samples (the plug-in estimate from the contingency counts)."""
+    a = pd.factorize(np.asarray(labels))[0]
+    b = pd.factorize(np.asarray(experts))[0]
+    joint = np.bincount(a * (b.max() + 1) + b, minlength=(a.max() + 1) * (b.max() + 1))
+    joint = joint.reshape(a.max() + 1, b.max() + 1) / a.size  # [labels, experts]
+    pa, pb = joint.sum(axis=1, keepdims=True), joint.sum(axis=0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log2(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def entropy_bits(labels) -> float:
+    p = pd.Series(np.asarray(labels)).value_counts(normalize=True).to_numpy()
+    return float(-(p * np.log2(p)).sum())
+
+
+def conditional_mutual_information(labels, experts, given) -> float:
+    """I(label; expert | given) in bits (plug-in): H(L,G) + H(E,G) - H(L,E,G) - H(G)."""
+    codes = [pd.factorize(np.asarray(x))[0].astype(np.int64) for x in (labels, experts, given)]
+    l, e, g = codes
+    joint = lambda *cs: _entropy_codes(_combine(*cs))  # noqa: E731
+    return float(joint(l, g) + joint(e, g) - joint(l, e, g) - joint(g))
+
+
+def _combine(*codes):
+    out = np.zeros_like(codes[0])
+    for c in codes:
+        out = out * (int(c.max()) + 1) + c
+    return out
+
+
+def _entropy_codes(codes) -> float:
+    p = np.bincount(pd.factorize(codes)[0]) / len(codes)
+    return float(-(p * np.log2(p)).sum())
+
+
+def specialization(trace: pd.DataFrame, *, shuffles: int = 8, seed: int = 0) -> pd.DataFrame:
+    """Per layer: `mi_bits` = I(domain; expert) over the layer's assignments, `baseline_mean` and
+    `baseline_std` = the same with the domain labels permuted between documents (`shuffles` times),
+    `domain_entropy_bits` = H(domain), the ceiling of the MI, and `mi_share` = mi_bits / H(domain).
+    `cmi_bits` = I(domain; expert | token id), what the domain says about the expert beyond the token itself
+    (languages and code share few tokens, so much of I(domain; expert) can come through the token), with
+    `cmi_baseline_mean` from the same shuffles (the plug-in estimate is biased upwards by the many rare
+    token ids; the baseline carries the same bias)."""
+    rng = np.random.default_rng(seed)
+    docs = trace.drop_duplicates("doc")[["doc", "domain"]]
+    doc_codes = pd.Index(docs["doc"])
+    labels = pd.factorize(docs["domain"].astype(str))[0]
+    perms = [labels[rng.permutation(labels.size)] for _ in range(shuffles)]
+    rows = []
+    for layer, t in trace.groupby("layer", sort=True):
+        where = doc_codes.get_indexer(t["doc"])  # row -> document number in `docs`
+        experts, tokens = t["expert"].to_numpy(), t["token_id"].to_numpy()
+        base = [mutual_information(p[where], experts) for p in perms]
+        cbase = [conditional_mutual_information(p[where], experts, tokens) for p in perms]
+        h = entropy_bits(labels[where])
+        mi = mutual_information(labels[where], experts)
+        rows.append(dict(layer=int(layer), mi_bits=mi, baseline_mean=float(np.mean(base)) if base else np.nan,
+                         baseline_std=float(np.std(base)) if base else np.nan, domain_entropy_bits=h,
+                         mi_share=mi / h if h > 0 else np.nan,
+                         cmi_bits=conditional_mutual_information(labels[where], experts, tokens),
+                         cmi_baseline_mean=float(np.mean(cbase)) if cbase else np.nan))
+    return pd.DataFrame(rows).set_index("layer")
+
+
+def _top_expert_share(groups: np.ndarray, experts: np.ndarray, E: int, min_count: int) -> tuple[float, int]:
+    """sum over groups (with >= min_count tokens) of max_e #(e in top-k) / sum of their token counts."""
+    g = pd.factorize(groups)[0]
+    n_groups = g.max() + 1
+    k = experts.shape[1]
+    counts = np.bincount(np.repeat(g, k) * E + experts.reshape(-1), minlength=n_groups * E).reshape(n_groups, E)
+    tokens = np.bincount(g, minlength=n_groups)
+    keep = tokens >= min_count
+    if not keep.any():
+        return np.nan, 0
+    return float(counts[keep].max(axis=1).sum() / tokens[keep].sum()), int(keep.sum())
+
+
+def token_specialization(trace: pd.DataFrame, *, by: str = "token_id", min_count: int = 8, seed: int = 0,
+                         shuffles: int = 3) -> pd.DataFrame:
+    """OLMoE's specialization per layer: for each value of `by` (token id, or "domain") with at least
+    `min_count` tokens, the share of its tokens whose top-k holds its most frequent expert, averaged with
+    token-count weights (`share`). `baseline` is the same with the `by` labels permuted over tokens (for
+    token ids) or over documents (for domains): what the loads and the sample sizes alone give.
+    `chance` = top_k / num_experts, a uniform router's value."""
+    E, k = _n(trace, "num_experts"), _n(trace, "top_k")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for layer in layers_of(trace):
+        tokens, experts = _token_experts(trace, layer)
+        labels = tokens[by].astype(str).to_numpy() if by == "domain" else tokens[by].to_numpy()
+        share, n = _top_expert_share(labels, experts, E, min_count)
+        base = []
+        for _ in range(shuffles):
+            if by == "domain":  # permute labels between documents
+                doc_label = tokens.drop_duplicates("doc").set_index("doc")[by].astype(str)
+                doc_label[:] = doc_label.to_numpy()[rng.permutation(len(doc_label))]
+                shuffled = doc_label.loc[tokens["doc"]].to_numpy()
+            else:
+                shuffled = labels[rng.permutation(labels.size)]
+            base.append(_top_expert_share(shuffled, experts, E, min_count)[0])
+        rows.append(dict(layer=layer, share=share, baseline=float(np.mean(base)) if base else np.nan,
+                         chance=k / E, groups=n))
+    return pd.DataFrame(rows).set_index("layer")
+
+
+# ---------------------------------------------------------------------------------------------------
+# co-activation and consecutive tokens
+# ---------------------------------------------------------------------------------------------------
+
+
+def coactivation(trace: pd.DataFrame, layer: int) -> pd.DataFrame:
+    """experts a x experts b at one layer: P(b in top-k | a in top-k), over the tokens whose top-k holds a.
+    The diagonal is 0 (a with itself is not counted), so each used expert's row sums to top_k - 1."""
+    E = _n(trace, "num_experts")
+    _, experts = _token_experts(trace, layer)
+    onehot = np.zeros((experts.shape[0], E))
+    np.put_along_axis(onehot, experts, 1.0, axis=1)  # [T, E]: 1 where the expert is in the token's top-k
+    both = onehot.T @ onehot  # [E, E]: tokens with a and b
+    np.fill_diagonal(both, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = both / onehot.sum(axis=0)[:, None]
+    return pd.DataFrame(np.nan_to_num(p), index=pd.RangeIndex(E, name="a"), columns=pd.RangeIndex(E, name="b"))
+
+
+def top_coactivated(trace: pd.DataFrame, n: int = 10, min_tokens: int = 20) -> pd.DataFrame:
+    """The `n` pairs with the highest lift = P(b | a) / P(b in top-k) over all layers (experts a and b each
+    with at least `min_tokens` tokens). Lift 1 is independence."""
+    rows = []
+    for layer in layers_of(trace):
+        _, experts = _token_experts(trace, layer)
+        p = coactivation(trace, layer).to_numpy()
+        counts = np.bincount(experts.reshape(-1), minlength=p.shape[0])
+        pb = counts / experts.shape[0]  # P(b in top-k)
+        for a in np.flatnonzero(counts >= min_tokens):
+            for b in np.flatnonzero((p[a] > 0) & (counts >= min_tokens)):
+                rows.append((layer, int(a), int(b), p[a, b], pb[b], p[a, b] / pb[b], int(counts[a])))
+    cols = ["layer", "a", "b", "p_b_given_a", "p_b", "lift", "tokens_a"]
+    return pd.DataFrame(rows, columns=cols).sort_values("lift", ascending=False).head(n).reset_index(drop=True)
+
+
+def same_expert_rate(trace: pd.DataFrame) -> pd.DataFrame:
+    """Per layer, over consecutive token pairs (t, t + 1) of one document (Mixtral's statistic):
+    `top1_rate` = share of pairs whose first-choice experts are equal, `top1_chance` = sum_e p_e^2 with p the
+    layer's first-choice load; `overlap_rate` = mean |topk(t) & topk(t+1)| / k, `overlap_chance` =
+    sum_e q_e^2 / k with q_e = P(e in top-k)."""
+    E, k = _n(trace, "num_experts"), _n(trace, "top_k")
+    rows = []
+    for layer in layers_of(trace):
+        tokens, experts = _token_experts(trace, layer)
+        doc, pos = tokens["doc"].to_numpy(), tokens["position"].to_numpy()
+        pair = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)  # [T - 1]: t and t+1 consecutive
+        onehot = np.zeros((experts.shape[0], E))
+        np.put_along_axis(onehot, experts, 1.0, axis=1)
+        overlap = (onehot[1:] * onehot[:-1]).sum(axis=1) / k
+        p1 = np.bincount(experts[:, 0], minlength=E) / experts.shape[0]
+        q = onehot.mean(axis=0)
+        rows.append(dict(layer=layer, top1_rate=float((experts[1:, 0] == experts[:-1, 0])[pair].mean()),
+                         top1_chance=float((p1 ** 2).sum()), overlap_rate=float(overlap[pair].mean()),
+                         overlap_chance=float((q ** 2).sum() / k), pairs=int(pair.sum())))
+    return pd.DataFrame(rows).set_index("layer")
+
+
+# ---------------------------------------------------------------------------------------------------
+# cache simulation
+# ---------------------------------------------------------------------------------------------------
+
+POLICIES = ("lru", "lfu", "belady")
+
+
+def request_sequence(trace: pd.DataFrame, layer: int | None = None) -> np.ndarray:
+    """The expert requests decoding would make, in order: document by document, token by token, layers in
+    order, each token's top-k by rank. Keys are layer * num_experts + expert (or just the expert with
+    `layer`). The cache persists across documents."""
+    E = _n(trace, "num_experts")
+    t = trace if layer is None else trace[trace["layer"] == layer]
+    order = np.lexsort((t["rank"].to_numpy(), t["layer"].to_numpy(), t["position"].to_numpy(), t["doc"].to_numpy()))
+    keys = t["expert"].to_numpy(np.int64) if layer is not None else t["layer"].to_numpy(np.int64) * E + t["expert"].to_numpy()
+    return keys[order]
+
+
+def simulate_cache(requests, capacity: int, policy: str = "lru") -> int:
+    """Replay `requests` through a cache of `capacity` entries; return the number of hits. Every miss loads
+    the entry (demand paging), evicting one when full:
+    - "lru": the least recently used;
+    - "lfu": the least frequently requested so far (counts over the whole history, kept across evictions),
+      ties to the least recently used;
+    - "belady": the one whose next request is farthest in the future (MIN, optimal for demand paging);
+      O(n log n) with precomputed next-use times and a lazy max-heap."""
+    requests = [int(x) for x in np.asarray(requests).reshape(-1)]
+    if capacity <= 0:
+        return 0
+    if policy == "lru":
+        return _lru(requests, capacity)
+    if policy == "lfu":
+        return _lfu(requests, capacity)
+    if policy == "belady":
+        return _belady(requests, capacity)
+    raise ValueError(f"unknown cache policy {policy!r}: use one of {POLICIES}")
+
+
+def _lru(requests, capacity):
+    cache, hits = OrderedDict(), 0
+    for key in requests:
+        if key in cache:
+            hits += 1
+            cache.move_to_end(key)
+        else:
+            if len(cache) >= capacity:
+                cache.popitem(last=False)
+            cache[key] = None
+    return hits
+
+
+def _lfu(requests, capacity):
+    count, cache, heap, hits = defaultdict(int), {}, [], 0  # cache: key -> (count, last use) of its heap entry
+    for i, key in enumerate(requests):
+        count[key] += 1
+        if key in cache:
+            hits += 1
+        elif len(cache) >= capacity:
+            while True:  # pop stale entries until the live minimum
+                c, t, victim = heapq.heappop(heap)
+                if cache.get(victim) == (c, t):
+                    del cache[victim]
+                    break
+        cache[key] = (count[key], i)
+        heapq.heappush(heap, (count[key], i, key))
+    return hits
+
+
+def _belady(requests, capacity):
+    n = len(requests)
+    next_use, last = [0] * n, {}
+    for i in range(n - 1, -1, -1):  # next_use[i]: the next position requesting requests[i] (n: never)
+        next_use[i] = last.get(requests[i], n)
+        last[requests[i]] = i
+    cache, heap, hits = {}, [], 0  # cache: key -> its next use; heap: (-next use, key), stale entries skipped
+    for i, key in enumerate(requests):
+        if key in cache:
+            hits += 1
+        elif len(cache) >= capacity:
+            while True:
+                neg, victim = heapq.heappop(heap)
+                if cache.get(victim) == -neg:
+                    del cache[victim]
+                    break
+        cache[key] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], key))
+    return hits
+
+
+def default_cache_sizes(trace: pd.DataFrame) -> list[int]:
+    """Cache sizes (in experts, over all layers) from one token's worth (layers x top_k) up to every expert."""
+    E, k, L = _n(trace, "num_experts"), _n(trace, "top_k"), _n(trace, "num_layers")
+    total = E * L
+    sizes = {k * L} | {max(1, round(total * f)) for f in (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)}
+    return sorted(sizes)
+
+
+def hit_rate_curve(trace: pd.DataFrame, sizes: list[int] | None = None, policies=POLICIES, *,
+                   progress: bool = False) -> pd.DataFrame:
+    """Hit rate against cache size (experts held, over all layers) for each policy, replaying
+    `request_sequence(trace)`. Columns: policy, size, share (of all layers x experts), hits, requests,
+    hit_rate. Cold misses count: even an all-experts cache misses each expert once."""
+    from tqdm.auto import tqdm
+
+    requests = request_sequence(trace)
+    total = _n(trace, "num_experts") * _n(trace, "num_layers")
+    sizes = default_cache_sizes(trace) if sizes is None else list(sizes)
+    rows = []
+    for policy, size in tqdm([(p, s) for p in policies for s in sizes], desc="cache simulation", disable=not progress):
+        hits = simulate_cache(requests, size, policy)
+        rows.append(dict(policy=policy, size=int(size), share=size / total, hits=hits, requests=len(requests),
+                         hit_rate=hits / max(1, len(requests))))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# headline numbers
+# ---------------------------------------------------------------------------------------------------
+
+
+def summarize(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame, same: pd.DataFrame,
+              curve: pd.DataFrame) -> dict:
+    """Headline numbers for metrics.json from the outputs of `specialization`, `token_specialization`
+    (by token id and by domain), `same_expert_rate` and `hit_rate_curve`."""
+    out = {
+        "mi_bits_mean": float(spec["mi_bits"].mean()),
+        "mi_baseline_bits_mean": float(spec["baseline_mean"].mean()),
+        "mi_share_mean": float(spec["mi_share"].mean()),
+        "mi_bits_max_layer": int(spec["mi_bits"].idxmax()),
+        "cmi_given_token_bits_mean": float(spec["cmi_bits"].mean()),
+        "cmi_given_token_baseline_bits_mean": float(spec["cmi_baseline_mean"].mean()),
+        "token_specialization_mean": float(tokens["share"].mean()),
+        "token_specialization_baseline_mean": float(tokens["baseline"].mean()),
+        "domain_specialization_mean": float(domains["share"].mean()),
+        "domain_specialization_baseline_mean": float(domains["baseline"].mean()),
+        "same_expert_top1_rate_mean": float(same["top1_rate"].mean()),
+        "same_expert_top1_chance_mean": float(same["top1_chance"].mean()),
+        "same_expert_overlap_rate_mean": float(same["overlap_rate"].mean()),
+        "same_expert_overlap_chance_mean": float(same["overlap_chance"].mean()),
+    }
+    for row in curve.itertuples():
+        if row.share < 1.0:
+            out[f"hit_rate_{row.policy}_{round(100 * row.share)}pct"] = float(row.hit_rate)
+    return out
+
+
+def entropy_table(trace: pd.DataFrame) -> pd.DataFrame:
+    """layers x domains: mean router entropy (bits) of the tokens."""
+    first = trace[trace["rank"] == 0]
+    return first.pivot_table(index="layer", columns="domain", values="entropy", aggfunc="mean", observed=True)
