@@ -3,8 +3,9 @@
 Each notebook has a papermill `parameters` cell with `checkpoint` (default: the embedded model) and
 `out_dir`; it calls `save_metrics(out_dir, {...})` and `save_figure(fig, out_dir, name)`. `run_notebooks`
 executes every `notebooks/NN_*.ipynb` with papermill into `OUT/NN_name/`, gathers the metrics into
-`OUT/metrics.json`, and compares them with `notebooks/baselines.json` (value and tolerance per metric),
-failing loudly on drift.
+`OUT/metrics.json`, and compares them with `notebooks/baselines.json`, failing loudly on drift: integers,
+booleans and strings exactly, floats within {rel_tol, abs_tol}, and hand-set bounds ("max" / "min", e.g. the
+fp32 parity bound rel_err <= 1e-5) on top.
 """
 
 from __future__ import annotations
@@ -97,19 +98,21 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
     return 1 if failures else 0
 
 
-def write_baselines(summary: dict, rel_tol: float = 0.05, abs_tol: float = 1e-6) -> None:
-    """Numbers become {value, rel_tol, abs_tol}; existing tolerances are kept. Strings must match exactly."""
+def write_baselines(summary: dict, rel_tol: float = 0.05, abs_tol: float = 1e-4) -> None:
+    """Write this run's metrics as baselines. Integers, booleans and strings must match exactly; floats get
+    {rel_tol, abs_tol}; a metric may also carry a hand-set bound ("max" / "min") that is checked besides.
+    Tolerances and bounds already in the file are kept."""
     old = json.loads(BASELINES.read_text()) if BASELINES.exists() else {}
     new = {}
     for book, metrics in summary.items():
         new[book] = {}
         for key, value in metrics.items():
             prev = old.get(book, {}).get(key, {})
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                new[book][key] = {"value": value}
-            else:
-                new[book][key] = {"value": value, "rel_tol": prev.get("rel_tol", rel_tol),
-                                  "abs_tol": prev.get("abs_tol", abs_tol)}
+            spec = {"value": value}
+            if isinstance(value, float):
+                spec.update(rel_tol=prev.get("rel_tol", rel_tol), abs_tol=prev.get("abs_tol", abs_tol))
+            spec.update({k: prev[k] for k in ("max", "min") if k in prev})
+            new[book][key] = spec
     BASELINES.write_text(json.dumps(new, indent=2) + "\n")
 
 
@@ -124,11 +127,15 @@ def check_baselines(summary: dict) -> list[str]:
                 failures.append(f"{book}: no metrics (did it run?)")
             continue
         for key, spec in expected.items():
-            got = summary[book].get(key)
-            want = spec["value"]
+            got, want = summary[book].get(key), spec["value"]
             if got is None:
                 failures.append(f"{book}.{key}: missing (baseline {want!r})")
-            elif "rel_tol" in spec:
+                continue
+            if "max" in spec and not got <= spec["max"]:
+                failures.append(f"{book}.{key}: {got!r} is above its bound {spec['max']!r}")
+            if "min" in spec and not got >= spec["min"]:
+                failures.append(f"{book}.{key}: {got!r} is below its bound {spec['min']!r}")
+            if "rel_tol" in spec:
                 if not (isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=spec["rel_tol"], abs_tol=spec["abs_tol"])):
                     failures.append(f"{book}.{key}: {got!r} drifted from baseline {want!r} "
                                     f"(rel_tol {spec['rel_tol']}, abs_tol {spec['abs_tol']})")
