@@ -194,10 +194,13 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def _prompt_ids(args, tokenizer) -> list[int]:
+def _prompt_ids(args, tokenizer, rows: int) -> list[int]:
     if args.input_ids is not None:
         if not args.input_ids:
             raise ValueError("--input-ids: no token ids given")
+        bad = [i for i in args.input_ids if not 0 <= i < rows]
+        if bad:
+            raise ValueError(f"--input-ids: token id {bad[0]} is outside the embedding's {rows} rows (ids 0..{rows - 1})")
         return args.input_ids
     if tokenizer is None:
         raise ValueError(f"{args.path}: no tokenizer beside the checkpoint; give the prompt as --input-ids 1,2,3")
@@ -216,7 +219,7 @@ def cmd_compare(args) -> int:
     from omnilab.reference import Reference
 
     selective = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device)
-    ids = _prompt_ids(args, selective.tokenizer)
+    ids = _prompt_ids(args, selective.tokenizer, selective.config.vocab_size)
     for i in ids:
         if not 0 <= i < selective.config.vocab_size:
             raise ValueError(f"token id {i} is outside the embedding (vocab_size {selective.config.vocab_size})")
@@ -239,7 +242,7 @@ def cmd_generate(args) -> int:
 
     model = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device,
                                          expert_budget=args.expert_budget)
-    ids = _prompt_ids(args, model.tokenizer)
+    ids = _prompt_ids(args, model.tokenizer, model.config.vocab_size)
     stop = args.stop_ids
     if stop is None:
         eos = model.generation_config.get("eos_token_id")

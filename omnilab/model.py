@@ -304,6 +304,10 @@ class SelectiveMoE(nn.Module):
                 kv: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. attention_mask [B, past + T] (1 = token, 0 = left padding)."""
         B, T = input_ids.shape
+        rows = self.model.embed_tokens.num_embeddings
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < rows:
+            bad = int(input_ids.max()) if int(input_ids.max()) >= rows else int(input_ids.min())
+            raise ValueError(f"token id {bad} is outside the embedding's {rows} rows (ids 0..{rows - 1})")
         past = kv.length if kv is not None else 0
         positions, mask = self._positions_and_mask(B, T, past, attention_mask, input_ids.device)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, T, hd]

@@ -91,3 +91,19 @@ def test_bf16_generation_runs(make_checkpoint):
     out = sel.generate(PROMPT, 8)
     assert len(out.new_token_ids[0]) == 8 and out.tokens_per_s > 0
     assert sel.cache.stats.peak_resident_bytes == sel.cache.stats.loaded_bytes
+
+
+def test_token_ids_past_the_embedding_are_one_line_errors(make_checkpoint, capsys):
+    """A token id outside the embedding is a ValueError naming it, and exit 2 with one line from the CLI."""
+    from omnilab.cli import main
+    from omnilab.model import SelectiveMoE
+
+    path = make_checkpoint("moe")
+    model = SelectiveMoE.from_checkpoint(path)
+    rows = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {rows} is outside"):
+        model(torch.tensor([[1, rows]]))
+    for verb in ("generate", "compare"):
+        assert main([verb, str(path), "--input-ids", f"1,2,{rows + 5}"]) == 2
+        err = capsys.readouterr().err
+        assert f"token id {rows + 5}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
