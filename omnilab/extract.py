@@ -162,7 +162,11 @@ def plan_extraction(ck: Checkpoint, components=None, layers: list[int] | None = 
                     experts: list[int] | None = None) -> dict[str, OutputPlan]:
     """Output file -> plan, for the selected components, layers (text decoder) and experts."""
     chosen = parse_components(components)
-    _, layout = ck.arch
+    cfg, layout = ck.arch
+    for what, picked, count in (("layers", layers, cfg.num_hidden_layers), ("experts", experts, cfg.num_experts)):
+        outside = sorted(set(picked or ()) - set(range(count)))
+        if outside:
+            raise ValueError(f"--{what}: {outside[0]} is past this checkpoint's {count} {what} (0..{count - 1})")
     groups: dict[str, list] = {}
     keys: dict[str, tuple] = {}
     shard_order = {s: i for i, s in enumerate(ck.shards)}

@@ -283,3 +283,13 @@ def test_cli_errors_are_one_line(tiny_moe, tmp_path):
     assert main(["extract", str(tiny_moe), str(tmp_path / "x"), "--experts", "40-50", "--components", "experts"]) == 2
     assert not (tmp_path / "x" / MANIFEST_NAME).exists()
     assert main(["extract", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
+
+
+def test_selection_past_the_checkpoint_is_an_error(make_checkpoint, tmp_path):
+    """--layers / --experts beyond the config are refused before anything is written."""
+    from omnilab.cli import main
+
+    src = make_checkpoint("moe")
+    assert main(["extract", str(src), str(tmp_path / "a"), "--layers", "0-99"]) == 2
+    assert main(["extract", str(src), str(tmp_path / "b"), "--experts", "6-9"]) == 2
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
