@@ -303,6 +303,9 @@ class SelectiveMoE(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 kv: KVCache | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. attention_mask [B, past + T] (1 = token, 0 = left padding)."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)  # ids may come from the CPU for a CUDA model
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=self.device)
         B, T = input_ids.shape
         rows = self.model.embed_tokens.num_embeddings
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < rows:
