@@ -374,9 +374,10 @@ class SelectiveMoE(nn.Module):
         flat = experts.reshape(-1)  # [N * k]
         order = torch.argsort(flat, stable=True)  # choices grouped by expert
         picked, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        tokens = (order // cfg.num_experts_per_tok).split(counts.tolist())  # per expert: its token rows
-        slot_weights = weights.reshape(-1)[order].split(counts.tolist())  # per expert: [n_e]
-        for e, rows, w in zip(picked.tolist(), tokens, slot_weights):
+        picked, counts = torch.stack((picked, counts)).tolist()  # the layer's one host sync
+        tokens = (order // cfg.num_experts_per_tok).split(counts)  # per expert: its token rows
+        slot_weights = weights.reshape(-1)[order].split(counts)  # per expert: [n_e]
+        for e, rows, w in zip(picked, tokens, slot_weights):
             ex = self.cache.get(i, e)
             h = x[rows]  # [n_e, H]
             y = F.linear(F.silu(F.linear(h, ex.gate_proj)) * F.linear(h, ex.up_proj), ex.down_proj)  # [n_e, H]
