@@ -506,5 +506,10 @@ def load_tokenizer(folder: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(folder))
-    except Exception:  # a broken tokenizer must not stop the model: prompts can still be given as ids
+    except Exception as e:  # a broken tokenizer must not stop the model: prompts can still be given as ids
+        import warnings
+
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warnings.warn(f"{folder}: tokenizer files present but unreadable ({e.__class__.__name__}: {reason}); "
+                      "give prompts as token ids", stacklevel=2)
         return None
