@@ -18,7 +18,7 @@ from omnilab.hooks import compare, hook_names, run_with_cache
 from omnilab.model import SelectiveMoE, rope_cos_sin, rope_inv_freq
 from omnilab.reference import Reference
 
-REAL_CONFIG = Path("/work/shared/reference/qwen3-omni-30b-a3b-instruct.config.json")  # mrope_section [24, 20, 20]
+REAL_CONFIG = Path(__file__).resolve().parent.parent / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"  # mrope_section [24, 20, 20]
 PROMPT = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 61, 128, 9, 33, 2, 77, 301]])
 
 # (kind, text overrides): head_dim != hidden/heads and GQA are in the defaults (64 / 4 heads, head_dim 24, 2 kv)
@@ -120,7 +120,7 @@ def test_text_only_mrope_is_1d_rope():
     from omnilab.arch import read_config
     from omnilab.synth import tiny_omni_config
 
-    configs = [tiny_omni_config()] + ([json.loads(REAL_CONFIG.read_text())] if REAL_CONFIG.exists() else [])
+    configs = [tiny_omni_config(), json.loads(REAL_CONFIG.read_text())]
     for config in configs:
         hf_text = Qwen3OmniMoeConfig.from_dict(config).thinker_config.text_config
         rotary = Qwen3OmniMoeThinkerTextRotaryEmbedding(hf_text)
