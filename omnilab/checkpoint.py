@@ -247,6 +247,24 @@ class Checkpoint:
             return f.read(int(row.end - row.begin))
 
 
+def write_json(path: Path, obj, indent: int = 2) -> None:
+    """Write JSON under a temporary name, then rename: a killed run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, default=jsonable) + "\n")
+    tmp.replace(path)
+
+
+def jsonable(x):
+    """json.dumps' `default` for numpy / torch scalars and arrays and pandas objects."""
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    return str(x)
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from omnilab.checkpoint import CheckpointError
+from omnilab.checkpoint import CheckpointError, jsonable
 
 
 def parse_size(text: str) -> int:
@@ -39,18 +39,8 @@ def parse_ids(text: str) -> list[int]:
 
 
 def print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=_jsonable)
+    json.dump(obj, sys.stdout, indent=2, default=jsonable)
     sys.stdout.write("\n")
-
-
-def _jsonable(x):
-    if hasattr(x, "item"):
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    return str(x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,8 +110,6 @@ def cmd_verify(args) -> int:
 
     --json: {path, sound, shards, tensors, checked_against_config, counts: {kind: n},
     problems: [{kind, message, tensor, shard}], notes: [str]}."""
-    from pathlib import Path
-
     inv, _, problems = _checkpoint_report(args.path)
     notes = list(inv.notes)
     availability_map = None

@@ -56,7 +56,7 @@ from pathlib import Path
 import pandas as pd
 
 from omnilab.arch import TEXT_COMPONENTS, classify
-from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, Checkpoint, CheckpointError, Problem, read_header
+from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, Checkpoint, CheckpointError, Problem, read_header, write_json
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = ".extract-journal.jsonl"
@@ -493,8 +493,8 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=Non
         "extras": extras,
         "tensors": ordered,
     }
-    _write_json(out / INDEX_NAME, index)
-    _write_json(out / MANIFEST_NAME, manifest)
+    write_json(out / INDEX_NAME, index, indent=1)
+    write_json(out / MANIFEST_NAME, manifest, indent=1)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
     return ExtractResult(out, writer.written, len(skipped), total, sum(plans[r].data_bytes for r in skipped),
                          time.perf_counter() - start_time, not missing, len(files), len(missing))
@@ -549,12 +549,6 @@ def _copy_extras(src: Path, out: Path) -> dict[str, dict]:
             tmp.replace(target)
         extras[p.name] = {"bytes": len(data), CHECKSUM: hashlib.sha256(data).hexdigest()}
     return extras
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def _read_journal(out: Path) -> list[dict]:

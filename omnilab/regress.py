@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from omnilab.checkpoint import write_json
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 BASELINES = NOTEBOOKS / "baselines.json"
@@ -28,9 +30,7 @@ def save_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, default=_plain) + "\n")
-    tmp.replace(path)
+    write_json(path, metrics)
     return path
 
 
@@ -43,14 +43,6 @@ def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
     return path
-
-
-def _plain(x):
-    if hasattr(x, "item"):
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return str(x)
 
 
 def numbered_notebooks(only: list[str] | None = None) -> list[Path]:
@@ -85,7 +77,7 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
         if not summary[book.stem]:
             failures.append(f"{book.name}: wrote no metrics.json")
         print(f"[regress] {book.name} ok ({time.time() - start:.0f} s)", flush=True)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "metrics.json", summary)
     if update_baselines:
         write_baselines(summary)
         print(f"[regress] baselines written to {BASELINES}")
@@ -113,7 +105,7 @@ def write_baselines(summary: dict, rel_tol: float = 0.05, abs_tol: float = 1e-4)
                 spec.update(rel_tol=prev.get("rel_tol", rel_tol), abs_tol=prev.get("abs_tol", abs_tol))
             spec.update({k: prev[k] for k in ("max", "min") if k in prev})
             new[book][key] = spec
-    BASELINES.write_text(json.dumps(new, indent=2) + "\n")
+    write_json(BASELINES, new)
 
 
 def check_baselines(summary: dict) -> list[str]:

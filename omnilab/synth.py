@@ -184,7 +184,7 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
     numel x itemsize). Each shard is written under a temporary name and renamed."""
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
-    from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME
+    from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, write_json
 
     if not isinstance(config, dict):
         config = json.loads(Path(config).read_text())
@@ -211,8 +211,8 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
             f.truncate(8 + len(blob) + offset)  # the data region is a hole: no disk blocks
         tmp.replace(out / shard)
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(out / INDEX_NAME, index)
-    _write_json(out / "config.json", config)
+    write_json(out / INDEX_NAME, index)
+    write_json(out / "config.json", config)
     return out
 
 
@@ -221,9 +221,3 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
