@@ -12,7 +12,6 @@ ordinary report). Prints median and max of several runs.
 import argparse
 import json
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ CONFIG = REPO / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"
 
 def subset_copy(src: Path, dst: Path, keep_experts: int) -> None:
     """The same layout with thinker experts >= keep_experts removed from every header and from the index."""
-    from omnilab.checkpoint import INDEX_NAME, read_header
+    from omnilab.checkpoint import INDEX_NAME, pack_header, read_header
 
     def kept(name):
         return not (name.startswith("thinker.") and ".mlp.experts." in name
@@ -36,11 +35,10 @@ def subset_copy(src: Path, dst: Path, keep_experts: int) -> None:
         header, data_start = read_header(shard)
         header = {k: v for k, v in header.items() if k == "__metadata__" or kept(k)}
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
+        blob = pack_header(header)
         with open(dst / shard.name, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            f.truncate(8 + len(blob) + end)
+            f.write(blob)
+            f.truncate(len(blob) + end)
     index = json.loads((src / INDEX_NAME).read_text())
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if kept(k)}
     (dst / INDEX_NAME).write_text(json.dumps(index))

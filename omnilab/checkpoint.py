@@ -12,6 +12,7 @@ Only a path that holds no checkpoint at all (or an unparseable index / config) r
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -73,6 +74,13 @@ def read_header(path: Path) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header, 8 + n
+
+
+def pack_header(header: dict) -> bytes:
+    """A safetensors header as stored: 8-byte little-endian length, then the JSON padded with spaces to 8 bytes."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
 
 
 class Checkpoint:
@@ -145,9 +153,7 @@ class Checkpoint:
                     self.problems.append(Problem("bad_header", f"{shard}: malformed entry for tensor {name}",
                                                  tensor=name, shard=shard))
                     continue
-                numel = 1
-                for d in shape:
-                    numel *= d
+                numel = math.prod(shape)
                 nbytes = numel * DTYPE_BYTES.get(dtype, 0)
                 if end - begin != nbytes:
                     self.problems.append(Problem(
@@ -225,7 +231,7 @@ class Checkpoint:
                 f"{self.total_bytes:,} bytes, {len(self.problems)} problems)")
 
     # -- reading weights -------------------------------------------------------------------------
-    def read(self, name: str, device: str = "cpu"):
+    def read(self, name: str):
         """One tensor, read through safetensors (mmap). Raises KeyError naming the tensor and shard."""
         from safetensors import safe_open
 
@@ -236,7 +242,7 @@ class Checkpoint:
             raise KeyError(f"tensor {name}: shard {shard} is {self.shard_info[shard]['status']}")
         handle = self._handles.get(shard)
         if handle is None:
-            handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt", device=device)
+            handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
         return handle.get_tensor(name)
 
     def read_raw(self, name: str) -> bytes:

@@ -46,7 +46,6 @@ import json
 import mmap
 import os
 import shutil
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +55,7 @@ from pathlib import Path
 import pandas as pd
 
 from omnilab.arch import TEXT_COMPONENTS, classify
-from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, Checkpoint, CheckpointError, Problem, read_header, write_json
+from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, Checkpoint, CheckpointError, Problem, pack_header, read_header, write_json
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = ".extract-journal.jsonl"
@@ -146,9 +145,7 @@ class OutputPlan:
         for name, _, dtype, shape, nbytes, _, _ in self.rows:
             spec[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
-        blob = json.dumps(spec, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self.header = struct.pack("<Q", len(blob)) + blob
+        self.header = pack_header(spec)
         start = len(self.header)
         self.offsets = {name: start + spec[name]["data_offsets"][0] for name in spec if name != "__metadata__"}
         self.size = start + offset

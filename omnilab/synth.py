@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
 from pathlib import Path
 
 import torch
@@ -52,8 +52,8 @@ def tiny_omni_config(**text) -> dict:
     """config.json of a tiny Qwen3-Omni: every tower present, each a few kilobytes."""
     fields = {**TINY_TEXT, **text}
     hidden = fields["hidden_size"]
-    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 4, 4] if fields["head_dim"] == 24
-            else _mrope_section(fields["head_dim"]), "interleaved": True, "mrope_interleaved": True}
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": _mrope_section(fields["head_dim"]),
+            "interleaved": True, "mrope_interleaved": True}
     return {
         "model_type": "qwen3_omni_moe",
         "enable_audio_output": True,
@@ -184,14 +184,14 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
     numel x itemsize). Each shard is written under a temporary name and renamed."""
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
-    from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, write_json
+    from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, pack_header, write_json
 
     if not isinstance(config, dict):
         config = json.loads(Path(config).read_text())
     layout = layout_from_config(config, dtype)
-    sizes = {name: _numel(shape) * DTYPE_BYTES[dt] for name, (dt, shape) in layout.items()}
+    sizes = {name: math.prod(shape) * DTYPE_BYTES[dt] for name, (dt, shape) in layout.items()}
     split = split_state_dict_into_shards_factory(
-        layout, get_storage_size=lambda spec: _numel(spec[1]) * DTYPE_BYTES[spec[0]], get_storage_id=lambda _: None,
+        layout, get_storage_size=lambda spec: math.prod(spec[1]) * DTYPE_BYTES[spec[0]], get_storage_id=lambda _: None,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,21 +203,13 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
             header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
             offset += sizes[name]
             weight_map[name] = shard
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8 bytes
+        blob = pack_header(header)
         tmp = out / (shard + ".tmp")
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            f.truncate(8 + len(blob) + offset)  # the data region is a hole: no disk blocks
+            f.write(blob)
+            f.truncate(len(blob) + offset)  # the data region is a hole: no disk blocks
         tmp.replace(out / shard)
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
     write_json(out / INDEX_NAME, index)
     write_json(out / "config.json", config)
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
