@@ -113,10 +113,6 @@ class ZeroedExpert(Fault):
         return weights._replace(up_proj=torch.zeros_like(weights.up_proj), down_proj=torch.zeros_like(weights.down_proj))
 
 
-FAULTS = {"random_attention": RandomAttention, "default_norms": DefaultNorms, "router_mask": RouterMask,
-          "salience_mix": SalienceMix, "zeroed_expert": ZeroedExpert}
-
-
 def standard_faults(config, layer: int, expert: int) -> dict[str, Fault]:
     """The five failures of hand extractions, each injected at `layer` (ZeroedExpert: `expert` of that layer).
     The router mask keeps experts 0-7 (the first half of the experts when a model has 8 or fewer)."""

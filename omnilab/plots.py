@@ -109,22 +109,6 @@ def plot_expert_completeness(grid: np.ndarray, title: str = "Experts present"):
     return fig
 
 
-def plot_problem_counts(problems: pd.DataFrame, title: str = "verify"):
-    """Bars of problem counts by kind (`problems`: a frame with a `kind` column, inventory.problems_frame)."""
-    counts = problems["kind"].value_counts() if len(problems) else pd.Series(dtype=int)
-    fig, ax = plt.subplots(figsize=(6, 0.4 * max(len(counts), 1) + 1.2))
-    if counts.empty:
-        ax.text(0.5, 0.5, "no problems", ha="center", va="center", fontsize=14, color="#2ca02c")
-        ax.set_axis_off()
-    else:
-        ax.barh(counts.index[::-1], counts.values[::-1], color="#d62728")
-        for y, v in enumerate(counts.values[::-1]):
-            ax.text(v, y, f" {v:,}", va="center", fontsize=9)
-        ax.set_xlabel("problems")
-    ax.set_title(f"{title}: {int(counts.sum()) if len(counts) else 0} problems")
-    fig.tight_layout()
-    return fig
-
 # -- 02 component extraction ---------------------------------------------------------------------------
 
 

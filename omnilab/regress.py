@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -93,9 +92,10 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
 def write_baselines(summary: dict, rel_tol: float = 0.05, abs_tol: float = 1e-4) -> None:
     """Write this run's metrics as baselines. Integers, booleans and strings must match exactly; floats get
     {rel_tol, abs_tol}; a metric may also carry a hand-set bound ("max" / "min") that is checked besides.
-    Tolerances and bounds already in the file are kept."""
+    Tolerances and bounds already in the file are kept, and so are the baselines of notebooks that did not run
+    (`--only`, or one that failed)."""
     old = json.loads(BASELINES.read_text()) if BASELINES.exists() else {}
-    new = {}
+    new = {book: specs for book, specs in old.items() if book not in summary}
     for book, metrics in summary.items():
         new[book] = {}
         for key, value in metrics.items():
@@ -134,7 +134,3 @@ def check_baselines(summary: dict) -> list[str]:
             elif got != want:
                 failures.append(f"{book}.{key}: {got!r} != baseline {want!r}")
     return failures
-
-
-def notebook_name(path: str) -> str:
-    return re.sub(r"\.ipynb$", "", Path(path).name)

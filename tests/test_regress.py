@@ -34,6 +34,9 @@ def test_baselines_round_trip_and_catch_drift(baselines):
     assert regress.check_baselines({"01_x": {}})  # a metric that went missing
     assert regress.check_baselines({})  # a notebook that wrote nothing
 
+    regress.write_baselines({"04_y": {"hits": 3}})  # an update of one notebook (--only) keeps the others
+    assert set(json.loads(baselines.read_text())) == {"01_x", "04_y"}
+
 
 def test_every_numbered_notebook_has_a_baseline_and_a_parameters_cell():
     import nbformat
