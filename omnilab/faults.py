@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omnilab.checkpoint import Checkpoint
+
 
 class Fault:
     """Base: every method leaves its input alone."""
@@ -129,20 +131,23 @@ def standard_faults(config, layer: int, expert: int) -> dict[str, Fault]:
 def fault_gallery(checkpoint, reference, input_ids, layer: int | None = None, dtype="float32") -> dict:
     """Run every standard fault against `reference` on `input_ids`: name -> (fault, Comparison).
     layer None: the middle MoE layer. The zeroed expert is the one the reference routes the first token to."""
-    from omnilab.hooks import compare, run_with_cache
+    from omnilab.hooks import compare_activations, divergence_rtol, run_with_cache
     from omnilab.model import SelectiveMoE
 
     input_ids = torch.as_tensor(input_ids).reshape(1, -1)
+    checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)  # opened once
     config = reference.config
     if layer is None:
         layer = config.moe_layers[len(config.moe_layers) // 2]
     if layer not in config.moe_layers:
         raise ValueError(f"layer {layer} has no experts (MoE layers: {config.moe_layers})")
     name = f"blocks.{layer}.mlp.hook_topk_indices"
-    _, acts = run_with_cache(reference, input_ids, names=[name])
-    expert = int(acts[name][0, 0])
+    _, ref_acts = run_with_cache(reference, input_ids)  # every hook, once for all the faults
+    expert = int(ref_acts[name][0, 0])
     out = {}
     for label, fault in standard_faults(config, layer, expert).items():
         model = SelectiveMoE.from_checkpoint(checkpoint, dtype=dtype, faults=[fault], tokenizer=False)
-        out[label] = (fault, compare(reference, model, input_ids))
+        _, acts = run_with_cache(model, input_ids.to(model.device))
+        out[label] = (fault, compare_activations(ref_acts, acts, rtol=divergence_rtol(reference, model),
+                                                 names=reference.hook_names()))
     return out

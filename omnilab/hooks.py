@@ -101,6 +101,11 @@ class Comparison:
         return t.set_index("layer")[column]
 
 
+def divergence_rtol(*models) -> float:
+    """The rel_err above which a hook counts as divergent, for the least precise of the models' dtypes."""
+    return max(DIVERGENCE_RTOL.get(m.dtype, 1e-4) for m in models)
+
+
 def compare(reference, selective, input_ids, attention_mask=None, names=None, rtol: float | None = None) -> Comparison:
     """Run `reference` and `selective` on the same tokens and compare them hook by hook."""
     input_ids = torch.as_tensor(input_ids)
@@ -109,7 +114,7 @@ def compare(reference, selective, input_ids, attention_mask=None, names=None, rt
     _, ref_acts = run_with_cache(reference, input_ids, attention_mask, names)
     _, sel_acts = run_with_cache(selective, input_ids.to(selective.device), attention_mask, names)
     if rtol is None:
-        rtol = max(DIVERGENCE_RTOL.get(reference.dtype, 1e-4), DIVERGENCE_RTOL.get(selective.dtype, 1e-4))
+        rtol = divergence_rtol(reference, selective)
     return compare_activations(ref_acts, sel_acts, attention_mask=attention_mask, rtol=rtol,
                                names=names or reference.hook_names())
 

@@ -498,18 +498,16 @@ def _expert_transform(faults):
 
 
 def load_tokenizer(folder: Path):
-    """The tokenizer beside a checkpoint, or None when there is none."""
-    folder = Path(folder)
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
+    """The tokenizer beside a checkpoint, or None when there is none (omnilab.vocab decides what counts as one)."""
+    from omnilab.vocab import error_line, open_tokenizer, tokenizer_files
 
+    if not tokenizer_files(folder):
+        return None
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return open_tokenizer(folder)
     except Exception as e:  # a broken tokenizer must not stop the model: prompts can still be given as ids
         import warnings
 
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        warnings.warn(f"{folder}: tokenizer files present but unreadable ({e.__class__.__name__}: {reason}); "
-                      "give prompts as token ids", stacklevel=2)
+        warnings.warn(f"{folder}: tokenizer files present but unreadable ({error_line(e)}); give prompts as token ids",
+                      stacklevel=2)
         return None

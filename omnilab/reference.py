@@ -23,7 +23,6 @@ class Reference:
         # the thinker's text decoder is model.language_model in transformers 5.23 (model itself in some 5.x)
         self.text = getattr(hf_model.model, "language_model", hf_model.model)
         self.lm_head = hf_model.lm_head
-        self.tokenizer = None
 
     @classmethod
     def from_checkpoint(cls, path, *, dtype="float32", device="cpu", attn_implementation: str = "eager") -> "Reference":
@@ -45,11 +44,7 @@ class Reference:
             # get_rope_index reads it whenever an attention_mask is passed. <|vision_start|> is 151652 in the
             # Qwen tokenizer (the talker config's default); text-only prompts never contain it.
             hf.config.vision_start_token_id = 151652
-        ref = cls(hf, config, layout)
-        from omnilab.model import load_tokenizer
-
-        ref.tokenizer = load_tokenizer(checkpoint.root)
-        return ref
+        return cls(hf, config, layout)
 
     @property
     def dtype(self) -> torch.dtype:

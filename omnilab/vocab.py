@@ -84,11 +84,10 @@ def check_tokenizer(folder: str | os.PathLike, embedding_rows: int | None = None
     report = TokenizerReport(str(folder), files, embedding_tensor=embedding_tensor, embedding_rows=embedding_rows,
                              config_vocab_size=config_vocab_size)
     try:
-        tok = _load(folder)
+        tok = open_tokenizer(folder)
         vocab = tok.get_vocab()
     except Exception as e:  # tokenizer loading fails in many library-specific ways; report it as one line
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        report.verdict, report.error = "unreadable", f"{e.__class__.__name__}: {first_line}"
+        report.verdict, report.error = "unreadable", error_line(e)
         return report
     report.tokenizer_class = type(tok).__name__
     report.size = len(tok)
@@ -121,7 +120,14 @@ def check_checkpoint_tokenizer(inv) -> TokenizerReport | None:
     return check_tokenizer(ckpt.root, rows, name if rows is not None else None, vocab_size)
 
 
-def _load(folder):
+def error_line(e: Exception) -> str:
+    """An exception as one line: its class and the first line of its message."""
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{e.__class__.__name__}: {first_line}"
+
+
+def open_tokenizer(folder):
+    """transformers' AutoTokenizer for a folder, its logging quieted; raises what transformers raises."""
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
