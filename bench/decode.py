@@ -113,30 +113,27 @@ def run_one(args) -> dict:
         return {"setting": "transformers (all resident)", "tokens_per_s": statistics.median(speeds),
                 "tokens_per_s_runs": speeds, "new_token_ids": new,
                 "peak_rss_bytes": peak_rss_bytes(), "peak_anon_bytes": anon.peak, "peak_gpu_bytes": _gpu_peak()}
-    from omnilab import Checkpoint
-    from omnilab.model import SelectiveMoE, as_dtype
+    from omnilab.experts import ExpertCache
+    from omnilab.model import SelectiveMoE
 
     fraction = float(args.setting)
-    config, _ = Checkpoint(args.checkpoint).arch
-    expert_bytes = 3 * config.moe_intermediate_size * config.hidden_size * as_dtype(args.dtype).itemsize
-    budget = int(expert_bytes * config.num_experts * len(config.moe_layers) * fraction)
     with AnonPeak() as anon:
-        model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=False,
-                                             expert_budget=budget)
+        model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=False)
+        store = model.cache.store  # the budget in the bytes the cache counts (compute dtype), as sweeps.fresh_cache
+        budget = int(store.total_bytes * fraction)
+        model.cache = ExpertCache(store, budget)  # empty: nothing was loaded under the default (all-fit) cache
         model(torch.tensor([prompt[:2]]))  # warm-up (loads a few experts; statistics reset below)
         runs = []
         for _ in range(args.repeats):  # each run starts from an empty cache: the same misses every time
             model.cache.clear()
             model.cache.reset_stats()
-            runs.append(model.generate(prompt, args.new_tokens, vocab_limit=None))
-    out = sorted(runs, key=lambda g: g.tokens_per_s)[len(runs) // 2]  # the median run
-    s = model.cache.stats
-    return {"setting": f"selective {fraction:.0%}", "budget_bytes": budget, "tokens_per_s": out.tokens_per_s,
-            "tokens_per_s_runs": [g.tokens_per_s for g in runs], "decode_tokens_per_s": out.decode_tokens_per_s,
+            gen = model.generate(prompt, args.new_tokens, vocab_limit=None)
+            runs.append((gen, model.cache.stats.to_dict()))  # a snapshot: clear() alters the stats it finds
+    out, stats = sorted(runs, key=lambda r: r[0].tokens_per_s)[len(runs) // 2]  # the median run, its own stats
+    return {"setting": f"selective {fraction:.0%}", **stats, "budget_bytes": budget, "tokens_per_s": out.tokens_per_s,
+            "tokens_per_s_runs": [g.tokens_per_s for g, _ in runs], "decode_tokens_per_s": out.decode_tokens_per_s,
             "new_token_ids": out.new_token_ids[0], "peak_rss_bytes": peak_rss_bytes(), "peak_anon_bytes": anon.peak,
-            "peak_gpu_bytes": _gpu_peak(), "peak_resident_bytes": s.peak_resident_bytes, "hits": s.hits,
-            "misses": s.misses, "hit_rate": s.hit_rate, "evictions": s.evictions, "loaded_bytes": s.loaded_bytes,
-            "load_seconds": s.load_seconds}
+            "peak_gpu_bytes": _gpu_peak()}
 
 
 def main() -> int:

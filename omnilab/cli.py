@@ -183,18 +183,20 @@ def cmd_synth(args) -> int:
 
 
 def _prompt_ids(args, tokenizer, rows: int) -> list[int]:
+    """The prompt's token ids, each checked against the embedding's rows (a tokenizer may be larger than it)."""
     if args.input_ids is not None:
         if not args.input_ids:
             raise ValueError("--input-ids: no token ids given")
-        bad = [i for i in args.input_ids if not 0 <= i < rows]
-        if bad:
-            raise ValueError(f"--input-ids: token id {bad[0]} is outside the embedding's {rows} rows (ids 0..{rows - 1})")
-        return args.input_ids
-    if tokenizer is None:
-        raise ValueError(f"{args.path}: no tokenizer beside the checkpoint; give the prompt as --input-ids 1,2,3")
-    ids = tokenizer(args.prompt)["input_ids"]
-    if not ids:
-        raise ValueError("--prompt: the tokenizer turned the prompt into no tokens")
+        ids, source = args.input_ids, "--input-ids"
+    else:
+        if tokenizer is None:
+            raise ValueError(f"{args.path}: no tokenizer beside the checkpoint; give the prompt as --input-ids 1,2,3")
+        ids, source = tokenizer(args.prompt)["input_ids"], "--prompt"
+        if not ids:
+            raise ValueError("--prompt: the tokenizer turned the prompt into no tokens")
+    bad = [i for i in ids if not 0 <= i < rows]
+    if bad:
+        raise ValueError(f"{source}: token id {bad[0]} is outside the embedding's {rows} rows (ids 0..{rows - 1})")
     return ids
 
 
@@ -202,16 +204,15 @@ def cmd_compare(args) -> int:
     """Selective model and transformers on the same tokens; one row per hook point (DESIGN.md's JSON)."""
     import torch
 
+    from omnilab.checkpoint import Checkpoint
     from omnilab.hooks import compare
     from omnilab.model import SelectiveMoE
     from omnilab.reference import Reference
 
-    selective = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device)
+    checkpoint = Checkpoint(args.path)  # headers read once, for both models
+    selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device)
     ids = _prompt_ids(args, selective.tokenizer, selective.config.vocab_size)
-    for i in ids:
-        if not 0 <= i < selective.config.vocab_size:
-            raise ValueError(f"token id {i} is outside the embedding (vocab_size {selective.config.vocab_size})")
-    reference = Reference.from_checkpoint(args.path, dtype=args.dtype, device=args.device)
+    reference = Reference.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device)
     result = compare(reference, selective, torch.tensor([ids]))
     if args.json:
         print_json({"path": args.path, "dtype": args.dtype, "input_ids": ids, **result.to_json()})
@@ -241,10 +242,8 @@ def cmd_generate(args) -> int:
     new = out.new_token_ids[0]
     text = model.tokenizer.decode(new, skip_special_tokens=False) if model.tokenizer is not None else None
     stats = model.cache.stats
-    cache = {"budget_bytes": stats.budget_bytes, "peak_resident_bytes": stats.peak_resident_bytes,
-             "hits": stats.hits, "misses": stats.misses, "loaded_bytes": stats.loaded_bytes,
-             "evictions": stats.evictions, "hit_rate": stats.hit_rate, "load_seconds": stats.load_seconds,
-             "expert_bytes": model.cache.store.expert_bytes, "all_experts_bytes": model.cache.store.total_bytes}
+    cache = {**stats.to_dict(), "expert_bytes": model.cache.store.expert_bytes,
+             "all_experts_bytes": model.cache.store.total_bytes}
     if args.json:
         print_json({"path": args.path, "input_ids": ids, "new_token_ids": new, "text": text,
                     "tokens_per_s": out.tokens_per_s, "decode_tokens_per_s": out.decode_tokens_per_s,

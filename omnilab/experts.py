@@ -93,6 +93,11 @@ class ExpertStore:
 
 
 # -- eviction policies -----------------------------------------------------------------------------------------
+#
+# A policy tracks the resident experts: the cache calls `touch(key)` when an expert is admitted and on every hit,
+# and `remove(key)` when it is evicted or cleared, so `order` (least recently used first) holds exactly the
+# resident keys. `victim(pinned)` names the resident expert to evict next, never one in `pinned`, or None when
+# every resident expert is pinned.
 
 
 class LRU:
@@ -108,30 +113,27 @@ class LRU:
     def remove(self, key: Key) -> None:
         self.order.pop(key, None)
 
-    def victim(self, candidates: set[Key]) -> Key:
-        return next(k for k in self.order if k in candidates)
+    def victim(self, pinned: set[Key]) -> Key | None:
+        return next((k for k in self.order if k not in pinned), None)
 
 
-class LFU:
+class LFU(LRU):
     """Evict the expert used least often (since it was first loaded); ties go to the one used longest ago.
 
     Counts survive eviction, so an expert that is popular over the whole run is preferred when it comes back."""
 
     def __init__(self):
+        super().__init__()
         self.count: dict[Key, int] = {}
-        self.order: OrderedDict[Key, None] = OrderedDict()
 
     def touch(self, key: Key) -> None:
         self.count[key] = self.count.get(key, 0) + 1
-        self.order[key] = None
-        self.order.move_to_end(key)
+        super().touch(key)
 
-    def remove(self, key: Key) -> None:
-        self.order.pop(key, None)
-
-    def victim(self, candidates: set[Key]) -> Key:
-        rank = {k: i for i, k in enumerate(self.order)}
-        return min(candidates, key=lambda k: (self.count.get(k, 0), rank.get(k, -1)))
+    def victim(self, pinned: set[Key]) -> Key | None:
+        # min keeps the first of equal counts, i.e. the one used longest ago
+        count = self.count
+        return min((k for k in self.order if k not in pinned), key=count.__getitem__, default=None)
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}
@@ -168,7 +170,9 @@ class ExpertCache:
     """Experts held under a byte budget. `get(layer, expert)` returns the weights, loading them on a miss.
 
     budget_bytes: None -> every expert fits, nothing is ever evicted. policy: "lru", "lfu" or an object with
-    touch/remove/victim. pinned: (layer, expert) keys that are never evicted (they still count in the budget)."""
+    touch(key) / remove(key) / victim(pinned) (see LRU: it tracks the resident keys and names the one to evict,
+    not in `pinned`, or None). pinned: (layer, expert) keys that are never evicted (they still count in the
+    budget)."""
 
     def __init__(self, store: ExpertStore, budget_bytes: int | None = None, policy="lru", pinned=()):
         self.store = store
@@ -196,23 +200,27 @@ class ExpertCache:
             return weights
         self.stats.misses += 1
         self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
+        nbytes = self.store.expert_bytes
+        self._make_room(nbytes)  # before loading: memory never holds more than the budget, not even for a moment
         start = time.perf_counter()
         weights = self.store.load(layer, expert)
         self.stats.load_seconds += time.perf_counter() - start
-        self._make_room(weights.nbytes)
+        if weights.nbytes != nbytes:
+            raise RuntimeError(f"expert {expert} of layer {layer} loaded as {weights.nbytes:,} bytes, "
+                               f"not the {nbytes:,} its store counts")
         self.resident[key] = weights
-        self.stats.loaded_bytes += weights.nbytes
-        self.stats.resident_bytes += weights.nbytes
+        self.stats.loaded_bytes += nbytes
+        self.stats.resident_bytes += nbytes
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
         self.policy.touch(key)
         return weights
 
     def _make_room(self, nbytes: int) -> None:
         while self.stats.resident_bytes + nbytes > self.budget_bytes:
-            candidates = set(self.resident) - self.pinned
-            if not candidates:
+            key = self.policy.victim(self.pinned)
+            if key is None:
                 raise RuntimeError(f"expert budget {self.budget_bytes:,} bytes is full of pinned experts")
-            self.evict(self.policy.victim(candidates))
+            self.evict(key)
 
     def evict(self, key: Key) -> None:
         weights = self.resident.pop(key)

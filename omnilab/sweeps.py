@@ -23,7 +23,6 @@ import dataclasses
 import math
 import re
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from omnilab.experts import ExpertCache
+from omnilab.experts import LRU, ExpertCache
 from omnilab.faults import Fault, RouterMask, SalienceMix
 
 
@@ -54,17 +53,19 @@ class Setting:
     policy: str = "lru"
 
 
-class TrustWeighted:
+class TrustWeighted(LRU):
     """Trust-weighted eviction: evict the expert with the least trust, where trust is the routing weight an
     expert has received, decayed by `decay` per forward pass (counts survive eviction); ties go to the one
     used longest ago. The ExpertCache only tells a policy which expert was fetched, so the weights come from
-    the hooks `blocks.{i}.mlp.hook_topk_indices / hook_topk_weights` (`attach`)."""
+    the hooks `blocks.{i}.mlp.hook_topk_indices / hook_topk_weights` (`attach`). Recency (`order`, `touch`,
+    `remove`) is LRU's."""
 
     def __init__(self, decay: float = 0.9):
+        super().__init__()
         self.decay = decay
         self.trust: dict[tuple[int, int], tuple[float, int]] = {}  # key -> (trust, forward pass it was set at)
-        self.order: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.step = 0
+        self.num_experts: int | None = None  # set by `attach`; without it, observe sizes by the largest index
         self.handles: list = []
 
     def value(self, key) -> float:
@@ -73,13 +74,14 @@ class TrustWeighted:
 
     def observe(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
         """Add one layer's routing weights ([N, k] each) to its experts' trust."""
-        mass = torch.zeros(int(experts.max()) + 1).index_add_(0, experts.reshape(-1).cpu(),
-                                                               weights.reshape(-1).float().cpu())  # [E']
+        n = self.num_experts if self.num_experts is not None else int(experts.max()) + 1
+        mass = torch.zeros(n).index_add_(0, experts.reshape(-1).cpu(), weights.reshape(-1).float().cpu())  # [E]
         for e in torch.nonzero(mass).reshape(-1).tolist():
             self.trust[layer, e] = (self.value((layer, e)) + float(mass[e]), self.step)
 
     def attach(self, model) -> None:
         """Feed the policy from the model's router hooks (until `detach`)."""
+        self.num_experts = model.config.num_experts
         first = model.config.moe_layers[0]
         seen = {}
         for i in model.config.moe_layers:
@@ -99,17 +101,10 @@ class TrustWeighted:
             h.remove()
         self.handles = []
 
-    # the ExpertCache policy interface
-    def touch(self, key) -> None:
-        self.order[key] = None
-        self.order.move_to_end(key)
-
-    def remove(self, key) -> None:
-        self.order.pop(key, None)
-
-    def victim(self, candidates):
-        rank = {k: i for i, k in enumerate(self.order)}
-        return min(candidates, key=lambda k: (self.value(k), rank.get(k, -1)))
+    # the ExpertCache policy interface: touch and remove are LRU's
+    def victim(self, pinned):
+        # min keeps the first of equal trust, i.e. the one used longest ago
+        return min((k for k in self.order if k not in pinned), key=self.value, default=None)
 
 
 def salience_faults(load: pd.DataFrame, alpha: float, floor: float = 1e-3) -> tuple:
@@ -200,7 +195,8 @@ def make_eval_set(tokenizer, docs: pd.DataFrame, prompts: pd.DataFrame, addition
     problems (`prompt`, `answer`)."""
     enc = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
     text = "prompt" if "prompt" in prompts.columns else "text"
-    return EvalSet(docs=[(d, enc(t)[:max_tokens]) for d, t in zip(docs["domain"], docs["text"]) if len(enc(t)) > 1],
+    return EvalSet(docs=[(d, ids[:max_tokens]) for d, t in zip(docs["domain"], docs["text"])
+                         if len(ids := enc(t)) > 1],
                    prompts=[(d, enc(t)) for d, t in zip(prompts["domain"], prompts[text])],
                    addition=[] if addition is None else [(enc(p), str(a)) for p, a in zip(addition["prompt"],
                                                                                           addition["answer"])])

@@ -64,13 +64,16 @@ def test_trust_weighted_evicts_the_least_trusted():
     for key in [(0, 2), (0, 0), (0, 1)]:
         policy.touch(key)
     assert policy.value((0, 0)) == pytest.approx(1.5)
-    assert policy.victim({(0, 0), (0, 1), (0, 2)}) == (0, 2)  # 0.1 < 0.4 < 1.5
+    assert policy.victim(set()) == (0, 2)  # 0.1 < 0.4 < 1.5
     policy.step = 3  # two passes later: everything decays by 0.25
     policy.observe(0, torch.tensor([[2, 1]]), torch.tensor([[0.7, 0.3]]))
     assert policy.value((0, 0)) == pytest.approx(1.5 * 0.25)
     assert policy.value((0, 2)) == pytest.approx(0.1 * 0.25 + 0.7)
-    assert policy.victim({(0, 0), (0, 1), (0, 2)}) == (0, 0)
-    assert policy.victim({(0, 5), (0, 0)}) == (0, 5)  # never routed to: no trust
+    assert policy.victim(set()) == (0, 0)
+    assert policy.victim({(0, 0)}) == (0, 1)  # pinned keys are never chosen
+    policy.touch((0, 5))
+    assert policy.victim({(0, 1), (0, 2)}) == (0, 5)  # never routed to: no trust
+    assert policy.victim({(0, 0), (0, 1), (0, 2), (0, 5)}) is None  # everything resident is pinned
 
 
 def test_quality_measures():
