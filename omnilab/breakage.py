@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from omnilab.checkpoint import INDEX_NAME, SINGLE_NAME
+from omnilab.checkpoint import INDEX_NAME, SINGLE_NAME, write_json
 
 
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -29,12 +29,14 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 def drop_tensors(folder: str | os.PathLike, names: list[str]) -> list[str]:
     """Remove tensors from their shards and from the index, as an extraction that forgot them would."""
     folder = Path(folder)
+    index = _read_index(folder)  # read once: for every name's shard, then edited and written back
+    weight_map = index["weight_map"] if index is not None else None
     by_shard: dict[str, list[str]] = {}
     for name in names:
-        by_shard.setdefault(_shard_of(folder, name), []).append(name)
+        by_shard.setdefault(shard_of(folder, name, weight_map), []).append(name)
     for shard, drop in by_shard.items():
         _rewrite_shard(folder / shard, lambda tensors: [tensors.pop(n) for n in drop])
-    _edit_index(folder, lambda wm: [wm.pop(n, None) for n in names])
+    _edit_index(folder, lambda wm: [wm.pop(n, None) for n in names], index)
     return list(names)
 
 
@@ -50,7 +52,7 @@ def add_tensor(folder: str | os.PathLike, name: str, tensor, shard: str | None =
 def replace_tensor(folder: str | os.PathLike, name: str, tensor) -> str:
     """Put another tensor (another shape or dtype) under an existing name. Returns its shard file."""
     folder = Path(folder)
-    shard = _shard_of(folder, name)
+    shard = shard_of(folder, name)
     _rewrite_shard(folder / shard, lambda tensors: tensors.__setitem__(name, tensor))
     return shard
 
@@ -83,19 +85,33 @@ def repoint_index(folder: str | os.PathLike, name: str, shard: str) -> None:
 # -- plumbing --------------------------------------------------------------------------------------------
 
 
+def shard_of(folder: str | os.PathLike, name: str, weight_map: dict | None = None) -> str:
+    """The shard file that holds `name`, as the index says (`weight_map`: the index's, when already read)."""
+    folder = Path(folder)
+    if weight_map is None:
+        weight_map = _weight_map(folder)
+    if weight_map is None:
+        return SINGLE_NAME
+    if name not in weight_map:
+        raise KeyError(f"tensor {name} is not in {folder / INDEX_NAME}")
+    return weight_map[name]
+
+
+def _read_index(folder: Path) -> dict | None:
+    """model.safetensors.index.json; None for a single-file checkpoint (no index)."""
+    path = folder / INDEX_NAME
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _weight_map(folder: Path) -> dict | None:
+    """The index's weight_map; None for a single-file checkpoint (no index)."""
+    index = _read_index(folder)
+    return index["weight_map"] if index is not None else None
+
+
 def _shards(folder: Path) -> list[str]:
-    if (folder / INDEX_NAME).exists():
-        return sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
-    return [SINGLE_NAME]
-
-
-def _shard_of(folder: Path, name: str) -> str:
-    if (folder / INDEX_NAME).exists():
-        weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
-        if name not in weight_map:
-            raise KeyError(f"tensor {name} is not in {folder / INDEX_NAME}")
-        return weight_map[name]
-    return SINGLE_NAME
+    weight_map = _weight_map(folder)
+    return sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
 
 
 def _rewrite_shard(path: Path, edit) -> None:
@@ -111,12 +127,11 @@ def _rewrite_shard(path: Path, edit) -> None:
     tmp.replace(path)
 
 
-def _edit_index(folder: Path, edit) -> None:
-    path = folder / INDEX_NAME
-    if not path.exists():
+def _edit_index(folder: Path, edit, index: dict | None = None) -> None:
+    """Apply `edit` to the index's weight_map and write the index back (`index`: as already read)."""
+    if index is None:
+        index = _read_index(folder)
+    if index is None:
         return
-    index = json.loads(path.read_text())
     edit(index["weight_map"])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(folder / INDEX_NAME, index, indent=2)

@@ -24,6 +24,7 @@ import pandas as pd
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors itself refuses headers over 100 MB
+UNREADABLE = ("missing", "bad_header")  # shard statuses whose tensors are unknown
 
 # bytes per element of each safetensors dtype string
 DTYPE_BYTES = {
@@ -183,7 +184,7 @@ class Checkpoint:
             return
         weight_map: dict = self.index["weight_map"]
         found = dict(zip(self.tensors.name, self.tensors.shard))
-        readable = {s for s, info in self.shard_info.items() if info["status"] != "missing" and info["status"] != "bad_header"}
+        readable = {s for s, info in self.shard_info.items() if info["status"] not in UNREADABLE}
         for name, shard in weight_map.items():
             if shard in readable and found.get(name) != shard:
                 where = f" (it is in {found[name]})" if name in found else ""
@@ -197,12 +198,17 @@ class Checkpoint:
     # -- what the checkpoint is ------------------------------------------------------------------
     @cached_property
     def arch(self):
-        """The architecture family and layout for this checkpoint's config (see omnilab.arch)."""
+        """The architecture family and layout for this checkpoint's config (see omnilab.arch).
+
+        Raises CheckpointError naming config.json when it is absent or not a config this package reads."""
         from omnilab.arch import read_config
 
         if not self.config:
             raise CheckpointError(f"{self.root / 'config.json'}: missing; cannot tell the architecture")
-        return read_config(self.config)
+        try:
+            return read_config(self.config)
+        except ValueError as e:
+            raise CheckpointError(f"{self.root / 'config.json'}: {e}") from None
 
     @property
     def total_bytes(self) -> int:

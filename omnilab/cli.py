@@ -116,15 +116,18 @@ def cmd_verify(args) -> int:
     from omnilab.extract import is_extraction
 
     if is_extraction(args.path):  # an extraction folder (omnilab.extract): files against manifest.json too
-        from omnilab.extract import availability, availability_text, missing_summary, not_extracted, verify_extraction
+        from omnilab.extract import (availability, availability_text, missing_summary, not_extracted, read_manifest,
+                                     verify_extraction)
 
-        left_out = not_extracted(args.path)  # left out by the extraction's selection: reported, not a problem
+        manifest = read_manifest(args.path)  # read once; the folder is open once, as inv.checkpoint
+        left_out = not_extracted(args.path, manifest)  # left out by the extraction's selection: reported, not a problem
         problems = [p for p in problems if p.tensor not in left_out]
         damaged = {p.shard for p in problems if p.kind in ("truncated", "bad_header")}
-        problems += [p for p in verify_extraction(args.path, source=args.source) if p.shard not in damaged]
+        problems += [p for p in verify_extraction(args.path, source=args.source, manifest=manifest)
+                     if p.shard not in damaged]
         if left_out:
-            notes.append(missing_summary(args.path))
-            availability_map = availability(args.path)
+            notes.append(missing_summary(inv, manifest))
+            availability_map = availability(inv)
     elif args.source:
         notes.append(f"--source is used for extraction folders only; {args.path} has no manifest.json")
     counts: dict[str, int] = {}

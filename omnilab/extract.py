@@ -54,8 +54,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from omnilab.arch import TEXT_COMPONENTS, classify
+from omnilab.arch import ALL_COMPONENTS, TEXT_COMPONENTS, TOWERS, classify
 from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, Checkpoint, CheckpointError, Problem, pack_header, read_header, write_json
+from omnilab.inventory import Inventory, inventory
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = ".extract-journal.jsonl"
@@ -63,8 +64,6 @@ FORMAT = "omnilab.extraction/1"
 CHECKSUM = "sha256"  # hashlib's sha256 runs at ~1.7 GB/s per core with SHA extensions, faster than blake2b here
 BLOCK_BYTES = 4 * 2**20  # tensors are hashed and written in pieces of at most this size
 SEGMENT_BYTES = 256 * 2**20  # workers take a shard in segments of about this many bytes, in file order
-TOWERS = ("audio", "vision", "talker", "code2wav")
-ALL_COMPONENTS = TEXT_COMPONENTS + TOWERS + ("unrecognised",)
 COMPONENT_GROUPS = {
     "all": ALL_COMPONENTS,
     "text": TEXT_COMPONENTS,
@@ -387,10 +386,7 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=Non
     broken = [p for p in ck.problems if p.kind in FAILING_PROBLEMS]
     if broken:
         raise CheckpointError(f"{ck.path}: cannot extract, {len(broken)} problems; first: {broken[0].message}")
-    try:
-        ck.arch
-    except ValueError as e:
-        raise CheckpointError(f"{ck.root / 'config.json'}: {e}") from None
+    _, layout = ck.arch  # CheckpointError naming config.json when it is not a config this package reads
     plans = plan_extraction(ck, components, layers, experts)
     if not plans:
         raise ValueError(f"{ck.path}: nothing selected (components {', '.join(parse_components(components))}, "
@@ -463,7 +459,7 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=Non
     for rel in todo:
         tensors.update(writer.entries[rel])
     for name, entry in tensors.items():
-        spec = classify(name, ck.arch[1])
+        spec = classify(name, layout)
         entry.update(component=spec.component, layer=spec.layer, expert=spec.expert)
     extras = _copy_extras(ck.root, out)
     missing = sorted(set(ck.tensors.name) - set(tensors))
@@ -524,7 +520,9 @@ def _already_extracted(path: Path, plan: OutputPlan, entries: dict, bar) -> bool
                 return False
         if set(entries) != set(plan.offsets):
             return False
-        digests = hash_file_tensors(path, bar=bar)
+        # the header is the planned one, so the plan's offsets are where the tensors are
+        spans = [(name, plan.offsets[name], plan.offsets[name] + nbytes) for name, _, _, _, nbytes, _, _ in plan.rows]
+        digests = _stream(path, spans, None, bar=bar)
     except (OSError, ValueError):
         return False
     return all(digests.get(n) == e.get(CHECKSUM) for n, e in entries.items())
@@ -601,16 +599,18 @@ def manifest_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def verify_extraction(path: str | os.PathLike, source: str | os.PathLike | None = None, *, workers: int = 2,
-                      progress: bool = False) -> list[Problem]:
+                      progress: bool = False, manifest: dict | None = None) -> list[Problem]:
     """Check every file of an extraction against manifest.json (and, with `source`, against the source shards).
 
     Problems (kind: message naming the file and tensor): interrupted, leftover, unexpected, index, missing_file,
     size, bad_header, not_in_file, dtype, shape, checksum, and with a source: source_identity, source_missing,
-    source_checksum. Raises CheckpointError only when manifest.json itself is unreadable."""
+    source_checksum. Raises CheckpointError only when manifest.json itself is unreadable. `manifest`: the folder's
+    manifest.json when already read (read_manifest)."""
     from tqdm.auto import tqdm
 
     root = Path(path)
-    manifest = read_manifest(root)
+    if manifest is None:
+        manifest = read_manifest(root)
     problems: list[Problem] = []
     tensors: dict[str, dict] = manifest["tensors"]
     if (root / JOURNAL_NAME).exists():
@@ -746,20 +746,23 @@ def _verify_against_source(manifest: dict, source: Path, workers: int, progress:
 # ---------------------------------------------------------------------------------------------------
 
 
-def availability(path: str | os.PathLike) -> pd.DataFrame:
+def _inventory_of(path: str | os.PathLike | Checkpoint | Inventory) -> Inventory:
+    """An Inventory as given, or one labelling (not checking) the checkpoint at `path`."""
+    return path if isinstance(path, Inventory) else inventory(path, check=False)
+
+
+def availability(path: str | os.PathLike | Checkpoint | Inventory) -> pd.DataFrame:
     """Layers x experts of the text decoder: how many of an expert's three projections are present (0..3).
 
-    Works on any checkpoint folder (an extraction or the original shards); rows are the MoE layers."""
-    ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
-    cfg, layout = ck.arch
+    Works on any checkpoint folder (an extraction or the original shards), an open Checkpoint or its Inventory
+    (its `expert_grid`); rows are the MoE layers. Raises CheckpointError when config.json is unusable."""
+    inv = _inventory_of(path)
+    cfg = inv.config
+    if cfg is None:
+        inv.checkpoint.arch  # raises CheckpointError naming config.json
     layers = cfg.moe_layers
-    counts = pd.DataFrame(0, index=pd.Index(layers, name="layer"), columns=pd.Index(range(cfg.num_experts), name="expert"))
-    for name in ck.tensors.name:
-        spec = classify(name, layout)
-        if spec.component == "experts" and spec.expert is not None and spec.layer in counts.index \
-                and spec.expert in counts.columns:
-            counts.at[spec.layer, spec.expert] += 1
-    return counts
+    return pd.DataFrame(inv.expert_grid[layers].astype(int), index=pd.Index(layers, name="layer"),
+                        columns=pd.Index(range(cfg.num_experts), name="expert"))
 
 
 def availability_text(avail: pd.DataFrame) -> str:
@@ -773,24 +776,30 @@ def availability_text(avail: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def not_extracted(path: str | os.PathLike) -> set[str]:
-    """Source tensors an extraction left out on purpose (its selection): expected to be absent, not problems."""
-    return set(read_manifest(path).get("missing", []))
+def not_extracted(path: str | os.PathLike, manifest: dict | None = None) -> set[str]:
+    """Source tensors an extraction left out on purpose (its selection): expected to be absent, not problems.
+    `manifest`: the folder's manifest.json when already read."""
+    return set((manifest if manifest is not None else read_manifest(path)).get("missing", []))
 
 
-def missing_summary(path: str | os.PathLike) -> str:
-    """One line: what an extraction (or any checkpoint folder) lacks, experts by layer and other components."""
-    ck = Checkpoint(path)
+def missing_summary(path: str | os.PathLike | Checkpoint | Inventory, manifest: dict | None = None) -> str:
+    """One line: what an extraction (or any checkpoint folder) lacks, experts by layer and other components.
+
+    `path` may be an open Checkpoint or its Inventory; `manifest`: the extraction's manifest.json when already read."""
+    inv = _inventory_of(path)
+    ck = inv.checkpoint
     cfg, layout = ck.arch
-    avail = availability(ck)
+    avail = availability(inv)
     n = avail.size
     full = int((avail == 3).sum().sum())
     partial = int(((avail > 0) & (avail < 3)).sum().sum())
     parts = []
     if full < n:
         parts.append(f"experts: {full} of {n} (layer x expert) present" + (f", {partial} with missing projections" if partial else ""))
-    if is_extraction(path):
-        missing = read_manifest(path).get("missing", [])
+    if manifest is None and is_extraction(ck.path):
+        manifest = read_manifest(ck.path)
+    if manifest is not None:
+        missing = manifest.get("missing", [])
     else:
         from omnilab.arch import expected_tensors
 

@@ -30,12 +30,9 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from omnilab.arch import (EXPERT_PROJECTIONS, QWEN3_MOE, QWEN3_OMNI, TEXT_COMPONENTS, Layout, Qwen3MoeConfig,
-                          classify, expected_tensors)
-from omnilab.checkpoint import Checkpoint, CheckpointError, Problem
-
-TOWERS = ("audio", "vision", "talker", "code2wav")
-UNREADABLE = ("missing", "bad_header")  # shard statuses whose tensors are unknown
+from omnilab.arch import (ALL_COMPONENTS, EXPERT_PROJECTIONS, QWEN3_MOE, QWEN3_OMNI, TEXT_COMPONENTS, TOWERS, Layout,
+                          Qwen3MoeConfig, classify, expected_tensors)
+from omnilab.checkpoint import UNREADABLE, Checkpoint, CheckpointError, Problem
 
 
 def component_label(component: str, layout: Layout) -> str:
@@ -47,7 +44,7 @@ def component_label(component: str, layout: Layout) -> str:
 
 def component_order(layout: Layout) -> list[str]:
     """Every component label of a layout, in the order the inventory lists them."""
-    return [component_label(c, layout) for c in (*TEXT_COMPONENTS, *TOWERS, "unrecognised")]
+    return [component_label(c, layout) for c in ALL_COMPONENTS]
 
 
 def format_bytes(n: float) -> str:
@@ -147,19 +144,23 @@ class Inventory:
         }
 
 
-def inventory(checkpoint: str | os.PathLike | Checkpoint) -> Inventory:
-    """Label every tensor of a checkpoint and check it against its config.json."""
+def inventory(checkpoint: str | os.PathLike | Checkpoint, *, check: bool = True) -> Inventory:
+    """Label every tensor of a checkpoint and check it against its config.json.
+
+    check=False: label only (problems are then the Checkpoint's file-level ones), e.g. for the expert grid."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     notes: list[str] = []
     cfg, layout = None, None
     try:
         cfg, layout = ckpt.arch
-    except (CheckpointError, ValueError) as e:
+    except CheckpointError as e:  # config.json absent or not a Qwen3-MoE family config (the message names it)
         notes.append(f"not checked against a config: {e}")
     if layout is None:
         layout = guess_layout(ckpt.tensors.name)
     table = _label(ckpt.tensors, layout)
     inv = Inventory(ckpt, layout, cfg, table, list(ckpt.problems), notes)
+    if not check:
+        return inv
     if cfg is not None:
         inv.problems += _check_config(inv)
     inv.problems += _check_dtypes(inv)

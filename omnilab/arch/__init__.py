@@ -4,10 +4,12 @@ One file per family. Qwen3-MoE and the Qwen3-Omni thinker are one family (qwen3_
 """
 
 from omnilab.arch.qwen3_moe import (
+    ALL_COMPONENTS,
     EXPERT_PROJECTIONS,
     QWEN3_MOE,
     QWEN3_OMNI,
     TEXT_COMPONENTS,
+    TOWERS,
     Layout,
     Qwen3MoeConfig,
     TensorSpec,
@@ -18,6 +20,6 @@ from omnilab.arch.qwen3_moe import (
 )
 
 __all__ = [
-    "EXPERT_PROJECTIONS", "QWEN3_MOE", "QWEN3_OMNI", "TEXT_COMPONENTS", "Layout", "Qwen3MoeConfig", "TensorSpec",
-    "classify", "expected_tensors", "expert_tensor", "read_config",
+    "ALL_COMPONENTS", "EXPERT_PROJECTIONS", "QWEN3_MOE", "QWEN3_OMNI", "TEXT_COMPONENTS", "TOWERS", "Layout",
+    "Qwen3MoeConfig", "TensorSpec", "classify", "expected_tensors", "expert_tensor", "read_config",
 ]

@@ -55,7 +55,7 @@ class Qwen3MoeConfig:
         try:
             return cls(**kwargs)
         except TypeError as e:
-            raise ValueError(f"config.json lacks a field the text model needs: {e}") from None
+            raise ValueError(f"lacks a field the text model needs: {e}") from None
 
     @property
     def rope_theta(self) -> float:
@@ -101,10 +101,13 @@ class TensorSpec(NamedTuple):
 
 # Component names, in the order the inventory lists them.
 TEXT_COMPONENTS = ("embed", "attention", "norms", "router", "experts", "dense_mlp", "final_norm", "lm_head")
+TOWERS = tuple(component for _, component in QWEN3_OMNI.towers)  # audio, vision, talker, code2wav
+ALL_COMPONENTS = TEXT_COMPONENTS + TOWERS + ("unrecognised",)
 
 
 def read_config(config: dict) -> tuple[Qwen3MoeConfig, Layout]:
-    """config.json (as a dict) -> (text config, layout). Raises ValueError for another architecture."""
+    """config.json (as a dict) -> (text config, layout). Raises ValueError for another architecture (the message
+    does not name the file: Checkpoint.arch prefixes its path)."""
     model_type = config.get("model_type")
     if model_type == "qwen3_moe":
         return Qwen3MoeConfig.from_dict(config), QWEN3_MOE
@@ -112,11 +115,11 @@ def read_config(config: dict) -> tuple[Qwen3MoeConfig, Layout]:
         thinker = config.get("thinker_config", config)
         text = dict(thinker.get("text_config") or {})
         if not text:
-            raise ValueError("config.json: qwen3_omni_moe without thinker_config.text_config")
+            raise ValueError("qwen3_omni_moe without thinker_config.text_config")
         if "tie_word_embeddings" not in text:
             text["tie_word_embeddings"] = thinker.get("tie_word_embeddings", False)
         return Qwen3MoeConfig.from_dict(text), QWEN3_OMNI
-    raise ValueError(f"config.json: model_type {model_type!r} is not in the Qwen3-MoE family (qwen3_moe, qwen3_omni_moe)")
+    raise ValueError(f"model_type {model_type!r} is not in the Qwen3-MoE family (qwen3_moe, qwen3_omni_moe)")
 
 
 def expected_tensors(cfg: Qwen3MoeConfig, layout: Layout) -> dict[str, TensorSpec]:
