@@ -305,8 +305,6 @@ def main() -> None:
     ap.add_argument("--arith-lines", type=int, default=600_000)
     args = ap.parse_args()
     args.eval_bytes = {"en": 380_000, "fr": 380_000, "es": 380_000, "python": 450_000}
-    random.seed(args.seed)
-    np.random.seed(args.seed)
     for step in args.steps.split(","):
         t0 = time.time()
         {"corpus": step_corpus, "tokenizer": step_tokenizer, "tokens": step_tokens}[step](args)

@@ -28,16 +28,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from omni_tiny_common import DOMAIN_TITLES, DOMAINS, EOS, EVAL_DIR, MODEL_DIR, read_jsonl  # noqa: E402
-
-
-def text_position_ids(batch: int, seq: int, device, offset: int = 0) -> torch.Tensor:
-    return (torch.arange(seq, device=device) + offset).view(1, 1, seq).expand(3, batch, seq)
+from omni_tiny_common import (  # noqa: E402
+    DOMAIN_TITLES,
+    DOMAINS,
+    EOS,
+    EVAL_DIR,
+    MODEL_DIR,
+    greedy_extend,
+    read_jsonl,
+    text_position_ids,
+)
 
 
 @torch.no_grad()
@@ -111,16 +115,12 @@ def addition_accuracy(thinker, tok, eos_id, device, limit: int = 0, batch: int =
     rows = list(read_jsonl(EVAL_DIR / "addition.jsonl"))
     if limit:
         rows = rows[:limit]
-    nl = tok.encode("\n", add_special_tokens=False)
     correct, wrong = 0, []
     for b0 in range(0, len(rows), batch):
         chunk = rows[b0 : b0 + batch]
         prompts = [[eos_id] + tok.encode(r["prompt"], add_special_tokens=False) for r in chunk]
         assert len({len(p) for p in prompts}) == 1, "2-digit prompts all have the same token length"
-        x = torch.tensor(prompts, device=device)
-        for _ in range(6):  # " ", up to 3 digits, "\n"
-            logits = thinker(input_ids=x, position_ids=text_position_ids(*x.shape, device), use_cache=False).logits
-            x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        x = greedy_extend(thinker, torch.tensor(prompts, device=device), steps=6)  # " ", up to 3 digits, "\n"
         for r, p, out in zip(chunk, prompts, x.tolist()):
             text = tok.decode(out[len(p):])
             got = text.split("\n")[0].strip()
@@ -128,7 +128,6 @@ def addition_accuracy(thinker, tok, eos_id, device, limit: int = 0, batch: int =
                 correct += 1
             elif len(wrong) < 10:
                 wrong.append({"prompt": r["prompt"], "expected": r["answer"], "got": got})
-    del nl
     return {"n": len(rows), "correct": correct, "exact_match": correct / len(rows), "wrong_examples": wrong}
 
 
@@ -340,7 +339,7 @@ def write_card(model_dir: Path, res: dict) -> None:
         a("")
 
     a("## Limits\n")
-    a("- A 13M-parameter model trained for minutes on ~" + (f"{sum(tlog['summary']['train_tokens_per_domain'][d] for d in ('en', 'fr', 'es')) / 1e6:.1f}"
+    a(f"- A {res['params']['all'] // 10**6}M-parameter model trained for minutes on ~" + (f"{sum(tlog['summary']['train_tokens_per_domain'][d] for d in ('en', 'fr', 'es')) / 1e6:.1f}"
       if tlog else "?") + "M tokens of prose: sentences are grammatical for a clause or two, facts are "
       "invented. It exists to exercise tooling (routing, expert caching, parity), not to answer questions.")
     a("- Audio, vision, talker and code2wav weights are random: do not expect speech or image understanding.")

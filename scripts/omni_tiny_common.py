@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO / "data"
 MODEL_DIR = DATA_DIR / "omni-tiny"
@@ -97,9 +99,6 @@ class AdditionSampler:
     as the tokenizer encodes that text (checked by `check_against`)."""
 
     def __init__(self, heldout: list[tuple[int, int]], seed: int):
-        import numpy as np
-
-        self.np = np
         self.rng = np.random.default_rng(seed)
         self.forbidden = np.zeros((1000, 1000), dtype=bool)
         for a, b in heldout:
@@ -110,7 +109,6 @@ class AdditionSampler:
         self.ids = None
 
     def pairs(self, n: int):
-        np = self.np
         out_a, out_b, got = [], [], 0
         while got < n:
             m = int((n - got) * 1.2) + 16
@@ -129,12 +127,11 @@ class AdditionSampler:
         enc = tokenizer.encode("12 + 34 = 46\n").tokens
         ids = {t: tokenizer.token_to_id(t) for t in enc}
         digit = [tokenizer.token_to_id(str(d)) for d in range(10)]
-        self.ids = {"digit": self.np.array(digit), "plus": ids[enc[2]], "sp": ids[enc[3]], "eq": ids[enc[6]],
+        self.ids = {"digit": np.array(digit), "plus": ids[enc[2]], "sp": ids[enc[3]], "eq": ids[enc[6]],
                     "nl": ids[enc[-1]], "eos": tokenizer.token_to_id(EOS)}
         assert enc == ["1", "2", enc[2], enc[3], "3", "4", enc[6], enc[7], "4", "6", enc[-1]], enc
 
     def _digit_cols(self, x):
-        np = self.np
         nd = np.where(x >= 1000, 4, np.where(x >= 100, 3, np.where(x >= 10, 2, 1)))
         cols = np.full((len(x), 4), -1, dtype=np.int64)
         for j in range(4):  # column j holds the j-th digit from the left, if any
@@ -144,7 +141,6 @@ class AdditionSampler:
         return cols
 
     def tokens(self, n_lines: int):
-        np = self.np
         a, b = self.pairs(n_lines)
         i = self.ids
         eos_col = np.where(self.rng.random(n_lines) < 1 / 18, i["eos"], -1)[:, None]
@@ -160,6 +156,26 @@ class AdditionSampler:
             text_ids.extend(tokenizer.encode(addition_line(x, y)).ids)
         eos = self.ids["eos"]
         assert [t for t in toks.tolist() if t != eos] == text_ids, "vectorized arithmetic tokens != tokenizer"
+
+
+# ---------------------------------------------------------------- text-only forward helpers (torch)
+
+def text_position_ids(batch: int, seq: int, device):
+    """Text-only 3D (t, h, w) rope positions: all three equal to 0..seq-1, as get_rope_index gives."""
+    import torch
+
+    return torch.arange(seq, device=device).view(1, 1, seq).expand(3, batch, seq)
+
+
+def greedy_extend(thinker, x, steps: int):
+    """Append `steps` greedy tokens to every row of x (batch, len) with full forward passes, no KV
+    cache (the rows of x must have the same length). Returns the extended tensor."""
+    import torch
+
+    for _ in range(steps):
+        logits = thinker(input_ids=x, position_ids=text_position_ids(*x.shape, x.device), use_cache=False).logits
+        x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return x
 
 
 # ---------------------------------------------------------------- model config

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -50,9 +49,10 @@ from omni_tiny_common import (  # noqa: E402
     SCRATCH,
     AdditionSampler,
     config_from_tokenizer,
-    heldout_addition_pairs,
+    greedy_extend,
     init_untrained_parts,
     read_jsonl,
+    text_position_ids,
 )
 
 
@@ -82,11 +82,6 @@ def per_layer_balance_loss(router_logits, num_experts: int, top_k: int) -> torch
 
     losses = [load_balancing_loss_func((lg,), num_experts, top_k) for lg in router_logits]
     return torch.stack(losses).mean()
-
-
-def text_position_ids(batch: int, seq: int, device) -> torch.Tensor:
-    """Text-only 3D (t, h, w) rope positions: all three equal to 0..seq-1, as get_rope_index gives."""
-    return torch.arange(seq, device=device).view(1, 1, seq).expand(3, batch, seq)
 
 
 def build_eval_batches(tokenizer, eos_id: int, seq: int, max_tokens: int) -> dict[str, torch.Tensor]:
@@ -209,11 +204,11 @@ def main() -> None:
     print("eval tokens:", {d: int(v.numel()) for d, v in eval_batches.items()}, flush=True)
 
     T = args.seq_len
-    sampler = AdditionSampler(heldout_addition_pairs(), seed=args.seed + 7)
+    add_rows = list(read_jsonl(EVAL_DIR / "addition.jsonl"))
+    # the evaluated pairs (the file lists both orders) are the ones training must never draw
+    sampler = AdditionSampler([(r["a"], r["b"]) for r in add_rows], seed=args.seed + 7)
     sampler.set_token_ids(tokenizer)
     sampler.check_against(tokenizer)
-    arith_rows = n_rows[DOMAINS.index("arith")]
-    add_rows = list(read_jsonl(EVAL_DIR / "addition.jsonl"))
     add_rows = [add_rows[i] for i in np.random.default_rng(0).permutation(len(add_rows))[:256]]
     add_prompts = torch.tensor([[eos_id] + tokenizer.encode(r["prompt"]).ids for r in add_rows], device=device)
 
@@ -236,11 +231,8 @@ def main() -> None:
     @torch.no_grad()
     def addition_acc() -> float:
         thinker.eval()
-        x = add_prompts
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            for _ in range(5):
-                lg = thinker(input_ids=x, position_ids=text_position_ids(*x.shape, device), use_cache=False).logits
-                x = torch.cat([x, lg[:, -1].argmax(-1, keepdim=True)], dim=1)
+            x = greedy_extend(thinker, add_prompts, steps=5)
         thinker.train()
         ok = 0
         for r, out in zip(add_rows, x[:, add_prompts.shape[1]:].tolist()):
