@@ -320,7 +320,19 @@ def cmd_extract(args) -> int:
 
 
 def cmd_regress(args) -> int:
-    from omnilab.regress import run_notebooks
+    from omnilab.regress import headline, run_notebooks
+
+    if args.headline:  # the README's headline numbers, from a finished run
+        from pathlib import Path
+
+        path = Path(args.out) / "metrics.json"
+        if not path.exists():
+            raise ValueError(f"{path}: no metrics.json; run `omnilab regress --out {args.out}` first")
+        try:
+            print(headline(json.loads(path.read_text())))
+        except KeyError as e:
+            raise ValueError(f"{path}: no metric {e.args[0]!r}: was it written by a full run of every notebook?") from None
+        return 0
 
     return run_notebooks(out=args.out, only=args.only, update_baselines=args.update_baselines, publish=args.publish)
 
@@ -398,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-baselines", action="store_true", help="write this run's metrics as the new baselines")
     p.add_argument("--publish", action="store_true",
                    help="after a clean run, copy the executed notebooks (figures inline) to docs/notebooks/")
+    p.add_argument("--headline", action="store_true",
+                   help="print the README's headline numbers from OUT/metrics.json of a finished run, and exit")
     p.set_defaults(func=cmd_regress)
     return parser
 

@@ -369,10 +369,9 @@ def plot_coactivation(tables: dict[int, pd.DataFrame]):
     vmax = max(float(t.to_numpy().max()) for t in tables.values())
     for ax, layer in zip(axes.flat, layers):
         im = ax.imshow(tables[layer].to_numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"layer {layer}", fontsize=10)
+        ax.set_title(f"co-activation within the top-k, layer {layer}", fontsize=10)
         ax.set(xlabel="expert b", ylabel="expert a")
-    fig.colorbar(im, ax=axes, label="P(b in top-k | a in top-k)", shrink=0.85)
-    fig.suptitle("Co-activation within a token's top-k (diagonal left out)", fontsize=11)
+    fig.colorbar(im, ax=axes, label="P(b in top-k | a in top-k), diagonal left out", shrink=0.85)
     return fig
 
 
@@ -468,6 +467,24 @@ def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
 
 # -- 05 generation experiments -------------------------------------------------------------------------
 
+def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7):
+    """Label points right of them without overlap: points of about the same x (within 30 pt) are labelled in
+    y order, each label pushed up until it is GAP_PT above the previous one, with a thin leader when moved.
+    Call once the axes' scales and limits are final."""
+    ax.autoscale_view()
+    to_pt = 72.0 / ax.figure.dpi
+    px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])) * to_pt
+    order = sorted(range(len(px)), key=lambda i: (round(px[i, 0] / 30), px[i, 1]))
+    last: dict[int, float] = {}
+    for i in order:
+        bucket = round(px[i, 0] / 30)
+        y = max(px[i, 1], last.get(bucket, -np.inf) + gap_pt)
+        last[bucket] = y
+        shift = y - px[i, 1]
+        ax.annotate(names[i], (xs[i], ys[i]), xytext=(6, shift - 2), textcoords="offset points", fontsize=fontsize,
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
+
+
 _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "salience": ("C4", "D"),
                 "budget": ("C2", "^")}
 
@@ -476,22 +493,21 @@ def plot_quality_memory(table: pd.DataFrame):
     """Left: top-1 agreement with the full model against peak resident expert memory (share of all expert
     bytes), one point per setting (omnilab.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
     settings sit at exactly 0)."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     for group, rows in table.groupby("group", sort=False):
         color, marker = _GROUP_STYLE.get(group, ("0.5", "o"))
         x = 100 * rows["peak_expert_share"]
         a.scatter(x, rows["top1_agreement"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
         b.scatter(x, rows["kl"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
-        for xi, ya, yb, name in zip(x, rows["top1_agreement"], rows["kl"], rows["name"]):
-            if group not in ("budget", "full"):
-                a.annotate(name, (xi, ya), fontsize=7, xytext=(4, 3), textcoords="offset points")
-                b.annotate(name, (xi, yb), fontsize=7, xytext=(4, 3), textcoords="offset points")
     a.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="top-1 agreement with the full model",
-          title="Quality against memory")
+          title="Quality against memory", xlim=(0, 118))
     b.set_yscale("symlog", linthresh=1e-4)
     b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats",
-          title="Divergence from the full model")
-    a.legend(fontsize=8)
+          title="Divergence from the full model", xlim=(0, 118))
+    named = table[~table["group"].isin(["budget", "full"])]
+    for ax, col in ((a, "top1_agreement"), (b, "kl")):
+        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(named[col]), list(named["name"]))
+    a.legend(fontsize=8, loc="lower left")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return fig
@@ -534,8 +550,6 @@ def plot_cache_budget(table: pd.DataFrame):
     sal = table[table["group"] == "salience"]
     if len(sal):
         a.scatter(100 * sal["budget_share"], sal["hit_rate"], c="C4", marker="D", zorder=3, label="salience router (LRU)")
-        for x, y, v in zip(100 * sal["budget_share"], sal["hit_rate"], sal["value"]):
-            a.annotate(f"alpha {v:g}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
     full = table[table["group"] == "full"]
     if len(full):
         a.axhline(float(full["hit_rate"].iloc[0]), color="k", ls=":", label="all experts fit (cold misses only)")
@@ -544,6 +558,10 @@ def plot_cache_budget(table: pd.DataFrame):
           title="Cache hit rate while decoding")
     b.set(xlabel="expert cache budget (% of expert bytes)", ylabel="MiB of experts read per token",
           title="Expert reads while decoding")
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
+    if len(sal):
+        _spread_labels(a, list(100 * sal["budget_share"]), list(sal["hit_rate"]),
+                       [f"salience alpha {v:g}" for v in sal["value"]])
+    for ax in (a, b):
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+        ax.grid(alpha=0.3)
     return fig

@@ -221,6 +221,48 @@ def publish_notebooks(executed: list[Path], folder: Path | None = None) -> list[
     return written
 
 
+HEADLINE_BEGIN, HEADLINE_END = "<!-- headline: begin (omnilab regress --headline) -->", "<!-- headline: end -->"
+
+
+def headline(summary: dict) -> str:
+    """The README's headline bullets, every number read from a run's metrics (notebook -> metrics: a run's
+    metrics.json, or the values of notebooks/baselines.json, which tests/test_readme.py checks the README against)."""
+    a, x, c = summary["03_activation_comparison"], summary["02_component_extraction"], summary["04_router_heatmaps"]
+    g = summary["05_generation_experiments"]
+    lines = [
+        f"- parity with transformers in fp32: max rel_err {a['fp32_max_rel_err']:.2g} over every hook point, top-1 "
+        f"agreement {a['fp32_top1_agreement']:.3g}, the same {a['greedy_identical_tokens']} greedy tokens; in bf16 the "
+        f"logits are {a['bf16_logits_rel_err']:.2%} from bf16 transformers and {a['selective_bf16_vs_fp32_logits_rel_err']:.2%} "
+        f"from fp32 transformers, where transformers' own bf16 is {a['transformers_bf16_vs_fp32_logits_rel_err']:.2%} "
+        f"from its fp32 (top-1 over {a['bf16_tokens']} tokens: {a['selective_bf16_vs_fp32_top1_agreement']:.1%} against "
+        f"transformers' own {a['transformers_bf16_vs_fp32_top1_agreement']:.1%}; bf16 numbers vary with the CPU);",
+        f"- extraction round trip bit-exact ({x['tensors_bit_exact']} of {x['tensors']} tensors), the selective model "
+        f"{'bit-identical' if x['selective_bit_identical'] else 'NOT bit-identical'} on the extraction; keeping "
+        f"{x['partial_experts']} of each layer's experts and masking the rest costs KL {x['partial_kl']:.2f} "
+        f"nats/token and top-1 agreement {x['partial_top1_agreement']:.2f};",
+        f"- routers specialise by token more than by domain: I(domain; expert) is {c['mi_bits_mean']:.2f} bits on average "
+        f"against {c['mi_baseline_bits_mean']:.2f} with shuffled domains, but given the token id only "
+        f"{c['cmi_given_token_bits_mean']:.2f} against a {c['cmi_given_token_baseline_bits_mean']:.2f} baseline is left;",
+        f"- top-k 2 instead of 4: KL {g['top_2_kl']:.2f}, addition {g['top_2_addition_accuracy']:.1%} "
+        f"({g['full_addition_accuracy']:.1%} at top-4); masking to experts 0-7 (hand extractions): KL "
+        f"{g['experts_0_7_kl']:.2f}, addition {g['experts_0_7_addition_accuracy']:.1%}; an expert cache of 25% of the "
+        f"experts' bytes changes nothing (KL {g['budget_25_0_lru_kl']:g}, bit-identical) at a "
+        f"{g['budget_25_0_lru_hit_rate']:.0%} (LRU) / {g['budget_25_0_lfu_hit_rate']:.0%} (LFU) / "
+        f"{g['budget_25_0_trust_hit_rate']:.0%} (trust-weighted) decode hit rate;",
+        f"- perplexity of the full model on the first {g['ppl_tokens_per_document']} tokens of "
+        f"{g['ppl_documents_per_domain']} held-out documents per domain: "
+        + ", ".join(f"{k.removeprefix('full_ppl_')} {v:.1f}" for k, v in g.items() if k.startswith("full_ppl_"))
+        + " (the model card's are over the whole held-out split in 512-token windows, e.g. en 24.18).",
+    ]
+    return "\n".join(lines)
+
+
+def baseline_values() -> dict:
+    """notebooks/baselines.json as notebook -> {metric: recorded value}."""
+    return {book: {k: spec["value"] for k, spec in specs.items()}
+            for book, specs in json.loads(BASELINES.read_text()).items()}
+
+
 def write_baselines(summary: dict, rel_tol: float = 0.05, abs_tol: float = 1e-4) -> None:
     """Write this run's metrics as baselines. Integers, booleans and strings must match exactly; new floats get
     {rel_tol, abs_tol}. Tolerances, bounds and `bounds_only` already in the file are kept, and so are the

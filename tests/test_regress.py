@@ -61,8 +61,8 @@ def test_bf16_is_judged_against_the_noise_measured_in_the_same_run(baselines):
         return regress.check_baselines({"03_x": {**run, **changes}})
 
     assert check() == []  # the AVX2 machine's one flipped bf16 token is bf16 noise, not drift
-    assert check(sel_top1=0.84, ref_top1=0.947)  # two tokens worse than transformers' own bf16
-    assert not check(sel_top1=0.84, ref_top1=0.895)  # ... unless transformers' own bf16 is as noisy here
+    assert check(sel_top1=0.8, ref_top1=0.947)  # three tokens worse than transformers' own bf16
+    assert not check(sel_top1=0.8, ref_top1=0.895)  # ... unless transformers' own bf16 is as noisy here
     assert check(sel_err=0.06) and not check(sel_err=0.06, ref_err=0.007)
     assert check(ref_err=0.0)  # bf16 that did not run as bf16
     assert check(fp32_tokens=31)  # integers stay exact
@@ -85,5 +85,5 @@ def test_committed_baselines_hold_bf16_by_bounds_only():
     """No bf16 quantity in notebooks/baselines.json carries a float tolerance meant for fp32."""
     for book, specs in json.loads(regress.BASELINES.read_text()).items():
         for key, spec in specs.items():
-            if "bf16" in key:
+            if "bf16" in key and isinstance(spec["value"], float):
                 assert spec.get("bounds_only") and "rel_tol" not in spec, f"{book}.{key}"
