@@ -300,13 +300,14 @@ def cmd_extract(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from omnilab.extract import extract, parse_range
+    from omnilab.extract import JOURNAL_NAME, MANIFEST_NAME, extract, parse_range
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; OUT must be a new or empty folder, or an extraction")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
-        raise ValueError(f"{out}: not empty and not an extraction (no manifest.json); extract into a new or empty "
+    ours = (out / MANIFEST_NAME).exists() or (out / JOURNAL_NAME).exists()  # an extraction, or one interrupted
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise ValueError(f"{out}: not empty and not an extraction (no {MANIFEST_NAME}); extract into a new or empty "
                          f"folder, or into an earlier extraction to resume it")
     result = extract(args.path, args.out, components=args.components,
                      layers=parse_range(args.layers) if args.layers else None,
