@@ -196,12 +196,15 @@ def open_multimodal(model):
     return towers, processor
 
 
-def process(processor, config, text: str, audio=None, images=None):
-    """One prompt through the processor: text with placeholders, audio (float32 mono waveforms at 16 kHz)
-    and images (PIL) -> BatchFeature of torch tensors (input_ids, attention_mask, input_features, ...)."""
+def process(processor, config, text, audio=None, images=None):
+    """Prompts through the processor: text with placeholders (one string, or a list: a left-padded batch),
+    audio (float32 mono waveforms at 16 kHz) and images (PIL), in placeholder order -> BatchFeature of torch
+    tensors (input_ids, attention_mask, input_features, feature_attention_mask, pixel_values, image_grid_thw)."""
     audio = None if audio is None else [np.asarray(a, dtype=np.float32) for a in audio]
-    return processor(text=[text], audio=audio, images=images, return_tensors="pt",
-                     n_window=config.audio_config.n_window)
+    texts = [text] if isinstance(text, str) else list(text)
+    batch = {"padding": True} if len(texts) > 1 else {}  # text padding (left, the processor's side) for a batch
+    return processor(text=texts, audio=audio, images=images, return_tensors="pt",
+                     n_window=config.audio_config.n_window, **batch)
 
 
 def read_wav(path) -> np.ndarray:
@@ -260,6 +263,7 @@ class MultimodalPrompt:
     text decoder runs."""
 
     input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]: 1 = token, 0 = left padding
     inputs_embeds: torch.Tensor  # [B, T, H]: token embeddings, tower features at the placeholders
     position_ids: torch.Tensor  # [3, B, T]: temporal, height, width rows (get_rope_index)
     rope_deltas: torch.Tensor  # [B, 1]: next position minus sequence length (for decoding)
@@ -320,13 +324,13 @@ def prepare(model, towers: Towers, inputs) -> MultimodalPrompt:
     position_ids, rope_deltas = towers.get_rope_index(
         ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), attention_mask, False, audio_lengths,
         inputs.get("video_second_per_grid"))  # [3, B, T], [B, 1]
-    return MultimodalPrompt(ids, embeds, position_ids.to(device), rope_deltas.to(device), deepstack, inputs)
+    return MultimodalPrompt(ids, attention_mask, embeds, position_ids.to(device), rope_deltas.to(device), deepstack, inputs)
 
 
 def forward(model, prompt: MultimodalPrompt, kv=None) -> torch.Tensor:
     """logits [B, T, V] of the selective model on a prepared prompt."""
-    return model(prompt.input_ids, None, kv, inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
-                 deepstack=prompt.deepstack)
+    return model(prompt.input_ids, prompt.attention_mask, kv, inputs_embeds=prompt.inputs_embeds,
+                 position_ids=prompt.position_ids, deepstack=prompt.deepstack)
 
 
 # -- generation -----------------------------------------------------------------------------------------------
@@ -419,7 +423,8 @@ def compare(reference, selective, towers: Towers, inputs, names=None, rtol: floa
         forward(selective, prompt)
     if rtol is None:
         rtol = divergence_rtol(reference, selective)
-    return compare_activations(ref_acts, sel_acts, rtol=rtol, names=names)
+    padded = None if bool(prompt.attention_mask.all()) else prompt.attention_mask.cpu()  # compare real tokens only
+    return compare_activations(ref_acts, sel_acts, attention_mask=padded, rtol=rtol, names=names)
 
 
 def synth_wav(path, seconds: float = 0.5, *, freq: float = 440.0, seed: int = 0) -> Path:

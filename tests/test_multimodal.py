@@ -84,6 +84,15 @@ def test_omni_tiny_parity_at_every_hook(omni_tiny, case):
     assert_parity(mm.compare(omni_tiny.ref, omni_tiny.sel, omni_tiny.towers, inputs), omni_tiny.sel.config, case)
 
 
+def test_left_padded_batch_parity(tiny):
+    """Two prompts of different lengths, each with audio and an image, left-padded by the processor."""
+    texts = [mm.prompt_text(p, audio=True, image=True) for p in ("The fox", "Mixture-of-Experts models route each")]
+    wav, png = mm.read_wav(tiny.wav), mm.read_image(tiny.png)
+    inputs = mm.process(tiny.processor, tiny.towers.config, texts, audio=[wav, wav[::2]], images=[png, png])
+    assert not bool(inputs["attention_mask"].all())
+    assert_parity(mm.compare(tiny.ref, tiny.sel, tiny.towers, inputs), tiny.sel.config, "padded batch")
+
+
 def test_video_and_image_parity(tiny):
     """A video (one temporal patch, the image processor's patches reused) beside an image: the video path and
     the joint deepstack rows, against transformers."""
