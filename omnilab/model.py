@@ -339,7 +339,10 @@ class SelectiveMoE(nn.Module):
             if positions.ndim == 3 and bool((positions == positions[:1]).all()):
                 positions = positions[0]  # equal rows: M-RoPE is exactly 1-D RoPE
         if positions.ndim == 3:
-            cos, sin = mrope_cos_sin(positions, self.inv_freq, self.config.rope_parameters["mrope_section"], self.dtype)
+            section = self.config.rope_parameters.get("mrope_section")
+            if section is None:
+                raise ValueError("position_ids [3, B, T] with distinct rows need M-RoPE (config.json has no mrope_section)")
+            cos, sin = mrope_cos_sin(positions, self.inv_freq, section, self.dtype)  # [B, T, hd]
         else:
             cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, T, hd]
 
@@ -354,7 +357,7 @@ class SelectiveMoE(nn.Module):
             m = self.moe(i, layer.mlp, x) if layer.is_moe else layer.mlp(x)
             m = self.hook(f"blocks.{i}.hook_mlp_out", m)
             h = self.hook(f"blocks.{i}.hook_resid_post", h + m)
-            if deepstack is not None and i < len(deepstack[1]):
+            if deepstack is not None and i < len(deepstack[1]):  # as transformers' _deepstack_process
                 visual = deepstack[0].to(h.device)  # [B, T]
                 h = h.clone()
                 h[visual] = h[visual] + deepstack[1][i].to(h.device, h.dtype)  # [n_visual, H]

@@ -17,6 +17,7 @@ wherever one exists, so that only the text decoder (omnilab.model.SelectiveMoE) 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -147,6 +148,7 @@ def write_processor_files(folder, config) -> Path:
     return path
 
 
+@functools.cache
 def _processor_class():
     from transformers import Qwen3OmniMoeProcessor
 
@@ -193,6 +195,14 @@ def open_multimodal(model):
     vision_start = processor.tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKENS["vision_bos_token"])
     towers = Towers.from_checkpoint(checkpoint, dtype=model.dtype, device=model.device,
                                     vision_start_token_id=vision_start)
+    for attr, key in (("audio_token", "audio_token_id"), ("image_token", "image_token_id"),
+                      ("video_token", "video_token_id"), ("audio_bos_token", "audio_start_token_id"),
+                      ("vision_bos_token", "vision_start_token_id")):
+        token = PLACEHOLDER_TOKENS[attr]
+        if processor.tokenizer.convert_tokens_to_ids(token) != getattr(towers.config, key):
+            raise ValueError(f"{checkpoint.root}: the tokenizer's {token} is id "
+                             f"{processor.tokenizer.convert_tokens_to_ids(token)} but config.json's {key} is "
+                             f"{getattr(towers.config, key)}")
     return towers, processor
 
 

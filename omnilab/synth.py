@@ -92,16 +92,21 @@ def tiny_qwen3_omni(out: str | os.PathLike, *, seed: int = 0, max_shard_size: st
                     dtype: torch.dtype = torch.float32, tokenizer: bool = True, **text) -> Path:
     """A tiny random Qwen3-Omni checkpoint (thinker text + audio + vision + talker + code2wav) written by
     transformers. `text` overrides the thinker text decoder's TINY_TEXT fields."""
+    model = _omni_model(tiny_omni_config(**text), seed, dtype)
+    return _save(model, out, max_shard_size, tokenizer, model.config.thinker_config.text_config.vocab_size)
+
+
+def _omni_model(config: dict, seed: int, dtype: torch.dtype):
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-    config = Qwen3OmniMoeConfig.from_dict(tiny_omni_config(**text))
+    config = Qwen3OmniMoeConfig.from_dict(config)
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).to(dtype).eval()
     with torch.no_grad():  # transformers 5.23 leaves the talker's experts as torch.empty: garbage, not seeded
         for name, param in model.named_parameters():
             if name.startswith("talker.") and ".experts." in name:
                 param.normal_(0.0, config.initializer_range or 0.02)
-    return _save(model, out, max_shard_size, tokenizer, config.thinker_config.text_config.vocab_size)
+    return model
 
 
 def tiny_qwen3_omni_multimodal(out: str | os.PathLike, *, seed: int = 0, max_shard_size: str | int = "48KB",
@@ -109,8 +114,6 @@ def tiny_qwen3_omni_multimodal(out: str | os.PathLike, *, seed: int = 0, max_sha
     """tiny_qwen3_omni whose thinker config names placeholder tokens inside its vocabulary, with a tokenizer
     holding Qwen3-Omni's audio / vision special tokens and the processor files (omnilab.multimodal) beside it:
     a fixture that hears and sees (random weights)."""
-    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
-
     from omnilab.multimodal import PLACEHOLDER_TOKENS, write_processor_files
 
     config_dict = tiny_omni_config(**text)
@@ -122,16 +125,10 @@ def tiny_qwen3_omni_multimodal(out: str | os.PathLike, *, seed: int = 0, max_sha
     config_dict["thinker_config"].update(audio_token_id=ids["audio_token"], image_token_id=ids["image_token"],
                                          video_token_id=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
                                          vision_start_token_id=ids["vision_bos_token"])
-    config = Qwen3OmniMoeConfig.from_dict(config_dict)
-    torch.manual_seed(seed)
-    model = Qwen3OmniMoeForConditionalGeneration(config).to(dtype).eval()
-    with torch.no_grad():  # as tiny_qwen3_omni: the talker's experts are torch.empty in transformers 5.23
-        for name, param in model.named_parameters():
-            if name.startswith("talker.") and ".experts." in name:
-                param.normal_(0.0, config.initializer_range or 0.02)
+    model = _omni_model(config_dict, seed, dtype)
     out = _save(model, out, max_shard_size, False, vocab)
     tok.save_pretrained(out)
-    write_processor_files(out, config.thinker_config)
+    write_processor_files(out, model.config.thinker_config)
     return out
 
 

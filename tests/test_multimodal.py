@@ -188,6 +188,16 @@ def test_processor_files_are_required(tiny, tmp_path):
         mm.load_processor(folder)
 
 
+def test_placeholder_ids_must_match_the_config(tiny, tmp_path):
+    folder = tmp_path / "wrong-id"
+    shutil.copytree(tiny.path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["thinker_config"]["image_token_id"] = 7
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"<\|image_pad\|> is id \d+ but config.json's image_token_id is 7"):
+        mm.open_multimodal(SelectiveMoE.from_checkpoint(folder))
+
+
 # -- the command line ---------------------------------------------------------------------------------------------
 
 
