@@ -200,6 +200,8 @@ def cmd_synth(args) -> int:
 
 def _prompt_ids(args, tokenizer, rows: int) -> list[int]:
     """The prompt's token ids, each checked against the embedding's rows (a tokenizer may be larger than it)."""
+    if args.input_ids is None and args.prompt is None:
+        raise ValueError("give the prompt: --prompt TEXT, --input-ids 1,2,3, --audio FILE.wav or --image FILE.png")
     if args.input_ids is not None:
         if not args.input_ids:
             raise ValueError("--input-ids: no token ids given")
@@ -216,6 +218,24 @@ def _prompt_ids(args, tokenizer, rows: int) -> list[int]:
     return ids
 
 
+def _multimodal_inputs(args, model):
+    """(Towers, processor tensors) when --audio / --image are given, else None: the prompt text around the media
+    goes through transformers' Qwen3OmniMoeProcessor (omnilab.multimodal)."""
+    if not (args.audio or args.image):
+        return None
+    if args.input_ids is not None:
+        raise ValueError("--input-ids cannot be combined with --audio / --image (the processor places the "
+                         "placeholder tokens); give the text as --prompt")
+    from omnilab import multimodal
+
+    multimodal.thinker_config(model.checkpoint)  # refuses a checkpoint without towers, naming it
+    audio = [multimodal.read_wav(args.audio)] if args.audio else None
+    images = [multimodal.read_image(args.image)] if args.image else None
+    towers, processor = multimodal.open_multimodal(model)
+    text = multimodal.prompt_text(args.prompt, audio=audio is not None, image=images is not None)
+    return towers, multimodal.process(processor, towers.config, text, audio=audio, images=images)
+
+
 def cmd_compare(args) -> int:
     """Selective model and transformers on the same tokens; one row per hook point (DESIGN.md's JSON)."""
     import torch
@@ -227,11 +247,19 @@ def cmd_compare(args) -> int:
 
     checkpoint = Checkpoint(args.path)  # headers read once, for both models
     selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device)
-    ids = _prompt_ids(args, selective.tokenizer, selective.config.vocab_size)
+    media = _multimodal_inputs(args, selective)
+    ids = media[1]["input_ids"][0].tolist() if media else _prompt_ids(args, selective.tokenizer,
+                                                                      selective.config.vocab_size)
     reference = Reference.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device)
-    result = compare(reference, selective, torch.tensor([ids]))
+    if media:
+        from omnilab import multimodal
+
+        result = multimodal.compare(reference, selective, *media)
+    else:
+        result = compare(reference, selective, torch.tensor([ids]))
     if args.json:
-        print_json({"path": args.path, "dtype": args.dtype, "input_ids": ids, **result.to_json()})
+        print_json({"path": args.path, "dtype": args.dtype, "input_ids": ids, "audio": args.audio,
+                    "image": args.image, **result.to_json()})
         return 0
     table = result.table[["name", "max_abs", "rel_err", "cosine", "topk_agreement"]]
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3e}"))
@@ -256,21 +284,28 @@ def cmd_generate(args) -> int:
 
     model = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device,
                                          expert_budget=args.expert_budget)
-    ids = _prompt_ids(args, model.tokenizer, model.config.vocab_size)
+    media = _multimodal_inputs(args, model)
+    ids = media[1]["input_ids"][0].tolist() if media else _prompt_ids(args, model.tokenizer, model.config.vocab_size)
     stop = args.stop_ids
     if stop is None:
         eos = model.generation_config.get("eos_token_id")
         stop = [eos] if isinstance(eos, int) else list(eos or [])
-    out = model.generate(ids, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, seed=args.seed,
-                         progress=not args.json and sys.stderr.isatty())
+    sampling = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    stop_tokens=stop, seed=args.seed)
+    if media:
+        from omnilab import multimodal
+
+        out = multimodal.generate(model, multimodal.prepare(model, *media), args.max_new_tokens, **sampling)
+    else:
+        out = model.generate(ids, args.max_new_tokens, progress=not args.json and sys.stderr.isatty(), **sampling)
     new = out.new_token_ids[0]
     text = model.tokenizer.decode(new, skip_special_tokens=False) if model.tokenizer is not None else None
     stats = model.cache.stats
     cache = {**stats.to_dict(), "expert_bytes": model.cache.store.expert_bytes,
              "all_experts_bytes": model.cache.store.total_bytes}
     if args.json:
-        print_json({"path": args.path, "input_ids": ids, "new_token_ids": new, "text": text,
+        print_json({"path": args.path, "input_ids": ids, "audio": args.audio, "image": args.image,
+                    "new_token_ids": new, "text": text,
                     "tokens_per_s": out.tokens_per_s, "decode_tokens_per_s": out.decode_tokens_per_s,
                     "stopped": out.stopped[0], "cache": cache})
         return 0
@@ -364,9 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     def model_args(p):
-        src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--prompt", help="text (needs tokenizer files beside the checkpoint)")
+        src = p.add_mutually_exclusive_group()  # one of them, or --audio / --image (checked in _prompt_ids)
+        src.add_argument("--prompt", help="text (needs tokenizer files beside the checkpoint); with --audio / "
+                                          "--image, the text after them")
         src.add_argument("--input-ids", type=parse_ids, help="comma-separated token ids, e.g. 1,2,3")
+        p.add_argument("--audio", metavar="FILE.wav", help="speech or sound through the audio tower (16 kHz PCM .wav)")
+        p.add_argument("--image", metavar="FILE.png", help="an image through the vision tower (png, jpg, ...)")
         p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
         p.add_argument("--device", default="cpu")
         p.add_argument("--json", action="store_true")

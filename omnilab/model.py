@@ -10,7 +10,9 @@ hook point (TransformerLens names, see omnilab.hooks) between every two steps.
 
 Rotary embedding: Qwen3-Omni's thinker uses interleaved M-RoPE (temporal / height / width sections). For
 text-only input the three position rows are equal, so every section rotates by the same angle and M-RoPE is
-exactly 1-D RoPE; tests/test_model.py checks this against transformers' own rotary module.
+exactly 1-D RoPE; tests/test_model.py checks this against transformers' own rotary module. Multimodal
+prompts (omnilab.multimodal) pass `position_ids` [3, B, T]; when the rows differ, `mrope_cos_sin` interleaves
+them as transformers does (tests/test_multimodal.py checks it against transformers' rotary module).
 """
 
 from __future__ import annotations
@@ -68,6 +70,19 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     """positions [B, T] -> cos, sin [B, T, head_dim] (computed in fp32, then cast)."""
     freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, T, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section, dtype: torch.dtype):
+    """Interleaved M-RoPE: position_ids [3, B, T] (temporal, height, width) -> cos, sin [B, T, head_dim].
+    Frequency j takes the height row when j % 3 == 1 and j < 3 * section[1], the width row when j % 3 == 2
+    and j < 3 * section[2], the temporal row otherwise (transformers' recomposition_frequencies)."""
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [3, B, T, d/2]
+    mixed = freqs[0].clone()  # [B, T, d/2]
+    for row in (1, 2):
+        picked = slice(row, 3 * mrope_section[row], 3)
+        mixed[..., picked] = freqs[row, ..., picked]
+    emb = torch.cat((mixed, mixed), dim=-1)  # [B, T, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -301,8 +316,14 @@ class SelectiveMoE(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv: KVCache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]. attention_mask [B, past + T] (1 = token, 0 = left padding)."""
+                kv: KVCache | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, deepstack: tuple | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]. attention_mask [B, past + T] (1 = token, 0 = left padding).
+
+        Multimodal prompts (built by omnilab.multimodal.prepare): inputs_embeds [B, T, H] replaces the token
+        embedding; position_ids [3, B, T] (M-RoPE rows) or [B, T] replaces the positions; deepstack
+        (visual_pos_masks [B, T], [features [n_visual, H] per layer]) is added to the visual rows of the
+        residual after each of the first len(features) layers, as transformers' thinker adds it."""
         input_ids = torch.as_tensor(input_ids, device=self.device)  # ids may come from the CPU for a CUDA model
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
@@ -313,9 +334,20 @@ class SelectiveMoE(nn.Module):
             raise ValueError(f"token id {bad} is outside the embedding's {rows} rows (ids 0..{rows - 1})")
         past = kv.length if kv is not None else 0
         positions, mask = self._positions_and_mask(B, T, past, attention_mask, input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, T, hd]
+        if position_ids is not None:
+            positions = torch.as_tensor(position_ids, device=input_ids.device)  # [3, B, T] or [B, T]
+            if positions.ndim == 3 and bool((positions == positions[:1]).all()):
+                positions = positions[0]  # equal rows: M-RoPE is exactly 1-D RoPE
+        if positions.ndim == 3:
+            section = self.config.rope_parameters.get("mrope_section")
+            if section is None:
+                raise ValueError("position_ids [3, B, T] with distinct rows need M-RoPE (config.json has no mrope_section)")
+            cos, sin = mrope_cos_sin(positions, self.inv_freq, section, self.dtype)  # [B, T, hd]
+        else:
+            cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, T, hd]
 
-        h = self.hook("hook_embed", self.model.embed_tokens(input_ids))  # [B, T, H]
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
+        h = self.hook("hook_embed", h)  # [B, T, H]
         for i, layer in enumerate(self.model.layers):
             h = self.hook(f"blocks.{i}.hook_resid_pre", h)
             a = layer.self_attn(layer.input_layernorm(h), cos, sin, mask, kv, i)
@@ -325,6 +357,10 @@ class SelectiveMoE(nn.Module):
             m = self.moe(i, layer.mlp, x) if layer.is_moe else layer.mlp(x)
             m = self.hook(f"blocks.{i}.hook_mlp_out", m)
             h = self.hook(f"blocks.{i}.hook_resid_post", h + m)
+            if deepstack is not None and i < len(deepstack[1]):  # as transformers' _deepstack_process
+                visual = deepstack[0].to(h.device)  # [B, T]
+                h = h.clone()
+                h[visual] = h[visual] + deepstack[1][i].to(h.device, h.dtype)  # [n_visual, H]
         h = self.hook("ln_final.hook_normalized", self.model.norm(h))
         return self.hook("hook_logits", self.lm_head(h))  # [B, T, V]
 

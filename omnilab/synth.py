@@ -95,16 +95,44 @@ def tiny_qwen3_omni(out: str | os.PathLike, *, seed: int = 0, max_shard_size: st
                     dtype: torch.dtype = torch.float32, tokenizer: bool = True, **text) -> Path:
     """A tiny random Qwen3-Omni checkpoint (thinker text + audio + vision + talker + code2wav) written by
     transformers. `text` overrides the thinker text decoder's TINY_TEXT fields."""
+    model = _omni_model(tiny_omni_config(**text), seed, dtype)
+    return _save(model, out, max_shard_size, tokenizer, model.config.thinker_config.text_config.vocab_size)
+
+
+def _omni_model(config: dict, seed: int, dtype: torch.dtype):
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-    config = Qwen3OmniMoeConfig.from_dict(tiny_omni_config(**text))
+    config = Qwen3OmniMoeConfig.from_dict(config)
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).to(dtype).eval()
     with torch.no_grad():  # transformers 5.23 leaves the talker's experts as torch.empty: garbage, not seeded
         for name, param in model.named_parameters():
             if name.startswith("talker.") and ".experts." in name:
                 param.normal_(0.0, config.initializer_range or 0.02)
-    return _save(model, out, max_shard_size, tokenizer, config.thinker_config.text_config.vocab_size)
+    return model
+
+
+def tiny_qwen3_omni_multimodal(out: str | os.PathLike, *, seed: int = 0, max_shard_size: str | int = "48KB",
+                               dtype: torch.dtype = torch.float32, **text) -> Path:
+    """tiny_qwen3_omni whose thinker config names placeholder tokens inside its vocabulary, with a tokenizer
+    holding Qwen3-Omni's audio / vision special tokens and the processor files (omnilab.multimodal) beside it:
+    a fixture that hears and sees (random weights)."""
+    from omnilab.multimodal import PLACEHOLDER_TOKENS, write_processor_files
+
+    config_dict = tiny_omni_config(**text)
+    # transformers' audio token count (_get_feat_extract_output_lengths) assumes 100-frame chunks: n_window 50
+    config_dict["thinker_config"]["audio_config"].update(n_window=50, n_window_infer=200)
+    vocab = config_dict["thinker_config"]["text_config"]["vocab_size"]
+    tok = tiny_tokenizer(min(vocab - 16, 256), extra_specials=PLACEHOLDER_TOKENS)
+    ids = {attr: tok.convert_tokens_to_ids(token) for attr, token in PLACEHOLDER_TOKENS.items()}
+    config_dict["thinker_config"].update(audio_token_id=ids["audio_token"], image_token_id=ids["image_token"],
+                                         video_token_id=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
+                                         vision_start_token_id=ids["vision_bos_token"])
+    model = _omni_model(config_dict, seed, dtype)
+    out = _save(model, out, max_shard_size, False, vocab)
+    tok.save_pretrained(out)
+    write_processor_files(out, model.config.thinker_config)
+    return out
 
 
 def _save(model, out, max_shard_size, tokenizer: bool, vocab_size: int) -> Path:
@@ -117,12 +145,13 @@ def _save(model, out, max_shard_size, tokenizer: bool, vocab_size: int) -> Path:
     return out
 
 
-def tiny_tokenizer(vocab_size: int = 256):
-    """A byte-level BPE tokenizer trained on a few sentences, with Qwen-style special tokens at the end."""
+def tiny_tokenizer(vocab_size: int = 256, extra_specials: dict | None = None):
+    """A byte-level BPE tokenizer trained on a few sentences, with Qwen-style special tokens at the end.
+    extra_specials: attribute -> token (e.g. image_token -> <|image_pad|>), added as special tokens too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list((extra_specials or {}).values())
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -130,8 +159,9 @@ def tiny_tokenizer(vocab_size: int = 256):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(SAMPLE_TEXT * 4, trainer)
     tok.add_special_tokens(specials)
+    extra = {"extra_special_tokens": dict(extra_specials)} if extra_specials else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials[1:])
+                                   additional_special_tokens=specials[1:], **extra)
 
 
 class _quiet_transformers:
