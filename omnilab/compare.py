@@ -14,6 +14,12 @@ one layer of the reference, the experts under the cache's budget and the activat
   tolerance flags every real bf16 run; here a hook diverges only where the selective error exceeds
   NOISE_FACTOR x the reference's own bf16 error at that hook (and the fp32 tolerance). In fp32 the
   tolerance is omnilab.hooks.DIVERGENCE_RTOL (1e-4).
+- bf16 near-ties: where a token's top-k set differs from the reference's and the reference's own fp32 margin
+  between its k-th and (k+1)-th router logit is within NOISE_FACTOR x that token's bf16-vs-fp32 logit error,
+  the flip is rounding, not a bug: the token is set aside (counted per layer, `near_tie_flips`) at that layer's
+  later hooks, and in the chained view, where attention carries the flip to every later position, positions
+  from it on are set aside in the layers after. A flip at a clear margin is never set aside. Each hook row
+  says how many tokens it compared (`tokens`).
 - per MoE layer, the top-k routing agreement of the selective model with the reference (both views) and of
   transformers bf16 with transformers fp32.
 
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnilab.hooks import DIVERGENCE_RTOL, Comparison, compare_activations, run_with_cache
+from omnilab.hooks import DIVERGENCE_RTOL, Comparison, compare_activations, parse_name, run_with_cache
 from omnilab.model import as_dtype
 
 # A bf16 hook diverges where the selective model's error exceeds this many times transformers' own bf16-vs-fp32
@@ -47,6 +53,7 @@ class StreamedComparison:
     noise_factor: float = NOISE_FACTOR
     expert_budget_bytes: int | None = None
     peak_rss_bytes: int | None = None
+    near_tie_flips: dict = dataclasses.field(default_factory=dict)  # view -> layer -> tokens set aside (bf16)
 
     @property
     def first_divergence(self) -> str | None:
@@ -66,8 +73,11 @@ class StreamedComparison:
 
         chained, local = per_layer(self.chained), per_layer(self.local)
         noise, local_noise = per_layer(self.noise), per_layer(self.local_noise)
+        flips = self.near_tie_flips
         return [{"layer": int(layer), "topk_agreement": chained[layer], "local_topk_agreement": local.get(layer),
-                 "noise_topk_agreement": noise.get(layer), "local_noise_topk_agreement": local_noise.get(layer)}
+                 "noise_topk_agreement": noise.get(layer), "local_noise_topk_agreement": local_noise.get(layer),
+                 "near_tie_flips": flips.get("chained", {}).get(layer),
+                 "local_near_tie_flips": flips.get("local", {}).get(layer)}
                 for layer in chained]
 
     def to_json(self) -> dict:
@@ -107,17 +117,64 @@ def compare_streamed(selective_acts: dict, reference, input_ids, dtype, *, noise
     dtypes = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
     run = reference.run(input_ids, dtypes, local_inputs=selective_acts, progress=progress)
     noise = local_noise = None
-    thresholds = local_thresholds = None
+    thresholds = local_thresholds = keep = local_keep = None
+    flips: dict = {}
     if dtype != torch.float32:
         noise = compare_activations(run.chained[torch.float32], run.chained[dtype], names=names)
         local_noise = compare_activations(run.local[torch.float32], run.local[dtype], names=names)
         thresholds = noise_thresholds(noise, noise_factor)
         local_thresholds = noise_thresholds(local_noise, noise_factor)
+        keep, chained_flips = set_aside_near_ties(reference.config, run.chained[torch.float32], run.chained[dtype],
+                                                  selective_acts, names, noise_factor, chained=True)
+        local_keep, local_flips = set_aside_near_ties(reference.config, run.local[torch.float32], run.local[dtype],
+                                                      selective_acts, names, noise_factor, chained=False)
+        flips = {"chained": chained_flips, "local": local_flips}
     rtol = DIVERGENCE_RTOL.get(dtype, DIVERGENCE_RTOL[torch.float32])
-    chained = compare_activations(run.chained[dtype], selective_acts, rtol=rtol, names=names, thresholds=thresholds)
+    chained = compare_activations(run.chained[dtype], selective_acts, rtol=rtol, names=names, thresholds=thresholds,
+                                  keep=keep)
     local = compare_activations(run.local[dtype], selective_acts, rtol=rtol, names=names,
-                                thresholds=local_thresholds)
-    return StreamedComparison(dtype, chained, local, noise, local_noise, noise_factor)
+                                thresholds=local_thresholds, keep=local_keep)
+    return StreamedComparison(dtype, chained, local, noise, local_noise, noise_factor, near_tie_flips=flips)
+
+
+def near_tie_flips(ref32_logits, ref16_logits, ref_idx, sel_idx, factor: float = NOISE_FACTOR) -> torch.Tensor:
+    """bool [N]: tokens whose selective top-k set differs from the reference's at a near-tie, i.e. where the
+    reference's fp32 margin between its k-th and (k+1)-th logit is within factor x the token's largest
+    bf16-vs-fp32 logit error. Logits [N, E], indices [N, k]."""
+    k = ref_idx.shape[-1]
+    l32, l16 = ref32_logits.double(), ref16_logits.double()
+    top = l32.topk(k + 1, dim=-1).values  # [N, k + 1]
+    margin = top[:, k - 1] - top[:, k]  # [N]
+    noise = (l16 - l32).abs().max(-1).values  # [N]
+    flipped = (ref_idx.sort(-1).values != sel_idx.sort(-1).values).any(-1)  # [N]
+    return flipped & (margin <= factor * noise)
+
+
+def set_aside_near_ties(config, ref32: dict, ref16: dict, sel: dict, names, factor, *, chained: bool):
+    """(keep: hook name -> bool [N] of the tokens compared there, flips: layer -> near-tie flips), one prompt."""
+    n = ref16["hook_embed"].shape[1] if ref16["hook_embed"].ndim == 3 else ref16["hook_embed"].shape[0]
+    aside = torch.zeros(n, dtype=torch.bool)  # chained: positions set aside from the current layer on
+    keep, flips = {}, {}
+    after_router = ("mlp.hook_topk_indices", "mlp.hook_topk_weights", "hook_mlp_out", "hook_resid_post")
+    for name in names:
+        layer, point = parse_name(name)
+        if point == "mlp.hook_router_logits":
+            logits = f"blocks.{layer}.mlp.hook_router_logits"
+            idx = f"blocks.{layer}.mlp.hook_topk_indices"
+            here = near_tie_flips(ref32[logits], ref16[logits], ref16[idx], sel[idx], factor)
+            flips[layer] = int(here.sum())
+            layer_aside = aside | here  # this layer's later hooks: per token
+        if layer is not None and point == "hook_resid_pre":
+            layer_aside = aside
+        if layer is None or point not in after_router:
+            keep[name] = ~aside if chained else torch.ones(n, dtype=torch.bool)
+        else:
+            keep[name] = ~layer_aside
+        if point == "hook_resid_post" and chained and layer_aside.any():
+            first = int(layer_aside.nonzero()[0])
+            aside = aside.clone()
+            aside[first:] = True  # causal attention carries a flipped position into every later one
+    return keep, flips
 
 
 def check_same_text_model(config, ref_config, path, ref_path) -> None:
