@@ -236,36 +236,64 @@ def _multimodal_inputs(args, model):
     return towers, multimodal.process(processor, towers.config, text, audio=audio, images=images)
 
 
-def cmd_compare(args) -> int:
-    """Selective model and transformers on the same tokens; one row per hook point (DESIGN.md's JSON)."""
-    import torch
-
-    from omnilab.checkpoint import Checkpoint
-    from omnilab.hooks import compare
+def _compare_multimodal(args, checkpoint) -> int:
+    """compare with --audio / --image: the whole transformers thinker as the reference (towers included); the
+    streamed reference covers text prompts only for now."""
+    from omnilab import multimodal
     from omnilab.model import SelectiveMoE
     from omnilab.reference import Reference
 
-    checkpoint = Checkpoint(args.path)  # headers read once, for both models
-    selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device)
+    if args.reference:
+        raise ValueError("--reference with --audio / --image is not supported yet: compare multimodal prompts on one checkpoint")
+    selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device,
+                                             expert_budget=args.expert_budget)
     media = _multimodal_inputs(args, selective)
-    ids = media[1]["input_ids"][0].tolist() if media else _prompt_ids(args, selective.tokenizer,
-                                                                      selective.config.vocab_size)
+    ids = media[1]["input_ids"][0].tolist()
     reference = Reference.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device)
-    if media:
-        from omnilab import multimodal
-
-        result = multimodal.compare(reference, selective, *media)
-    else:
-        result = compare(reference, selective, torch.tensor([ids]))
+    result = multimodal.compare(reference, selective, *media)
     if args.json:
-        print_json({"path": args.path, "dtype": args.dtype, "input_ids": ids, "audio": args.audio,
-                    "image": args.image, **result.to_json()})
+        print_json({"path": args.path, "reference": args.path, "dtype": args.dtype, "input_ids": ids,
+                    "audio": args.audio, "image": args.image, **result.to_json()})
         return 0
-    table = result.table[["name", "max_abs", "rel_err", "cosine", "topk_agreement"]]
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3e}"))
+    print(result.table[["name", "max_abs", "rel_err", "cosine", "topk_agreement"]].to_string(
+        index=False, float_format=lambda x: f"{x:.3e}"))
     print(f"first divergence (rel_err > {result.rtol:g}): {result.first_divergence or 'none'}")
     print(f"top-1 agreement {result.top1_agreement:.4f}, KL(ref || selective) {result.kl:.3e}, "
           f"max rel_err {result.table.rel_err.max():.3e} over {len(ids)} tokens ({args.dtype})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """The selective model on PATH against transformers on --reference (default PATH), streamed one layer at a
+    time; chained and local views, in bf16 beside transformers' own bf16 noise (omnilab.compare; DESIGN.md's JSON)."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.compare import compare_checkpoints
+    from omnilab.model import load_tokenizer
+
+    checkpoint = Checkpoint(args.path)  # headers read once, for both models when there is no --reference
+    if args.audio or args.image:
+        return _compare_multimodal(args, checkpoint)
+    config, _ = checkpoint.arch
+    ids = _prompt_ids(args, load_tokenizer(checkpoint.root) if args.prompt is not None else None, config.vocab_size)
+    result = compare_checkpoints(checkpoint, ids, reference=args.reference, dtype=args.dtype, device=args.device,
+                                 expert_budget=args.expert_budget, progress=sys.stderr.isatty())
+    if args.json:
+        print_json({"path": args.path, "reference": args.reference or args.path, "dtype": args.dtype,
+                    "input_ids": ids, **result.to_json()})
+        return 0
+    chained, local = result.chained.table, result.local.table.set_index("name")
+    table = chained[["name", "rel_err", "threshold", "cosine", "topk_agreement"]].copy()
+    table.insert(2, "local_rel_err", local.rel_err.reindex(table.name).values)
+    if result.noise is not None:
+        table.insert(3, "noise_rel_err", result.noise.table.set_index("name").rel_err.reindex(table.name).values)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3e}"))
+    rule = (f"rel_err > {result.noise_factor:g} x transformers' own bf16-vs-fp32 error" if result.noise is not None
+            else f"rel_err > {result.chained.rtol:g}")
+    print(f"first divergence ({rule}): chained {result.first_divergence or 'none'}, "
+          f"local {result.local_first_divergence or 'none'}")
+    print(f"top-1 agreement {result.chained.top1_agreement:.4f}, KL(ref || selective) {result.chained.kl:.3e}, "
+          f"max rel_err {chained.rel_err.max():.3e} chained / {local.rel_err.max():.3e} local over {len(ids)} tokens "
+          f"({args.dtype}); peak anonymous RSS {result.peak_rss_bytes / 2**30:.2f} GiB")
     return 0
 
 
@@ -409,9 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--json", action="store_true")
 
-    p = verbs.add_parser("compare", help="run the selective model and transformers side by side at every hook point")
-    p.add_argument("path")
+    p = verbs.add_parser("compare", help="the selective model against transformers (streamed) at every hook point")
+    p.add_argument("path", help="checkpoint the selective model runs on (an extraction, an edited copy)")
     model_args(p)
+    p.add_argument("--reference", metavar="REF_PATH", default=None,
+                   help="checkpoint transformers runs on (the original); default: PATH")
+    p.add_argument("--expert-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="bytes of experts the selective side holds at once (default: one MoE layer's worth)")
     p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("generate", help="generate with the selective model under an expert memory budget")

@@ -82,7 +82,8 @@ def run_with_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
 @dataclass
 class Comparison:
-    table: pd.DataFrame  # one row per hook: name, layer, point, max_abs, rel_err, cosine, topk_agreement, divergent
+    table: pd.DataFrame  # one row per hook: name, layer, point, max_abs, rel_err, cosine, topk_agreement, threshold,
+    # divergent
     first_divergence: str | None
     top1_agreement: float
     kl: float
@@ -90,7 +91,8 @@ class Comparison:
 
     def to_json(self) -> dict:
         """The `omnilab compare --json` contract."""
-        hooks = [{k: _num(row[k]) for k in ("name", "max_abs", "rel_err", "cosine", "topk_agreement")}
+        hooks = [{k: _num(row[k]) for k in ("name", "max_abs", "rel_err", "cosine", "topk_agreement", "threshold",
+                                             "tokens")}
                  for row in self.table.to_dict("records")]
         return {"hooks": hooks, "first_divergence": self.first_divergence, "top1_agreement": self.top1_agreement,
                 "kl": self.kl, "rtol": self.rtol, "max_rel_err": _num(self.table.rel_err.max())}
@@ -119,15 +121,21 @@ def compare(reference, selective, input_ids, attention_mask=None, names=None, rt
                                names=names or reference.hook_names())
 
 
-def compare_activations(ref: dict, sel: dict, attention_mask=None, rtol: float = 1e-4, names=None) -> Comparison:
-    """Compare two captures (name -> tensor) hook by hook; `ref` is the reference (b in rel_err)."""
+def compare_activations(ref: dict, sel: dict, attention_mask=None, rtol: float = 1e-4, names=None,
+                        thresholds: dict | None = None, keep: dict | None = None) -> Comparison:
+    """Compare two captures (name -> tensor) hook by hook; `ref` is the reference (b in rel_err).
+    A hook is divergent where rel_err exceeds its threshold: thresholds[name] when given (the bf16 noise
+    floor, omnilab.compare), else rtol. keep[name]: bool [n] over the real tokens, those compared at that hook
+    (omnilab.compare sets aside bf16 near-tie flips); the `tokens` column counts them."""
     names = [n for n in (names or ref) if n in ref and n in sel]
     valid = None if attention_mask is None else torch.as_tensor(attention_mask).bool().cpu()  # [B, T]
     rows = []
     for name in names:
         a, b = _tokens(sel[name], valid), _tokens(ref[name], valid)
+        if keep is not None and name in keep:
+            a, b = a[keep[name]], b[keep[name]]
         layer, point = parse_name(name)
-        row = {"name": name, "layer": layer, "point": point, "topk_agreement": float("nan")}
+        row = {"name": name, "layer": layer, "point": point, "topk_agreement": float("nan"), "tokens": len(b)}
         if point == "mlp.hook_topk_indices":
             agree = topk_agreement(b, a)
             row.update(max_abs=float((~_same_sets(b, a)).float().mean()), rel_err=1.0 - agree, cosine=float("nan"),
@@ -135,15 +143,20 @@ def compare_activations(ref: dict, sel: dict, attention_mask=None, rtol: float =
         else:
             row.update(_errors(a, b))
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["name", "layer", "point", "max_abs", "rel_err", "cosine", "topk_agreement"])
+    table = pd.DataFrame(rows, columns=["name", "layer", "point", "max_abs", "rel_err", "cosine", "topk_agreement",
+                                        "tokens"])
     # the router's weights and logits carry their layer's set agreement too
     for layer, agree in table[table.point == "mlp.hook_topk_indices"].set_index("layer").topk_agreement.items():
         table.loc[(table.layer == layer) & table.point.isin(ROUTER_POINTS), "topk_agreement"] = agree
-    table["divergent"] = ~(table.rel_err <= rtol)  # NaN counts as divergent
+    table["threshold"] = [float((thresholds or {}).get(n, rtol)) for n in table.name]
+    # NaN counts as divergent; a hook with every token set aside is not judged
+    table["divergent"] = ~(table.rel_err <= table.threshold) & (table.tokens > 0)
     first = table[table.divergent].name.iloc[0] if table.divergent.any() else None
     top1, kl = float("nan"), float("nan")
     if "hook_logits" in ref and "hook_logits" in sel:
         lr, ls = _tokens(ref["hook_logits"], valid).double(), _tokens(sel["hook_logits"], valid).double()
+        if keep is not None and "hook_logits" in keep:
+            lr, ls = lr[keep["hook_logits"]], ls[keep["hook_logits"]]
         top1 = float((lr.argmax(-1) == ls.argmax(-1)).double().mean())
         kl = float(F.kl_div(F.log_softmax(ls, -1), F.log_softmax(lr, -1), log_target=True, reduction="none")
                    .sum(-1).mean())

@@ -64,35 +64,14 @@ class Reference:
         """Call fn(tensor) with the activation at `name` (read only). Returns a handle with .remove()."""
         if name not in self.hook_names():
             raise KeyError(f"no hook point {name!r} in this model")
-        module, where = self.hook_site(name)
-        if where == "input":
-            return module.register_forward_pre_hook(lambda m, args, kwargs: _call(fn, _first(args, kwargs)),
-                                                    with_kwargs=True)
-        pick = {"output": lambda out: out[0] if isinstance(out, tuple) else out,
-                "router_logits": lambda out: out[0], "topk_weights": lambda out: out[1],
-                "topk_indices": lambda out: out[2]}[where]
-        return module.register_forward_hook(lambda m, args, out: _call(fn, pick(out)))
-
-    def hook_site(self, name: str) -> tuple[torch.nn.Module, str]:
-        """The module a hook name lives on and which of its values it is (output, input, router parts)."""
         if name == "hook_embed":
-            return self.text.embed_tokens, "output"
+            return _attach_site(self.text.embed_tokens, "output", fn)
         if name == "ln_final.hook_normalized":
-            return self.text.norm, "output"
+            return _attach_site(self.text.norm, "output", fn)
         if name == "hook_logits":
-            return self.lm_head, "output"
+            return _attach_site(self.lm_head, "output", fn)
         _, i, point = name.split(".", 2)
-        layer = self.text.layers[int(i)]
-        return {
-            "hook_resid_pre": (layer, "input"),
-            "hook_attn_out": (layer.self_attn, "output"),
-            "hook_resid_mid": (layer.post_attention_layernorm, "input"),
-            "mlp.hook_router_logits": (getattr(layer.mlp, "gate", None), "router_logits"),
-            "mlp.hook_topk_indices": (getattr(layer.mlp, "gate", None), "topk_indices"),
-            "mlp.hook_topk_weights": (getattr(layer.mlp, "gate", None), "topk_weights"),
-            "hook_mlp_out": (layer.mlp, "output"),
-            "hook_resid_post": (layer, "output"),
-        }[point]
+        return attach(self.text.layers[int(i)], point, fn)
 
     # -- running ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -121,6 +100,37 @@ class Reference:
                                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if kwargs["eos_token_id"] is None else 0,
                                **kwargs)
         return out[:, input_ids.shape[1]:]
+
+
+def layer_site(layer: torch.nn.Module, point: str) -> tuple[torch.nn.Module, str]:
+    """Where a layer hook point lives on a transformers decoder layer: (module, which of its values).
+    The one mapping for the whole reference and the streamed one (omnilab.streamed)."""
+    mlp_gate = getattr(layer.mlp, "gate", None)
+    return {
+        "hook_resid_pre": (layer, "input"),
+        "hook_attn_out": (layer.self_attn, "output"),
+        "hook_resid_mid": (layer.post_attention_layernorm, "input"),
+        "mlp.hook_router_logits": (mlp_gate, "router_logits"),
+        "mlp.hook_topk_indices": (mlp_gate, "topk_indices"),
+        "mlp.hook_topk_weights": (mlp_gate, "topk_weights"),
+        "hook_mlp_out": (layer.mlp, "output"),
+        "hook_resid_post": (layer, "output"),
+    }[point]
+
+
+def attach(layer: torch.nn.Module, point: str, fn):
+    """Call fn(tensor) with a decoder layer's activation at `point` (e.g. 'hook_attn_out'). Returns a handle."""
+    return _attach_site(*layer_site(layer, point), fn)
+
+
+def _attach_site(module: torch.nn.Module, where: str, fn):
+    if where == "input":
+        return module.register_forward_pre_hook(lambda m, args, kwargs: _call(fn, _first(args, kwargs)),
+                                                with_kwargs=True)
+    pick = {"output": lambda out: out[0] if isinstance(out, tuple) else out,
+            "router_logits": lambda out: out[0], "topk_weights": lambda out: out[1],
+            "topk_indices": lambda out: out[2]}[where]
+    return module.register_forward_hook(lambda m, args, out: _call(fn, pick(out)))
 
 
 def _first(args, kwargs):

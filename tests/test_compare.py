@@ -22,13 +22,19 @@ def test_cli_compare_json_contract(tiny_moe, capsys):
     code, out, _ = run_cli(capsys, "compare", tiny_moe, "--input-ids", "1,2,3,4,5,6", "--json")
     assert code == 0
     result = json.loads(out)
-    assert {"hooks", "first_divergence", "top1_agreement", "kl"} <= set(result)
+    assert {"hooks", "first_divergence", "top1_agreement", "kl", "local_hooks", "local_first_divergence", "noise",
+            "peak_rss_bytes", "routing"} <= set(result)
     config = SelectiveMoE.from_checkpoint(tiny_moe, tokenizer=False).config
-    assert [h["name"] for h in result["hooks"]] == hook_names(config)
-    for h in result["hooks"]:
-        assert {"name", "max_abs", "rel_err", "cosine"} <= set(h)
-        assert h["rel_err"] <= 1e-5
-    assert result["first_divergence"] is None and result["top1_agreement"] == 1.0 and result["kl"] < 1e-8
+    for view in ("hooks", "local_hooks"):
+        assert [h["name"] for h in result[view]] == hook_names(config)
+        for h in result[view]:
+            assert {"name", "max_abs", "rel_err", "cosine", "threshold"} <= set(h)
+            assert h["rel_err"] <= 1e-5
+    assert result["first_divergence"] is None and result["local_first_divergence"] is None
+    assert result["top1_agreement"] == 1.0 and result["kl"] < 1e-8
+    assert result["noise"] is None  # fp32: the fixed tolerance
+    assert result["peak_rss_bytes"] > 0 and result["expert_budget_bytes"] == 8 * 3 * 32 * 64 * 4
+    assert [r["layer"] for r in result["routing"]] == config.moe_layers
 
 
 def test_cli_compare_prompt_and_bf16(tiny_omni, capsys):
@@ -38,6 +44,43 @@ def test_cli_compare_prompt_and_bf16(tiny_omni, capsys):
     result = json.loads(out)
     assert 0.0 <= result["top1_agreement"] <= 1.0 and result["kl"] >= 0
     assert max(h["rel_err"] for h in result["hooks"]) > 0  # bf16 rounding is reported, not hidden
+    noise = result["noise"]
+    assert [h["name"] for h in noise["hooks"]] == [h["name"] for h in result["hooks"]]
+    assert max(h["rel_err"] for h in noise["hooks"]) > 0  # transformers' own bf16 is not its fp32
+    for h, n in zip(result["hooks"], noise["hooks"]):
+        assert h["threshold"] == pytest.approx(max(noise["factor"] * n["rel_err"], noise["floor"]))
+
+
+def test_cli_compare_reference_names_the_edited_layer(make_checkpoint, tmp_path, capsys):
+    """A copy with one layer's post_attention_layernorm reset to ones, as hand extractions left it, against the
+    original: both views name that layer, the local view that layer alone."""
+    from omnilab.breakage import copy_checkpoint, replace_tensor
+    from omnilab.checkpoint import Checkpoint
+
+    src = make_checkpoint("moe", num_hidden_layers=5)
+    original = copy_checkpoint(src, tmp_path / "original")
+    name = "model.layers.2.post_attention_layernorm.weight"
+    shape = Checkpoint(src).read(name).shape
+    replace_tensor(original, name, 1.0 + 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    edited = copy_checkpoint(original, tmp_path / "edited")
+    replace_tensor(edited, name, torch.ones(shape))
+    code, out, _ = run_cli(capsys, "compare", edited, "--reference", original, "--input-ids", "3,17,42,99,7,250,12",
+                           "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["reference"] == str(original)
+    assert result["first_divergence"] == result["local_first_divergence"] == "blocks.2.mlp.hook_router_logits"
+    local_divergent = {h["name"].split(".")[1] for h in result["local_hooks"] if h["rel_err"] > h["threshold"]}
+    assert local_divergent == {"2"}
+    # the same checkpoint on both sides agrees
+    code, out, _ = run_cli(capsys, "compare", edited, "--reference", edited, "--input-ids", "3,17,42", "--json")
+    assert code == 0 and json.loads(out)["local_first_divergence"] is None
+
+
+def test_cli_compare_reference_of_another_model_is_one_line(make_checkpoint, capsys):
+    code, _, err = run_cli(capsys, "compare", make_checkpoint("moe"), "--reference",
+                           make_checkpoint("moe", num_hidden_layers=5), "--input-ids", "1,2")
+    assert code == 2 and "num_hidden_layers" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_generate_json_contract(tiny_moe, capsys):

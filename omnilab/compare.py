@@ -1,0 +1,218 @@
+"""Does the selective model compute what transformers computes? Both views, in bounded memory.
+
+The selective model (omnilab.model) runs once with every hook recorded; then the transformers reference is
+streamed part by part over the shards (omnilab.streamed), so neither side ever holds more than its backbone,
+one layer of the reference, the experts under the cache's budget and the activations. Reported:
+
+- chained (`chained`, JSON `hooks` / `first_divergence`): each side on its own activations, what you get
+  end to end; one wrong layer spoils every hook after it.
+- local (`local`, JSON `local_hooks` / `local_first_divergence`): each reference layer (and the final norm /
+  lm_head) fed the selective model's input at that layer, so each layer's error is its own and
+  `local_first_divergence` names the layer that is wrong.
+- in bf16, the noise floor (`noise`, `local_noise`): transformers' own bf16 against its own fp32, streamed in
+  the same pass (each part is loaded once and cast). Routers' near-ties flip experts in bf16, so a fixed
+  tolerance flags every real bf16 run; here a hook diverges only where the selective error exceeds
+  NOISE_FACTOR x the reference's own bf16 error at that hook (and the fp32 tolerance). In fp32 the
+  tolerance is omnilab.hooks.DIVERGENCE_RTOL (1e-4).
+- bf16 near-ties: where a token's top-k set differs from the reference's and the reference's own fp32 margin
+  between its k-th and (k+1)-th router logit is within NOISE_FACTOR x that token's bf16-vs-fp32 logit error,
+  the flip is rounding, not a bug: the token is set aside (counted per layer, `near_tie_flips`) at that layer's
+  later hooks, and in the chained view, where attention carries the flip to every later position, positions
+  from it on are set aside in the layers after. A flip at a clear margin is never set aside. Each hook row
+  says how many tokens it compared (`tokens`).
+- per MoE layer, the top-k routing agreement of the selective model with the reference (both views) and of
+  transformers bf16 with transformers fp32.
+
+`compare_checkpoints(path, input_ids, reference=REF)` is the `omnilab compare` verb: the selective model on
+`path` (a hand extraction, an edited copy), the reference on `reference` (the original; default `path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from dataclasses import dataclass
+
+import torch
+
+from omnilab.hooks import DIVERGENCE_RTOL, Comparison, compare_activations, parse_name, run_with_cache
+from omnilab.model import as_dtype
+
+# A bf16 hook diverges where the selective model's error exceeds this many times transformers' own bf16-vs-fp32
+# error at the same hook (and DIVERGENCE_RTOL[float32]).
+NOISE_FACTOR = 4.0
+
+
+@dataclass
+class StreamedComparison:
+    dtype: torch.dtype
+    chained: Comparison
+    local: Comparison
+    noise: Comparison | None = None  # transformers bf16 vs fp32, chained (None in fp32)
+    local_noise: Comparison | None = None  # the same, each layer on the selective model's input
+    noise_factor: float = NOISE_FACTOR
+    expert_budget_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    near_tie_flips: dict = dataclasses.field(default_factory=dict)  # view -> layer -> tokens set aside (bf16)
+
+    @property
+    def first_divergence(self) -> str | None:
+        return self.chained.first_divergence
+
+    @property
+    def local_first_divergence(self) -> str | None:
+        return self.local.first_divergence
+
+    def routing(self) -> list[dict]:
+        """Per MoE layer: top-k set agreement with the reference (chained, local) and of the reference's bf16
+        with its fp32 (noise; None in fp32)."""
+        def per_layer(c):
+            if c is None:
+                return {}
+            return c.per_layer("mlp.hook_topk_indices", "topk_agreement").to_dict()
+
+        chained, local = per_layer(self.chained), per_layer(self.local)
+        noise, local_noise = per_layer(self.noise), per_layer(self.local_noise)
+        flips = self.near_tie_flips
+        return [{"layer": int(layer), "topk_agreement": chained[layer], "local_topk_agreement": local.get(layer),
+                 "noise_topk_agreement": noise.get(layer), "local_noise_topk_agreement": local_noise.get(layer),
+                 "near_tie_flips": flips.get("chained", {}).get(layer),
+                 "local_near_tie_flips": flips.get("local", {}).get(layer)}
+                for layer in chained]
+
+    def to_json(self) -> dict:
+        """DESIGN.md's `omnilab compare --json`: the chained view keeps `hooks` / `first_divergence`."""
+        local = self.local.to_json()
+        out = {**self.chained.to_json(), "local_hooks": local["hooks"],
+               "local_first_divergence": local["first_divergence"], "local_top1_agreement": local["top1_agreement"],
+               "local_kl": local["kl"], "local_max_rel_err": local["max_rel_err"], "noise": None,
+               "routing": self.routing(), "expert_budget_bytes": self.expert_budget_bytes,
+               "peak_rss_bytes": self.peak_rss_bytes}
+        if self.noise is not None:
+            rows = lambda c: [{k: h[k] for k in ("name", "rel_err", "topk_agreement")} for h in c.to_json()["hooks"]]
+            out["noise"] = {"factor": self.noise_factor, "floor": DIVERGENCE_RTOL[torch.float32],
+                            "hooks": rows(self.noise), "local_hooks": rows(self.local_noise)}
+        return out
+
+
+def noise_thresholds(noise: Comparison, factor: float = NOISE_FACTOR) -> dict[str, float]:
+    """Per hook: the rel_err above which the selective model diverges, given transformers' own bf16 error."""
+    floor = DIVERGENCE_RTOL[torch.float32]
+    return {row.name: max(factor * float(row.rel_err), floor) for row in noise.table.itertuples()}
+
+
+def one_layer_budget(config, dtype) -> int:
+    """Bytes of one MoE layer's experts in the compute dtype: the selective side's default budget in compare."""
+    itemsize = torch.empty((), dtype=as_dtype(dtype)).element_size()
+    return config.num_experts * 3 * config.moe_intermediate_size * config.hidden_size * itemsize
+
+
+@torch.no_grad()
+def compare_streamed(selective_acts: dict, reference, input_ids, dtype, *, noise_factor: float = NOISE_FACTOR,
+                     progress: bool = False) -> StreamedComparison:
+    """Compare a capture of the selective model (hook name -> tensor, `run_with_cache`) with a
+    StreamedReference on the same input_ids [1, T], both views; in bf16 with transformers' fp32 beside it."""
+    dtype = as_dtype(dtype)
+    names = reference.hook_names()
+    dtypes = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
+    run = reference.run(input_ids, dtypes, local_inputs=selective_acts, progress=progress)
+    noise = local_noise = None
+    thresholds = local_thresholds = keep = local_keep = None
+    flips: dict = {}
+    if dtype != torch.float32:
+        noise = compare_activations(run.chained[torch.float32], run.chained[dtype], names=names)
+        local_noise = compare_activations(run.local[torch.float32], run.local[dtype], names=names)
+        thresholds = noise_thresholds(noise, noise_factor)
+        local_thresholds = noise_thresholds(local_noise, noise_factor)
+        keep, chained_flips = set_aside_near_ties(reference.config, run.chained[torch.float32], run.chained[dtype],
+                                                  selective_acts, names, noise_factor, chained=True)
+        local_keep, local_flips = set_aside_near_ties(reference.config, run.local[torch.float32], run.local[dtype],
+                                                      selective_acts, names, noise_factor, chained=False)
+        flips = {"chained": chained_flips, "local": local_flips}
+    rtol = DIVERGENCE_RTOL.get(dtype, DIVERGENCE_RTOL[torch.float32])
+    chained = compare_activations(run.chained[dtype], selective_acts, rtol=rtol, names=names, thresholds=thresholds,
+                                  keep=keep)
+    local = compare_activations(run.local[dtype], selective_acts, rtol=rtol, names=names,
+                                thresholds=local_thresholds, keep=local_keep)
+    return StreamedComparison(dtype, chained, local, noise, local_noise, noise_factor, near_tie_flips=flips)
+
+
+def near_tie_flips(ref32_logits, ref16_logits, ref_idx, sel_idx, factor: float = NOISE_FACTOR) -> torch.Tensor:
+    """bool [N]: tokens whose selective top-k set differs from the reference's at a near-tie, i.e. where the
+    reference's fp32 margin between its k-th and (k+1)-th logit is within factor x the token's largest
+    bf16-vs-fp32 logit error. Logits [N, E], indices [N, k]."""
+    k = ref_idx.shape[-1]
+    l32, l16 = ref32_logits.double(), ref16_logits.double()
+    top = l32.topk(k + 1, dim=-1).values  # [N, k + 1]
+    margin = top[:, k - 1] - top[:, k]  # [N]
+    noise = (l16 - l32).abs().max(-1).values  # [N]
+    flipped = (ref_idx.sort(-1).values != sel_idx.sort(-1).values).any(-1)  # [N]
+    return flipped & (margin <= factor * noise)
+
+
+def set_aside_near_ties(config, ref32: dict, ref16: dict, sel: dict, names, factor, *, chained: bool):
+    """(keep: hook name -> bool [N] of the tokens compared there, flips: layer -> near-tie flips), one prompt."""
+    n = ref16["hook_embed"].shape[1] if ref16["hook_embed"].ndim == 3 else ref16["hook_embed"].shape[0]
+    aside = torch.zeros(n, dtype=torch.bool)  # chained: positions set aside from the current layer on
+    keep, flips = {}, {}
+    after_router = ("mlp.hook_topk_indices", "mlp.hook_topk_weights", "hook_mlp_out", "hook_resid_post")
+    for name in names:
+        layer, point = parse_name(name)
+        if point == "mlp.hook_router_logits":
+            logits = f"blocks.{layer}.mlp.hook_router_logits"
+            idx = f"blocks.{layer}.mlp.hook_topk_indices"
+            here = near_tie_flips(ref32[logits], ref16[logits], ref16[idx], sel[idx], factor)
+            flips[layer] = int(here.sum())
+            layer_aside = aside | here  # this layer's later hooks: per token
+        if layer is not None and point == "hook_resid_pre":
+            layer_aside = aside
+        if layer is None or point not in after_router:
+            keep[name] = ~aside if chained else torch.ones(n, dtype=torch.bool)
+        else:
+            keep[name] = ~layer_aside
+        if point == "hook_resid_post" and chained and layer_aside.any():
+            first = int(layer_aside.nonzero()[0])
+            aside = aside.clone()
+            aside[first:] = True  # causal attention carries a flipped position into every later one
+    return keep, flips
+
+
+def check_same_text_model(config, ref_config, path, ref_path) -> None:
+    """The selective and reference checkpoints must describe the same text model; else a one-line error."""
+    a, b = dataclasses.asdict(config), dataclasses.asdict(ref_config)
+    for key in a:
+        if a[key] != b.get(key):
+            raise ValueError(f"--reference {ref_path}: its text model differs from {path}'s: "
+                             f"{key} is {b.get(key)!r} there, {a[key]!r} here")
+
+
+def compare_checkpoints(path, input_ids, *, reference=None, dtype="float32", device="cpu",
+                        expert_budget: int | None = None, faults=(), noise_factor: float = NOISE_FACTOR,
+                        progress: bool = False) -> StreamedComparison:
+    """The selective model on `path` against the streamed transformers reference on `reference` (default:
+    `path`). expert_budget: bytes of experts the selective side holds (default: one layer's worth).
+    The selective model is dropped once its activations are recorded, before the reference streams."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.memory import AnonPeak
+    from omnilab.model import SelectiveMoE
+    from omnilab.streamed import StreamedReference
+
+    dtype = as_dtype(dtype)
+    with AnonPeak() as peak:
+        checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
+        ref_checkpoint = checkpoint if reference is None or str(reference) == str(path) else Checkpoint(reference)
+        config, _ = checkpoint.arch
+        ref_config, _ = ref_checkpoint.arch
+        check_same_text_model(config, ref_config, checkpoint.path, ref_checkpoint.path)
+        budget = one_layer_budget(config, dtype) if expert_budget is None else expert_budget
+        input_ids = torch.as_tensor(input_ids).reshape(1, -1)
+        selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=dtype, device=device, expert_budget=budget,
+                                                 faults=faults, tokenizer=False)
+        _, acts = run_with_cache(selective, input_ids.to(selective.device))
+        del selective  # its backbone and experts are not needed while the reference streams
+        gc.collect()
+        ref = StreamedReference(ref_checkpoint, device=device)
+        result = compare_streamed(acts, ref, input_ids, dtype, noise_factor=noise_factor, progress=progress)
+    result.expert_budget_bytes = budget
+    result.peak_rss_bytes = peak.peak
+    return result

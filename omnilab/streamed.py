@@ -1,0 +1,299 @@
+"""The transformers reference streamed part by part, for checkpoints larger than the machine's memory.
+
+The whole transformers model (`Qwen3OmniMoeThinkerForConditionalGeneration`, or `AutoModelForCausalLM` for
+qwen3_moe) is built once with accelerate's `init_empty_weights`: every parameter on the meta device, costing
+nothing, while buffers (the text model's rotary `inv_freq`) are computed by the modules' own __init__. Then
+one part at a time, in forward order,
+
+    embedding -> decoder layer 0 -> layer 1 -> ... -> final norm + lm_head
+
+is filled with just that part's tensors from the shards by transformers' own loader
+(`core_model_loading.convert_and_load_state_dict_in_model` with the model's own weight conversions from
+`conversion_mapping.get_model_conversion_mapping`: the per-expert tensors on disk become the fused
+`gate_up_proj` / `down_proj` exactly as `from_pretrained` makes them), run, and put back on the meta device.
+Peak memory is one part plus the activations.
+
+What each layer receives is what the text model itself passes it: the model's own forward runs on the
+embedding up to the first decoder layer, where a pre-hook takes its inputs (hidden states, attention mask,
+position ids, rotary cos/sin) and stops the pass (the "catcher" of layer-by-layer quantizers such as GPTQ).
+Every later layer is called with the same keyword arguments. After the last layer the final norm and lm_head
+are applied as the text model's and the CausalLM's forward apply them (norm, then lm_head on every position).
+
+Two views in one pass over the shards:
+- chained: each layer runs on the previous layer's output (the reference's own activations);
+- local: given the selective model's input at each layer (`local_inputs`), each layer, and the final norm /
+  lm_head, also run on that input, so a layer's error is its own.
+Several dtypes in one pass: a part is loaded once in its dtype on disk and cast for each run. A cast is
+elementwise, so casting after the expert fusion gives what `from_pretrained(dtype=...)` gives by casting
+before it (tested bit for bit against a whole `from_pretrained` reference, fp32 and bf16).
+
+Hook names and sites are omnilab.reference's (`layer_site`): the same names as on the selective model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omnilab.arch import expected_tensors
+from omnilab.checkpoint import Checkpoint
+from omnilab.hooks import hook_names
+from omnilab.model import as_dtype
+
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class _Caught(Exception):
+    """Raised by the pre-hook on the first decoder layer once it has its inputs."""
+
+    def __init__(self, hidden_states, kwargs):
+        self.hidden_states, self.kwargs = hidden_states, kwargs
+
+
+@dataclass
+class StreamedRun:
+    """Activations of one streamed pass, per compute dtype: name -> tensor (on the CPU).
+    local holds the local view (empty when no local inputs were given): every layer's hook_resid_pre is the
+    local input itself there, and hook_embed (whose input is the token ids) is the chained one."""
+
+    chained: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict)
+    local: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class StreamedReference:
+    """transformers' model for a checkpoint, with its weights read from the shards one part at a time.
+
+    `run(input_ids, dtypes, local_inputs)` -> StreamedRun. The model itself (`.hf`) stays on the meta
+    device between parts; `config` / `layout` are omnilab.arch's, `hook_names()` the canonical names."""
+
+    def __init__(self, path, *, device="cpu", attn_implementation: str = "eager"):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        from omnilab.synth import _quiet_transformers
+
+        self.checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
+        self.config, self.layout = self.checkpoint.arch
+        self.device = torch.device(device)
+        self.is_omni = self.layout.model_type == "qwen3_omni_moe"
+        with _quiet_transformers():
+            hf_config = AutoConfig.from_pretrained(str(self.checkpoint.root))
+        if self.is_omni:
+            from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
+
+            hf_config = getattr(hf_config, "thinker_config", hf_config)
+            if not hasattr(hf_config, "vision_start_token_id"):
+                hf_config.vision_start_token_id = 151652  # as omnilab.reference sets it (transformers 5.23 lacks it)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
+        # parameters on meta; buffers (rotary inv_freq) real, computed by the modules' own __init__
+        with _quiet_transformers(), init_empty_weights():
+            self.hf = model_cls._from_config(hf_config, attn_implementation=attn_implementation)
+        self.hf.eval().requires_grad_(False)
+        for module in self.hf.modules():  # the real buffers go to the device; meta parameters stay meta
+            for key, buf in module._buffers.items():
+                if buf is not None and not buf.is_meta:
+                    module._buffers[key] = buf.to(self.device)
+        self.text = getattr(self.hf.model, "language_model", self.hf.model)
+        self.conversions = get_model_conversion_mapping(self.hf)
+        self._parts = self._part_tensors()
+
+    def hook_names(self) -> list[str]:
+        return hook_names(self.config)
+
+    # -- parts -----------------------------------------------------------------------------------------------
+    def _part_tensors(self) -> dict:
+        """'embed', layer index, 'final' -> the checkpoint tensor names that fill it."""
+        parts: dict = {"embed": [], "final": []}
+        for name, spec in expected_tensors(self.config, self.layout).items():
+            if spec.layer is not None:
+                parts.setdefault(spec.layer, []).append(name)
+            else:
+                parts["embed" if spec.component == "embed" else "final"].append(name)
+        if self.config.tie_word_embeddings:  # lm_head is the embedding: load it again for the final part
+            parts["final"] += parts["embed"]
+        return parts
+
+    def _modules(self, part) -> list[torch.nn.Module]:
+        if part == "embed":
+            return [self.text.embed_tokens]
+        if part == "final":
+            return [self.text.norm, self.hf.lm_head]
+        return [self.text.layers[part]]
+
+    def _disk_dtype(self, names: list[str]) -> torch.dtype:
+        """The part's dtype on disk when its tensors share one float dtype, else float32."""
+        dtypes = set(self.checkpoint.tensors.loc[names, "dtype"])
+        return _TORCH_DTYPES.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
+
+    def load(self, part) -> torch.dtype:
+        """Fill one part's modules from the shards through transformers' loader, in the dtype on disk.
+        Raises KeyError naming the first tensor that is missing or did not load."""
+        from safetensors import safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        from omnilab.synth import _quiet_transformers
+
+        names = self._parts[part]
+        missing = [n for n in names if n not in self.checkpoint.tensors.index]
+        if missing:
+            raise KeyError(f"{self.checkpoint.path}: reference tensor {missing[0]} is missing")
+        dtype = self._disk_dtype(names)
+        modules = self._modules(part)
+        for module in modules:
+            module.to(dtype)  # meta parameters: transformers' loader takes the dtype of the empty parameter
+        state = {}
+        for name in names:  # slices, read when the loader materializes them, as from_pretrained passes them
+            shard = self.checkpoint.tensors.at[name, "shard"]
+            handle = self.checkpoint._handles.get(shard)
+            if handle is None:
+                handle = self.checkpoint._handles[shard] = safe_open(str(self.checkpoint.root / shard), framework="pt")
+            state[name] = handle.get_slice(name)
+        if part == "final" and self.config.tie_word_embeddings:
+            state[self.layout.lm_head] = state.pop(self.layout.prefix + "embed_tokens.weight")
+        config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.conversions,
+                                     device_map={"": str(self.device)})
+        with _quiet_transformers():
+            info, _ = convert_and_load_state_dict_in_model(self.hf, state, config)
+        if info.mismatched_keys:
+            key, got, want = sorted(info.mismatched_keys)[0]
+            raise KeyError(f"{self.checkpoint.path}: {key} has shape {list(got)}, the model needs {list(want)}")
+        for module in modules:
+            for pname, p in module.named_parameters():
+                if p.is_meta:
+                    raise KeyError(f"{self.checkpoint.path}: {type(module).__name__}.{pname} of part {part!r} "
+                                   f"was not filled from the checkpoint")
+        return dtype
+
+    def free(self, part) -> None:
+        for module in self._modules(part):
+            module.to("meta")
+
+    # -- running ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, input_ids, dtypes=(torch.float32,), local_inputs: dict | None = None,
+            progress: bool = False) -> StreamedRun:
+        """One pass over the parts. input_ids [B, T] (or [T]). local_inputs: the selective model's activations
+        (hook name -> tensor), of which hook_embed, every blocks.{i}.hook_resid_pre and the last layer's
+        hook_resid_post are used; None: chained view only."""
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        input_ids = input_ids.to(self.device)
+        dtypes = list(dict.fromkeys(as_dtype(d) for d in dtypes))
+        if len(dtypes) > 2:
+            raise ValueError("a streamed pass runs at most two dtypes (each part is cast once from its dtype on disk)")
+        out = StreamedRun({d: {} for d in dtypes}, {d: {} for d in dtypes} if local_inputs is not None else {})
+        n_layers = self.config.num_hidden_layers
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_layers + 2, desc="reference", unit="part")
+
+        # embedding, and what the text model hands its first layer (mask, positions, rotary), per dtype
+        h, kwargs = {}, {}
+        load_dtype = self.load("embed")
+        for d in _load_first(dtypes, load_dtype):
+            self.text.embed_tokens.to(d)
+            h[d], kwargs[d] = self._first_layer_inputs(input_ids)
+            out.chained[d]["hook_embed"] = _cpu(h[d])
+            if local_inputs is not None:  # the embedding's input is the token ids: its local view is the chained one
+                out.local[d]["hook_embed"] = out.chained[d]["hook_embed"]
+        self.free("embed")
+        _tick(bar)
+
+        for i in range(n_layers):
+            load_dtype = self.load(i)
+            layer = self.text.layers[i]
+            for d in _load_first(dtypes, load_dtype):
+                layer.to(d)
+                h[d] = self._run_layer(i, layer, h[d], kwargs[d], out.chained[d])
+                if local_inputs is not None:
+                    x = local_inputs[f"blocks.{i}.hook_resid_pre"].to(self.device, d)
+                    self._run_layer(i, layer, x, kwargs[d], out.local[d])
+            self.free(i)
+            _tick(bar)
+
+        load_dtype = self.load("final")
+        last = f"blocks.{n_layers - 1}.hook_resid_post" if n_layers else "hook_embed"
+        for d in _load_first(dtypes, load_dtype):
+            self.text.norm.to(d)
+            self.hf.lm_head.to(d)
+            self._run_final(h[d], out.chained[d])
+            if local_inputs is not None:
+                self._run_final(local_inputs[last].to(self.device, d), out.local[d])
+        self.free("final")
+        _tick(bar)
+        if bar is not None:
+            bar.close()
+        return out
+
+    def _first_layer_inputs(self, input_ids):
+        """The text model's own forward, from the embedding to the first decoder layer's inputs."""
+        def catch(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            raise _Caught(hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        if self.is_omni:
+            self.hf.model.rope_deltas = None  # the thinker keeps M-RoPE deltas between calls
+        handle = self.text.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            self.hf(input_ids=input_ids, use_cache=False)
+        except _Caught as caught:
+            return caught.hidden_states, caught.kwargs
+        finally:
+            handle.remove()
+        raise RuntimeError("the text model's forward never reached its first decoder layer")
+
+    def _run_layer(self, i: int, layer, x, kwargs, acts: dict) -> torch.Tensor:
+        """One decoder layer on x [B, T, H] with the text model's kwargs, recording its hook points."""
+        from omnilab.hooks import LAYER_POINTS, ROUTER_POINTS
+        from omnilab.reference import attach
+
+        moe = self.config.is_moe_layer(i)
+        points = [p for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]
+        inner = [p for p in points if p not in ("hook_resid_pre", "hook_resid_post")]
+        handles = [attach(layer, p, _recorder(acts, f"blocks.{i}.{p}")) for p in inner]
+        try:
+            acts[f"blocks.{i}.hook_resid_pre"] = _cpu(x)
+            y = layer(x, **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            acts[f"blocks.{i}.hook_resid_post"] = _cpu(y)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return y
+
+    def _run_final(self, x, acts: dict) -> None:
+        """The text model's final norm and the CausalLM's lm_head (every position), as their forwards apply them."""
+        x = self.text.norm(x)  # [B, T, H]
+        acts["ln_final.hook_normalized"] = _cpu(x)
+        acts["hook_logits"] = _cpu(self.hf.lm_head(x))  # [B, T, V]
+
+
+def _load_first(dtypes: list[torch.dtype], load_dtype: torch.dtype) -> list[torch.dtype]:
+    """The order of a part's runs: the dtype it was loaded in first, then the wider before the narrower, so that
+    each cast gives what a cast of the values on disk gives (a widening cast is exact)."""
+    return sorted(dtypes, key=lambda d: (d != load_dtype, -torch.empty((), dtype=d).element_size()))
+
+
+def _recorder(acts: dict, name: str):
+    def record(x):
+        acts[name] = _cpu(x)
+
+    return record
+
+
+def _cpu(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to("cpu", copy=True)
+
+
+def _tick(bar) -> None:
+    if bar is not None:
+        bar.update(1)
