@@ -6,6 +6,9 @@
   shards. These are the test fixtures; a small byte-level BPE tokenizer goes beside them.
 - `sparse_from_config`: the exact on-disk layout of any config (e.g. the real Qwen3-Omni-30B-A3B's): real
   safetensors headers with real offsets and data regions left as holes, so 70.5 GB costs kilobytes of disk.
+- `real_shape_checkpoint`: that layout for the real Qwen3-Omni-30B-A3B thinker (real shapes, real 152,064-row
+  vocabulary, any number of layers), its data filled in place with random values: the benchmarks' stand-in
+  for the real model (24 layers: 33.5 GB), written without ever holding the model in memory.
   Names and shapes come from transformers (a meta-device model plus its reverse weight conversion, as
   `save_pretrained` writes them), never from a hand-written list.
 """
@@ -177,7 +180,7 @@ def layout_from_config(config: dict, dtype: torch.dtype = torch.bfloat16) -> dic
 
 
 def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike, *, max_shard_size: str | int = "5GB",
-                       dtype: torch.dtype = torch.bfloat16) -> Path:
+                       dtype: torch.dtype = torch.bfloat16, keep=None) -> Path:
     """Write the full on-disk layout of `config` with holes for data: headers, index and config are real.
 
     Shards are split as `save_pretrained` splits them (huggingface_hub's splitter, tensor bytes counted as
@@ -189,6 +192,8 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
     if not isinstance(config, dict):
         config = json.loads(Path(config).read_text())
     layout = layout_from_config(config, dtype)
+    if keep is not None:  # keep(name) -> bool: a partial layout (e.g. without the towers)
+        layout = {name: spec for name, spec in layout.items() if keep(name)}
     sizes = {name: math.prod(shape) * DTYPE_BYTES[dt] for name, (dt, shape) in layout.items()}
     split = split_state_dict_into_shards_factory(
         layout, get_storage_size=lambda spec: math.prod(spec[1]) * DTYPE_BYTES[spec[0]], get_storage_id=lambda _: None,
@@ -212,4 +217,95 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
     write_json(out / INDEX_NAME, index)
     write_json(out / "config.json", config)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real-shape random checkpoints (benchmarks)
+# ---------------------------------------------------------------------------------------------------
+
+REAL_CONFIG = Path(__file__).resolve().parent.parent / "data" / "reference" / "qwen3-omni-30b-a3b-instruct.config.json"
+_TOWERS = ("thinker.audio_tower.", "thinker.visual.")
+
+
+def real_shape_config(layers: int = 48) -> dict:
+    """Qwen3-Omni-30B-A3B's config.json with `layers` thinker decoder layers and the thinker alone (no talker, no
+    code2wav: the layout of the Thinking / Captioner variants)."""
+    config = json.loads(REAL_CONFIG.read_text())
+    config["enable_audio_output"] = False
+    config.pop("talker_config", None)
+    config.pop("code2wav_config", None)
+    config["thinker_config"]["text_config"]["num_hidden_layers"] = layers
+    return config
+
+
+def real_shape_checkpoint(out: str | os.PathLike, *, layers: int = 24, dtype: torch.dtype = torch.bfloat16,
+                          device: str | torch.device = "cpu", seed: int = 0, towers: bool = True, std: float = 0.02,
+                          progress: bool = True, config: dict | None = None) -> Path:
+    """A random-weight Qwen3-Omni thinker with the real model's shapes and vocabulary, written in place.
+
+    The layout comes from `sparse_from_config(real_shape_config(layers))`; every tensor is then filled through a
+    memory map of its shard (norm weights 1, biases 0, the rest N(0, std)), chunk by chunk, so memory stays at
+    one chunk whatever the size. device="cuda" draws the random numbers on the GPU (31 GB in well under a
+    minute). Each tensor's values depend only on (seed, name, device type). towers=False leaves out the audio
+    and vision towers (`verify` then reports them missing; the text decoder runs). No tokenizer is written:
+    prompts are token ids. If `out` already holds a finished checkpoint of the same parameters it is reused;
+    a different or unfinished one is refused. Written under OUT.tmp, renamed when complete. `config` replaces
+    the real config (then `layers` is ignored): the tests fill tiny layouts the same way."""
+    import zlib
+
+    import numpy as np
+
+    from omnilab.checkpoint import read_header, write_json
+
+    out, device = Path(out), torch.device(device)
+    config = real_shape_config(layers) if config is None else config
+    params = {"layers": config.get("thinker_config", config).get("text_config", config).get("num_hidden_layers"), "dtype": str(dtype).removeprefix("torch."), "device": device.type, "seed": seed,
+              "towers": towers, "std": std}
+    marker = out / "omnilab-random.json"
+    if out.exists():
+        if marker.exists() and json.loads(marker.read_text()) == params:
+            return out
+        raise FileExistsError(f"{out}: exists and is not a real-shape checkpoint with {params}")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)  # an unfinished earlier attempt
+    keep = None if towers else (lambda name: not name.startswith(_TOWERS))
+    sparse_from_config(config, tmp, dtype=dtype, keep=keep)
+    shards = sorted(tmp.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in shards)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"fill {out.name}")
+    chunk = 1 << 26  # elements per random draw: 128 MB in bf16
+    for shard in shards:
+        header, base = read_header(shard)
+        data = np.memmap(shard, dtype=np.uint8, mode="r+")
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = meta["data_offsets"]
+            flat = torch.from_numpy(data[base + begin:base + end]).view(dtype)  # [numel] over the shard's bytes
+            if name.endswith(".bias"):
+                flat.zero_()
+            elif "norm" in name.rsplit(".", 2)[-2] or name.rsplit(".", 2)[-2].startswith("ln_"):  # norm weights
+                flat.fill_(1.0)
+            else:
+                gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                for start in range(0, flat.numel(), chunk):
+                    n = min(chunk, flat.numel() - start)
+                    values = torch.randn(n, generator=gen, device=device, dtype=dtype).mul_(std)
+                    flat[start:start + n].copy_(values)
+            if bar is not None:
+                bar.update(end - begin)
+        data.flush()
+        del data
+    if bar is not None:
+        bar.close()
+    write_json(tmp / "omnilab-random.json", params)
+    tmp.rename(out)
     return out
