@@ -431,10 +431,13 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     if model is None:
         model = SelectiveMoE.from_checkpoint(path, dtype=dtype, device=dist.device, expert_budget=expert_budget,
                                              tokenizer=tokenizer is None)
-    if tokenizer is not None and not hasattr(tokenizer, "__call__"):
-        from omnilab.vocab import open_tokenizer
+    if tokenizer is not None and not callable(tokenizer):  # a folder
+        from omnilab.vocab import error_line, open_tokenizer
 
-        tokenizer = open_tokenizer(tokenizer)
+        try:
+            tokenizer = open_tokenizer(tokenizer)
+        except Exception as e:  # transformers raises many kinds; the user gets one line naming the folder
+            raise ValueError(f"--tokenizer {tokenizer}: cannot load a tokenizer ({error_line(e)})") from None
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is None:
         raise ValueError(f"{path}: no tokenizer beside the checkpoint; pass --tokenizer FOLDER")
