@@ -15,10 +15,14 @@ A *trace* is a long pandas DataFrame with one row per routing assignment, i.e. p
                       same on the token's top_k rows)
 
 `trace.attrs` carries `num_experts`, `top_k` and `num_layers` (statistics take them from there, or from the
-data when absent). Every statistic also takes a Parquet trace (`omnilab.trace.TraceDataset`, what `omnilab
-trace` writes) in place of the DataFrame and reads it one layer at a time, with the same results. `record_trace` records one with the selective model's hooks
+data when absent). `record_trace` records one with the selective model's hooks
 (`blocks.{i}.mlp.hook_topk_indices`, `hook_topk_weights`, `hook_router_logits`); `trace_rows` builds one
 from arrays, which is how tests make synthetic traces.
+
+Every statistic also takes a Parquet trace (`omnilab.trace.TraceDataset`, what `omnilab trace` writes) in place
+of the DataFrame, with the same results: it reads one layer's row groups at a time (and only the columns it
+needs), so memory follows one layer, not the corpus. The cache simulation is the exception by nature: its
+request sequence holds every assignment (8 bytes each).
 
 The statistics follow published router analyses:
 - expert load per layer, and the domain x expert distribution per layer;
