@@ -383,6 +383,28 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    """Routing of every document of a corpus into Parquet shards with a manifest (omnilab/trace.py); resumable;
+    under torchrun the documents' batches are split across ranks. --json: the manifest's totals and run."""
+    from omnilab.trace import MANIFEST_NAME, trace_corpus
+
+    result = trace_corpus(args.path, args.corpus, args.out, max_tokens=args.max_tokens,
+                          batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,
+                          expert_budget=args.expert_budget, text_field=args.text_field,
+                          domain_field=args.domain_field, tokenizer=args.tokenizer, backend=args.backend,
+                          progress=not args.json and sys.stderr.isatty())
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.json:
+        manifest = json.loads((result.out / MANIFEST_NAME).read_text())
+        print_json({k: manifest[k] for k in ("documents", "traced_documents", "tokens", "rows", "attrs", "layers",
+                                             "domains", "run")} | {"out": str(result.out),
+                                                                   "shards": len(manifest["shards"])})
+    else:
+        print(result.summary())
+    return 0
+
+
 def cmd_regress(args) -> int:
     from omnilab.regress import headline, run_notebooks
 
@@ -474,6 +496,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--pause-after-file", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: kill mid-way
     p.set_defaults(func=cmd_extract)
+
+    p = verbs.add_parser("trace", help="record every layer's routing over a corpus into Parquet (resumable; torchrun)")
+    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
+                   help="JSONL / text / Parquet files or folders, or a local datasets folder (save_to_disk)")
+    p.add_argument("--out", required=True, help="trace folder; a rerun with the same arguments resumes it")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per document (its first ones; default 512)")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank its LOCAL_RANK's GPU)")
+    p.add_argument("--expert-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="bytes of experts held at once (512MB, 2GiB); default: all experts fit")
+    p.add_argument("--text-field", default=None, help="JSON/Parquet field with the text (default: text, prompt, content)")
+    p.add_argument("--domain-field", default="domain", help="field with the domain label (default: domain; "
+                                                            "else the file's name)")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER", help="tokenizer folder (default: the checkpoint's)")
+    p.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                   help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_trace)
 
     p = verbs.add_parser("regress", help="run every numbered notebook on the embedded model and check its metrics")
     p.add_argument("--out", default="runs/latest", help="folder for executed notebooks, figures and metrics")

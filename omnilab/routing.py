@@ -19,6 +19,11 @@ data when absent). `record_trace` records one with the selective model's hooks
 (`blocks.{i}.mlp.hook_topk_indices`, `hook_topk_weights`, `hook_router_logits`); `trace_rows` builds one
 from arrays, which is how tests make synthetic traces.
 
+Every statistic also takes a Parquet trace (`omnilab.trace.TraceDataset`, what `omnilab trace` writes) in place
+of the DataFrame, with the same results: it reads one layer's row groups at a time (and only the columns it
+needs), so memory follows one layer, not the corpus. The cache simulation is the exception by nature: its
+request sequence holds every assignment (8 bytes each).
+
 The statistics follow published router analyses:
 - expert load per layer, and the domain x expert distribution per layer;
 - specialization by domain as mutual information I(domain; expert) in bits, against a baseline that shuffles
@@ -173,6 +178,18 @@ def route(model, ids: list[int], layers: list[int] | None = None):
     return tuple(stack(p) for p in points)
 
 
+def _is_frame(trace) -> bool:
+    """A trace in memory (DataFrame), or else a Parquet trace read lazily (omnilab.trace.TraceDataset)."""
+    return isinstance(trace, pd.DataFrame)
+
+
+def _layer_rows(trace, layer: int, columns=None) -> pd.DataFrame:
+    """The rows of one layer: a slice of an in-memory trace, or only that layer's row groups of a Parquet one."""
+    if _is_frame(trace):
+        return trace[trace["layer"] == layer]
+    return trace.read(layer=layer, columns=columns)
+
+
 def _n(trace: pd.DataFrame, key: str) -> int:
     if key in trace.attrs:
         return int(trace.attrs[key])
@@ -186,13 +203,16 @@ def _n(trace: pd.DataFrame, key: str) -> int:
 def _token_experts(trace: pd.DataFrame, layer: int) -> tuple[pd.DataFrame, np.ndarray]:
     """One layer as tokens x top_k: (the token rows: doc, domain, position, token_id; experts [T, k])."""
     k = _n(trace, "top_k")
-    t = trace[trace["layer"] == layer].sort_values(["doc", "position", "rank"], kind="stable")
+    t = _layer_rows(trace, layer, ["doc", "domain", "position", "token_id", "rank", "expert"])
+    t = t.sort_values(["doc", "position", "rank"], kind="stable")
     experts = t["expert"].to_numpy().reshape(-1, k)  # [T * k] -> [T, k]
     tokens = t.iloc[::k][["doc", "domain", "position", "token_id"]].reset_index(drop=True)
     return tokens, experts
 
 
 def layers_of(trace: pd.DataFrame) -> list[int]:
+    if not _is_frame(trace):
+        return sorted(trace.layers)
     return sorted(int(x) for x in trace["layer"].unique())
 
 
@@ -205,7 +225,13 @@ def expert_load(trace: pd.DataFrame) -> pd.DataFrame:
     """layers x experts: the share of the layer's assignments (token x top-k slots) that go to each expert.
     Rows sum to 1; a uniform router gives 1 / num_experts everywhere."""
     E = _n(trace, "num_experts")
-    counts = pd.crosstab(trace["layer"], trace["expert"]).reindex(columns=range(E), fill_value=0)
+    if _is_frame(trace):
+        counts = pd.crosstab(trace["layer"], trace["expert"]).reindex(columns=range(E), fill_value=0)
+    else:  # layer by layer: [layers, E] counts of the expert column
+        layers = layers_of(trace)
+        counts = pd.DataFrame([np.bincount(_layer_rows(trace, i, ["expert"])["expert"], minlength=E) for i in layers],
+                              index=pd.Index(layers, dtype=np.int32, name="layer"),  # int32, as the trace's column
+                              columns=pd.Index(range(E), name="expert"))
     return counts.div(counts.sum(axis=1), axis=0).rename_axis(index="layer", columns="expert")
 
 
@@ -213,9 +239,16 @@ def domain_expert(trace: pd.DataFrame, layer: int | None = None) -> pd.DataFrame
     """(layer, domain) x experts: P(expert | domain), the share of that domain's assignments at that layer
     going to each expert (rows sum to 1). With `layer`, just that layer's domain x experts table."""
     E = _n(trace, "num_experts")
-    t = trace if layer is None else trace[trace["layer"] == layer]
-    counts = t.groupby(["layer", "domain"], observed=True)["expert"].value_counts().unstack(fill_value=0)
-    counts = counts.reindex(columns=range(E), fill_value=0)
+
+    def count(t):
+        counts = t.groupby(["layer", "domain"], observed=True)["expert"].value_counts().unstack(fill_value=0)
+        return counts.reindex(columns=range(E), fill_value=0)
+
+    if _is_frame(trace):
+        counts = count(trace if layer is None else trace[trace["layer"] == layer])
+    else:
+        shown = layers_of(trace) if layer is None else [layer]
+        counts = pd.concat([count(_layer_rows(trace, i, ["layer", "domain", "expert"])) for i in shown])
     table = counts.div(counts.sum(axis=1), axis=0).rename_axis(columns="expert")
     return table.loc[layer] if layer is not None else table
 
@@ -277,12 +310,14 @@ def specialization(trace: pd.DataFrame, *, shuffles: int = 8, seed: int = 0) -> 
     `cmi_baseline_mean` from the same shuffles (the plug-in estimate is biased upwards by the many rare
     token ids; the baseline carries the same bias)."""
     rng = np.random.default_rng(seed)
-    docs = trace.drop_duplicates("doc")[["doc", "domain"]]
+    docs = trace.drop_duplicates("doc")[["doc", "domain"]] if _is_frame(trace) else trace.traced_documents()
     doc_codes = pd.Index(docs["doc"])
     labels = pd.factorize(docs["domain"].astype(str))[0]
     perms = [labels[rng.permutation(labels.size)] for _ in range(shuffles)]
     rows = []
-    for layer, t in trace.groupby("layer", sort=True):
+    by_layer = (trace.groupby("layer", sort=True) if _is_frame(trace) else
+                ((i, _layer_rows(trace, i, ["doc", "expert", "token_id"])) for i in layers_of(trace)))
+    for layer, t in by_layer:
         where = doc_codes.get_indexer(t["doc"])  # row -> document number in `docs`
         experts, tokens = t["expert"].to_numpy(), t["token_id"].to_numpy()
         base = [mutual_information(p[where], experts) for p in perms]
@@ -407,7 +442,10 @@ def request_sequence(trace: pd.DataFrame, layer: int | None = None) -> np.ndarra
     order, each token's top-k by rank. Keys are layer * num_experts + expert (or just the expert with
     `layer`). The cache persists across documents."""
     E = _n(trace, "num_experts")
-    t = trace if layer is None else trace[trace["layer"] == layer]
+    if _is_frame(trace):
+        t = trace if layer is None else trace[trace["layer"] == layer]
+    else:  # the five integer columns only (of one layer's row groups with `layer`)
+        t = trace.read(layer=layer, columns=["doc", "position", "layer", "rank", "expert"])
     order = np.lexsort((t["rank"].to_numpy(), t["layer"].to_numpy(), t["position"].to_numpy(), t["doc"].to_numpy()))
     keys = t["expert"].to_numpy(np.int64) if layer is not None else t["layer"].to_numpy(np.int64) * E + t["expert"].to_numpy()
     return keys[order]
@@ -543,5 +581,5 @@ def summarize(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame, s
 
 def entropy_table(trace: pd.DataFrame) -> pd.DataFrame:
     """layers x domains: mean router entropy (bits) of the tokens."""
-    first = trace[trace["rank"] == 0]
+    first = trace[trace["rank"] == 0] if _is_frame(trace) else trace.read(rank=0, columns=["layer", "domain", "entropy"])
     return first.pivot_table(index="layer", columns="domain", values="entropy", aggfunc="mean", observed=True)

@@ -1,0 +1,292 @@
+"""Routing-trace throughput: `omnilab trace` (omnilab.trace.trace_corpus) against transformers' own forward with
+`output_router_logits`, on the same batches of the same corpus, in one run. One table.
+
+    python bench/trace.py                                   # CPU: 2 real-shape layers, a small vocabulary
+    python bench/trace.py --device cuda --real --layers 48  # one GPU: the real 48-layer thinker shapes, bf16
+
+The model is a random-weight Qwen3-Omni thinker built by transformers itself on the bench device
+(`Qwen3OmniMoeThinkerForConditionalGeneration`, every weight N(0, 0.02), norms 1): `--real` takes the real
+config (data/reference, 152,064-row vocabulary, real audio/vision towers), otherwise the decode bench's
+shapes (real layer shapes, vocabulary 8,192, tiny towers). No checkpoint is written: the selective model
+(omnilab.model.SelectiveMoE) is assembled over the same tensors (its backbone is transformers' parameters,
+its ExpertCache serves views of transformers' fused expert tensors), so both run every expert resident in
+one copy of the weights. Its config and layout come from the sparse on-disk layout of the same config.
+
+Measured, on the corpus the bench writes (eval-split documents repeated up to --tokens tokens, cut to
+--max-tokens, tokenized by a small byte-level BPE):
+- `omnilab trace`: trace_corpus end to end after a warm-up: length batching, the selective model's prefill
+  (eager expert loop; stops after the last router), every layer's top-k ids, weights and entropy copied to the
+  host, Parquet shards written (zstd, on a writer thread) and the manifest;
+- transformers: for each batch of the trace's own plan, right-padded as the trace pads it,
+  `model.model(input_ids, output_router_logits=True)` (the thinker without its lm_head, as the trace skips it),
+  then each layer's top-k of the softmax and the weights copied to the host; once with transformers' default
+  experts implementation (grouped_mm where torch has it) and once with `experts_implementation="eager"`.
+The hardware floor is the compute floor: FLOPs per token of the layers up to the last router (2 x the
+weights a token touches, plus attention scores) against the device's peak (--peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from decode import AnonPeak  # noqa: E402
+
+REAL_SHAPES = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                   num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=768,
+                   norm_topk_prob=True, vocab_size=8192, max_position_embeddings=4096)
+
+
+def build_config(real: bool, layers: int) -> dict:
+    from omnilab.synth import real_shape_config, tiny_omni_config
+
+    if real:
+        return real_shape_config(layers)
+    return tiny_omni_config(**REAL_SHAPES, num_hidden_layers=layers)
+
+
+def build_transformers(config: dict, dtype, device):
+    """transformers' thinker built directly on the device by its own initialisation (seeded), eval mode."""
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    from omnilab.synth import _quiet_transformers
+
+    thinker_config = Qwen3OmniMoeConfig.from_dict(config).thinker_config
+    torch.manual_seed(0)
+    with _quiet_transformers(), torch.device(device):
+        hf = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(thinker_config, dtype=dtype)
+    return hf.eval().requires_grad_(False)
+
+
+def shared_experts(store, hf_text) -> None:
+    """Make an ExpertStore serve views of transformers' fused tensors (gate_up [E, 2I, H]: rows :I gate, I: up;
+    down [E, H, I]) instead of reading its checkpoint: both models then hold one set of expert weights."""
+    from omnilab.experts import ExpertWeights
+
+    def load(layer: int, expert: int) -> ExpertWeights:
+        ex = hf_text.layers[layer].mlp.experts
+        I = ex.gate_up_proj.shape[1] // 2
+        return ExpertWeights(ex.gate_up_proj[expert, :I], ex.gate_up_proj[expert, I:], ex.down_proj[expert])
+
+    store.load = load
+
+
+def build_selective(hf, config: dict, dtype, device, layout_dir: Path):
+    """SelectiveMoE over transformers' tensors: its config/layout from the sparse layout of `config`."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.experts import ExpertCache, ExpertStore
+    from omnilab.model import SelectiveMoE, rope_inv_freq
+    from omnilab.synth import sparse_from_config
+
+    if not (layout_dir / "config.json").exists():
+        sparse_from_config(config, layout_dir, dtype=dtype)
+    checkpoint = Checkpoint(layout_dir)
+    cfg, layout = checkpoint.arch
+    text = hf.model.language_model
+    store = ExpertStore(checkpoint, cfg, layout, dtype, device)
+    shared_experts(store, text)
+    cache = ExpertCache(store)
+    with torch.device("meta"):
+        model = SelectiveMoE(cfg, cache)
+    state = {f"model.{k}": v for k, v in text.state_dict().items() if ".mlp.experts." not in k}
+    state["lm_head.weight"] = hf.lm_head.weight
+    state = {k: v for k, v in state.items() if k in model.state_dict()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.eval().requires_grad_(False)
+    model.checkpoint = checkpoint
+    return model
+
+
+def write_corpus(path: Path, tokens: int, max_tokens: int, tokenizer) -> int:
+    """Eval-split documents, repeated until the corpus holds `tokens` tokens (each document cut to max_tokens)."""
+    repo = Path(__file__).resolve().parent.parent
+    rows = [json.loads(line) for line in (repo / "data" / "eval" / "eval.jsonl").read_text().splitlines() if line]
+    total, out, i = 0, [], 0
+    while total < tokens:
+        row = rows[i % len(rows)]
+        text = row["text"] if i < len(rows) else f"{i}: {row['text']}"  # a repeat differs in its first tokens
+        n = min(max_tokens, len(tokenizer(text)["input_ids"]))
+        out.append(json.dumps({"domain": row["domain"], "text": text}))
+        total += n
+        i += 1
+    path.write_text("\n".join(out) + "\n")
+    return total
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def transformers_rows(hf, batches, ids, k: int, device, pad: int, repeats: int) -> tuple[float, list]:
+    """tokens/s of transformers' forward + router top-k to host over the batches (median of `repeats`), and the
+    first batch's top-k ids per layer (for the agreement check)."""
+    tokens = sum(len(ids[d]) for b in batches for d in b)
+    first = None
+    speeds = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for n, batch in enumerate(batches):
+            T = max(len(ids[d]) for d in batch)
+            x = torch.full((len(batch), T), pad, dtype=torch.long)  # [B, T], right padded as the trace pads
+            for j, d in enumerate(batch):
+                x[j, : len(ids[d])] = torch.tensor(ids[d])
+            hf.model.rope_deltas = None
+            with torch.no_grad():
+                out = hf.model(input_ids=x.to(device), output_router_logits=True, use_cache=False)
+                logits = torch.stack(out.router_logits)  # [L, B * T, E]
+                w, e = torch.topk(torch.softmax(logits.float(), -1), k, dim=-1)  # [L, N, k]
+                w = w / w.sum(-1, keepdim=True)
+                e, w = e.to(torch.int32).cpu(), w.cpu()
+            if n == 0 and first is None:
+                first = e.view(e.shape[0], len(batch), T, k)
+        sync(device)
+        speeds.append(tokens / (time.perf_counter() - start))
+    return statistics.median(speeds), first
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--real", action="store_true", help="the real config (152,064 vocab, real towers)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokens", type=int, default=4096, help="corpus size in tokens")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=1, help="timed passes of each transformers row (median)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the compute floor "
+                                                                   "(H200 bf16 dense: 989)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = p.parse_args()
+
+    from omnilab import trace
+    from omnilab.model import as_dtype
+    from omnilab.synth import tiny_tokenizer
+
+    dtype, device = as_dtype(args.dtype), torch.device(args.device)
+    work = Path(args.work or tempfile.mkdtemp(prefix="omnilab-bench-trace-"))
+    work.mkdir(parents=True, exist_ok=True)
+    config = build_config(args.real, args.layers)
+    tokenizer = tiny_tokenizer(256)
+    corpus_tokens = write_corpus(work / "corpus.jsonl", args.tokens, args.max_tokens, tokenizer)
+    (work / "warm.jsonl").write_text("\n".join((work / "corpus.jsonl").read_text().splitlines()[:8]) + "\n")
+
+    t0 = time.perf_counter()
+    with AnonPeak() as anon:
+        hf = build_transformers(config, dtype, device)
+        build_s = time.perf_counter() - t0
+        model = build_selective(hf, config, dtype, device, work / "layout")
+        cfg = model.config
+        print(f"[bench] built {cfg.num_hidden_layers} layers x {cfg.num_experts} experts on {device} in "
+              f"{build_s:.0f} s; experts {model.cache.store.total_bytes / 1e9:.1f} GB", file=sys.stderr, flush=True)
+        kw = dict(max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, progress=False, model=model,
+                  tokenizer=tokenizer)
+        trace.trace_corpus(work / "layout", [work / "warm.jsonl"], work / "warm-trace", **kw)  # loads every expert
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / "trace", **kw)
+        trace_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        print(f"[bench] trace: {result.summary()}", file=sys.stderr, flush=True)
+
+        plan = json.loads((work / "trace" / "plan.json").read_text())
+        docs = trace.read_corpus([work / "corpus.jsonl"]).documents
+        ids = trace.tokenize(tokenizer, docs["text"].tolist(), args.max_tokens, cfg.vocab_size)
+        pad = tokenizer.pad_token_id
+        k = cfg.num_experts_per_tok
+        rows = []
+        for impl in ("default", "eager"):
+            if impl == "eager":
+                hf.set_experts_implementation("eager")
+            name = hf.model.language_model.config._experts_implementation
+            transformers_rows(hf, plan["batches"][:1], ids, k, device, pad, 1)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            speed, first = transformers_rows(hf, plan["batches"], ids, k, device, pad, args.repeats)
+            rows.append({"setting": f"transformers forward + router logits ({name} experts)", "tokens_per_s": speed,
+                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None})
+            print(f"[bench] {rows[-1]['setting']}: {speed:,.0f} tokens/s", file=sys.stderr, flush=True)
+
+    # routing agreement of the trace with transformers on the first batch (top-k sets, bf16 noise included)
+    t = trace.TraceDataset(work / "trace")
+    frame = t.read(columns=["doc", "position", "layer", "rank", "expert"])
+    agree = []
+    for j, d in enumerate(plan["batches"][0]):
+        mine = frame[frame["doc"] == d]
+        for li, layer in enumerate(t.layers):
+            a = mine[mine["layer"] == layer]["expert"].to_numpy().reshape(-1, k)  # [T, k]
+            b = first[li, j, : a.shape[0]].numpy()
+            agree.append((a[:, :, None] == b[:, None, :]).any(-1).mean())
+    agreement = float(sum(agree) / len(agree))
+
+    flops = flops_per_token(cfg, args.max_tokens)
+    floor = args.peak_tflops * 1e12 / flops if args.peak_tflops else None
+    out = {"device": device_name(device), "torch": torch.__version__, "dtype": args.dtype,
+           "layers": cfg.num_hidden_layers, "experts": cfg.num_experts, "top_k": k, "vocab": cfg.vocab_size,
+           "corpus_tokens": corpus_tokens, "documents": result.documents, "batches": result.batches,
+           "trace_tokens_per_s": result.tokens_per_s, "trace_seconds": result.seconds,
+           "trace_peak_gpu_bytes": trace_gpu, "peak_anon_bytes": anon.peak, "transformers": rows,
+           "topk_agreement_first_batch": agreement, "flops_per_token": flops, "compute_floor_tokens_per_s": floor,
+           "args": vars(args)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(table(out, " ".join(sys.argv)))
+    return 0
+
+
+def flops_per_token(cfg, T: int) -> float:
+    """2 x the weights one token multiplies up to the last router, plus causal attention scores at length T/2."""
+    H, hd = cfg.hidden_size, cfg.head_dim
+    attn = H * hd * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)  # q, o and k, v projections
+    experts = cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size
+    router = cfg.num_experts * H
+    L = cfg.num_hidden_layers
+    scores = 2 * 2 * cfg.num_attention_heads * hd * (T / 2)  # QK^T and PV over half the sequence on average
+    return 2 * L * (attn + router) + 2 * (L - 1) * experts + L * scores
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def table(r: dict, command: str) -> str:
+    gb = 1e9
+    lines = [f"`python {command}`", "",
+             f"{r['device']}, torch {r['torch']}, {r['dtype']}; random thinker with {r['layers']} layers x "
+             f"{r['experts']} experts (top {r['top_k']}), vocabulary {r['vocab']:,}; corpus {r['corpus_tokens']:,} "
+             f"tokens in {r['documents']:,} documents (at most {r['args']['max_tokens']} tokens each), "
+             f"{r['batches']} batches of at most {r['args']['batch_tokens']} padded tokens. Same batches for every row.",
+             "",
+             "| setting | tokens/s | trace / this | peak GPU memory |", "|---|---:|---:|---:|"]
+    gpu = lambda x: f"{x / gb:.1f} GB" if x else ""  # noqa: E731
+    lines.append(f"| omnilab trace (selective model, eager experts; Parquet written) | "
+                 f"{r['trace_tokens_per_s']:,.0f} | 1.00 | {gpu(r['trace_peak_gpu_bytes'])} |")
+    for row in r["transformers"]:
+        lines.append(f"| {row['setting']} | {row['tokens_per_s']:,.0f} | "
+                     f"{r['trace_tokens_per_s'] / row['tokens_per_s']:.2f} | {gpu(row['peak_gpu_bytes'])} |")
+    if r["compute_floor_tokens_per_s"]:
+        lines.append(f"| compute floor ({r['flops_per_token'] / 1e9:.2f} GFLOP/token at "
+                     f"{r['args']['peak_tflops']:g} TFLOP/s) | {r['compute_floor_tokens_per_s']:,.0f} | "
+                     f"{r['trace_tokens_per_s'] / r['compute_floor_tokens_per_s']:.2f} | |")
+    lines += ["", f"Top-k set agreement of the trace with transformers' router on the first batch: "
+                  f"{r['topk_agreement_first_batch']:.4f} ({r['dtype']}). Peak anon RSS {r['peak_anon_bytes'] / gb:.2f} GB."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Corpus traces (omnilab.trace, `omnilab trace`): the corpus readers, the batch plan, the Parquet trace against
+the hooks (whole documents and token by token) and transformers' own router, one process against two gloo
+processes under torchrun, resuming, and the statistics read lazily from Parquet against the same in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from omnilab import routing, trace
+from omnilab.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+DOCS = [
+    ("en", "The quick brown fox jumps over the lazy dog."),
+    ("en", "Mixture-of-Experts models route each token to a few experts."),
+    ("fr", "Le renard brun saute par-dessus le chien paresseux."),
+    ("python", "def add(a, b):\n    return a + b\n"),
+    ("arith", "47 + 38 = 85\n12 + 30 = 42\n"),
+    ("en", ""),  # no tokens: numbered, never traced
+    ("fr", "Les modèles à mélange d'experts routent chaque jeton."),
+    ("python", "for i in range(3):\n    print(i)\n"),
+    ("arith", "7 + 5 = 12"),
+    ("en", "A router picks the experts; the experts do the work."),
+]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"domain": d, "text": t}) + "\n" for d, t in DOCS))
+    return path
+
+
+def run_trace(ckpt, corpus, out, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("batch_tokens", 40)
+    return trace.trace_corpus(ckpt, [corpus], out, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ corpus and plan
+
+
+def test_read_corpus_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"domain": "en", "text": "one"}) + "\n\n" +
+                                      json.dumps({"prompt": "two"}) + "\n")
+    (tmp_path / "notes.txt").write_text("three\nlines")
+    pq.write_table(pa.table({"content": ["four", "five"], "lang": ["es", "fr"]}), tmp_path / "b.parquet")
+    ds = tmp_path / "hf"  # the layout of datasets' save_to_disk: Arrow stream files named in state.json
+    ds.mkdir()
+    table = pa.table({"text": ["six"], "domain": ["python"]})
+    with pa.OSFile(str(ds / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (ds / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    c = trace.read_corpus([tmp_path / "a.jsonl", tmp_path / "notes.txt", tmp_path / "b.parquet", ds])
+    d = c.documents
+    assert d["text"].tolist() == ["one", "two", "three\nlines", "four", "five", "six"]
+    assert d["domain"].tolist() == ["en", "a", "notes", "b", "b", "python"]  # no domain field: the file's stem
+    assert d["doc"].tolist() == list(range(6)) and d["row"].tolist() == [0, 1, 0, 0, 1, 0]
+    assert [f["documents"] for f in c.files] == [2, 1, 2, 1]
+    assert trace.read_corpus([tmp_path / "b.parquet"], domain_field="lang").documents["domain"].tolist() == ["es", "fr"]
+    # a folder is read file by file, sorted; the datasets folder inside it as a dataset
+    assert trace.read_corpus([tmp_path]).documents["text"].tolist() == ["one", "two", "four", "five", "six",
+                                                                       "three\nlines"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"text": \n', "bad.jsonl:2: not JSON"),
+    ('{"body": "x"}\n', "bad.jsonl:1: no text field"),
+    ('{"text": 3}\n', "bad.jsonl:1: field 'text' is int"),
+    ('[1, 2]\n', "bad.jsonl:1: not a JSON object"),
+])
+def test_read_corpus_bad_input_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        trace.read_corpus([tmp_path / "bad.jsonl"])
+    with pytest.raises(FileNotFoundError, match="nothere.jsonl"):
+        trace.read_corpus([tmp_path / "nothere.jsonl"])
+
+
+def test_plan_batches_by_length_within_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 50, 200)
+    lengths[7] = 300  # longer than a batch: a batch of its own
+    batches = trace.plan_batches(lengths, 128)
+    flat = [d for b in batches for d in b]
+    assert sorted(flat) == sorted(np.flatnonzero(lengths > 0).tolist())  # every non-empty document once
+    assert batches[0] == [7]
+    for b in batches:
+        assert len(b) * lengths[b].max() <= 128 or len(b) == 1
+    longest = [lengths[b].max() for b in batches]
+    assert longest == sorted(longest, reverse=True)
+    assert trace.plan_batches(lengths, 128) == batches
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+def test_trace_equals_hooks_whole_documents_and_token_by_token(tiny_omni, corpus, tmp_path):
+    from omnilab.hooks import capture
+    from omnilab.model import KVCache, SelectiveMoE
+    from omnilab.reference import Reference
+
+    result = run_trace(tiny_omni, corpus, tmp_path / "t")
+    t = trace.TraceDataset(tmp_path / "t")
+    frame = t.to_pandas()
+    model = SelectiveMoE.from_checkpoint(tiny_omni)
+    cfg = model.config
+    ids = [model.tokenizer(text)["input_ids"][:12] for _, text in DOCS]
+    assert result.tokens == sum(map(len, ids)) and len(frame) == result.tokens * len(cfg.moe_layers) * 2
+    assert result.batches > 2  # several batches, padded: the test covers padding
+    assert frame.attrs == dict(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                               num_layers=len(cfg.moe_layers))
+
+    # whole documents through the hooks (routing.record_trace: one document per forward, no padding)
+    docs = pd.DataFrame({"domain": [d for d, _ in DOCS], "text": [t for _, t in DOCS]})
+    ref = routing.record_trace(model, None, docs, max_tokens=12, progress=False)
+    for c in ("doc", "domain", "position", "token_id", "layer", "rank", "expert"):
+        assert frame[c].astype(str).tolist() == ref[c].astype(str).tolist(), c
+    np.testing.assert_allclose(frame["weight"], ref["weight"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(frame["entropy"], ref["entropy"], rtol=1e-5, atol=1e-6)
+
+    # token by token, through the KV cache, read at the same hooks
+    names = [f"blocks.{i}.mlp.hook_{p}" for i in cfg.moe_layers for p in ("topk_indices", "topk_weights")]
+    for doc in (0, 3, 9):
+        kv = KVCache(cfg.num_hidden_layers)
+        steps = []
+        for token in ids[doc]:
+            with capture(model, names) as acts, torch.no_grad():
+                model(torch.tensor([[token]]), None, kv)
+            steps.append({n: a[0] for n, a in acts.items()})  # [1, k] -> [k]
+        rows = frame[frame["doc"] == doc]
+        for i in cfg.moe_layers:
+            got = rows[rows["layer"] == i]
+            experts = torch.stack([s[f"blocks.{i}.mlp.hook_topk_indices"] for s in steps])  # [T, k]
+            weights = torch.stack([s[f"blocks.{i}.mlp.hook_topk_weights"] for s in steps])
+            assert got["expert"].tolist() == experts.reshape(-1).tolist()
+            np.testing.assert_allclose(got["weight"], weights.reshape(-1).numpy(), rtol=1e-5, atol=1e-7)
+
+    # and transformers' own router, at the same hook names
+    hf = routing.record_trace(Reference.from_checkpoint(tiny_omni), model.tokenizer, docs, max_tokens=12,
+                              progress=False)
+    assert frame["expert"].tolist() == hf["expert"].tolist()
+    np.testing.assert_allclose(frame["weight"], hf["weight"], rtol=1e-4, atol=1e-6)
+
+
+def _shards(folder: Path) -> dict[str, pa.Table]:
+    return {p.name: pq.read_table(p) for p in sorted((folder / "shards").glob("*.parquet"))}
+
+
+def test_two_gloo_processes_equal_one_process(tiny_omni, corpus, tmp_path):
+    """`omnilab trace` under torchrun with two gloo processes writes the very same shards as one process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "OMNILAB_DEBUG": "1"}
+    args = ["-m", "omnilab", "trace", str(tiny_omni), "--corpus", str(corpus), "--max-tokens", "12",
+            "--batch-tokens", "40"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's ranks run (OMP_NUM_THREADS=1): the test never depends on thread count
+    try:
+        run_trace(tiny_omni, corpus, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *args, "--out", str(tmp_path / "two"), "--json"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    report = json.loads(two.stdout)  # rank 0 alone prints
+    assert report["run"]["world_size"] == 2 and report["run"]["traced_batches"] == report["shards"] > 2
+    a, b = _shards(tmp_path / "one"), _shards(tmp_path / "two")
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].equals(b[name]), name
+    ma, mb = (json.loads((tmp_path / x / "manifest.json").read_text()) for x in ("one", "two"))
+    assert ma["fingerprint"] == mb["fingerprint"] and ma["shards"] == mb["shards"]
+    pd.testing.assert_frame_equal(trace.TraceDataset(tmp_path / "one").to_pandas(),
+                                  trace.TraceDataset(tmp_path / "two").to_pandas(), check_exact=True)
+
+
+def test_expert_budget_changes_nothing(tiny_omni, corpus, tmp_path):
+    from omnilab.model import SelectiveMoE
+
+    run_trace(tiny_omni, corpus, tmp_path / "all")
+    model = SelectiveMoE.from_checkpoint(tiny_omni, expert_budget=3 * SelectiveMoE.from_checkpoint(
+        tiny_omni).cache.store.expert_bytes)
+    run_trace(tiny_omni, corpus, tmp_path / "budget", model=model)
+    assert model.cache.stats.peak_resident_bytes <= model.cache.budget_bytes
+    assert model.cache.stats.evictions > 0
+    a, b = _shards(tmp_path / "all"), _shards(tmp_path / "budget")
+    assert list(a) == list(b) and all(a[n].equals(b[n]) for n in a)
+
+
+# ------------------------------------------------------------------------------------------------ resume and errors
+
+
+def test_resume_skips_finished_batches_and_refuses_another_plan(tiny_omni, corpus, tmp_path):
+    out = tmp_path / "t"
+    first = run_trace(tiny_omni, corpus, out)
+    before = _shards(out)
+    # a run killed mid-way: one shard never renamed, another never written, no manifest
+    (out / "manifest.json").unlink()
+    victim = sorted(before)[1]
+    (out / "shards" / victim).rename(out / "shards" / (victim + ".tmp-123"))
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        trace.TraceDataset(out)
+    again = run_trace(tiny_omni, corpus, out)
+    assert again.traced_batches == 1 and again.batches == first.batches
+    assert again.traced_tokens == pq.read_metadata(out / "shards" / victim).num_rows // (3 * 2)
+    after = _shards(out)
+    assert list(after) == list(before) and all(after[n].equals(before[n]) for n in before)
+    assert not list((out / "shards").glob("*.tmp-*"))
+    assert run_trace(tiny_omni, corpus, out).traced_batches == 0  # finished: nothing to do
+    with pytest.raises(ValueError, match="another corpus or settings .*max_tokens"):
+        run_trace(tiny_omni, corpus, out, max_tokens=8)
+    corpus.write_text(corpus.read_text().replace("The quick", "A quick"))  # within the first 12 tokens
+    with pytest.raises(ValueError, match="token ids differ"):
+        run_trace(tiny_omni, corpus, out)
+
+
+def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["trace", str(tiny_omni), "--corpus", str(corpus), "--out", str(out), "--max-tokens", "8",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["traced_documents"] == len(DOCS) - 1 and report["domains"] == ["arith", "en", "fr", "python"]
+    assert report["rows"] == report["tokens"] * 3 * 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops}\n')
+    for argv, message in [
+        (["--corpus", str(bad)], "bad.jsonl:2: not JSON"),
+        (["--corpus", str(tmp_path / "none.jsonl")], "none.jsonl: no such corpus file"),
+        (["--corpus", str(corpus), "--max-tokens", "0"], "--max-tokens"),
+        (["--corpus", str(corpus), "--max-tokens", "9"], "holds a trace of another corpus"),
+    ]:
+        assert main(["trace", str(tiny_omni), "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ lazy statistics
+
+
+def test_statistics_from_parquet_equal_in_memory(tiny_omni, corpus, tmp_path):
+    run_trace(tiny_omni, corpus, tmp_path / "t", max_tokens=16, batch_tokens=48)
+    lazy = trace.TraceDataset(tmp_path / "t")
+    mem = lazy.to_pandas()
+    eq = lambda a, b: pd.testing.assert_frame_equal(a, b, check_exact=True)  # noqa: E731
+    eq(routing.expert_load(lazy), routing.expert_load(mem))
+    eq(routing.domain_expert(lazy), routing.domain_expert(mem))
+    eq(routing.domain_expert(lazy, 1), routing.domain_expert(mem, 1))
+    eq(routing.domain_lift(lazy, 2), routing.domain_lift(mem, 2))
+    eq(routing.specialization(lazy, shuffles=3), routing.specialization(mem, shuffles=3))
+    eq(routing.token_specialization(lazy, min_count=2), routing.token_specialization(mem, min_count=2))
+    eq(routing.token_specialization(lazy, by="domain", min_count=2),
+       routing.token_specialization(mem, by="domain", min_count=2))
+    eq(routing.coactivation(lazy, 0), routing.coactivation(mem, 0))
+    eq(routing.top_coactivated(lazy, min_tokens=2), routing.top_coactivated(mem, min_tokens=2))
+    eq(routing.same_expert_rate(lazy), routing.same_expert_rate(mem))
+    eq(routing.entropy_table(lazy), routing.entropy_table(mem))
+    np.testing.assert_array_equal(routing.request_sequence(lazy), routing.request_sequence(mem))
+    np.testing.assert_array_equal(routing.request_sequence(lazy, 1), routing.request_sequence(mem, 1))
+    eq(routing.hit_rate_curve(lazy, sizes=[4, 12]), routing.hit_rate_curve(mem, sizes=[4, 12]))
+    assert routing.layers_of(lazy) == routing.layers_of(mem) == [0, 1, 2]
+    # one layer's read touches only that layer's row groups
+    one = lazy.read(layer=1, columns=["doc", "expert"])
+    assert list(one.columns) == ["doc", "expert"] and len(one) == len(mem[mem["layer"] == 1])
+    meta = pq.read_metadata(lazy.files[0])
+    assert meta.num_row_groups == 3
+    assert [meta.row_group(g).column(4).statistics.min for g in range(3)] == [0, 1, 2]
