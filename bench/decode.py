@@ -267,6 +267,10 @@ def row_fast(args, compile: bool) -> list[dict]:
         runs = [(g.prefill_seconds, g.seconds - g.prefill_seconds) for g in gens]
         check = decoder.generate(prompt, args.slow_tokens, forced=forced, record_logits=True)
         free = decoder.generate(prompt, args.free_tokens).new_token_ids[0] if args.free_tokens else []
+        graphed = decoder.graph_enabled
+        decoder.graph_enabled, decoder._graph = False, None  # the same steps without the CUDA graph
+        plain = decoder.generate(prompt, args.new_tokens, forced=forced).decode_tokens_per_s
+        decoder.graph_enabled = graphed
         path = Path(args.scratch) / f"logits-fast{'-compiled' * compile}.pt"
         torch.save(check.logits[:, 0].cpu(), path)
         routing_seen = int((gens[-1].routing >= 0).all())
@@ -275,7 +279,7 @@ def row_fast(args, compile: bool) -> list[dict]:
                      argmax_long=gens[-1].new_token_ids[0], free=free, logits_file=str(path), load_s=load_s,
                      capture_s=capture_s, peak_gpu_bytes=_gpu_peak(), peak_anon_bytes=anon.peak,
                      pool_bytes=decoder.pool.nbytes, kv_bytes=decoder.kv.nbytes, routing_recorded=routing_seen,
-                     graph=decoder._graph is not None, compute=decoder.compute)
+                     graph=graphed, compute=decoder.compute, no_graph_decode_tokens_per_s=plain)
     return [row]
 
 
@@ -459,7 +463,8 @@ def table(rows, errors, ckpt, args) -> str:
     extra = [f"- {r['row']}: load {r['load_s']:.0f} s" + (f", capture {r['capture_s']:.1f} s" if "capture_s" in r else "")
              + (f", slot pool {r['pool_bytes'] / gb:.1f} GB, KV {r['kv_bytes'] / gb:.2f} GB, expert compute "
                 f"{r['compute']}, CUDA graph {r['graph']}, routing recorded for every layer and position: "
-                f"{bool(r['routing_recorded'])}" if "pool_bytes" in r else "")
+                f"{bool(r['routing_recorded'])}; without the graph {r['no_graph_decode_tokens_per_s']:.1f} tok/s"
+                if "pool_bytes" in r else "")
              + (f"; rel err vs transformers {r['rel_err_vs_hf']:.2e}" if "rel_err_vs_hf" in r else "")
              + f"; decode runs {', '.join(f'{x:.1f}' for x in r['decode_runs'])} tok/s"
              + f"; peak anon RSS {r['peak_anon_bytes'] / gb:.1f} GB" for r in rows]

@@ -359,6 +359,8 @@ class FastDecoder:
     def _capture(self) -> None:
         """Warm up on a side stream (lazy inits happen outside the capture), then capture one decode step."""
         saved = [t.clone() for t in (self.ids, self.pos, self.step, self.tokens)]
+        self.pos.fill_(0)  # warm-up steps at positions 0 and 1 (prefill rewrites them): in range whatever ran before
+        self.step.fill_(1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
