@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
 from omnilab.model import Generation, rope_inv_freq, rotate_half
+from omnilab.traces import RoutingOverride
 
 
 # -- the slot pool -------------------------------------------------------------------------------------------------
@@ -223,28 +224,6 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
     return out.view(N, k, -1).sum(dim=1)  # [N, H]
 
 
-@dataclass
-class RoutingOverride:
-    """Replace the router's top-k choice by given experts (an intervention: "what if layer 12 picked 3 and 7").
-
-    experts: layer -> long tensor [S, k] of experts by absolute position (row p is used for the token at
-    position p), or [k] for every position. The weights are the router's softmax at the given experts,
-    renormalised when the config says norm_topk_prob. Used by the eager model (`model.routing_override`) and
-    by the fast path alike."""
-
-    experts: dict
-
-    def choice(self, layer: int, positions: torch.Tensor) -> torch.Tensor | None:
-        """positions [N] -> experts [N, k] for this layer, or None when the layer is not overridden."""
-        given = self.experts.get(layer)
-        if given is None:
-            return None
-        given = given.to(positions.device)
-        if given.dim() == 1:
-            return given.expand(positions.shape[0], -1)
-        return given[positions]  # [N, k]
-
-
 def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool, dtype, forced: torch.Tensor | None = None):
     """router logits [N, E] -> (weights [N, k] in dtype, experts [N, k]); transformers' Qwen3-MoE router."""
     probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [N, E]
@@ -286,7 +265,7 @@ class FastDecoder:
             config, layout = model.checkpoint.arch
             pool = SlotPool.all_resident(model.checkpoint, config, layout, self.dtype, self.device)
         self.pool = pool
-        self.override = override
+        self.override = override if override is not None else getattr(model, "routing_override", None)
         self.identity_slots = pool.slots == cfg.num_experts and all(
             pool.expert_in[i] == list(range(cfg.num_experts)) for i in pool.layers)
         self.kv = StaticKV(cfg, batch, self.max_len, self.dtype, self.device)
@@ -464,8 +443,6 @@ def fast_path_refusal(model) -> str | None:
         return "fault injection is active"
     if model.available is not None:
         return "experts are masked as missing"
-    if getattr(model, "routing_override", None) is not None:
-        return "the model has a routing_override (pass it to FastDecoder(override=...))"
     return None
 
 
