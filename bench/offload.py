@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -99,6 +100,8 @@ def row_omnilab(args) -> list[dict]:
                                  "pcie_floor_tokens_per_s": floor, "peak_gpu_bytes": torch.cuda.max_memory_allocated()
                                  if cuda else None, "host_tier": host.how, "load_s": load_s,
                                  "tokens": out.new_token_ids[0]})
+                    if os.environ.get("OFFLOAD_PARTIAL"):  # a run cut short keeps the configurations it measured
+                        Path(os.environ["OFFLOAD_PARTIAL"]).write_text(json.dumps(rows, indent=2) + "\n")
                     print(f"[offload] {rows[-1]['row']} cap {cap_gb} GB: {out.decode_tokens_per_s:.1f} tok/s, "
                           f"hit {st['hit_rate']:.1%}", file=sys.stderr, flush=True)
                     del decoder
