@@ -137,7 +137,7 @@ class OffloadDecoder:
 
     def __init__(self, model, host: HostTier, *, slots: int | None = None, expert_budget_bytes: int | None = None,
                  max_len: int = 512, prefetch: bool = True, override: RoutingOverride | None = None,
-                 compute: str | None = None):
+                 compute: str | None = None, graphs: bool | None = None):
         cfg = self.config = model.config
         self.model, self.host = model, host
         self.device, self.dtype = model.device, model.dtype
@@ -174,6 +174,27 @@ class OffloadDecoder:
         self.copy_stream = torch.cuda.Stream(dev) if cuda else None
         self.stats = OffloadStats()
         self.routing = []  # per step: [moe layers, T, k] on the host
+        # the decode step in segments: per MoE layer, "a" (attention, router, routed ids to a pinned host buffer)
+        # and "b" (the expert mix on the slots the host chose), plus "final" (norm, lm_head, argmax); each a CUDA
+        # graph on CUDA (graphs=None: when CUDA), plain calls elsewhere. Between a and b the host reads the ids
+        # (the layer's one sync), fetches misses and writes the slots.
+        self.segmented = all(layer.is_moe for layer in model.model.layers)
+        self.graphs = (cuda if graphs is None else graphs) and self.segmented
+        H = cfg.hidden_size
+        pin = cuda
+        self.s_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.s_pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.s_h = torch.zeros(1, 1, H, dtype=self.dtype, device=dev)
+        self.s_x = torch.zeros(1, H, dtype=self.dtype, device=dev)
+        self.s_w = torch.zeros(1, k, dtype=self.dtype, device=dev)
+        self.s_experts = torch.zeros(1, k, dtype=torch.long, device=dev)
+        self.s_slots = torch.zeros(1, k, dtype=torch.long, device=dev)
+        self.s_token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.s_vocab_mask = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
+        self.h_experts = torch.zeros(k, dtype=torch.long, pin_memory=pin)  # the routed ids, read by the host
+        self.h_slots = torch.zeros(k, dtype=torch.long, pin_memory=pin)
+        self.h_token = torch.zeros(1, dtype=torch.long, pin_memory=pin)
+        self._graphs = None
 
     # -- slots ---------------------------------------------------------------------------------------------------
     def _fetch(self, layer: int, e: int, keep: set, prefetch: bool) -> bool:
@@ -303,6 +324,102 @@ class OffloadDecoder:
                               self.slot_range, self.compute)
         return out
 
+    # -- the segmented decode step -------------------------------------------------------------------------------
+    def _seg_a(self, i: int) -> None:
+        c, w = self.consts, self.weights[i]
+        if i == 0:
+            self.s_h.copy_(self.model.model.embed_tokens(self.s_ids))
+        g = c.heads // c.kv_heads
+        pos = self.s_pos
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = (self.key_pos[None, :] <= pos[:, None]).repeat(g, 1)[None, None]  # [1, 1, g, S_max]
+        h = self.s_h + attention(self.s_h, w, cos, sin, mask, pos, self.kv.keys[i], self.kv.values[i], c)
+        self.s_h.copy_(h)
+        x = rms_norm(w.post_norm, h, c.eps).reshape(1, -1)  # [1, H]
+        forced = self.override.choice(i, pos) if self.override is not None else None
+        weights, experts = route(torch.nn.functional.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)
+        self.s_x.copy_(x)
+        self.s_w.copy_(weights)
+        self.s_experts.copy_(experts)
+        self.h_experts.copy_(experts[0], non_blocking=True)  # to the pinned host buffer
+
+    def _seg_b(self, i: int) -> None:
+        out = expert_mix(self.s_x, self.s_slots, self.s_w, self.pool.gate_up[i], self.pool.down[i], self.slot_range,
+                         self.compute)  # [1, H]
+        self.s_h.add_(out.view(1, 1, -1))
+
+    def _seg_final(self) -> None:
+        m = self.model
+        h = rms_norm(m.model.norm.weight, self.s_h[:, -1], m.model.norm.eps)
+        logits = m.lm_head(h).float().masked_fill(self.s_vocab_mask, float("-inf"))  # [1, V]
+        self.s_token.copy_(logits.argmax(-1))
+        self.h_token.copy_(self.s_token, non_blocking=True)
+
+    def _segments(self):
+        """(name, function) in step order."""
+        out = []
+        for i in self.config.moe_layers:
+            out += [(("a", i), lambda i=i: self._seg_a(i)), (("b", i), lambda i=i: self._seg_b(i))]
+        return out + [(("final", None), self._seg_final)]
+
+    def _capture(self) -> None:
+        saved_pos = self.s_pos.clone()
+        self.s_pos.fill_(0)  # warm-up at position 0 (rewritten by the next prefill)
+        self.s_slots.zero_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _, fn in self._segments():
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        self._graphs = {}
+        for name, fn in self._segments():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                fn()
+            self._graphs[name] = graph
+        self.s_pos.copy_(saved_pos)
+
+    def _run(self, name, fn) -> None:
+        if self._graphs is not None:
+            self._graphs[name].replay()
+        else:
+            fn()
+
+    def _decode_segmented(self, token_in: int, position: int) -> int:
+        """One decode step through the segments; returns the produced token."""
+        self.s_ids.fill_(token_in)
+        self.s_pos.fill_(position)
+        cuda = self.device.type == "cuda"
+        step_routing = []
+        for i in self.config.moe_layers:
+            self._run(("a", i), lambda: self._seg_a(i))
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()  # the routed ids are in h_experts
+            flat = self.h_experts.tolist()
+            step_routing.append([flat])
+            self.h_slots.copy_(torch.tensor(self._use(i, flat)))
+            self.s_slots.copy_(self.h_slots[None], non_blocking=cuda)
+            if self.prefetch_enabled:
+                nxt = self.next_moe.get(i)
+                if nxt is not None:  # guess the next layer's experts from this layer's state (one more sync)
+                    wn = self.weights[nxt]
+                    xn = rms_norm(wn.post_norm, self.s_h, self.consts.eps).reshape(1, -1)
+                    guess = torch.topk(torch.nn.functional.linear(xn, wn.router), self.consts.top_k, dim=-1)
+                    keep = set()
+                    for e in guess.indices[0].tolist():
+                        keep.add(e)
+                        if not self._fetch(nxt, e, keep, prefetch=True):
+                            break
+            self._run(("b", i), lambda: self._seg_b(i))
+        self._run(("final", None), self._seg_final)
+        if cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        self.routing.append(torch.tensor(step_routing))
+        return int(self.h_token[0])
+
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens: int = 32, *, forced=None, vocab_limit=None) -> Generation:
         """Greedy tokens for one prompt [P]; forced [n - 1] teacher-forces the decode inputs (see FastDecoder)."""
@@ -321,11 +438,19 @@ class OffloadDecoder:
         tokens = []
         ids, pos = prompt.to(self.device), torch.arange(P, device=self.device)
         prefill = 0.0
+        self.s_vocab_mask.zero_()
+        if vocab_limit is not None:
+            self.s_vocab_mask[vocab_limit:] = True
+        if self.graphs and self._graphs is None:
+            self._capture()
         for step in range(n):
-            logits = self.forward(ids, pos).float()
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = float("-inf")
-            token = int(logits.argmax(-1))
+            if step > 0 and self.segmented:
+                token = self._decode_segmented(int(ids[0, 0]), P + step - 1)
+            else:
+                logits = self.forward(ids, pos).float()
+                if vocab_limit is not None:
+                    logits[:, vocab_limit:] = float("-inf")
+                token = int(logits.argmax(-1))
             tokens.append(token)
             if step == 0:
                 sync()
