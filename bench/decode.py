@@ -1,22 +1,29 @@
-"""Greedy decode speed and memory of the selective model at expert budgets of 100 / 50 / 25 / 10 % of the
-experts' bytes, against the transformers reference with everything resident. One run, one table.
+"""Decode and prefill speed of omnilab's fast path (omnilab.engine) against omnilab's eager path and transformers'
+experts implementations (eager / grouped_mm / batched_mm), in one run, on one random-weight real-shape thinker.
 
-    python bench/decode.py                      # synthesizes the checkpoint below on first use (~5 GB, bf16)
-    python bench/decode.py --checkpoint DIR     # any Qwen3-Omni / Qwen3-MoE checkpoint folder
+    python bench/decode.py --device cuda --layers 48                   # the issue-12 table (bf16)
+    python bench/decode.py --device cuda --layers 4 --dtype float32    # exactness: greedy tokens in fp32
+    python bench/decode.py --suite budgets                             # the selective model at expert budgets
+    python bench/decode.py --checkpoint DIR ...                        # any Qwen3-Omni / Qwen3-MoE checkpoint
 
-The default checkpoint is a random-weight Qwen3-Omni with the real model's thinker layer shapes (hidden 2048,
-32 heads x 128, 4 kv heads, 128 experts of 768, top 8) but only a few layers and a small vocabulary, written
-by transformers' own `save_pretrained` in bf16 to /tmp (never into the repo). Each setting runs in its own
-subprocess, so its peaks belong to that setting alone: peak RSS (VmHWM)
-counts the page cache of mmap'd shards that were touched; peak anon RSS (sampled) is the memory the process
-itself allocated (weights and activations). Random routers spread tokens almost uniformly over the experts,
-so cache hit rates here are a pessimistic floor for a trained model.
+The checkpoint (unless --checkpoint) is `omnilab.synth.real_shape_checkpoint`: the real Qwen3-Omni thinker
+layout, real shapes and vocabulary (152,064 rows), `--layers` decoder layers, random N(0, 0.02) weights filled in
+place (on the GPU when --device cuda), written to --workdir (default /dev/shm: the 48-layer thinker is 61 GB).
+
+A random-weight model's greedy output repeats one token, so one token routes the same way at every step. Decode
+here is teacher-forced: every row feeds the same fixed random token ids (seeded), so each step routes
+differently, and records the argmax after each forced input ("forced argmax"). Each row also produces a few
+free greedy tokens (the exactness check in fp32). Rows run in their own subprocesses, so peak memory
+(torch.cuda.max_memory_allocated; RssAnon sampled) belongs to that row alone. Speed is the median of --repeats
+timed runs after a warm-up, as a ratio to transformers' best experts implementation measured in the same run and
+to the HBM floor (bytes read per decoded token at --hbm-tb-s TB/s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -25,32 +32,11 @@ import threading
 import time
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = "/tmp/omnilab-bench/omni-real-shapes"
-REAL_SHAPES = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                   num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=768,
-                   norm_topk_prob=True, vocab_size=8192, max_position_embeddings=4096)
+HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 BUDGETS = (1.0, 0.5, 0.25, 0.10)
 
 
-def synthesize(out: Path, layers: int) -> None:
-    """Random Qwen3-Omni with real thinker layer shapes, built directly in bf16 and saved by transformers."""
-    import torch
-    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
-
-    from omnilab.synth import _quiet_transformers, tiny_omni_config, tiny_tokenizer
-
-    config = Qwen3OmniMoeConfig.from_dict(tiny_omni_config(**REAL_SHAPES, num_hidden_layers=layers))
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)  # 4 layers of experts are 2.4 B parameters: never hold them in fp32
-    start = time.time()
-    model = Qwen3OmniMoeForConditionalGeneration(config).eval()
-    torch.set_default_dtype(torch.float32)
-    tmp = out.with_name(out.name + ".tmp")
-    with _quiet_transformers():
-        model.save_pretrained(tmp, max_shard_size="2GB")
-    tiny_tokenizer(256).save_pretrained(tmp)
-    tmp.rename(out)
-    print(f"[bench] wrote {out} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+# -- memory --------------------------------------------------------------------------------------------------------
 
 
 def _status(field: str) -> int:
@@ -92,128 +78,399 @@ def _gpu_peak() -> int | None:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
-def run_one(args) -> dict:
-    """One setting, in this process: 'reference' or a budget fraction."""
+def _sync(device: str) -> None:
     import torch
 
-    torch.manual_seed(0)
-    prompt = torch.randint(0, 256, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    if args.setting == "reference":
-        from omnilab.reference import Reference
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-        with AnonPeak() as anon:
-            ref = Reference.from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device,
-                                            attn_implementation="sdpa")
-            ref.generate(torch.tensor([prompt[:4]]), 2)  # warm-up: first-call overheads out of the timing
-            speeds = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                new = ref.generate(torch.tensor([prompt]), args.new_tokens)[0].tolist()
-                speeds.append(len(new) / (time.perf_counter() - start))
-        return {"setting": "transformers (all resident)", "tokens_per_s": statistics.median(speeds),
-                "tokens_per_s_runs": speeds, "new_token_ids": new,
-                "peak_rss_bytes": peak_rss_bytes(), "peak_anon_bytes": anon.peak, "peak_gpu_bytes": _gpu_peak()}
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+
+
+def inputs(args, vocab: int):
+    """The prompt [P] and the teacher-forced decode inputs [n] every row uses (fixed seeds)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=gen)
+    forced = torch.randint(0, vocab, (args.new_tokens,), generator=gen)
+    return prompt, forced
+
+
+def hbm_bytes_per_token(config, context: int, dtype_bytes: int) -> int:
+    """Bytes a batch-1 decode step must read: every layer's attention and router weights, the top-k experts of
+    each MoE layer, the final norm and lm_head, one embedding row and the KV cache up to `context` positions."""
+    H, hd = config.hidden_size, config.head_dim
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    attn = H * nh * hd * 2 + H * nkv * hd * 2 + 2 * H + 2 * hd  # q, o, k, v, two norms, q/k norms
+    expert = 3 * H * config.moe_intermediate_size
+    per_layer = [attn + (config.num_experts * H + config.num_experts_per_tok * expert if config.is_moe_layer(i)
+                         else 3 * H * config.intermediate_size) for i in range(config.num_hidden_layers)]
+    kv = config.num_hidden_layers * 2 * nkv * hd * context
+    return (sum(per_layer) + config.vocab_size * H + 2 * H + kv) * dtype_bytes
+
+
+# -- rows (each in its own subprocess) -----------------------------------------------------------------------------
+
+
+def row_transformers(args) -> list[dict]:
+    """transformers' thinker (device_map onto the device), one load, one row per experts implementation."""
+    import torch
+    from transformers import DynamicCache
+
+    from omnilab import Checkpoint
+    from omnilab.model import as_dtype
+    from omnilab.synth import _quiet_transformers
+
+    checkpoint = Checkpoint(args.checkpoint)
+    config, layout = checkpoint.arch
+    if layout.model_type == "qwen3_omni_moe":
+        from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
+    else:
+        from transformers import AutoModelForCausalLM as model_cls
+    prompt, forced = inputs(args, config.vocab_size)
+    dev = args.device
+    rows = []
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        with _quiet_transformers():
+            hf = model_cls.from_pretrained(str(checkpoint.root), dtype=as_dtype(args.dtype), device_map=dev,
+                                           attn_implementation="sdpa", experts_implementation="eager")
+        hf.eval().requires_grad_(False)
+        if layout.model_type == "qwen3_omni_moe" and not hasattr(hf.config, "vision_start_token_id"):
+            hf.config.vision_start_token_id = 151652  # as omnilab.reference: read by get_rope_index, never matched
+        load_s = time.perf_counter() - start
+
+        def run(n_forced: int, n_free: int, record: bool):
+            """Prefill, n_forced teacher-forced steps, then n_free greedy steps from the same state."""
+            ids = prompt[None].to(dev)
+            cache = DynamicCache(config=hf.config.get_text_config())
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = hf(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            _sync(dev)
+            t1 = time.perf_counter()
+            argmax, kept = [logits.argmax(-1)], [logits] if record else []
+            for j in range(n_forced - 1):
+                out = hf(input_ids=forced[None, j:j + 1].to(dev), past_key_values=out.past_key_values, use_cache=True)
+                logits = out.logits[:, -1].float()
+                argmax.append(logits.argmax(-1))
+                if record:
+                    kept.append(logits)
+            _sync(dev)
+            t2 = time.perf_counter()
+            free = []
+            if n_free:  # fresh prefill, then greedy
+                cache = DynamicCache(config=hf.config.get_text_config())
+                out = hf(input_ids=ids, past_key_values=cache, use_cache=True)
+                for _ in range(n_free):
+                    tok = out.logits[:, -1].argmax(-1)
+                    free.append(int(tok))
+                    out = hf(input_ids=tok[:, None], past_key_values=out.past_key_values, use_cache=True)
+            return t1 - t0, t2 - t1, [int(a) for a in argmax], (torch.stack(kept, 1)[0].cpu() if record else None), free
+
+        for impl in args.hf_impl:
+            hf.set_experts_implementation(impl)
+            torch.cuda.reset_peak_memory_stats() if dev.startswith("cuda") else None
+            with torch.no_grad():
+                run(2, 0, False)  # warm-up
+                runs = [run(args.slow_tokens, 0, False) for _ in range(args.repeats)]
+                _, _, argmax, logits, free = run(args.slow_tokens, args.free_tokens, True)
+            path = Path(args.scratch) / f"logits-hf-{impl}.pt"
+            torch.save(logits, path)
+            rows.append(_speed_row(f"transformers {impl}", runs, args.prompt_tokens, args.slow_tokens,
+                                   argmax=argmax, free=free, logits_file=str(path), load_s=load_s,
+                                   peak_gpu_bytes=_gpu_peak(), peak_anon_bytes=anon.peak))
+    return rows
+
+
+def _speed_row(name, runs, P, n, **extra) -> dict:
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return {"row": name, "prefill_tokens_per_s": P / prefill, "decode_tokens_per_s": (n - 1) / decode,
+            "decode_runs": [(n - 1) / r[1] for r in runs], "decode_steps": n - 1, **extra}
+
+
+def row_omnilab_eager(args) -> list[dict]:
+    """omnilab's SelectiveMoE, every expert preloaded into its cache (budget: all), eager forward per token."""
+    import torch
+
+    from omnilab.model import KVCache, SelectiveMoE
+
+    dev = args.device
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=dev, tokenizer=False)
+        for layer in model.config.moe_layers:  # all resident: the timed steps never load
+            for e in range(model.config.num_experts):
+                model.cache.get(layer, e)
+        load_s = time.perf_counter() - start
+        prompt, forced = inputs(args, model.config.vocab_size)
+
+        def run(n_forced: int, n_free: int, record: bool):
+            kv = KVCache(model.config.num_hidden_layers)
+            _sync(dev)
+            t0 = time.perf_counter()
+            logits = model(prompt[None], kv=kv)[:, -1].float()
+            _sync(dev)
+            t1 = time.perf_counter()
+            argmax, kept = [logits.argmax(-1)], [logits] if record else []
+            for j in range(n_forced - 1):
+                logits = model(forced[None, j:j + 1], kv=kv)[:, -1].float()
+                argmax.append(logits.argmax(-1))
+                if record:
+                    kept.append(logits)
+            _sync(dev)
+            t2 = time.perf_counter()
+            free = model.generate(prompt.tolist(), n_free, vocab_limit=None).new_token_ids[0] if n_free else []
+            return t1 - t0, t2 - t1, [int(a) for a in argmax], (torch.stack(kept, 1)[0].cpu() if record else None), free
+
+        with torch.no_grad():
+            run(2, 0, False)
+            runs = [run(args.slow_tokens, 0, False) for _ in range(args.repeats)]
+            _, _, argmax, logits, free = run(args.slow_tokens, args.free_tokens, True)
+        path = Path(args.scratch) / "logits-omnilab-eager.pt"
+        torch.save(logits, path)
+    return [_speed_row("omnilab eager (all resident)", runs, args.prompt_tokens, args.slow_tokens, argmax=argmax,
+                       free=free, logits_file=str(path), load_s=load_s, peak_gpu_bytes=_gpu_peak(),
+                       peak_anon_bytes=anon.peak, hits=model.cache.stats.hits, misses=model.cache.stats.misses)]
+
+
+def row_fast(args, compile: bool) -> list[dict]:
+    """omnilab.engine.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph."""
+    import torch
+
+    from omnilab.engine import FastDecoder
+    from omnilab.model import SelectiveMoE
+
+    dev = args.device
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=dev, tokenizer=False)
+        decoder = FastDecoder(model, max_len=args.prompt_tokens + args.new_tokens, compile=compile)
+        load_s = time.perf_counter() - start
+        prompt, forced = inputs(args, model.config.vocab_size)
+        start = time.perf_counter()
+        try:
+            decoder.generate(prompt, args.new_tokens, forced=forced)  # warm-up: capture (and compile)
+        except Exception as e:  # report the failure and measure without the graph rather than nothing
+            if not decoder.graph_enabled:
+                raise
+            print(f"[bench] CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            decoder.graph_enabled, decoder._graph = False, None
+            torch.cuda.synchronize()
+            decoder.generate(prompt, args.new_tokens, forced=forced)
+        capture_s = time.perf_counter() - start
+        gens = [decoder.generate(prompt, args.new_tokens, forced=forced) for _ in range(args.repeats)]
+        runs = [(g.prefill_seconds, g.seconds - g.prefill_seconds) for g in gens]
+        check = decoder.generate(prompt, args.slow_tokens, forced=forced, record_logits=True)
+        free = decoder.generate(prompt, args.free_tokens).new_token_ids[0] if args.free_tokens else []
+        graphed = decoder.graph_enabled
+        decoder.graph_enabled, decoder._graph = False, None  # the same steps without the CUDA graph
+        plain = decoder.generate(prompt, args.new_tokens, forced=forced).decode_tokens_per_s
+        decoder.graph_enabled = graphed
+        path = Path(args.scratch) / f"logits-fast{'-compiled' * compile}.pt"
+        torch.save(check.logits[:, 0].cpu(), path)
+        routing_seen = int((gens[-1].routing >= 0).all())
+    name = "omnilab fast path" + (" (compiled layer)" if compile else "")
+    row = _speed_row(name, runs, args.prompt_tokens, args.new_tokens, argmax=check.new_token_ids[0],
+                     argmax_long=gens[-1].new_token_ids[0], free=free, logits_file=str(path), load_s=load_s,
+                     capture_s=capture_s, peak_gpu_bytes=_gpu_peak(), peak_anon_bytes=anon.peak,
+                     pool_bytes=decoder.pool.nbytes, kv_bytes=decoder.kv.nbytes, routing_recorded=routing_seen,
+                     graph=graphed, compute=decoder.compute, no_graph_decode_tokens_per_s=plain)
+    return [row]
+
+
+def row_budget(args) -> list[dict]:
+    """The selective model at an expert budget (fraction of every expert's bytes), greedy generate."""
+    import torch
+
     from omnilab.experts import ExpertCache
     from omnilab.model import SelectiveMoE
 
-    fraction = float(args.setting)
+    fraction = float(args.budget)
     with AnonPeak() as anon:
         model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=False)
-        store = model.cache.store  # the budget in the bytes the cache counts (compute dtype), as sweeps.fresh_cache
+        prompt, _ = inputs(args, model.config.vocab_size)
+        store = model.cache.store
         budget = int(store.total_bytes * fraction)
-        model.cache = ExpertCache(store, budget)  # empty: nothing was loaded under the default (all-fit) cache
-        model(torch.tensor([prompt[:2]]))  # warm-up (loads a few experts; statistics reset below)
+        model.cache = ExpertCache(store, budget)
+        model(prompt[None, :2])
         runs = []
-        for _ in range(args.repeats):  # each run starts from an empty cache: the same misses every time
+        for _ in range(args.repeats):
             model.cache.clear()
             model.cache.reset_stats()
-            gen = model.generate(prompt, args.new_tokens, vocab_limit=None)
-            runs.append((gen, model.cache.stats.to_dict()))  # a snapshot: clear() alters the stats it finds
-    out, stats = sorted(runs, key=lambda r: r[0].tokens_per_s)[len(runs) // 2]  # the median run, its own stats
-    return {"setting": f"selective {fraction:.0%}", **stats, "budget_bytes": budget, "tokens_per_s": out.tokens_per_s,
-            "tokens_per_s_runs": [g.tokens_per_s for g, _ in runs], "decode_tokens_per_s": out.decode_tokens_per_s,
-            "new_token_ids": out.new_token_ids[0], "peak_rss_bytes": peak_rss_bytes(), "peak_anon_bytes": anon.peak,
-            "peak_gpu_bytes": _gpu_peak()}
+            gen = model.generate(prompt.tolist(), args.new_tokens, vocab_limit=None)
+            runs.append((gen, model.cache.stats.to_dict()))
+    out, stats = sorted(runs, key=lambda r: r[0].tokens_per_s)[len(runs) // 2]
+    del torch
+    return [{"row": f"selective {fraction:.0%}", **stats, "budget_bytes": budget, "tokens_per_s": out.tokens_per_s,
+             "decode_tokens_per_s": out.decode_tokens_per_s, "free": out.new_token_ids[0],
+             "peak_rss_bytes": peak_rss_bytes(), "peak_anon_bytes": anon.peak, "peak_gpu_bytes": _gpu_peak()}]
+
+
+ROWS = {"hf": row_transformers, "eager": row_omnilab_eager, "fast": lambda a: row_fast(a, False),
+        "fast-compiled": lambda a: row_fast(a, True), "budget": row_budget}
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+
+
+def build_checkpoint(args) -> Path:
+    import torch
+
+    from omnilab.synth import real_shape_checkpoint
+
+    out = Path(args.workdir) / f"omni-thinker-{args.layers}l"
+    start = time.perf_counter()
+    real_shape_checkpoint(out, layers=args.layers, dtype=torch.bfloat16, device=args.device.split(":")[0],
+                          towers=False, progress=False)
+    print(f"[bench] checkpoint {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--layers", type=int, default=4, help="layers of the synthesized checkpoint")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: synthesize one, see --layers)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the synthesized checkpoint")
+    p.add_argument("--workdir", default="/dev/shm/omnilab-bench", help="where the synthesized checkpoint goes")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (then the table adds peak GPU memory)")
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the median is reported")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--setting", help=argparse.SUPPRESS)  # internal: run one setting in this process
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--suite", choices=("fast", "budgets"), default="fast")
+    p.add_argument("--rows", default="hf,eager,fast,fast-compiled", help="fast suite: rows to run, comma-separated")
+    p.add_argument("--hf-impl", default=",".join(HF_IMPLEMENTATIONS), help="transformers experts implementations")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128, help="teacher-forced decode steps of the fast path")
+    p.add_argument("--slow-tokens", type=int, default=16, help="teacher-forced steps of the eager rows (and the "
+                   "steps whose logits are compared)")
+    p.add_argument("--free-tokens", type=int, default=8, help="free greedy tokens per row (exactness check)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hbm-tb-s", type=float, default=4.8, help="HBM bandwidth for the floor (H200: 4.8 TB/s)")
+    p.add_argument("--row-timeout", type=int, default=900, help="seconds a row may take")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--markdown", default=None, help="write the table (with command and hardware) here")
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    p.add_argument("--budget", help=argparse.SUPPRESS)
+    p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.setting:
-        print(json.dumps(run_one(args)))
+    args.hf_impl = [s for s in args.hf_impl.split(",") if s]
+    if args.row:
+        print(json.dumps(ROWS[args.row](args)))
         return 0
 
-    ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        synthesize(ckpt, args.layers)
-    from tqdm import tqdm
-
-    rows = []
-    for setting in tqdm(["reference", *map(str, BUDGETS)], desc="settings"):
-        cmd = [sys.executable, __file__, "--checkpoint", str(ckpt), "--dtype", args.dtype, "--setting", setting,
-               "--device", args.device, "--repeats", str(args.repeats),
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+    ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(args)
+    scratch = Path(args.workdir) / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    jobs = ([("budget", str(b)) for b in BUDGETS] if args.suite == "budgets"
+            else [(r, None) for r in args.rows.split(",") if r])
+    rows, errors = [], []
+    for name, budget in jobs:
+        cmd = [sys.executable, __file__, "--row", name, "--checkpoint", str(ckpt), "--scratch", str(scratch)]
+        for flag in ("dtype", "device", "prompt_tokens", "new_tokens", "slow_tokens", "free_tokens", "repeats"):
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+        cmd += ["--hf-impl", ",".join(args.hf_impl)] + (["--budget", budget] if budget else [])
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+        except subprocess.TimeoutExpired:
+            errors.append(f"{name}: over --row-timeout {args.row_timeout} s")
+            continue
+        print(f"[bench] row {name}{' ' + budget if budget else ''}: {time.perf_counter() - start:.0f} s, "
+              f"rc {done.returncode}", file=sys.stderr, flush=True)
         if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return 1
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    reference = rows[0]["new_token_ids"]
-    for r in rows[1:]:
-        same = 0
-        for a, b in zip(r["new_token_ids"], reference):
-            if a != b:
-                break
-            same += 1
-        r["same_prefix_as_reference"] = same
+            errors.append(f"{name}: " + (done.stderr.strip().splitlines() or ["(no output)"])[-1])
+            print(done.stderr[-4000:], file=sys.stderr)
+            continue
+        print(done.stderr[-1500:], file=sys.stderr)
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+        if args.out:  # after every row: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    text = table(rows, errors, ckpt, args)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-    print(table(rows, ckpt, args))
-    return 0
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    print(text)
+    return 1 if errors and not rows else 0
 
 
-def table(rows, ckpt, args) -> str:
+def compare(rows) -> None:
+    """Add logits' relative error and argmax / greedy agreement against omnilab eager and transformers' rows."""
+    import torch
+
+    by = {r["row"]: r for r in rows}
+    eager = by.get("omnilab eager (all resident)")
+    hf = next((r for r in rows if r["row"].startswith("transformers")), None)
+    for r in rows:
+        for tag, base in (("eager", eager), ("hf", hf)):
+            if base is None or base is r or "logits_file" not in r:
+                continue
+            a, b = torch.load(r["logits_file"]), torch.load(base["logits_file"])
+            n = min(len(a), len(b))
+            a, b = a[:n], b[:n]
+            r[f"rel_err_vs_{tag}"] = float((a - b).norm() / b.norm())
+            r[f"argmax_same_vs_{tag}"] = sum(x == y for x, y in zip(r["argmax"][:n], base["argmax"][:n]))
+            r[f"argmax_n_vs_{tag}"] = n
+            r[f"free_same_vs_{tag}"] = r["free"] == base["free"]
+
+
+def table(rows, errors, ckpt, args) -> str:
+    import torch
+
     from omnilab import Checkpoint
 
     config, _ = Checkpoint(ckpt).arch
     gb = 1e9
-    lines = [f"greedy decode on {args.device}, {args.new_tokens} new tokens after a {args.prompt_tokens}-token prompt, {args.dtype}, "
-             f"median of {args.repeats} runs, "
-             f"{config.num_hidden_layers} layers x {config.num_experts} experts (top {config.num_experts_per_tok}), "
-             f"hidden {config.hidden_size}, expert {config.moe_intermediate_size}",
-             "",
-             "| setting | expert budget | tokens/s (all) | tokens/s (decode) | peak resident experts "
-             "| peak RSS (VmHWM) | peak anon RSS | hits / misses | hit rate | loaded | expert load time "
-             "| same tokens as ref |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    gpu = any(r.get("peak_gpu_bytes") for r in rows)
-    if gpu:
-        lines[2] += " peak GPU memory |"
-        lines[3] += "---:|"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    head = [f"`{' '.join(['python', *sys.argv])}`", "",
+            f"{device}, torch {torch.__version__}, {args.dtype}, batch 1; checkpoint {ckpt.name}: "
+            f"{config.num_hidden_layers} layers x {config.num_experts} experts (top {config.num_experts_per_tok}), "
+            f"hidden {config.hidden_size}, expert {config.moe_intermediate_size}, vocab {config.vocab_size}", ""]
+    if args.suite == "budgets":
+        lines = head + ["| setting | expert budget | tokens/s (all) | tokens/s (decode) | peak resident experts | "
+                        "peak anon RSS | hit rate | loaded | peak GPU memory |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            gpu = f"{r['peak_gpu_bytes'] / gb:.2f} GB" if r.get("peak_gpu_bytes") else ""
+            lines.append(f"| {r['row']} | {r['budget_bytes'] / gb:.2f} GB | {r['tokens_per_s']:.2f} | "
+                         f"{r['decode_tokens_per_s']:.2f} | {r['peak_resident_bytes'] / gb:.2f} GB | "
+                         f"{r['peak_anon_bytes'] / gb:.2f} GB | {r['hit_rate']:.1%} | {r['loaded_bytes'] / gb:.2f} GB | {gpu} |")
+        return "\n".join(lines + [f"- failed: {e}" for e in errors])
+    compare(rows)
+    dtype_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    floor_bytes = hbm_bytes_per_token(config, args.prompt_tokens + args.new_tokens // 2, dtype_bytes)
+    floor = args.hbm_tb_s * 1e12 / floor_bytes
+    hf = [r for r in rows if r["row"].startswith("transformers")]
+    best = max(hf, key=lambda r: r["decode_tokens_per_s"]) if hf else None
+    lines = head + [
+        f"Prompt {args.prompt_tokens} random ids; decode teacher-forced with fixed random ids ({args.new_tokens} steps "
+        f"on the fast path, {args.slow_tokens} on the eager rows). HBM floor: {floor_bytes / gb:.2f} GB read per token "
+        f"at {args.hbm_tb_s} TB/s = {floor:.0f} tok/s. Logits compared over the first {args.slow_tokens} produced "
+        f"tokens (rel err = ||a - b|| / ||b||).", "",
+        "| row | decode tok/s | ms/token | x transformers best | x HBM floor | prefill tok/s | peak GPU memory "
+        "| logits rel err vs omnilab eager | forced argmax = eager | free greedy = transformers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        extra = f" {r['peak_gpu_bytes'] / gb:.2f} GB |" if gpu else ""
-        if "budget_bytes" not in r:
-            lines.append(f"| {r['setting']} | all | {r['tokens_per_s']:.2f} | | | {r['peak_rss_bytes'] / gb:.2f} GB "
-                         f"| {r['peak_anon_bytes'] / gb:.2f} GB | | | | | {args.new_tokens} / {args.new_tokens} |" + extra)
-            continue
-        lines.append(f"| {r['setting']} | {r['budget_bytes'] / gb:.2f} GB | {r['tokens_per_s']:.2f} "
-                     f"| {r['decode_tokens_per_s']:.2f} | {r['peak_resident_bytes'] / gb:.2f} GB "
-                     f"| {r['peak_rss_bytes'] / gb:.2f} GB | {r['peak_anon_bytes'] / gb:.2f} GB "
-                     f"| {r['hits']:,} / {r['misses']:,} | {r['hit_rate']:.1%} "
-                     f"| {r['loaded_bytes'] / gb:.2f} GB | {r['load_seconds']:.1f} s "
-                     f"| {r['same_prefix_as_reference']} / {args.new_tokens} |" + extra)
-    return "\n".join(lines)
+        d = r["decode_tokens_per_s"]
+        vs_best = f"{d / best['decode_tokens_per_s']:.2f}x" if best else ""
+        gpu = f"{r['peak_gpu_bytes'] / gb:.1f} GB" if r.get("peak_gpu_bytes") else ""
+        rel = f"{r['rel_err_vs_eager']:.2e}" if "rel_err_vs_eager" in r else ""
+        agree = f"{r['argmax_same_vs_eager']} / {r['argmax_n_vs_eager']}" if "argmax_same_vs_eager" in r else ""
+        free = ("yes" if r["free_same_vs_hf"] else "no") if "free_same_vs_hf" in r else ""
+        lines.append(f"| {r['row']} | {d:.1f} | {1e3 / d:.2f} | {vs_best} | {d / floor:.1%} | "
+                     f"{r['prefill_tokens_per_s']:.0f} | {gpu} | {rel} | {agree} | {free} |")
+    extra = [f"- {r['row']}: load {r['load_s']:.0f} s" + (f", capture {r['capture_s']:.1f} s" if "capture_s" in r else "")
+             + (f", slot pool {r['pool_bytes'] / gb:.1f} GB, KV {r['kv_bytes'] / gb:.2f} GB, expert compute "
+                f"{r['compute']}, CUDA graph {r['graph']}, routing recorded for every layer and position: "
+                f"{bool(r['routing_recorded'])}; without the graph {r['no_graph_decode_tokens_per_s']:.1f} tok/s"
+                if "pool_bytes" in r else "")
+             + (f"; rel err vs transformers {r['rel_err_vs_hf']:.2e}" if "rel_err_vs_hf" in r else "")
+             + f"; decode runs {', '.join(f'{x:.1f}' for x in r['decode_runs'])} tok/s"
+             + f"; peak anon RSS {r['peak_anon_bytes'] / gb:.1f} GB" for r in rows]
+    return "\n".join(lines + [""] + extra + [f"- failed: {e}" for e in errors])
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     raise SystemExit(main())

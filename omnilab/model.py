@@ -228,6 +228,7 @@ class SelectiveMoE(nn.Module):
         self.faults = tuple(faults)
         self.available = available  # layer -> bool [E] when missing experts are masked, else None
         self.hooks: dict[str, list] = {}
+        self.routing_override = None  # omnilab.traces.RoutingOverride: replaces the routers' top-k choice
         self.tokenizer = None
         self.generation_config: dict = {}
 
@@ -354,7 +355,7 @@ class SelectiveMoE(nn.Module):
             a = self.hook(f"blocks.{i}.hook_attn_out", a)
             h = self.hook(f"blocks.{i}.hook_resid_mid", h + a)
             x = layer.post_attention_layernorm(h)
-            m = self.moe(i, layer.mlp, x) if layer.is_moe else layer.mlp(x)
+            m = self.moe(i, layer.mlp, x, positions) if layer.is_moe else layer.mlp(x)
             m = self.hook(f"blocks.{i}.hook_mlp_out", m)
             h = self.hook(f"blocks.{i}.hook_resid_post", h + m)
             if deepstack is not None and i < len(deepstack[1]):  # as transformers' _deepstack_process
@@ -383,8 +384,9 @@ class SelectiveMoE(nn.Module):
         allowed = allowed | (k == q)[None]
         return positions, allowed[:, None]  # [B, 1, T, S]
 
-    def moe(self, i: int, router: Router, x: torch.Tensor) -> torch.Tensor:
-        """Route each token to top-k experts and run each picked expert once over all its tokens."""
+    def moe(self, i: int, router: Router, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Route each token to top-k experts and run each picked expert once over all its tokens.
+        positions [B, T]: the tokens' positions, for a routing_override given by position."""
         cfg = self.config
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, H]
@@ -400,6 +402,10 @@ class SelectiveMoE(nn.Module):
             routed = routed.masked_fill(~ok, float("-inf"))
         probs = F.softmax(routed, dim=-1, dtype=torch.float)  # [N, E]
         weights, experts = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)  # [N, k]
+        if self.routing_override is not None and positions is not None:
+            forced = self.routing_override.choice(i, positions.reshape(-1))  # [N, k] or None
+            if forced is not None:  # an intervention: the given experts, weighted by the router's softmax there
+                experts, weights = forced, probs.gather(-1, forced)
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(logits.dtype)
