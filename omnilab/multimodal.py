@@ -73,19 +73,24 @@ class Towers(nn.Module):
 
     get_rope_index, get_llm_pos_ids_for_vision = _transformers_rope_index()
 
-    def __init__(self, config):
+    def __init__(self, config, attn_implementation: str = "sdpa"):
         super().__init__()
         from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
             Qwen3OmniMoeAudioEncoder, Qwen3OmniMoeVisionEncoder)
 
         self.config = config
-        self.audio_tower = Qwen3OmniMoeAudioEncoder._from_config(config.audio_config)
-        self.visual = Qwen3OmniMoeVisionEncoder._from_config(config.vision_config)
+        self.audio_tower = Qwen3OmniMoeAudioEncoder._from_config(config.audio_config,
+                                                                 attn_implementation=attn_implementation)
+        self.visual = Qwen3OmniMoeVisionEncoder._from_config(config.vision_config,
+                                                             attn_implementation=attn_implementation)
         self.spatial_merge_size = config.vision_config.spatial_merge_size
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, *, dtype=torch.float32, device="cpu", vision_start_token_id=None) -> "Towers":
-        """Both towers with the checkpoint's weights (`thinker.audio_tower.*`, `thinker.visual.*`), resident."""
+    def from_checkpoint(cls, checkpoint, *, dtype=torch.float32, device="cpu", vision_start_token_id=None,
+                        attn_implementation: str = "sdpa") -> "Towers":
+        """Both towers with the checkpoint's weights (`thinker.audio_tower.*`, `thinker.visual.*`), resident.
+        attn_implementation: transformers' name ("sdpa", "eager"); omnilab.reference runs "eager", which in
+        bf16 rounds the vision tower's attention differently (in fp32 the two agree to ~1e-7)."""
         from transformers.initialization import no_init_weights
 
         from omnilab.model import as_dtype
@@ -97,16 +102,22 @@ class Towers(nn.Module):
             # transformers 5.23 has no vision_start_token_id in the thinker config, yet get_rope_index reads it;
             # it is the tokenizer's <|vision_start|> (omnilab.reference sets the Qwen tokenizer's 151652 alike)
             config.vision_start_token_id = 151652 if vision_start_token_id is None else vision_start_token_id
-        with _quiet_transformers(), no_init_weights():
-            towers = cls(config)
+        dtype = as_dtype(dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # as transformers' from_pretrained builds a model: buffers in this dtype too
+        try:
+            with _quiet_transformers(), no_init_weights():
+                towers = cls(config, attn_implementation)
+        finally:
+            torch.set_default_dtype(default)
         state = {}
         for local in towers.state_dict():
             name = "thinker." + local
             if name not in checkpoint.tensors.index:
                 raise KeyError(f"{checkpoint.path}: tower tensor {name} is missing")
-            state[local] = checkpoint.read(name).to(dtype=as_dtype(dtype), copy=True)  # own memory, not the mmap
+            state[local] = checkpoint.read(name).to(dtype=dtype, copy=True)  # own memory, not the mmap
         towers.load_state_dict(state, strict=True)
-        return towers.to(device=device, dtype=as_dtype(dtype)).eval().requires_grad_(False)
+        return towers.to(device=device).eval().requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,13 +199,13 @@ def load_processor(folder, tokenizer=None):
                               tokenizer=tokenizer)
 
 
-def open_multimodal(model):
+def open_multimodal(model, attn_implementation: str = "sdpa"):
     """(Towers, processor) for a SelectiveMoE loaded from a Qwen3-Omni checkpoint, on its device and dtype."""
     checkpoint = model.checkpoint
     processor = load_processor(checkpoint.root, model.tokenizer)
     vision_start = processor.tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKENS["vision_bos_token"])
     towers = Towers.from_checkpoint(checkpoint, dtype=model.dtype, device=model.device,
-                                    vision_start_token_id=vision_start)
+                                    vision_start_token_id=vision_start, attn_implementation=attn_implementation)
     for attr, key in (("audio_token", "audio_token_id"), ("image_token", "image_token_id"),
                       ("video_token", "video_token_id"), ("audio_bos_token", "audio_start_token_id"),
                       ("vision_bos_token", "vision_start_token_id")):
