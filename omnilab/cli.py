@@ -31,11 +31,16 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def parse_ids(text: str) -> list[int]:
+def parse_ids(text: str, flag: str = "--input-ids") -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-ids takes comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def parse_stop_ids(text: str) -> list[int]:
+    """--stop-ids: comma-separated token ids, or 'none' to stop only at --max-new-tokens."""
+    return [] if text.strip().lower() == "none" else parse_ids(text, "--stop-ids")
 
 
 def print_json(obj) -> None:
@@ -75,9 +80,18 @@ def cmd_inspect(args) -> int:
     inv, tok, problems = _checkpoint_report(args.path)
     summary = {**inv.summary(), "tokenizer": tok.to_dict() if tok else None,
                "problems": [p.to_dict() for p in problems]}
+    try:
+        _print_inspect(args, summary, tok, problems, format_bytes)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `omnilab inspect PATH | head`: the reader left; stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail
+    return 0
+
+
+def _print_inspect(args, summary, tok, problems, format_bytes) -> None:
     if args.json:
         print_json(summary)
-        return 0
+        return
     dtypes = ", ".join(f"{d} x{n:,}" for d, n in summary["dtypes"].items())
     print(f"{summary['path']}: {summary['model_type'] or 'unknown architecture'}, {summary['shards']} shards, "
           f"{summary['tensors']:,} tensors, {summary['total_bytes']:,} bytes ({format_bytes(summary['total_bytes'])}), "
@@ -101,7 +115,6 @@ def cmd_inspect(args) -> int:
         print(f"    {p}")
     if len(problems) > shown:
         print(f"    ... {len(problems) - shown} more: `omnilab verify {args.path}` lists them all")
-    return 0
 
 
 def cmd_verify(args) -> int:
@@ -237,6 +250,15 @@ def cmd_compare(args) -> int:
 
 def cmd_generate(args) -> int:
     """Generate with the selective model under an expert budget; report speed and the cache's statistics."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p:g}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be 0 (off) or positive, got {args.top_k}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature:g}")
+    _check_device(args.device)
     from omnilab.model import SelectiveMoE
 
     model = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device,
@@ -260,17 +282,40 @@ def cmd_generate(args) -> int:
                     "stopped": out.stopped[0], "cache": cache})
         return 0
     print(text if text is not None else ",".join(map(str, new)))
-    print(f"[{len(new)} tokens, {out.tokens_per_s:.2f} tokens/s; experts: {stats.hits:,} hits, {stats.misses:,} misses "
-          f"({stats.hit_rate:.1%}), {stats.evictions:,} evictions, peak {stats.peak_resident_bytes:,} of "
-          f"{stats.budget_bytes:,} budget bytes]", file=sys.stderr)
+    print(f"[{len(new)} tokens, {out.tokens_per_s:.2f} tokens/s; experts: hit rate {stats.hit_rate:.1%} "
+          f"({stats.hits:,} hits, {stats.misses:,} misses), {stats.evictions:,} evictions, peak "
+          f"{stats.peak_resident_bytes:,} of {stats.budget_bytes:,} budget bytes]", file=sys.stderr)
     return 0
+
+
+def _check_device(device: str) -> None:
+    """--device names a device this torch build can use (a CPU-only build has no cuda), else one line."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+        raise ValueError(f"--device {device}: no CUDA device available ({build}); use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: no MPS device available; use --device cpu")
 
 
 def cmd_extract(args) -> int:
     from dataclasses import asdict
+    from pathlib import Path
 
-    from omnilab.extract import extract, parse_range
+    from omnilab.extract import JOURNAL_NAME, MANIFEST_NAME, extract, parse_range
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; OUT must be a new or empty folder, or an extraction")
+    ours = (out / MANIFEST_NAME).exists() or (out / JOURNAL_NAME).exists()  # an extraction, or one interrupted
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise ValueError(f"{out}: not empty and not an extraction (no {MANIFEST_NAME}); extract into a new or empty "
+                         f"folder, or into an earlier extraction to resume it")
     result = extract(args.path, args.out, components=args.components,
                      layers=parse_range(args.layers) if args.layers else None,
                      experts=parse_range(args.experts) if args.experts else None,
@@ -283,9 +328,21 @@ def cmd_extract(args) -> int:
 
 
 def cmd_regress(args) -> int:
-    from omnilab.regress import run_notebooks
+    from omnilab.regress import headline, run_notebooks
 
-    return run_notebooks(out=args.out, only=args.only, update_baselines=args.update_baselines)
+    if args.headline:  # the README's headline numbers, from a finished run
+        from pathlib import Path
+
+        path = Path(args.out) / "metrics.json"
+        if not path.exists():
+            raise ValueError(f"{path}: no metrics.json; run `omnilab regress --out {args.out}` first")
+        try:
+            print(headline(json.loads(path.read_text())))
+        except KeyError as e:
+            raise ValueError(f"{path}: no metric {e.args[0]!r}: was it written by a full run of every notebook?") from None
+        return 0
+
+    return run_notebooks(out=args.out, only=args.only, update_baselines=args.update_baselines, publish=args.publish)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert-budget", type=parse_size, default=None, metavar="SIZE",
                    help="bytes of experts held at once (512MB, 2GiB); default: all experts fit")
-    p.add_argument("--stop-ids", type=parse_ids, default=None, metavar="IDS",
-                   help="token ids that end generation (default: eos_token_id of generation_config.json)")
+    p.add_argument("--stop-ids", type=parse_stop_ids, default=None, metavar="IDS",
+                   help="token ids that end generation, or 'none' (default: eos_token_id of generation_config.json)")
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("extract", help="take a checkpoint apart into per-expert and backbone files, with a manifest")
@@ -363,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="folder for executed notebooks, figures and metrics")
     p.add_argument("--only", nargs="*", help="notebook numbers or names to run (default: all)")
     p.add_argument("--update-baselines", action="store_true", help="write this run's metrics as the new baselines")
+    p.add_argument("--publish", action="store_true",
+                   help="after a clean run, copy the executed notebooks (figures inline) to docs/notebooks/")
+    p.add_argument("--headline", action="store_true",
+                   help="print the README's headline numbers from OUT/metrics.json of a finished run, and exit")
     p.set_defaults(func=cmd_regress)
     return parser
 

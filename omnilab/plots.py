@@ -18,11 +18,16 @@ import pandas as pd  # noqa: E402
 
 
 def _short_bytes(n: float) -> str:
-    for unit in ("B", "k", "M", "G", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" or n >= 100 else f"{n:.3g}{unit}"
+    """Bytes with a decimal unit: 512 -> '512 B', 27385314 -> '27.4 MB', 7.05e10 -> '70.5 GB'."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.3g} {unit}"
         n /= 1000
-    return f"{n:.3g}T"
+    return f"{n:.3g} TB"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _short_shard(name: str) -> str:
@@ -33,23 +38,27 @@ def _short_shard(name: str) -> str:
 
 
 def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per component"):
-    """Horizontal bars of bytes per component (log scale), each labelled with its size and tensor count.
+    """Horizontal bars of each component's share of all bytes (linear, so 58 GB of experts look 45x the 1.3 GB of
+    audio tower they are), each labelled with its size, share and tensor count.
 
     `components`: index component label, columns `tensors` and `bytes`, optionally `files` (Inventory.components
     for a checkpoint, omnilab.extract.component_bytes for an extraction)."""
     df = components[::-1]
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(df) + 1.2))
     colors = plt.cm.tab20(np.arange(len(components)) % 20)[::-1]
-    ax.barh(df.index, df["bytes"], color=colors)
-    ax.set_xscale("log")
     total = components["bytes"].sum()
+    share = 100 * df["bytes"] / total
+    ax.barh(df.index, share, color=colors)
     files = df["files"] if "files" in df else [None] * len(df)
-    for y, (n, b, f) in enumerate(zip(df["tensors"], df["bytes"], files)):
-        in_files = f", {f:,} files" if f is not None else ""
-        ax.text(b * 1.15, y, f"{_short_bytes(b)}B  {b / total:.1%}  ({n:,} tensors{in_files})", va="center", fontsize=8)
-    ax.set_xlim(max(df["bytes"].min() / 3, 1), df["bytes"].max() * 2000)  # room for the labels
-    ax.set_xlabel("bytes (log scale)")
-    ax.set_title(f"{title}: {_short_bytes(total)}B in {components['tensors'].sum():,} tensors")
+    for y, (n, b, f, x) in enumerate(zip(df["tensors"], df["bytes"], files, share)):
+        in_files = f", {_plural(int(f), 'file')}" if f is not None else ""
+        ax.text(x + 1, y, f"{_short_bytes(b)}  {b / total:.1%}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
+                fontsize=8)
+    ax.set_xlim(0, 100 + 60)  # room for the labels right of the longest bar
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("share of all bytes (%, linear)")
+    ax.set_ylabel("component")
+    ax.set_title(f"{title}: {_short_bytes(total)} in {_plural(int(components['tensors'].sum()), 'tensor')}")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -71,13 +80,14 @@ def plot_shard_map(shard_map: pd.DataFrame, title: str = "Which components live 
     ax.set_xticks(range(cols), shard_map.columns, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(rows), [_short_shard(s) for s in shard_map.index], fontsize=8 if rows <= 30 else 6)
     ax.set_ylabel("shard")
+    ax.set_xlabel("component")
     if rows * cols <= 600:
         for i, j in zip(*np.nonzero(data)):
             light = norm is not None and norm(data[i, j]) < 0.6
             ax.text(j, i, _short_bytes(data[i, j]), ha="center", va="center", fontsize=6.5,
                     color="white" if light else "black")
     fig.colorbar(im, ax=ax, label="bytes (log)", fraction=0.04)
-    ax.set_title(f"{title} ({rows} shards)")
+    ax.set_title(f"{title} ({_plural(rows, 'shard')})")
     fig.tight_layout()
     return fig
 
@@ -89,8 +99,7 @@ def plot_expert_completeness(grid: np.ndarray, title: str = "Experts present"):
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     layers, experts = grid.shape
-    cmap = ListedColormap(["#d62728", "#ff7f0e", "#ffd92f", "#2ca02c"])
-    cmap.set_bad("#dddddd")
+    cmap = ListedColormap(["#d62728", "#ff7f0e", "#ffd92f", "#2ca02c"]).with_extremes(bad="#dddddd")
     fig, ax = plt.subplots(figsize=(min(11, max(5, 0.1 * experts + 3)), min(6, max(2.5, 0.16 * layers + 1.5))))
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], 4),
                    interpolation="nearest")
@@ -99,7 +108,7 @@ def plot_expert_completeness(grid: np.ndarray, title: str = "Experts present"):
     step = max(1, experts // 16)
     ax.set_xticks(range(0, experts, step))
     ax.set_yticks(range(0, layers, max(1, layers // 12)))
-    cbar = fig.colorbar(im, ax=ax, ticks=[0, 1, 2, 3], fraction=0.04)
+    cbar = fig.colorbar(im, ax=ax, ticks=[0, 1, 2, 3], fraction=0.04, label="projections on disk")
     cbar.ax.set_yticklabels(["0/3 missing", "1/3", "2/3", "3/3 complete"])
     valid = ~np.isnan(grid)
     complete, missing = int((grid[valid] == 3).sum()), int((grid[valid] == 0).sum())
@@ -183,23 +192,45 @@ def plot_routing_agreement(table: pd.DataFrame, title: str = "Router top-k set a
     return fig
 
 
-def plot_continuations(reference: list[int], selective: list[int], labels: list[str] | None = None,
-                       title: str = "Greedy continuation: reference (top) vs selective (bottom)"):
-    """Two rows of generated tokens, cell by cell; green where the selective model matches the reference."""
+def _loop(seq: list[int]) -> tuple[int, int] | None:
+    """(start, period) of the shortest cycle the tail of SEQ repeats at least twice, earliest start; None if none."""
+    n = len(seq)
+    for period in range(1, n // 2 + 1):
+        start = n - period
+        while start > 0 and seq[start - 1] == seq[start - 1 + period]:
+            start -= 1
+        if n - start >= 2 * period:
+            return start, period
+    return None
+
+
+def plot_continuations(reference: list[int], selective: list[int], labels: dict[int, str] | None = None,
+                       prompt: str | None = None, title: str = "Greedy continuation"):
+    """Two rows of generated tokens, cell by cell; green where the selective model matches the reference. `labels`
+    maps a token id to its decoded text (ids are shown without it; spaces as '·', newlines as '⏎'). When the
+    reference settles into a loop, as greedy decoding of a small model does, the title says where and how long."""
     n = max(len(reference), len(selective))
-    fig, ax = plt.subplots(figsize=(min(0.42 * n + 1.5, 18), 1.9))
+    fig, ax = plt.subplots(figsize=(min(0.42 * n + 1.5, 18), 2.1))
     for row, seq in enumerate((reference, selective)):
         for j in range(n):
             tok = seq[j] if j < len(seq) else None
             ok = tok is not None and j < len(reference) and j < len(selective) and reference[j] == selective[j]
             ax.add_patch(plt.Rectangle((j, 1 - row), 1, 1, color="#c8e6c9" if ok else "#ffcdd2", ec="white"))
-            text = "" if tok is None else (labels[tok] if labels and tok < len(labels) else str(tok))
+            text = "" if tok is None else (labels.get(tok, str(tok)) if labels else str(tok))
+            text = text.replace(" ", "·").replace("\n", "⏎")
             ax.text(j + 0.5, 1.5 - row, text, ha="center", va="center", fontsize=6, rotation=90 if len(text) > 3 else 0)
+    loop = _loop(list(reference))
+    if loop:
+        ax.axvspan(loop[0], n, ymin=0.5, ymax=1.0, fill=False, ec="0.3", ls="--", lw=1)
+    same = next((j for j, (a, b) in enumerate(zip(reference, selective)) if a != b), min(len(reference), len(selective)))
     ax.set_xlim(0, n)
     ax.set_ylim(0, 2)
-    ax.set_yticks([1.5, 0.5], ["reference", "selective"])
-    ax.set_xlabel("generated token")
-    ax.set_title(title)
+    ax.set_yticks([1.5, 0.5], ["reference\n(transformers)", "selective"])
+    ax.set_xlabel("generated token (decoded one by one)" if labels else "generated token id")
+    head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {len(reference)} tokens"
+    tail = (f"\nfrom token {loop[0]} the reference repeats a {_plural(loop[1], 'token')} loop (dashed)"
+            " — greedy decoding of a small model" if loop else "")
+    ax.set_title(head + tail, fontsize=9)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
@@ -231,6 +262,7 @@ def plot_fault(table: pd.DataFrame, fault: str, first_divergence: str | None, in
                   [f"L{int(table.layer[i])}" for i in layer_starts], fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("rel_err (log)")
+    ax.set_xlabel("hook point, in forward order (ticks: each layer's first hook)")
     ax.set_title(f"fault: {fault}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -250,6 +282,7 @@ def plot_dtype_errors(tables: dict[str, pd.DataFrame], title: str = "Errors by d
     ax.set_xticks(list(starts), [f"L{int(first.layer[i])}" for i in starts], fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("rel_err (log)")
+    ax.set_xlabel("hook point, in forward order (ticks: each layer's first hook)")
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -280,17 +313,26 @@ def plot_domain_expert(lifts: dict[int, pd.DataFrame], clip: float = 2.0):
     first = lifts[layers[0]]
     fig, axes = plt.subplots(rows, cols, squeeze=False, sharey=True, layout="constrained",
                              figsize=(cols * max(4.0, 0.14 * first.shape[1]), rows * (1.0 + 0.3 * first.shape[0])))
+    clipped = cells = 0
     for ax, layer in zip(axes.flat, layers):
         with np.errstate(divide="ignore"):
             values = np.log2(lifts[layer].to_numpy(dtype=float))
-        im = ax.imshow(np.clip(np.nan_to_num(values, nan=0.0, neginf=-clip), -clip, clip), aspect="auto",
+        values = np.nan_to_num(values, nan=0.0, neginf=-np.inf)
+        clipped += int((np.abs(values) >= clip).sum())
+        cells += values.size
+        im = ax.imshow(np.clip(values, -clip, clip), aspect="auto",
                        cmap="RdBu_r", vmin=-clip, vmax=clip, interpolation="nearest")
         ax.set(title=f"layer {layer}", xlabel="expert", yticks=range(len(lifts[layer].index)),
                yticklabels=lifts[layer].index)
+    for ax, _ in zip(axes[:, 0], range(rows)):
+        ax.set_ylabel("domain")
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes, label="log2 P(expert | domain) / P(expert)", shrink=0.8)
-    fig.suptitle("Domain x expert routing, relative to the layer's overall load")
+    fig.colorbar(im, ax=axes, label=f"log2 P(expert | domain) / P(expert), clipped at ±{clip:g}", shrink=0.8,
+                 extend="both")
+    fig.suptitle("Domain x expert routing, relative to the layer's overall load\n"
+                 f"colours saturate at ±{clip:g} ({2 ** clip:g}x or 1/{2 ** clip:g} of the load): {clipped} of {cells} "
+                 "cells, unused experts (−∞) included", fontsize=10)
     return fig
 
 
@@ -298,7 +340,7 @@ def plot_specialization(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.Da
     """Left: I(domain; expert) per layer against the shuffled-domain baseline, and the same given the token id
     (routing.specialization). Right: OLMoE's top-expert share by token id and by domain, each against its shuffled baseline
     (routing.token_specialization)."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.6))
     x = np.arange(len(spec))
     a.bar(x - 0.2, spec["mi_bits"], 0.4, label="I(domain; expert)")
     a.bar(x + 0.2, spec["baseline_mean"], 0.4, yerr=spec["baseline_std"], color="0.7", label="shuffled domains")
@@ -307,14 +349,14 @@ def plot_specialization(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.Da
         a.plot(x, spec["cmi_baseline_mean"], "o--", color="C3", alpha=0.5, label="... shuffled domains")
     a.set(xticks=x, xticklabels=spec.index, xlabel="layer", ylabel="bits",
           title=f"Domain specialization (H(domain) = {spec['domain_entropy_bits'].mean():.2f} bits)")
-    a.legend(fontsize=8)
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     for frame, name, color in ((tokens, "token id", "C1"), (domains, "domain", "C0")):
         b.plot(frame.index, frame["share"], "o-", color=color, label=f"by {name}")
         b.plot(frame.index, frame["baseline"], "o--", color=color, alpha=0.5, label=f"by {name}, shuffled")
     b.plot(tokens.index, tokens["chance"], ":", color="0.4", label="uniform router (k / E)")
     b.set(xlabel="layer", ylabel="share routed to its top expert", ylim=(0, 1.02),
           title="Top-expert share (OLMoE's specialization)")
-    b.legend(fontsize=8)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -327,9 +369,9 @@ def plot_coactivation(tables: dict[int, pd.DataFrame]):
     vmax = max(float(t.to_numpy().max()) for t in tables.values())
     for ax, layer in zip(axes.flat, layers):
         im = ax.imshow(tables[layer].to_numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set(title=f"layer {layer}", xlabel="expert b", ylabel="expert a")
-    fig.colorbar(im, ax=axes, label="P(b | a)", shrink=0.85)
-    fig.suptitle("Co-activation within a token's top-k")
+        ax.set_title(f"co-activation within the top-k, layer {layer}", fontsize=10)
+        ax.set(xlabel="expert b", ylabel="expert a")
+    fig.colorbar(im, ax=axes, label="P(b in top-k | a in top-k), diagonal left out", shrink=0.85)
     return fig
 
 
@@ -348,12 +390,18 @@ def plot_same_expert(same: pd.DataFrame):
     return fig
 
 
-def plot_hit_rates(curve: pd.DataFrame):
-    """Hit rate against cache size (share of all layers x experts) per eviction policy (routing.hit_rate_curve)."""
+def plot_hit_rates(curve: pd.DataFrame, per_token_share: float | None = None):
+    """Hit rate against cache size (share of all layers x experts) per eviction policy (routing.hit_rate_curve).
+    `per_token_share`: the share of all experts one token asks for (MoE layers x k / all experts); a cache smaller
+    than that makes LRU evict every expert before the next token asks for it again (LRU's loop pathology: 0 hits),
+    drawn as a dotted line."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     names = {"belady": "Belady (optimal)", "lru": "LRU", "lfu": "LFU"}
     for policy, c in curve.groupby("policy", sort=False):
         ax.plot(100 * c["share"], c["hit_rate"], "o-", label=names.get(policy, policy))
+    if per_token_share is not None:
+        ax.axvline(100 * per_token_share, color="0.4", ls=":",
+                   label=f"one token's experts ({100 * per_token_share:.1f}%):\nLRU below it evicts all before reuse")
     ax.set(xlabel="cache size (% of all experts)", ylabel="hit rate", ylim=(0, 1.02),
            title="Expert cache replayed on the routing trace")
     ax.grid(alpha=0.3)
@@ -390,24 +438,52 @@ def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
     headless run (papermill) it renders nothing, so notebooks also draw a static plot_layer_domain."""
     import ipywidgets as widgets
 
+    from IPython.display import display
+
     layers = sorted(load.index)
     domains = list(dict.fromkeys(d for _, d in table.index))
     out = widgets.Output()
-
-    def draw(layer, domain):
-        out.clear_output(wait=True)
-        with out:
-            fig = plot_layer_domain(table, load, layer, domain)
-            plt.show(fig)
-            plt.close(fig)
-
     slider = widgets.SelectionSlider(options=layers, value=layers[0], description="layer")
     dropdown = widgets.Dropdown(options=domains, value=domains[0], description="domain")
-    widgets.interactive_output(draw, {"layer": slider, "domain": dropdown})
+
+    def draw(change=None):
+        # The figure is drawn outside the Output's context: an ipywidgets Output swallows an exception raised
+        # inside it (it shows it in the widget), so the first draw's error fails the cell, and a later one
+        # reaches the kernel's log, instead of vanishing. display() renders under any backend (plt.show(fig)
+        # is wrong under Agg).
+        fig = plot_layer_domain(table, load, slider.value, dropdown.value)
+        try:
+            out.clear_output(wait=True)
+            with out:
+                display(fig)
+        finally:
+            plt.close(fig)
+
+    draw()
+    slider.observe(draw, names="value")
+    dropdown.observe(draw, names="value")
     return widgets.VBox([widgets.HBox([slider, dropdown]), out])
 
 
 # -- 05 generation experiments -------------------------------------------------------------------------
+
+def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7):
+    """Label points right of them without overlap: points of about the same x (within 30 pt) are labelled in
+    y order, each label pushed up until it is GAP_PT above the previous one, with a thin leader when moved.
+    Call once the axes' scales and limits are final."""
+    ax.autoscale_view()
+    to_pt = 72.0 / ax.figure.dpi
+    px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])) * to_pt
+    order = sorted(range(len(px)), key=lambda i: (round(px[i, 0] / 30), px[i, 1]))
+    last: dict[int, float] = {}
+    for i in order:
+        bucket = round(px[i, 0] / 30)
+        y = max(px[i, 1], last.get(bucket, -np.inf) + gap_pt)
+        last[bucket] = y
+        shift = y - px[i, 1]
+        ax.annotate(names[i], (xs[i], ys[i]), xytext=(6, shift - 2), textcoords="offset points", fontsize=fontsize,
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
+
 
 _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "salience": ("C4", "D"),
                 "budget": ("C2", "^")}
@@ -417,26 +493,49 @@ def plot_quality_memory(table: pd.DataFrame):
     """Left: top-1 agreement with the full model against peak resident expert memory (share of all expert
     bytes), one point per setting (omnilab.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
     settings sit at exactly 0)."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     for group, rows in table.groupby("group", sort=False):
         color, marker = _GROUP_STYLE.get(group, ("0.5", "o"))
         x = 100 * rows["peak_expert_share"]
         a.scatter(x, rows["top1_agreement"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
         b.scatter(x, rows["kl"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
-        for xi, ya, yb, name in zip(x, rows["top1_agreement"], rows["kl"], rows["name"]):
-            if group not in ("budget", "full"):
-                a.annotate(name, (xi, ya), fontsize=7, xytext=(4, 3), textcoords="offset points")
-                b.annotate(name, (xi, yb), fontsize=7, xytext=(4, 3), textcoords="offset points")
     a.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="top-1 agreement with the full model",
-          title="Quality against memory")
+          title="Quality against memory", xlim=(0, 118))
     b.set_yscale("symlog", linthresh=1e-4)
     b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats",
-          title="Divergence from the full model")
-    a.legend(fontsize=8)
+          title="Divergence from the full model", xlim=(0, 118))
+    named = table[~table["group"].isin(["budget", "full"])]
+    for ax, col in ((a, "top1_agreement"), (b, "kl")):
+        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(named[col]), list(named["name"]))
+    a.legend(fontsize=8, loc="lower left")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return fig
 
+
+
+def plot_speed(table: pd.DataFrame):
+    """Decode speed of each setting relative to the full model in the same run (tokens_per_s / full's), one bar
+    per setting coloured by group, with the full model's tokens/s in the label. Timings vary from run to run
+    and machine to machine: shown here, kept out of the baselines."""
+    t = table.reset_index(drop=True)
+    full = float(t.loc[t["group"] == "full", "tokens_per_s"].iloc[0])
+    ratio = t["tokens_per_s"] / full
+    fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(t) + 1.4))
+    y = np.arange(len(t))[::-1]
+    colors = [_GROUP_STYLE.get(g, ("0.5", "o"))[0] for g in t["group"]]
+    ax.barh(y, ratio, color=colors)
+    for yi, r, tps in zip(y, ratio, t["tokens_per_s"]):
+        ax.text(r, yi, f" {r:.2f}x ({tps:.1f}/s)", va="center", fontsize=7)
+    ax.axvline(1.0, color="k", lw=1, ls=":")
+    ax.set_yticks(y, t["name"], fontsize=7)
+    ax.set_xlim(0, float(ratio.max()) * 1.3)
+    ax.set_xlabel(f"decode tokens/s relative to the full model ({full:.1f} tokens/s, same run)")
+    ax.set_ylabel("setting")
+    ax.set_title("Decoding speed on this machine (timings vary: not in the baselines)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 def plot_cache_budget(table: pd.DataFrame):
     """Budget settings: decode hit rate and expert bytes read per decoded token against the cache budget (share
@@ -451,8 +550,6 @@ def plot_cache_budget(table: pd.DataFrame):
     sal = table[table["group"] == "salience"]
     if len(sal):
         a.scatter(100 * sal["budget_share"], sal["hit_rate"], c="C4", marker="D", zorder=3, label="salience router (LRU)")
-        for x, y, v in zip(100 * sal["budget_share"], sal["hit_rate"], sal["value"]):
-            a.annotate(f"alpha {v:g}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
     full = table[table["group"] == "full"]
     if len(full):
         a.axhline(float(full["hit_rate"].iloc[0]), color="k", ls=":", label="all experts fit (cold misses only)")
@@ -461,6 +558,10 @@ def plot_cache_budget(table: pd.DataFrame):
           title="Cache hit rate while decoding")
     b.set(xlabel="expert cache budget (% of expert bytes)", ylabel="MiB of experts read per token",
           title="Expert reads while decoding")
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
+    if len(sal):
+        _spread_labels(a, list(100 * sal["budget_share"]), list(sal["hit_rate"]),
+                       [f"salience alpha {v:g}" for v in sal["value"]])
+    for ax in (a, b):
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+        ax.grid(alpha=0.3)
     return fig

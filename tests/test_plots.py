@@ -1,0 +1,228 @@
+"""Every figure function in omnilab.plots draws labelled axes from data of the shape the notebooks pass it:
+an x label, a y label (or category tick labels, or a labelled axis it shares y with), a title, something drawn,
+and a label on every colour bar. Plus the labels a researcher reads: sizes, plurals, decoded tokens, loops."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from omnilab import plots, routing  # noqa: E402
+from omnilab.hooks import compare  # noqa: E402
+from omnilab.inventory import inventory  # noqa: E402
+from omnilab.model import SelectiveMoE  # noqa: E402
+from omnilab.reference import Reference  # noqa: E402
+
+E, K, L = 8, 2, 3
+DOMAINS = ["en", "fr", "python"]
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts] + [ax.get_title() for ax in fig.axes]
+
+
+def _numeric(label: str) -> bool:
+    try:
+        float(label.get_text().replace("−", "-"))
+        return True
+    except ValueError:
+        return False
+
+
+def assert_labelled(fig):
+    colorbars = [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.axison and ax not in colorbars]
+    assert axes, "no axes drawn"
+    suptitle = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    for ax in axes:
+        assert ax.get_xlabel().strip(), f"axes {ax.get_title()!r} has no x label"
+        ticks = [t for t in ax.get_yticklabels() if t.get_text()]
+        shared = [s for s in ax.get_shared_y_axes().get_siblings(ax) if s.get_ylabel().strip()]
+        assert ax.get_ylabel().strip() or (ticks and not any(_numeric(t) for t in ticks)) or shared, \
+            f"axes {ax.get_title()!r} has no y label"
+        assert ax.get_title().strip() or suptitle.strip(), "no title"
+        assert ax.lines or ax.patches or ax.images or ax.collections, f"axes {ax.get_title()!r} draws nothing"
+    for cb in colorbars:
+        assert cb.get_ylabel().strip() or cb.get_xlabel().strip(), "a colour bar without a label"
+    plt.close(fig)
+
+
+# -- data of the shapes the notebooks pass -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trace():
+    rng = np.random.default_rng(0)
+    parts = []
+    for doc in range(6):
+        domain = DOMAINS[doc % len(DOMAINS)]
+        ids = rng.integers(0, 12, 40)
+        experts = np.array([[rng.choice(E, K, replace=False) for _ in ids] for _ in range(L)])
+        weights = np.full(experts.shape, 0.5)
+        entropy = rng.uniform(0.5, 2.5, (L, len(ids)))
+        parts.append(routing.trace_rows(doc, domain, ids, experts, weights, entropy))
+    return routing.concat_traces(parts, num_experts=E, top_k=K, num_layers=L)
+
+
+@pytest.fixture(scope="module")
+def comparison(make_checkpoint):
+    path = make_checkpoint("moe")
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    return compare(Reference.from_checkpoint(path), SelectiveMoE.from_checkpoint(path), ids)
+
+
+@pytest.fixture
+def sweep_table():
+    rows = [dict(name="full", group="full", value=None, budget_share=None, policy=None, kl=0.0, top1_agreement=1.0,
+                 hit_rate=0.2, loaded_bytes_per_token=2**20, peak_expert_share=1.0, tokens_per_s=40.0)]
+    for k, kl, agree in ((1, 0.66, 0.6), (2, 0.14, 0.8), (3, 0.036, 0.89)):
+        rows.append(dict(name=f"top-{k}", group="top_k", value=k, budget_share=None, policy=None, kl=kl,
+                         top1_agreement=agree, hit_rate=0.2, loaded_bytes_per_token=2**19, peak_expert_share=1.0,
+                         tokens_per_s=50.0 + k))
+    rows.append(dict(name="experts 0-7", group="mask", value=None, budget_share=None, policy=None, kl=2.7,
+                     top1_agreement=0.23, hit_rate=0.98, loaded_bytes_per_token=2**16, peak_expert_share=0.25,
+                     tokens_per_s=60.0))
+    for share in (0.125, 0.25, 0.5):
+        for policy, boost in (("lru", 0.0), ("lfu", 0.03), ("trust", 0.08)):
+            rows.append(dict(name=f"budget {share:.1%} {policy}", group="budget", value=share, budget_share=share,
+                             policy=policy, kl=0.0, top1_agreement=1.0, hit_rate=min(1, share * 1.4 + boost),
+                             loaded_bytes_per_token=(1 - share) * 2**20, peak_expert_share=share,
+                             tokens_per_s=30.0 + share))
+    for alpha in (0.25, 0.5):
+        rows.append(dict(name=f"salience a={alpha}", group="salience", value=alpha, budget_share=0.25, policy="lru",
+                         kl=0.05 * alpha * 4, top1_agreement=0.9 - alpha / 4, hit_rate=0.45 + alpha / 10,
+                         loaded_bytes_per_token=2**18, peak_expert_share=0.25, tokens_per_s=35.0))
+    return pd.DataFrame(rows)
+
+
+# -- 01 / 02 -------------------------------------------------------------------------------------------
+
+
+def test_component_bytes_shares_sizes_and_plurals(tiny_omni):
+    components = inventory(tiny_omni).components
+    fig = plots.plot_component_bytes(components)
+    texts = _texts(fig)
+    assert fig.axes[0].get_xscale() == "linear"
+    assert not any("BB" in t or "(1 tensors" in t for t in texts), texts
+    one = pd.DataFrame({"tensors": [1, 3], "bytes": [512, 58_000_000_000]}, index=["tiny", "experts"])
+    fig1 = plots.plot_component_bytes(one)
+    texts1 = _texts(fig1)
+    assert any("512 B" in t and "(1 tensor)" in t for t in texts1) and any("58 GB" in t for t in texts1), texts1
+    assert_labelled(fig)
+    assert_labelled(fig1)
+
+
+def test_short_bytes():
+    assert [plots._short_bytes(n) for n in (512, 1500, 27_385_314, 70_519_637_090)] == \
+        ["512 B", "1.5 kB", "27.4 MB", "70.5 GB"]
+
+
+def test_shard_map_and_expert_completeness(tiny_omni):
+    inv = inventory(tiny_omni)
+    assert_labelled(plots.plot_shard_map(inv.shard_map))
+    assert_labelled(plots.plot_expert_completeness(inv.expert_grid))
+
+
+def test_masking_cost():
+    table = pd.DataFrame({"experts_share": [0.25, 0.5, 1.0], "kl": [2.0, 1.5, 0.0],
+                          "top1_agreement": [0.2, 0.4, 1.0], "masked_share": [0.7, 0.5, 0.0]})
+    assert_labelled(plots.plot_masking_cost(table))
+
+
+# -- 03 ------------------------------------------------------------------------------------------------
+
+
+def test_comparison_figures(comparison):
+    assert_labelled(plots.plot_rel_err_by_layer(comparison.table))
+    assert_labelled(plots.plot_routing_agreement(comparison.table))
+    assert_labelled(plots.plot_dtype_errors({"a": comparison.table, "b": comparison.table}))
+    name = comparison.table.name.iloc[5]
+    table = comparison.table.assign(divergent=comparison.table.index >= 5)
+    fig = plots.plot_fault(table, "zeroed expert", name, injected_layer=1, tol=1e-5)
+    assert "forward order" in fig.axes[0].get_xlabel()
+    assert_labelled(fig)
+
+
+def test_continuations_show_decoded_text_and_the_loop():
+    reference = [5, 6, 7, 8, 9, 8, 9, 8, 9, 8, 9]
+    selective = reference[:6] + [1, 2, 3, 4, 5]
+    labels = {i: f" w{i}" for i in range(10)} | {9: "\n"}
+    fig = plots.plot_continuations(reference, selective, labels, prompt="Hi")
+    texts = _texts(fig)
+    assert "·w5" in texts and "⏎" in texts
+    title = fig.axes[0].get_title()
+    assert "identical for 6 of 11" in title and "from token 3" in title and "2 tokens loop" in title, title
+    assert_labelled(fig)
+    plain = plots.plot_continuations([1, 2, 3, 4], [1, 2, 3, 4])
+    assert "loop" not in plain.axes[0].get_title() and "token id" in plain.axes[0].get_xlabel()
+    assert_labelled(plain)
+
+
+def test_loop_detection():
+    assert plots._loop([1, 2, 3, 4]) is None
+    assert plots._loop([1, 2, 3, 4, 3, 4, 3, 4]) == (2, 2)
+    assert plots._loop([7, 7, 7, 7]) == (0, 1)
+
+
+# -- 04 ------------------------------------------------------------------------------------------------
+
+
+def test_router_figures(trace):
+    load = routing.expert_load(trace)
+    assert_labelled(plots.plot_expert_load(load))
+    lifts = {layer: routing.domain_lift(trace, layer) for layer in routing.layers_of(trace)}
+    fig = plots.plot_domain_expert(lifts)
+    assert "saturate" in fig._suptitle.get_text()
+    assert_labelled(fig)
+    spec = routing.specialization(trace, shuffles=2)
+    tokens = routing.token_specialization(trace, min_count=2)
+    domains = routing.token_specialization(trace, by="domain", min_count=2)
+    assert_labelled(plots.plot_specialization(spec, tokens, domains))
+    assert_labelled(plots.plot_coactivation({layer: routing.coactivation(trace, layer) for layer in (0, 2)}))
+    assert_labelled(plots.plot_same_expert(routing.same_expert_rate(trace)))
+    curve = routing.hit_rate_curve(trace, sizes=[2, 6, 12])
+    fig = plots.plot_hit_rates(curve, per_token_share=L * K / (L * E))
+    assert any("evicts" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    assert_labelled(fig)
+    assert_labelled(plots.plot_router_entropy(routing.entropy_table(trace), max_bits=3.0))
+    table = routing.domain_expert(trace)
+    assert_labelled(plots.plot_layer_domain(table, load, 1, "fr"))
+
+
+def test_router_explorer_draws_and_its_errors_are_raised(trace):
+    import ipywidgets
+
+    load = routing.expert_load(trace)
+    table = routing.domain_expert(trace)
+    assert isinstance(plots.router_explorer(table, load), ipywidgets.VBox)
+    with pytest.raises(KeyError):  # a callback that fails is an error of the cell, not text inside a widget
+        plots.router_explorer(table.drop(index=0, level=0), load)
+    plt.close("all")
+
+
+# -- 05 ------------------------------------------------------------------------------------------------
+
+
+def test_sweep_figures(sweep_table):
+    assert_labelled(plots.plot_quality_memory(sweep_table))
+    assert_labelled(plots.plot_cache_budget(sweep_table))
+    fig = plots.plot_speed(sweep_table)
+    assert "full" in fig.axes[0].get_xlabel()
+    assert_labelled(fig)
+
+
+def test_every_figure_function_is_tested():
+    import inspect
+    import pathlib
+
+    source = "".join(p.read_text() for p in pathlib.Path(__file__).parent.glob("test_*.py"))
+    drawn = [name for name, f in inspect.getmembers(plots, inspect.isfunction)
+             if name.startswith("plot_") and f.__module__ == plots.__name__]
+    assert [n for n in drawn if f"plots.{n}(" not in source] == []
