@@ -115,7 +115,7 @@ def summarize(step: dict) -> str:
     if label == "verify":
         return "sound" if r["sound"] else f"{len(r['problems'])} problems: {', '.join(r['counts'])}"
     if label.startswith("compare"):
-        worst = lambda hooks: max(h["rel_err"] for h in hooks)
+        worst = lambda hooks: max(h["rel_err"] for h in hooks if h["rel_err"] is not None)
         text = (f"max rel_err chained {worst(r['hooks']):.2e}, local {worst(r['local_hooks']):.2e}; first divergence "
                 f"chained {r['first_divergence'] or 'none'}, local {r['local_first_divergence'] or 'none'}; "
                 f"top-1 {fmt(r['top1_agreement'], '.3f')}; expert budget {r['expert_budget_bytes'] / 1e9:.2f} GB")
