@@ -121,6 +121,9 @@ def test_fault_free_fp32_agrees_in_both_views(make_checkpoint):
     for view in (result.chained, result.local):
         assert view.first_divergence is None and view.table.rel_err.max() <= 1e-5
     assert result.noise is None and result.peak_rss_bytes > 0
+    from omnilab import plots
+
+    assert len(plots.plot_local_vs_chained(result).axes) == 1  # fp32: no noise panel
     assert result.expert_budget_bytes == 8 * 3 * 32 * 64 * 4  # one layer's experts in fp32
 
 
@@ -140,6 +143,12 @@ def test_bf16_noise_floor_sets_thresholds(make_checkpoint):
     routing = result.routing()
     assert [r["layer"] for r in routing] == [0, 1, 2, 3]
     assert all(0.0 <= r["noise_topk_agreement"] <= 1.0 for r in routing)
+    from omnilab import plots
+
+    fig = plots.plot_local_vs_chained(result, injected_layer=2)  # bf16: chained/local beside the noise floor
+    assert len(fig.axes) == 2 and all(ax.get_xlabel() == "layer" and ax.get_ylabel() for ax in fig.axes)
+    labels = fig.axes[1].get_legend_handles_labels()[1]
+    assert any("noise" in label for label in labels)
 
 
 def test_near_tie_flips_are_set_aside_clear_flips_are_not():
