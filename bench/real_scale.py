@@ -68,8 +68,23 @@ def run_verb(argv: list[str], log_dir: Path, label: str) -> dict:
     error = err_file.read_text().strip().splitlines()[-1:] if child.returncode not in (0, 1) else []
     print(f"[bench] {label}: exit {child.returncode}, {wall:.1f} s, peak anon {anon / 2**30:.2f} GiB, "
           f"VmHWM {hwm / 2**30:.2f} GiB {error[0] if error else ''}", file=sys.stderr, flush=True)
-    return {"label": label, "argv": argv, "rc": child.returncode, "wall_s": wall, "peak_anon_bytes": anon,
-            "vmhwm_bytes": hwm, "json": result, "error": error[0] if error else None}
+    record = {"label": label, "argv": argv, "rc": child.returncode, "wall_s": wall, "peak_anon_bytes": anon,
+              "vmhwm_bytes": hwm, "error": error[0] if error else None}
+    (log_dir / f"{label}.run.json").write_text(json.dumps(record))
+    return {**record, "json": result}
+
+
+def load_run(log_dir: Path, label: str) -> dict | None:
+    """A step measured earlier (--report-only): its record and its JSON output, or None."""
+    run = log_dir / f"{label}.run.json"
+    if not run.exists():
+        return None
+    out = log_dir / f"{label}.json"
+    try:
+        result = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        result = None
+    return {**json.loads(run.read_text()), "json": result}
 
 
 def per_layer_bytes(path: Path, itemsize: int) -> tuple[int, int]:
@@ -81,6 +96,10 @@ def per_layer_bytes(path: Path, itemsize: int) -> tuple[int, int]:
     rows = ck.tensors[ck.tensors.name.str.startswith(layout.prefix + "layers.0.")]
     experts = rows.name.str.contains(".mlp.experts.")
     return int(rows[~experts].numel.sum()) * itemsize, int(rows[experts].numel.sum()) * itemsize
+
+
+def fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def gib(n) -> str:
@@ -96,15 +115,16 @@ def summarize(step: dict) -> str:
     if label == "verify":
         return "sound" if r["sound"] else f"{len(r['problems'])} problems: {', '.join(r['counts'])}"
     if label.startswith("compare"):
-        worst = lambda hooks: max(h["rel_err"] for h in hooks)
+        worst = lambda hooks: max(h["rel_err"] for h in hooks if h["rel_err"] is not None)
         text = (f"max rel_err chained {worst(r['hooks']):.2e}, local {worst(r['local_hooks']):.2e}; first divergence "
                 f"chained {r['first_divergence'] or 'none'}, local {r['local_first_divergence'] or 'none'}; "
-                f"top-1 {r['top1_agreement']:.3f}; expert budget {r['expert_budget_bytes'] / 1e9:.2f} GB")
+                f"top-1 {fmt(r['top1_agreement'], '.3f')}; expert budget {r['expert_budget_bytes'] / 1e9:.2f} GB")
         if r["noise"] is not None:
             noise = max(h["rel_err"] for h in r["noise"]["hooks"])
             agree = [x["noise_topk_agreement"] for x in r["routing"]]
+            flips = [sum(x[k] or 0 for x in r["routing"]) for k in ("near_tie_flips", "local_near_tie_flips")]
             text += (f"; transformers bf16-vs-fp32 max rel_err {noise:.2e}, its top-k agreement "
-                     f"{min(agree):.3f}-{max(agree):.3f}")
+                     f"{min(agree):.3f}-{max(agree):.3f}; near-tie flips set aside {flips[0]} chained / {flips[1]} local")
         return text
     if label == "generate":
         c = r["cache"]
@@ -123,6 +143,8 @@ def main() -> int:
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "real_scale.md"))
     parser.add_argument("--tiny", action="store_true", help="dry run on a tiny thinker layout")
     parser.add_argument("--only", nargs="*", help="steps to run (default: all)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild the table from the steps measured earlier in --work")
     args = parser.parse_args()
 
     import torch
@@ -167,7 +189,10 @@ def main() -> int:
                      "--greedy", "--stop-ids", "", "--expert-budget", str(budget_10), "--json"],
         "extract": ["extract", str(out), str(extract_out), "--layers", "0-1", "--json"],
     }
-    results = [run_verb(argv, work, label) for label, argv in steps.items() if not args.only or label in args.only]
+    if args.report_only:
+        results = [r for r in (load_run(work, label) for label in steps) if r is not None]
+    else:
+        results = [run_verb(argv, work, label) for label, argv in steps.items() if not args.only or label in args.only]
     if extract_out.exists():
         import shutil
 

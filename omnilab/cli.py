@@ -266,6 +266,7 @@ def _compare_multimodal(args, checkpoint) -> int:
 def cmd_compare(args) -> int:
     """The selective model on PATH against transformers on --reference (default PATH), streamed one layer at a
     time; chained and local views, in bf16 beside transformers' own bf16 noise (omnilab.compare; DESIGN.md's JSON)."""
+    _check_device(args.device)
     from omnilab.checkpoint import Checkpoint
     from omnilab.compare import compare_checkpoints
     from omnilab.model import load_tokenizer

@@ -573,3 +573,58 @@ def plot_cache_budget(table: pd.DataFrame):
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
         ax.grid(alpha=0.3)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streamed comparison: local against chained, and the bf16 noise floor (issue 11)
+# ---------------------------------------------------------------------------------------------------
+
+
+def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), injected_layer: int | None = None,
+                          title: str | None = None):
+    """Per layer, the selective model's rel_err in the chained view (each side on its own activations) and the
+    local view (each reference layer fed the selective model's input), log scale. In bf16 a second panel sets
+    the chained error beside transformers' own bf16-vs-fp32 error (the noise floor) and the divergence
+    threshold (NOISE_FACTOR x that floor). `result` is an omnilab.compare.StreamedComparison."""
+    bf16 = result.noise is not None
+    fig, axes = plt.subplots(1, 2 if bf16 else 1, figsize=(12 if bf16 else 7, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, point in enumerate(points):
+        for view, table, style in (("chained", result.chained.table, "-"), ("local", result.local.table, "--")):
+            t = table[table.point == point]
+            ax.plot(t.layer.astype(int), t.rel_err.clip(lower=_FLOOR), style, marker="o", ms=3,
+                    color=colors[k % len(colors)], label=f"{point} ({view})")
+    for view, first, marker in (("chained", result.first_divergence, "v"), ("local", result.local_first_divergence, "x")):
+        if first is not None:
+            row = (result.chained if view == "chained" else result.local).table.set_index("name").loc[first]
+            if row.layer == row.layer:  # a layer hook (not embed / final)
+                ax.scatter([int(row.layer)], [max(row.rel_err, _FLOOR)], marker=marker, s=80, color="red", zorder=4,
+                           label=f"first divergence ({view}): {first}")
+    if injected_layer is not None:
+        ax.axvspan(injected_layer - 0.4, injected_layer + 0.4, color="orange", alpha=0.2, label="fault injected")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"rel_err vs transformers (log; exact zeros at {_FLOOR:g})")
+    ax.set_title(title or f"Chained against local ({str(result.dtype).removeprefix('torch.')})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)
+    if bf16:
+        ax = axes[0, 1]
+        noise = result.noise.table.set_index("name")
+        for k, point in enumerate(points):
+            t = result.chained.table[result.chained.table.point == point]
+            layers = t.layer.astype(int)
+            ax.plot(layers, t.rel_err.clip(lower=_FLOOR), marker="o", ms=3, color=colors[k % len(colors)],
+                    label=f"{point}: selective bf16 vs transformers bf16")
+            ax.plot(layers, noise.rel_err.reindex(t.name).clip(lower=_FLOOR), ":", color=colors[k % len(colors)],
+                    label=f"{point}: transformers bf16 vs its fp32 (noise)")
+            ax.fill_between(layers, _FLOOR, t.threshold.clip(lower=_FLOOR), color=colors[k % len(colors)], alpha=0.08)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("rel_err (log)")
+        ax.set_title(f"bf16 against transformers' own noise (shaded: below {result.noise_factor:g} x noise)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15))
+    fig.tight_layout()
+    return fig

@@ -4,7 +4,9 @@ qwen3_omni_moe: `Qwen3OmniMoeThinkerForConditionalGeneration` (reads only the th
 decoder is `model.language_model`); qwen3_moe: `AutoModelForCausalLM`. Both are loaded with `from_pretrained`,
 which fuses the per-expert tensors on disk into `gate_up_proj` / `down_proj`. `Reference` offers the same small
 surface as `SelectiveMoE`: `add_hook(name, fn)`, `hook_names()`, `ref(input_ids, attention_mask) -> logits`,
-`generate(...)`, so omnilab.hooks treats the two alike.
+`generate(...)`, so omnilab.hooks treats the two alike. `layer_site` / `attach` say where each layer hook
+lives on a transformers decoder layer, for this whole model and the streamed one (omnilab.streamed) alike.
+This whole model holds every weight; for checkpoints larger than memory use omnilab.streamed / omnilab.compare.
 """
 
 from __future__ import annotations

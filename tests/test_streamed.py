@@ -121,6 +121,9 @@ def test_fault_free_fp32_agrees_in_both_views(make_checkpoint):
     for view in (result.chained, result.local):
         assert view.first_divergence is None and view.table.rel_err.max() <= 1e-5
     assert result.noise is None and result.peak_rss_bytes > 0
+    from omnilab import plots
+
+    assert len(plots.plot_local_vs_chained(result).axes) == 1  # fp32: no noise panel
     assert result.expert_budget_bytes == 8 * 3 * 32 * 64 * 4  # one layer's experts in fp32
 
 
@@ -140,6 +143,12 @@ def test_bf16_noise_floor_sets_thresholds(make_checkpoint):
     routing = result.routing()
     assert [r["layer"] for r in routing] == [0, 1, 2, 3]
     assert all(0.0 <= r["noise_topk_agreement"] <= 1.0 for r in routing)
+    from omnilab import plots
+
+    fig = plots.plot_local_vs_chained(result, injected_layer=2)  # bf16: chained/local beside the noise floor
+    assert len(fig.axes) == 2 and all(ax.get_xlabel() == "layer" and ax.get_ylabel() for ax in fig.axes)
+    labels = fig.axes[1].get_legend_handles_labels()[1]
+    assert any("noise" in label for label in labels)
 
 
 def test_near_tie_flips_are_set_aside_clear_flips_are_not():
@@ -153,28 +162,19 @@ def test_near_tie_flips_are_set_aside_clear_flips_are_not():
     sel_idx = torch.tensor([[0, 2], [2, 0], [1, 0]])  # token 2: the same set in another order
     assert near_tie_flips(l32, l16, ref_idx, sel_idx).tolist() == [True, False, False]
 
-    # the chained view sets aside that token at its layer's later hooks, and every position from it on after
+    # that token is set aside at its own layer's hooks after the router, and compared again from the next layer
     from types import SimpleNamespace
 
-    config = SimpleNamespace()
     names = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.0.mlp.hook_router_logits",
              "blocks.0.mlp.hook_topk_indices", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post",
              "blocks.1.hook_resid_pre", "hook_logits"]
     acts = lambda logits, idx: {"hook_embed": torch.zeros(1, 3, 4), "blocks.0.mlp.hook_router_logits": logits,
                                 "blocks.0.mlp.hook_topk_indices": idx}
-    sel = torch.tensor([[0, 1], [0, 1], [0, 1]])
-    sel[1] = torch.tensor([1, 2])  # a near-tie flip at position 1 (make its margin small)
-    l32b = l32.clone()
-    l32b[1] = torch.tensor([2.0, 1.999, 2.0005, -1.0])
-    l16b = l32b + 0.004
-    l16b[1, 2] -= 0.01
-    keep, flips = set_aside_near_ties(config, acts(l32b, ref_idx), acts(l16b, ref_idx), acts(None, sel), names,
-                                      4.0, chained=True)
+    keep, flips = set_aside_near_ties(SimpleNamespace(), acts(l32, ref_idx), acts(l16, ref_idx), acts(None, sel_idx),
+                                      names, 4.0)
     assert flips == {0: 1}
     assert keep["blocks.0.mlp.hook_router_logits"].tolist() == [True, True, True]
-    assert keep["blocks.0.hook_mlp_out"].tolist() == [True, False, True]
-    assert keep["blocks.1.hook_resid_pre"].tolist() == [True, False, False]
-    assert keep["hook_logits"].tolist() == [True, False, False]
-    local_keep, _ = set_aside_near_ties(config, acts(l32b, ref_idx), acts(l16b, ref_idx), acts(None, sel), names,
-                                        4.0, chained=False)
-    assert local_keep["blocks.1.hook_resid_pre"].tolist() == [True, True, True]
+    assert keep["blocks.0.hook_mlp_out"].tolist() == [False, True, True]
+    assert keep["blocks.0.hook_resid_post"].tolist() == [False, True, True]
+    assert keep["blocks.1.hook_resid_pre"].tolist() == [True, True, True]
+    assert keep["hook_logits"].tolist() == [True, True, True]
