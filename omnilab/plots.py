@@ -52,7 +52,8 @@ def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per compo
     files = df["files"] if "files" in df else [None] * len(df)
     for y, (n, b, f, x) in enumerate(zip(df["tensors"], df["bytes"], files, share)):
         in_files = f", {_plural(int(f), 'file')}" if f is not None else ""
-        ax.text(x + 1, y, f"{_short_bytes(b)}  {b / total:.1%}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
+        pct = f"{b / total:.1%}" if b / total >= 0.001 else f"{100 * b / total:.1g}%"
+        ax.text(x + 1, y, f"{_short_bytes(b)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
                 fontsize=8)
     ax.set_xlim(0, 100 + 60)  # room for the labels right of the longest bar
     ax.set_xticks(range(0, 101, 20))
@@ -205,10 +206,12 @@ def _loop(seq: list[int]) -> tuple[int, int] | None:
 
 
 def plot_continuations(reference: list[int], selective: list[int], labels: dict[int, str] | None = None,
-                       prompt: str | None = None, title: str = "Greedy continuation"):
-    """Two rows of generated tokens, cell by cell; green where the selective model matches the reference. `labels`
-    maps a token id to its decoded text (ids are shown without it; spaces as '·', newlines as '⏎'). When the
-    reference settles into a loop, as greedy decoding of a small model does, the title says where and how long."""
+                       prompt: str | None = None, title: str = "Greedy continuation",
+                       pieces: tuple[list[str], list[str]] | None = None):
+    """Two rows of generated tokens, cell by cell; green where the selective model matches the reference. Each cell
+    shows `pieces` (per position: the text each token adds when the sequence is decoded as it streams), else `labels` (id ->
+    text), else the id; spaces as '·', newlines as '⏎'. When the reference settles into a loop, as greedy decoding of
+    a small model does, the title says where and how long."""
     n = max(len(reference), len(selective))
     fig, ax = plt.subplots(figsize=(min(0.42 * n + 1.5, 18), 2.1))
     for row, seq in enumerate((reference, selective)):
@@ -216,7 +219,12 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
             tok = seq[j] if j < len(seq) else None
             ok = tok is not None and j < len(reference) and j < len(selective) and reference[j] == selective[j]
             ax.add_patch(plt.Rectangle((j, 1 - row), 1, 1, color="#c8e6c9" if ok else "#ffcdd2", ec="white"))
-            text = "" if tok is None else (labels.get(tok, str(tok)) if labels else str(tok))
+            if tok is None:
+                text = ""
+            elif pieces is not None:
+                text = pieces[row][j]
+            else:
+                text = labels.get(tok, str(tok)) if labels else str(tok)
             text = text.replace(" ", "·").replace("\n", "⏎")
             ax.text(j + 0.5, 1.5 - row, text, ha="center", va="center", fontsize=6, rotation=90 if len(text) > 3 else 0)
     loop = _loop(list(reference))
@@ -226,9 +234,9 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
     ax.set_xlim(0, n)
     ax.set_ylim(0, 2)
     ax.set_yticks([1.5, 0.5], ["reference\n(transformers)", "selective"])
-    ax.set_xlabel("generated token (decoded one by one)" if labels else "generated token id")
+    ax.set_xlabel("generated token (the text it adds)" if pieces is not None or labels else "generated token id")
     head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {len(reference)} tokens"
-    tail = (f"\nfrom token {loop[0]} the reference repeats a {_plural(loop[1], 'token')} loop (dashed)"
+    tail = (f"\nfrom token {loop[0]} the reference repeats a {loop[1]}-token loop (dashed)"
             " — greedy decoding of a small model" if loop else "")
     ax.set_title(head + tail, fontsize=9)
     for side in ("top", "right", "left"):

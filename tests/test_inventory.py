@@ -1,7 +1,6 @@
 """Inventory: every tensor in one component, bytes add up, expert completeness per layer; the full-scale layout."""
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +68,12 @@ def full_scale(tmp_path_factory):
 
 
 def test_full_scale_layout(full_scale, capsys):
-    start = time.perf_counter()
-    assert main(["inspect", str(full_scale), "--json"]) == 0
-    elapsed = time.perf_counter() - start
+    assert main(["inspect", str(full_scale), "--json"]) == 0  # its speed: bench/inspect_full_scale.py, not a test
     report = json.loads(capsys.readouterr().out)
     assert (report["shards"], report["tensors"], report["total_bytes"]) == (15, 28_010, 70_519_637_090)
     assert report["components"]["thinker.experts"]["tensors"] == 18_432
     assert sum(c["tensors"] for c in report["components"].values()) == 28_010
     assert report["problems"] == [] and report["experts"]["complete"] == 48 * 128
-    assert elapsed < 10, f"inspect took {elapsed:.1f} s"  # a loose guard; the target is < 2 s (see benchmark)
 
 
 def test_checkpoint_with_a_subset_of_experts(tiny_moe, copy_checkpoint):

@@ -158,7 +158,10 @@ def test_continuations_show_decoded_text_and_the_loop():
     texts = _texts(fig)
     assert "·w5" in texts and "⏎" in texts
     title = fig.axes[0].get_title()
-    assert "identical for 6 of 11" in title and "from token 3" in title and "2 tokens loop" in title, title
+    assert "identical for 6 of 11" in title and "from token 3" in title and "2-token loop" in title, title
+    streamed = plots.plot_continuations([1, 2], [1, 3], pieces=(["a", "é"], ["a", "…"]))
+    assert {"a", "é", "…"} <= set(_texts(streamed)) and "adds" in streamed.axes[0].get_xlabel()
+    assert_labelled(streamed)
     assert_labelled(fig)
     plain = plots.plot_continuations([1, 2, 3, 4], [1, 2, 3, 4])
     assert "loop" not in plain.axes[0].get_title() and "token id" in plain.axes[0].get_xlabel()
