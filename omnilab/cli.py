@@ -1,6 +1,6 @@
 """The `omnilab` command (also `python -m omnilab`).
 
-Verbs and their JSON follow the command-line contract in DESIGN.md, which other tools rely on. Each verb is
+Verbs and their JSON follow the command-line contract in docs/DESIGN.md, which other tools rely on. Each verb is
 one function `cmd_<verb>(args) -> exit code` that calls into the package; errors in the input become one
 line on stderr and exit code 2, never a traceback (set OMNILAB_DEBUG=1 to see one).
 """

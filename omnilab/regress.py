@@ -58,11 +58,14 @@ def notebook_out_dir(out_dir: str | os.PathLike | None, notebook: str) -> Path:
     return p if p.is_absolute() else REPO / p
 
 
-def save_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
-    """Write a notebook's headline metrics (numbers, strings, lists) to OUT_DIR/metrics.json, atomically."""
+def save_metrics(out_dir: str | os.PathLike, metrics: dict, update: bool = False) -> Path:
+    """Write a notebook's headline metrics (numbers, strings, lists) to OUT_DIR/metrics.json, atomically.
+    update=True adds to what an earlier cell of the same run wrote instead of replacing it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
+    if update and path.exists():
+        metrics = {**json.loads(path.read_text()), **metrics}
     write_json(path, metrics)
     return path
 

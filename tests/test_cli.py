@@ -1,4 +1,4 @@
-"""The inspect, verify and synth verbs: the JSON contract of DESIGN.md, exit codes, one line per error."""
+"""The inspect, verify and synth verbs: the JSON contract of docs/DESIGN.md, exit codes, one line per error."""
 
 import json
 import subprocess

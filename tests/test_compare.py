@@ -1,4 +1,4 @@
-"""compare() and the `omnilab compare` / `omnilab generate` verbs against DESIGN.md's command-line contract."""
+"""compare() and the `omnilab compare` / `omnilab generate` verbs against docs/DESIGN.md's command-line contract."""
 
 from __future__ import annotations
 
