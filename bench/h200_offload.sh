@@ -4,10 +4,10 @@
 set -u
 free -g | head -2
 W=/dev/shm/omnilab-bench
-COMMON="--device cuda --layers 48 --workdir $W --caps 8,16 --prompt-tokens 16 --new-tokens 32"
+COMMON="--device cuda --layers 48 --workdir $W --caps ${CAPS:-8,16} --prompt-tokens 16 --new-tokens 32"
 OFFLOAD_PARTIAL=$OUT/offload_partial.json python bench/offload.py $COMMON --rows omnilab --row-timeout 300 \
   --out $OUT/offload_h200_bf16.json --markdown $OUT/offload_h200_bf16.md 2>&1 | tee $OUT/log_offload
-if [ -n "${ACCELERATE:-1}" ]; then
+if [ -n "${ACCELERATE-1}" ]; then  # ACCELERATE= (empty) skips it
   python bench/offload.py $COMMON --rows accelerate --row-timeout ${ACC_TIMEOUT:-170} \
     --out $OUT/offload_accelerate.json --markdown $OUT/offload_accelerate.md 2>&1 | tee $OUT/log_accelerate
 fi
