@@ -443,12 +443,7 @@ class SelectiveMoE(nn.Module):
             prompts = [prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one non-empty prompt")
-        if vocab_limit == "auto":
-            vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
-        if vocab_limit is not None and vocab_limit >= self.config.vocab_size:
-            vocab_limit = None
-        warpers = self._warpers(greedy, temperature, top_k, top_p)
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        vocab_limit, warpers, generator = self.sampling_setup(vocab_limit, greedy, temperature, top_k, top_p, seed)
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=self.device)
 
         B, L = len(prompts), max(len(p) for p in prompts)
@@ -498,6 +493,16 @@ class SelectiveMoE(nn.Module):
         seconds = time.perf_counter() - start
         return Generation(new, [len(p) for p in prompts], seconds, prefill,
                           stopped=[bool(d) for d in done.tolist()])
+
+    def sampling_setup(self, vocab_limit, greedy, temperature, top_k, top_p, seed):
+        """(vocab_limit, logits warpers, random generator) of one generate call; vocab_limit "auto" is the
+        tokenizer's length, None when it covers the whole embedding."""
+        if vocab_limit == "auto":
+            vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
+        if vocab_limit is not None and vocab_limit >= self.config.vocab_size:
+            vocab_limit = None
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        return vocab_limit, self._warpers(greedy, temperature, top_k, top_p), generator
 
     @staticmethod
     def _warpers(greedy, temperature, top_k, top_p):

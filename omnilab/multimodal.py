@@ -368,12 +368,7 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
 
     if prompt.input_ids.shape[0] != 1:
         raise ValueError("multimodal generate takes one prompt at a time")
-    if vocab_limit == "auto":
-        vocab_limit = len(model.tokenizer) if model.tokenizer is not None else None
-    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
-        vocab_limit = None
-    warpers = model._warpers(greedy, temperature, top_k, top_p)
-    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    vocab_limit, warpers, generator = model.sampling_setup(vocab_limit, greedy, temperature, top_k, top_p, seed)
     stop = set(stop_tokens)
     kv = KVCache(model.config.num_hidden_layers)
     seq = prompt.input_ids
