@@ -393,7 +393,7 @@ def cmd_trace(args) -> int:
                           batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,
                           expert_budget=args.expert_budget, text_field=args.text_field,
                           domain_field=args.domain_field, tokenizer=args.tokenizer, backend=args.backend,
-                          progress=not args.json and sys.stderr.isatty())
+                          progress=not args.json and sys.stderr.isatty(), prefill=args.prefill)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if args.json:
@@ -515,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, metavar="FOLDER", help="tokenizer folder (default: the checkpoint's)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default=None,
                    help="torch.distributed backend under torchrun (default: nccl on cuda, gloo on cpu)")
+    p.add_argument("--prefill", choices=["auto", "eager", "grouped_mm"], default="auto",
+                   help="grouped_mm: every expert resident, one grouped GEMM per layer (bf16 on CUDA, any dtype on "
+                        "CPU); eager: the selective model under the expert budget; auto (default): grouped_mm on "
+                        "CUDA unless refused (hooks, faults, an expert budget, no room)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_trace)
 

@@ -6,6 +6,10 @@ prefills each batch through the selective model (omnilab.model.SelectiveMoE, no 
 the cache's byte budget as everywhere) and records the routing of every MoE layer through its hooks
 (`blocks.{i}.mlp.hook_topk_indices / hook_topk_weights / hook_router_logits`). The rows are the trace
 columns of omnilab.routing (doc, domain, position, token_id, layer, rank, expert, weight, entropy).
+On CUDA the batches take the grouped prefill instead when nothing refuses it (omnilab.prefill: every expert
+resident, one grouped GEMM per projection per layer, the routing recorded into device buffers; `--prefill`
+chooses, the manifest's run says which path ran and why the other was refused); its trace has the same rows,
+expert ids equal and weights equal to rounding (tests/test_trace.py, fp32 on CPU).
 
 Under torchrun (`torchrun --nproc-per-node N -m omnilab trace ...`) every rank builds the same plan and
 takes every N-th batch not yet written; gloo on CPU, NCCL on GPUs; rank 0 writes the manifest once all
@@ -50,6 +54,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PLAN_NAME, MANIFEST_NAME, DOCUMENTS_NAME, SHARDS_DIR = "plan.json", "manifest.json", "documents.parquet", "shards"
 FORMAT = "omnilab-trace/1"
+PREFILLS = ("auto", "eager", "grouped_mm")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,31 +287,41 @@ def record_batch(model, token_ids: list[list[int]], layers: list[int], *, pad_id
 
 def batch_table(docs: list[int], domains: list[str], token_ids: list[list[int]], layers: list[int],
                 experts, weights, entropy, valid):
-    """One batch's rows as a pyarrow Table with one slice per layer, rows in (layer, doc, position, rank)
-    order; returns (table, rows per layer). Vectorised over layers: no Python loop over rows."""
+    """One batch's rows from its padded routing (experts/weights [L, B, T, k], entropy [L, B, T], valid [B, T],
+    rows in the batch's order) as a pyarrow Table; returns (table, rows per layer). See routing_table."""
+    order = np.argsort(np.asarray(docs), kind="stable")  # documents ascending inside the batch
+    v = valid[order]  # [B, T]
+    return routing_table(docs, domains, token_ids, layers, experts[:, order][:, v],  # [L, n_tok, k]
+                         weights[:, order][:, v], entropy[:, order][:, v])  # [L, n_tok, k], [L, n_tok]
+
+
+def routing_table(docs: list[int], domains: list[str], token_ids: list[list[int]], layers: list[int],
+                  experts, weights, entropy):
+    """One batch's rows as a pyarrow Table with one slice per layer, rows in (layer, doc, position, rank) order;
+    returns (table, rows per layer). experts/weights [L, n_tok, k], entropy [L, n_tok]: the routing of the
+    batch's real tokens in (doc ascending, position) order. Vectorised over layers: no Python loop over rows."""
     import pyarrow as pa
 
     order = np.argsort(np.asarray(docs), kind="stable")  # documents ascending inside the batch
-    L, B, T, k = experts.shape
-    v = valid[order]  # [B, T]
-    n_tok = int(v.sum())
-    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))[v]  # [n_tok]
-    tok = np.zeros((B, T), dtype=np.int64)
-    for j, b in enumerate(order):
-        tok[j, : len(token_ids[b])] = token_ids[b]
+    L, n_tok, k = experts.shape
+    lengths = np.array([len(token_ids[b]) for b in order], dtype=np.int64)
+    if int(lengths.sum()) != n_tok:
+        raise ValueError(f"routing of {n_tok} tokens for a batch of {int(lengths.sum())}")
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])  # [n_tok]
+    tok = np.concatenate([np.asarray(token_ids[b], dtype=np.int64) for b in order])  # [n_tok]
     names, codes = np.unique(np.asarray(domains, dtype=str)[order], return_inverse=True)
-    doc_of = np.broadcast_to(np.asarray(docs, dtype=np.int32)[order][:, None], (B, T))[v]  # [n_tok]
-    dom_of = np.broadcast_to(codes.astype(np.int32).reshape(-1)[:, None], (B, T))[v]  # [n_tok] codes into names
+    doc_of = np.repeat(np.asarray(docs, dtype=np.int32)[order], lengths)  # [n_tok]
+    dom_of = np.repeat(codes.astype(np.int32).reshape(-1), lengths)  # [n_tok] codes into names
     per_row = lambda x: np.tile(np.repeat(x, k), L)  # noqa: E731  token values -> (layer, token, rank) rows
     columns = {
         "doc": per_row(doc_of),
         "domain": pa.DictionaryArray.from_arrays(per_row(dom_of), pa.array(names.tolist(), type=pa.string())),
-        "position": per_row(positions), "token_id": per_row(tok[v]),
+        "position": per_row(positions), "token_id": per_row(tok),
         "layer": np.repeat(np.asarray(layers, dtype=np.int32), n_tok * k),
         "rank": np.tile(np.arange(k, dtype=np.int16), L * n_tok),
-        "expert": experts[:, order][:, v].reshape(-1),  # [L, n_tok, k] -> [L * n_tok * k]
-        "weight": weights[:, order][:, v].reshape(-1),
-        "entropy": np.repeat(entropy[:, order][:, v].reshape(-1), k),  # [L, n_tok] -> one per rank
+        "expert": np.asarray(experts, dtype=np.int32).reshape(-1),  # [L, n_tok, k] -> [L * n_tok * k]
+        "weight": np.asarray(weights, dtype=np.float32).reshape(-1),
+        "entropy": np.repeat(np.asarray(entropy, dtype=np.float32).reshape(-1), k),  # [L, n_tok] -> one per rank
     }
     return pa.table(columns, schema=trace_schema()), n_tok * k
 
@@ -348,6 +363,8 @@ class TraceResult:
     traced_tokens: int
     seconds: float
     world_size: int
+    prefill: str = "eager"  # "grouped_mm" (omnilab.prefill) or "eager" (the selective model through its hooks)
+    prefill_refusal: str | None = None  # why the grouped prefill was not taken, when it was not
 
     @property
     def tokens_per_s(self) -> float:
@@ -358,7 +375,8 @@ class TraceResult:
         return (f"{self.out}: {self.documents:,} documents, {self.tokens:,} tokens in {self.batches} shards"
                 f"{f' ({skipped} already traced)' if skipped else ''}; traced {self.traced_tokens:,} tokens in "
                 f"{self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s, {self.world_size} "
-                f"process{'es' * (self.world_size > 1)})")
+                f"process{'es' * (self.world_size > 1)}, {self.prefill} prefill"
+                f"{f': {self.prefill_refusal}' if self.prefill_refusal else ''})")
 
 
 class _Dist:
@@ -403,12 +421,15 @@ class _Dist:
 def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int = 4096, dtype: str = "float32",
                  device: str = "cpu", expert_budget: int | None = None, text_field: str | None = None,
                  domain_field: str = "domain", tokenizer=None, backend: str | None = None,
-                 progress: bool = True, model=None) -> TraceResult:
+                 progress: bool = True, model=None, prefill="auto") -> TraceResult:
     """Trace the routing of every document of `corpus` (files / folders, see read_corpus) into the folder `out`.
 
     max_tokens: each document's first tokens; batch_tokens: padded tokens per batch. A folder that already
     holds this trace (same plan) is resumed; one that holds another is refused. Under torchrun every rank
-    calls this with the same arguments. `model`: an already-built SelectiveMoE (its checkpoint is `path`)."""
+    calls this with the same arguments. `model`: an already-built SelectiveMoE (its checkpoint is `path`).
+
+    prefill: "auto" (the grouped prefill of omnilab.prefill on CUDA when nothing refuses it, else the eager
+    model), "eager", "grouped_mm" (an error when refused), or a built omnilab.prefill.TracePrefill."""
     if max_tokens < 1 or batch_tokens < 1:
         raise ValueError(f"--max-tokens and --batch-tokens must be positive (got {max_tokens}, {batch_tokens})")
     out = Path(out)
@@ -417,17 +438,19 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     dist = _Dist(device, backend)
     try:
         return _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field,
-                      domain_field, tokenizer, progress, model)
+                      domain_field, tokenizer, progress, model, prefill)
     finally:
         dist.close()
 
 
 def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field, domain_field,
-           tokenizer, progress, model) -> TraceResult:
+           tokenizer, progress, model, prefill) -> TraceResult:
     import torch
 
     from omnilab.model import SelectiveMoE
 
+    if not (isinstance(prefill, str) and prefill in PREFILLS) and not hasattr(prefill, "record"):
+        raise ValueError(f"--prefill {prefill!r}: use {', '.join(PREFILLS)}")
     docs = read_corpus(corpus, text_field=text_field, domain_field=domain_field)
     if model is None:
         model = SelectiveMoE.from_checkpoint(path, dtype=dtype, device=dist.device, expert_budget=expert_budget,
@@ -449,9 +472,12 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     if not lengths.any():
         raise ValueError("--corpus: no document has any tokens")
     batches = plan_batches(lengths, batch_tokens)
+    grouped, refusal = _choose_prefill(dist, model, prefill)
     settings = {"format": FORMAT, "max_tokens": max_tokens, "batch_tokens": batch_tokens,
                 "dtype": str(model.dtype).removeprefix("torch."), "device_type": model.device.type,
                 "config": _config_hash(model), "text_field": text_field, "domain_field": domain_field}
+    if grouped:  # its numbers differ from the eager path's by rounding: a trace is made by one path or the other
+        settings["prefill"] = "grouped_mm"
     fp = fingerprint(ids, docs.documents["domain"], settings)
     plan_path = out / PLAN_NAME
     if plan_path.exists():
@@ -484,17 +510,28 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
                    desc=f"trace ({dist.world} process{'es' * (dist.world > 1)})")
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     pad = pad if 0 <= pad < cfg.vocab_size else 0
+    recorder = None
+    if grouped and mine:
+        from omnilab.prefill import TracePrefill
+
+        recorder = prefill if isinstance(prefill, TracePrefill) else TracePrefill(model)  # every expert resident
     start = time.perf_counter()
     pending = []
     # Parquet encoding (numpy and pyarrow release the GIL) overlaps the next batches' forward, several shards at
     # once: one writer encodes a 16k-token batch of the 48-layer model (6.3 M rows) in about a second
-    writers = max(1, min(4, (os.cpu_count() or 2) // 2))
+    writers = max(1, min(8, (os.cpu_count() or 2) // 2))
     with ThreadPoolExecutor(max_workers=writers) as writer:
         for b in mine:
             batch = batches[b]
-            routing = record_batch(model, [ids[d] for d in batch], layers, pad_id=pad)
-            pending.append(writer.submit(_build_and_write, shards / shard_name(b), batch, [domains[d] for d in batch],
-                                         [ids[d] for d in batch], layers, routing))
+            batch_ids, batch_domains = [ids[d] for d in batch], [domains[d] for d in batch]
+            if recorder is not None:
+                routing = recorder.record(batch_ids, batch, pad_id=pad)  # [L, n, k] rows in trace order
+                pending.append(writer.submit(_write_routing, shards / shard_name(b), batch, batch_domains, batch_ids,
+                                             layers, routing))
+            else:
+                routing = record_batch(model, batch_ids, layers, pad_id=pad)  # padded [L, B, T, k]
+                pending.append(writer.submit(_build_and_write, shards / shard_name(b), batch, batch_domains,
+                                             batch_ids, layers, routing))
             while len(pending) > writers:  # at most `writers` batches of routing held on the host
                 pending.pop(0).result()
             if bar is not None:
@@ -515,14 +552,38 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
         _write_manifest(out, model, layers, batches, lengths, docs, fp, settings, str(path),
                         {"world_size": dist.world, "traced_batches": sum(s["batches"] for s in stats),
                          "traced_tokens": traced_tokens, "seconds": wall,
-                         "tokens_per_s": traced_tokens / wall if wall > 0 else None})
+                         "tokens_per_s": traced_tokens / wall if wall > 0 else None,
+                         "prefill": "grouped_mm" if grouped else "eager", "prefill_refusal": refusal})
     dist.barrier()
     return TraceResult(out, len(docs.documents), int(lengths.sum()), len(batches),
-                       sum(s["batches"] for s in stats), traced_tokens, wall, dist.world)
+                       sum(s["batches"] for s in stats), traced_tokens, wall, dist.world,
+                       "grouped_mm" if grouped else "eager", refusal)
+
+
+def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
+    """(take the grouped prefill?, why not). Every rank takes the same path: one rank's refusal refuses all."""
+    from omnilab.prefill import prefill_refusal
+
+    if not isinstance(prefill, str):  # a built TracePrefill
+        return True, None
+    if prefill == "eager":
+        return False, "--prefill eager"
+    refusal = prefill_refusal(model)
+    if refusal is None and prefill == "auto" and model.device.type != "cuda":
+        refusal = "auto takes it on CUDA only (--prefill grouped_mm on CPU)"
+    refusal = next((r for r in dist.gather(refusal) if r), None)
+    if refusal and prefill == "grouped_mm":
+        raise ValueError(f"--prefill grouped_mm: {refusal}")
+    return refusal is None, refusal
 
 
 def _build_and_write(path, docs, domains, token_ids, layers, routing) -> None:
     table, rows = batch_table(docs, domains, token_ids, layers, *routing)
+    write_shard(path, table, rows)
+
+
+def _write_routing(path, docs, domains, token_ids, layers, routing) -> None:
+    table, rows = routing_table(docs, domains, token_ids, layers, *routing)
     write_shard(path, table, rows)
 
 

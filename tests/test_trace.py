@@ -155,6 +155,75 @@ def test_trace_equals_hooks_whole_documents_and_token_by_token(tiny_omni, corpus
     np.testing.assert_allclose(frame["weight"], hf["weight"], rtol=1e-4, atol=1e-6)
 
 
+def test_grouped_prefill_equals_eager_path_and_hooks(tiny_omni, corpus, tmp_path):
+    """The grouped prefill (omnilab.prefill, every expert resident, one grouped GEMM per layer) writes the same
+    trace as the eager path and as the hooks: the same rows, the same expert ids, weights and entropies equal to
+    fp32 rounding."""
+    from omnilab.model import SelectiveMoE
+
+    eager = run_trace(tiny_omni, corpus, tmp_path / "eager", prefill="eager")
+    grouped = run_trace(tiny_omni, corpus, tmp_path / "grouped", prefill="grouped_mm")
+    assert (eager.prefill, grouped.prefill) == ("eager", "grouped_mm") and grouped.batches == eager.batches > 2
+    a, b = trace.TraceDataset(tmp_path / "eager"), trace.TraceDataset(tmp_path / "grouped")
+    assert a.manifest["run"]["prefill"] == "eager" and b.manifest["run"]["prefill"] == "grouped_mm"
+    assert b.manifest["settings"]["prefill"] == "grouped_mm" and "prefill" not in a.manifest["settings"]
+    assert a.manifest["shards"] == b.manifest["shards"]  # same batches, tokens and rows per shard
+    sa, sb = _shards(tmp_path / "eager"), _shards(tmp_path / "grouped")
+    assert list(sa) == list(sb)
+    for name in sa:  # shard by shard, column by column: every integer column exactly, the floats to rounding
+        assert sa[name].schema == sb[name].schema
+        for c in ("doc", "domain", "position", "token_id", "layer", "rank", "expert"):
+            assert sa[name].column(c).equals(sb[name].column(c)), (name, c)
+        for c in ("weight", "entropy"):
+            np.testing.assert_allclose(sb[name].column(c).to_numpy(), sa[name].column(c).to_numpy(),
+                                       rtol=1e-5, atol=1e-6)
+        assert pq.read_metadata(tmp_path / "grouped" / "shards" / name).num_row_groups == 3  # one per layer
+    # and the hooks: whole documents, one per forward, no padding (routing.record_trace)
+    model = SelectiveMoE.from_checkpoint(tiny_omni)
+    docs = pd.DataFrame({"domain": [d for d, _ in DOCS], "text": [t for _, t in DOCS]})
+    ref = routing.record_trace(model, None, docs, max_tokens=12, progress=False)
+    frame = b.to_pandas()
+    for c in ("doc", "domain", "position", "token_id", "layer", "rank", "expert"):
+        assert frame[c].astype(str).tolist() == ref[c].astype(str).tolist(), c
+    np.testing.assert_allclose(frame["weight"], ref["weight"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(frame["entropy"], ref["entropy"], rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_prefill_refusals(tiny_omni, corpus, tmp_path, capsys):
+    """What sends a trace to the eager path: hooks, faults, a routing override, an expert budget; auto on CPU."""
+    from omnilab.faults import DefaultNorms
+    from omnilab.model import SelectiveMoE
+    from omnilab.prefill import TracePrefill, prefill_refusal
+    from omnilab.traces import RoutingOverride
+
+    model = SelectiveMoE.from_checkpoint(tiny_omni)
+    assert prefill_refusal(model) is None
+    handle = model.add_hook("blocks.0.mlp.hook_topk_indices", lambda x: None)
+    assert "hooks are registered" in prefill_refusal(model)
+    with pytest.raises(ValueError, match="--prefill grouped_mm: hooks are registered"):
+        run_trace(tiny_omni, corpus, tmp_path / "hooked", model=model, prefill="grouped_mm")
+    with pytest.raises(ValueError, match="grouped prefill unavailable: hooks"):
+        TracePrefill(model)
+    handle.remove()
+    model.routing_override = RoutingOverride({0: torch.tensor([0, 1])})
+    assert "routing override" in prefill_refusal(model)
+    model.routing_override = None
+    assert "fault injection" in prefill_refusal(SelectiveMoE.from_checkpoint(tiny_omni, faults=[DefaultNorms(1)]))
+    small = SelectiveMoE.from_checkpoint(tiny_omni, expert_budget=3 * model.cache.store.expert_bytes)
+    assert "expert budget" in prefill_refusal(small)
+    auto = run_trace(tiny_omni, corpus, tmp_path / "auto", model=small)  # auto: the eager path, under the budget
+    assert auto.prefill == "eager" and "expert budget" in auto.prefill_refusal
+    assert small.cache.stats.peak_resident_bytes <= small.cache.budget_bytes
+    assert run_trace(tiny_omni, corpus, tmp_path / "cpu", model=model).prefill_refusal.startswith("auto takes it "
+                                                                                                  "on CUDA only")
+    assert main(["trace", str(tiny_omni), "--corpus", str(corpus), "--out", str(tmp_path / "cli"), "--prefill",
+                 "grouped_mm", "--expert-budget", "100KB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--prefill grouped_mm: the expert budget" in err and len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="--prefill 'fast'"):
+        run_trace(tiny_omni, corpus, tmp_path / "bad", prefill="fast")
+
+
 def _shards(folder: Path) -> dict[str, pa.Table]:
     return {p.name: pq.read_table(p) for p in sorted((folder / "shards").glob("*.parquet"))}
 
