@@ -1,5 +1,6 @@
-"""Routing-trace throughput: `omnilab trace` (omnilab.trace.trace_corpus) against transformers' own forward with
-`output_router_logits`, on the same batches of the same corpus, in one run. One table.
+"""Routing-trace throughput: `omnilab trace` (omnilab.trace.trace_corpus) on its grouped prefill and on its eager
+path, against transformers' own forward with `output_router_logits`, on the same batches of the same corpus, in
+one run. One table.
 
     python bench/trace.py                                   # CPU: 2 real-shape layers, a small vocabulary
     python bench/trace.py --device cuda --real --layers 48  # one GPU: the real 48-layer thinker shapes, bf16
@@ -9,20 +10,27 @@ The model is a random-weight Qwen3-Omni thinker built by transformers itself on 
 config (data/reference, 152,064-row vocabulary, real audio/vision towers), otherwise the decode bench's
 shapes (real layer shapes, vocabulary 8,192, tiny towers). No checkpoint is written: the selective model
 (omnilab.model.SelectiveMoE) is assembled over the same tensors (its backbone is transformers' parameters,
-its ExpertCache serves views of transformers' fused expert tensors), so both run every expert resident in
-one copy of the weights. Its config and layout come from the sparse on-disk layout of the same config.
+its ExpertCache serves views of transformers' fused expert tensors, and the grouped prefill's stacked experts
+are transformers' fused tensors themselves), so every row runs every expert resident in one copy of the weights.
+Its config and layout come from the sparse on-disk layout of the same config.
 
 Measured, on the corpus the bench writes (eval-split documents repeated up to --tokens tokens, cut to
---max-tokens, tokenized by a small byte-level BPE):
-- `omnilab trace`: trace_corpus end to end after a warm-up: length batching, the selective model's prefill
-  (eager expert loop; stops after the last router), every layer's top-k ids, weights and entropy copied to the
-  host, Parquet shards written (zstd, on a writer thread) and the manifest;
+--max-tokens, tokenized by a small byte-level BPE), each after a warm-up:
+- `omnilab trace`, grouped prefill (omnilab.prefill.TracePrefill, the default on CUDA): trace_corpus end to end:
+  length batching, every expert resident and one grouped GEMM per projection per layer, the routing (top-k
+  ids, weights, entropy) in device buffers read once per batch, Parquet shards written (zstd, writer threads),
+  the manifest;
+- the same prefill alone: TracePrefill.record over the plan's batches (routing to the host, no Parquet), to
+  separate the device's part from the writing;
+- `omnilab trace`, eager path (`--prefill eager`): the selective model's prefill through its hooks (eager
+  expert loop, one host sync per layer; stops after the last router), the same writing;
 - transformers: for each batch of the trace's own plan, right-padded as the trace pads it,
   `model.model(input_ids, output_router_logits=True)` (the thinker without its lm_head, as the trace skips it),
   then each layer's top-k of the softmax and the weights copied to the host; once with transformers' default
   experts implementation (grouped_mm where torch has it) and once with `experts_implementation="eager"`.
-The hardware floor is the compute floor: FLOPs per token of the layers up to the last router (2 x the
-weights a token touches, plus attention scores) against the device's peak (--peak-tflops).
+The hardware floor is the compute floor: 2 x the active parameters a token multiplies (every layer's q/k/v/o
+projections, router and top-k experts; attention scores, embedding and lm_head left out) against the
+device's peak bf16 FLOP/s (--peak-tflops; H200 SXM dense bf16: 989).
 """
 
 from __future__ import annotations
@@ -175,6 +183,7 @@ def main() -> int:
 
     from omnilab import trace
     from omnilab.model import as_dtype
+    from omnilab.prefill import ResidentExperts, TracePrefill
     from omnilab.synth import tiny_tokenizer
 
     dtype, device = as_dtype(args.dtype), torch.device(args.device)
@@ -184,6 +193,9 @@ def main() -> int:
     tokenizer = tiny_tokenizer(256)
     corpus_tokens = write_corpus(work / "corpus.jsonl", args.tokens, args.max_tokens, tokenizer)
     (work / "warm.jsonl").write_text("\n".join((work / "corpus.jsonl").read_text().splitlines()[:8]) + "\n")
+    is_cuda = device.type == "cuda"
+    peak_gpu = lambda: torch.cuda.max_memory_allocated() if is_cuda else None  # noqa: E731
+    reset_gpu = lambda: torch.cuda.reset_peak_memory_stats() if is_cuda else None  # noqa: E731
 
     t0 = time.perf_counter()
     with AnonPeak() as anon:
@@ -191,37 +203,86 @@ def main() -> int:
         build_s = time.perf_counter() - t0
         model = build_selective(hf, config, dtype, device, work / "layout")
         cfg = model.config
+        text = hf.model.language_model
+        experts = ResidentExperts({i: text.layers[i].mlp.experts.gate_up_proj for i in cfg.moe_layers},
+                                  {i: text.layers[i].mlp.experts.down_proj for i in cfg.moe_layers})
+        recorder = TracePrefill(model, experts)  # transformers' fused expert tensors: no copy
         print(f"[bench] built {cfg.num_hidden_layers} layers x {cfg.num_experts} experts on {device} in "
               f"{build_s:.0f} s; experts {model.cache.store.total_bytes / 1e9:.1f} GB", file=sys.stderr, flush=True)
         kw = dict(max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, progress=False, model=model,
                   tokenizer=tokenizer)
-        trace.trace_corpus(work / "layout", [work / "warm.jsonl"], work / "warm-trace", **kw)  # loads every expert
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / "trace", **kw)
-        trace_gpu = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        print(f"[bench] trace: {result.summary()}", file=sys.stderr, flush=True)
+        results, gpu = {}, {}
+        for name, prefill in (("grouped", recorder), ("eager", "eager")):
+            trace.trace_corpus(work / "layout", [work / "warm.jsonl"], work / f"warm-{name}", prefill=prefill,
+                               **kw)  # warm-up (the eager one loads every expert into the cache)
+            reset_gpu()
+            results[name] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{name}",
+                                               prefill=prefill, **kw)
+            gpu[name] = peak_gpu()
+            print(f"[bench] trace ({name}): {results[name].summary()}", file=sys.stderr, flush=True)
 
-        plan = json.loads((work / "trace" / "plan.json").read_text())
+        plan = json.loads((work / "trace-grouped" / "plan.json").read_text())
         docs = trace.read_corpus([work / "corpus.jsonl"]).documents
         ids = trace.tokenize(tokenizer, docs["text"].tolist(), args.max_tokens, cfg.vocab_size)
         pad = tokenizer.pad_token_id
         k = cfg.num_experts_per_tok
+        reset_gpu()
+        prefill_speed = prefill_rows(recorder, plan["batches"], ids, device, pad)
+        prefill_gpu = peak_gpu()
+        print(f"[bench] grouped prefill alone: {prefill_speed:,.0f} tokens/s", file=sys.stderr, flush=True)
         rows = []
         for impl in ("default", "eager"):
             if impl == "eager":
                 hf.set_experts_implementation("eager")
             name = hf.model.language_model.config._experts_implementation
             transformers_rows(hf, plan["batches"][:1], ids, k, device, pad, 1)  # warm-up
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            reset_gpu()
             speed, first = transformers_rows(hf, plan["batches"], ids, k, device, pad, args.repeats)
             rows.append({"setting": f"transformers forward + router logits ({name} experts)", "tokens_per_s": speed,
-                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None})
+                         "peak_gpu_bytes": peak_gpu(), "first": first})
             print(f"[bench] {rows[-1]['setting']}: {speed:,.0f} tokens/s", file=sys.stderr, flush=True)
 
-    # routing agreement of the trace with transformers on the first batch (top-k sets, bf16 noise included)
-    t = trace.TraceDataset(work / "trace")
+    agreement = {name: first_batch_agreement(trace.TraceDataset(work / f"trace-{name}"), plan, rows[0]["first"], k)
+                 for name in results}
+    paths = compare_traces(work / "trace-grouped", work / "trace-eager", k)
+    active = active_params(cfg)
+    floor = args.peak_tflops * 1e12 / (2 * active) if args.peak_tflops else None
+    out = {"device": device_name(device), "torch": torch.__version__, "dtype": args.dtype,
+           "layers": cfg.num_hidden_layers, "experts": cfg.num_experts, "top_k": k, "vocab": cfg.vocab_size,
+           "corpus_tokens": corpus_tokens, "documents": results["grouped"].documents,
+           "batches": results["grouped"].batches,
+           "omnilab": [
+               {"setting": "omnilab trace, grouped prefill (default on CUDA; Parquet written)",
+                "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
+                "peak_gpu_bytes": gpu["grouped"]},
+               {"setting": "  the grouped prefill alone (routing to host, no Parquet)", "tokens_per_s": prefill_speed,
+                "peak_gpu_bytes": prefill_gpu},
+               {"setting": "omnilab trace, eager path (--prefill eager; Parquet written)",
+                "tokens_per_s": results["eager"].tokens_per_s, "seconds": results["eager"].seconds,
+                "peak_gpu_bytes": gpu["eager"]}],
+           "transformers": [{k_: v for k_, v in r.items() if k_ != "first"} for r in rows],
+           "topk_agreement_first_batch": agreement, "grouped_vs_eager": paths,
+           "active_params": active, "compute_floor_tokens_per_s": floor, "peak_anon_bytes": anon.peak,
+           "args": vars(args)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(table(out, " ".join(sys.argv)))
+    return 0
+
+
+def prefill_rows(recorder, batches, ids, device, pad: int) -> float:
+    """tokens/s of the grouped prefill alone over the batches: TracePrefill.record, routing to the host."""
+    tokens = sum(len(ids[d]) for b in batches for d in b)
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        recorder.record([ids[d] for d in batch], batch, pad_id=pad)
+    sync(device)
+    return tokens / (time.perf_counter() - start)
+
+
+def first_batch_agreement(t, plan, first, k: int) -> float:
+    """Top-k set agreement of a trace with transformers' router on the plan's first batch."""
     frame = t.read(columns=["doc", "position", "layer", "rank", "expert"])
     agree = []
     for j, d in enumerate(plan["batches"][0]):
@@ -230,32 +291,44 @@ def main() -> int:
             a = mine[mine["layer"] == layer]["expert"].to_numpy().reshape(-1, k)  # [T, k]
             b = first[li, j, : a.shape[0]].numpy()
             agree.append((a[:, :, None] == b[:, None, :]).any(-1).mean())
-    agreement = float(sum(agree) / len(agree))
-
-    flops = flops_per_token(cfg, args.max_tokens)
-    floor = args.peak_tflops * 1e12 / flops if args.peak_tflops else None
-    out = {"device": device_name(device), "torch": torch.__version__, "dtype": args.dtype,
-           "layers": cfg.num_hidden_layers, "experts": cfg.num_experts, "top_k": k, "vocab": cfg.vocab_size,
-           "corpus_tokens": corpus_tokens, "documents": result.documents, "batches": result.batches,
-           "trace_tokens_per_s": result.tokens_per_s, "trace_seconds": result.seconds,
-           "trace_peak_gpu_bytes": trace_gpu, "peak_anon_bytes": anon.peak, "transformers": rows,
-           "topk_agreement_first_batch": agreement, "flops_per_token": flops, "compute_floor_tokens_per_s": floor,
-           "args": vars(args)}
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(table(out, " ".join(sys.argv)))
-    return 0
+    return float(sum(agree) / len(agree))
 
 
-def flops_per_token(cfg, T: int) -> float:
-    """2 x the weights one token multiplies up to the last router, plus causal attention scores at length T/2."""
+def compare_traces(a, b, k: int) -> dict:
+    """Two traces of the same plan, shard by shard: rows equal in every integer column, expert ids equal per row,
+    top-k sets equal per (token, layer), top-k set overlap, and the largest weight difference."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    ints = ("doc", "domain", "position", "token_id", "layer", "rank")
+    rows = same_rows = same_ids = same_sets = 0
+    overlap, weight = 0.0, 0.0
+    for fa in sorted((Path(a) / "shards").glob("*.parquet")):
+        ta, tb = pq.read_table(fa), pq.read_table(Path(b) / "shards" / fa.name)
+        rows += ta.num_rows
+        same_rows += ta.num_rows if all(ta.column(c).equals(tb.column(c)) for c in ints) else 0
+        ea, eb = (t.column("expert").to_numpy().reshape(-1, k) for t in (ta, tb))  # [tokens x layers, k]
+        same_ids += int((ea == eb).sum())
+        sa, sb = np.sort(ea, axis=1), np.sort(eb, axis=1)
+        same_sets += int((sa == sb).all(axis=1).sum())
+        overlap += float((ea[:, :, None] == eb[:, None, :]).any(-1).sum())
+        weight = max(weight, float(np.abs(ta.column("weight").to_numpy() - tb.column("weight").to_numpy()).max()))
+    return {"rows": rows, "rows_equal_int_columns": same_rows, "expert_ids_equal": same_ids / rows,
+            "topk_sets_equal": same_sets * k / rows, "topk_set_overlap": overlap / rows, "max_weight_diff": weight}
+
+
+def active_params(cfg) -> int:
+    """Parameters one token multiplies in the decoder layers: q/k/v/o, the router and its top-k experts (or the
+    dense MLP) of every layer; the embedding (a lookup) and the lm_head (not computed) left out."""
     H, hd = cfg.hidden_size, cfg.head_dim
     attn = H * hd * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)  # q, o and k, v projections
-    experts = cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size
-    router = cfg.num_experts * H
-    L = cfg.num_hidden_layers
-    scores = 2 * 2 * cfg.num_attention_heads * hd * (T / 2)  # QK^T and PV over half the sequence on average
-    return 2 * L * (attn + router) + 2 * (L - 1) * experts + L * scores
+    total = 0
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_moe_layer(i):
+            total += attn + cfg.num_experts * H + cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size
+        else:
+            total += attn + 3 * H * cfg.intermediate_size
+    return total
 
 
 def device_name(device) -> str:
@@ -271,20 +344,30 @@ def table(r: dict, command: str) -> str:
              f"{r['experts']} experts (top {r['top_k']}), vocabulary {r['vocab']:,}; corpus {r['corpus_tokens']:,} "
              f"tokens in {r['documents']:,} documents (at most {r['args']['max_tokens']} tokens each), "
              f"{r['batches']} batches of at most {r['args']['batch_tokens']} padded tokens. Same batches for every row.",
-             "",
-             "| setting | tokens/s | trace / this | peak GPU memory |", "|---|---:|---:|---:|"]
+             ""]
+    tf = r["transformers"]
+    floor = r["compute_floor_tokens_per_s"]
+    head = "| setting | tokens/s | " + " | ".join(f"x {x['setting'].split('(')[1].split()[0]}" for x in tf)
+    head += " | x compute floor |" if floor else " |"
+    lines += [head + " peak GPU memory |", "|---|---:|" + "---:|" * (len(tf) + bool(floor)) + "---:|"]
     gpu = lambda x: f"{x / gb:.1f} GB" if x else ""  # noqa: E731
-    lines.append(f"| omnilab trace (selective model, eager experts; Parquet written) | "
-                 f"{r['trace_tokens_per_s']:,.0f} | 1.00 | {gpu(r['trace_peak_gpu_bytes'])} |")
-    for row in r["transformers"]:
-        lines.append(f"| {row['setting']} | {row['tokens_per_s']:,.0f} | "
-                     f"{r['trace_tokens_per_s'] / row['tokens_per_s']:.2f} | {gpu(row['peak_gpu_bytes'])} |")
-    if r["compute_floor_tokens_per_s"]:
-        lines.append(f"| compute floor ({r['flops_per_token'] / 1e9:.2f} GFLOP/token at "
-                     f"{r['args']['peak_tflops']:g} TFLOP/s) | {r['compute_floor_tokens_per_s']:,.0f} | "
-                     f"{r['trace_tokens_per_s'] / r['compute_floor_tokens_per_s']:.2f} | |")
-    lines += ["", f"Top-k set agreement of the trace with transformers' router on the first batch: "
-                  f"{r['topk_agreement_first_batch']:.4f} ({r['dtype']}). Peak anon RSS {r['peak_anon_bytes'] / gb:.2f} GB."]
+    for row in r["omnilab"] + tf:
+        v = row["tokens_per_s"]
+        ratios = [f"{v / x['tokens_per_s']:.2f}" for x in tf] + ([f"{v / floor:.3f}"] if floor else [])
+        lines.append(f"| {row['setting']} | {v:,.0f} | {' | '.join(ratios)} | {gpu(row['peak_gpu_bytes'])} |")
+    if floor:
+        lines.append(f"| compute floor: 2 x {r['active_params'] / 1e9:.2f} B active parameters per token at "
+                     f"{r['args']['peak_tflops']:g} TFLOP/s | {floor:,.0f} | "
+                     + " | ".join(f"{floor / x['tokens_per_s']:.2f}" for x in tf) + " | 1.000 | |")
+    c = r["grouped_vs_eager"]
+    a = r["topk_agreement_first_batch"]
+    lines += ["", f"Grouped prefill against the eager path, the whole trace ({c['rows']:,} rows): integer columns equal "
+                  f"in {c['rows_equal_int_columns'] / c['rows']:.4f} of the rows, expert id equal per row "
+                  f"{c['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {c['topk_sets_equal']:.4f}, "
+                  f"top-k set overlap {c['topk_set_overlap']:.4f}, largest weight difference "
+                  f"{c['max_weight_diff']:.2g} ({r['dtype']}). Top-k set agreement with transformers' "
+                  f"({tf[0]['setting'].split('(')[1].split()[0]}) router on the first batch: grouped "
+                  f"{a['grouped']:.4f}, eager {a['eager']:.4f}. Peak anon RSS {r['peak_anon_bytes'] / gb:.2f} GB."]
     return "\n".join(lines)
 
 
