@@ -483,9 +483,11 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
         if old.get("fingerprint") != fp:
-            changed = [k for k in settings if old.get("settings", {}).get(k) != settings[k]]
+            before = old.get("settings", {})
+            changed = [k for k in {**before, **settings} if before.get(k) != settings.get(k)]
+            why = f"; the grouped prefill was not taken: {refusal}" if "prefill" in changed and refusal else ""
             raise ValueError(f"--out {out}: holds a trace of another corpus or settings "
-                             f"({'changed: ' + ', '.join(changed) if changed else 'the token ids differ'}); "
+                             f"({'changed: ' + ', '.join(changed) if changed else 'the token ids differ'}{why}); "
                              f"use a new folder")
     shards = out / SHARDS_DIR
     if dist.rank == 0:
@@ -567,7 +569,7 @@ def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
     if not isinstance(prefill, str):  # a built TracePrefill
         return True, None
     if prefill == "eager":
-        return False, "--prefill eager"
+        return False, "--prefill eager asks for the eager path"
     refusal = prefill_refusal(model)
     if refusal is None and prefill == "auto" and model.device.type != "cuda":
         refusal = "auto takes it on CUDA only (--prefill grouped_mm on CPU)"

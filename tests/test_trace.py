@@ -178,6 +178,8 @@ def test_grouped_prefill_equals_eager_path_and_hooks(tiny_omni, corpus, tmp_path
             np.testing.assert_allclose(sb[name].column(c).to_numpy(), sa[name].column(c).to_numpy(),
                                        rtol=1e-5, atol=1e-6)
         assert pq.read_metadata(tmp_path / "grouped" / "shards" / name).num_row_groups == 3  # one per layer
+    with pytest.raises(ValueError, match="changed: prefill; the grouped prefill was not taken: --prefill eager"):
+        run_trace(tiny_omni, corpus, tmp_path / "grouped", prefill="eager")  # a resume never mixes the two paths
     # and the hooks: whole documents, one per forward, no padding (routing.record_trace)
     model = SelectiveMoE.from_checkpoint(tiny_omni)
     docs = pd.DataFrame({"domain": [d for d, _ in DOCS], "text": [t for _, t in DOCS]})
