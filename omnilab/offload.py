@@ -3,32 +3,55 @@ speculative next-layer prefetch. Follows mixtral-offloading (dvmazur/mixtral-off
 slots on the GPU, pinned host copies, the next layer's gate applied to the current hidden state to prefetch) and
 reuses the fast path's pieces (omnilab.engine: SlotPool, StaticKV, the attention and expert-mix functions).
 
-Per MoE layer i of a step: attention; the router's top-k; the *next* MoE layer's router applied to this layer's
-post-attention state (normed with that layer's norm) guesses its experts; one small device->host read of both
-(the step's only syncs, one per layer); misses of layer i are copied host->slot on the copy stream (a slot's
-expert is evicted by the layer's LRU, never one needed by this token), the compute stream waits on their events;
-then the guessed experts of layer i+1 start copying while layer i's experts compute. Prefetched experts are
-ordinary residents: a later hit on one counts as a prefetch hit.
+A decode step runs in segments, each a CUDA graph on CUDA: "pre" (the input's embedding row, rotary tables and
+attention mask for the step's position, from a pinned host buffer), per MoE layer "a" (attention and the router's
+top-k; the routed ids go to a pinned host buffer) and "b" (the layer's slot ids from a pinned host buffer, the
+expert mix, the residual), and "final" (norm, lm_head, argmax). Between a and b the host waits for the ids (the
+layer's one sync), looks the experts up in the layer's LRU and issues the misses' host->slot copies on the copy
+stream, back to back: straight through the CUDA driver (`cuMemcpyHtoDAsync`, a few microseconds each) when
+`issue="driver"`, through torch's `copy_` when `issue="torch"`. The compute stream waits on one event per layer.
+A miss evicts the layer's least recently used expert, never one this token needs. With `prefetch`, the next MoE
+layer's router applied to this layer's post-attention state names experts to copy while this layer computes;
+prefetched experts are ordinary residents (a later hit on one counts as a prefetch hit).
 
-Host tier (`HostTier`): `copy` stacks every expert in (pinned, on CUDA) host memory; `mapped` views the
-experts where they lie in the shards' memory maps (on /dev/shm: no second copy) and registers those maps with
-CUDA as page-locked, so copies run at pinned speed with no extra host memory. Exactness is unchanged by
-offloading: every budget computes the same experts as the all-resident path (tests/test_offload.py, fp32).
+Host tier (`HostTier`): `copy` reads every expert into one host block per layer, each expert's gate|up|down in
+one span (so gate and up are one copy, down another), registered page-locked with CUDA (cudaHostRegister: exact
+size, unlike torch's power-of-two pinned allocator); `mapped` views the experts where they lie in the shards'
+memory maps (on /dev/shm: no second copy) and registers the maps. `HostTier.spans` lists the byte spans a miss
+copies. `OffloadDecoder.generate(profile=True)` times every phase of the step with CUDA events (`phase_ms`).
+Exactness is unchanged by offloading: every budget computes the same experts as the all-resident path
+(tests/test_offload.py, fp32).
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
 from omnilab.engine import (Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route)
 from omnilab.model import Generation, rope_inv_freq
 from omnilab.traces import RoutingOverride
+
+
+# -- the host tier -------------------------------------------------------------------------------------------------
+
+
+def register_host(tensor: torch.Tensor) -> bool:
+    """Register a CPU tensor's memory as page-locked with CUDA (cudaHostRegister); False when that fails."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        err = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
+    except Exception:  # noqa: BLE001 - any failure leaves the memory pageable, reported by the caller
+        return False
+    return err == 0
 
 
 class HostTier:
@@ -37,23 +60,49 @@ class HostTier:
     def __init__(self, views: dict, nbytes: int, pinned: bool, how: str):
         self.views, self.nbytes, self.pinned, self.how = views, nbytes, pinned, how
         self._registered: list = []
+        self._keep: list = []  # the host blocks or memory maps the views point into
 
     def expert(self, layer: int, e: int):
         return self.views[layer, e]
 
+    def spans(self, layer: int, e: int) -> list[tuple[int, int, int]]:
+        """The host byte spans of one expert as (host address, bytes, offset in the expert's gate|up|down
+        bytes); adjacent projections are merged into one span (one copy)."""
+        out = []
+        offset = 0
+        for t in self.views[layer, e]:
+            n = t.numel() * t.element_size()
+            ptr = t.data_ptr()
+            if out and out[-1][0] + out[-1][1] == ptr and out[-1][2] + out[-1][1] == offset:
+                out[-1] = (out[-1][0], out[-1][1] + n, out[-1][2])
+            else:
+                out.append((ptr, n, offset))
+            offset += n
+        return out
+
     @classmethod
     def copy(cls, checkpoint, config, layout, dtype: torch.dtype, pin: bool) -> "HostTier":
-        """Read every expert once into host memory (page-locked when pin)."""
+        """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's gate, up and
+        down one after the other (page-locked when pin and CUDA is there)."""
         I, H = config.moe_intermediate_size, config.hidden_size
-        views, nbytes = {}, 0
+        views, nbytes, blocks, pinned = {}, 0, [], bool(pin)
         for layer in config.moe_layers:
-            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype, pin_memory=pin)  # [E, 3, I * H]
+            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: gate | up | down
             for e in range(config.num_experts):
                 for j, p in enumerate(EXPERT_PROJECTIONS):
                     block[e, j].copy_(checkpoint.read(expert_tensor(layout, layer, e, p)).reshape(-1))
                 views[layer, e] = (block[e, 0].view(I, H), block[e, 1].view(I, H), block[e, 2].view(H, I))
             nbytes += block.numel() * block.element_size()
-        return cls(views, nbytes, pin, "pinned copy" if pin else "copy")
+            blocks.append(block)
+        tier = cls(views, nbytes, False, "copy")
+        tier._keep = blocks
+        if pin:
+            pinned = all(register_host(b) for b in blocks)
+            if pinned:
+                tier._registered = [b.data_ptr() for b in blocks]
+        tier.pinned = pinned
+        tier.how = "host copy, registered page-locked" if pinned else "host copy (pageable)"
+        return tier
 
     @classmethod
     def mapped(cls, checkpoint, config, layout, register: bool = True) -> "HostTier":
@@ -95,6 +144,27 @@ class HostTier:
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
+# -- issuing copies --------------------------------------------------------------------------------------------------
+
+
+class DriverCopy:
+    """Host->device copies straight through the CUDA driver (cuMemcpyHtoDAsync_v2 through ctypes): a few
+    microseconds of host time per copy against tens through torch's copy_ (dispatch, checks, host-allocator
+    bookkeeping). The caller keeps both memories alive and orders the streams (events)."""
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemcpyHtoDAsync_v2
+        fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        err = self._fn(dst, src, nbytes, stream)
+        if err:
+            raise RuntimeError(f"offload: cuMemcpyHtoDAsync of {nbytes} bytes failed (CUresult {err})")
+
+
 @dataclass
 class OffloadStats:
     hits: int = 0  # routed choices whose expert was resident
@@ -103,6 +173,7 @@ class OffloadStats:
     prefetched: int = 0  # experts copied in speculatively
     prefetch_wasted: int = 0  # prefetched experts evicted unused
     bytes_moved: int = 0
+    copies: int = 0  # host->device copy calls issued
     tokens: int = 0  # decode steps counted
 
     @property
@@ -129,18 +200,44 @@ class OffloadStats:
         return d
 
 
+# -- the segments' arithmetic (tensors only: one torch.compile'd copy serves every layer) ---------------------------
+
+
+def attention_router(h, w, cos, sin, mask, pos, keys, values, forced, c: Consts):
+    """Segment a: h [1, 1, H] -> (h after attention [1, 1, H], normed x [1, H], weights [1, k], experts [1, k])."""
+    h = h + attention(h, w, cos, sin, mask, pos, keys, values, c)
+    x = rms_norm(w.post_norm, h, c.eps).reshape(1, -1)  # [1, H]
+    weights, experts = route(F.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)  # [1, k]
+    return h, x, weights, experts
+
+
+def expert_residual(h, x, slots, weights, gate_up, down, slot_range, compute: str):
+    """Segment b: h [1, 1, H] + the expert mix of x [1, H] over slots [1, k] -> [1, 1, H]."""
+    return h + expert_mix(x, slots, weights, gate_up, down, slot_range, compute).view(1, 1, -1)
+
+
+PHASES = ("attention + router", "ids to host + bookkeeping", "copy", "copy done -> experts", "expert compute",
+          "experts -> next layer", "pre + final")
+
+
 class OffloadDecoder:
     """Greedy decoding of a SelectiveMoE whose experts live in a HostTier, `slots` of them per layer on the device.
 
     slots: experts held per MoE layer (>= top-k); or give expert_budget_bytes (split evenly over the layers).
-    prefetch: speculative next-layer prefetch. override: a RoutingOverride (defaults to model.routing_override)."""
+    prefetch: speculative next-layer prefetch. override: a RoutingOverride (defaults to model.routing_override).
+    issue: "driver" (cuMemcpyHtoDAsync through ctypes; the CUDA default) or "torch" (copy_; elsewhere).
+    compile: the segments' arithmetic through torch.compile before capture (CUDA). The embedding may live on the
+    host (model.model.embed_tokens moved to the CPU to save its GPU memory): each step copies one row."""
 
     def __init__(self, model, host: HostTier, *, slots: int | None = None, expert_budget_bytes: int | None = None,
                  max_len: int = 512, prefetch: bool = True, override: RoutingOverride | None = None,
-                 compute: str | None = None, graphs: bool | None = None):
+                 compute: str | None = None, graphs: bool | None = None, issue: str | None = None,
+                 compile: bool = False):
         cfg = self.config = model.config
         self.model, self.host = model, host
-        self.device, self.dtype = model.device, model.dtype
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.embed = model.model.embed_tokens
+        self.embed_on_host = self.embed.weight.device != self.device
         k, E = cfg.num_experts_per_tok, cfg.num_experts
         layers = cfg.moe_layers
         if slots is None:
@@ -156,6 +253,7 @@ class OffloadDecoder:
         self.compute = compute or ("grouped_mm" if self.dtype == torch.bfloat16 or self.device.type == "cpu"
                                    else "gather")
         dev = self.device
+        cuda = dev.type == "cuda"
         inv_freq = rope_inv_freq(cfg).to(dev)
         freqs = torch.arange(self.max_len, device=dev).float()[:, None] * inv_freq  # [S_max, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [S_max, hd]
@@ -165,96 +263,177 @@ class OffloadDecoder:
         self.consts = Consts(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, k,
                              bool(cfg.norm_topk_prob), float(cfg.rms_norm_eps))
         self.weights = {i: layer_weights(layer) for i, layer in enumerate(model.model.layers) if layer.is_moe}
+        self.moe_index = {layer: j for j, layer in enumerate(layers)}
         self.next_moe = {a: b for a, b in zip(layers, layers[1:])}
         self.lru = {i: OrderedDict() for i in layers}  # expert -> slot, least recently used first
         self.free = {i: list(range(slots)) for i in layers}
         self.unused_prefetch = {i: set() for i in layers}  # prefetched, not yet routed to
         self.ready = {}  # (layer, expert) -> CUDA event of its copy
-        cuda = dev.type == "cuda"
         self.copy_stream = torch.cuda.Stream(dev) if cuda else None
+        if issue is None:
+            same = not layers or {t.dtype for t in host.expert(layers[0], 0)} == {self.dtype}
+            issue = "driver" if cuda and same else "torch"
+        if issue not in ("driver", "torch"):
+            raise ValueError(f"offload: issue={issue!r}, use 'driver' or 'torch'")
+        if issue == "driver" and not cuda:
+            raise ValueError("offload: issue='driver' needs a CUDA model")
+        stored = {t.dtype for t in host.expert(layers[0], 0)} if layers else {self.dtype}
+        if issue == "driver" and stored != {self.dtype}:  # raw bytes are copied: no cast on the way
+            raise ValueError(f"offload: issue='driver' copies raw bytes; the host tier holds {sorted(map(str, stored))}, "
+                             f"the model {self.dtype} (use issue='torch' or a host copy in the model's dtype)")
+        self.issue = issue
+        self._driver = DriverCopy() if issue == "driver" else None
+        # per (layer, expert): the copies of a miss as (host address, bytes, offset in the slot's gate|up|down)
+        self._spans = {(i, e): host.spans(i, e) for i in layers for e in range(E)} if self._driver else {}
+        I, H = cfg.moe_intermediate_size, cfg.hidden_size
+        isz = torch.empty((), dtype=self.dtype).element_size()
+        self._gate_up_bytes, self._down_bytes = 2 * I * H * isz, H * I * isz  # one slot's, in each pool tensor
+        self._gu_ptr = {i: self.pool.gate_up[i].data_ptr() for i in layers}
+        self._down_ptr = {i: self.pool.down[i].data_ptr() for i in layers}
+        self._copy_handle = self.copy_stream.cuda_stream if cuda else None
         self.stats = OffloadStats()
         self.routing = []  # per step: [moe layers, T, k] on the host
-        # the decode step in segments: per MoE layer, "a" (attention, router, routed ids to a pinned host buffer)
-        # and "b" (the expert mix on the slots the host chose), plus "final" (norm, lm_head, argmax); each a CUDA
-        # graph on CUDA (graphs=None: when CUDA), plain calls elsewhere. Between a and b the host reads the ids
-        # (the layer's one sync), fetches misses and writes the slots.
         self.segmented = all(layer.is_moe for layer in model.model.layers)
         self.graphs = (cuda if graphs is None else graphs) and self.segmented
-        H = cfg.hidden_size
-        pin = cuda
+        self.compiled = bool(compile) and cuda
+        self._attention_router = torch.compile(attention_router, dynamic=False) if self.compiled else attention_router
+        self._expert_residual = torch.compile(expert_residual, dynamic=False) if self.compiled else expert_residual
+        L = len(layers)
+        g = cfg.num_attention_heads // cfg.num_key_value_heads
+        hd = cfg.head_dim
         self.s_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.s_pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.s_cos = torch.zeros(1, hd, dtype=self.dtype, device=dev)
+        self.s_sin = torch.zeros(1, hd, dtype=self.dtype, device=dev)
+        self.s_mask = torch.zeros(1, 1, g, self.max_len, dtype=torch.bool, device=dev)
         self.s_h = torch.zeros(1, 1, H, dtype=self.dtype, device=dev)
         self.s_x = torch.zeros(1, H, dtype=self.dtype, device=dev)
         self.s_w = torch.zeros(1, k, dtype=self.dtype, device=dev)
-        self.s_experts = torch.zeros(1, k, dtype=torch.long, device=dev)
-        self.s_slots = torch.zeros(1, k, dtype=torch.long, device=dev)
+        self.s_slots = torch.zeros(L, 1, k, dtype=torch.long, device=dev)
         self.s_token = torch.zeros(1, dtype=torch.long, device=dev)
         self.s_vocab_mask = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
-        self.h_experts = torch.zeros(k, dtype=torch.long, pin_memory=pin)  # the routed ids, read by the host
-        self.h_slots = torch.zeros(k, dtype=torch.long, pin_memory=pin)
+        # pinned host buffers the graphs copy from / into (a graph's memcpy node reads them when it runs)
+        pin = cuda
+        self.h_step = torch.zeros(2, dtype=torch.long, pin_memory=pin)  # [input id, position]
+        self.h_embed = torch.zeros(1, 1, H, dtype=self.dtype, pin_memory=pin)  # the input's row (host embedding)
+        self.h_experts = torch.zeros(L, k, dtype=torch.long, pin_memory=pin)  # the routed ids, per layer
+        self.h_slots = torch.zeros(L, 1, k, dtype=torch.long, pin_memory=pin)  # their slots, written by the host
         self.h_token = torch.zeros(1, dtype=torch.long, pin_memory=pin)
+        self._np_step, self._np_experts = self.h_step.numpy(), self.h_experts.numpy()
+        self._np_slots = self.h_slots.numpy()
         self._graphs = None
+        self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
     # -- slots ---------------------------------------------------------------------------------------------------
-    def _fetch(self, layer: int, e: int, keep: set, prefetch: bool) -> bool:
-        """Make expert e of a layer resident (copy on the copy stream); False when no slot can be freed."""
+    def _copy_in(self, layer: int, e: int, slot: int) -> None:
+        """Copy expert e's projections from the host tier into a slot (on the copy stream on CUDA)."""
+        if self._driver is not None:
+            gu = self._gu_ptr[layer] + slot * self._gate_up_bytes
+            down = self._down_ptr[layer] + slot * self._down_bytes
+            stream = self._copy_handle
+            for src, n, offset in self._spans[layer, e]:
+                if offset < self._gate_up_bytes:  # a span never crosses from gate_up into down (torch's pool)
+                    if offset + n > self._gate_up_bytes:
+                        split = self._gate_up_bytes - offset
+                        self._driver(gu + offset, src, split, stream)
+                        self._driver(down, src + split, n - split, stream)
+                        self.stats.copies += 2
+                        continue
+                    self._driver(gu + offset, src, n, stream)
+                else:
+                    self._driver(down + offset - self._gate_up_bytes, src, n, stream)
+                self.stats.copies += 1
+            return
+        gate, up, down = self.host.expert(layer, e)
+        I = self.config.moe_intermediate_size
+        nb = self.host.pinned and self.copy_stream is not None
+        self.pool.gate_up[layer][slot, :I].copy_(gate, non_blocking=nb)
+        self.pool.gate_up[layer][slot, I:].copy_(up, non_blocking=nb)
+        self.pool.down[layer][slot].copy_(down, non_blocking=nb)
+        self.stats.copies += 3
+
+    def _fetch(self, layer: int, e: int, keep: set, prefetch: bool, ordered: bool = False):
+        """Make expert e of a layer resident (a copy on the copy stream): its slot, or None when no slot can be
+        freed. ordered: the caller already made the copy stream wait for the compute that read the slots."""
         lru = self.lru[layer]
         if e in lru:
-            return True
+            return lru[e]
         if self.free[layer]:
             slot = self.free[layer].pop()
         else:
             victim = next((x for x in lru if x not in keep), None)
             if victim is None:
-                return False
+                return None
             slot = lru.pop(victim)
             self.ready.pop((layer, victim), None)
             if victim in self.unused_prefetch[layer]:
                 self.unused_prefetch[layer].discard(victim)
                 self.stats.prefetch_wasted += 1
-        gate, up, down = self.host.expert(layer, e)
-        if self.copy_stream is not None:
-            # the slot may still be read by this layer's previous compute: the copy waits for the compute stream
+        if self.copy_stream is not None and not ordered:
+            # the slot may still be read by queued compute: the copy waits for the compute stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self.copy_stream is not None and self._driver is None:
             with torch.cuda.stream(self.copy_stream):
-                self.pool.put(layer, e, slot, gate, up, down, non_blocking=self.host.pinned)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-            self.ready[layer, e] = event
-        else:
-            self.pool.put(layer, e, slot, gate, up, down)
+                self._copy_in(layer, e, slot)
+        else:  # the driver path names the copy stream itself
+            self._copy_in(layer, e, slot)
         lru[e] = slot
         self.stats.bytes_moved += self.pool.expert_bytes
         if prefetch:
             self.unused_prefetch[layer].add(e)
             self.stats.prefetched += 1
-        return True
+        return slot
 
-    def _use(self, layer: int, experts: list[int]) -> list[int]:
-        """Experts routed now -> their slots; misses are fetched and waited for. Updates the statistics."""
+    def _use(self, layer: int, experts: list[int], ordered: bool = False) -> list[int]:
+        """Experts routed now -> their slots; misses are fetched and (on the device) waited for. Counts them."""
         want = set(experts)
+        lru, unused, st = self.lru[layer], self.unused_prefetch[layer], self.stats
+        event = None
         for e in experts:
-            if e in self.lru[layer]:
-                if e in self.unused_prefetch[layer]:
-                    self.stats.prefetch_hits += 1
-                    self.unused_prefetch[layer].discard(e)
+            if e in lru:
+                if e in unused:
+                    st.prefetch_hits += 1
+                    unused.discard(e)
                 else:
-                    self.stats.hits += 1
+                    st.hits += 1
             else:
-                self.stats.misses += 1
-                if not self._fetch(layer, e, want, prefetch=False):
+                st.misses += 1
+                if self._fetch(layer, e, want, prefetch=False, ordered=ordered) is None:
                     raise RuntimeError(f"offload: layer {layer} needs {len(want)} experts at once, more than its slots")
-            self.lru[layer].move_to_end(e)
+                event = True
+            lru.move_to_end(e)
         if self.copy_stream is not None:
             stream = torch.cuda.current_stream(self.device)
+            if event:  # this call's copies: one event after the last
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+                stream.wait_event(done)
             for e in want:
-                event = self.ready.pop((layer, e), None)
-                if event is not None:
-                    stream.wait_event(event)  # the compute waits on the device, the host goes on
-        return [self.lru[layer][e] for e in experts]
+                ev = self.ready.pop((layer, e), None)  # earlier (prefetch) copies of the experts routed now
+                if ev is not None:
+                    stream.wait_event(ev)
+        return [lru[e] for e in experts]
 
-    # -- the step ------------------------------------------------------------------------------------------------
+    def _prefetch(self, layer: int, guessed: list[int]) -> None:
+        """Start copying the experts guessed for `layer` (not yet resident) on the copy stream; one event."""
+        keep, fetched = set(), []
+        for e in guessed:
+            keep.add(e)
+            if e in self.lru[layer]:
+                continue
+            if self._fetch(layer, e, keep, prefetch=True, ordered=True) is None:
+                break
+            fetched.append(e)
+        if fetched and self.copy_stream is not None:
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+            for e in fetched:
+                self.ready[layer, e] = done
+
+    # -- the eager step (prefill, and models with dense layers) --------------------------------------------------
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids.to(self.embed.weight.device)).to(self.device)  # [B, T, H]
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids [1, T] at positions [T] -> last-token logits [1, V]."""
         m, cfg, c = self.model, self.config, self.consts
@@ -262,7 +441,7 @@ class OffloadDecoder:
         g = cfg.num_attention_heads // cfg.num_key_value_heads
         cos, sin = self.cos[positions], self.sin[positions]
         mask = (self.key_pos[None, :] <= positions[:, None]).repeat(g, 1)[None, None]  # [1, 1, g * T, S_max]
-        h = m.model.embed_tokens(ids)  # [B, T, H]
+        h = self._embed(ids)  # [B, T, H]
         step_routing = []
         for i, layer in enumerate(m.model.layers):
             if not layer.is_moe:
@@ -275,14 +454,13 @@ class OffloadDecoder:
             H = h.shape[-1]
             x = rms_norm(w.post_norm, h, c.eps).reshape(B * T, H)  # [N, H]
             forced = self.override.choice(i, positions) if self.override is not None else None
-            weights, experts = route(torch.nn.functional.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype,
-                                     forced)  # [N, k]
+            weights, experts = route(F.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)  # [N, k]
             nxt = self.next_moe.get(i) if self.prefetch_enabled else None
             guess = None
             if nxt is not None:
                 wn = self.weights[nxt]
                 xn = rms_norm(wn.post_norm, h, c.eps).reshape(B * T, H)
-                guess = torch.topk(torch.nn.functional.linear(xn, wn.router), c.top_k, dim=-1).indices  # [N, k]
+                guess = torch.topk(F.linear(xn, wn.router), c.top_k, dim=-1).indices  # [N, k]
             both = experts if guess is None else torch.cat((experts, guess), dim=0)
             both = both.tolist()  # the layer's one sync: routed experts (and the guess) to the host
             routed, guessed = both[:B * T], both[B * T:]
@@ -295,11 +473,7 @@ class OffloadDecoder:
             else:  # a prefill needing more experts than the layer's slots: in chunks of slots experts
                 out = self._chunked(i, x, experts, weights, distinct)
             if guess is not None:  # start the next layer's likely experts copying while this layer computes
-                keep = set()
-                for e in dict.fromkeys(e for row in guessed for e in row):
-                    keep.add(e)
-                    if not self._fetch(nxt, e, keep, prefetch=True):
-                        break
+                self._prefetch(nxt, list(dict.fromkeys(e for row in guessed for e in row)))
             if out is None:
                 out = expert_mix(x, slots, weights, self.pool.gate_up[i], self.pool.down[i], self.slot_range,
                                  self.compute)
@@ -325,28 +499,34 @@ class OffloadDecoder:
         return out
 
     # -- the segmented decode step -------------------------------------------------------------------------------
+    def _seg_pre(self) -> None:
+        """The step's input: token id and position from the pinned h_step; the embedding row; rotary; mask."""
+        self.s_ids.copy_(self.h_step[:1].view(1, 1), non_blocking=True)
+        self.s_pos.copy_(self.h_step[1:], non_blocking=True)
+        if self.embed_on_host:
+            self.s_h.copy_(self.h_embed, non_blocking=True)
+        else:
+            self.s_h.copy_(self.embed(self.s_ids))
+        g = self.consts.heads // self.consts.kv_heads
+        self.s_cos.copy_(self.cos[self.s_pos])
+        self.s_sin.copy_(self.sin[self.s_pos])
+        self.s_mask.copy_((self.key_pos[None, :] <= self.s_pos[:, None]).repeat(g, 1)[None, None])  # [1, 1, g, S]
+
     def _seg_a(self, i: int) -> None:
-        c, w = self.consts, self.weights[i]
-        if i == 0:
-            self.s_h.copy_(self.model.model.embed_tokens(self.s_ids))
-        g = c.heads // c.kv_heads
-        pos = self.s_pos
-        cos, sin = self.cos[pos], self.sin[pos]
-        mask = (self.key_pos[None, :] <= pos[:, None]).repeat(g, 1)[None, None]  # [1, 1, g, S_max]
-        h = self.s_h + attention(self.s_h, w, cos, sin, mask, pos, self.kv.keys[i], self.kv.values[i], c)
+        forced = self.override.choice(i, self.s_pos) if self.override is not None else None
+        h, x, weights, experts = self._attention_router(self.s_h, self.weights[i], self.s_cos, self.s_sin,
+                                                        self.s_mask, self.s_pos, self.kv.keys[i], self.kv.values[i],
+                                                        forced, self.consts)
         self.s_h.copy_(h)
-        x = rms_norm(w.post_norm, h, c.eps).reshape(1, -1)  # [1, H]
-        forced = self.override.choice(i, pos) if self.override is not None else None
-        weights, experts = route(torch.nn.functional.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)
         self.s_x.copy_(x)
         self.s_w.copy_(weights)
-        self.s_experts.copy_(experts)
-        self.h_experts.copy_(experts[0], non_blocking=True)  # to the pinned host buffer
+        self.h_experts[self.moe_index[i]].copy_(experts[0], non_blocking=True)  # to the pinned host buffer
 
     def _seg_b(self, i: int) -> None:
-        out = expert_mix(self.s_x, self.s_slots, self.s_w, self.pool.gate_up[i], self.pool.down[i], self.slot_range,
-                         self.compute)  # [1, H]
-        self.s_h.add_(out.view(1, 1, -1))
+        j = self.moe_index[i]
+        self.s_slots[j].copy_(self.h_slots[j], non_blocking=True)  # the slots the host chose, from pinned memory
+        self.s_h.copy_(self._expert_residual(self.s_h, self.s_x, self.s_slots[j], self.s_w, self.pool.gate_up[i],
+                                             self.pool.down[i], self.slot_range, self.compute))
 
     def _seg_final(self) -> None:
         m = self.model
@@ -357,20 +537,21 @@ class OffloadDecoder:
 
     def _segments(self):
         """(name, function) in step order."""
-        out = []
+        out = [(("pre", None), self._seg_pre)]
         for i in self.config.moe_layers:
             out += [(("a", i), lambda i=i: self._seg_a(i)), (("b", i), lambda i=i: self._seg_b(i))]
         return out + [(("final", None), self._seg_final)]
 
     def _capture(self) -> None:
-        saved_pos = self.s_pos.clone()
-        self.s_pos.fill_(0)  # warm-up at position 0 (rewritten by the next prefill)
-        self.s_slots.zero_()
+        saved = self.h_step.clone()
+        self._np_step[:] = (0, 0)  # warm-up at position 0 (rewritten by the next prefill)
+        self.h_slots.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _, fn in self._segments():
-                fn()
+            for _ in range(2 if self.compiled else 1):
+                for _, fn in self._segments():
+                    fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
@@ -380,7 +561,7 @@ class OffloadDecoder:
             with torch.cuda.graph(graph, pool=pool):
                 fn()
             self._graphs[name] = graph
-        self.s_pos.copy_(saved_pos)
+        self.h_step.copy_(saved)
 
     def _run(self, name, fn) -> None:
         if self._graphs is not None:
@@ -388,41 +569,61 @@ class OffloadDecoder:
         else:
             fn()
 
-    def _decode_segmented(self, token_in: int, position: int) -> int:
-        """One decode step through the segments; returns the produced token."""
-        self.s_ids.fill_(token_in)
-        self.s_pos.fill_(position)
+    def _decode_segmented(self, token_in: int, position: int, timer=None) -> int:
+        """One decode step through the segments; returns the produced token. timer: a _PhaseTimer (profile)."""
+        self._np_step[0], self._np_step[1] = token_in, position
+        if self.embed_on_host:
+            self.h_embed[0, 0].copy_(self.embed.weight[token_in])
         cuda = self.device.type == "cuda"
+        compute = torch.cuda.current_stream(self.device) if cuda else None
+        ordered = False
         step_routing = []
+        if timer:
+            timer.mark("step")
+        self._run(("pre", None), self._seg_pre)
         for i in self.config.moe_layers:
+            j = self.moe_index[i]
+            if timer:
+                timer.mark("a0")
             self._run(("a", i), lambda: self._seg_a(i))
+            if timer:
+                timer.mark("a1")
             if cuda:
-                torch.cuda.current_stream(self.device).synchronize()  # the routed ids are in h_experts
-            flat = self.h_experts.tolist()
+                compute.synchronize()  # the routed ids are in h_experts[j]; every earlier compute is done
+                ordered = True  # so no copy below can overwrite a slot still being read
+            flat = self._np_experts[j].tolist()
             step_routing.append([flat])
-            self.h_slots.copy_(torch.tensor(self._use(i, flat)))
-            self.s_slots.copy_(self.h_slots[None], non_blocking=cuda)
-            if self.prefetch_enabled:
-                nxt = self.next_moe.get(i)
-                if nxt is not None:  # guess the next layer's experts from this layer's state (one more sync)
-                    wn = self.weights[nxt]
-                    xn = rms_norm(wn.post_norm, self.s_h, self.consts.eps).reshape(1, -1)
-                    guess = torch.topk(torch.nn.functional.linear(xn, wn.router), self.consts.top_k, dim=-1)
-                    keep = set()
-                    for e in guess.indices[0].tolist():
-                        keep.add(e)
-                        if not self._fetch(nxt, e, keep, prefetch=True):
-                            break
+            if timer:
+                timer.mark("c0", stream=self.copy_stream)
+            self._np_slots[j, 0] = self._use(i, flat, ordered=ordered)
+            if timer:
+                timer.mark("c1", stream=self.copy_stream)
+            if self.prefetch_enabled and i in self.next_moe:
+                # guess the next layer's experts from this layer's state (one more small sync), copy them behind
+                nxt = self.next_moe[i]
+                wn = self.weights[nxt]
+                xn = rms_norm(wn.post_norm, self.s_h, self.consts.eps).reshape(1, -1)
+                guess = torch.topk(F.linear(xn, wn.router), self.consts.top_k, dim=-1).indices[0].tolist()
+                self._prefetch(nxt, guess)
+            if timer:
+                timer.mark("b0")
             self._run(("b", i), lambda: self._seg_b(i))
+            if timer:
+                timer.mark("b1")
         self._run(("final", None), self._seg_final)
+        if timer:
+            timer.mark("end")
         if cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            compute.synchronize()
         self.routing.append(torch.tensor(step_routing))
         return int(self.h_token[0])
 
     @torch.no_grad()
-    def generate(self, prompt, max_new_tokens: int = 32, *, forced=None, vocab_limit=None) -> Generation:
-        """Greedy tokens for one prompt [P]; forced [n - 1] teacher-forces the decode inputs (see FastDecoder)."""
+    def generate(self, prompt, max_new_tokens: int = 32, *, forced=None, vocab_limit=None,
+                 profile: bool = False) -> Generation:
+        """Greedy tokens for one prompt [P]; forced [n - 1] teacher-forces the decode inputs (see FastDecoder).
+        profile: time every phase of the decode steps (CUDA events; perturbs the speed a little), into
+        `self.profile`."""
         prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
         P, n = prompt.shape[1], int(max_new_tokens)
         if P + n > self.max_len:
@@ -432,20 +633,22 @@ class OffloadDecoder:
             if forced.numel() < n - 1:
                 raise ValueError(f"forced holds {forced.numel()} ids, need {n - 1}")
         self.routing = []
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        tokens = []
-        ids, pos = prompt.to(self.device), torch.arange(P, device=self.device)
-        prefill = 0.0
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.s_vocab_mask.zero_()
         if vocab_limit is not None:
             self.s_vocab_mask[vocab_limit:] = True
         if self.graphs and self._graphs is None:
             self._capture()
+        timer = _PhaseTimer(self.device) if profile and self.segmented else None
+        sync()
+        start = time.perf_counter()
+        tokens = []
+        ids, pos = prompt.to(self.device), torch.arange(P, device=self.device)
+        prefill = 0.0
         for step in range(n):
             if step > 0 and self.segmented:
-                token = self._decode_segmented(int(ids[0, 0]), P + step - 1)
+                token = self._decode_segmented(nxt, P + step - 1, timer)
             else:
                 logits = self.forward(ids, pos).float()
                 if vocab_limit is not None:
@@ -459,10 +662,75 @@ class OffloadDecoder:
             else:
                 self.stats.tokens += 1
             nxt = int(forced[step]) if forced is not None and step < n - 1 else token
-            ids = torch.tensor([[nxt]], device=self.device)
-            pos = torch.tensor([P + step], device=self.device)
+            if not self.segmented:
+                ids = torch.tensor([[nxt]], device=self.device)
+                pos = torch.tensor([P + step], device=self.device)
         sync()
-        return Generation([tokens], [P], time.perf_counter() - start, prefill, stopped=[False])
+        seconds = time.perf_counter() - start
+        if timer:
+            self.profile = timer.summary(n - 1)
+        return Generation([tokens], [P], seconds, prefill, stopped=[False])
 
     def reset_stats(self) -> None:
         self.stats = OffloadStats()
+
+
+class _PhaseTimer:
+    """Timestamps of a decode step's phases: CUDA events (timing) on CUDA, the host clock elsewhere, and the host
+    clock at every mark. summary() -> milliseconds per token of each of PHASES (the GPU's clock: when the compute
+    and copy streams reached each mark) and of the host's own work per token."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list = []  # (name, event or None, host time)
+
+    def mark(self, name: str, stream=None) -> None:
+        ev = None
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        self.marks.append((name, ev, time.perf_counter()))
+
+    def summary(self, tokens: int) -> dict:
+        """Marks per step: step, then per MoE layer a0 a1 (around segment a) c0 c1 (on the copy stream, around the
+        layer's copies) b0 b1 (around segment b), then end."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+        def gpu(a, b):
+            return a[1].elapsed_time(b[1]) if self.cuda else (b[2] - a[2]) * 1e3
+
+        def host(a, b):
+            return (b[2] - a[2]) * 1e3
+
+        ms = dict.fromkeys(PHASES, 0.0)
+        hs = {"bookkeeping + copy issue": 0.0, "launch segment b": 0.0, "whole step": 0.0}
+        last: dict = {}
+        for m in self.marks:
+            name = m[0]
+            if name == "a0":
+                ms["experts -> next layer" if "b1" in last else "pre + final"] += gpu(last.get("b1", last["step"]), m)
+            elif name == "a1":
+                ms["attention + router"] += gpu(last["a0"], m)
+            elif name == "c0":
+                ms["ids to host + bookkeeping"] += gpu(last["a1"], m)
+            elif name == "c1":
+                ms["copy"] += gpu(last["c0"], m)
+                hs["bookkeeping + copy issue"] += host(last["c0"], m)
+            elif name == "b0":
+                ms["copy done -> experts"] += gpu(last["c1"], m)
+            elif name == "b1":
+                ms["expert compute"] += gpu(last["b0"], m)
+                hs["launch segment b"] += host(last["b0"], m)
+            elif name == "end":
+                ms["pre + final"] += gpu(last["b1"], m)
+                hs["whole step"] += host(last["step"], m)
+                ms_step = gpu(last["step"], m)
+                ms.setdefault("whole step", 0.0)
+                ms["whole step"] += ms_step
+                last = {}
+                continue
+            last[name] = m
+        per = max(1, tokens)
+        return {"phase_ms": {k: v / per for k, v in ms.items()}, "host_ms": {k: v / per for k, v in hs.items()}}

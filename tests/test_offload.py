@@ -72,3 +72,46 @@ def test_all_slots_never_miss_after_warm_up(model, tiers):
 def test_too_few_slots_is_a_one_line_error(model, tiers):
     with pytest.raises(ValueError, match="fewer than top-"):
         OffloadDecoder(model, tiers["copy"], slots=model.config.num_experts_per_tok - 1)
+
+
+@pytest.mark.parametrize("tier", ["copy", "mapped"])
+def test_host_spans_hold_the_expert_bytes(model, tiers, tier):
+    """The byte spans a miss copies (HostTier.spans), read back from their host addresses in offset order, are
+    the expert's gate|up|down; the copy tier holds each expert in one span (one copy into the slot pair)."""
+    import ctypes
+
+    from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
+
+    config, layout = model.checkpoint.arch
+    host = tiers[tier]
+    for layer in config.moe_layers:
+        for e in (0, config.num_experts - 1):
+            spans = host.spans(layer, e)
+            got = b"".join(ctypes.string_at(ptr, n) for ptr, n, _ in sorted(spans, key=lambda s: s[2]))
+            dtype = host.expert(layer, e)[0].dtype
+            want = b"".join(model.checkpoint.read(expert_tensor(layout, layer, e, p)).to(dtype).contiguous()
+                            .view(torch.uint8).numpy().tobytes() for p in EXPERT_PROJECTIONS)
+            assert got == want, (tier, layer, e)
+            offsets = [off for _, _, off in spans]
+            assert offsets == sorted(offsets) and offsets[0] == 0
+            if tier == "copy":
+                assert len(spans) == 1
+
+
+def test_profile_times_every_phase_and_changes_nothing(model, tiers):
+    cfg = model.config
+    from omnilab.offload import PHASES
+
+    decoder = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False)
+    want = decoder.generate(PROMPT, N).new_token_ids
+    assert decoder.generate(PROMPT, N, profile=True).new_token_ids == want
+    phases = decoder.profile["phase_ms"]
+    assert set(PHASES) <= set(phases) and all(phases[p] >= 0 for p in PHASES)
+    # the phases tile the step: their sum is the whole step
+    assert sum(phases[p] for p in PHASES) == pytest.approx(phases["whole step"], rel=1e-6)
+    assert phases["attention + router"] > 0 and phases["expert compute"] > 0
+
+
+def test_driver_copies_need_cuda(model, tiers):
+    with pytest.raises(ValueError, match="driver"):
+        OffloadDecoder(model, tiers["copy"], slots=model.config.num_experts, issue="driver")
