@@ -20,8 +20,9 @@ pass (CUDA events around every phase of every layer: the breakdown table) after 
 
 The PCIe floor is the row's measured bytes per token at the measured pinned host-to-device bandwidth (a 1 GB
 pinned buffer); the host tier's own bandwidth (experts copied back to back from it) is reported beside it.
-Rows with the same compile setting compute the same arithmetic whatever the budget, so their tokens must agree
-("same tokens": against the first row of that setting).
+Rows of one trace and compile setting compute the same arithmetic whatever the budget (a choice's expert output
+does not depend on which other experts were resident), so their tokens must agree ("same tokens": against the
+first row of that trace and setting).
 """
 
 from __future__ import annotations
@@ -83,6 +84,27 @@ def _fill(job) -> int:
     return done
 
 
+def sort_shard(shard: Path) -> None:
+    """Rewrite a (still empty) shard with its tensors in name order, as safetensors' own writer stores them
+    (sorted by dtype, then name): each expert's down, gate and up then lie side by side, as in the released
+    Qwen3-Omni shards (sparse_from_config keeps the state-dict order: every down, then every gate, ...)."""
+    from omnilab.checkpoint import pack_header, read_header
+
+    header, _ = read_header(shard)
+    meta = header.pop("__metadata__", None)
+    out, offset = ({"__metadata__": meta} if meta is not None else {}), 0
+    for name in sorted(header):
+        n = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+        out[name] = {**header[name], "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = pack_header(out)
+    tmp = shard.with_name(shard.name + ".sorted")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.truncate(len(blob) + offset)  # the data region stays a hole until the filler writes it
+    tmp.replace(shard)
+
+
 def build_parallel(args) -> Path:
     """The real-shape thinker (omnilab.synth.real_shape_config, towers left out) in bf16, its layout written by
     omnilab.synth.sparse_from_config and its tensors filled by --build-workers processes in parallel (see
@@ -97,7 +119,7 @@ def build_parallel(args) -> Path:
     from omnilab.synth import real_shape_config, sparse_from_config
 
     out = Path(args.workdir) / f"omni-thinker-{args.layers}l-par"
-    params = {"layers": args.layers, "dtype": "bfloat16", "towers": False, "std": 0.02, "builder": "bench/offload.py windows"}
+    params = {"layers": args.layers, "dtype": "bfloat16", "towers": False, "std": 0.02, "builder": "bench/offload.py windows, name order"}
     marker = out / "omnilab-random.json"
     if marker.exists() and json.loads(marker.read_text()) == params:
         return out
@@ -109,6 +131,8 @@ def build_parallel(args) -> Path:
         shutil.rmtree(tmp)
     config = args.config_dict if getattr(args, "config_dict", None) else real_shape_config(args.layers)
     sparse_from_config(config, tmp, dtype=torch.bfloat16, keep=lambda name: not name.startswith(TOWERS))
+    for shard in sorted(tmp.glob("*.safetensors")):
+        sort_shard(shard)
     jobs = []
     for shard in sorted(tmp.glob("*.safetensors")):
         header, base = read_header(shard)
@@ -233,7 +257,7 @@ def row_omnilab(args) -> list[dict]:
             backbone = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.split(":")[0])
             per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * model.dtype.itemsize
             kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 512 * model.dtype.itemsize
-            room = cap_gb * 1e9 - backbone - kv - args.reserve_gb * 1e9
+            room = cap_gb * 1e9 - backbone - kv - (args.reserve_gb + args.reserve_per_gb * cap_gb) * 1e9
             slots = args.slots or min(E, int(room // (per_expert * L)))
             if slots < k:
                 rows.append({"row": label, "cap_gb": cap_gb, "error": f"{slots} slots < top-{k}"})
@@ -267,7 +291,8 @@ def row_omnilab(args) -> list[dict]:
                          "pinned_h2d_gb_s": bandwidth, **tier, "pcie_floor_tokens_per_s": floor,
                          "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None, "host_tier": host.how,
                          "embedding": "host" if host_embed else "gpu", "issue": decoder.issue,
-                         "compiled": decoder.compiled, "load_s": load_s, "profile": profile, "tokens": tokens,
+                         "compiled": decoder.compiled, "slab_check": getattr(decoder, "slab_check", "not run"),
+                         "load_s": load_s, "profile": profile, "tokens": tokens,
                          "same_tokens_as": reference[name, key][0], "same_tokens": tokens == reference[name, key][1]})
             if os.environ.get("OFFLOAD_PARTIAL"):  # a run cut short keeps the configurations it measured
                 Path(os.environ["OFFLOAD_PARTIAL"]).write_text(json.dumps(rows, indent=2) + "\n")
@@ -345,6 +370,8 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--plan", default=DEFAULT_PLAN, help="rows, CAP/TRACE[/OPTIONS], comma-separated (see above)")
     p.add_argument("--reserve-gb", type=float, default=0.3, help="GPU memory kept for activations and workspace")
+    p.add_argument("--reserve-per-gb", type=float, default=0.02, help="plus this much per GB of cap (allocator "
+                   "rounding grows with the slots: 0.3 GB flat ran out of memory at 16 GB)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--profile-tokens", type=int, default=8, help="decode steps of each row's profiled pass")
@@ -376,7 +403,7 @@ def main() -> int:
     rows, errors = [], []
     for name in [r for r in args.rows.split(",") if r]:
         cmd = [sys.executable, __file__, "--row", name, "--checkpoint", str(ckpt), "--dtype", args.dtype,
-               "--device", args.device, "--plan", args.plan, "--reserve-gb", str(args.reserve_gb),
+               "--device", args.device, "--plan", args.plan, "--reserve-gb", str(args.reserve_gb), "--reserve-per-gb", str(args.reserve_per_gb),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                "--profile-tokens", str(args.profile_tokens), "--accelerate-tokens", str(args.accelerate_tokens),
                "--accelerate-seconds", str(args.accelerate_seconds), "--slots", str(args.slots)]
@@ -462,7 +489,8 @@ def table(rows, errors, ckpt, args) -> str:
     if om:
         lines.append(f"- host tier: {om.get('host_tier')}; " + (
             f"{om['copies_per_expert']:.0f} copies per expert, {om['issue_us_per_copy']:.1f} us of host time to "
-            f"issue one" if "copies_per_expert" in om else ""))
+            f"issue one" if "copies_per_expert" in om else "") + f"; grouped GEMM on the strided slot views vs "
+            f"contiguous copies: {om.get('slab_check')}")
     if acc:
         lines.append(f"- accelerate: loaded in {acc['load_s']:.0f} s, prefill {acc['prefill_s']:.1f} s, "
                      f"{acc['decode_steps']} decode steps, peak anon RSS {acc['peak_anon_bytes'] / 2**30:.1f} GiB")

@@ -1,26 +1,30 @@
 """Offloaded decoding: experts in a host tier, a GPU slot pool of a byte budget, copies on a side stream,
 speculative next-layer prefetch. Follows mixtral-offloading (dvmazur/mixtral-offloading: per-layer LRU of expert
 slots on the GPU, pinned host copies, the next layer's gate applied to the current hidden state to prefetch) and
-reuses the fast path's pieces (omnilab.engine: SlotPool, StaticKV, the attention and expert-mix functions).
+reuses the fast path's pieces (omnilab.engine: StaticKV, the attention, router and expert-mix functions).
 
 A decode step runs in segments, each a CUDA graph on CUDA: "pre" (the input's embedding row, rotary tables and
-attention mask for the step's position, from a pinned host buffer), per MoE layer "a" (attention and the router's
-top-k; the routed ids go to a pinned host buffer) and "b" (the layer's slot ids from a pinned host buffer, the
-expert mix, the residual), and "final" (norm, lm_head, argmax). Between a and b the host waits for the ids (the
+attention mask for the step's position, from a pinned host buffer); per MoE layer "a" (attention and the router's
+top-k; the routed ids go to a pinned host buffer), "slots" (the slot of each choice, from a pinned host buffer),
+one "choice" segment per routed choice (that expert applied to the token: `expert_choice`) and "sum" (the k
+outputs summed, the residual); and "final" (norm, lm_head, argmax). After "a" the host waits for the ids (the
 layer's one sync), looks the experts up in the layer's LRU and issues the misses' host->slot copies on the copy
-stream, back to back: straight through the CUDA driver (`cuMemcpyHtoDAsync`, a few microseconds each) when
-`issue="driver"`, through torch's `copy_` when `issue="torch"`. The compute stream waits on one event per layer.
-A miss evicts the layer's least recently used expert, never one this token needs. With `prefetch`, the next MoE
-layer's router applied to this layer's post-attention state names experts to copy while this layer computes;
-prefetched experts are ordinary residents (a later hit on one counts as a prefetch hit).
+stream back to back: straight through the CUDA driver (`cuMemcpyHtoDAsync`, one call per span: one per expert
+when the host tier holds it in the slot's down | gate | up order, as a name-sorted safetensors shard does) when
+`issue="driver"`, through torch's `copy_` when `issue="torch"`. The resident choices compute at once, while the
+copies run; each missed choice computes the moment its copy's event fires, so only the last expert's compute
+and the sum follow the last copy. A miss evicts the layer's least recently used expert, never one this token
+needs. With `prefetch`, the next MoE layer's router applied to this layer's post-attention state names experts
+to copy behind this layer's; prefetched experts are ordinary residents (a later hit counts as a prefetch hit).
 
-Host tier (`HostTier`): `copy` reads every expert into one host block per layer, each expert's gate|up|down in
-one span (so gate and up are one copy, down another), registered page-locked with CUDA (cudaHostRegister: exact
-size, unlike torch's power-of-two pinned allocator); `mapped` views the experts where they lie in the shards'
-memory maps (on /dev/shm: no second copy) and registers the maps. `HostTier.spans` lists the byte spans a miss
-copies. `OffloadDecoder.generate(profile=True)` times every phase of the step with CUDA events (`phase_ms`).
-Exactness is unchanged by offloading: every budget computes the same experts as the all-resident path
-(tests/test_offload.py, fp32).
+The GPU slots (`SlabPool`): per MoE layer one slab, a slot being an expert's down | gate | up, read through
+strided down / gate_up views. Host tier (`HostTier`): `copy` reads every expert into one host block per layer in
+the slot's order (one span per expert), registered page-locked with CUDA (cudaHostRegister: exact size, unlike
+torch's power-of-two pinned allocator); `mapped` views the experts where they lie in the shards' memory maps (on
+/dev/shm: no second copy) and registers the maps. `HostTier.spans` lists the byte spans a miss copies.
+`OffloadDecoder.generate(profile=True)` times every phase of the step with CUDA events (`profile["phase_ms"]`).
+Exactness is unchanged by offloading: every budget computes the same experts as the all-resident path, and a
+choice's output does not depend on which other choices were resident (tests/test_offload.py, fp32).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.engine import (Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route)
+from omnilab.engine import Consts, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
 from omnilab.model import Generation, rope_inv_freq
 from omnilab.traces import RoutingOverride
 
@@ -66,11 +70,12 @@ class HostTier:
         return self.views[layer, e]
 
     def spans(self, layer: int, e: int) -> list[tuple[int, int, int]]:
-        """The host byte spans of one expert as (host address, bytes, offset in the expert's gate|up|down
-        bytes); adjacent projections are merged into one span (one copy)."""
+        """The host byte spans of one expert as (host address, bytes, offset in a slot's down | gate | up bytes);
+        projections lying side by side are merged into one span (one copy)."""
         out = []
         offset = 0
-        for t in self.views[layer, e]:
+        views = self.views[layer, e]
+        for t in (views[j] for j in SLOT_ORDER):
             n = t.numel() * t.element_size()
             ptr = t.data_ptr()
             if out and out[-1][0] + out[-1][1] == ptr and out[-1][2] + out[-1][1] == offset:
@@ -82,16 +87,17 @@ class HostTier:
 
     @classmethod
     def copy(cls, checkpoint, config, layout, dtype: torch.dtype, pin: bool) -> "HostTier":
-        """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's gate, up and
-        down one after the other (page-locked when pin and CUDA is there)."""
+        """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's down, gate and
+        up one after the other as in a slot (page-locked when pin and CUDA is there)."""
         I, H = config.moe_intermediate_size, config.hidden_size
         views, nbytes, blocks, pinned = {}, 0, [], bool(pin)
         for layer in config.moe_layers:
-            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: gate | up | down
+            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: down | gate | up
             for e in range(config.num_experts):
-                for j, p in enumerate(EXPERT_PROJECTIONS):
-                    block[e, j].copy_(checkpoint.read(expert_tensor(layout, layer, e, p)).reshape(-1))
-                views[layer, e] = (block[e, 0].view(I, H), block[e, 1].view(I, H), block[e, 2].view(H, I))
+                for row, j in enumerate(SLOT_ORDER):
+                    block[e, row].copy_(checkpoint.read(expert_tensor(layout, layer, e, EXPERT_PROJECTIONS[j]))
+                                        .reshape(-1))
+                views[layer, e] = (block[e, 1].view(I, H), block[e, 2].view(I, H), block[e, 0].view(H, I))
             nbytes += block.numel() * block.element_size()
             blocks.append(block)
         tier = cls(views, nbytes, False, "copy")
@@ -142,6 +148,34 @@ class HostTier:
 
 
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+SLOT_ORDER = (2, 0, 1)  # a slot holds (gate, up, down)[j] for j in this order: down | gate | up
+
+
+class SlabPool:
+    """The GPU slots: per MoE layer one slab [S, 3 * I * H], a slot being one expert's down | gate | up (the order
+    of a name-sorted safetensors shard, so a miss from the shard maps is a single copy), and the two views
+    engine.expert_mix reads, down [S, H, I] and gate_up [S, 2I, H] (strided: the slot's stride is 3 * I * H).
+    differs from engine.SlotPool: one allocation per layer and slot-contiguous experts, no device slot_of."""
+
+    def __init__(self, config, slots: int, dtype: torch.dtype, device):
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        if not 1 <= slots <= E:
+            raise ValueError(f"slot pool: {slots} slots per layer, need 1..{E}")
+        self.config, self.slots, self.dtype, self.device = config, slots, dtype, torch.device(device)
+        self.layers = list(config.moe_layers)
+        self.slab = {i: torch.empty(slots, 3 * I * H, dtype=dtype, device=device) for i in self.layers}
+        self.down = {i: t[:, :H * I].view(slots, H, I) for i, t in self.slab.items()}  # [S, H, I]
+        self.gate_up = {i: t[:, H * I:].view(slots, 2 * I, H) for i, t in self.slab.items()}  # [S, 2I, H]
+
+    @property
+    def expert_bytes(self) -> int:
+        c = self.config
+        return 3 * c.hidden_size * c.moe_intermediate_size * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.expert_bytes * self.slots * len(self.layers)
 
 
 # -- issuing copies --------------------------------------------------------------------------------------------------
@@ -211,12 +245,18 @@ def attention_router(h, w, cos, sin, mask, pos, keys, values, forced, c: Consts)
     return h, x, weights, experts
 
 
-def expert_residual(h, x, slots, weights, gate_up, down, slot_range, compute: str):
-    """Segment b: h [1, 1, H] + the expert mix of x [1, H] over slots [1, k] -> [1, 1, H]."""
-    return h + expert_mix(x, slots, weights, gate_up, down, slot_range, compute).view(1, 1, -1)
+def expert_choice(x, slot, weight, slab, H: int, I: int):
+    """One routed choice of a decode step: weight [1, 1] * the expert in `slot` ([1], on the device) applied to
+    x [1, H] -> [1, H]. differs from engine.expert_mix: one choice at a time (so each can start the moment its
+    expert is resident), the slot gathered from the slab and two plain GEMMs instead of the grouped GEMM; the
+    arithmetic per choice is the same (on CPU the rows are bitwise equal, tests/test_offload.py)."""
+    w = slab.index_select(0, slot)  # [1, 3 * I * H]: the slot's down | gate | up
+    down, gate_up = w[0, :H * I].view(H, I), w[0, H * I:].view(2 * I, H)
+    gu = F.linear(x, gate_up)  # [1, 2I]
+    return F.linear(F.silu(gu[:, :I]) * gu[:, I:], down) * weight  # [1, H]
 
 
-PHASES = ("attention + router", "ids to host + bookkeeping", "copy", "copy done -> experts", "expert compute",
+PHASES = ("attention + router", "ids to host + bookkeeping", "copy", "experts after the last copy",
           "experts -> next layer", "pre + final")
 
 
@@ -241,11 +281,11 @@ class OffloadDecoder:
         k, E = cfg.num_experts_per_tok, cfg.num_experts
         layers = cfg.moe_layers
         if slots is None:
-            per = SlotPool(cfg, 1, self.dtype, "meta").expert_bytes
+            per = SlabPool(cfg, 1, self.dtype, "meta").expert_bytes
             slots = min(E, int(expert_budget_bytes // (per * len(layers)))) if expert_budget_bytes else E
         if slots < k:
             raise ValueError(f"offload: {slots} expert slots per layer, fewer than top-{k}")
-        self.pool = SlotPool(cfg, slots, self.dtype, self.device)
+        self.pool = SlabPool(cfg, slots, self.dtype, self.device)
         self.max_len = -(-max_len // 64) * 64
         self.kv = StaticKV(cfg, 1, self.max_len, self.dtype, self.device)
         self.prefetch_enabled = prefetch
@@ -283,21 +323,20 @@ class OffloadDecoder:
                              f"the model {self.dtype} (use issue='torch' or a host copy in the model's dtype)")
         self.issue = issue
         self._driver = DriverCopy() if issue == "driver" else None
-        # per (layer, expert): the copies of a miss as (host address, bytes, offset in the slot's gate|up|down)
+        # per (layer, expert): the copies of a miss as (host address, bytes, offset in the slot's down|gate|up)
         self._spans = {(i, e): host.spans(i, e) for i in layers for e in range(E)} if self._driver else {}
         I, H = cfg.moe_intermediate_size, cfg.hidden_size
-        isz = torch.empty((), dtype=self.dtype).element_size()
-        self._gate_up_bytes, self._down_bytes = 2 * I * H * isz, H * I * isz  # one slot's, in each pool tensor
-        self._gu_ptr = {i: self.pool.gate_up[i].data_ptr() for i in layers}
-        self._down_ptr = {i: self.pool.down[i].data_ptr() for i in layers}
+        self._slab_ptr = {i: self.pool.slab[i].data_ptr() for i in layers}
+        self._slot_bytes = self.pool.expert_bytes
         self._copy_handle = self.copy_stream.cuda_stream if cuda else None
+        self._copied = [torch.cuda.Event() for _ in range(k)] if cuda else []  # per choice: its copy is done
         self.stats = OffloadStats()
         self.routing = []  # per step: [moe layers, T, k] on the host
         self.segmented = all(layer.is_moe for layer in model.model.layers)
         self.graphs = (cuda if graphs is None else graphs) and self.segmented
         self.compiled = bool(compile) and cuda
         self._attention_router = torch.compile(attention_router, dynamic=False) if self.compiled else attention_router
-        self._expert_residual = torch.compile(expert_residual, dynamic=False) if self.compiled else expert_residual
+        self._expert_choice = torch.compile(expert_choice, dynamic=False) if self.compiled else expert_choice
         L = len(layers)
         g = cfg.num_attention_heads // cfg.num_key_value_heads
         hd = cfg.head_dim
@@ -310,6 +349,7 @@ class OffloadDecoder:
         self.s_x = torch.zeros(1, H, dtype=self.dtype, device=dev)
         self.s_w = torch.zeros(1, k, dtype=self.dtype, device=dev)
         self.s_slots = torch.zeros(L, 1, k, dtype=torch.long, device=dev)
+        self.s_y = torch.zeros(k, H, dtype=self.dtype, device=dev)  # each choice's weighted expert output
         self.s_token = torch.zeros(1, dtype=torch.long, device=dev)
         self.s_vocab_mask = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
         # pinned host buffers the graphs copy from / into (a graph's memcpy node reads them when it runs)
@@ -328,21 +368,10 @@ class OffloadDecoder:
     def _copy_in(self, layer: int, e: int, slot: int) -> None:
         """Copy expert e's projections from the host tier into a slot (on the copy stream on CUDA)."""
         if self._driver is not None:
-            gu = self._gu_ptr[layer] + slot * self._gate_up_bytes
-            down = self._down_ptr[layer] + slot * self._down_bytes
-            stream = self._copy_handle
+            base = self._slab_ptr[layer] + slot * self._slot_bytes
             for src, n, offset in self._spans[layer, e]:
-                if offset < self._gate_up_bytes:  # a span never crosses from gate_up into down (torch's pool)
-                    if offset + n > self._gate_up_bytes:
-                        split = self._gate_up_bytes - offset
-                        self._driver(gu + offset, src, split, stream)
-                        self._driver(down, src + split, n - split, stream)
-                        self.stats.copies += 2
-                        continue
-                    self._driver(gu + offset, src, n, stream)
-                else:
-                    self._driver(down + offset - self._gate_up_bytes, src, n, stream)
-                self.stats.copies += 1
+                self._driver(base + offset, src, n, self._copy_handle)
+            self.stats.copies += len(self._spans[layer, e])
             return
         gate, up, down = self.host.expert(layer, e)
         I = self.config.moe_intermediate_size
@@ -522,11 +551,19 @@ class OffloadDecoder:
         self.s_w.copy_(weights)
         self.h_experts[self.moe_index[i]].copy_(experts[0], non_blocking=True)  # to the pinned host buffer
 
-    def _seg_b(self, i: int) -> None:
+    def _seg_slots(self, i: int) -> None:
         j = self.moe_index[i]
         self.s_slots[j].copy_(self.h_slots[j], non_blocking=True)  # the slots the host chose, from pinned memory
-        self.s_h.copy_(self._expert_residual(self.s_h, self.s_x, self.s_slots[j], self.s_w, self.pool.gate_up[i],
-                                             self.pool.down[i], self.slot_range, self.compute))
+
+    def _seg_choice(self, i: int, c: int) -> None:
+        j, cfg = self.moe_index[i], self.config
+        self.s_y[c].copy_(self._expert_choice(self.s_x, self.s_slots[j, 0, c:c + 1], self.s_w[:, c:c + 1],
+                                              self.pool.slab[i], cfg.hidden_size, cfg.moe_intermediate_size)[0])
+
+    def _seg_sum(self, i: int) -> None:
+        k = self.consts.top_k
+        # as engine.expert_mix: the k weighted outputs summed in one reduction, then the residual
+        self.s_h.add_(self.s_y.view(1, k, -1).sum(dim=1).view(1, 1, -1))
 
     def _seg_final(self) -> None:
         m = self.model
@@ -536,13 +573,38 @@ class OffloadDecoder:
         self.h_token.copy_(self.s_token, non_blocking=True)
 
     def _segments(self):
-        """(name, function) in step order."""
+        """(name, function) in step order (choices in routed order; a step replays them hits first)."""
         out = [(("pre", None), self._seg_pre)]
         for i in self.config.moe_layers:
-            out += [(("a", i), lambda i=i: self._seg_a(i)), (("b", i), lambda i=i: self._seg_b(i))]
+            out += [(("a", i), lambda i=i: self._seg_a(i)), (("slots", i), lambda i=i: self._seg_slots(i))]
+            out += [(("choice", i, c), lambda i=i, c=c: self._seg_choice(i, c)) for c in range(self.consts.top_k)]
+            out.append((("sum", i), lambda i=i: self._seg_sum(i)))
         return out + [(("final", None), self._seg_final)]
 
+    def _check_slab_views(self) -> None:
+        """Once, on the device: the expert mix on the slab's strided views equals it on contiguous copies (the
+        grouped GEMM must read each slot at the slab's stride); if not, prefill falls back to the gather compute."""
+        i = self.config.moe_layers[0]
+        S, k, H = min(4, self.pool.slots), self.consts.top_k, self.config.hidden_size  # 4 slots: little memory
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        x = torch.randn(3, H, generator=gen, device=self.device, dtype=self.dtype)  # [N, H]
+        slots = torch.randint(0, S, (3, k), generator=gen, device=self.device)  # [N, k]
+        weights = torch.rand(3, k, generator=gen, device=self.device).to(self.dtype)
+        self.pool.slab[i].normal_(generator=gen)
+        gate_up, down, slot_range = self.pool.gate_up[i][:S], self.pool.down[i][:S], self.slot_range[:S]
+        want = expert_mix(x, slots, weights, gate_up.contiguous(), down.contiguous(), slot_range, self.compute)
+        got = expert_mix(x, slots, weights, gate_up, down, slot_range, self.compute)
+        same = torch.equal(got, want)
+        self.slab_check = "equal" if same else f"{self.compute} differs on strided slots: prefill uses gather"
+        if not same:
+            self.compute = "gather"
+        self.pool.slab[i].zero_()
+        self.lru[i].clear()  # the layer's slots were overwritten: nothing of it is resident
+        self.free[i] = list(range(self.pool.slots))
+        self.unused_prefetch[i].clear()
+
     def _capture(self) -> None:
+        self._check_slab_views()
         saved = self.h_step.clone()
         self._np_step[:] = (0, 0)  # warm-up at position 0 (rewritten by the next prefill)
         self.h_slots.zero_()
@@ -569,48 +631,90 @@ class OffloadDecoder:
         else:
             fn()
 
+    def _route_step(self, layer: int, experts: list[int]) -> tuple[list[int], list]:
+        """The decode step's slots for the routed experts, misses copied in (one copy per span, one event per
+        choice on the copy stream); returns (slots, [(choice, event)] for the choices to wait for, in copy
+        order). The compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
+        lru, unused, st = self.lru[layer], self.unused_prefetch[layer], self.stats
+        want = set(experts)
+        slots, waits = [], []
+        for c, e in enumerate(experts):
+            slot = lru.get(e)
+            if slot is not None:
+                if e in unused:
+                    st.prefetch_hits += 1
+                    unused.discard(e)
+                else:
+                    st.hits += 1
+                ev = self.ready.pop((layer, e), None)  # a prefetch copy, maybe still in flight
+                if ev is not None:
+                    waits.append((c, ev))
+            else:
+                st.misses += 1
+                slot = self._fetch(layer, e, want, prefetch=False, ordered=True)
+                if slot is None:
+                    raise RuntimeError(f"offload: layer {layer} needs {len(want)} experts at once, more than its slots")
+                if self.copy_stream is not None:
+                    ev = self._copied[c]
+                    ev.record(self.copy_stream)
+                    waits.append((c, ev))
+            lru.move_to_end(e)
+            slots.append(slot)
+        return slots, waits
+
     def _decode_segmented(self, token_in: int, position: int, timer=None) -> int:
-        """One decode step through the segments; returns the produced token. timer: a _PhaseTimer (profile)."""
+        """One decode step through the segments; returns the produced token. timer: a _PhaseTimer (profile).
+
+        Per MoE layer: segment a; the routed ids read (one sync); the misses' copies issued back to back; the
+        slots segment; each resident choice's expert at once (overlapping the copies), each missed one the moment
+        its copy lands; the sum."""
         self._np_step[0], self._np_step[1] = token_in, position
         if self.embed_on_host:
             self.h_embed[0, 0].copy_(self.embed.weight[token_in])
         cuda = self.device.type == "cuda"
         compute = torch.cuda.current_stream(self.device) if cuda else None
-        ordered = False
+        k = self.consts.top_k
+        run = self._run
         step_routing = []
         if timer:
             timer.mark("step")
-        self._run(("pre", None), self._seg_pre)
+        run(("pre", None), self._seg_pre)
         for i in self.config.moe_layers:
             j = self.moe_index[i]
             if timer:
                 timer.mark("a0")
-            self._run(("a", i), lambda: self._seg_a(i))
+            run(("a", i), lambda: self._seg_a(i))
             if timer:
                 timer.mark("a1")
             if cuda:
                 compute.synchronize()  # the routed ids are in h_experts[j]; every earlier compute is done
-                ordered = True  # so no copy below can overwrite a slot still being read
             flat = self._np_experts[j].tolist()
             step_routing.append([flat])
             if timer:
                 timer.mark("c0", stream=self.copy_stream)
-            self._np_slots[j, 0] = self._use(i, flat, ordered=ordered)
+            slots, waits = self._route_step(i, flat)
             if timer:
                 timer.mark("c1", stream=self.copy_stream)
+            self._np_slots[j, 0] = slots
+            run(("slots", i), lambda: self._seg_slots(i))
+            later = {c for c, _ in waits}
+            for c in range(k):  # resident experts first: they compute while the copies run
+                if c not in later:
+                    run(("choice", i, c), lambda: self._seg_choice(i, c))
+            for c, ev in waits:
+                compute.wait_event(ev)  # the device waits, the host goes on
+                run(("choice", i, c), lambda: self._seg_choice(i, c))
             if self.prefetch_enabled and i in self.next_moe:
                 # guess the next layer's experts from this layer's state (one more small sync), copy them behind
                 nxt = self.next_moe[i]
                 wn = self.weights[nxt]
                 xn = rms_norm(wn.post_norm, self.s_h, self.consts.eps).reshape(1, -1)
-                guess = torch.topk(F.linear(xn, wn.router), self.consts.top_k, dim=-1).indices[0].tolist()
+                guess = torch.topk(F.linear(xn, wn.router), k, dim=-1).indices[0].tolist()
                 self._prefetch(nxt, guess)
-            if timer:
-                timer.mark("b0")
-            self._run(("b", i), lambda: self._seg_b(i))
+            run(("sum", i), lambda: self._seg_sum(i))
             if timer:
                 timer.mark("b1")
-        self._run(("final", None), self._seg_final)
+        run(("final", None), self._seg_final)
         if timer:
             timer.mark("end")
         if cuda:
@@ -693,8 +797,8 @@ class _PhaseTimer:
         self.marks.append((name, ev, time.perf_counter()))
 
     def summary(self, tokens: int) -> dict:
-        """Marks per step: step, then per MoE layer a0 a1 (around segment a) c0 c1 (on the copy stream, around the
-        layer's copies) b0 b1 (around segment b), then end."""
+        """Marks per step: step, then per MoE layer a0 a1 (around segment a), c0 c1 (on the copy stream, around
+        the layer's copies), b1 (after the sum), then end. The intervals tile the step."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
@@ -705,7 +809,8 @@ class _PhaseTimer:
             return (b[2] - a[2]) * 1e3
 
         ms = dict.fromkeys(PHASES, 0.0)
-        hs = {"bookkeeping + copy issue": 0.0, "launch segment b": 0.0, "whole step": 0.0}
+        ms["whole step"] = 0.0
+        hs = {"bookkeeping + copy issue": 0.0, "launch experts + sum": 0.0, "whole step": 0.0}
         last: dict = {}
         for m in self.marks:
             name = m[0]
@@ -718,17 +823,13 @@ class _PhaseTimer:
             elif name == "c1":
                 ms["copy"] += gpu(last["c0"], m)
                 hs["bookkeeping + copy issue"] += host(last["c0"], m)
-            elif name == "b0":
-                ms["copy done -> experts"] += gpu(last["c1"], m)
             elif name == "b1":
-                ms["expert compute"] += gpu(last["b0"], m)
-                hs["launch segment b"] += host(last["b0"], m)
+                ms["experts after the last copy"] += gpu(last["c1"], m)
+                hs["launch experts + sum"] += host(last["c1"], m)
             elif name == "end":
                 ms["pre + final"] += gpu(last["b1"], m)
+                ms["whole step"] += gpu(last["step"], m)
                 hs["whole step"] += host(last["step"], m)
-                ms_step = gpu(last["step"], m)
-                ms.setdefault("whole step", 0.0)
-                ms["whole step"] += ms_step
                 last = {}
                 continue
             last[name] = m
