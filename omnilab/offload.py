@@ -513,19 +513,25 @@ class OffloadDecoder:
 
     def _chunked(self, i, x, experts, weights, distinct):
         """The expert mix when a step routes to more distinct experts than the layer has slots: one pass per
-        chunk of experts, the other choices' weights zeroed (their rows compute on a resident slot, times 0)."""
-        out = torch.zeros_like(x)  # [N, H]
+        chunk of resident experts over exactly the (token, choice) pairs routed into the chunk, in routed order,
+        each pair a one-choice row, so every expert's group holds the rows it holds in a single pass (a grouped
+        GEMM's rows depend on their group's size); the k rows of a token are summed at the end as
+        engine.expert_mix sums them. So the result does not depend on the budget (tests/test_offload.py)."""
+        N, k = experts.shape
+        flat_experts = experts.reshape(-1)  # [N * k], token-major
+        flat_weights = weights.reshape(-1, 1)  # [N * k, 1]
+        rows = torch.zeros(N * k, x.shape[-1], dtype=x.dtype, device=x.device)  # [N * k, H]
         n = self.pool.slots
         for start in range(0, len(distinct), n):
             chunk = distinct[start:start + n]
             slot_of = dict(zip(chunk, self._use(i, chunk)))
             lookup = torch.full((self.config.num_experts,), -1, dtype=torch.long)
             lookup[list(slot_of)] = torch.tensor(list(slot_of.values()))
-            slots = lookup.to(self.device)[experts]  # [N, k]: -1 off the chunk
-            inside = slots >= 0
-            out += expert_mix(x, slots.clamp(min=0), weights * inside, self.pool.gate_up[i], self.pool.down[i],
-                              self.slot_range, self.compute)
-        return out
+            slots = lookup.to(self.device)[flat_experts]  # [N * k]: -1 off the chunk
+            pairs = torch.nonzero(slots >= 0).reshape(-1)  # [M], routed order
+            rows[pairs] = expert_mix(x[pairs // k], slots[pairs, None], flat_weights[pairs], self.pool.gate_up[i],
+                                     self.pool.down[i], self.slot_range, self.compute)  # [M, H]: one choice each
+        return rows.view(N, k, -1).sum(dim=1)  # [N, H]
 
     # -- the segmented decode step -------------------------------------------------------------------------------
     def _seg_pre(self) -> None:

@@ -143,3 +143,16 @@ def test_one_choice_at_a_time_equals_the_grouped_mix():
     assert torch.equal(grouped, contiguous)
     assert torch.equal(rows.view(1, 4, 64).sum(dim=1), grouped)
     assert not torch.equal(rows[0], rows[1])  # the choices really are different experts
+
+
+def test_prefill_logits_do_not_depend_on_the_budget(model, tiers):
+    """A prompt routing to more experts than a layer's slots is mixed in chunks of resident experts; the chunks
+    must not change the arithmetic: the prefill logits are bitwise those of the all-slots budget."""
+    cfg = model.config
+    prompt = torch.tensor([PROMPT * 3])  # [1, 24]: many distinct experts per layer
+    logits = {}
+    for slots in (cfg.num_experts_per_tok, cfg.num_experts):
+        decoder = OffloadDecoder(model, tiers["copy"], slots=slots, max_len=64, prefetch=False)
+        with torch.no_grad():
+            logits[slots] = decoder.forward(prompt, torch.arange(prompt.shape[1]))
+    assert torch.equal(logits[cfg.num_experts_per_tok], logits[cfg.num_experts])
