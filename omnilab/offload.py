@@ -1,34 +1,61 @@
 """Offloaded decoding: experts in a host tier, a GPU slot pool of a byte budget, copies on a side stream,
 speculative next-layer prefetch. Follows mixtral-offloading (dvmazur/mixtral-offloading: per-layer LRU of expert
 slots on the GPU, pinned host copies, the next layer's gate applied to the current hidden state to prefetch) and
-reuses the fast path's pieces (omnilab.engine: SlotPool, StaticKV, the attention and expert-mix functions).
+reuses the fast path's pieces (omnilab.engine: StaticKV, the attention, router and expert-mix functions).
 
-Per MoE layer i of a step: attention; the router's top-k; the *next* MoE layer's router applied to this layer's
-post-attention state (normed with that layer's norm) guesses its experts; one small device->host read of both
-(the step's only syncs, one per layer); misses of layer i are copied host->slot on the copy stream (a slot's
-expert is evicted by the layer's LRU, never one needed by this token), the compute stream waits on their events;
-then the guessed experts of layer i+1 start copying while layer i's experts compute. Prefetched experts are
-ordinary residents: a later hit on one counts as a prefetch hit.
+A decode step runs in segments, each a CUDA graph on CUDA: "pre" (the input's embedding row, rotary tables and
+attention mask for the step's position, from a pinned host buffer); per MoE layer "a" (attention and the router's
+top-k; the routed ids go to a pinned host buffer), "slots" (the slot of each choice, from a pinned host buffer),
+one "choice" segment per routed choice (that expert applied to the token: `expert_choice`) and "sum" (the k
+outputs summed, the residual); and "final" (norm, lm_head, argmax). After "a" the host waits for the ids (the
+layer's one sync), looks the experts up in the layer's LRU and issues the misses' host->slot copies on the copy
+stream back to back: straight through the CUDA driver (`cuMemcpyHtoDAsync`, one call per span: one per expert
+when the host tier holds it in the slot's down | gate | up order, as a name-sorted safetensors shard does) when
+`issue="driver"`, through torch's `copy_` when `issue="torch"`. The resident choices compute at once, while the
+copies run; each missed choice computes the moment its copy's event fires, so only the last expert's compute
+and the sum follow the last copy. A miss evicts the layer's least recently used expert, never one this token
+needs. With `prefetch`, the next MoE layer's router applied to this layer's post-attention state names experts
+to copy behind this layer's; prefetched experts are ordinary residents (a later hit counts as a prefetch hit).
 
-Host tier (`HostTier`): `copy` stacks every expert in (pinned, on CUDA) host memory; `mapped` views the
-experts where they lie in the shards' memory maps (on /dev/shm: no second copy) and registers those maps with
-CUDA as page-locked, so copies run at pinned speed with no extra host memory. Exactness is unchanged by
-offloading: every budget computes the same experts as the all-resident path (tests/test_offload.py, fp32).
+The GPU slots (`SlabPool`): per MoE layer one slab, a slot being an expert's down | gate | up, read through
+strided down / gate_up views. Host tier (`HostTier`): `copy` reads every expert into one host block per layer in
+the slot's order (one span per expert), registered page-locked with CUDA (cudaHostRegister: exact size, unlike
+torch's power-of-two pinned allocator); `mapped` views the experts where they lie in the shards' memory maps (on
+/dev/shm: no second copy) and registers the maps. `HostTier.spans` lists the byte spans a miss copies.
+`OffloadDecoder.generate(profile=True)` times every phase of the step with CUDA events (`profile["phase_ms"]`).
+Exactness is unchanged by offloading: every budget computes the same experts as the all-resident path, and a
+choice's output does not depend on which other choices were resident (tests/test_offload.py, fp32).
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.engine import (Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route)
+from omnilab.engine import Consts, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
 from omnilab.model import Generation, rope_inv_freq
 from omnilab.traces import RoutingOverride
+
+
+# -- the host tier -------------------------------------------------------------------------------------------------
+
+
+def register_host(tensor: torch.Tensor) -> bool:
+    """Register a CPU tensor's memory as page-locked with CUDA (cudaHostRegister); False when that fails."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        err = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
+    except Exception:  # noqa: BLE001 - any failure leaves the memory pageable, reported by the caller
+        return False
+    return err == 0
 
 
 class HostTier:
@@ -37,23 +64,51 @@ class HostTier:
     def __init__(self, views: dict, nbytes: int, pinned: bool, how: str):
         self.views, self.nbytes, self.pinned, self.how = views, nbytes, pinned, how
         self._registered: list = []
+        self._keep: list = []  # the host blocks or memory maps the views point into
 
     def expert(self, layer: int, e: int):
         return self.views[layer, e]
 
+    def spans(self, layer: int, e: int) -> list[tuple[int, int, int]]:
+        """The host byte spans of one expert as (host address, bytes, offset in a slot's down | gate | up bytes);
+        projections lying side by side are merged into one span (one copy)."""
+        out = []
+        offset = 0
+        views = self.views[layer, e]
+        for t in (views[j] for j in SLOT_ORDER):
+            n = t.numel() * t.element_size()
+            ptr = t.data_ptr()
+            if out and out[-1][0] + out[-1][1] == ptr and out[-1][2] + out[-1][1] == offset:
+                out[-1] = (out[-1][0], out[-1][1] + n, out[-1][2])
+            else:
+                out.append((ptr, n, offset))
+            offset += n
+        return out
+
     @classmethod
     def copy(cls, checkpoint, config, layout, dtype: torch.dtype, pin: bool) -> "HostTier":
-        """Read every expert once into host memory (page-locked when pin)."""
+        """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's down, gate and
+        up one after the other as in a slot (page-locked when pin and CUDA is there)."""
         I, H = config.moe_intermediate_size, config.hidden_size
-        views, nbytes = {}, 0
+        views, nbytes, blocks, pinned = {}, 0, [], bool(pin)
         for layer in config.moe_layers:
-            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype, pin_memory=pin)  # [E, 3, I * H]
+            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: down | gate | up
             for e in range(config.num_experts):
-                for j, p in enumerate(EXPERT_PROJECTIONS):
-                    block[e, j].copy_(checkpoint.read(expert_tensor(layout, layer, e, p)).reshape(-1))
-                views[layer, e] = (block[e, 0].view(I, H), block[e, 1].view(I, H), block[e, 2].view(H, I))
+                for row, j in enumerate(SLOT_ORDER):
+                    block[e, row].copy_(checkpoint.read(expert_tensor(layout, layer, e, EXPERT_PROJECTIONS[j]))
+                                        .reshape(-1))
+                views[layer, e] = (block[e, 1].view(I, H), block[e, 2].view(I, H), block[e, 0].view(H, I))
             nbytes += block.numel() * block.element_size()
-        return cls(views, nbytes, pin, "pinned copy" if pin else "copy")
+            blocks.append(block)
+        tier = cls(views, nbytes, False, "copy")
+        tier._keep = blocks
+        if pin:
+            pinned = all(register_host(b) for b in blocks)
+            if pinned:
+                tier._registered = [b.data_ptr() for b in blocks]
+        tier.pinned = pinned
+        tier.how = "host copy, registered page-locked" if pinned else "host copy (pageable)"
+        return tier
 
     @classmethod
     def mapped(cls, checkpoint, config, layout, register: bool = True) -> "HostTier":
@@ -94,6 +149,55 @@ class HostTier:
 
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
+SLOT_ORDER = (2, 0, 1)  # a slot holds (gate, up, down)[j] for j in this order: down | gate | up
+
+
+class SlabPool:
+    """The GPU slots: per MoE layer one slab [S, 3 * I * H], a slot being one expert's down | gate | up (the order
+    of a name-sorted safetensors shard, so a miss from the shard maps is a single copy), and the two views
+    engine.expert_mix reads, down [S, H, I] and gate_up [S, 2I, H] (strided: the slot's stride is 3 * I * H).
+    differs from engine.SlotPool: one allocation per layer and slot-contiguous experts, no device slot_of."""
+
+    def __init__(self, config, slots: int, dtype: torch.dtype, device):
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        if not 1 <= slots <= E:
+            raise ValueError(f"slot pool: {slots} slots per layer, need 1..{E}")
+        self.config, self.slots, self.dtype, self.device = config, slots, dtype, torch.device(device)
+        self.layers = list(config.moe_layers)
+        self.slab = {i: torch.empty(slots, 3 * I * H, dtype=dtype, device=device) for i in self.layers}
+        self.down = {i: t[:, :H * I].view(slots, H, I) for i, t in self.slab.items()}  # [S, H, I]
+        self.gate_up = {i: t[:, H * I:].view(slots, 2 * I, H) for i, t in self.slab.items()}  # [S, 2I, H]
+
+    @property
+    def expert_bytes(self) -> int:
+        c = self.config
+        return 3 * c.hidden_size * c.moe_intermediate_size * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.expert_bytes * self.slots * len(self.layers)
+
+
+# -- issuing copies --------------------------------------------------------------------------------------------------
+
+
+class DriverCopy:
+    """Host->device copies straight through the CUDA driver (cuMemcpyHtoDAsync_v2 through ctypes): a few
+    microseconds of host time per copy against tens through torch's copy_ (dispatch, checks, host-allocator
+    bookkeeping). The caller keeps both memories alive and orders the streams (events)."""
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemcpyHtoDAsync_v2
+        fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        err = self._fn(dst, src, nbytes, stream)
+        if err:
+            raise RuntimeError(f"offload: cuMemcpyHtoDAsync of {nbytes} bytes failed (CUresult {err})")
+
 
 @dataclass
 class OffloadStats:
@@ -103,6 +207,7 @@ class OffloadStats:
     prefetched: int = 0  # experts copied in speculatively
     prefetch_wasted: int = 0  # prefetched experts evicted unused
     bytes_moved: int = 0
+    copies: int = 0  # host->device copy calls issued
     tokens: int = 0  # decode steps counted
 
     @property
@@ -129,26 +234,58 @@ class OffloadStats:
         return d
 
 
+# -- the segments' arithmetic (tensors only: one torch.compile'd copy serves every layer) ---------------------------
+
+
+def attention_router(h, w, cos, sin, mask, pos, keys, values, forced, c: Consts):
+    """Segment a: h [1, 1, H] -> (h after attention [1, 1, H], normed x [1, H], weights [1, k], experts [1, k])."""
+    h = h + attention(h, w, cos, sin, mask, pos, keys, values, c)
+    x = rms_norm(w.post_norm, h, c.eps).reshape(1, -1)  # [1, H]
+    weights, experts = route(F.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)  # [1, k]
+    return h, x, weights, experts
+
+
+def expert_choice(x, slot, weight, slab, H: int, I: int):
+    """One routed choice of a decode step: weight [1, 1] * the expert in `slot` ([1], on the device) applied to
+    x [1, H] -> [1, H]. differs from engine.expert_mix: one choice at a time (so each can start the moment its
+    expert is resident), the slot gathered from the slab and two plain GEMMs instead of the grouped GEMM; the
+    arithmetic per choice is the same (on CPU the rows are bitwise equal, tests/test_offload.py)."""
+    w = slab.index_select(0, slot)  # [1, 3 * I * H]: the slot's down | gate | up
+    down, gate_up = w[0, :H * I].view(H, I), w[0, H * I:].view(2 * I, H)
+    gu = F.linear(x, gate_up)  # [1, 2I]
+    return F.linear(F.silu(gu[:, :I]) * gu[:, I:], down) * weight  # [1, H]
+
+
+PHASES = ("attention + router", "ids to host + bookkeeping", "copy", "experts after the last copy",
+          "experts -> next layer", "pre + final")
+
+
 class OffloadDecoder:
     """Greedy decoding of a SelectiveMoE whose experts live in a HostTier, `slots` of them per layer on the device.
 
     slots: experts held per MoE layer (>= top-k); or give expert_budget_bytes (split evenly over the layers).
-    prefetch: speculative next-layer prefetch. override: a RoutingOverride (defaults to model.routing_override)."""
+    prefetch: speculative next-layer prefetch. override: a RoutingOverride (defaults to model.routing_override).
+    issue: "driver" (cuMemcpyHtoDAsync through ctypes; the CUDA default) or "torch" (copy_; elsewhere).
+    compile: the segments' arithmetic through torch.compile before capture (CUDA). The embedding may live on the
+    host (model.model.embed_tokens moved to the CPU to save its GPU memory): each step copies one row."""
 
     def __init__(self, model, host: HostTier, *, slots: int | None = None, expert_budget_bytes: int | None = None,
                  max_len: int = 512, prefetch: bool = True, override: RoutingOverride | None = None,
-                 compute: str | None = None, graphs: bool | None = None):
+                 compute: str | None = None, graphs: bool | None = None, issue: str | None = None,
+                 compile: bool = False):
         cfg = self.config = model.config
         self.model, self.host = model, host
-        self.device, self.dtype = model.device, model.dtype
+        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.embed = model.model.embed_tokens
+        self.embed_on_host = self.embed.weight.device != self.device
         k, E = cfg.num_experts_per_tok, cfg.num_experts
         layers = cfg.moe_layers
         if slots is None:
-            per = SlotPool(cfg, 1, self.dtype, "meta").expert_bytes
+            per = SlabPool(cfg, 1, self.dtype, "meta").expert_bytes
             slots = min(E, int(expert_budget_bytes // (per * len(layers)))) if expert_budget_bytes else E
         if slots < k:
             raise ValueError(f"offload: {slots} expert slots per layer, fewer than top-{k}")
-        self.pool = SlotPool(cfg, slots, self.dtype, self.device)
+        self.pool = SlabPool(cfg, slots, self.dtype, self.device)
         self.max_len = -(-max_len // 64) * 64
         self.kv = StaticKV(cfg, 1, self.max_len, self.dtype, self.device)
         self.prefetch_enabled = prefetch
@@ -156,6 +293,7 @@ class OffloadDecoder:
         self.compute = compute or ("grouped_mm" if self.dtype == torch.bfloat16 or self.device.type == "cpu"
                                    else "gather")
         dev = self.device
+        cuda = dev.type == "cuda"
         inv_freq = rope_inv_freq(cfg).to(dev)
         freqs = torch.arange(self.max_len, device=dev).float()[:, None] * inv_freq  # [S_max, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [S_max, hd]
@@ -165,96 +303,166 @@ class OffloadDecoder:
         self.consts = Consts(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, k,
                              bool(cfg.norm_topk_prob), float(cfg.rms_norm_eps))
         self.weights = {i: layer_weights(layer) for i, layer in enumerate(model.model.layers) if layer.is_moe}
+        self.moe_index = {layer: j for j, layer in enumerate(layers)}
         self.next_moe = {a: b for a, b in zip(layers, layers[1:])}
         self.lru = {i: OrderedDict() for i in layers}  # expert -> slot, least recently used first
         self.free = {i: list(range(slots)) for i in layers}
         self.unused_prefetch = {i: set() for i in layers}  # prefetched, not yet routed to
         self.ready = {}  # (layer, expert) -> CUDA event of its copy
-        cuda = dev.type == "cuda"
         self.copy_stream = torch.cuda.Stream(dev) if cuda else None
+        if issue is None:
+            same = not layers or {t.dtype for t in host.expert(layers[0], 0)} == {self.dtype}
+            issue = "driver" if cuda and same else "torch"
+        if issue not in ("driver", "torch"):
+            raise ValueError(f"offload: issue={issue!r}, use 'driver' or 'torch'")
+        if issue == "driver" and not cuda:
+            raise ValueError("offload: issue='driver' needs a CUDA model")
+        stored = {t.dtype for t in host.expert(layers[0], 0)} if layers else {self.dtype}
+        if issue == "driver" and stored != {self.dtype}:  # raw bytes are copied: no cast on the way
+            raise ValueError(f"offload: issue='driver' copies raw bytes; the host tier holds {sorted(map(str, stored))}, "
+                             f"the model {self.dtype} (use issue='torch' or a host copy in the model's dtype)")
+        self.issue = issue
+        self._driver = DriverCopy() if issue == "driver" else None
+        # per (layer, expert): the copies of a miss as (host address, bytes, offset in the slot's down|gate|up)
+        self._spans = {(i, e): host.spans(i, e) for i in layers for e in range(E)} if self._driver else {}
+        I, H = cfg.moe_intermediate_size, cfg.hidden_size
+        self._slab_ptr = {i: self.pool.slab[i].data_ptr() for i in layers}
+        self._slot_bytes = self.pool.expert_bytes
+        self._copy_handle = self.copy_stream.cuda_stream if cuda else None
+        self._copied = [torch.cuda.Event() for _ in range(k)] if cuda else []  # per choice: its copy is done
         self.stats = OffloadStats()
         self.routing = []  # per step: [moe layers, T, k] on the host
-        # the decode step in segments: per MoE layer, "a" (attention, router, routed ids to a pinned host buffer)
-        # and "b" (the expert mix on the slots the host chose), plus "final" (norm, lm_head, argmax); each a CUDA
-        # graph on CUDA (graphs=None: when CUDA), plain calls elsewhere. Between a and b the host reads the ids
-        # (the layer's one sync), fetches misses and writes the slots.
         self.segmented = all(layer.is_moe for layer in model.model.layers)
         self.graphs = (cuda if graphs is None else graphs) and self.segmented
-        H = cfg.hidden_size
-        pin = cuda
+        self.compiled = bool(compile) and cuda
+        self._attention_router = torch.compile(attention_router, dynamic=False) if self.compiled else attention_router
+        self._expert_choice = torch.compile(expert_choice, dynamic=False) if self.compiled else expert_choice
+        L = len(layers)
+        g = cfg.num_attention_heads // cfg.num_key_value_heads
+        hd = cfg.head_dim
         self.s_ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.s_pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.s_cos = torch.zeros(1, hd, dtype=self.dtype, device=dev)
+        self.s_sin = torch.zeros(1, hd, dtype=self.dtype, device=dev)
+        self.s_mask = torch.zeros(1, 1, g, self.max_len, dtype=torch.bool, device=dev)
         self.s_h = torch.zeros(1, 1, H, dtype=self.dtype, device=dev)
         self.s_x = torch.zeros(1, H, dtype=self.dtype, device=dev)
         self.s_w = torch.zeros(1, k, dtype=self.dtype, device=dev)
-        self.s_experts = torch.zeros(1, k, dtype=torch.long, device=dev)
-        self.s_slots = torch.zeros(1, k, dtype=torch.long, device=dev)
+        self.s_slots = torch.zeros(L, 1, k, dtype=torch.long, device=dev)
+        self.s_y = torch.zeros(k, H, dtype=self.dtype, device=dev)  # each choice's weighted expert output
         self.s_token = torch.zeros(1, dtype=torch.long, device=dev)
         self.s_vocab_mask = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
-        self.h_experts = torch.zeros(k, dtype=torch.long, pin_memory=pin)  # the routed ids, read by the host
-        self.h_slots = torch.zeros(k, dtype=torch.long, pin_memory=pin)
+        # pinned host buffers the graphs copy from / into (a graph's memcpy node reads them when it runs)
+        pin = cuda
+        self.h_step = torch.zeros(2, dtype=torch.long, pin_memory=pin)  # [input id, position]
+        self.h_embed = torch.zeros(1, 1, H, dtype=self.dtype, pin_memory=pin)  # the input's row (host embedding)
+        self.h_experts = torch.zeros(L, k, dtype=torch.long, pin_memory=pin)  # the routed ids, per layer
+        self.h_slots = torch.zeros(L, 1, k, dtype=torch.long, pin_memory=pin)  # their slots, written by the host
         self.h_token = torch.zeros(1, dtype=torch.long, pin_memory=pin)
+        self._np_step, self._np_experts = self.h_step.numpy(), self.h_experts.numpy()
+        self._np_slots = self.h_slots.numpy()
         self._graphs = None
+        self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
     # -- slots ---------------------------------------------------------------------------------------------------
-    def _fetch(self, layer: int, e: int, keep: set, prefetch: bool) -> bool:
-        """Make expert e of a layer resident (copy on the copy stream); False when no slot can be freed."""
+    def _copy_in(self, layer: int, e: int, slot: int) -> None:
+        """Copy expert e's projections from the host tier into a slot (on the copy stream on CUDA)."""
+        if self._driver is not None:
+            base = self._slab_ptr[layer] + slot * self._slot_bytes
+            for src, n, offset in self._spans[layer, e]:
+                self._driver(base + offset, src, n, self._copy_handle)
+            self.stats.copies += len(self._spans[layer, e])
+            return
+        gate, up, down = self.host.expert(layer, e)
+        I = self.config.moe_intermediate_size
+        nb = self.host.pinned and self.copy_stream is not None
+        self.pool.gate_up[layer][slot, :I].copy_(gate, non_blocking=nb)
+        self.pool.gate_up[layer][slot, I:].copy_(up, non_blocking=nb)
+        self.pool.down[layer][slot].copy_(down, non_blocking=nb)
+        self.stats.copies += 3
+
+    def _fetch(self, layer: int, e: int, keep: set, prefetch: bool, ordered: bool = False):
+        """Make expert e of a layer resident (a copy on the copy stream): its slot, or None when no slot can be
+        freed. ordered: the caller already made the copy stream wait for the compute that read the slots."""
         lru = self.lru[layer]
         if e in lru:
-            return True
+            return lru[e]
         if self.free[layer]:
             slot = self.free[layer].pop()
         else:
             victim = next((x for x in lru if x not in keep), None)
             if victim is None:
-                return False
+                return None
             slot = lru.pop(victim)
             self.ready.pop((layer, victim), None)
             if victim in self.unused_prefetch[layer]:
                 self.unused_prefetch[layer].discard(victim)
                 self.stats.prefetch_wasted += 1
-        gate, up, down = self.host.expert(layer, e)
-        if self.copy_stream is not None:
-            # the slot may still be read by this layer's previous compute: the copy waits for the compute stream
+        if self.copy_stream is not None and not ordered:
+            # the slot may still be read by queued compute: the copy waits for the compute stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if self.copy_stream is not None and self._driver is None:
             with torch.cuda.stream(self.copy_stream):
-                self.pool.put(layer, e, slot, gate, up, down, non_blocking=self.host.pinned)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-            self.ready[layer, e] = event
-        else:
-            self.pool.put(layer, e, slot, gate, up, down)
+                self._copy_in(layer, e, slot)
+        else:  # the driver path names the copy stream itself
+            self._copy_in(layer, e, slot)
         lru[e] = slot
         self.stats.bytes_moved += self.pool.expert_bytes
         if prefetch:
             self.unused_prefetch[layer].add(e)
             self.stats.prefetched += 1
-        return True
+        return slot
 
-    def _use(self, layer: int, experts: list[int]) -> list[int]:
-        """Experts routed now -> their slots; misses are fetched and waited for. Updates the statistics."""
+    def _use(self, layer: int, experts: list[int], ordered: bool = False) -> list[int]:
+        """Experts routed now -> their slots; misses are fetched and (on the device) waited for. Counts them."""
         want = set(experts)
+        lru, unused, st = self.lru[layer], self.unused_prefetch[layer], self.stats
+        event = None
         for e in experts:
-            if e in self.lru[layer]:
-                if e in self.unused_prefetch[layer]:
-                    self.stats.prefetch_hits += 1
-                    self.unused_prefetch[layer].discard(e)
+            if e in lru:
+                if e in unused:
+                    st.prefetch_hits += 1
+                    unused.discard(e)
                 else:
-                    self.stats.hits += 1
+                    st.hits += 1
             else:
-                self.stats.misses += 1
-                if not self._fetch(layer, e, want, prefetch=False):
+                st.misses += 1
+                if self._fetch(layer, e, want, prefetch=False, ordered=ordered) is None:
                     raise RuntimeError(f"offload: layer {layer} needs {len(want)} experts at once, more than its slots")
-            self.lru[layer].move_to_end(e)
+                event = True
+            lru.move_to_end(e)
         if self.copy_stream is not None:
             stream = torch.cuda.current_stream(self.device)
+            if event:  # this call's copies: one event after the last
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+                stream.wait_event(done)
             for e in want:
-                event = self.ready.pop((layer, e), None)
-                if event is not None:
-                    stream.wait_event(event)  # the compute waits on the device, the host goes on
-        return [self.lru[layer][e] for e in experts]
+                ev = self.ready.pop((layer, e), None)  # earlier (prefetch) copies of the experts routed now
+                if ev is not None:
+                    stream.wait_event(ev)
+        return [lru[e] for e in experts]
 
-    # -- the step ------------------------------------------------------------------------------------------------
+    def _prefetch(self, layer: int, guessed: list[int]) -> None:
+        """Start copying the experts guessed for `layer` (not yet resident) on the copy stream; one event."""
+        keep, fetched = set(), []
+        for e in guessed:
+            keep.add(e)
+            if e in self.lru[layer]:
+                continue
+            if self._fetch(layer, e, keep, prefetch=True, ordered=True) is None:
+                break
+            fetched.append(e)
+        if fetched and self.copy_stream is not None:
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+            for e in fetched:
+                self.ready[layer, e] = done
+
+    # -- the eager step (prefill, and models with dense layers) --------------------------------------------------
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids.to(self.embed.weight.device)).to(self.device)  # [B, T, H]
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids [1, T] at positions [T] -> last-token logits [1, V]."""
         m, cfg, c = self.model, self.config, self.consts
@@ -262,7 +470,7 @@ class OffloadDecoder:
         g = cfg.num_attention_heads // cfg.num_key_value_heads
         cos, sin = self.cos[positions], self.sin[positions]
         mask = (self.key_pos[None, :] <= positions[:, None]).repeat(g, 1)[None, None]  # [1, 1, g * T, S_max]
-        h = m.model.embed_tokens(ids)  # [B, T, H]
+        h = self._embed(ids)  # [B, T, H]
         step_routing = []
         for i, layer in enumerate(m.model.layers):
             if not layer.is_moe:
@@ -275,14 +483,13 @@ class OffloadDecoder:
             H = h.shape[-1]
             x = rms_norm(w.post_norm, h, c.eps).reshape(B * T, H)  # [N, H]
             forced = self.override.choice(i, positions) if self.override is not None else None
-            weights, experts = route(torch.nn.functional.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype,
-                                     forced)  # [N, k]
+            weights, experts = route(F.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)  # [N, k]
             nxt = self.next_moe.get(i) if self.prefetch_enabled else None
             guess = None
             if nxt is not None:
                 wn = self.weights[nxt]
                 xn = rms_norm(wn.post_norm, h, c.eps).reshape(B * T, H)
-                guess = torch.topk(torch.nn.functional.linear(xn, wn.router), c.top_k, dim=-1).indices  # [N, k]
+                guess = torch.topk(F.linear(xn, wn.router), c.top_k, dim=-1).indices  # [N, k]
             both = experts if guess is None else torch.cat((experts, guess), dim=0)
             both = both.tolist()  # the layer's one sync: routed experts (and the guess) to the host
             routed, guessed = both[:B * T], both[B * T:]
@@ -295,11 +502,7 @@ class OffloadDecoder:
             else:  # a prefill needing more experts than the layer's slots: in chunks of slots experts
                 out = self._chunked(i, x, experts, weights, distinct)
             if guess is not None:  # start the next layer's likely experts copying while this layer computes
-                keep = set()
-                for e in dict.fromkeys(e for row in guessed for e in row):
-                    keep.add(e)
-                    if not self._fetch(nxt, e, keep, prefetch=True):
-                        break
+                self._prefetch(nxt, list(dict.fromkeys(e for row in guessed for e in row)))
             if out is None:
                 out = expert_mix(x, slots, weights, self.pool.gate_up[i], self.pool.down[i], self.slot_range,
                                  self.compute)
@@ -310,43 +513,63 @@ class OffloadDecoder:
 
     def _chunked(self, i, x, experts, weights, distinct):
         """The expert mix when a step routes to more distinct experts than the layer has slots: one pass per
-        chunk of experts, the other choices' weights zeroed (their rows compute on a resident slot, times 0)."""
-        out = torch.zeros_like(x)  # [N, H]
+        chunk of resident experts over exactly the (token, choice) pairs routed into the chunk, in routed order,
+        each pair a one-choice row, so every expert's group holds the rows it holds in a single pass (a grouped
+        GEMM's rows depend on their group's size); the k rows of a token are summed at the end as
+        engine.expert_mix sums them. So the result does not depend on the budget (tests/test_offload.py)."""
+        N, k = experts.shape
+        flat_experts = experts.reshape(-1)  # [N * k], token-major
+        flat_weights = weights.reshape(-1, 1)  # [N * k, 1]
+        rows = torch.zeros(N * k, x.shape[-1], dtype=x.dtype, device=x.device)  # [N * k, H]
         n = self.pool.slots
         for start in range(0, len(distinct), n):
             chunk = distinct[start:start + n]
             slot_of = dict(zip(chunk, self._use(i, chunk)))
             lookup = torch.full((self.config.num_experts,), -1, dtype=torch.long)
             lookup[list(slot_of)] = torch.tensor(list(slot_of.values()))
-            slots = lookup.to(self.device)[experts]  # [N, k]: -1 off the chunk
-            inside = slots >= 0
-            out += expert_mix(x, slots.clamp(min=0), weights * inside, self.pool.gate_up[i], self.pool.down[i],
-                              self.slot_range, self.compute)
-        return out
+            slots = lookup.to(self.device)[flat_experts]  # [N * k]: -1 off the chunk
+            pairs = torch.nonzero(slots >= 0).reshape(-1)  # [M], routed order
+            rows[pairs] = expert_mix(x[pairs // k], slots[pairs, None], flat_weights[pairs], self.pool.gate_up[i],
+                                     self.pool.down[i], self.slot_range, self.compute)  # [M, H]: one choice each
+        return rows.view(N, k, -1).sum(dim=1)  # [N, H]
 
     # -- the segmented decode step -------------------------------------------------------------------------------
+    def _seg_pre(self) -> None:
+        """The step's input: token id and position from the pinned h_step; the embedding row; rotary; mask."""
+        self.s_ids.copy_(self.h_step[:1].view(1, 1), non_blocking=True)
+        self.s_pos.copy_(self.h_step[1:], non_blocking=True)
+        if self.embed_on_host:
+            self.s_h.copy_(self.h_embed, non_blocking=True)
+        else:
+            self.s_h.copy_(self.embed(self.s_ids))
+        g = self.consts.heads // self.consts.kv_heads
+        self.s_cos.copy_(self.cos[self.s_pos])
+        self.s_sin.copy_(self.sin[self.s_pos])
+        self.s_mask.copy_((self.key_pos[None, :] <= self.s_pos[:, None]).repeat(g, 1)[None, None])  # [1, 1, g, S]
+
     def _seg_a(self, i: int) -> None:
-        c, w = self.consts, self.weights[i]
-        if i == 0:
-            self.s_h.copy_(self.model.model.embed_tokens(self.s_ids))
-        g = c.heads // c.kv_heads
-        pos = self.s_pos
-        cos, sin = self.cos[pos], self.sin[pos]
-        mask = (self.key_pos[None, :] <= pos[:, None]).repeat(g, 1)[None, None]  # [1, 1, g, S_max]
-        h = self.s_h + attention(self.s_h, w, cos, sin, mask, pos, self.kv.keys[i], self.kv.values[i], c)
+        forced = self.override.choice(i, self.s_pos) if self.override is not None else None
+        h, x, weights, experts = self._attention_router(self.s_h, self.weights[i], self.s_cos, self.s_sin,
+                                                        self.s_mask, self.s_pos, self.kv.keys[i], self.kv.values[i],
+                                                        forced, self.consts)
         self.s_h.copy_(h)
-        x = rms_norm(w.post_norm, h, c.eps).reshape(1, -1)  # [1, H]
-        forced = self.override.choice(i, pos) if self.override is not None else None
-        weights, experts = route(torch.nn.functional.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)
         self.s_x.copy_(x)
         self.s_w.copy_(weights)
-        self.s_experts.copy_(experts)
-        self.h_experts.copy_(experts[0], non_blocking=True)  # to the pinned host buffer
+        self.h_experts[self.moe_index[i]].copy_(experts[0], non_blocking=True)  # to the pinned host buffer
 
-    def _seg_b(self, i: int) -> None:
-        out = expert_mix(self.s_x, self.s_slots, self.s_w, self.pool.gate_up[i], self.pool.down[i], self.slot_range,
-                         self.compute)  # [1, H]
-        self.s_h.add_(out.view(1, 1, -1))
+    def _seg_slots(self, i: int) -> None:
+        j = self.moe_index[i]
+        self.s_slots[j].copy_(self.h_slots[j], non_blocking=True)  # the slots the host chose, from pinned memory
+
+    def _seg_choice(self, i: int, c: int) -> None:
+        j, cfg = self.moe_index[i], self.config
+        self.s_y[c].copy_(self._expert_choice(self.s_x, self.s_slots[j, 0, c:c + 1], self.s_w[:, c:c + 1],
+                                              self.pool.slab[i], cfg.hidden_size, cfg.moe_intermediate_size)[0])
+
+    def _seg_sum(self, i: int) -> None:
+        k = self.consts.top_k
+        # as engine.expert_mix: the k weighted outputs summed in one reduction, then the residual
+        self.s_h.add_(self.s_y.view(1, k, -1).sum(dim=1).view(1, 1, -1))
 
     def _seg_final(self) -> None:
         m = self.model
@@ -356,21 +579,47 @@ class OffloadDecoder:
         self.h_token.copy_(self.s_token, non_blocking=True)
 
     def _segments(self):
-        """(name, function) in step order."""
-        out = []
+        """(name, function) in step order (choices in routed order; a step replays them hits first)."""
+        out = [(("pre", None), self._seg_pre)]
         for i in self.config.moe_layers:
-            out += [(("a", i), lambda i=i: self._seg_a(i)), (("b", i), lambda i=i: self._seg_b(i))]
+            out += [(("a", i), lambda i=i: self._seg_a(i)), (("slots", i), lambda i=i: self._seg_slots(i))]
+            out += [(("choice", i, c), lambda i=i, c=c: self._seg_choice(i, c)) for c in range(self.consts.top_k)]
+            out.append((("sum", i), lambda i=i: self._seg_sum(i)))
         return out + [(("final", None), self._seg_final)]
 
+    def _check_slab_views(self) -> None:
+        """Once, on the device: the expert mix on the slab's strided views equals it on contiguous copies (the
+        grouped GEMM must read each slot at the slab's stride); if not, prefill falls back to the gather compute."""
+        i = self.config.moe_layers[0]
+        S, k, H = min(4, self.pool.slots), self.consts.top_k, self.config.hidden_size  # 4 slots: little memory
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        x = torch.randn(3, H, generator=gen, device=self.device, dtype=self.dtype)  # [N, H]
+        slots = torch.randint(0, S, (3, k), generator=gen, device=self.device)  # [N, k]
+        weights = torch.rand(3, k, generator=gen, device=self.device).to(self.dtype)
+        self.pool.slab[i].normal_(generator=gen)
+        gate_up, down, slot_range = self.pool.gate_up[i][:S], self.pool.down[i][:S], self.slot_range[:S]
+        want = expert_mix(x, slots, weights, gate_up.contiguous(), down.contiguous(), slot_range, self.compute)
+        got = expert_mix(x, slots, weights, gate_up, down, slot_range, self.compute)
+        same = torch.equal(got, want)
+        self.slab_check = "equal" if same else f"{self.compute} differs on strided slots: prefill uses gather"
+        if not same:
+            self.compute = "gather"
+        self.pool.slab[i].zero_()
+        self.lru[i].clear()  # the layer's slots were overwritten: nothing of it is resident
+        self.free[i] = list(range(self.pool.slots))
+        self.unused_prefetch[i].clear()
+
     def _capture(self) -> None:
-        saved_pos = self.s_pos.clone()
-        self.s_pos.fill_(0)  # warm-up at position 0 (rewritten by the next prefill)
-        self.s_slots.zero_()
+        self._check_slab_views()
+        saved = self.h_step.clone()
+        self._np_step[:] = (0, 0)  # warm-up at position 0 (rewritten by the next prefill)
+        self.h_slots.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _, fn in self._segments():
-                fn()
+            for _ in range(2 if self.compiled else 1):
+                for _, fn in self._segments():
+                    fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
@@ -380,7 +629,7 @@ class OffloadDecoder:
             with torch.cuda.graph(graph, pool=pool):
                 fn()
             self._graphs[name] = graph
-        self.s_pos.copy_(saved_pos)
+        self.h_step.copy_(saved)
 
     def _run(self, name, fn) -> None:
         if self._graphs is not None:
@@ -388,41 +637,103 @@ class OffloadDecoder:
         else:
             fn()
 
-    def _decode_segmented(self, token_in: int, position: int) -> int:
-        """One decode step through the segments; returns the produced token."""
-        self.s_ids.fill_(token_in)
-        self.s_pos.fill_(position)
+    def _route_step(self, layer: int, experts: list[int]) -> tuple[list[int], list]:
+        """The decode step's slots for the routed experts, misses copied in (one copy per span, one event per
+        choice on the copy stream); returns (slots, [(choice, event)] for the choices to wait for, in copy
+        order). The compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
+        lru, unused, st = self.lru[layer], self.unused_prefetch[layer], self.stats
+        want = set(experts)
+        slots, waits = [], []
+        for c, e in enumerate(experts):
+            slot = lru.get(e)
+            if slot is not None:
+                if e in unused:
+                    st.prefetch_hits += 1
+                    unused.discard(e)
+                else:
+                    st.hits += 1
+                ev = self.ready.pop((layer, e), None)  # a prefetch copy, maybe still in flight
+                if ev is not None:
+                    waits.append((c, ev))
+            else:
+                st.misses += 1
+                slot = self._fetch(layer, e, want, prefetch=False, ordered=True)
+                if slot is None:
+                    raise RuntimeError(f"offload: layer {layer} needs {len(want)} experts at once, more than its slots")
+                if self.copy_stream is not None:
+                    ev = self._copied[c]
+                    ev.record(self.copy_stream)
+                    waits.append((c, ev))
+            lru.move_to_end(e)
+            slots.append(slot)
+        return slots, waits
+
+    def _decode_segmented(self, token_in: int, position: int, timer=None) -> int:
+        """One decode step through the segments; returns the produced token. timer: a _PhaseTimer (profile).
+
+        Per MoE layer: segment a; the routed ids read (one sync); the misses' copies issued back to back; the
+        slots segment; each resident choice's expert at once (overlapping the copies), each missed one the moment
+        its copy lands; the sum."""
+        self._np_step[0], self._np_step[1] = token_in, position
+        if self.embed_on_host:
+            self.h_embed[0, 0].copy_(self.embed.weight[token_in])
         cuda = self.device.type == "cuda"
+        compute = torch.cuda.current_stream(self.device) if cuda else None
+        k = self.consts.top_k
+        run = self._run
         step_routing = []
+        if timer:
+            timer.mark("step")
+        run(("pre", None), self._seg_pre)
         for i in self.config.moe_layers:
-            self._run(("a", i), lambda: self._seg_a(i))
+            j = self.moe_index[i]
+            if timer:
+                timer.mark("a0")
+            run(("a", i), lambda: self._seg_a(i))
+            if timer:
+                timer.mark("a1")
             if cuda:
-                torch.cuda.current_stream(self.device).synchronize()  # the routed ids are in h_experts
-            flat = self.h_experts.tolist()
+                compute.synchronize()  # the routed ids are in h_experts[j]; every earlier compute is done
+            flat = self._np_experts[j].tolist()
             step_routing.append([flat])
-            self.h_slots.copy_(torch.tensor(self._use(i, flat)))
-            self.s_slots.copy_(self.h_slots[None], non_blocking=cuda)
-            if self.prefetch_enabled:
-                nxt = self.next_moe.get(i)
-                if nxt is not None:  # guess the next layer's experts from this layer's state (one more sync)
-                    wn = self.weights[nxt]
-                    xn = rms_norm(wn.post_norm, self.s_h, self.consts.eps).reshape(1, -1)
-                    guess = torch.topk(torch.nn.functional.linear(xn, wn.router), self.consts.top_k, dim=-1)
-                    keep = set()
-                    for e in guess.indices[0].tolist():
-                        keep.add(e)
-                        if not self._fetch(nxt, e, keep, prefetch=True):
-                            break
-            self._run(("b", i), lambda: self._seg_b(i))
-        self._run(("final", None), self._seg_final)
+            if timer:
+                timer.mark("c0", stream=self.copy_stream)
+            slots, waits = self._route_step(i, flat)
+            if timer:
+                timer.mark("c1", stream=self.copy_stream)
+            self._np_slots[j, 0] = slots
+            run(("slots", i), lambda: self._seg_slots(i))
+            later = {c for c, _ in waits}
+            for c in range(k):  # resident experts first: they compute while the copies run
+                if c not in later:
+                    run(("choice", i, c), lambda: self._seg_choice(i, c))
+            for c, ev in waits:
+                compute.wait_event(ev)  # the device waits, the host goes on
+                run(("choice", i, c), lambda: self._seg_choice(i, c))
+            if self.prefetch_enabled and i in self.next_moe:
+                # guess the next layer's experts from this layer's state (one more small sync), copy them behind
+                nxt = self.next_moe[i]
+                wn = self.weights[nxt]
+                xn = rms_norm(wn.post_norm, self.s_h, self.consts.eps).reshape(1, -1)
+                guess = torch.topk(F.linear(xn, wn.router), k, dim=-1).indices[0].tolist()
+                self._prefetch(nxt, guess)
+            run(("sum", i), lambda: self._seg_sum(i))
+            if timer:
+                timer.mark("b1")
+        run(("final", None), self._seg_final)
+        if timer:
+            timer.mark("end")
         if cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            compute.synchronize()
         self.routing.append(torch.tensor(step_routing))
         return int(self.h_token[0])
 
     @torch.no_grad()
-    def generate(self, prompt, max_new_tokens: int = 32, *, forced=None, vocab_limit=None) -> Generation:
-        """Greedy tokens for one prompt [P]; forced [n - 1] teacher-forces the decode inputs (see FastDecoder)."""
+    def generate(self, prompt, max_new_tokens: int = 32, *, forced=None, vocab_limit=None,
+                 profile: bool = False) -> Generation:
+        """Greedy tokens for one prompt [P]; forced [n - 1] teacher-forces the decode inputs (see FastDecoder).
+        profile: time every phase of the decode steps (CUDA events; perturbs the speed a little), into
+        `self.profile`."""
         prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
         P, n = prompt.shape[1], int(max_new_tokens)
         if P + n > self.max_len:
@@ -432,20 +743,22 @@ class OffloadDecoder:
             if forced.numel() < n - 1:
                 raise ValueError(f"forced holds {forced.numel()} ids, need {n - 1}")
         self.routing = []
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        tokens = []
-        ids, pos = prompt.to(self.device), torch.arange(P, device=self.device)
-        prefill = 0.0
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.s_vocab_mask.zero_()
         if vocab_limit is not None:
             self.s_vocab_mask[vocab_limit:] = True
         if self.graphs and self._graphs is None:
             self._capture()
+        timer = _PhaseTimer(self.device) if profile and self.segmented else None
+        sync()
+        start = time.perf_counter()
+        tokens = []
+        ids, pos = prompt.to(self.device), torch.arange(P, device=self.device)
+        prefill = 0.0
         for step in range(n):
             if step > 0 and self.segmented:
-                token = self._decode_segmented(int(ids[0, 0]), P + step - 1)
+                token = self._decode_segmented(nxt, P + step - 1, timer)
             else:
                 logits = self.forward(ids, pos).float()
                 if vocab_limit is not None:
@@ -459,10 +772,72 @@ class OffloadDecoder:
             else:
                 self.stats.tokens += 1
             nxt = int(forced[step]) if forced is not None and step < n - 1 else token
-            ids = torch.tensor([[nxt]], device=self.device)
-            pos = torch.tensor([P + step], device=self.device)
+            if not self.segmented:
+                ids = torch.tensor([[nxt]], device=self.device)
+                pos = torch.tensor([P + step], device=self.device)
         sync()
-        return Generation([tokens], [P], time.perf_counter() - start, prefill, stopped=[False])
+        seconds = time.perf_counter() - start
+        if timer:
+            self.profile = timer.summary(n - 1)
+        return Generation([tokens], [P], seconds, prefill, stopped=[False])
 
     def reset_stats(self) -> None:
         self.stats = OffloadStats()
+
+
+class _PhaseTimer:
+    """Timestamps of a decode step's phases: CUDA events (timing) on CUDA, the host clock elsewhere, and the host
+    clock at every mark. summary() -> milliseconds per token of each of PHASES (the GPU's clock: when the compute
+    and copy streams reached each mark) and of the host's own work per token."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list = []  # (name, event or None, host time)
+
+    def mark(self, name: str, stream=None) -> None:
+        ev = None
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        self.marks.append((name, ev, time.perf_counter()))
+
+    def summary(self, tokens: int) -> dict:
+        """Marks per step: step, then per MoE layer a0 a1 (around segment a), c0 c1 (on the copy stream, around
+        the layer's copies), b1 (after the sum), then end. The intervals tile the step."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+        def gpu(a, b):
+            return a[1].elapsed_time(b[1]) if self.cuda else (b[2] - a[2]) * 1e3
+
+        def host(a, b):
+            return (b[2] - a[2]) * 1e3
+
+        ms = dict.fromkeys(PHASES, 0.0)
+        ms["whole step"] = 0.0
+        hs = {"bookkeeping + copy issue": 0.0, "launch experts + sum": 0.0, "whole step": 0.0}
+        last: dict = {}
+        for m in self.marks:
+            name = m[0]
+            if name == "a0":
+                ms["experts -> next layer" if "b1" in last else "pre + final"] += gpu(last.get("b1", last["step"]), m)
+            elif name == "a1":
+                ms["attention + router"] += gpu(last["a0"], m)
+            elif name == "c0":
+                ms["ids to host + bookkeeping"] += gpu(last["a1"], m)
+            elif name == "c1":
+                ms["copy"] += gpu(last["c0"], m)
+                hs["bookkeeping + copy issue"] += host(last["c0"], m)
+            elif name == "b1":
+                ms["experts after the last copy"] += gpu(last["c1"], m)
+                hs["launch experts + sum"] += host(last["c1"], m)
+            elif name == "end":
+                ms["pre + final"] += gpu(last["b1"], m)
+                ms["whole step"] += gpu(last["step"], m)
+                hs["whole step"] += host(last["step"], m)
+                last = {}
+                continue
+            last[name] = m
+        per = max(1, tokens)
+        return {"phase_ms": {k: v / per for k, v in ms.items()}, "host_ms": {k: v / per for k, v in hs.items()}}

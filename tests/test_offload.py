@@ -72,3 +72,87 @@ def test_all_slots_never_miss_after_warm_up(model, tiers):
 def test_too_few_slots_is_a_one_line_error(model, tiers):
     with pytest.raises(ValueError, match="fewer than top-"):
         OffloadDecoder(model, tiers["copy"], slots=model.config.num_experts_per_tok - 1)
+
+
+@pytest.mark.parametrize("tier", ["copy", "mapped"])
+def test_host_spans_hold_the_expert_bytes(model, tiers, tier):
+    """The byte spans a miss copies (HostTier.spans), read back from their host addresses in offset order, are
+    the expert's down|gate|up (a slot's layout); the copy tier holds each expert in one span (one copy). (The tiny
+    checkpoint's shards are so small that its experts straddle shards: several spans from the shard maps.)"""
+    import ctypes
+
+    from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
+    from omnilab.offload import SLOT_ORDER
+
+    config, layout = model.checkpoint.arch
+    host = tiers[tier]
+    for layer in config.moe_layers:
+        for e in (0, config.num_experts - 1):
+            spans = host.spans(layer, e)
+            got = b"".join(ctypes.string_at(ptr, n) for ptr, n, _ in sorted(spans, key=lambda s: s[2]))
+            dtype = host.expert(layer, e)[0].dtype
+            want = b"".join(model.checkpoint.read(expert_tensor(layout, layer, e, p)).to(dtype).contiguous()
+                            .view(torch.uint8).numpy().tobytes() for p in (EXPERT_PROJECTIONS[j] for j in SLOT_ORDER))
+            assert got == want, (tier, layer, e)
+            offsets = [off for _, _, off in spans]
+            assert offsets == sorted(offsets) and offsets[0] == 0
+            if tier == "copy":
+                assert len(spans) == 1, spans
+
+
+def test_profile_times_every_phase_and_changes_nothing(model, tiers):
+    cfg = model.config
+    from omnilab.offload import PHASES
+
+    decoder = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False)
+    want = decoder.generate(PROMPT, N).new_token_ids
+    assert decoder.generate(PROMPT, N, profile=True).new_token_ids == want
+    phases = decoder.profile["phase_ms"]
+    assert set(PHASES) <= set(phases) and all(phases[p] >= 0 for p in PHASES)
+    # the phases tile the step: their sum is the whole step
+    assert sum(phases[p] for p in PHASES) == pytest.approx(phases["whole step"], rel=1e-6)
+    assert phases["attention + router"] > 0 and phases["experts after the last copy"] > 0
+
+
+def test_driver_copies_need_cuda(model, tiers):
+    with pytest.raises(ValueError, match="driver"):
+        OffloadDecoder(model, tiers["copy"], slots=model.config.num_experts, issue="driver")
+
+
+def test_one_choice_at_a_time_equals_the_grouped_mix():
+    """A decode step computes each routed choice on its own (expert_choice, on a SlabPool's slab) and sums them as
+    engine.expert_mix does; in fp32 on CPU that is bitwise the grouped mix over the slab's strided views, which
+    is itself bitwise the mix over contiguous copies."""
+    from types import SimpleNamespace
+
+    from omnilab.engine import expert_mix
+    from omnilab.offload import SlabPool, expert_choice
+
+    cfg = SimpleNamespace(num_experts=6, hidden_size=64, moe_intermediate_size=32, moe_layers=[0])
+    pool = SlabPool(cfg, 5, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    pool.slab[0].copy_(torch.randn(pool.slab[0].shape, generator=gen))
+    x = torch.randn(1, 64, generator=gen)
+    slots = torch.tensor([[3, 0, 4, 1]])
+    weights = torch.rand(1, 4, generator=gen)
+    grouped = expert_mix(x, slots, weights, pool.gate_up[0], pool.down[0], torch.arange(5), "grouped_mm")
+    contiguous = expert_mix(x, slots, weights, pool.gate_up[0].contiguous(), pool.down[0].contiguous(),
+                            torch.arange(5), "grouped_mm")
+    rows = torch.cat([expert_choice(x, slots[0, c:c + 1], weights[:, c:c + 1], pool.slab[0], 64, 32)
+                      for c in range(4)])  # [k, H]
+    assert torch.equal(grouped, contiguous)
+    assert torch.equal(rows.view(1, 4, 64).sum(dim=1), grouped)
+    assert not torch.equal(rows[0], rows[1])  # the choices really are different experts
+
+
+def test_prefill_logits_do_not_depend_on_the_budget(model, tiers):
+    """A prompt routing to more experts than a layer's slots is mixed in chunks of resident experts; the chunks
+    must not change the arithmetic: the prefill logits are bitwise those of the all-slots budget."""
+    cfg = model.config
+    prompt = torch.tensor([PROMPT * 3])  # [1, 24]: many distinct experts per layer
+    logits = {}
+    for slots in (cfg.num_experts_per_tok, cfg.num_experts):
+        decoder = OffloadDecoder(model, tiers["copy"], slots=slots, max_len=64, prefetch=False)
+        with torch.no_grad():
+            logits[slots] = decoder.forward(prompt, torch.arange(prompt.shape[1]))
+    assert torch.equal(logits[cfg.num_experts_per_tok], logits[cfg.num_experts])
