@@ -437,15 +437,17 @@ def random_experts(layers, num_experts: int, n: int, seed: int = 0) -> dict[int,
     return {int(layer): sorted(int(e) for e in rng.choice(num_experts, size=n, replace=False)) for layer in layers}
 
 
-def mask_setting(name: str, masked: dict[int, list[int]], num_experts: int):
+def mask_setting(name: str, masked: dict[int, list[int]], num_experts: int, budget_share: float | None = None):
     """An omnilab.sweeps.Setting whose routers never pick the `masked` experts of each layer (one
-    omnilab.faults.RouterMask per layer, keeping the others)."""
+    omnilab.faults.RouterMask per layer, keeping the others). budget_share: the expert cache's budget as a
+    share of all expert bytes (None: every expert may stay resident)."""
     from omnilab.faults import RouterMask
     from omnilab.sweeps import Setting
 
     faults = tuple(RouterMask(tuple(e for e in range(num_experts) if e not in set(experts)), layer=int(layer))
                    for layer, experts in masked.items())
-    return Setting(name, "mask", value=float(np.mean([len(v) for v in masked.values()])), faults=faults)
+    return Setting(name, "mask", value=float(np.mean([len(v) for v in masked.values()])), faults=faults,
+                   budget_share=budget_share)
 
 
 def masked_share(table: pd.DataFrame, masked: dict[int, list[int]]) -> dict[str, float]:
@@ -504,10 +506,13 @@ def masking_experiment(model, prompts: list[FormPrompt], evalset, masks: dict[st
     from omnilab.sweeps import applied
 
     E = model.config.num_experts
+    store = model.cache.store
+    # the masked runs keep the model's expert budget (sweeps.applied gives each setting a fresh cache)
+    budget = None if model.cache.budget_bytes >= store.total_bytes else model.cache.budget_bytes / store.total_bytes
     settings = {"full": None, **masks}
     summaries, all_scores, reference = [], [], None
     for name, masked in tqdm(list(settings.items()), desc="masks", disable=not progress):
-        setting = mask_setting(name, masked, E) if masked is not None else None
+        setting = mask_setting(name, masked, E, budget) if masked is not None else None
         if setting is None:
             scores, _ = run_prompts(model, prompts, record=False)
             nll, _, logprobs = text_nll(model, evalset)

@@ -186,6 +186,11 @@ def test_masking_experiment_against_the_full_model(tiny):
     audio = summary.set_index(["setting", "form"]).loc[("audio-specific", "audio")]
     assert audio["masked_share"] == pytest.approx(md.masked_share(table, masks["audio-specific"])["audio"])
     assert audio["masked_share"] > 0
+    # under an expert budget the masked runs keep it (each gets a fresh cache) and compute the same numbers
+    small = SelectiveMoE.from_checkpoint(tiny.model.checkpoint, expert_budget=3 * tiny.model.cache.store.expert_bytes)
+    budgeted, _ = md.masking_experiment(small, tiny.prompts, docs, masks, table=table)
+    pd.testing.assert_frame_equal(budgeted, summary)
+    assert md.mask_setting("m", masks["random"], 8, 0.25).budget_share == 0.25
     # text_nll agrees with the unbatched next-token log-probabilities
     from omnilab.sweeps import next_token_logprobs
 
