@@ -494,13 +494,15 @@ def text_nll(model, evalset, batch_size: int = 16) -> tuple[float, int, list[tor
 
 
 def masking_experiment(model, prompts: list[FormPrompt], evalset, masks: dict[str, dict[int, list[int]]], *,
-                       table: pd.DataFrame | None = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                       table: pd.DataFrame | None = None, control: str | None = "random",
+                       progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The unmodified model ("full") and each mask (name -> {layer: experts}) on every prompt and on the text
     documents of `evalset` (omnilab.sweeps.EvalSet). Returns (summary, scores): summary one row per (setting,
     form) with answer_nll, token_accuracy, exact (means over the form's prompts), their change from "full"
-    (d_answer_nll ...), text_ppl and text_kl (next-token KL from the full model on the documents, nats), and the
-    share of the form's routing the mask removed (masked_share, from `table`); scores one row per prompt and
-    setting."""
+    (d_answer_nll ...), text_ppl and text_kl (next-token KL from the full model on the documents, nats), the
+    share of the form's routing the mask removed (masked_share, from `table`) and, when `control` names one of
+    the masks (a random one), excess_answer_nll = d_answer_nll minus the control's for the same form (what the
+    mask costs beyond removing as many experts at random); scores one row per prompt and setting."""
     from tqdm.auto import tqdm
 
     from omnilab.sweeps import applied
@@ -534,6 +536,9 @@ def masking_experiment(model, prompts: list[FormPrompt], evalset, masks: dict[st
     for col in ("answer_nll", "token_accuracy", "exact"):
         summary[f"d_{col}"] = summary[col] - summary["form"].map(full[col])
     summary["text_ppl_ratio"] = summary["text_ppl"] / float(full["text_ppl"].iloc[0])
+    if control is not None and control in masks:
+        base = summary[summary["setting"] == control].set_index("form")["d_answer_nll"]
+        summary["excess_answer_nll"] = summary["d_answer_nll"] - summary["form"].map(base)
     return summary, pd.concat(all_scores, ignore_index=True)
 
 
@@ -567,6 +572,8 @@ def summarize(spec: pd.DataFrame, single: pd.DataFrame, overlap: pd.DataFrame, s
     for row in summary[summary["setting"] != "full"].itertuples():
         key = row.setting.replace("-", "_").replace(" ", "_")
         out[f"{key}_d_{row.form}_answer_nll"] = float(row.d_answer_nll)
+        if "excess_answer_nll" in summary and row.setting != "random":
+            out[f"{key}_excess_{row.form}_answer_nll"] = float(row.excess_answer_nll)
         out[f"{key}_{row.form}_masked_share"] = float(row.masked_share)
     for name, s in summary[summary["setting"] != "full"].groupby("setting", sort=False):
         key = name.replace("-", "_").replace(" ", "_")

@@ -181,6 +181,12 @@ def test_masking_experiment_against_the_full_model(tiny):
     full = summary[summary["setting"] == "full"]
     assert (full[["d_answer_nll", "d_exact", "text_kl", "masked_share"]] == 0).all().all()
     assert (full["text_ppl_ratio"] == 1).all()
+    random = summary[summary["setting"] == "random"]
+    assert (random["excess_answer_nll"].abs() < 1e-12).all()
+    spec = summary.set_index(["setting", "form"])
+    for form in md.MODALITIES:
+        assert spec.loc[("audio-specific", form), "excess_answer_nll"] == pytest.approx(
+            spec.loc[("audio-specific", form), "d_answer_nll"] - spec.loc[("random", form), "d_answer_nll"])
     masked = summary[summary["setting"] != "full"]
     assert (masked["text_kl"] > 0).all() and (masked["d_answer_nll"] != 0).any()
     audio = summary.set_index(["setting", "form"]).loc[("audio-specific", "audio")]
