@@ -236,31 +236,42 @@ def _multimodal_inputs(args, model):
     return towers, multimodal.process(processor, towers.config, text, audio=audio, images=images)
 
 
-def _compare_multimodal(args, checkpoint) -> int:
-    """compare with --audio / --image: the whole transformers thinker as the reference (towers included); the
-    streamed reference covers text prompts only for now."""
-    from omnilab import multimodal
-    from omnilab.model import SelectiveMoE
-    from omnilab.reference import Reference
+def _compare_multimodal(args, checkpoint):
+    """compare with --audio / --image -> (input ids, StreamedComparison): the selective model with the
+    checkpoint's towers, its activations recorded, then dropped; transformers' thinker on --reference (default
+    PATH) streamed part by part with its towers (omnilab.streamed), chained and local views."""
+    import gc
 
-    if args.reference:
-        raise ValueError("--reference with --audio / --image is not supported yet: compare multimodal prompts on one checkpoint")
-    selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device,
-                                             expert_budget=args.expert_budget)
-    media = _multimodal_inputs(args, selective)
-    ids = media[1]["input_ids"][0].tolist()
-    reference = Reference.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device)
-    result = multimodal.compare(reference, selective, *media)
-    if args.json:
-        print_json({"path": args.path, "reference": args.path, "dtype": args.dtype, "input_ids": ids,
-                    "audio": args.audio, "image": args.image, **result.to_json()})
-        return 0
-    print(result.table[["name", "max_abs", "rel_err", "cosine", "topk_agreement"]].to_string(
-        index=False, float_format=lambda x: f"{x:.3e}"))
-    print(f"first divergence (rel_err > {result.rtol:g}): {result.first_divergence or 'none'}")
-    print(f"top-1 agreement {result.top1_agreement:.4f}, KL(ref || selective) {result.kl:.3e}, "
-          f"max rel_err {result.table.rel_err.max():.3e} over {len(ids)} tokens ({args.dtype})")
-    return 0
+    import torch
+
+    from omnilab import multimodal
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.compare import check_same_text_model, compare_streamed, one_layer_budget
+    from omnilab.hooks import capture
+    from omnilab.memory import AnonPeak
+    from omnilab.model import SelectiveMoE
+    from omnilab.streamed import StreamedReference
+
+    with AnonPeak() as peak:
+        ref_checkpoint = checkpoint if not args.reference or str(args.reference) == str(args.path) else Checkpoint(args.reference)
+        config, _ = checkpoint.arch
+        check_same_text_model(config, ref_checkpoint.arch[0], checkpoint.path, ref_checkpoint.path)
+        multimodal.thinker_config(ref_checkpoint)  # the reference needs towers too, naming the checkpoint
+        budget = one_layer_budget(config, args.dtype) if args.expert_budget is None else args.expert_budget
+        selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=args.dtype, device=args.device, expert_budget=budget)
+        towers, inputs = _multimodal_inputs(args, selective)
+        prompt = multimodal.prepare(selective, towers, inputs)
+        with capture(selective) as acts, torch.no_grad():
+            multimodal.forward(selective, prompt)
+        acts = dict(acts)
+        del selective, towers, prompt  # not needed while the reference streams
+        gc.collect()
+        reference = StreamedReference(ref_checkpoint, device=args.device)
+        result = compare_streamed(acts, reference, inputs["input_ids"], args.dtype, progress=sys.stderr.isatty(),
+                                  media=dict(inputs))
+    result.expert_budget_bytes = budget
+    result.peak_rss_bytes = peak.peak
+    return inputs["input_ids"][0].tolist(), result
 
 
 def cmd_compare(args) -> int:
@@ -272,15 +283,18 @@ def cmd_compare(args) -> int:
     from omnilab.model import load_tokenizer
 
     checkpoint = Checkpoint(args.path)  # headers read once, for both models when there is no --reference
+    media = {}
     if args.audio or args.image:
-        return _compare_multimodal(args, checkpoint)
-    config, _ = checkpoint.arch
-    ids = _prompt_ids(args, load_tokenizer(checkpoint.root) if args.prompt is not None else None, config.vocab_size)
-    result = compare_checkpoints(checkpoint, ids, reference=args.reference, dtype=args.dtype, device=args.device,
-                                 expert_budget=args.expert_budget, progress=sys.stderr.isatty())
+        ids, result = _compare_multimodal(args, checkpoint)
+        media = {"audio": args.audio, "image": args.image}
+    else:
+        config, _ = checkpoint.arch
+        ids = _prompt_ids(args, load_tokenizer(checkpoint.root) if args.prompt is not None else None, config.vocab_size)
+        result = compare_checkpoints(checkpoint, ids, reference=args.reference, dtype=args.dtype, device=args.device,
+                                     expert_budget=args.expert_budget, progress=sys.stderr.isatty())
     if args.json:
         print_json({"path": args.path, "reference": args.reference or args.path, "dtype": args.dtype,
-                    "input_ids": ids, **result.to_json()})
+                    "input_ids": ids, **media, **result.to_json()})
         return 0
     chained, local = result.chained.table, result.local.table.set_index("name")
     table = chained[["name", "rel_err", "threshold", "cosine", "topk_agreement"]].copy()

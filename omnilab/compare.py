@@ -110,13 +110,14 @@ def one_layer_budget(config, dtype) -> int:
 
 @torch.no_grad()
 def compare_streamed(selective_acts: dict, reference, input_ids, dtype, *, noise_factor: float = NOISE_FACTOR,
-                     progress: bool = False) -> StreamedComparison:
+                     progress: bool = False, media: dict | None = None) -> StreamedComparison:
     """Compare a capture of the selective model (hook name -> tensor, `run_with_cache`) with a
-    StreamedReference on the same input_ids [1, T], both views; in bf16 with transformers' fp32 beside it."""
+    StreamedReference on the same input_ids [1, T], both views; in bf16 with transformers' fp32 beside it.
+    media: a multimodal prompt's processor tensors (StreamedReference.run)."""
     dtype = as_dtype(dtype)
     names = reference.hook_names()
     dtypes = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
-    run = reference.run(input_ids, dtypes, local_inputs=selective_acts, progress=progress)
+    run = reference.run(input_ids, dtypes, local_inputs=selective_acts, progress=progress, media=media)
     noise = local_noise = None
     thresholds = local_thresholds = keep = local_keep = None
     flips: dict = {}

@@ -12,7 +12,8 @@ wherever one exists, so that only the text decoder (omnilab.model.SelectiveMoE) 
   placeholder rows (masked_scatter, as transformers), the vision deepstack features and the positions.
 - `forward`, `generate`, `compare`: the selective model on a `MultimodalPrompt`, and against the whole
   transformers thinker hook by hook (`hook_embed` is the decoder's input on both sides: token embeddings
-  with the towers' features in place).
+  with the towers' features in place); `compare_streamed` against the thinker streamed part by part
+  (omnilab.streamed), chained and local views.
 """
 
 from __future__ import annotations
@@ -441,6 +442,25 @@ def compare(reference, selective, towers: Towers, inputs, names=None, rtol: floa
         rtol = divergence_rtol(reference, selective)
     padded = None if bool(prompt.attention_mask.all()) else prompt.attention_mask.cpu()  # compare real tokens only
     return compare_activations(ref_acts, sel_acts, attention_mask=padded, rtol=rtol, names=names)
+
+
+def compare_streamed(reference, selective, towers: Towers, inputs, dtype=None, *, noise_factor: float | None = None,
+                     progress: bool = False):
+    """Selective model (with `towers`) against a StreamedReference (omnilab.streamed: transformers' thinker
+    streamed part by part, its towers loaded with the embedding) on one processed multimodal prompt: both
+    views, in bf16 beside transformers' own bf16 noise (omnilab.compare.StreamedComparison). One prompt (B = 1)."""
+    from omnilab.compare import NOISE_FACTOR
+    from omnilab.compare import compare_streamed as streamed
+    from omnilab.hooks import capture
+
+    prompt = prepare(selective, towers, inputs)
+    if prompt.input_ids.shape[0] != 1:
+        raise ValueError("a streamed multimodal comparison takes one prompt at a time")
+    with capture(selective, reference.hook_names()) as acts, torch.no_grad():
+        forward(selective, prompt)
+    return streamed(dict(acts), reference, prompt.input_ids.cpu(), dtype or selective.dtype,
+                    noise_factor=NOISE_FACTOR if noise_factor is None else noise_factor, progress=progress,
+                    media=dict(inputs))
 
 
 def synth_wav(path, seconds: float = 0.5, *, freq: float = 440.0, seed: int = 0) -> Path:

@@ -27,6 +27,12 @@ Several dtypes in one pass: a part is loaded once in its dtype on disk and cast 
 elementwise, so casting after the expert fusion gives what `from_pretrained(dtype=...)` gives by casting
 before it (tested bit for bit against a whole `from_pretrained` reference, fp32 and bf16).
 
+Multimodal prompts (`run(..., media=...)`: the processor's audio / image tensors beside the token ids): one more
+part, the thinker's audio and vision towers, is loaded with the embedding, and the thinker's own forward runs the
+towers, places their features and computes M-RoPE's positions up to the first decoder layer. What the text model
+was handed for the vision deepstack (`visual_pos_masks`, `deepstack_visual_embeds`, read by a pre-hook on it) is
+added after each of the first layers with the text model's own `_deepstack_process`, where its loop adds it.
+
 Hook names and sites are omnilab.reference's (`layer_site`): the same names as on the selective model.
 """
 
@@ -99,6 +105,11 @@ class StreamedReference:
                 if buf is not None and not buf.is_meta:
                     module._buffers[key] = buf.to(self.device)
         self.text = getattr(self.hf.model, "language_model", self.hf.model)
+        self.towers = [self.hf.model.audio_tower, self.hf.model.visual] if self.is_omni else []
+        # the towers' buffers (positional sinusoids, rotary inv_freq: none in the checkpoint) as their __init__
+        # computed them in fp32; `load` casts a part to its dtype on disk, which would round them
+        self._tower_buffers = [(module, key, buf.clone()) for tower in self.towers for module in tower.modules()
+                               for key, buf in module._buffers.items() if buf is not None and not buf.is_meta]
         self.conversions = get_model_conversion_mapping(self.hf)
         self._parts = self._part_tensors()
 
@@ -116,6 +127,9 @@ class StreamedReference:
                 parts["embed" if spec.component == "embed" else "final"].append(name)
         if self.config.tie_word_embeddings:  # lm_head is the embedding: load it again for the final part
             parts["final"] += parts["embed"]
+        if self.is_omni:  # the thinker's towers, for multimodal prompts
+            parts["towers"] = [n for n in self.checkpoint.tensors.index
+                               if n.startswith(("thinker.audio_tower.", "thinker.visual."))]
         return parts
 
     def _modules(self, part) -> list[torch.nn.Module]:
@@ -123,6 +137,8 @@ class StreamedReference:
             return [self.text.embed_tokens]
         if part == "final":
             return [self.text.norm, self.hf.lm_head]
+        if part == "towers":
+            return list(self.towers)
         return [self.text.layers[part]]
 
     def _disk_dtype(self, names: list[str]) -> torch.dtype:
@@ -140,6 +156,8 @@ class StreamedReference:
         from omnilab.synth import _quiet_transformers
 
         names = self._parts[part]
+        if part == "towers" and not names:
+            raise KeyError(f"{self.checkpoint.path}: no thinker.audio_tower.* / thinker.visual.* tensors for the towers")
         missing = [n for n in names if n not in self.checkpoint.tensors.index]
         if missing:
             raise KeyError(f"{self.checkpoint.path}: reference tensor {missing[0]} is missing")
@@ -177,10 +195,17 @@ class StreamedReference:
     # -- running ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, input_ids, dtypes=(torch.float32,), local_inputs: dict | None = None,
-            progress: bool = False) -> StreamedRun:
+            progress: bool = False, media: dict | None = None) -> StreamedRun:
         """One pass over the parts. input_ids [B, T] (or [T]). local_inputs: the selective model's activations
         (hook name -> tensor), of which hook_embed, every blocks.{i}.hook_resid_pre and the last layer's
-        hook_resid_post are used; None: chained view only."""
+        hook_resid_post are used; None: chained view only. media: the processor's other tensors of a multimodal
+        prompt (attention_mask, input_features, feature_attention_mask, pixel_values, image_grid_thw, ...),
+        passed to the thinker's forward with the towers loaded."""
+        media = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in (media or {}).items()
+                 if k not in ("input_ids", "num_audio_tokens")}
+        if media and not self.is_omni:
+            raise ValueError(f"{self.checkpoint.path}: audio / image input needs a Qwen3-Omni checkpoint")
+        multimodal = any(k in media for k in ("input_features", "pixel_values", "pixel_values_videos"))
         input_ids = torch.as_tensor(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
@@ -197,15 +222,26 @@ class StreamedReference:
             bar = tqdm(total=n_layers + 2, desc="reference", unit="part")
 
         # embedding, and what the text model hands its first layer (mask, positions, rotary), per dtype
-        h, kwargs = {}, {}
+        h, kwargs, deepstack = {}, {}, {}
         load_dtype = self.load("embed")
+        if multimodal:
+            self.load("towers")
         for d in _load_first(dtypes, load_dtype):
             self.text.embed_tokens.to(d)
-            h[d], kwargs[d] = self._first_layer_inputs(input_ids)
+            for tower in self.towers if multimodal else ():
+                tower.to(d)
+            # the buffers from their fp32 values, not from the disk dtype's rounding (fp32: as from_pretrained;
+            # differs from transformers in bf16, whose from_pretrained computes them under a bf16 default dtype)
+            if multimodal:
+                for module, key, buf in self._tower_buffers:
+                    module._buffers[key] = buf.to(self.device, d if buf.is_floating_point() else buf.dtype)
+            h[d], kwargs[d], deepstack[d] = self._first_layer_inputs(input_ids, media)
             out.chained[d]["hook_embed"] = _cpu(h[d])
             if local_inputs is not None:  # the embedding's input is the token ids: its local view is the chained one
                 out.local[d]["hook_embed"] = out.chained[d]["hook_embed"]
         self.free("embed")
+        if multimodal:
+            self.free("towers")
         _tick(bar)
 
         for i in range(n_layers):
@@ -214,6 +250,9 @@ class StreamedReference:
             for d in _load_first(dtypes, load_dtype):
                 layer.to(d)
                 h[d] = self._run_layer(i, layer, h[d], kwargs[d], out.chained[d])
+                masks, embeds = deepstack[d]
+                if embeds is not None and i < len(embeds):  # as the text model's loop adds it after layer i
+                    h[d] = self.text._deepstack_process(h[d], masks, embeds[i])
                 if local_inputs is not None:
                     x = local_inputs[f"blocks.{i}.hook_resid_pre"].to(self.device, d)
                     self._run_layer(i, layer, x, kwargs[d], out.local[d])
@@ -234,21 +273,30 @@ class StreamedReference:
             bar.close()
         return out
 
-    def _first_layer_inputs(self, input_ids):
-        """The text model's own forward, from the embedding to the first decoder layer's inputs."""
+    def _first_layer_inputs(self, input_ids, media: dict | None = None):
+        """The model's own forward, from the embedding (and the towers, with `media`) to the first decoder
+        layer's inputs: (hidden states, the layer's kwargs, (visual_pos_masks, deepstack_visual_embeds) as the
+        text model was given them, or (None, None))."""
+        seen = {}
+
         def catch(module, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
             raise _Caught(hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
+        def read_deepstack(module, args, kwargs):
+            seen.update(masks=kwargs.get("visual_pos_masks"), embeds=kwargs.get("deepstack_visual_embeds"))
+
         if self.is_omni:
             self.hf.model.rope_deltas = None  # the thinker keeps M-RoPE deltas between calls
-        handle = self.text.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        handles = [self.text.layers[0].register_forward_pre_hook(catch, with_kwargs=True),
+                   self.text.register_forward_pre_hook(read_deepstack, with_kwargs=True)]
         try:
-            self.hf(input_ids=input_ids, use_cache=False)
+            self.hf(input_ids=input_ids, use_cache=False, **(media or {}))
         except _Caught as caught:
-            return caught.hidden_states, caught.kwargs
+            return caught.hidden_states, caught.kwargs, (seen.get("masks"), seen.get("embeds"))
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         raise RuntimeError("the text model's forward never reached its first decoder layer")
 
     def _run_layer(self, i: int, layer, x, kwargs, acts: dict) -> torch.Tensor:

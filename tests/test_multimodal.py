@@ -241,3 +241,62 @@ def test_cli_media_errors_are_one_line(tiny, tiny_moe, tmp_path, capsys):
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+# -- against the streamed reference (omnilab.streamed with the towers) ---------------------------------------------
+
+
+def assert_streamed_parity(result, config, label):
+    from omnilab.hooks import hook_names as names_of
+
+    for view, table in (("chained", result.chained.table), ("local", result.local.table)):
+        assert list(table.name) == names_of(config), f"{label} {view}"
+        worst = table.loc[table.rel_err.idxmax()]
+        assert table.rel_err.max() <= 1e-5, f"{label} {view}: {worst['name']} rel_err {worst.rel_err:.2e}"
+    assert result.first_divergence is None and result.local_first_divergence is None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tiny_streamed_parity_at_every_hook(tiny, case):
+    from omnilab.streamed import StreamedReference
+
+    result = mm.compare_streamed(StreamedReference(tiny.path), tiny.sel, tiny.towers, tiny.inputs(case))
+    assert_streamed_parity(result, tiny.sel.config, case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_omni_tiny_streamed_parity_at_every_hook(omni_tiny, case):
+    from omnilab.streamed import StreamedReference
+
+    result = mm.compare_streamed(StreamedReference(OMNI_TINY), omni_tiny.sel, omni_tiny.towers, omni_tiny.inputs(case))
+    assert_streamed_parity(result, omni_tiny.sel.config, case)
+
+
+def test_streamed_reference_adds_the_deepstack(tiny, monkeypatch):
+    """Not vacuous: without the deepstack addition between streamed layers, the chained view leaves the
+    selective model at the first layer after it, while the local view (fed the selective inputs) does not."""
+    from omnilab.streamed import StreamedReference
+
+    ref = StreamedReference(tiny.path)
+    monkeypatch.setattr(ref.text, "_deepstack_process", lambda h, masks, embeds: h)
+    result = mm.compare_streamed(ref, tiny.sel, tiny.towers, tiny.inputs("image"))
+    assert result.first_divergence == "blocks.1.hook_resid_pre"
+    assert result.local_first_divergence is None
+
+
+def test_cli_compare_media_streams_the_reference(tiny, capsys):
+    """compare --audio / --image: both views against the streamed thinker, in fp32 and in bf16 (beside
+    transformers' own bf16 noise), with --reference accepted."""
+    code, out, _ = run_cli(capsys, "compare", tiny.path, "--audio", tiny.wav, "--image", tiny.png, "--prompt", "The",
+                           "--reference", tiny.path, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [h["name"] for h in result["local_hooks"]] == hook_names(tiny.sel.config)
+    assert result["local_max_rel_err"] <= 1e-5 and result["local_first_divergence"] is None
+    assert result["expert_budget_bytes"] > 0 and result["peak_rss_bytes"] > 0 and result["audio"] == str(tiny.wav)
+    code, out, _ = run_cli(capsys, "compare", tiny.path, "--image", tiny.png, "--dtype", "bfloat16", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["noise"] is not None and result["first_divergence"] is None, result["first_divergence"]
+    code, out, _ = run_cli(capsys, "compare", tiny.path, "--audio", tiny.wav)
+    assert code == 0 and "first divergence" in out and "local none" in out
