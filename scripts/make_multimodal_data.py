@@ -118,15 +118,20 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return np.fft.irfft(spec, n=n_out) * (n_out / len(x))  # [n_out]
 
 
-def synth(text: str, voice: str, speed: int, exe: str | None = None) -> np.ndarray:
-    """espeak-ng speaking `text` -> int16 samples at 16 kHz."""
+def synth(text: str, voice: str, speed: int, exe: str | None = None, *, fast: bool = False) -> np.ndarray:
+    """espeak-ng speaking `text` -> int16 samples at 16 kHz. fast: pad the 22,050 Hz samples with silence to a
+    multiple of 28,224 (= 441 * 64, so both FFT lengths have small prime factors) before resampling and crop
+    after (training data; the held-out set is resampled unpadded)."""
     out = subprocess.run([espeak_binary(exe), "-v", voice, "-s", str(speed), "--stdout", text],
                          capture_output=True, check=True).stdout
     data = out.find(b"data")
     if out[:4] != b"RIFF" or data < 0:
         raise RuntimeError(f"espeak-ng -v {voice}: no wav output ({out[:80]!r})")
     pcm = np.frombuffer(out[data + 8:len(out) - (len(out) - data - 8) % 2], dtype="<i2").astype(np.float64)
-    y = resample(pcm / 32768.0, ESPEAK_RATE, SAMPLING_RATE)
+    n_out = int(round(len(pcm) * SAMPLING_RATE / ESPEAK_RATE))
+    if fast:
+        pcm = np.pad(pcm, (0, -len(pcm) % 28224))
+    y = resample(pcm / 32768.0, ESPEAK_RATE, SAMPLING_RATE)[:n_out]
     return (np.clip(y, -1.0, 32767 / 32768) * 32768).round().astype("<i2")
 
 
