@@ -53,6 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data workers for
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # omnilab, when it is not installed
 import make_multimodal_data as mmdata  # noqa: E402
 from omni_tiny_common import (  # noqa: E402
     DOMAINS,
@@ -78,8 +79,11 @@ _W: dict = {}
 
 
 def _worker_init(folder: str, espeak: str | None, font_dir: str) -> None:
+    from transformers.utils import logging as hf_logging
+
     from omnilab import multimodal as mm
 
+    hf_logging.set_verbosity_error()
     torch.set_num_threads(1)
     _W.update(processor=mm.load_processor(folder), config=config_from_tokenizer(Path(folder)).thinker_config,
               espeak=espeak, font_dir=Path(font_dir))
@@ -115,19 +119,36 @@ def encode_item(spec: dict, processor, config, media) -> dict:
     return out
 
 
-def _worker(spec: dict) -> dict:
+def _worker(indexed: tuple[int, dict]) -> dict:
+    order, spec = indexed
     if spec["media"] == "audio":
         media = mmdata.synth(spec["spoken"], spec["voice"], spec["speed"], _W["espeak"], fast=True).astype(np.float32) / 32768.0
     else:
         media = mmdata.render(spec["text"], spec["font"], spec["size"], dx=spec["dx"], dy=spec["dy"], ink=spec["ink"],
                               font_dir=_W["font_dir"])
-    return encode_item(spec, _W["processor"], _W["config"], media)
+    return encode_item(spec, _W["processor"], _W["config"], media) | {"order": order}
 
 
-def make_items(specs, folder: Path, workers: int, espeak, font_dir) -> list[dict]:
-    ctx = mp.get_context("fork")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(str(folder), espeak, str(font_dir))) as pool:
-        return list(pool.imap(_worker, specs, chunksize=32))
+def make_items(specs, folder: Path, workers: int, espeak, font_dir, budget_s: float = 1e9) -> list[dict]:
+    """Synthesize, render and process `specs` in `workers` processes (spawned: no fork after torch, CUDA or the
+    tokenizer's threads). Stops after budget_s seconds with the items made so far (printed with the rate)."""
+    ctx = mp.get_context("spawn")
+    t0 = time.time()
+    items = []
+    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(str(folder), espeak, str(font_dir)))
+    try:
+        for item in pool.imap_unordered(_worker, specs, chunksize=16):
+            items.append(item)
+            if len(items) % 2000 == 0:
+                print(f"  data: {len(items):,}/{len(specs):,} items, {time.time() - t0:.0f} s", flush=True)
+            if time.time() - t0 > budget_s:
+                print(f"  data: budget of {budget_s:.0f} s spent, keeping {len(items):,} items", flush=True)
+                break
+    finally:
+        pool.terminate()
+        pool.join()
+    items.sort(key=lambda it: it["order"])  # imap_unordered: back to the specs' (seeded) order
+    return items
 
 
 def heldout_items(folder: Path, processor, config) -> list[dict]:
@@ -322,7 +343,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=4321)
     ap.add_argument("--steps", type=int, default=0, help="0: train for --time-budget seconds")
-    ap.add_argument("--time-budget", type=float, default=330.0)
+    ap.add_argument("--time-budget", type=float, default=330.0, help="seconds of training when --steps 0")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="seconds after the script's start by which training stops (data making included)")
     ap.add_argument("--text-batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--mm-batch", type=int, default=48)
@@ -340,6 +363,7 @@ def main() -> None:
     ap.add_argument("--n-image-line", type=int, default=6000)
     ap.add_argument("--n-image-sum", type=int, default=5000)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--data-budget", type=float, default=1e9, help="seconds for making the data, at most")
     ap.add_argument("--espeak", default=None)
     ap.add_argument("--font-dir", type=Path, default=mmdata.FONT_DIR)
     ap.add_argument("--log-every", type=int, default=50)
@@ -360,8 +384,12 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     from tokenizers import Tokenizer
+    from transformers.utils import logging as hf_logging
 
     from omnilab import multimodal as mm
+
+    hf_logging.set_verbosity_error()
+    print(f"start: {platform.node()}, {os.cpu_count()} CPUs, device {device}", flush=True)
 
     config = config_from_tokenizer(args.init)
     config.thinker_config.text_config.router_aux_loss_coef = args.aux_coef
@@ -384,7 +412,8 @@ def main() -> None:
         sentences = mmdata.train_sentences(args.sentences)
     specs = mmdata.train_specs(sentences, args.n_speech_sent, args.n_speech_sum, args.n_image_line,
                                args.n_image_sum, seed=args.seed)
-    items = make_items(specs, proc_dir, args.workers, args.espeak, args.font_dir)
+    print(f"data: making {len(specs):,} items in {args.workers} processes", flush=True)
+    items = make_items(list(enumerate(specs)), proc_dir, args.workers, args.espeak, args.font_dir, args.data_budget)
     held = heldout_items(proc_dir, processor, config.thinker_config)
     held = held[:args.heldout_limit] if args.heldout_limit else held
     data_s = time.time() - t0
@@ -549,13 +578,14 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 per_step = (time.time() - t_calib) / 20
-                est_total[0] = max(step + 1, int((args.time_budget - 30 * per_step) / per_step * 0.85) + step)
+                left = min(args.time_budget - (time.time() - t_train), args.deadline - (time.time() - t_start))
+                est_total[0] = max(step + 1, int(left / per_step * 0.85) + step)
                 print(f"calibrated: {per_step * 1000:.1f} ms/step -> about {est_total[0]} steps", flush=True)
             if step == 10:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t_calib = time.time()
-            if elapsed > args.time_budget:
+            if elapsed > args.time_budget or time.time() - t_start > args.deadline:
                 total = step
         if step % args.log_every == 0 or step == total:
             text_l = (acc["text"] / torch.tensor(n_rows, device=device).clamp(min=1) / acc["n"]).tolist()
