@@ -414,11 +414,17 @@ def write_card(model_dir: Path, res: dict) -> None:
                   .replace("<<<CONTINUATION>>>", "\n# ---- model continuation ----\n"))
         a("")
 
+    mlog_path = model_dir / "train_mm_log.json"
+    mlog = json.loads(mlog_path.read_text()) if mlog_path.exists() else None
+    if mlog and res.get("multimodal"):
+        write_multimodal_section(a, mlog, res["multimodal"])
+
     a("## Limits\n")
     a(f"- A {res['params']['all'] // 10**6}M-parameter model trained for minutes on ~" + (f"{sum(tlog['summary']['train_tokens_per_domain'][d] for d in ('en', 'fr', 'es')) / 1e6:.1f}"
       if tlog else "?") + "M tokens of prose: sentences are grammatical for a clause or two, facts are "
       "invented. It exists to exercise tooling (routing, expert caching, parity), not to answer questions.")
-    a("- Audio, vision, talker and code2wav weights are random: do not expect speech or image understanding.")
+    a("- Talker and code2wav weights are random (no speech output)." if mlog else
+      "- Audio, vision, talker and code2wav weights are random: do not expect speech or image understanding.")
     a("- Trained with a fixed seed, but GPU kernels are not bit-deterministic; rerunning `scripts/train_tiny.py` "
       "gives a model of the same quality, not the same bytes.\n")
     a("## Reproduce\n")
@@ -429,6 +435,38 @@ def write_card(model_dir: Path, res: dict) -> None:
                "python scripts/evaluate_tiny.py --model .scratch/run   # CPU, a few minutes; writes README.md", "bash"))
     a("")
     (model_dir / "README.md").write_text("\n".join(L), encoding="utf-8")
+
+
+def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
+    """The card's section on hearing and reading: the multimodal run (train_mm_log.json) and the held-out cells."""
+    sm, data = mlog["summary"], mlog["data"]
+    hw = sm["hardware"]
+    a("## Hearing and reading\n")
+    a("Trained by `scripts/train_multimodal.py` from the text-trained weights, with the audio and vision towers "
+      "enlarged (audio: d_model 256, 3 layers, ffn 1024, 64 conv channels; vision: hidden 128, depth 3, "
+      "deepstack [1, 2]) and trained from their init. Data made in the run by `scripts/make_multimodal_data.py`: "
+      f"{fmt_int(data['items_by_media']['audio'])} espeak-ng utterances ({fmt_int(round(data['speech_seconds']))} s "
+      f"of speech; {len(data['voices'])} voices, {data['speeds'][0]}-{data['speeds'][1]} words per minute) of "
+      f"training-split English sentences and spoken sums, and {fmt_int(data['items_by_media']['image'])} Pillow "
+      f"images of text lines and sums ({', '.join(data['fonts'])}); {fmt_int(data['examples'])} examples.")
+    a("Tasks, in the prompt format of `omnilab generate --audio/--image`: the media alone -> its text "
+      "(a spoken or written sum transcribes to `47 + 38`); a sum's media with the prompt ` =` -> ` 85`.\n")
+    a(f"- Hardware: {hw.get('gpu', hw['device'])}; torch {hw['torch']}, transformers {hw['transformers']}.")
+    a(f"- {fmt_int(sm['steps'])} steps in {sm['train_wall_s']} s of training (data made in {sm['data_wall_s']} s): "
+      f"{fmt_int(sm['text_tokens'])} text tokens and {fmt_int(sm['multimodal_tokens'])} multimodal tokens "
+      f"({fmt_int(sm['multimodal_target_tokens'])} of them targets), {sm['epochs_over_examples']} epochs over the "
+      "examples; every step one text batch of the original mixture and one multimodal batch.\n")
+    a("Held-out evaluation (greedy, fp32 on the CPU, `omnilab.multimodal.generate`): sums are held-out 2-digit "
+      "pairs never trained in either order, sentences come from held-out documents, `en-us` is a trained voice "
+      "and `en-029` a voice never trained on. WER: word edit distance over reference words (lowercased, "
+      "punctuation dropped); exact: the whole stripped output.\n")
+    for name, r in mres.items():
+        a(f"**{name}** set ({r['rows']} rows, `{r['folder']}`):\n")
+        a("| task | voice | n | exact match | WER |\n|---|---|---|---|---|")
+        for c in r["cells"].values():
+            a(f"| {c['task']} | {c['voice']} | {c['n']} | {c['exact_match']:.3f} | {c['wer']:.3f} |")
+        a("")
+        a("Examples: " + "; ".join(f"`{e['target']}` -> `{e['got']}`" for e in r["examples"][:6]) + "\n")
 
 
 def main() -> None:

@@ -23,7 +23,11 @@ What it does, in order:
    --export-every seconds while training, so a run stopped early still returns weights.
 
 Run:
-  GPU (the shipped run):  python scripts/train_multimodal.py --out .scratch/mm --export $OUT --time-budget 330
+  GPU (the shipped run):  python scripts/train_multimodal.py --out .scratch/mm --export $OUT --time-budget 400 \
+                              --deadline 450 --data-budget 120 --workers 40
+  On a machine without espeak-ng, unpack a minimal copy (the binary, libespeak-ng, libsonic, espeak-ng-data with
+  en_dict, phon*, intonations, voices/, lang/gmw, from the Debian packages) and a no-op libpcaudio.so.0 (the
+  wav output never opens a sound device), then LD_LIBRARY_PATH=<lib> ESPEAK_DATA_PATH=<dir> ESPEAK_NG=<binary>.
   CPU smoke test:         python scripts/train_multimodal.py --device cpu --steps 3 --text-batch 5 --seq-len 64 \
                               --mm-batch 6 --n-speech-sent 8 --n-speech-sum 8 --n-image-line 8 --n-image-sum 8 \
                               --workers 2 --out .scratch/mm-smoke
