@@ -302,7 +302,8 @@ def save(model, thinker_state, out_dir: Path, init: Path, log: dict, shard: str)
     tmp.mkdir(parents=True)
     cpu_model.save_pretrained(tmp, max_shard_size=shard)
     for f in init.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "generation_config")) and f.is_file():
+        if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "generation_config",
+                              "train_log.json")) and f.is_file():  # train_log.json: the text run, for the card
             shutil.copy(f, tmp / f.name)
     write_processor_files(tmp, model.config.thinker_config)
     (tmp / "train_mm_log.json").write_text(json.dumps(log, indent=1))
