@@ -147,6 +147,82 @@ def greedy_samples(thinker, tok, eos_id, device, max_new: dict[str, int]):
 
 # ---------------------------------------------------------------- model card
 
+# ---------------------------------------------------------------- multimodal (speech and images)
+
+MM_TASKS = {  # task -> what it measures
+    "audio_sentence_text": "speech transcription, sentences (WER)",
+    "audio_sum_text": "speech transcription, spoken sums (WER)",
+    "audio_sum_answer": "spoken sum answered (exact match)",
+    "image_sentence_text": "reading, sentences (exact match, WER)",
+    "image_sum_text": "reading, written sums (exact match)",
+    "image_sum_answer": "written sum answered (exact match)",
+}
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(word edit distance, reference words) after lowercasing and dropping punctuation (+ and ' kept)."""
+    norm = lambda t: "".join(c if c.isalnum() or c in " +'" else " " for c in t.lower()).split()  # noqa: E731
+    r, h = norm(ref), norm(hyp)
+    d = list(range(len(h) + 1))
+    for i in range(1, len(r) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(h) + 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+    return d[len(h)], len(r)
+
+
+def multimodal_eval(model_dir: Path, sets: dict[str, Path], max_new: int = 40, limit: int = 0) -> dict:
+    """Greedy outputs of the selective model (omnilab.multimodal.generate, the path of `omnilab generate
+    --audio/--image`, fp32 on the CPU) on held-out manifests (scripts/make_multimodal_data.py): every row's
+    speech, and its image once per text. Tasks as in training: the media alone -> its text; a sum's media with
+    the prompt " =" -> " <answer>". Per set, task and voice: WER (word edit distance / reference words) and
+    exact match of the stripped output."""
+    from omnilab import multimodal as mm
+    from omnilab.model import SelectiveMoE
+
+    model = SelectiveMoE.from_checkpoint(model_dir)
+    towers, processor = mm.open_multimodal(model)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids(EOS)
+    out: dict = {}
+    for name, folder in sets.items():
+        rows = list(read_jsonl(folder / "manifest.jsonl"))
+        rows = rows[:limit] if limit else rows
+        cells: dict = {}
+        examples = []
+        t0 = time.time()
+        for r in rows:
+            media = [("audio", r["voice"])] + ([("image", "image")] if r["id"].endswith("s") else [])
+            tasks = [("", r["text"])] + ([(" =", r["answer"])] if r["kind"] == "sum" else [])
+            for kind, voice in media:
+                audio = [mm.read_wav(folder / r["wav"])] if kind == "audio" else None
+                images = [mm.read_image(folder / r["png"])] if kind == "image" else None
+                for prompt, target in tasks:
+                    text = mm.prompt_text(prompt or None, audio=audio is not None, image=images is not None)
+                    inputs = mm.process(processor, towers.config, text, audio=audio, images=images)
+                    gen = mm.generate(model, mm.prepare(model, towers, inputs), max_new, stop_tokens=[eos])
+                    ids = [t for t in gen.new_token_ids[0] if t != eos]
+                    got = tok.decode(ids).strip()
+                    task = f"{kind}_{r['kind']}_{'answer' if prompt else 'text'}"
+                    e, n = word_errors(target, got)
+                    c = cells.setdefault(f"{task}@{voice}", {"task": task, "voice": voice, "n": 0, "exact": 0,
+                                                             "word_errors": 0, "words": 0})
+                    c["n"] += 1
+                    c["exact"] += got == target.strip()
+                    c["word_errors"] += e
+                    c["words"] += n
+                    examples.append({"id": r["id"], "task": task, "voice": voice, "target": target, "got": got})
+        for c in cells.values():
+            c["exact_match"] = round(c["exact"] / c["n"], 4)
+            c["wer"] = round(c["word_errors"] / max(1, c["words"]), 4)
+        out[name] = {"folder": str(folder), "rows": len(rows), "wall_s": round(time.time() - t0, 1),
+                     "cells": dict(sorted(cells.items())), "examples": examples}
+        print(f"multimodal [{name}]: {len(examples)} generations, {time.time() - t0:.0f}s", flush=True)
+        for k, c in sorted(cells.items()):
+            print(f"  {k:40s} n {c['n']:4d}  exact {c['exact_match']:.3f}  WER {c['wer']:.3f}")
+    return out
+
+
 def fmt_int(n) -> str:
     return f"{int(n):,}"
 
@@ -338,11 +414,17 @@ def write_card(model_dir: Path, res: dict) -> None:
                   .replace("<<<CONTINUATION>>>", "\n# ---- model continuation ----\n"))
         a("")
 
+    mlog_path = model_dir / "train_mm_log.json"
+    mlog = json.loads(mlog_path.read_text()) if mlog_path.exists() else None
+    if mlog and res.get("multimodal"):
+        write_multimodal_section(a, mlog, res["multimodal"])
+
     a("## Limits\n")
     a(f"- A {res['params']['all'] // 10**6}M-parameter model trained for minutes on ~" + (f"{sum(tlog['summary']['train_tokens_per_domain'][d] for d in ('en', 'fr', 'es')) / 1e6:.1f}"
       if tlog else "?") + "M tokens of prose: sentences are grammatical for a clause or two, facts are "
       "invented. It exists to exercise tooling (routing, expert caching, parity), not to answer questions.")
-    a("- Audio, vision, talker and code2wav weights are random: do not expect speech or image understanding.")
+    a("- Talker and code2wav weights are random (no speech output)." if mlog else
+      "- Audio, vision, talker and code2wav weights are random: do not expect speech or image understanding.")
     a("- Trained with a fixed seed, but GPU kernels are not bit-deterministic; rerunning `scripts/train_tiny.py` "
       "gives a model of the same quality, not the same bytes.\n")
     a("## Reproduce\n")
@@ -355,6 +437,38 @@ def write_card(model_dir: Path, res: dict) -> None:
     (model_dir / "README.md").write_text("\n".join(L), encoding="utf-8")
 
 
+def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
+    """The card's section on hearing and reading: the multimodal run (train_mm_log.json) and the held-out cells."""
+    sm, data = mlog["summary"], mlog["data"]
+    hw = sm["hardware"]
+    a("## Hearing and reading\n")
+    a("Trained by `scripts/train_multimodal.py` from the text-trained weights, with the audio and vision towers "
+      "enlarged (audio: d_model 256, 3 layers, ffn 1024, 64 conv channels; vision: hidden 128, depth 3, "
+      "deepstack [1, 2]) and trained from their init. Data made in the run by `scripts/make_multimodal_data.py`: "
+      f"{fmt_int(data['items_by_media']['audio'])} espeak-ng utterances ({fmt_int(round(data['speech_seconds']))} s "
+      f"of speech; {len(data['voices'])} voices, {data['speeds'][0]}-{data['speeds'][1]} words per minute) of "
+      f"training-split English sentences and spoken sums, and {fmt_int(data['items_by_media']['image'])} Pillow "
+      f"images of text lines and sums ({', '.join(data['fonts'])}); {fmt_int(data['examples'])} examples.")
+    a("Tasks, in the prompt format of `omnilab generate --audio/--image`: the media alone -> its text "
+      "(a spoken or written sum transcribes to `47 + 38`); a sum's media with the prompt ` =` -> ` 85`.\n")
+    a(f"- Hardware: {hw.get('gpu', hw['device'])}; torch {hw['torch']}, transformers {hw['transformers']}.")
+    a(f"- {fmt_int(sm['steps'])} steps in {sm['train_wall_s']} s of training (data made in {sm['data_wall_s']} s): "
+      f"{fmt_int(sm['text_tokens'])} text tokens and {fmt_int(sm['multimodal_tokens'])} multimodal tokens "
+      f"({fmt_int(sm['multimodal_target_tokens'])} of them targets), {sm['epochs_over_examples']} epochs over the "
+      "examples; every step one text batch of the original mixture and one multimodal batch.\n")
+    a("Held-out evaluation (greedy, fp32 on the CPU, `omnilab.multimodal.generate`): sums are held-out 2-digit "
+      "pairs never trained in either order, sentences come from held-out documents, `en-us` is a trained voice "
+      "and `en-029` a voice never trained on. WER: word edit distance over reference words (lowercased, "
+      "punctuation dropped); exact: the whole stripped output.\n")
+    for name, r in mres.items():
+        a(f"**{name}** set ({r['rows']} rows, `{r['folder']}`):\n")
+        a("| task | voice | n | exact match | WER |\n|---|---|---|---|---|")
+        for c in r["cells"].values():
+            a(f"| {c['task']} | {c['voice']} | {c['n']} | {c['exact_match']:.3f} | {c['wer']:.3f} |")
+        a("")
+        a("Examples: " + "; ".join(f"`{e['target']}` -> `{e['got']}`" for e in r["examples"][:6]) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=MODEL_DIR)
@@ -365,6 +479,12 @@ def main() -> None:
     ap.add_argument("--addition-limit", type=int, default=0, help="0: all held-out pairs")
     ap.add_argument("--write-card", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--multimodal", action=argparse.BooleanOptionalAction, default=True,
+                    help="speech and image evaluation (data/eval/multimodal and --mm-extended)")
+    ap.add_argument("--mm-extended", type=Path, default=Path(".scratch/mm-eval"),
+                    help="a larger held-out set, made here with make_multimodal_data.py --heldout --out DIR "
+                         "--sums 100 --sentences 50 when absent (needs espeak-ng); 'none' to skip")
+    ap.add_argument("--mm-limit", type=int, default=0, help="rows per multimodal set (0: all)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     if args.threads:
@@ -420,6 +540,17 @@ def main() -> None:
     print(f"samples: {time.time() - t:.0f}s", flush=True)
     for s in res["samples"]:
         print(f"--- [{s['domain']}] {s['prompt']!r}\n    -> {s['continuation']!r}")
+    if args.multimodal:
+        t = time.time()
+        import make_multimodal_data as mmdata
+
+        sets = {"committed": mmdata.MULTIMODAL_DIR}
+        if str(args.mm_extended) != "none":
+            if not (args.mm_extended / "manifest.jsonl").exists():
+                mmdata.write_heldout(args.mm_extended, 100, 50, None)
+            sets["extended"] = args.mm_extended
+        res["multimodal"] = multimodal_eval(args.model, sets, limit=args.mm_limit)
+        print(f"multimodal: {time.time() - t:.0f}s", flush=True)
     import transformers
     res["env"] = {"device": f"{args.device} ({platform.processor() or platform.machine()}, "
                             f"{torch.get_num_threads()} threads)" if device.type == "cpu" else args.device,

@@ -227,23 +227,26 @@ def build_config(tokenizer_specials: dict[str, int], vocab_size: int, word_ids: 
     text.update(bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
     H = text["hidden_size"]
 
+    # The towers were enlarged for the multimodal training (scripts/train_multimodal.py): they were
+    # audio d_model 32 / 1 layer / ffn 64 / conv 8 channels and vision hidden 32 / depth 2 / deepstack [0, 1]
+    # while they stayed at their random init.
     audio = dict(
         num_mel_bins=128,
-        encoder_layers=1,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        d_model=32,
+        encoder_layers=3,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=1024,
+        d_model=256,
         output_dim=H,
-        downsample_hidden_size=8,
+        downsample_hidden_size=64,
         max_source_positions=1500,
         n_window=50,
         n_window_infer=800,
         conv_chunksize=500,
     )
     vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
+        depth=3,
+        hidden_size=128,
+        intermediate_size=512,
         num_heads=2,
         in_channels=3,
         patch_size=16,
@@ -251,7 +254,7 @@ def build_config(tokenizer_specials: dict[str, int], vocab_size: int, word_ids: 
         temporal_patch_size=2,
         out_hidden_size=H,
         num_position_embeddings=64,
-        deepstack_visual_indexes=[0, 1],
+        deepstack_visual_indexes=[1, 2],
     )
     talker_text = dict(
         vocab_size=256,

@@ -15,7 +15,8 @@ AdamW, warmup + cosine; bf16 autocast on a GPU. Loss is logged per domain, the h
 held-out loss over domains are the ones saved. Seeds are fixed.
 
 Output (--out): the checkpoint folder (config.json, generation_config.json, tokenizer files,
-bf16 safetensors shards in the per-expert layout) and train_log.json (per-step and per-eval
+preprocessor_config.json from omnilab.multimodal.write_processor_files, bf16 safetensors shards in the
+per-expert layout) and train_log.json (per-step and per-eval
 losses, tokens seen, wall time, hardware).
 
 Run:
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # omnilab, when it is not installed
 from omni_tiny_common import (  # noqa: E402
     DOMAINS,
     EOS,
@@ -351,6 +353,10 @@ def main() -> None:
         for f in args.tokenizer.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens")) and f.is_file():
                 shutil.copy(f, out_dir / f.name)
+        # the audio / image preprocessing beside the weights (omnilab generate --audio/--image needs it)
+        from omnilab.multimodal import write_processor_files
+
+        write_processor_files(out_dir, config.thinker_config)
         del cpu_model
 
     final_state = {k: v.detach().to("cpu", copy=True) for k, v in thinker.state_dict().items()}

@@ -1,0 +1,618 @@
+"""Teach omni-tiny to hear and to read: the multimodal training run, started from the shipped text weights.
+
+What it does, in order:
+1. Builds the omni-tiny config (scripts/omni_tiny_common.py:build_config, with the enlarged audio and vision
+   towers) and a `Qwen3OmniMoeForConditionalGeneration`; loads every tensor of the shipped checkpoint
+   (--init, data/omni-tiny) except the towers, which start from transformers' init at their new sizes.
+2. Makes its training data (scripts/make_multimodal_data.py): espeak-ng speech of English training-split
+   sentences and of spoken sums in 42 voices (7 accents x 6 variants, not the held-out en-029) and
+   130-210 words per minute; Pillow images of text lines and sums in three DejaVu fonts, sizes 22-34.
+   Each item goes through transformers' own Qwen3OmniMoeProcessor exactly as `omnilab generate
+   --audio/--image` calls it (omnilab.multimodal.prompt_text + process: the placeholders, then the task
+   prompt): transcribe / read (no prompt) -> the text; a sum with the prompt " =" -> " 85". The target
+   ends with <|endoftext|>, the stop token of generation_config.json.
+3. Trains the thinker (text model, audio tower, vision tower; talker and code2wav untouched) on batches that
+   mix both: a text batch of the original corpus mixture (windows of --seq-len from .scratch/tokens, fresh
+   additions from AdditionSampler, router load-balancing loss as in train_tiny.py), so that text quality
+   holds, and a multimodal batch (loss on the target tokens only) through transformers' thinker forward
+   (towers, placeholder scatter, deepstack, M-RoPE positions from get_rope_index). AdamW, warmup + cosine,
+   bf16 autocast; a lower peak lr for the already-trained text model than for the new towers.
+4. Saves the checkpoint folder (bf16 shards in the per-expert layout, config, tokenizer, generation config,
+   preprocessor_config.json from omnilab.multimodal.write_processor_files, train_mm_log.json) to --out, and
+   with --export DIR also as a tar split into parts of --part-mb (the device run's $OUT), again every
+   --export-every seconds while training, so a run stopped early still returns weights.
+
+Run:
+  GPU (the shipped run):  python scripts/train_multimodal.py --out .scratch/mm --export $OUT --time-budget 400 \
+                              --deadline 450 --data-budget 120 --workers 40
+  On a machine without espeak-ng, unpack a minimal copy (the binary, libespeak-ng, libsonic, espeak-ng-data with
+  en_dict, phon*, intonations, voices/, lang/gmw, from the Debian packages) and a no-op libpcaudio.so.0 (the
+  wav output never opens a sound device), then LD_LIBRARY_PATH=<lib> ESPEAK_DATA_PATH=<dir> ESPEAK_NG=<binary>.
+  CPU smoke test:         python scripts/train_multimodal.py --device cpu --steps 3 --text-batch 5 --seq-len 64 \
+                              --mm-batch 6 --n-speech-sent 8 --n-speech-sum 8 --n-image-line 8 --n-image-sum 8 \
+                              --workers 2 --out .scratch/mm-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data workers fork after the tokenizer is used
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # omnilab, when it is not installed
+import make_multimodal_data as mmdata  # noqa: E402
+from omni_tiny_common import (  # noqa: E402
+    DOMAINS,
+    EOS,
+    EVAL_DIR,
+    MODEL_DIR,
+    SCRATCH,
+    AdditionSampler,
+    config_from_tokenizer,
+    init_untrained_parts,
+    read_jsonl,
+    text_position_ids,
+)
+from train_tiny import build_eval_batches, evaluate, parse_weights, per_layer_balance_loss, rows_per_domain  # noqa: E402
+
+TOWER_PREFIXES = ("thinker.model.audio_tower.", "thinker.model.visual.")  # in-memory names of the towers
+ANSWER_PROMPT = " ="  # after the media: answer the sum
+
+
+# ---------------------------------------------------------------- data (worker processes)
+
+_W: dict = {}
+
+
+def _worker_init(folder: str, espeak: str | None, font_dir: str) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from omnilab import multimodal as mm
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    _W.update(processor=mm.load_processor(folder), config=config_from_tokenizer(Path(folder)).thinker_config,
+              espeak=espeak, font_dir=Path(font_dir))
+
+
+def tasks_of(spec: dict) -> list[tuple[str, str]]:
+    """(task prompt, target text) pairs of one item: transcribe/read always, answer for sums."""
+    out = [("", spec["text"])]
+    if spec["kind"] == "sum":
+        out.append((ANSWER_PROMPT, " " + spec["answer"]))
+    return out
+
+
+def encode_item(spec: dict, processor, config, media) -> dict:
+    """One item through the processor as generate calls it -> media tensors and (prompt ids, target ids, task)."""
+    from omnilab import multimodal as mm
+
+    audio = spec["media"] == "audio"
+    out = {"media": spec["media"], "kind": spec["kind"], "examples": []}
+    eos = processor.tokenizer.convert_tokens_to_ids(EOS)
+    for prompt, target in tasks_of(spec):
+        text = mm.prompt_text(prompt or None, audio=audio, image=not audio)
+        batch = mm.process(processor, config, text, audio=[media] if audio else None, images=None if audio else [media])
+        if "features" not in out:
+            if audio:
+                out["features"] = batch["input_features"][0].to(torch.float16)  # [mel, frames]
+            else:
+                out["pixel_values"] = batch["pixel_values"].to(torch.float16)  # [patches, C * t * p * p]
+                out["grid"] = batch["image_grid_thw"][0]  # [3]
+        target_ids = processor.tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+        task = f"{spec['media']}_{spec['kind']}_{'answer' if prompt else 'text'}"
+        out["examples"].append((batch["input_ids"][0].tolist(), target_ids, task))
+    return out
+
+
+def _worker(indexed: tuple[int, dict]) -> dict:
+    order, spec = indexed
+    if spec["media"] == "audio":
+        media = mmdata.synth(spec["spoken"], spec["voice"], spec["speed"], _W["espeak"], fast=True).astype(np.float32) / 32768.0
+    else:
+        media = mmdata.render(spec["text"], spec["font"], spec["size"], dx=spec["dx"], dy=spec["dy"], ink=spec["ink"],
+                              font_dir=_W["font_dir"])
+    return encode_item(spec, _W["processor"], _W["config"], media) | {"order": order}
+
+
+def make_items(specs, folder: Path, workers: int, espeak, font_dir, budget_s: float = 1e9) -> list[dict]:
+    """Synthesize, render and process `specs` in `workers` processes (spawned: no fork after torch, CUDA or the
+    tokenizer's threads). Stops after budget_s seconds with the items made so far (printed with the rate)."""
+    ctx = mp.get_context("spawn")
+    t0 = time.time()
+    items = []
+    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(str(folder), espeak, str(font_dir)))
+    try:
+        for item in pool.imap_unordered(_worker, specs, chunksize=16):
+            items.append(item)
+            if len(items) % 2000 == 0:
+                print(f"  data: {len(items):,}/{len(specs):,} items, {time.time() - t0:.0f} s", flush=True)
+            if time.time() - t0 > budget_s:
+                print(f"  data: budget of {budget_s:.0f} s spent, keeping {len(items):,} items", flush=True)
+                break
+    finally:
+        pool.terminate()
+        pool.join()
+    items.sort(key=lambda it: it["order"])  # imap_unordered: back to the specs' (seeded) order
+    return items
+
+
+def heldout_items(folder: Path, processor, config) -> list[dict]:
+    """The committed held-out set (data/eval/multimodal), speech and image of every row, for the in-run check."""
+    from omnilab import multimodal as mm
+
+    out = []
+    for r in read_jsonl(mmdata.MULTIMODAL_DIR / "manifest.jsonl"):
+        spec = {"kind": r["kind"], "text": r["text"], "answer": r.get("answer")}
+        out.append(encode_item({**spec, "media": "audio"}, processor, config,
+                               mm.read_wav(mmdata.MULTIMODAL_DIR / r["wav"])) | {"row": r})
+        if r["id"].endswith("s"):  # one image per text (the two voices share it)
+            out.append(encode_item({**spec, "media": "image"}, processor, config,
+                                   mm.read_image(mmdata.MULTIMODAL_DIR / r["png"])) | {"row": r})
+    return out
+
+
+# ---------------------------------------------------------------- batches
+
+
+def collate(items, picks, eos: int, device, with_targets: bool = True):
+    """picks: (item index, example index) -> thinker kwargs (right padding) and labels [B, T] (-100 off target).
+    Without targets (greedy decoding) the prompts are left-padded, as the processor pads a batch."""
+    seqs, labels, feats, pixels, grids, tasks = [], [], [], [], [], []
+    for i, j in picks:
+        item = items[i]
+        prompt, target, task = item["examples"][j]
+        seqs.append(prompt + target if with_targets else prompt)
+        labels.append([-100] * len(prompt) + target if with_targets else [])
+        tasks.append(task)
+        if item["media"] == "audio":
+            feats.append(item["features"])
+        else:
+            pixels.append(item["pixel_values"])
+            grids.append(item["grid"])
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), eos, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    lab = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for b, (s, lb) in enumerate(zip(seqs, labels)):
+        if with_targets:
+            ids[b, :len(s)] = torch.tensor(s)
+            mask[b, :len(s)] = 1
+            lab[b, :len(s)] = torch.tensor(lb)
+        else:
+            ids[b, T - len(s):] = torch.tensor(s)
+            mask[b, T - len(s):] = 1
+    kw = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if feats:
+        frames = max(f.shape[1] for f in feats)
+        x = torch.zeros((len(feats), feats[0].shape[0], frames), dtype=torch.float32)  # [A, mel, frames]
+        fm = torch.zeros((len(feats), frames), dtype=torch.long)  # [A, frames]
+        for a, f in enumerate(feats):
+            x[a, :, :f.shape[1]] = f.float()
+            fm[a, :f.shape[1]] = 1
+        kw.update(input_features=x.to(device), feature_attention_mask=fm.to(device))
+    if pixels:
+        kw.update(pixel_values=torch.cat(pixels).float().to(device), image_grid_thw=torch.stack(grids).to(device))
+    return kw, lab.to(device), tasks
+
+
+@torch.no_grad()
+def greedy_media(thinker, kw: dict, steps: int, eos: int) -> list[list[int]]:
+    """Greedy continuation of a left-padded multimodal batch: full forwards (no cache), new tokens are text."""
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    new = []
+    for _ in range(steps):
+        logits = thinker(**{**kw, "input_ids": ids, "attention_mask": mask}, use_cache=False).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        new.append(tok)
+        ids = torch.cat([ids, tok], dim=1)
+        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+    out = []
+    for row in torch.cat(new, dim=1).tolist():
+        out.append(row[:row.index(eos)] if eos in row else row)
+    return out
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(edit distance in words, reference words) after lowercasing and dropping punctuation."""
+    norm = lambda s: "".join(c if c.isalnum() or c in " +'" else " " for c in s.lower()).split()  # noqa: E731
+    r, h = norm(ref), norm(hyp)
+    d = list(range(len(h) + 1))
+    for i in range(1, len(r) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(h) + 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+    return d[len(h)], len(r)
+
+
+def check_heldout(thinker, tokenizer, items, eos: int, device, amp_dtype, steps: int = 40) -> dict:
+    """Greedy outputs on the committed held-out set: WER / exact match per (media, kind, task)."""
+    thinker.eval()
+    res: dict = {}
+    picks = [(i, j) for i, it in enumerate(items) for j in range(len(it["examples"]))]
+    for start in range(0, len(picks), 32):
+        chunk = picks[start:start + 32]
+        kw, _, tasks = collate(items, chunk, eos, device, with_targets=False)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            outs = greedy_media(thinker, kw, steps, eos)
+        for (i, j), task, out in zip(chunk, tasks, outs):
+            target = tokenizer.decode(items[i]["examples"][j][1][:-1])
+            got = tokenizer.decode(out)
+            e, n = word_errors(target, got)
+            voice = items[i]["row"]["voice"] if items[i]["media"] == "audio" else "image"
+            key = f"{task}@{voice}"
+            r = res.setdefault(key, {"errors": 0, "words": 0, "exact": 0, "n": 0})
+            r["errors"] += e
+            r["words"] += n
+            r["exact"] += got.strip() == target.strip()
+            r["n"] += 1
+    thinker.train()
+    return {k: {"wer": round(v["errors"] / max(1, v["words"]), 4), "exact": round(v["exact"] / v["n"], 4), "n": v["n"]}
+            for k, v in sorted(res.items())}
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_start(init: Path, config, seed: int):
+    """A fresh model of the new config with every non-tower tensor of the shipped checkpoint."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    model = Qwen3OmniMoeForConditionalGeneration(config)
+    init_untrained_parts(model, seed=seed)
+    shipped = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32)
+    state = {k: v for k, v in shipped.state_dict().items() if not k.startswith(TOWER_PREFIXES)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected[:5]
+    assert all(k.startswith(TOWER_PREFIXES) for k in missing), [k for k in missing if not k.startswith(TOWER_PREFIXES)][:5]
+    del shipped
+    th = model.thinker
+    if getattr(th.config, "vision_start_token_id", None) is None:  # get_rope_index reads it (see omnilab.multimodal)
+        th.config.vision_start_token_id = config.thinker_config.vision_start_token_id
+    return model, len(state)
+
+
+def save(model, thinker_state, out_dir: Path, init: Path, log: dict, shard: str) -> None:
+    """bf16, per-expert layout, tokenizer + generation config copied from --init, preprocessor_config.json."""
+    from omnilab.multimodal import write_processor_files
+
+    model.thinker.load_state_dict(thinker_state)
+    cpu_model = copy.deepcopy(model).to("cpu").to(torch.bfloat16).eval()
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cpu_model.save_pretrained(tmp, max_shard_size=shard)
+    for f in init.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "generation_config",
+                              "train_log.json")) and f.is_file():  # train_log.json: the text run, for the card
+            shutil.copy(f, tmp / f.name)
+    write_processor_files(tmp, model.config.thinker_config)
+    (tmp / "train_mm_log.json").write_text(json.dumps(log, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def export(out_dir: Path, export_dir: Path, part_mb: int) -> list[str]:
+    """out_dir as one tar split into parts of part_mb MB (model.tar.part00, ...), each written then renamed."""
+    tar = export_dir / "model.tar.tmp"
+    with tarfile.open(tar, "w") as t:
+        t.add(out_dir, arcname="omni-tiny")
+    data = tar.read_bytes()
+    tar.unlink()
+    names = []
+    for k in range(0, len(data), part_mb * 2**20):
+        name = f"model.tar.part{k // (part_mb * 2**20):02d}"
+        (export_dir / (name + ".tmp")).write_bytes(data[k:k + part_mb * 2**20])
+        (export_dir / (name + ".tmp")).replace(export_dir / name)
+        names.append(name)
+    for old in export_dir.glob("model.tar.part*"):
+        if old.name not in names and not old.name.endswith(".tmp"):
+            old.unlink()
+    return names
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--init", type=Path, default=MODEL_DIR, help="the shipped text-trained omni-tiny")
+    ap.add_argument("--tokens-dir", type=Path, default=SCRATCH / "tokens")
+    ap.add_argument("--sentences", type=Path, default=SCRATCH / "corpus" / "en.jsonl",
+                    help="English training-split documents (build_corpus.py) or a .txt of sentences")
+    ap.add_argument("--out", type=Path, default=SCRATCH / "mm")
+    ap.add_argument("--export", type=Path, default=None, help="also write the folder as tar parts here")
+    ap.add_argument("--export-every", type=float, default=120.0, help="seconds between exports while training")
+    ap.add_argument("--part-mb", type=int, default=15)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--seed", type=int, default=4321)
+    ap.add_argument("--steps", type=int, default=0, help="0: train for --time-budget seconds")
+    ap.add_argument("--time-budget", type=float, default=330.0, help="seconds of training when --steps 0")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="seconds after the script's start by which training stops (data making included)")
+    ap.add_argument("--text-batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--mm-batch", type=int, default=48)
+    ap.add_argument("--mm-weight", type=float, default=1.0)
+    ap.add_argument("--lr-text", type=float, default=5e-4, help="peak lr of the (already trained) text model")
+    ap.add_argument("--lr-towers", type=float, default=2e-3, help="peak lr of the audio and vision towers")
+    ap.add_argument("--min-lr-frac", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--aux-coef", type=float, default=0.02)
+    ap.add_argument("--weights", default="en=4,fr=3,es=2,python=6,arith=49")
+    ap.add_argument("--n-speech-sent", type=int, default=10000)
+    ap.add_argument("--n-speech-sum", type=int, default=8000)
+    ap.add_argument("--n-image-line", type=int, default=6000)
+    ap.add_argument("--n-image-sum", type=int, default=5000)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--data-budget", type=float, default=1e9, help="seconds for making the data, at most")
+    ap.add_argument("--espeak", default=None)
+    ap.add_argument("--font-dir", type=Path, default=mmdata.FONT_DIR)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-max-tokens", type=int, default=50_000, help="held-out text tokens per domain")
+    ap.add_argument("--heldout-steps", type=int, default=40, help="greedy tokens in the in-run held-out check")
+    ap.add_argument("--heldout-limit", type=int, default=0, help="0: every item of data/eval/multimodal")
+    ap.add_argument("--max-shard-size", default="5MB")
+    args = ap.parse_args()
+
+    t_start = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    from tokenizers import Tokenizer
+    from transformers.utils import logging as hf_logging
+
+    from omnilab import multimodal as mm
+
+    hf_logging.set_verbosity_error()
+    print(f"start: {platform.node()}, {os.cpu_count()} CPUs, device {device}", flush=True)
+
+    config = config_from_tokenizer(args.init)
+    config.thinker_config.text_config.router_aux_loss_coef = args.aux_coef
+    # the processor of the new towers (their mel bins / patch sizes), beside a copy of the tokenizer
+    proc_dir = args.out.with_name(args.out.name + "-processor")
+    proc_dir.mkdir(parents=True, exist_ok=True)
+    for f in args.init.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, proc_dir / f.name)
+    mm.write_processor_files(proc_dir, config.thinker_config)
+    processor = mm.load_processor(proc_dir)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids(EOS)
+
+    # data: synthesize and process (worker processes, before any CUDA use)
+    t0 = time.time()
+    if args.sentences.suffix == ".txt":
+        sentences = [s for s in args.sentences.read_text(encoding="utf-8").splitlines() if s.strip()]
+    else:
+        sentences = mmdata.train_sentences(args.sentences)
+    specs = mmdata.train_specs(sentences, args.n_speech_sent, args.n_speech_sum, args.n_image_line,
+                               args.n_image_sum, seed=args.seed)
+    print(f"data: making {len(specs):,} items in {args.workers} processes", flush=True)
+    items = make_items(list(enumerate(specs)), proc_dir, args.workers, args.espeak, args.font_dir, args.data_budget)
+    held = heldout_items(proc_dir, processor, config.thinker_config)
+    held = held[:args.heldout_limit] if args.heldout_limit else held
+    data_s = time.time() - t0
+    picks_all = [(i, j) for i, it in enumerate(items) for j in range(len(it["examples"]))]
+    audio_s = sum(it["features"].shape[1] for it in items if it["media"] == "audio") / 100.0
+    print(f"data: {len(sentences):,} training sentences; {len(items):,} items ({len(picks_all):,} examples, "
+          f"{audio_s:,.0f} s of speech) in {data_s:.1f} s", flush=True)
+
+    model, n_loaded = load_start(args.init, config, args.seed)
+    thinker = model.thinker
+    model.to(device)
+    model.train()
+    text_cfg = config.thinker_config.text_config
+    towers = [p for n, p in thinker.named_parameters() if n.startswith(("model.audio_tower.", "model.visual."))]
+    text = [p for n, p in thinker.named_parameters() if n.startswith(("model.language_model.", "lm_head."))]
+    trained = towers + text
+    ids_trained = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids_trained)
+    groups = []
+    for params, lr in ((text, args.lr_text), (towers, args.lr_towers)):
+        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay, "peak": lr})
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "peak": lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr_text, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    print(f"loaded {n_loaded} tensors from {args.init}; trained: {sum(p.numel() for p in text):,} text + "
+          f"{sum(p.numel() for p in towers):,} tower parameters", flush=True)
+
+    # text data, as train_tiny.py
+    tk = Tokenizer.from_file(str(args.init / "tokenizer.json"))
+    arrays = {d: torch.from_numpy(np.load(args.tokens_dir / f"{d}.npy").astype(np.int64)) for d in DOMAINS
+              if d != "arith"}  # additions are drawn fresh (AdditionSampler)
+    n_rows = rows_per_domain(parse_weights(args.weights), args.text_batch)
+    dom_of_row = torch.tensor(sum(([i] * n for i, n in enumerate(n_rows)), []), device=device)
+    eval_batches = build_eval_batches(tk, eos, args.seq_len, args.eval_max_tokens)
+    sampler = AdditionSampler([(r["a"], r["b"]) for r in read_jsonl(EVAL_DIR / "addition.jsonl")], seed=args.seed + 7)
+    sampler.set_token_ids(tk)
+    T = args.seq_len
+    pos = text_position_ids(args.text_batch, T, device)
+
+    def text_batch() -> torch.Tensor:
+        rows = []
+        for d, n in zip(DOMAINS, n_rows):
+            if d == "arith":
+                need = n * (T + 1)
+                stream = sampler.tokens(need // 11 + 64)[0]
+                while len(stream) < need:
+                    stream = np.concatenate([stream, sampler.tokens(64)[0]])
+                rows.extend(torch.from_numpy(stream[:need]).view(n, T + 1))
+                continue
+            starts = rng.integers(0, len(arrays[d]) - T - 1, size=n)
+            rows.extend(arrays[d][s:s + T + 1] for s in starts)
+        return torch.stack(rows).to(device, non_blocking=True)
+
+    total = args.steps if args.steps > 0 else 10**9
+    est_total = [total if args.steps > 0 else 4000]  # the cosine's length; re-estimated from the step time
+
+    def lr_factor(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        prog = min(1.0, (step - args.warmup) / max(1, est_total[0] - args.warmup))
+        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    log = {"args": {k: str(v) for k, v in vars(args).items()}, "steps": [], "evals": [],
+           "data": {"sentences": len(sentences), "items": len(items), "examples": len(picks_all),
+                    "speech_seconds": round(audio_s, 1), "data_wall_s": round(data_s, 1),
+                    "items_by_media": {m: sum(it["media"] == m for it in items) for m in ("audio", "image")},
+                    "voices": mmdata.TRAIN_VOICES, "speeds": list(mmdata.TRAIN_SPEEDS), "fonts": mmdata.TRAIN_FONTS}}
+    acc = {"text": torch.zeros(len(DOMAINS), device=device), "n": 0, "tasks": {}}
+    tokens_text = tokens_mm = mm_targets = 0
+    t_train = time.time()
+    t_export = t_train
+    t_eval = 0.0
+    step = 0
+    perm = rng.permutation(len(picks_all))
+    cursor = 0
+
+    def run_eval() -> None:
+        nonlocal t_eval
+        te = time.time()
+        ev = evaluate(thinker, eval_batches, device, amp_dtype, rows=32)
+        chk = check_heldout(thinker, tok, held, eos, device, amp_dtype, args.heldout_steps)
+        t_eval += time.time() - te
+        entry = {"step": step, "elapsed_s": round(time.time() - t_train, 1),
+                 "eval_loss": {d: round(v, 4) for d, v in ev.items()}, "heldout_media": chk}
+        log["evals"].append(entry)
+        print(f"eval @{step}: " + " ".join(f"{d}={v:.3f}" for d, v in ev.items()) + " | " +
+              " ".join(f"{k}: wer {v['wer']:.2f} ex {v['exact']:.2f}" for k, v in chk.items()), flush=True)
+
+    def do_export(final: bool) -> None:
+        if args.export is None and not final:
+            return
+        log["summary"] = summary(final)
+        save(model, {k: v.detach().to("cpu", copy=True) for k, v in thinker.state_dict().items()}, args.out,
+             args.init, log, args.max_shard_size)
+        if args.export is not None:
+            args.export.mkdir(parents=True, exist_ok=True)
+            names = export(args.out, args.export, args.part_mb)
+            print(f"exported step {step} to {args.export}: {names}", flush=True)
+
+    def summary(final: bool) -> dict:
+        hw = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__}
+        import transformers
+        hw["transformers"] = transformers.__version__
+        if device.type == "cuda":
+            hw["gpu"] = torch.cuda.get_device_name(0)
+            hw["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        wall = time.time() - t_train
+        return {"final": final, "steps": step, "text_tokens": tokens_text, "multimodal_tokens": tokens_mm,
+                "multimodal_target_tokens": mm_targets, "examples_seen": step * args.mm_batch,
+                "epochs_over_examples": round(step * args.mm_batch / len(picks_all), 2),
+                "train_wall_s": round(wall, 1), "eval_wall_s": round(t_eval, 1), "data_wall_s": round(data_s, 1),
+                "script_wall_s": round(time.time() - t_start, 1), "cosine_steps": est_total[0], "hardware": hw,
+                "params_text": sum(p.numel() for p in text), "params_towers": sum(p.numel() for p in towers)}
+
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = g["peak"] * lr_factor(step)
+        # text batch
+        x = text_batch()
+        inp, tgt = x[:, :-1], x[:, 1:]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            out = thinker(input_ids=inp, position_ids=pos[:, :inp.shape[0]], use_cache=False, output_router_logits=True)
+        tok_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), tgt.reshape(-1), reduction="none")
+        row_loss = tok_loss.view(inp.shape[0], -1).mean(dim=1)
+        aux = per_layer_balance_loss(out.router_logits, text_cfg.num_experts, text_cfg.num_experts_per_tok)
+        loss = row_loss.mean() + args.aux_coef * aux
+        del out
+        # multimodal batch
+        if cursor + args.mm_batch > len(perm):
+            perm, cursor = rng.permutation(len(picks_all)), 0
+        picks = [picks_all[k] for k in perm[cursor:cursor + args.mm_batch]]
+        cursor += args.mm_batch
+        kw, labels, tasks = collate(items, picks, eos, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            mo = thinker(**kw, use_cache=False)
+        lg = mo.logits[:, :-1].float()  # [B, T - 1, V]
+        lab = labels[:, 1:]  # [B, T - 1]
+        mm_tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lab.reshape(-1), ignore_index=-100, reduction="none")
+        mm_tok = mm_tok.view(lab.shape)
+        per_ex = mm_tok.sum(1) / (lab != -100).sum(1).clamp(min=1)  # [B]
+        loss = loss + args.mm_weight * mm_tok.sum() / (lab != -100).sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
+        opt.step()
+        del mo, lg
+
+        with torch.no_grad():
+            acc["text"] += torch.zeros(len(DOMAINS), device=device).index_add_(0, dom_of_row, row_loss.detach())
+            for t, v in zip(tasks, per_ex.detach()):
+                s = acc["tasks"].setdefault(t, [torch.zeros((), device=device), 0])
+                s[0] += v
+                s[1] += 1
+            acc["n"] += 1
+        tokens_text += inp.numel()
+        tokens_mm += int(kw["attention_mask"].sum())
+        mm_targets += int((labels != -100).sum())
+        step += 1
+        elapsed = time.time() - t_train
+        if args.steps == 0:
+            if step == 30:  # estimate the run's length for the cosine (eval and export time kept aside)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                per_step = (time.time() - t_calib) / 20
+                left = min(args.time_budget - (time.time() - t_train), args.deadline - (time.time() - t_start))
+                est_total[0] = max(step + 1, int(left / per_step * 0.85) + step)
+                print(f"calibrated: {per_step * 1000:.1f} ms/step -> about {est_total[0]} steps", flush=True)
+            if step == 10:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_calib = time.time()
+            if elapsed > args.time_budget or time.time() - t_start > args.deadline:
+                total = step
+        if step % args.log_every == 0 or step == total:
+            text_l = (acc["text"] / torch.tensor(n_rows, device=device).clamp(min=1) / acc["n"]).tolist()
+            task_l = {t: round(float(v[0] / v[1]), 4) for t, v in sorted(acc["tasks"].items())}
+            entry = {"step": step, "elapsed_s": round(elapsed, 1), "lr_factor": round(lr_factor(step - 1), 4),
+                     "grad_norm": round(float(gnorm), 3), "text_loss": dict(zip(DOMAINS, [round(v, 4) for v in text_l])),
+                     "task_loss": task_l}
+            log["steps"].append(entry)
+            print(f"step {step} {elapsed:.0f}s " + " ".join(f"{d}={v:.3f}" for d, v in zip(DOMAINS, text_l)) + " | "
+                  + " ".join(f"{t}={v:.3f}" for t, v in task_l.items()), flush=True)
+            acc = {"text": torch.zeros(len(DOMAINS), device=device), "n": 0, "tasks": {}}
+        if step % args.eval_every == 0 or step == total:
+            run_eval()
+        if args.export is not None and time.time() - t_export > args.export_every and step < total:
+            do_export(final=False)
+            t_export = time.time()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    do_export(final=True)
+    print(json.dumps(log["summary"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
