@@ -120,8 +120,8 @@ def row_transformers(args) -> list[dict]:
     from transformers import DynamicCache
 
     from omnilab import Checkpoint
-    from omnilab.model import as_dtype
-    from omnilab.synth import _quiet_transformers
+    from omnilab.dtypes import as_dtype
+    from omnilab.tokenizer import quiet_transformers
 
     checkpoint = Checkpoint(args.checkpoint)
     config, layout = checkpoint.arch
@@ -134,7 +134,7 @@ def row_transformers(args) -> list[dict]:
     rows = []
     with AnonPeak() as anon:
         start = time.perf_counter()
-        with _quiet_transformers():
+        with quiet_transformers():
             hf = model_cls.from_pretrained(str(checkpoint.root), dtype=as_dtype(args.dtype), device_map=dev,
                                            attn_implementation="sdpa", experts_implementation="eager")
         hf.eval().requires_grad_(False)

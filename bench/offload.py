@@ -115,8 +115,8 @@ def row_accelerate(args) -> list[dict]:
     import torch
 
     from omnilab import Checkpoint
-    from omnilab.model import as_dtype
-    from omnilab.synth import _quiet_transformers
+    from omnilab.dtypes import as_dtype
+    from omnilab.tokenizer import quiet_transformers
 
     rows = []
     checkpoint = Checkpoint(args.checkpoint)
@@ -126,7 +126,7 @@ def row_accelerate(args) -> list[dict]:
     cap_gb = min(args.caps)
     with AnonPeak() as anon:
         start = time.perf_counter()
-        with _quiet_transformers():
+        with quiet_transformers():
             hf = model_cls.from_pretrained(str(checkpoint.root), dtype=as_dtype(args.dtype), device_map="auto",
                                            max_memory={0: f"{cap_gb}GB", "cpu": "200GB"},
                                            attn_implementation="sdpa", experts_implementation="batched_mm")

@@ -59,11 +59,11 @@ def build_transformers(config: dict, dtype, device):
     """transformers' thinker built directly on the device by its own initialisation (seeded), eval mode."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from omnilab.synth import _quiet_transformers
+    from omnilab.tokenizer import quiet_transformers
 
     thinker_config = Qwen3OmniMoeConfig.from_dict(config).thinker_config
     torch.manual_seed(0)
-    with _quiet_transformers(), torch.device(device):
+    with quiet_transformers(), torch.device(device):
         hf = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(thinker_config, dtype=dtype)
     return hf.eval().requires_grad_(False)
 
@@ -174,7 +174,7 @@ def main() -> int:
     args = p.parse_args()
 
     from omnilab import trace
-    from omnilab.model import as_dtype
+    from omnilab.dtypes import as_dtype
     from omnilab.synth import tiny_tokenizer
 
     dtype, device = as_dtype(args.dtype), torch.device(args.device)

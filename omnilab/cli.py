@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from omnilab.checkpoint import CheckpointError, jsonable
+from omnilab.checkpoint import CheckpointError
+from omnilab.jsonio import jsonable
 
 
 def parse_size(text: str) -> int:
@@ -53,19 +54,6 @@ def print_json(obj) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_report(path: str):
-    """inventory + tokenizer check of one checkpoint: (Inventory, TokenizerReport | None, problems)."""
-    from omnilab.inventory import inventory
-    from omnilab.vocab import check_checkpoint_tokenizer
-
-    inv = inventory(path)
-    tok = check_checkpoint_tokenizer(inv)
-    problems = list(inv.problems)
-    if tok is not None and tok.problem() is not None:
-        problems.append(tok.problem())
-    return inv, tok, problems
-
-
 def cmd_inspect(args) -> int:
     """Inventory: shards, tensors, bytes per component, expert completeness, tokenizer, problems. Exit 0 when the
     checkpoint could be read (problems are listed, `verify` is the gate), 2 when it could not.
@@ -75,9 +63,11 @@ def cmd_inspect(args) -> int:
     experts: {component, layers, moe_layers, experts_per_layer, complete, partial, missing, per_layer: [...]} | null,
     tokenizer: {size, max_id, special_tokens, embedding_rows, verdict, padding_rows, ...} | null,
     problems: [{kind, message, tensor, shard}], notes: [str]}. Component labels: see omnilab/inventory.py."""
-    from omnilab.inventory import format_bytes
+    from omnilab.inventory import checkpoint_report
+    from omnilab.units import format_bytes
 
-    inv, tok, problems = _checkpoint_report(args.path)
+    report = checkpoint_report(args.path)
+    inv, tok, problems = report.inventory, report.tokenizer, report.problems
     summary = {**inv.summary(), "tokenizer": tok.to_dict() if tok else None,
                "problems": [p.to_dict() for p in problems]}
     try:
@@ -123,7 +113,10 @@ def cmd_verify(args) -> int:
 
     --json: {path, sound, shards, tensors, checked_against_config, counts: {kind: n},
     problems: [{kind, message, tensor, shard}], notes: [str]}."""
-    inv, _, problems = _checkpoint_report(args.path)
+    from omnilab.inventory import checkpoint_report
+
+    report = checkpoint_report(args.path)
+    inv, problems = report.inventory, report.problems
     notes = list(inv.notes)
     availability_map = None
     from omnilab.extract import is_extraction
@@ -269,7 +262,7 @@ def cmd_compare(args) -> int:
     _check_device(args.device)
     from omnilab.checkpoint import Checkpoint
     from omnilab.compare import compare_checkpoints
-    from omnilab.model import load_tokenizer
+    from omnilab.tokenizer import load_tokenizer
 
     checkpoint = Checkpoint(args.path)  # headers read once, for both models when there is no --reference
     if args.audio or args.image:

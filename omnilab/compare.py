@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from omnilab.hooks import DIVERGENCE_RTOL, Comparison, compare_activations, parse_name, run_with_cache
-from omnilab.model import as_dtype
+from omnilab.dtypes import as_dtype
 
 # A bf16 hook diverges where the selective model's error exceeds this many times transformers' own bf16-vs-fp32
 # error at the same hook (and DIVERGENCE_RTOL[float32]).

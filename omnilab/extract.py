@@ -55,7 +55,8 @@ from pathlib import Path
 import pandas as pd
 
 from omnilab.arch import ALL_COMPONENTS, TEXT_COMPONENTS, TOWERS, classify
-from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, Checkpoint, CheckpointError, Problem, pack_header, read_header, write_json
+from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, Checkpoint, CheckpointError, Problem, pack_header, read_header
+from omnilab.jsonio import write_json
 from omnilab.inventory import Inventory, inventory
 
 MANIFEST_NAME = "manifest.json"

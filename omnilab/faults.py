@@ -151,3 +151,14 @@ def fault_gallery(checkpoint, reference, input_ids, layer: int | None = None, dt
         out[label] = (fault, compare_activations(ref_acts, acts, rtol=divergence_rtol(reference, model),
                                                  names=reference.hook_names()))
     return out
+
+
+def gallery_table(gallery: dict):
+    """fault_gallery's result as a table: one row per fault (kind, layer, first divergence, logits rel_err, top-1
+    agreement, KL)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"fault": name, "kind": type(fault).__name__, "injected at layer": fault.layer,
+                          "first divergence": res.first_divergence, "logits rel_err": res.logits_rel_err,
+                          "top-1 agreement": res.top1_agreement, "KL": res.kl}
+                         for name, (fault, res) in gallery.items()])

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omnilab.checkpoint import Checkpoint, write_json
+from omnilab.checkpoint import Checkpoint
+from omnilab.jsonio import write_json
 
 # The tokenizer attributes Qwen3OmniMoeProcessor reads, and Qwen3-Omni's tokens for them.
 PLACEHOLDER_TOKENS = {
@@ -93,8 +94,8 @@ class Towers(nn.Module):
         bf16 rounds the vision tower's attention differently (in fp32 the two agree to ~1e-7)."""
         from transformers.initialization import no_init_weights
 
-        from omnilab.model import as_dtype
-        from omnilab.synth import _quiet_transformers
+        from omnilab.dtypes import as_dtype
+        from omnilab.tokenizer import quiet_transformers
 
         checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         config = thinker_config(checkpoint)
@@ -106,7 +107,7 @@ class Towers(nn.Module):
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # as transformers' from_pretrained builds a model: buffers in this dtype too
         try:
-            with _quiet_transformers(), no_init_weights():
+            with quiet_transformers(), no_init_weights():
                 towers = cls(config, attn_implementation)
         finally:
             torch.set_default_dtype(default)
@@ -181,13 +182,13 @@ def load_processor(folder, tokenizer=None):
     from transformers import AutoTokenizer, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from omnilab.synth import _quiet_transformers
+    from omnilab.tokenizer import quiet_transformers
 
     folder = Path(folder)
     if not (folder / PREPROCESSOR_FILE).exists():
         raise ValueError(f"{folder}: no {PREPROCESSOR_FILE} (audio / image preprocessing); write one with "
                          f"omnilab.multimodal.write_processor_files")
-    with _quiet_transformers():
+    with quiet_transformers():
         if tokenizer is None or not all(getattr(tokenizer, k, None) for k in PLACEHOLDER_TOKENS):
             tokenizer = AutoTokenizer.from_pretrained(str(folder), extra_special_tokens=PLACEHOLDER_TOKENS)
         features = WhisperFeatureExtractor.from_pretrained(str(folder))

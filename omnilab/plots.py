@@ -14,16 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from omnilab.hooks import LAYER_POINTS  # noqa: E402
+from omnilab.units import format_bytes  # noqa: E402
+
 # -- 01 shard inspection -------------------------------------------------------------------------------
-
-
-def _short_bytes(n: float) -> str:
-    """Bytes with a decimal unit: 512 -> '512 B', 27385314 -> '27.4 MB', 7.05e10 -> '70.5 GB'."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
 
 
 def _plural(n: int, word: str) -> str:
@@ -53,13 +47,13 @@ def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per compo
     for y, (n, b, f, x) in enumerate(zip(df["tensors"], df["bytes"], files, share)):
         in_files = f", {_plural(int(f), 'file')}" if f is not None else ""
         pct = f"{b / total:.1%}" if b / total >= 0.001 else f"{100 * b / total:.1g}%"
-        ax.text(x + 1, y, f"{_short_bytes(b)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
+        ax.text(x + 1, y, f"{format_bytes(b, short=True)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
                 fontsize=8)
     ax.set_xlim(0, 100 + 60)  # room for the labels right of the longest bar
     ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("share of all bytes (%, linear)")
     ax.set_ylabel("component")
-    ax.set_title(f"{title}: {_short_bytes(total)} in {_plural(int(components['tensors'].sum()), 'tensor')}")
+    ax.set_title(f"{title}: {format_bytes(total, short=True)} in {_plural(int(components['tensors'].sum()), 'tensor')}")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -85,7 +79,7 @@ def plot_shard_map(shard_map: pd.DataFrame, title: str = "Which components live 
     if rows * cols <= 600:
         for i, j in zip(*np.nonzero(data)):
             light = norm is not None and norm(data[i, j]) < 0.6
-            ax.text(j, i, _short_bytes(data[i, j]), ha="center", va="center", fontsize=6.5,
+            ax.text(j, i, format_bytes(data[i, j], short=True), ha="center", va="center", fontsize=6.5,
                     color="white" if light else "black")
     fig.colorbar(im, ax=ax, label="bytes (log)", fraction=0.04)
     ax.set_title(f"{title} ({_plural(rows, 'shard')})")
@@ -147,8 +141,7 @@ def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing ex
 
 # -- 03 activation comparison --------------------------------------------------------------------------
 
-_POINT_ORDER = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_router_logits", "mlp.hook_topk_weights",
-                "hook_mlp_out", "hook_resid_post"]
+_POINT_ORDER = [p for p in LAYER_POINTS if p != "mlp.hook_topk_indices"]  # the float-valued points, in forward order
 _FLOOR = 1e-12  # exact zeros drawn here on log axes
 
 

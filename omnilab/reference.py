@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from omnilab.checkpoint import Checkpoint
-from omnilab.model import as_dtype
+from omnilab.dtypes import as_dtype
 
 
 class Reference:
@@ -29,7 +29,7 @@ class Reference:
     @classmethod
     def from_checkpoint(cls, path, *, dtype="float32", device="cpu", attn_implementation: str = "eager") -> "Reference":
         """attn_implementation: "eager" by default (the plainest reference); "sdpa" for speed."""
-        from omnilab.synth import _quiet_transformers
+        from omnilab.tokenizer import quiet_transformers
 
         dtype = as_dtype(dtype)
         checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
@@ -38,7 +38,7 @@ class Reference:
             from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
         else:
             from transformers import AutoModelForCausalLM as model_cls
-        with _quiet_transformers():
+        with quiet_transformers():
             hf = model_cls.from_pretrained(str(checkpoint.root), dtype=dtype, attn_implementation=attn_implementation)
         hf = hf.to(device).eval().requires_grad_(False)
         if layout.model_type == "qwen3_omni_moe" and not hasattr(hf.config, "vision_start_token_id"):
@@ -63,7 +63,11 @@ class Reference:
         return hook_names(self.config)
 
     def add_hook(self, name: str, fn):
-        """Call fn(tensor) with the activation at `name` (read only). Returns a handle with .remove()."""
+        """Call fn(tensor) with the activation at `name` (or its TransformerLens alias; read only). Returns a
+        handle with .remove()."""
+        from omnilab.hooks import resolve
+
+        name = resolve(name)
         if name not in self.hook_names():
             raise KeyError(f"no hook point {name!r} in this model")
         if name == "hook_embed":

@@ -43,11 +43,12 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from omnilab.experts import POLICIES, make_policy
 
 TRACE_COLUMNS = ["doc", "domain", "position", "token_id", "layer", "rank", "expert", "weight", "entropy"]
 
@@ -159,17 +160,20 @@ def record_trace(model, tokenizer, documents: pd.DataFrame, *, max_tokens: int =
                          num_layers=len(layers))
 
 
-def route(model, ids: list[int], layers: list[int] | None = None):
+def route(model, ids: list[int], layers: list[int] | None = None, routing=None):
     """One forward pass over `ids` (the selective model, or anything with the same hook points); the routing
-    of each MoE layer as numpy arrays: (experts [L, T, k], weights [L, T, k], router logits [L, T, E])."""
+    of each MoE layer as numpy arrays: (experts [L, T, k], weights [L, T, k], router logits [L, T, E]).
+    routing: the selective model's RoutingOptions for this pass (default: its own)."""
     import torch
 
-    from omnilab.hooks import run_with_cache
+    from omnilab.hooks import capture
 
     layers = list(model.config.moe_layers) if layers is None else layers
     points = ("topk_indices", "topk_weights", "router_logits")
     names = [f"blocks.{i}.mlp.hook_{p}" for i in layers for p in points]
-    _, acts = run_with_cache(model, torch.tensor([ids], device=getattr(model, "device", "cpu")), names=names)
+    ids = torch.tensor([ids], device=getattr(model, "device", "cpu"))  # [1, T]
+    with torch.no_grad(), capture(model, names) as acts:
+        model(ids) if routing is None else model(ids, routing=routing)
 
     def stack(point):  # each hook holds [B * T, .] with B = 1 -> [L, T, .]
         x = torch.stack([acts[f"blocks.{i}.mlp.hook_{point}"] for i in layers]).cpu()
@@ -434,7 +438,7 @@ def same_expert_rate(trace: pd.DataFrame) -> pd.DataFrame:
 # cache simulation
 # ---------------------------------------------------------------------------------------------------
 
-POLICIES = ("lru", "lfu", "belady")
+SIMULATED = ("lru", "lfu", "belady")  # hit_rate_curve's default: two of the cache's own policies and the optimum
 
 
 def request_sequence(trace: pd.DataFrame, layer: int | None = None) -> np.ndarray:
@@ -453,73 +457,70 @@ def request_sequence(trace: pd.DataFrame, layer: int | None = None) -> np.ndarra
 
 def simulate_cache(requests, capacity: int, policy: str = "lru") -> int:
     """Replay `requests` through a cache of `capacity` entries; return the number of hits. Every miss loads
-    the entry (demand paging), evicting one when full:
-    - "lru": the least recently used;
-    - "lfu": the least frequently requested so far (counts over the whole history, kept across evictions),
-      ties to the least recently used;
-    - "belady": the one whose next request is farthest in the future (MIN, optimal for demand paging);
-      O(n log n) with precomputed next-use times and a lazy max-heap."""
+    the entry (demand paging), evicting one when full, as omnilab.experts.ExpertCache does and with its own
+    policy objects (omnilab.experts.POLICIES: "lru", "lfu", "trust" needs routing weights and is not
+    replayed here), or "belady": the entry whose next request is farthest in the future (MIN, optimal for
+    demand paging; `Belady` sees the whole sequence)."""
     requests = [int(x) for x in np.asarray(requests).reshape(-1)]
     if capacity <= 0:
         return 0
-    if policy == "lru":
-        return _lru(requests, capacity)
-    if policy == "lfu":
-        return _lfu(requests, capacity)
     if policy == "belady":
-        return _belady(requests, capacity)
-    raise ValueError(f"unknown cache policy {policy!r}: use one of {POLICIES}")
-
-
-def _lru(requests, capacity):
-    cache, hits = OrderedDict(), 0
+        rule = Belady(requests)
+    elif policy in POLICIES and policy != "trust":
+        rule = make_policy(policy)
+    else:
+        raise ValueError(f"unknown cache policy {policy!r}: use one of {SIMULATED}")
+    resident, hits, none = set(), 0, frozenset()
     for key in requests:
-        if key in cache:
+        if key in resident:
             hits += 1
-            cache.move_to_end(key)
         else:
-            if len(cache) >= capacity:
-                cache.popitem(last=False)
-            cache[key] = None
+            if len(resident) >= capacity:
+                victim = rule.victim(none)
+                rule.remove(victim)
+                resident.discard(victim)
+            resident.add(key)
+        rule.touch(key)
     return hits
 
 
-def _lfu(requests, capacity):
-    count, cache, heap, hits = defaultdict(int), {}, [], 0  # cache: key -> (count, last use) of its heap entry
-    for i, key in enumerate(requests):
-        count[key] += 1
-        if key in cache:
-            hits += 1
-        elif len(cache) >= capacity:
-            while True:  # pop stale entries until the live minimum
-                c, t, victim = heapq.heappop(heap)
-                if cache.get(victim) == (c, t):
-                    del cache[victim]
-                    break
-        cache[key] = (count[key], i)
-        heapq.heappush(heap, (count[key], i, key))
-    return hits
+class Belady:
+    """Belady's MIN as a cache policy over a known request sequence: `touch` is called once per request, in
+    order; the victim is the resident entry requested next farthest in the future. O(log n) per request with
+    precomputed next-use times and a lazy max-heap."""
 
+    def __init__(self, requests):
+        n = len(requests)
+        self.next_use, last = [0] * n, {}
+        for i in range(n - 1, -1, -1):  # next_use[i]: the next position requesting requests[i] (n: never)
+            self.next_use[i] = last.get(requests[i], n)
+            last[requests[i]] = i
+        self.position = 0
+        self.entry: dict = {}  # resident key -> its next use
+        self.heap: list = []  # (-next use, key); stale entries skipped
 
-def _belady(requests, capacity):
-    n = len(requests)
-    next_use, last = [0] * n, {}
-    for i in range(n - 1, -1, -1):  # next_use[i]: the next position requesting requests[i] (n: never)
-        next_use[i] = last.get(requests[i], n)
-        last[requests[i]] = i
-    cache, heap, hits = {}, [], 0  # cache: key -> its next use; heap: (-next use, key), stale entries skipped
-    for i, key in enumerate(requests):
-        if key in cache:
-            hits += 1
-        elif len(cache) >= capacity:
-            while True:
-                neg, victim = heapq.heappop(heap)
-                if cache.get(victim) == -neg:
-                    del cache[victim]
-                    break
-        cache[key] = next_use[i]
-        heapq.heappush(heap, (-next_use[i], key))
-    return hits
+    def touch(self, key) -> None:
+        self.entry[key] = self.next_use[self.position]
+        heapq.heappush(self.heap, (-self.entry[key], key))
+        self.position += 1
+
+    def remove(self, key) -> None:
+        self.entry.pop(key, None)
+
+    def victim(self, pinned):
+        skipped, found = [], None
+        while self.heap:
+            neg, key = self.heap[0]
+            if self.entry.get(key) != -neg:
+                heapq.heappop(self.heap)
+            elif key in pinned:
+                skipped.append(heapq.heappop(self.heap))
+            else:
+                found = key
+                break
+        for item in skipped:
+            heapq.heappush(self.heap, item)
+        return found
 
 
 def default_cache_sizes(trace: pd.DataFrame) -> list[int]:
@@ -530,7 +531,7 @@ def default_cache_sizes(trace: pd.DataFrame) -> list[int]:
     return sorted(sizes)
 
 
-def hit_rate_curve(trace: pd.DataFrame, sizes: list[int] | None = None, policies=POLICIES, *,
+def hit_rate_curve(trace: pd.DataFrame, sizes: list[int] | None = None, policies=SIMULATED, *,
                    progress: bool = False) -> pd.DataFrame:
     """Hit rate against cache size (experts held, over all layers) for each policy, replaying
     `request_sequence(trace)`. Columns: policy, size, share (of all layers x experts), hits, requests,
@@ -583,3 +584,77 @@ def entropy_table(trace: pd.DataFrame) -> pd.DataFrame:
     """layers x domains: mean router entropy (bits) of the tokens."""
     first = trace[trace["rank"] == 0] if _is_frame(trace) else trace.read(rank=0, columns=["layer", "domain", "entropy"])
     return first.pivot_table(index="layer", columns="domain", values="entropy", aggfunc="mean", observed=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the narrative's numbers (notebook 04 formats these; each from the statistic above it names)
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_facts(load: pd.DataFrame) -> dict:
+    """From `expert_load`: the busiest (layer, expert) and its load as a multiple of the uniform share, how many
+    pairs get under a quarter of it, and the least even layer (std of the relative load)."""
+    rel = load * load.shape[1]  # [layers, E]: 1 = the uniform share
+    stacked = rel.stack()
+    spread = rel.std(axis=1)
+    layer, expert = stacked.idxmax()
+    return {"busiest_layer": int(layer), "busiest_expert": int(expert), "busiest_x": float(stacked.max()),
+            "under_quarter": int((rel < 0.25).to_numpy().sum()), "pairs": int(rel.size),
+            "least_even_layer": int(spread.idxmax()), "least_even_std": float(spread.max())}
+
+
+def strongest_lift(lifts: dict) -> dict:
+    """From `domain_lift` per layer: the strongest (layer, domain, expert) preference and its lift."""
+    best = pd.concat({layer: t.stack() for layer, t in lifts.items()}).idxmax()
+    layer, domain, expert = best
+    return {"layer": int(layer), "domain": str(domain), "expert": int(expert),
+            "lift": float(lifts[layer].loc[domain, expert])}
+
+
+def specialization_facts(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame) -> dict:
+    """From `specialization` and `token_specialization` (by token id, by domain): means over layers, the layers
+    more than 3 std above the shuffled baseline, which of token and domain routing follows more, and the share
+    of the domain signal above baseline that runs through which tokens a domain uses."""
+    mi_excess = spec["mi_bits"] - spec["baseline_mean"]
+    z = mi_excess / spec["baseline_std"].replace(0, np.nan)
+    token_excess = float((tokens["share"] - tokens["baseline"]).mean())
+    domain_excess = float((domains["share"] - domains["baseline"]).mean())
+    through = 1 - (spec["cmi_bits"] - spec["cmi_baseline_mean"]).mean() / mi_excess.mean()
+    return {"mi_share": float(spec["mi_share"].mean()), "domain_bits": float(spec["domain_entropy_bits"].mean()),
+            "mi_bits": float(spec["mi_bits"].mean()), "mi_baseline": float(spec["baseline_mean"].mean()),
+            "layers_above_3std": int((z > 3).sum()), "layers": int(len(z)),
+            "token_share": float(tokens["share"].mean()), "token_baseline": float(tokens["baseline"].mean()),
+            "domain_share": float(domains["share"].mean()), "domain_baseline": float(domains["baseline"].mean()),
+            "token_excess": token_excess, "domain_excess": domain_excess,
+            "follows": "the token more than the domain" if token_excess > domain_excess else
+                       "the domain more than the token",
+            "cmi_bits": float(spec["cmi_bits"].mean()), "cmi_baseline": float(spec["cmi_baseline_mean"].mean()),
+            "through_tokens": float(max(0.0, through))}
+
+
+def same_expert_facts(same: pd.DataFrame) -> dict:
+    """From `same_expert_rate`: means over layers and the layer where neighbours agree most above chance."""
+    return {"top1_rate": float(same["top1_rate"].mean()), "top1_chance": float(same["top1_chance"].mean()),
+            "ratio": float(same["top1_rate"].mean() / same["top1_chance"].mean()),
+            "overlap_rate": float(same["overlap_rate"].mean()), "overlap_chance": float(same["overlap_chance"].mean()),
+            "strongest_layer": int((same["top1_rate"] / same["top1_chance"]).idxmax())}
+
+
+def entropy_facts(ent: pd.DataFrame) -> dict:
+    """From `entropy_table`: the mean, the lowest layer, the most and least decisive domains."""
+    by_domain = ent.mean()
+    return {"mean_bits": float(ent.to_numpy().mean()), "lowest_layer": int(ent.mean(axis=1).idxmin()),
+            "most_decisive": str(by_domain.idxmin()), "most_decisive_bits": float(by_domain.min()),
+            "least_decisive": str(by_domain.idxmax()), "least_decisive_bits": float(by_domain.max())}
+
+
+def cache_facts(curve: pd.DataFrame, target: float = 0.9) -> dict:
+    """From `hit_rate_curve`: the size nearest a quarter of the experts and each policy's hit rate there, the
+    smallest size reaching `target` per policy (NaN: none does, cold misses), the smallest size and its rates;
+    `wide` is the curve as sizes x policies."""
+    wide = curve.pivot(index="share", columns="policy", values="hit_rate")
+    quarter = float(wide.index[np.argmin(abs(wide.index - 0.25))])
+    smallest = float(wide.index.min())
+    return {"wide": wide, "quarter": quarter, "at_quarter": wide.loc[quarter].to_dict(),
+            "need": {p: float(wide.index[wide[p] >= target].min()) for p in wide.columns},
+            "smallest": smallest, "at_smallest": wide.loc[smallest].to_dict()}

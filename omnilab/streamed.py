@@ -39,7 +39,7 @@ import torch
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
 from omnilab.hooks import hook_names
-from omnilab.model import as_dtype
+from omnilab.dtypes import as_dtype
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -72,13 +72,13 @@ class StreamedReference:
         from transformers import AutoConfig
         from transformers.conversion_mapping import get_model_conversion_mapping
 
-        from omnilab.synth import _quiet_transformers
+        from omnilab.tokenizer import quiet_transformers
 
         self.checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
         self.config, self.layout = self.checkpoint.arch
         self.device = torch.device(device)
         self.is_omni = self.layout.model_type == "qwen3_omni_moe"
-        with _quiet_transformers():
+        with quiet_transformers():
             hf_config = AutoConfig.from_pretrained(str(self.checkpoint.root))
         if self.is_omni:
             from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
@@ -91,7 +91,7 @@ class StreamedReference:
 
             model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
         # parameters on meta; buffers (rotary inv_freq) real, computed by the modules' own __init__
-        with _quiet_transformers(), init_empty_weights():
+        with quiet_transformers(), init_empty_weights():
             self.hf = model_cls._from_config(hf_config, attn_implementation=attn_implementation)
         self.hf.eval().requires_grad_(False)
         for module in self.hf.modules():  # the real buffers go to the device; meta parameters stay meta
@@ -137,7 +137,7 @@ class StreamedReference:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        from omnilab.synth import _quiet_transformers
+        from omnilab.tokenizer import quiet_transformers
 
         names = self._parts[part]
         missing = [n for n in names if n not in self.checkpoint.tensors.index]
@@ -158,7 +158,7 @@ class StreamedReference:
             state[self.layout.lm_head] = state.pop(self.layout.prefix + "embed_tokens.weight")
         config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.conversions,
                                      device_map={"": str(self.device)})
-        with _quiet_transformers():
+        with quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.hf, state, config)
         if info.mismatched_keys:
             key, got, want = sorted(info.mismatched_keys)[0]

@@ -5,7 +5,7 @@ subset of experts (omnilab.faults.RouterMask: "the first 8 experts of every laye
 did), a salience-weighted router (omnilab.faults.SalienceMix with each expert's log calibration load as its
 salience), or the expert cache's byte budget and eviction policy (LRU, LFU, or `TrustWeighted`, the
 trust-weighted eviction of earlier hand-built loaders). `run_sweep` applies each setting to one loaded
-`SelectiveMoE` in turn (`applied`, which restores the model afterwards) and measures it against the
+`SelectiveMoE` in turn (`applied`: the setting's `RoutingOptions`, passed to every call, and a fresh cache) and measures it against the
 unmodified model on one `EvalSet`:
 
 - quality, teacher-forced over held-out documents: mean next-token KL(full || setting), top-1 agreement with
@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from omnilab.experts import LRU, ExpertCache
+from omnilab.experts import ExpertCache
 from omnilab.faults import Fault, RouterMask, SalienceMix
+from omnilab.routing_options import RoutingOptions
 
 
 # -- settings ------------------------------------------------------------------------------------------------------
@@ -53,60 +54,6 @@ class Setting:
     policy: str = "lru"
 
 
-class TrustWeighted(LRU):
-    """Trust-weighted eviction: evict the expert with the least trust, where trust is the routing weight an
-    expert has received, decayed by `decay` per forward pass (counts survive eviction); ties go to the one
-    used longest ago. The ExpertCache only tells a policy which expert was fetched, so the weights come from
-    the hooks `blocks.{i}.mlp.hook_topk_indices / hook_topk_weights` (`attach`). Recency (`order`, `touch`,
-    `remove`) is LRU's."""
-
-    def __init__(self, decay: float = 0.9):
-        super().__init__()
-        self.decay = decay
-        self.trust: dict[tuple[int, int], tuple[float, int]] = {}  # key -> (trust, forward pass it was set at)
-        self.step = 0
-        self.num_experts: int | None = None  # set by `attach`; without it, observe sizes by the largest index
-        self.handles: list = []
-
-    def value(self, key) -> float:
-        v, t = self.trust.get(key, (0.0, self.step))
-        return v * self.decay ** (self.step - t)
-
-    def observe(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add one layer's routing weights ([N, k] each) to its experts' trust."""
-        n = self.num_experts if self.num_experts is not None else int(experts.max()) + 1
-        mass = torch.zeros(n).index_add_(0, experts.reshape(-1).cpu(), weights.reshape(-1).float().cpu())  # [E]
-        for e in torch.nonzero(mass).reshape(-1).tolist():
-            self.trust[layer, e] = (self.value((layer, e)) + float(mass[e]), self.step)
-
-    def attach(self, model) -> None:
-        """Feed the policy from the model's router hooks (until `detach`)."""
-        self.num_experts = model.config.num_experts
-        first = model.config.moe_layers[0]
-        seen = {}
-        for i in model.config.moe_layers:
-            def on_indices(x, i=i):
-                if i == first:
-                    self.step += 1
-                seen[i] = x
-
-            def on_weights(w, i=i):
-                self.observe(i, seen.pop(i), w)
-
-            self.handles.append(model.add_hook(f"blocks.{i}.mlp.hook_topk_indices", on_indices))
-            self.handles.append(model.add_hook(f"blocks.{i}.mlp.hook_topk_weights", on_weights))
-
-    def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    # the ExpertCache policy interface: touch and remove are LRU's
-    def victim(self, pinned):
-        # min keeps the first of equal trust, i.e. the one used longest ago
-        return min((k for k in self.order if k not in pinned), key=self.value, default=None)
-
-
 def salience_faults(load: pd.DataFrame, alpha: float, floor: float = 1e-3) -> tuple:
     """One SalienceMix per MoE layer whose salience is the log of each expert's calibration load
     (`load`: routing.expert_load of a calibration trace): logits -> (1 - alpha) logits + alpha log load, i.e.
@@ -116,18 +63,18 @@ def salience_faults(load: pd.DataFrame, alpha: float, floor: float = 1e-3) -> tu
 
 
 def default_settings(config, load: pd.DataFrame | None = None, *, constrained_share: float = 0.25) -> list[Setting]:
-    """The sweep of notebook 05: full model; top-k 1 .. k-1 and above k; router masked to the first 8 and 16
-    experts; salience-weighted routers (with `load`) at the constrained budget under LRU; cache budget
-    1/8, 1/4, 1/2 of the expert bytes under LRU, LFU and trust-weighted eviction."""
+    """The sweep of notebook 05: full model; top-k 1 .. k-1 and twice k (more experts than trained); router
+    masked to the first 8 experts (as hand extractions did); a salience-weighted router (with `load`, alpha
+    0.5) at the constrained budget under LRU; cache budget 1/8, 1/4, 1/2 of the expert bytes under LRU, LFU
+    and trust-weighted eviction."""
     k, E = config.num_experts_per_tok, config.num_experts
     settings = [Setting("full", "full", value=k)]
-    for kk in sorted({*range(1, k), min(E, k + 2), min(E, 2 * k)} - {k}):
+    for kk in sorted({*range(1, k), min(E, 2 * k)} - {k}):
         settings.append(Setting(f"top-{kk}", "top_k", value=kk, top_k=kk))
-    for n in (8, 16):
-        if n < E and n >= k:
-            settings.append(Setting(f"experts 0-{n - 1}", "mask", value=n, faults=(RouterMask(tuple(range(n))),)))
+    if k <= 8 < E:
+        settings.append(Setting("experts 0-7", "mask", value=8, faults=(RouterMask(tuple(range(8))),)))
     if load is not None:
-        for alpha in (0.25, 0.5):
+        for alpha in (0.5,):
             settings.append(Setting(f"salience a={alpha} @{constrained_share:.0%} lru", "salience", value=alpha,
                                     faults=salience_faults(load, alpha), budget_share=constrained_share))
     for policy in ("lru", "lfu", "trust"):
@@ -137,26 +84,27 @@ def default_settings(config, load: pd.DataFrame | None = None, *, constrained_sh
     return settings
 
 
-@contextmanager
-def applied(model, setting: Setting):
-    """The model with `setting` applied and a fresh expert cache; everything restored on exit.
-
-    differs from model.py's own options: top-k is overridden on a copy of the config (the forward reads
-    config.num_experts_per_tok), and router faults are swapped into `model.faults` after loading."""
+def routing_of(model, setting: Setting) -> RoutingOptions:
+    """The RoutingOptions of a setting on `model`: its top-k, and its router faults after the model's own."""
     for f in setting.faults:
         if any(getattr(type(f), m) is not getattr(Fault, m) for m in ("on_backbone", "on_expert")):
             raise ValueError(f"setting {setting.name!r}: {type(f).__name__} alters weights at load time; "
-                             f"a sweep can only swap router faults")
-    config, faults, cache = model.config, model.faults, model.cache
+                             f"a sweep can only add router faults")
+    top_k = model.routing.top_k if setting.top_k is None else int(setting.top_k)
+    return model.routing.replace(top_k=top_k, transforms=tuple(model.routing.transforms) + tuple(setting.faults))
+
+
+@contextmanager
+def applied(model, setting: Setting):
+    """The setting's RoutingOptions (pass them to the model's calls) with a fresh expert cache of its budget and
+    policy in the model; the model's own cache is back on exit."""
+    routing = routing_of(model, setting)
+    cache = model.cache
     try:
-        if setting.top_k is not None:
-            model.config = dataclasses.replace(config, num_experts_per_tok=int(setting.top_k))
-        model.faults = tuple(faults) + tuple(setting.faults)
         fresh_cache(model, setting)
-        yield model
+        yield routing
     finally:
-        _detach(model.cache)
-        model.config, model.faults, model.cache = config, faults, cache
+        model.cache = cache
 
 
 def fresh_cache(model, setting: Setting) -> None:
@@ -164,16 +112,7 @@ def fresh_cache(model, setting: Setting) -> None:
     store = model.cache.store
     budget = None if setting.budget_share is None else max(store.expert_bytes,
                                                            int(setting.budget_share * store.total_bytes))
-    policy = TrustWeighted() if setting.policy == "trust" else setting.policy
-    _detach(model.cache)
-    model.cache = ExpertCache(store, budget, policy=policy)
-    if isinstance(policy, TrustWeighted):
-        policy.attach(model)
-
-
-def _detach(cache) -> None:
-    if hasattr(cache.policy, "detach"):
-        cache.policy.detach()
+    model.cache = ExpertCache(store, budget, policy=setting.policy)
 
 
 # -- eval data -----------------------------------------------------------------------------------------------------
@@ -202,13 +141,30 @@ def make_eval_set(tokenizer, docs: pd.DataFrame, prompts: pd.DataFrame, addition
                                                                                           addition["answer"])])
 
 
+def split_scored(docs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Documents split in two halves per domain, alternating in order: (scored, calibration). Notebook 05 scores
+    the first half and traces the second to measure each expert's load (the salience router's calibration)."""
+    scored = (docs.groupby("domain", sort=False).cumcount() % 2 == 0).to_numpy()
+    return docs[scored], docs[~scored]
+
+
+def eval_set_for(model, docs: pd.DataFrame, *, max_tokens: int = 64, random_docs: int = 4, seed: int = 0) -> EvalSet:
+    """Scored documents for `model`: `docs` through its tokenizer (its first row also as the one decoding prompt),
+    or, when the checkpoint has no tokenizer, `random_docs` documents of max_tokens random token ids."""
+    if model.tokenizer is not None:
+        return make_eval_set(model.tokenizer, docs, docs.head(1), max_tokens=max_tokens)
+    g = torch.Generator().manual_seed(seed)
+    return EvalSet(docs=[("random", torch.randint(0, model.config.vocab_size, (max_tokens,), generator=g).tolist())
+                         for _ in range(random_docs)], prompts=[])
+
+
 # -- measurement ---------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def next_token_logprobs(model, evalset: EvalSet) -> list[torch.Tensor]:
-    """log-softmax of the next-token logits, one [T, V] tensor per document."""
-    return [F.log_softmax(model(torch.tensor([ids], device=model.device))[0].float(), dim=-1).cpu()
+def next_token_logprobs(model, evalset: EvalSet, routing: RoutingOptions | None = None) -> list[torch.Tensor]:
+    """log-softmax of the next-token logits, one [T, V] tensor per document (routing: the model's own by default)."""
+    return [F.log_softmax(model(torch.tensor([ids], device=model.device), routing=routing)[0].float(), dim=-1).cpu()
             for _, ids in evalset.docs]
 
 
@@ -228,11 +184,11 @@ def quality(logprobs: list[torch.Tensor], reference: list[torch.Tensor], evalset
     return out
 
 
-def addition_accuracy(model, evalset: EvalSet, max_new_tokens: int = 5) -> float:
+def addition_accuracy(model, evalset: EvalSet, max_new_tokens: int = 5, routing: RoutingOptions | None = None) -> float:
     """Share of addition prompts whose greedy continuation starts with the right number."""
     if not evalset.addition or model.tokenizer is None:
         return float("nan")
-    gen = model.generate([p for p, _ in evalset.addition], max_new_tokens=max_new_tokens, greedy=True)
+    gen = model.generate([p for p, _ in evalset.addition], max_new_tokens=max_new_tokens, greedy=True, routing=routing)
     right = 0
     for new, (_, answer) in zip(gen.new_token_ids, evalset.addition):
         m = re.match(r"\s*(\d+)", model.tokenizer.decode(new))
@@ -240,13 +196,14 @@ def addition_accuracy(model, evalset: EvalSet, max_new_tokens: int = 5) -> float
     return right / len(evalset.addition)
 
 
-def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int = 24) -> dict:
+def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int = 24,
+                routing: RoutingOptions | None = None) -> dict:
     """Greedy decoding of each prompt from a cold cache: tokens/s, hit rate, peak resident expert bytes, expert
     bytes read (in all and per new token; the deterministic part of a small cache's cost)."""
     fresh_cache(model, setting)
     new, seconds = 0, 0.0
     for _, ids in evalset.prompts:
-        gen = model.generate(ids, max_new_tokens=max_new_tokens, greedy=True)
+        gen = model.generate(ids, max_new_tokens=max_new_tokens, greedy=True, routing=routing)
         new, seconds = new + gen.num_new_tokens, seconds + gen.seconds
     stats = model.cache.stats
     store = model.cache.store
@@ -291,16 +248,16 @@ def run_sweep(model, settings: list[Setting], evalset: EvalSet, *, max_new_token
             row.update({k: v for k, v in rows[0].items() if k in ("kl", "top1_agreement", "addition_accuracy")
                         or k.startswith("ppl_")})
         else:
-            with applied(model, dataclasses.replace(setting, budget_share=None, policy="lru")):
-                logprobs = next_token_logprobs(model, evalset)
+            with applied(model, dataclasses.replace(setting, budget_share=None, policy="lru")) as routing:
+                logprobs = next_token_logprobs(model, evalset, routing)
                 reference = logprobs if reference is None else reference
                 row.update(quality(logprobs, reference, evalset))
-                row["addition_accuracy"] = addition_accuracy(model, evalset)
-        with applied(model, setting):
+                row["addition_accuracy"] = addition_accuracy(model, evalset, routing=routing)
+        with applied(model, setting) as routing:
             if setting.budget_share is not None:
                 first = EvalSet(docs=evalset.docs[:1], prompts=[])
-                row["cache_exact"] = bool(torch.equal(next_token_logprobs(model, first)[0], logprobs[0]))
-            row.update(decode_cost(model, evalset, setting, max_new_tokens))
+                row["cache_exact"] = bool(torch.equal(next_token_logprobs(model, first, routing)[0], logprobs[0]))
+            row.update(decode_cost(model, evalset, setting, max_new_tokens, routing))
         row["peak_resident_bytes"] = backbone + row["peak_expert_bytes"]
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
@@ -341,3 +298,39 @@ def summarize(table: pd.DataFrame) -> dict:
         if row.group == "budget":
             out[f"{key}_kl"] = float(row.kl)
     return out
+
+
+# -- what masking missing experts costs (notebook 02) ---------------------------------------------------------------
+
+
+def masking_cost(folder, evalset: EvalSet, reference: list[torch.Tensor]) -> dict:
+    """The selective model on a partial extraction FOLDER with its missing experts masked, against `reference`
+    (next_token_logprobs of the full model): KL, top-1 agreement, and the routed choices that fell on a missing
+    expert (count and share of all choices)."""
+    from omnilab.model import SelectiveMoE
+
+    model = SelectiveMoE.from_checkpoint(folder, mask_missing_experts=True, tokenizer=False)
+    q = quality(next_token_logprobs(model, evalset), reference, evalset)
+    cfg = model.config
+    routed = sum(len(ids) for _, ids in evalset.docs) * cfg.num_experts_per_tok * len(cfg.moe_layers)
+    masked = model.cache.stats.masked_choices
+    return {"kl": q["kl"], "top1_agreement": q["top1_agreement"], "masked_choices": masked,
+            "masked_share": masked / routed}
+
+
+def masking_sweep(checkpoint, evalset: EvalSet, reference: list[torch.Tensor], counts, scratch, *,
+                  workers: int = 2) -> pd.DataFrame:
+    """masking_cost of extractions keeping the first n experts of every layer, for each n in `counts` (at least
+    top-k; each extracted into SCRATCH in turn, resumably): one row per n (experts, experts_share, kl, ...)."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.extract import extract
+
+    cfg, _ = Checkpoint(checkpoint).arch
+    rows = []
+    for n in sorted(set(counts)):
+        if n < cfg.num_experts_per_tok:
+            continue
+        extract(checkpoint, scratch, components="backbone,experts", experts=list(range(n)), workers=workers,
+                progress=False)
+        rows.append({"experts": n, "experts_share": n / cfg.num_experts, **masking_cost(scratch, evalset, reference)})
+    return pd.DataFrame(rows)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from omnilab.checkpoint import write_json
+from omnilab.jsonio import write_json
 from omnilab.routing import TRACE_COLUMNS
 
 TEXT_FIELDS = ("text", "prompt", "content")
@@ -433,7 +433,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
         model = SelectiveMoE.from_checkpoint(path, dtype=dtype, device=dist.device, expert_budget=expert_budget,
                                              tokenizer=tokenizer is None)
     if tokenizer is not None and not callable(tokenizer):  # a folder
-        from omnilab.vocab import error_line, open_tokenizer
+        from omnilab.tokenizer import error_line, open_tokenizer
 
         try:
             tokenizer = open_tokenizer(tokenizer)

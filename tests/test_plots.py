@@ -19,6 +19,7 @@ from omnilab.hooks import compare  # noqa: E402
 from omnilab.inventory import inventory  # noqa: E402
 from omnilab.model import SelectiveMoE  # noqa: E402
 from omnilab.reference import Reference  # noqa: E402
+from omnilab.units import format_bytes  # noqa: E402
 
 E, K, L = 8, 2, 3
 DOMAINS = ["en", "fr", "python"]
@@ -120,7 +121,7 @@ def test_component_bytes_shares_sizes_and_plurals(tiny_omni):
 
 
 def test_short_bytes():
-    assert [plots._short_bytes(n) for n in (512, 1500, 27_385_314, 70_519_637_090)] == \
+    assert [format_bytes(n, short=True) for n in (512, 1500, 27_385_314, 70_519_637_090)] == \
         ["512 B", "1.5 kB", "27.4 MB", "70.5 GB"]
 
 

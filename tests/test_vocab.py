@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 from omnilab import Checkpoint, breakage
 from omnilab.cli import main
 from omnilab.inventory import inventory
-from omnilab.vocab import check_checkpoint_tokenizer, check_tokenizer, tokenizer_files
+from omnilab.vocab import check_checkpoint_tokenizer, check_tokenizer
+from omnilab.tokenizer import tokenizer_files
 
 
 @pytest.fixture(scope="module")
