@@ -1,12 +1,12 @@
-"""Offloaded decode (omnilab.offload) under a total GPU memory cap, routed by benchmark traces, against
+"""Offloaded decode (omnilab.gpu.offload) under a total GPU memory cap, routed by benchmark traces, against
 accelerate's offload of the transformers reference at the same GPU memory, in one run.
 
     python bench/offload.py --device cuda --layers 48                  # 8 GB and 16 GB caps, uniform + locality
     python bench/offload.py --checkpoint DIR --device cpu ...          # any checkpoint; the CPU path
 
-The checkpoint is `omnilab.synth.real_shape_checkpoint` (as bench/decode.py). Routing: a random-weight model
+The checkpoint is `omnilab.testing.synth.real_shape_checkpoint` (as bench/decode.py). Routing: a random-weight model
 routes the same way at every step, so every row forces the routers' choice with a trace
-(`omnilab.traces.RoutingOverride`): `uniform` (k distinct experts at random: the worst case) and `locality`
+(`omnilab.gpu.traces.RoutingOverride`): `uniform` (k distinct experts at random: the worst case) and `locality`
 (45% of choices repeated from the previous token, 80% within 8: the Qwen3-30B-A3B statistics of issue 13).
 Decode inputs are teacher-forced random ids. The cap is enforced with torch.cuda.set_per_process_memory_fraction
 and the expert slots are sized from it after the backbone, KV cache and a working reserve. The PCIe floor is
@@ -46,9 +46,9 @@ def pinned_h2d_gb_s(device, nbytes: int = 1 << 30) -> float:
 def row_omnilab(args) -> list[dict]:
     import torch
 
-    from omnilab.model import SelectiveMoE
-    from omnilab.offload import HostTier, OffloadDecoder
-    from omnilab.traces import RoutingOverride, locality_trace, reuse_stats, uniform_trace
+    from omnilab.gpu.offload import HostTier, OffloadDecoder
+    from omnilab.gpu.traces import RoutingOverride, locality_trace, reuse_stats, uniform_trace
+    from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device
     cuda = dev.startswith("cuda")

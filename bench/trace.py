@@ -1,4 +1,4 @@
-"""Routing-trace throughput: `omnilab trace` (omnilab.trace.trace_corpus) against transformers' own forward with
+"""Routing-trace throughput: `omnilab trace` (omnilab.experiments.trace.trace_corpus) against transformers' own forward with
 `output_router_logits`, on the same batches of the same corpus, in one run. One table.
 
     python bench/trace.py                                   # CPU: 2 real-shape layers, a small vocabulary
@@ -8,7 +8,7 @@ The model is a random-weight Qwen3-Omni thinker built by transformers itself on 
 (`Qwen3OmniMoeThinkerForConditionalGeneration`, every weight N(0, 0.02), norms 1): `--real` takes the real
 config (data/reference, 152,064-row vocabulary, real audio/vision towers), otherwise the decode bench's
 shapes (real layer shapes, vocabulary 8,192, tiny towers). No checkpoint is written: the selective model
-(omnilab.model.SelectiveMoE) is assembled over the same tensors (its backbone is transformers' parameters,
+(omnilab.model.decoder.SelectiveMoE) is assembled over the same tensors (its backbone is transformers' parameters,
 its ExpertCache serves views of transformers' fused expert tensors), so both run every expert resident in
 one copy of the weights. Its config and layout come from the sparse on-disk layout of the same config.
 
@@ -48,7 +48,7 @@ REAL_SHAPES = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads
 
 
 def build_config(real: bool, layers: int) -> dict:
-    from omnilab.synth import real_shape_config, tiny_omni_config
+    from omnilab.testing.synth import real_shape_config, tiny_omni_config
 
     if real:
         return real_shape_config(layers)
@@ -71,7 +71,7 @@ def build_transformers(config: dict, dtype, device):
 def shared_experts(store, hf_text) -> None:
     """Make an ExpertStore serve views of transformers' fused tensors (gate_up [E, 2I, H]: rows :I gate, I: up;
     down [E, H, I]) instead of reading its checkpoint: both models then hold one set of expert weights."""
-    from omnilab.experts import ExpertWeights
+    from omnilab.model.experts import ExpertWeights
 
     def load(layer: int, expert: int) -> ExpertWeights:
         ex = hf_text.layers[layer].mlp.experts
@@ -84,9 +84,9 @@ def shared_experts(store, hf_text) -> None:
 def build_selective(hf, config: dict, dtype, device, layout_dir: Path):
     """SelectiveMoE over transformers' tensors: its config/layout from the sparse layout of `config`."""
     from omnilab.checkpoint import Checkpoint
-    from omnilab.experts import ExpertCache, ExpertStore
-    from omnilab.model import SelectiveMoE, rope_inv_freq
-    from omnilab.synth import sparse_from_config
+    from omnilab.model.decoder import SelectiveMoE, rope_inv_freq
+    from omnilab.model.experts import ExpertCache, ExpertStore
+    from omnilab.testing.synth import sparse_from_config
 
     if not (layout_dir / "config.json").exists():
         sparse_from_config(config, layout_dir, dtype=dtype)
@@ -173,9 +173,9 @@ def main() -> int:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
-    from omnilab import trace
     from omnilab.dtypes import as_dtype
-    from omnilab.synth import tiny_tokenizer
+    from omnilab.experiments import trace
+    from omnilab.testing.synth import tiny_tokenizer
 
     dtype, device = as_dtype(args.dtype), torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="omnilab-bench-trace-"))

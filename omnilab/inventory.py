@@ -30,9 +30,8 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from omnilab.arch import (ALL_COMPONENTS, EXPERT_PROJECTIONS, QWEN3_MOE, QWEN3_OMNI, TEXT_COMPONENTS, TOWERS, Layout,
-                          Qwen3MoeConfig, classify, expected_tensors)
-from omnilab.checkpoint import UNREADABLE, Checkpoint, CheckpointError, Problem
+from omnilab.arch import (ALL_COMPONENTS, EXPERT_PROJECTIONS, QWEN3_MOE, QWEN3_OMNI, TEXT_COMPONENTS, TOWERS, Layout, Qwen3MoeConfig, classify, expected_tensors)
+from omnilab.checkpoint import Checkpoint, CheckpointError, Problem, UNREADABLE
 
 
 def component_label(component: str, layout: Layout) -> str:

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from omnilab.hooks import LAYER_POINTS  # noqa: E402
+from omnilab.model.hooks import LAYER_POINTS  # noqa: E402
 from omnilab.units import format_bytes  # noqa: E402
 
 # -- 01 shard inspection -------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per compo
     audio tower they are), each labelled with its size, share and tensor count.
 
     `components`: index component label, columns `tensors` and `bytes`, optionally `files` (Inventory.components
-    for a checkpoint, omnilab.extract.component_bytes for an extraction)."""
+    for a checkpoint, omnilab.extraction.availability.component_bytes for an extraction)."""
     df = components[::-1]
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(df) + 1.2))
     colors = plt.cm.tab20(np.arange(len(components)) % 20)[::-1]
@@ -492,7 +492,7 @@ _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "
 
 def plot_quality_memory(table: pd.DataFrame):
     """Left: top-1 agreement with the full model against peak resident expert memory (share of all expert
-    bytes), one point per setting (omnilab.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
+    bytes), one point per setting (omnilab.experiments.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
     settings sit at exactly 0)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     for group, rows in table.groupby("group", sort=False):
@@ -578,7 +578,7 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
     """Per layer, the selective model's rel_err in the chained view (each side on its own activations) and the
     local view (each reference layer fed the selective model's input), log scale. In bf16 a second panel sets
     the chained error beside transformers' own bf16-vs-fp32 error (the noise floor) and the divergence
-    threshold (NOISE_FACTOR x that floor). `result` is an omnilab.compare.StreamedComparison."""
+    threshold (NOISE_FACTOR x that floor). `result` is an omnilab.reference.compare.StreamedComparison."""
     bf16 = result.noise is not None
     fig, axes = plt.subplots(1, 2 if bf16 else 1, figsize=(12 if bf16 else 7, 4.2), squeeze=False)
     ax = axes[0, 0]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from omnilab.cli import main
-from omnilab.hooks import capture, compare_activations, hook_names, topk_agreement
-from omnilab.model import SelectiveMoE
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.hooks import capture, compare_activations, hook_names, topk_agreement
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -69,8 +69,8 @@ def test_cli_compare_prompt_and_bf16(tiny_omni, capsys):
 def test_cli_compare_reference_names_the_edited_layer(make_checkpoint, tmp_path, capsys):
     """A copy with one layer's post_attention_layernorm reset to ones, as hand extractions left it, against the
     original: both views name that layer, the local view that layer alone."""
-    from omnilab.breakage import copy_checkpoint, replace_tensor
     from omnilab.checkpoint import Checkpoint
+    from omnilab.testing.breakage import copy_checkpoint, replace_tensor
 
     src = make_checkpoint("moe", num_hidden_layers=5)
     original = copy_checkpoint(src, tmp_path / "original")

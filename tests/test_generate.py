@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.model import SelectiveMoE
-from omnilab.reference import Reference
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.reference.whole import Reference
 
 PROMPT = [3, 17, 42, 99, 5, 250, 7, 61]
 N = 32
@@ -105,7 +105,7 @@ def test_bf16_generation_runs(make_checkpoint):
 def test_token_ids_past_the_embedding_are_one_line_errors(make_checkpoint, capsys):
     """A token id outside the embedding is a ValueError naming it, and exit 2 with one line from the CLI."""
     from omnilab.cli import main
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     path = make_checkpoint("moe")
     model = SelectiveMoE.from_checkpoint(path)

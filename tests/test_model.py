@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnilab import faults
-from omnilab.hooks import compare, hook_names, run_with_cache
-from omnilab.model import SelectiveMoE, rope_cos_sin, rope_inv_freq
-from omnilab.reference import Reference
+from omnilab.model import faults
+from omnilab.model.decoder import SelectiveMoE, rope_cos_sin, rope_inv_freq
+from omnilab.model.hooks import compare, hook_names, run_with_cache
+from omnilab.reference.whole import Reference
 
 REAL_CONFIG = Path(__file__).resolve().parent.parent / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"  # mrope_section [24, 20, 20]
 PROMPT = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 61, 128, 9, 33, 2, 77, 301]])
@@ -118,7 +118,7 @@ def test_text_only_mrope_is_1d_rope():
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextRotaryEmbedding
 
     from omnilab.arch import read_config
-    from omnilab.synth import tiny_omni_config
+    from omnilab.testing.synth import tiny_omni_config
 
     configs = [tiny_omni_config(), json.loads(REAL_CONFIG.read_text())]
     for config in configs:
@@ -211,8 +211,8 @@ def test_bf16_runs_and_stays_close(perturbed, reference_of):
 def test_fault_gallery_names_the_injected_layer(perturbed, reference_of):
     """Every standard fault diverges, never before the layer it is injected at; every hook before that layer
     keeps fp32 parity with the reference (rel_err <= 1e-5)."""
-    from omnilab.faults import fault_gallery, gallery_table
-    from omnilab.hooks import parse_name
+    from omnilab.experiments.fault_gallery import fault_gallery, gallery_table
+    from omnilab.model.hooks import parse_name
 
     path = perturbed("omni-default")  # norms not at their default, so the norms fault changes something
     gallery = fault_gallery(path, reference_of(path), PROMPT)

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from omnilab import multimodal as mm
-from omnilab import synth
 from omnilab.checkpoint import Checkpoint
 from omnilab.cli import main
-from omnilab.hooks import hook_names
-from omnilab.model import SelectiveMoE, mrope_cos_sin, rope_inv_freq
-from omnilab.reference import Reference
+from omnilab.model import multimodal as mm
+from omnilab.model.decoder import SelectiveMoE, mrope_cos_sin, rope_inv_freq
+from omnilab.model.hooks import hook_names
+from omnilab.reference.whole import Reference
+from omnilab.testing import synth
 
 OMNI_TINY = Path(__file__).resolve().parent.parent / "data/omni-tiny"
 REAL_CONFIG = Path(__file__).resolve().parent.parent / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"
@@ -109,7 +109,7 @@ def test_video_and_image_parity(tiny):
 
 def test_parity_checks_catch_a_missing_deepstack_and_1d_positions(tiny):
     """The parity above is not vacuous: dropping the deepstack addition or M-RoPE's rows diverges."""
-    from omnilab.hooks import capture, compare_activations
+    from omnilab.model.hooks import capture, compare_activations
 
     inputs = tiny.inputs("image")
     prompt = mm.prepare(tiny.sel, tiny.towers, inputs)

@@ -1,4 +1,4 @@
-"""Offloaded decoding (omnilab.offload) on CPU, fp32, tiny checkpoints: every slot budget, with and without
+"""Offloaded decoding (omnilab.gpu.offload) on CPU, fp32, tiny checkpoints: every slot budget, with and without
 prefetch, from either host tier, yields the all-resident path's tokens, with routing forced by a trace too; the
 statistics add up. (Copies on a side stream and the per-layer CUDA graphs need a GPU: bench/offload.py; on CPU
 the same segmented step runs uncaptured.)"""
@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.engine import FastDecoder
-from omnilab.model import SelectiveMoE
-from omnilab.offload import HostTier, OffloadDecoder
-from omnilab.traces import RoutingOverride, locality_trace
+from omnilab.gpu.engine import FastDecoder
+from omnilab.gpu.offload import HostTier, OffloadDecoder
+from omnilab.gpu.traces import RoutingOverride, locality_trace
+from omnilab.model.decoder import SelectiveMoE
 
 PROMPT = [3, 17, 42, 5, 99, 7, 64, 12]
 N = 12

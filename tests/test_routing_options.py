@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from omnilab import routing
-from omnilab.experts import LFU, LRU, ExpertCache, TrustWeighted, make_policy
-from omnilab.faults import RouterMask
-from omnilab.hooks import ALIASES, capture, resolve
-from omnilab.model import SelectiveMoE
-from omnilab.reference import Reference
-from omnilab.routing_options import RoutingOptions
+from omnilab.experiments import cache_sim, routing, routing_trace
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.experts import ExpertCache, LFU, LRU, TrustWeighted, make_policy
+from omnilab.model.faults import RouterMask
+from omnilab.model.hooks import ALIASES, capture, resolve
+from omnilab.model.routing import RoutingOptions
+from omnilab.reference.whole import Reference
 
 IDS = [5, 17, 42, 8, 99, 3, 61, 27, 14, 7, 88, 120]
 
@@ -47,14 +47,14 @@ def test_transformerlens_aliases_capture_the_router_hooks(tiny_omni, model, whic
 
 def test_routing_options_per_call_leave_the_model_alone(model):
     k = model.config.num_experts_per_tok
-    plain, _, _ = routing.route(model, IDS)
-    wider, weights, _ = routing.route(model, IDS, routing=RoutingOptions(top_k=k + 1))
+    plain, _, _ = routing_trace.route(model, IDS)
+    wider, weights, _ = routing_trace.route(model, IDS, routing=RoutingOptions(top_k=k + 1))
     assert plain.shape[-1] == k and wider.shape[-1] == k + 1
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)  # norm_topk_prob over the k + 1 picked
-    masked, _, _ = routing.route(model, IDS, routing=RoutingOptions(transforms=(RouterMask((0, 2, 5)),)))
+    masked, _, _ = routing_trace.route(model, IDS, routing=RoutingOptions(transforms=(RouterMask((0, 2, 5)),)))
     assert set(np.unique(masked)) <= {0, 2, 5} and not set(np.unique(plain)) <= {0, 2, 5}
     assert model.routing.is_plain and model.routing.top_k is None
-    again, _, _ = routing.route(model, IDS)
+    again, _, _ = routing_trace.route(model, IDS)
     assert np.array_equal(again, plain)
 
 
@@ -66,7 +66,7 @@ def test_routing_override_is_part_of_the_routing(model):
     model.routing_override = Forced()
     try:
         assert model.routing.override is model.routing_override
-        experts, _, _ = routing.route(model, IDS)
+        experts, _, _ = routing_trace.route(model, IDS)
         assert (experts[..., :2] == np.array([0, 1])).all()
     finally:
         model.routing_override = None
@@ -116,7 +116,7 @@ def naive_lfu_hits(requests, capacity):
 def test_lfu_heap_matches_its_definition(seed):
     requests = (np.random.default_rng(seed).zipf(1.3, 2000) % 30).tolist()
     for capacity in (1, 4, 11, 29):
-        assert routing.simulate_cache(requests, capacity, "lfu") == naive_lfu_hits(requests, capacity)
+        assert cache_sim.simulate_cache(requests, capacity, "lfu") == naive_lfu_hits(requests, capacity)
 
 
 def test_lfu_victim_skips_pinned_and_keeps_them():
@@ -143,7 +143,7 @@ def test_simulation_replays_the_expert_cache(model, policy):
     cache = ExpertCache(store, capacity * store.expert_bytes, policy=policy)
     for layer, e in keys:
         cache.get(layer, e)
-    assert cache.stats.hits == routing.simulate_cache(requests, capacity, policy)
+    assert cache.stats.hits == cache_sim.simulate_cache(requests, capacity, policy)
     assert 0 < cache.stats.hits < len(requests)
 
 

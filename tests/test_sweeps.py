@@ -7,16 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from omnilab import routing, sweeps
-from omnilab.experts import TrustWeighted
-from omnilab.faults import DefaultNorms, RouterMask
+from omnilab.experiments import eval_data, measures, routing, routing_trace, sweeps
+from omnilab.model.experts import TrustWeighted
+from omnilab.model.faults import DefaultNorms, RouterMask
 
 IDS = [5, 17, 42, 8, 99, 3, 61, 27, 14, 7, 88, 120]
 
 
 @pytest.fixture(scope="module")
 def model(tiny_omni):
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     return SelectiveMoE.from_checkpoint(tiny_omni)
 
@@ -26,22 +26,22 @@ def test_applied_changes_routing_and_restores(model):
     E, k = config.num_experts, config.num_experts_per_tok
     with sweeps.applied(model, sweeps.Setting("top-3", "top_k", top_k=k + 1)) as options:
         assert options.top_k == k + 1 and model.routing.top_k is None  # passed to calls, the model untouched
-        experts, weights, _ = routing.route(model, IDS, routing=options)
+        experts, weights, _ = routing_trace.route(model, IDS, routing=options)
         assert experts.shape[-1] == k + 1
         np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
     with sweeps.applied(model, sweeps.Setting("mask", "mask", faults=(RouterMask((0, 2, 5)),))) as options:
-        experts, _, _ = routing.route(model, IDS, routing=options)
+        experts, _, _ = routing_trace.route(model, IDS, routing=options)
         assert set(np.unique(experts)) <= {0, 2, 5}
     with sweeps.applied(model, sweeps.Setting("b", "budget", budget_share=0.25, policy="trust")) as options:
         assert model.cache.budget_bytes == int(0.25 * model.cache.store.total_bytes)
         assert isinstance(model.cache.policy, TrustWeighted) and not model.hooks  # fed by the MoE step, no hooks
-        routing.route(model, IDS, routing=options)
+        routing_trace.route(model, IDS, routing=options)
         assert model.cache.policy.step == 1 and len(model.cache.policy.trust) > 0  # one forward pass observed
         assert model.cache.stats.peak_resident_bytes <= model.cache.budget_bytes
         assert model.cache.stats.evictions > 0
     assert (model.config, model.faults, model.cache) == (config, faults, cache)
     assert model.hooks == {}
-    experts, _, _ = routing.route(model, IDS)
+    experts, _, _ = routing_trace.route(model, IDS)
     assert experts.shape[-1] == k
     with pytest.raises(ValueError, match="router faults"):
         with sweeps.applied(model, sweeps.Setting("norms", "x", faults=(DefaultNorms(0),))):
@@ -54,7 +54,7 @@ def test_salience_with_full_weight_routes_to_the_most_loaded_experts(model):
     rng = np.random.default_rng(0)
     load = pd.DataFrame(rng.dirichlet(np.ones(E), len(layers)), index=layers)
     with sweeps.applied(model, sweeps.Setting("s", "salience", faults=sweeps.salience_faults(load, alpha=1.0))) as options:
-        experts, _, _ = routing.route(model, IDS, routing=options)
+        experts, _, _ = routing_trace.route(model, IDS, routing=options)
     for li, layer in enumerate(layers):
         top = set(np.argsort(-load.loc[layer].to_numpy())[:k])
         assert all(set(row) == top for row in experts[li])
@@ -82,13 +82,13 @@ def test_trust_weighted_evicts_the_least_trusted():
 def test_quality_measures():
     torch.manual_seed(0)
     ref = [torch.log_softmax(torch.randn(6, 11), -1), torch.log_softmax(torch.randn(4, 11), -1)]
-    evalset = sweeps.EvalSet(docs=[("en", [1, 2, 3, 4, 5, 6]), ("fr", [7, 8, 9, 10])], prompts=[])
-    same = sweeps.quality(ref, ref, evalset)
+    evalset = eval_data.EvalSet(docs=[("en", [1, 2, 3, 4, 5, 6]), ("fr", [7, 8, 9, 10])], prompts=[])
+    same = measures.quality(ref, ref, evalset)
     assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
     nll = torch.nn.functional.cross_entropy(ref[0][:-1], torch.tensor([2, 3, 4, 5, 6]))
     assert same["ppl_en"] == pytest.approx(float(nll.exp()), rel=1e-5)
     other = [torch.log_softmax(torch.randn(6, 11), -1), ref[1]]
-    q = sweeps.quality(other, ref, evalset)
+    q = measures.quality(other, ref, evalset)
     expected = torch.nn.functional.kl_div(other[0], ref[0], log_target=True, reduction="sum") / 10
     assert q["kl"] == pytest.approx(float(expected), rel=1e-5)
     assert 0.4 <= q["top1_agreement"] < 1.0  # fr's 4 of 10 positions agree
@@ -99,7 +99,7 @@ def test_run_sweep_rows(model):
     docs = pd.DataFrame({"domain": ["en", "python"], "text": ["The quick brown fox jumps over the lazy dog.",
                                                                 "def add(a, b):\n    return a + b\n"]})
     addition = pd.DataFrame({"prompt": ["47 + 38 =", "12 + 30 ="], "answer": ["85", "42"]})
-    evalset = sweeps.make_eval_set(tok, docs, docs.rename(columns={"text": "prompt"}), addition, max_tokens=12)
+    evalset = eval_data.make_eval_set(tok, docs, docs.rename(columns={"text": "prompt"}), addition, max_tokens=12)
     settings = [sweeps.Setting("full", "full"), sweeps.Setting("top-1", "top_k", value=1, top_k=1),
                 sweeps.Setting("budget", "budget", value=0.25, budget_share=0.25, policy="lfu")]
     table = sweeps.run_sweep(model, settings, evalset, max_new_tokens=4, progress=False).set_index("name")

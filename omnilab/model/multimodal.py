@@ -1,7 +1,7 @@
 """Multimodal input for the selective thinker: audio, images and video into the MoE decoder.
 
 It follows transformers' `Qwen3OmniMoeThinkerModel.forward` step by step, with transformers' own pieces
-wherever one exists, so that only the text decoder (omnilab.model.SelectiveMoE) is omnilab's:
+wherever one exists, so that only the text decoder (omnilab.model.decoder.SelectiveMoE) is omnilab's:
 - `Towers`: the thinker's audio tower and vision tower, transformers' own `Qwen3OmniMoeAudioEncoder` and
   `Qwen3OmniMoeVisionEncoder`, resident, loaded from the checkpoint's `thinker.audio_tower.*` /
   `thinker.visual.*` tensors. Its `get_rope_index` is transformers' own function (M-RoPE's three position
@@ -90,7 +90,7 @@ class Towers(nn.Module):
     def from_checkpoint(cls, checkpoint, *, dtype=torch.float32, device="cpu", vision_start_token_id=None,
                         attn_implementation: str = "sdpa") -> "Towers":
         """Both towers with the checkpoint's weights (`thinker.audio_tower.*`, `thinker.visual.*`), resident.
-        attn_implementation: transformers' name ("sdpa", "eager"); omnilab.reference runs "eager", which in
+        attn_implementation: transformers' name ("sdpa", "eager"); omnilab.reference.whole runs "eager", which in
         bf16 rounds the vision tower's attention differently (in fp32 the two agree to ~1e-7)."""
         from transformers.initialization import no_init_weights
 
@@ -101,7 +101,7 @@ class Towers(nn.Module):
         config = thinker_config(checkpoint)
         if getattr(config, "vision_start_token_id", None) is None:
             # transformers 5.23 has no vision_start_token_id in the thinker config, yet get_rope_index reads it;
-            # it is the tokenizer's <|vision_start|> (omnilab.reference sets the Qwen tokenizer's 151652 alike)
+            # it is the tokenizer's <|vision_start|> (omnilab.reference.whole sets the Qwen tokenizer's 151652 alike)
             config.vision_start_token_id = 151652 if vision_start_token_id is None else vision_start_token_id
         dtype = as_dtype(dtype)
         default = torch.get_default_dtype()
@@ -187,7 +187,7 @@ def load_processor(folder, tokenizer=None):
     folder = Path(folder)
     if not (folder / PREPROCESSOR_FILE).exists():
         raise ValueError(f"{folder}: no {PREPROCESSOR_FILE} (audio / image preprocessing); write one with "
-                         f"omnilab.multimodal.write_processor_files")
+                         f"omnilab.model.multimodal.write_processor_files")
     with quiet_transformers():
         if tokenizer is None or not all(getattr(tokenizer, k, None) for k in PLACEHOLDER_TOKENS):
             tokenizer = AutoTokenizer.from_pretrained(str(folder), extra_special_tokens=PLACEHOLDER_TOKENS)
@@ -364,8 +364,8 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
              seed: int | None = 0):
     """SelectiveMoE.generate for one multimodal prompt: the prefill reads the merged embeddings and M-RoPE
     positions; each new token's three position rows are equal, at its index plus the prompt's rope delta
-    (as transformers decodes). Returns omnilab.model.Generation."""
-    from omnilab.model import Generation, KVCache
+    (as transformers decodes). Returns omnilab.model.decoder.Generation."""
+    from omnilab.model.decoder import Generation, KVCache
 
     if prompt.input_ids.shape[0] != 1:
         raise ValueError("multimodal generate takes one prompt at a time")
@@ -417,9 +417,9 @@ def run_reference(reference, inputs) -> torch.Tensor:
 
 def compare(reference, selective, towers: Towers, inputs, names=None, rtol: float | None = None):
     """Selective model (with `towers`) and the whole transformers thinker on one processed multimodal prompt,
-    hook by hook (omnilab.hooks.Comparison). The reference's `hook_embed` is read where its text decoder
+    hook by hook (omnilab.model.hooks.Comparison). The reference's `hook_embed` is read where its text decoder
     takes `inputs_embeds` (after the towers' features are placed), as the selective model's is."""
-    from omnilab.hooks import capture, compare_activations, divergence_rtol
+    from omnilab.model.hooks import capture, compare_activations, divergence_rtol
 
     names = list(names or reference.hook_names())
     embed_seen = {}

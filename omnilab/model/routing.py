@@ -3,11 +3,11 @@
 into a live model.
 
 - `top_k`: experts per token (None: the config's `num_experts_per_tok`);
-- `transforms`: router-logit transforms applied in order before the softmax (omnilab.faults: `RouterMask`,
+- `transforms`: router-logit transforms applied in order before the softmax (omnilab.model.faults: `RouterMask`,
   `SalienceMix`, any `Fault` with `on_router_logits`);
 - `available`: layer -> bool [E], the experts present in the checkpoint; the others are masked before the
   softmax (`mask_missing_experts`);
-- `override`: an omnilab.traces.RoutingOverride, forced choices per layer (an intervention; the GPU decoders
+- `override`: an omnilab.gpu.traces.RoutingOverride, forced choices per layer (an intervention; the GPU decoders
   read it too).
 """
 

@@ -2,10 +2,10 @@
 
 `trace_corpus(checkpoint, corpus, out)` (the `omnilab trace` command) reads documents from JSONL, text,
 Parquet files or a local `datasets` folder (`save_to_disk`), tokenizes them, batches them by length,
-prefills each batch through the selective model (omnilab.model.SelectiveMoE, no generation, experts under
+prefills each batch through the selective model (omnilab.model.decoder.SelectiveMoE, no generation, experts under
 the cache's byte budget as everywhere) and records the routing of every MoE layer through its hooks
 (`blocks.{i}.mlp.hook_topk_indices / hook_topk_weights / hook_router_logits`). The rows are the trace
-columns of omnilab.routing (doc, domain, position, token_id, layer, rank, expert, weight, entropy).
+columns of omnilab.experiments.routing (doc, domain, position, token_id, layer, rank, expert, weight, entropy).
 
 Under torchrun (`torchrun --nproc-per-node N -m omnilab trace ...`) every rank builds the same plan and
 takes every N-th batch not yet written; gloo on CPU, NCCL on GPUs; rank 0 writes the manifest once all
@@ -25,7 +25,7 @@ whichever rank runs it. Resumable: a shard is written under a temporary name and
 shard exists is done and is skipped when the command runs again with the same arguments.
 
 `TraceDataset(folder)` reads a finished trace lazily (pyarrow): one layer at a time from that layer's row
-groups, or whole as the DataFrame omnilab.routing's statistics take; those statistics accept it in place of
+groups, or whole as the DataFrame omnilab.experiments.routing's statistics take; those statistics accept it in place of
 a DataFrame and read it layer by layer, so they work on traces larger than memory.
 """
 
@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from omnilab.experiments.routing import TRACE_COLUMNS
 from omnilab.jsonio import write_json
-from omnilab.routing import TRACE_COLUMNS
 
 TEXT_FIELDS = ("text", "prompt", "content")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -426,7 +426,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
            tokenizer, progress, model) -> TraceResult:
     import torch
 
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     docs = read_corpus(corpus, text_field=text_field, domain_field=domain_field)
     if model is None:
@@ -584,7 +584,7 @@ class TraceDataset:
     """A finished trace folder, read lazily with pyarrow. `read(layer=..., columns=..., rank=...)` returns those
     rows as a DataFrame in the trace's canonical order (doc, position, layer, rank), the domain a categorical
     with sorted categories, exactly as routing.concat_traces makes it; `to_pandas()` is the whole trace with its
-    attrs. omnilab.routing's statistics take a TraceDataset where they take a trace DataFrame."""
+    attrs. omnilab.experiments.routing's statistics take a TraceDataset where they take a trace DataFrame."""
 
     def __init__(self, folder):
         self.folder = Path(folder)

@@ -27,7 +27,7 @@ Several dtypes in one pass: a part is loaded once in its dtype on disk and cast 
 elementwise, so casting after the expert fusion gives what `from_pretrained(dtype=...)` gives by casting
 before it (tested bit for bit against a whole `from_pretrained` reference, fp32 and bf16).
 
-Hook names and sites are omnilab.reference's (`layer_site`): the same names as on the selective model.
+Hook names and sites are omnilab.reference.whole's (`layer_site`): the same names as on the selective model.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import torch
 
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
-from omnilab.hooks import hook_names
 from omnilab.dtypes import as_dtype
+from omnilab.model.hooks import hook_names
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -85,7 +85,7 @@ class StreamedReference:
 
             hf_config = getattr(hf_config, "thinker_config", hf_config)
             if not hasattr(hf_config, "vision_start_token_id"):
-                hf_config.vision_start_token_id = 151652  # as omnilab.reference sets it (transformers 5.23 lacks it)
+                hf_config.vision_start_token_id = 151652  # as omnilab.reference.whole sets it (transformers 5.23 lacks it)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -253,8 +253,8 @@ class StreamedReference:
 
     def _run_layer(self, i: int, layer, x, kwargs, acts: dict) -> torch.Tensor:
         """One decoder layer on x [B, T, H] with the text model's kwargs, recording its hook points."""
-        from omnilab.hooks import LAYER_POINTS, ROUTER_POINTS
-        from omnilab.reference import attach
+        from omnilab.model.hooks import LAYER_POINTS, ROUTER_POINTS
+        from omnilab.reference.whole import attach
 
         moe = self.config.is_moe_layer(i)
         points = [p for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]

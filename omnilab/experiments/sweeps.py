@@ -1,8 +1,8 @@
 """Generation experiments: how much can be dropped before the output changes, and what each choice saves.
 
 A `Setting` changes one thing in the selective model: experts per token (top-k), a router masked to a fixed
-subset of experts (omnilab.faults.RouterMask: "the first 8 experts of every layer", as hand extractions
-did), a salience-weighted router (omnilab.faults.SalienceMix with each expert's log calibration load as its
+subset of experts (omnilab.model.faults.RouterMask: "the first 8 experts of every layer", as hand extractions
+did), a salience-weighted router (omnilab.model.faults.SalienceMix with each expert's log calibration load as its
 salience), or the expert cache's byte budget and eviction policy (LRU, LFU, or `TrustWeighted`, the
 trust-weighted eviction of earlier hand-built loaders). `run_sweep` applies each setting to one loaded
 `SelectiveMoE` in turn (`applied`: the setting's `RoutingOptions`, passed to every call, and a fresh cache) and measures it against the
@@ -20,23 +20,20 @@ resident, and each budgeted setting checks, on one document, that its log-probab
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from omnilab.experts import ExpertCache
-from omnilab.faults import Fault, RouterMask, SalienceMix
-from omnilab.routing_options import RoutingOptions
-
-
-# -- settings ------------------------------------------------------------------------------------------------------
+from omnilab.experiments.eval_data import EvalSet
+from omnilab.experiments.measures import addition_accuracy, backbone_bytes, next_token_logprobs, quality
+from omnilab.model.experts import ExpertCache
+from omnilab.model.faults import Fault, RouterMask, SalienceMix
+from omnilab.model.routing import RoutingOptions
 
 
 @dataclass(frozen=True)
@@ -115,87 +112,6 @@ def fresh_cache(model, setting: Setting) -> None:
     model.cache = ExpertCache(store, budget, policy=setting.policy)
 
 
-# -- eval data -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalSet:
-    """docs: (domain, token ids) scored teacher-forced; prompts: (domain, ids) decoded for speed and cache;
-    addition: (prompt ids, answer text)."""
-
-    docs: list[tuple[str, list[int]]]
-    prompts: list[tuple[str, list[int]]]
-    addition: list[tuple[list[int], str]] = field(default_factory=list)
-
-
-def make_eval_set(tokenizer, docs: pd.DataFrame, prompts: pd.DataFrame, addition: pd.DataFrame | None = None, *,
-                  max_tokens: int = 64) -> EvalSet:
-    """Tokenize documents (first max_tokens tokens), prompts (a `prompt` or `text` column) and addition
-    problems (`prompt`, `answer`)."""
-    enc = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
-    text = "prompt" if "prompt" in prompts.columns else "text"
-    return EvalSet(docs=[(d, ids[:max_tokens]) for d, t in zip(docs["domain"], docs["text"])
-                         if len(ids := enc(t)) > 1],
-                   prompts=[(d, enc(t)) for d, t in zip(prompts["domain"], prompts[text])],
-                   addition=[] if addition is None else [(enc(p), str(a)) for p, a in zip(addition["prompt"],
-                                                                                          addition["answer"])])
-
-
-def split_scored(docs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Documents split in two halves per domain, alternating in order: (scored, calibration). Notebook 05 scores
-    the first half and traces the second to measure each expert's load (the salience router's calibration)."""
-    scored = (docs.groupby("domain", sort=False).cumcount() % 2 == 0).to_numpy()
-    return docs[scored], docs[~scored]
-
-
-def eval_set_for(model, docs: pd.DataFrame, *, max_tokens: int = 64, random_docs: int = 4, seed: int = 0) -> EvalSet:
-    """Scored documents for `model`: `docs` through its tokenizer (its first row also as the one decoding prompt),
-    or, when the checkpoint has no tokenizer, `random_docs` documents of max_tokens random token ids."""
-    if model.tokenizer is not None:
-        return make_eval_set(model.tokenizer, docs, docs.head(1), max_tokens=max_tokens)
-    g = torch.Generator().manual_seed(seed)
-    return EvalSet(docs=[("random", torch.randint(0, model.config.vocab_size, (max_tokens,), generator=g).tolist())
-                         for _ in range(random_docs)], prompts=[])
-
-
-# -- measurement ---------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def next_token_logprobs(model, evalset: EvalSet, routing: RoutingOptions | None = None) -> list[torch.Tensor]:
-    """log-softmax of the next-token logits, one [T, V] tensor per document (routing: the model's own by default)."""
-    return [F.log_softmax(model(torch.tensor([ids], device=model.device), routing=routing)[0].float(), dim=-1).cpu()
-            for _, ids in evalset.docs]
-
-
-def quality(logprobs: list[torch.Tensor], reference: list[torch.Tensor], evalset: EvalSet) -> dict:
-    """KL(reference || logprobs) and top-1 agreement over every position; perplexity per domain over the
-    documents' actual next tokens."""
-    kl, agree, n = 0.0, 0, 0
-    nll: dict[str, list[float]] = {}
-    for lp, ref, (domain, ids) in zip(logprobs, reference, evalset.docs):
-        kl += float((ref.exp() * (ref - lp)).sum())
-        agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
-        n += lp.shape[0]
-        target = torch.tensor(ids[1:])
-        nll.setdefault(domain, []).extend((-lp[:-1].gather(1, target[:, None])[:, 0]).tolist())  # [T - 1]
-    out = {"kl": kl / n, "top1_agreement": agree / n}
-    out.update({f"ppl_{d}": math.exp(float(np.mean(v))) for d, v in nll.items()})
-    return out
-
-
-def addition_accuracy(model, evalset: EvalSet, max_new_tokens: int = 5, routing: RoutingOptions | None = None) -> float:
-    """Share of addition prompts whose greedy continuation starts with the right number."""
-    if not evalset.addition or model.tokenizer is None:
-        return float("nan")
-    gen = model.generate([p for p, _ in evalset.addition], max_new_tokens=max_new_tokens, greedy=True, routing=routing)
-    right = 0
-    for new, (_, answer) in zip(gen.new_token_ids, evalset.addition):
-        m = re.match(r"\s*(\d+)", model.tokenizer.decode(new))
-        right += bool(m and m.group(1) == answer)
-    return right / len(evalset.addition)
-
-
 def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int = 24,
                 routing: RoutingOptions | None = None) -> dict:
     """Greedy decoding of each prompt from a cold cache: tokens/s, hit rate, peak resident expert bytes, expert
@@ -210,16 +126,6 @@ def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int =
     return {"tokens_per_s": new / seconds if seconds else float("nan"), "hit_rate": stats.hit_rate,
             "peak_expert_bytes": stats.peak_resident_bytes, "peak_expert_share": stats.peak_resident_bytes / store.total_bytes,
             "loaded_bytes": stats.loaded_bytes, "loaded_bytes_per_token": stats.loaded_bytes / max(1, new)}
-
-
-def backbone_bytes(model) -> int:
-    """Bytes of everything resident apart from experts (parameters and buffers, tied weights once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def run_sweep(model, settings: list[Setting], evalset: EvalSet, *, max_new_tokens: int = 24,
@@ -298,39 +204,3 @@ def summarize(table: pd.DataFrame) -> dict:
         if row.group == "budget":
             out[f"{key}_kl"] = float(row.kl)
     return out
-
-
-# -- what masking missing experts costs (notebook 02) ---------------------------------------------------------------
-
-
-def masking_cost(folder, evalset: EvalSet, reference: list[torch.Tensor]) -> dict:
-    """The selective model on a partial extraction FOLDER with its missing experts masked, against `reference`
-    (next_token_logprobs of the full model): KL, top-1 agreement, and the routed choices that fell on a missing
-    expert (count and share of all choices)."""
-    from omnilab.model import SelectiveMoE
-
-    model = SelectiveMoE.from_checkpoint(folder, mask_missing_experts=True, tokenizer=False)
-    q = quality(next_token_logprobs(model, evalset), reference, evalset)
-    cfg = model.config
-    routed = sum(len(ids) for _, ids in evalset.docs) * cfg.num_experts_per_tok * len(cfg.moe_layers)
-    masked = model.cache.stats.masked_choices
-    return {"kl": q["kl"], "top1_agreement": q["top1_agreement"], "masked_choices": masked,
-            "masked_share": masked / routed}
-
-
-def masking_sweep(checkpoint, evalset: EvalSet, reference: list[torch.Tensor], counts, scratch, *,
-                  workers: int = 2) -> pd.DataFrame:
-    """masking_cost of extractions keeping the first n experts of every layer, for each n in `counts` (at least
-    top-k; each extracted into SCRATCH in turn, resumably): one row per n (experts, experts_share, kl, ...)."""
-    from omnilab.checkpoint import Checkpoint
-    from omnilab.extract import extract
-
-    cfg, _ = Checkpoint(checkpoint).arch
-    rows = []
-    for n in sorted(set(counts)):
-        if n < cfg.num_experts_per_tok:
-            continue
-        extract(checkpoint, scratch, components="backbone,experts", experts=list(range(n)), workers=workers,
-                progress=False)
-        rows.append({"experts": n, "experts_share": n / cfg.num_experts, **masking_cost(scratch, evalset, reference)})
-    return pd.DataFrame(rows)

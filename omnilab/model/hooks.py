@@ -154,8 +154,8 @@ def compare_activations(ref: dict, sel: dict, attention_mask=None, rtol: float =
                         thresholds: dict | None = None, keep: dict | None = None) -> Comparison:
     """Compare two captures (name -> tensor) hook by hook; `ref` is the reference (b in rel_err).
     A hook is divergent where rel_err exceeds its threshold: thresholds[name] when given (the bf16 noise
-    floor, omnilab.compare), else rtol. keep[name]: bool [n] over the real tokens, those compared at that hook
-    (omnilab.compare sets aside bf16 near-tie flips); the `tokens` column counts them."""
+    floor, omnilab.reference.compare), else rtol. keep[name]: bool [n] over the real tokens, those compared at that hook
+    (omnilab.reference.compare sets aside bf16 near-tie flips); the `tokens` column counts them."""
     names = [n for n in (names or ref) if n in ref and n in sel]
     valid = None if attention_mask is None else torch.as_tensor(attention_mask).bool().cpu()  # [B, T]
     rows = []

@@ -6,12 +6,12 @@ set of experts runs in whatever budget the cache is given. It follows transforme
 and `Qwen3OmniMoeThinkerTextModel` operation for operation (the reference this is compared against, hook by
 hook), in the spirit of mlx-lm's models/qwen3_moe.py: module names match the checkpoint's tensor names, so
 loading the backbone is a plain copy. The forward pass is one function that reads top to bottom, with a
-hook point (TransformerLens names, see omnilab.hooks) between every two steps.
+hook point (TransformerLens names, see omnilab.model.hooks) between every two steps.
 
 Rotary embedding: Qwen3-Omni's thinker uses interleaved M-RoPE (temporal / height / width sections). For
 text-only input the three position rows are equal, so every section rotates by the same angle and M-RoPE is
 exactly 1-D RoPE; tests/test_model.py checks this against transformers' own rotary module. Multimodal
-prompts (omnilab.multimodal) pass `position_ids` [3, B, T]; when the rows differ, `mrope_cos_sin` interleaves
+prompts (omnilab.model.multimodal) pass `position_ids` [3, B, T]; when the rows differ, `mrope_cos_sin` interleaves
 them as transformers does (tests/test_multimodal.py checks it against transformers' rotary module).
 """
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
 from omnilab.dtypes import as_dtype
-from omnilab.experts import ExpertCache, ExpertStore, MissingExpertError
-from omnilab.faults import Fault
-from omnilab.routing_options import RoutingOptions
+from omnilab.model.experts import ExpertCache, ExpertStore, MissingExpertError
+from omnilab.model.faults import Fault
+from omnilab.model.routing import RoutingOptions
 from omnilab.tokenizer import load_tokenizer
 
 # -- building blocks -------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ class SelectiveMoE(nn.Module):
 
     @property
     def routing_override(self):
-        """The routing's omnilab.traces.RoutingOverride (None: the routers choose)."""
+        """The routing's omnilab.gpu.traces.RoutingOverride (None: the routers choose)."""
         return self.routing.override
 
     @routing_override.setter
@@ -302,9 +302,9 @@ class SelectiveMoE(nn.Module):
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def add_hook(self, name: str, fn):
-        """Call fn(tensor) at hook point `name` (or its TransformerLens alias, omnilab.hooks.ALIASES); a non-None
+        """Call fn(tensor) at hook point `name` (or its TransformerLens alias, omnilab.model.hooks.ALIASES); a non-None
         return replaces the activation. Returns a handle."""
-        from omnilab.hooks import resolve
+        from omnilab.model.hooks import resolve
 
         name = resolve(name)
         if name not in self.hook_names():
@@ -313,7 +313,7 @@ class SelectiveMoE(nn.Module):
         return _HookHandle(self.hooks, name, fn)
 
     def hook_names(self) -> list[str]:
-        from omnilab.hooks import hook_names
+        from omnilab.model.hooks import hook_names
 
         return hook_names(self.config)
 
@@ -331,7 +331,7 @@ class SelectiveMoE(nn.Module):
                 routing: RoutingOptions | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. attention_mask [B, past + T] (1 = token, 0 = left padding).
 
-        Multimodal prompts (built by omnilab.multimodal.prepare): inputs_embeds [B, T, H] replaces the token
+        Multimodal prompts (built by omnilab.model.multimodal.prepare): inputs_embeds [B, T, H] replaces the token
         embedding; position_ids [3, B, T] (M-RoPE rows) or [B, T] replaces the positions; deepstack
         (visual_pos_masks [B, T], [features [n_visual, H] per layer]) is added to the visual rows of the
         residual after each of the first len(features) layers, as transformers' thinker adds it. routing:

@@ -187,7 +187,7 @@ def break_like_hand_extraction(checkpoint: str | os.PathLike, out: str | os.Path
     if source.file_bytes < COPY_LIMIT_BYTES:
         folder, what = copy_checkpoint(source.root, out), f"a copy of {source.root.name}"
     else:
-        from omnilab.synth import tiny_qwen3_omni
+        from omnilab.testing.synth import tiny_qwen3_omni
 
         if out.exists():
             shutil.rmtree(out)

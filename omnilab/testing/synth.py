@@ -117,9 +117,9 @@ def _omni_model(config: dict, seed: int, dtype: torch.dtype):
 def tiny_qwen3_omni_multimodal(out: str | os.PathLike, *, seed: int = 0, max_shard_size: str | int = "48KB",
                                dtype: torch.dtype = torch.float32, **text) -> Path:
     """tiny_qwen3_omni whose thinker config names placeholder tokens inside its vocabulary, with a tokenizer
-    holding Qwen3-Omni's audio / vision special tokens and the processor files (omnilab.multimodal) beside it:
+    holding Qwen3-Omni's audio / vision special tokens and the processor files (omnilab.model.multimodal) beside it:
     a fixture that hears and sees (random weights)."""
-    from omnilab.multimodal import PLACEHOLDER_TOKENS, write_processor_files
+    from omnilab.model.multimodal import PLACEHOLDER_TOKENS, write_processor_files
 
     config_dict = tiny_omni_config(**text)
     # transformers' audio token count (_get_feat_extract_output_lengths) assumes 100-frame chunks: n_window 50
@@ -240,7 +240,7 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
 # Real-shape random checkpoints (benchmarks)
 # ---------------------------------------------------------------------------------------------------
 
-REAL_CONFIG = Path(__file__).resolve().parent.parent / "data" / "reference" / "qwen3-omni-30b-a3b-instruct.config.json"
+REAL_CONFIG = Path(__file__).resolve().parents[2] / "data" / "reference" / "qwen3-omni-30b-a3b-instruct.config.json"
 _TOWERS = ("thinker.audio_tower.", "thinker.visual.")
 
 

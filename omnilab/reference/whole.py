@@ -4,9 +4,9 @@ qwen3_omni_moe: `Qwen3OmniMoeThinkerForConditionalGeneration` (reads only the th
 decoder is `model.language_model`); qwen3_moe: `AutoModelForCausalLM`. Both are loaded with `from_pretrained`,
 which fuses the per-expert tensors on disk into `gate_up_proj` / `down_proj`. `Reference` offers the same small
 surface as `SelectiveMoE`: `add_hook(name, fn)`, `hook_names()`, `ref(input_ids, attention_mask) -> logits`,
-`generate(...)`, so omnilab.hooks treats the two alike. `layer_site` / `attach` say where each layer hook
-lives on a transformers decoder layer, for this whole model and the streamed one (omnilab.streamed) alike.
-This whole model holds every weight; for checkpoints larger than memory use omnilab.streamed / omnilab.compare.
+`generate(...)`, so omnilab.model.hooks treats the two alike. `layer_site` / `attach` say where each layer hook
+lives on a transformers decoder layer, for this whole model and the streamed one (omnilab.reference.streamed) alike.
+This whole model holds every weight; for checkpoints larger than memory use omnilab.reference.streamed / omnilab.reference.compare.
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ class Reference:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def hook_names(self) -> list[str]:
-        from omnilab.hooks import hook_names
+        from omnilab.model.hooks import hook_names
 
         return hook_names(self.config)
 
     def add_hook(self, name: str, fn):
         """Call fn(tensor) with the activation at `name` (or its TransformerLens alias; read only). Returns a
         handle with .remove()."""
-        from omnilab.hooks import resolve
+        from omnilab.model.hooks import resolve
 
         name = resolve(name)
         if name not in self.hook_names():
@@ -110,7 +110,7 @@ class Reference:
 
 def layer_site(layer: torch.nn.Module, point: str) -> tuple[torch.nn.Module, str]:
     """Where a layer hook point lives on a transformers decoder layer: (module, which of its values).
-    The one mapping for the whole reference and the streamed one (omnilab.streamed)."""
+    The one mapping for the whole reference and the streamed one (omnilab.reference.streamed)."""
     mlp_gate = getattr(layer.mlp, "gate", None)
     return {
         "hook_resid_pre": (layer, "input"),

@@ -1,7 +1,7 @@
 """Offloaded decoding: experts in a host tier, a GPU slot pool of a byte budget, copies on a side stream,
 speculative next-layer prefetch. Follows mixtral-offloading (dvmazur/mixtral-offloading: per-layer LRU of expert
 slots on the GPU, pinned host copies, the next layer's gate applied to the current hidden state to prefetch) and
-reuses the fast path's pieces (omnilab.engine: SlotPool, StaticKV, the attention and expert-mix functions).
+reuses the fast path's pieces (omnilab.gpu.engine: SlotPool, StaticKV, the attention and expert-mix functions).
 
 Per MoE layer i of a step: attention; the router's top-k; the *next* MoE layer's router applied to this layer's
 post-attention state (normed with that layer's norm) guesses its experts; one small device->host read of both
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.engine import (Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route)
-from omnilab.model import Generation, rope_inv_freq
-from omnilab.traces import RoutingOverride
+from omnilab.gpu.engine import Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
+from omnilab.gpu.traces import RoutingOverride
+from omnilab.model.decoder import Generation, rope_inv_freq
 
 
 class HostTier:
@@ -266,7 +266,7 @@ class OffloadDecoder:
         step_routing = []
         for i, layer in enumerate(m.model.layers):
             if not layer.is_moe:
-                from omnilab.engine import dense_layer
+                from omnilab.gpu.engine import dense_layer
 
                 h = dense_layer(layer, h, cos, sin, mask, positions, self.kv.keys[i], self.kv.values[i], c)
                 continue
