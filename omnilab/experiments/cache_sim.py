@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from omnilab.experiments.routing import is_frame, trace_attr
-from omnilab.model.experts import POLICIES, make_policy
+from omnilab.model.experts import POLICIES, lazy_heap_top, make_policy
 
 
 SIMULATED = ("lru", "lfu", "belady")  # hit_rate_curve's default: two of the cache's own policies and the optimum
@@ -82,19 +82,7 @@ class Belady:
         self.entry.pop(key, None)
 
     def victim(self, pinned):
-        skipped, found = [], None
-        while self.heap:
-            neg, key = self.heap[0]
-            if self.entry.get(key) != -neg:
-                heapq.heappop(self.heap)
-            elif key in pinned:
-                skipped.append(heapq.heappop(self.heap))
-            else:
-                found = key
-                break
-        for item in skipped:
-            heapq.heappush(self.heap, item)
-        return found
+        return lazy_heap_top(self.heap, lambda item: self.entry.get(item[1]) == -item[0], pinned)
 
 
 def default_cache_sizes(trace: pd.DataFrame) -> list[int]:

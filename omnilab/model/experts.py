@@ -118,6 +118,24 @@ class LRU:
         return next((k for k in self.order if k not in pinned), None)
 
 
+def lazy_heap_top(heap: list, live, pinned) -> Key | None:
+    """The key (last field) of the smallest heap item that is `live(item)` and not in `pinned`, left in place;
+    stale items on the way are dropped (the lazy deletion of LFU and Belady), pinned ones kept."""
+    skipped, found = [], None
+    while heap:
+        item = heap[0]
+        if not live(item):
+            heapq.heappop(heap)  # stale: touched again since, or evicted
+        elif item[-1] in pinned:
+            skipped.append(heapq.heappop(heap))
+        else:
+            found = item[-1]
+            break
+    for item in skipped:
+        heapq.heappush(heap, item)
+    return found
+
+
 class LFU(LRU):
     """Evict the expert used least often (since it was first loaded); ties go to the one used longest ago.
 
@@ -143,19 +161,7 @@ class LFU(LRU):
         super().remove(key)
 
     def victim(self, pinned: set[Key]) -> Key | None:
-        skipped, found = [], None
-        while self.heap:
-            count, used, key = self.heap[0]
-            if self.entry.get(key) != (count, used):
-                heapq.heappop(self.heap)  # stale: touched again since, or evicted
-            elif key in pinned:
-                skipped.append(heapq.heappop(self.heap))
-            else:
-                found = key
-                break
-        for item in skipped:
-            heapq.heappush(self.heap, item)
-        return found
+        return lazy_heap_top(self.heap, lambda item: self.entry.get(item[-1]) == item[:2], pinned)
 
 
 class TrustWeighted(LRU):
