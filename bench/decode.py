@@ -1,4 +1,4 @@
-"""Decode and prefill speed of omnilab's fast path (omnilab.engine) against omnilab's eager path and transformers'
+"""Decode and prefill speed of omnilab's fast path (omnilab.gpu.engine) against omnilab's eager path and transformers'
 experts implementations (eager / grouped_mm / batched_mm), in one run, on one random-weight real-shape thinker.
 
     python bench/decode.py --device cuda --layers 48                   # the issue-12 table (bf16)
@@ -6,7 +6,7 @@ experts implementations (eager / grouped_mm / batched_mm), in one run, on one ra
     python bench/decode.py --suite budgets                             # the selective model at expert budgets
     python bench/decode.py --checkpoint DIR ...                        # any Qwen3-Omni / Qwen3-MoE checkpoint
 
-The checkpoint (unless --checkpoint) is `omnilab.synth.real_shape_checkpoint`: the real Qwen3-Omni thinker
+The checkpoint (unless --checkpoint) is `omnilab.testing.synth.real_shape_checkpoint`: the real Qwen3-Omni thinker
 layout, real shapes and vocabulary (152,064 rows), `--layers` decoder layers, random N(0, 0.02) weights filled in
 place (on the GPU when --device cuda), written to --workdir (default /dev/shm: the 48-layer thinker is 61 GB).
 
@@ -120,8 +120,8 @@ def row_transformers(args) -> list[dict]:
     from transformers import DynamicCache
 
     from omnilab import Checkpoint
-    from omnilab.model import as_dtype
-    from omnilab.synth import _quiet_transformers
+    from omnilab.dtypes import as_dtype
+    from omnilab.tokenizer import quiet_transformers
 
     checkpoint = Checkpoint(args.checkpoint)
     config, layout = checkpoint.arch
@@ -134,12 +134,12 @@ def row_transformers(args) -> list[dict]:
     rows = []
     with AnonPeak() as anon:
         start = time.perf_counter()
-        with _quiet_transformers():
+        with quiet_transformers():
             hf = model_cls.from_pretrained(str(checkpoint.root), dtype=as_dtype(args.dtype), device_map=dev,
                                            attn_implementation="sdpa", experts_implementation="eager")
         hf.eval().requires_grad_(False)
         if layout.model_type == "qwen3_omni_moe" and not hasattr(hf.config, "vision_start_token_id"):
-            hf.config.vision_start_token_id = 151652  # as omnilab.reference: read by get_rope_index, never matched
+            hf.config.vision_start_token_id = 151652  # as omnilab.reference.whole: read by get_rope_index, never matched
         load_s = time.perf_counter() - start
 
         def run(n_forced: int, n_free: int, record: bool):
@@ -197,7 +197,7 @@ def row_omnilab_eager(args) -> list[dict]:
     """omnilab's SelectiveMoE, every expert preloaded into its cache (budget: all), eager forward per token."""
     import torch
 
-    from omnilab.model import KVCache, SelectiveMoE
+    from omnilab.model.decoder import KVCache, SelectiveMoE
 
     dev = args.device
     with AnonPeak() as anon:
@@ -239,11 +239,11 @@ def row_omnilab_eager(args) -> list[dict]:
 
 
 def row_fast(args, compile: bool) -> list[dict]:
-    """omnilab.engine.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph."""
+    """omnilab.gpu.engine.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph."""
     import torch
 
-    from omnilab.engine import FastDecoder
-    from omnilab.model import SelectiveMoE
+    from omnilab.gpu.engine import FastDecoder
+    from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device
     with AnonPeak() as anon:
@@ -287,8 +287,8 @@ def row_budget(args) -> list[dict]:
     """The selective model at an expert budget (fraction of every expert's bytes), greedy generate."""
     import torch
 
-    from omnilab.experts import ExpertCache
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.model.experts import ExpertCache
 
     fraction = float(args.budget)
     with AnonPeak() as anon:
@@ -321,7 +321,7 @@ ROWS = {"hf": row_transformers, "eager": row_omnilab_eager, "fast": lambda a: ro
 def build_checkpoint(args) -> Path:
     import torch
 
-    from omnilab.synth import real_shape_checkpoint
+    from omnilab.testing.synth import real_shape_checkpoint
 
     out = Path(args.workdir) / f"omni-thinker-{args.layers}l"
     start = time.perf_counter()

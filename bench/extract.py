@@ -6,7 +6,7 @@ small vocabulary, written by transformers' `save_pretrained` in bf16: 1.2 GB of 
 the same disk, in both orders (cp first, then extract; and extract first, then cp):
 
     cp SRC/*.safetensors DST/                      (GNU cp: copy_file_range in the kernel, no checksums)
-    omnilab.extract.extract(SRC, OUT)              (read, sha256 of every tensor, write per-expert files)
+    omnilab.extraction.write.extract(SRC, OUT)              (read, sha256 of every tensor, write per-expert files)
 
 By default the source is hot in the page cache for both (a memory-bandwidth race that a checksumming reader
 cannot win against the kernel's in-place copy); `--cold` drops the page cache before each timed command (needs
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from omnilab.checkpoint import Checkpoint
-from omnilab.extract import extract
+from omnilab.extraction.write import extract
 
 QWEN3_OMNI_TEXT = dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
                        num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,

@@ -58,8 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    from omnilab import synth
     from omnilab.inventory import inventory
+    from omnilab.testing import synth
 
     with tempfile.TemporaryDirectory(prefix="omnilab-bench-inspect-") as tmp:
         full = synth.sparse_from_config(CONFIG, Path(tmp) / "full")

@@ -1,12 +1,12 @@
-"""Offloaded decode (omnilab.offload) under a total GPU memory cap, routed by benchmark traces, against
+"""Offloaded decode (omnilab.gpu.offload) under a total GPU memory cap, routed by benchmark traces, against
 accelerate's offload of the transformers reference at the same GPU memory, in one run.
 
     python bench/offload.py --device cuda --layers 48                  # the default plan: 8 GB and 16 GB caps
     python bench/offload.py --checkpoint DIR --device cpu ...          # any checkpoint; the CPU path
 
-The checkpoint is `omnilab.synth.real_shape_checkpoint` (as bench/decode.py). Routing: a random-weight model
+The checkpoint is `omnilab.testing.synth.real_shape_checkpoint` (as bench/decode.py). Routing: a random-weight model
 routes the same way at every step, so every row forces the routers' choice with a trace
-(`omnilab.traces.RoutingOverride`): `uniform` (k distinct experts at random: the worst case) and `locality`
+(`omnilab.gpu.traces.RoutingOverride`): `uniform` (k distinct experts at random: the worst case) and `locality`
 (45% of choices repeated from the previous token, 80% within 8: the Qwen3-30B-A3B statistics of issue 13).
 Decode inputs are teacher-forced random ids. The cap is enforced with torch.cuda.set_per_process_memory_fraction
 and the expert slots are sized from it after the backbone on the GPU (the embedding table stays on the host
@@ -106,8 +106,8 @@ def sort_shard(shard: Path) -> None:
 
 
 def build_parallel(args) -> Path:
-    """The real-shape thinker (omnilab.synth.real_shape_config, towers left out) in bf16, its layout written by
-    omnilab.synth.sparse_from_config and its tensors filled by --build-workers processes in parallel (see
+    """The real-shape thinker (omnilab.testing.synth.real_shape_config, towers left out) in bf16, its layout written by
+    omnilab.testing.synth.sparse_from_config and its tensors filled by --build-workers processes in parallel (see
     _fill); 48 layers in a fraction of real_shape_checkpoint's single-process time (77 s on the H200's host).
     Reused when finished; written under OUT.tmp and renamed."""
     import multiprocessing
@@ -116,7 +116,7 @@ def build_parallel(args) -> Path:
     import torch
 
     from omnilab.checkpoint import read_header, write_json
-    from omnilab.synth import real_shape_config, sparse_from_config
+    from omnilab.testing.synth import real_shape_config, sparse_from_config
 
     out = Path(args.workdir) / f"omni-thinker-{args.layers}l-par"
     params = {"layers": args.layers, "dtype": "bfloat16", "towers": False, "std": 0.02, "builder": "bench/offload.py windows, name order"}
@@ -181,7 +181,7 @@ def tier_h2d(host, config, device, experts: int = 96) -> dict:
     buffer through the driver, one cuMemcpyHtoDAsync per span, timed with CUDA events."""
     import torch
 
-    from omnilab.offload import DriverCopy
+    from omnilab.gpu.offload import DriverCopy
 
     copy = DriverCopy()
     layers = config.moe_layers
@@ -208,9 +208,9 @@ def tier_h2d(host, config, device, experts: int = 96) -> dict:
 def row_omnilab(args) -> list[dict]:
     import torch
 
-    from omnilab.model import SelectiveMoE
-    from omnilab.offload import HostTier, OffloadDecoder
-    from omnilab.traces import RoutingOverride, locality_trace, reuse_stats, uniform_trace
+    from omnilab.gpu.offload import HostTier, OffloadDecoder
+    from omnilab.gpu.traces import RoutingOverride, locality_trace, reuse_stats, uniform_trace
+    from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device
     cuda = dev.startswith("cuda")
@@ -312,8 +312,8 @@ def row_accelerate(args) -> list[dict]:
     import torch
 
     from omnilab import Checkpoint
-    from omnilab.model import as_dtype
-    from omnilab.synth import _quiet_transformers
+    from omnilab.dtypes import as_dtype
+    from omnilab.tokenizer import quiet_transformers
 
     rows = []
     checkpoint = Checkpoint(args.checkpoint)
@@ -324,7 +324,7 @@ def row_accelerate(args) -> list[dict]:
     cap_gb = min(parse_plan(args.plan), key=lambda r: r["cap_gb"])["cap_gb"]
     with AnonPeak() as anon:
         start = time.perf_counter()
-        with _quiet_transformers():
+        with quiet_transformers():
             hf = model_cls.from_pretrained(str(checkpoint.root), dtype=as_dtype(args.dtype), device_map="auto",
                                            max_memory={0: f"{cap_gb:g}GB", "cpu": "200GB"},
                                            attn_implementation="sdpa", experts_implementation="batched_mm")
@@ -364,7 +364,7 @@ def main() -> int:
     p.add_argument("--workdir", default="/dev/shm/omnilab-bench")
     p.add_argument("--build", choices=("parallel", "synth"), default="parallel",
                    help="how the checkpoint is made: parallel (bench/offload.py's filler, default) or synth "
-                        "(omnilab.synth.real_shape_checkpoint, as bench/decode.py)")
+                        "(omnilab.testing.synth.real_shape_checkpoint, as bench/decode.py)")
     p.add_argument("--build-workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
@@ -397,7 +397,7 @@ def main() -> int:
             try:
                 ckpt = build_parallel(args)
             except Exception as err:  # noqa: BLE001 - fall back to the library's own builder
-                print(f"[bench] parallel build failed ({type(err).__name__}: {err}); omnilab.synth builds it",
+                print(f"[bench] parallel build failed ({type(err).__name__}: {err}); omnilab.testing.synth builds it",
                       file=sys.stderr, flush=True)
         ckpt = ckpt or build_checkpoint(args)
     rows, errors = [], []
@@ -439,7 +439,7 @@ def table(rows, errors, ckpt, args) -> str:
     import torch
 
     from omnilab import Checkpoint
-    from omnilab.offload import PHASES
+    from omnilab.gpu.offload import PHASES
 
     config, _ = Checkpoint(ckpt).arch
     gb = 1e9

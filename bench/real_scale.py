@@ -4,7 +4,7 @@
     python bench/real_scale.py --layers 48            # the real model's depth (about 63 GB)
     python bench/real_scale.py --tiny                 # dry run of the whole script on a tiny layout (seconds)
 
-The checkpoint is `omnilab.synth.real_shape_checkpoint`: a random-weight Qwen3-Omni thinker with the real
+The checkpoint is `omnilab.testing.synth.real_shape_checkpoint`: a random-weight Qwen3-Omni thinker with the real
 model's shapes and vocabulary (hidden 2048, 128 experts of 768, top 8, 152,064 embedding rows), bf16, written
 in place through shard memory maps (never held in memory) and reused when already there. Then, each as
 `python -m omnilab VERB ...` in its own process: inspect, verify, compare fp32, compare bf16 (both streamed
@@ -149,7 +149,7 @@ def main() -> int:
 
     import torch
 
-    from omnilab.synth import real_shape_checkpoint, tiny_omni_config
+    from omnilab.testing.synth import real_shape_checkpoint, tiny_omni_config
 
     out = Path(args.out or (f"/tmp/omnilab-bench/tiny-real" if args.tiny else f"/tmp/omnilab-bench/real-{args.layers}"))
     work = Path(args.work)
@@ -219,7 +219,7 @@ def main() -> int:
         f"{f' --layers {args.layers}' if args.layers != 24 else ''}`  ",
         f"Hardware: {cpu}, {os.cpu_count()} cores, {mem / 2**30:.1f} GiB RAM (shared with other jobs while it ran), "
         f"no GPU; torch {torch.__version__}, {platform.python_version()}.  ",
-        f"Checkpoint: `omnilab.synth.real_shape_checkpoint`, {layers} layers, vocab {vocab_rows:,}, bf16 on disk, "
+        f"Checkpoint: `omnilab.testing.synth.real_shape_checkpoint`, {layers} layers, vocab {vocab_rows:,}, bf16 on disk, "
         f"{total / 1e9:.2f} GB in {len(ck.shards)} shards"
         + (f" (written in {write_s:.0f} s)" if write_s is not None else " (reused)") + ".  ",
         f"Prompt: {PROMPT_TOKENS} token ids. compare: selective model (expert budget one layer's worth) against the "

@@ -1,4 +1,4 @@
-"""Routing-trace throughput: `omnilab trace` (omnilab.trace.trace_corpus) on its grouped prefill and on its eager
+"""Routing-trace throughput: `omnilab trace` (omnilab.experiments.trace.trace_corpus) on its grouped prefill and on its eager
 path, against transformers' own forward with `output_router_logits`, on the same batches of the same corpus, in
 one run. One table.
 
@@ -9,14 +9,14 @@ The model is a random-weight Qwen3-Omni thinker built by transformers itself on 
 (`Qwen3OmniMoeThinkerForConditionalGeneration`, every weight N(0, 0.02), norms 1): `--real` takes the real
 config (data/reference, 152,064-row vocabulary, real audio/vision towers), otherwise the decode bench's
 shapes (real layer shapes, vocabulary 8,192, tiny towers). No checkpoint is written: the selective model
-(omnilab.model.SelectiveMoE) is assembled over the same tensors (its backbone is transformers' parameters,
+(omnilab.model.decoder.SelectiveMoE) is assembled over the same tensors (its backbone is transformers' parameters,
 its ExpertCache serves views of transformers' fused expert tensors, and the grouped prefill's stacked experts
 are transformers' fused tensors themselves), so every row runs every expert resident in one copy of the weights.
 Its config and layout come from the sparse on-disk layout of the same config.
 
 Measured, on the corpus the bench writes (eval-split documents repeated up to --tokens tokens, cut to
 --max-tokens, tokenized by a small byte-level BPE), each after a warm-up:
-- `omnilab trace`, grouped prefill (omnilab.prefill.TracePrefill, the default on CUDA): trace_corpus end to end:
+- `omnilab trace`, grouped prefill (omnilab.gpu.prefill.TracePrefill, the default on CUDA): trace_corpus end to end:
   length batching, every expert resident and one grouped GEMM per projection per layer, the routing (top-k
   ids, weights, entropy) in device buffers read once per batch, Parquet shards written (zstd, writer threads),
   the manifest;
@@ -56,7 +56,7 @@ REAL_SHAPES = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads
 
 
 def build_config(real: bool, layers: int) -> dict:
-    from omnilab.synth import real_shape_config, tiny_omni_config
+    from omnilab.testing.synth import real_shape_config, tiny_omni_config
 
     if real:
         return real_shape_config(layers)
@@ -67,11 +67,11 @@ def build_transformers(config: dict, dtype, device):
     """transformers' thinker built directly on the device by its own initialisation (seeded), eval mode."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
-    from omnilab.synth import _quiet_transformers
+    from omnilab.tokenizer import quiet_transformers
 
     thinker_config = Qwen3OmniMoeConfig.from_dict(config).thinker_config
     torch.manual_seed(0)
-    with _quiet_transformers(), torch.device(device):
+    with quiet_transformers(), torch.device(device):
         hf = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(thinker_config, dtype=dtype)
     return hf.eval().requires_grad_(False)
 
@@ -79,7 +79,7 @@ def build_transformers(config: dict, dtype, device):
 def shared_experts(store, hf_text) -> None:
     """Make an ExpertStore serve views of transformers' fused tensors (gate_up [E, 2I, H]: rows :I gate, I: up;
     down [E, H, I]) instead of reading its checkpoint: both models then hold one set of expert weights."""
-    from omnilab.experts import ExpertWeights
+    from omnilab.model.experts import ExpertWeights
 
     def load(layer: int, expert: int) -> ExpertWeights:
         ex = hf_text.layers[layer].mlp.experts
@@ -92,9 +92,9 @@ def shared_experts(store, hf_text) -> None:
 def build_selective(hf, config: dict, dtype, device, layout_dir: Path):
     """SelectiveMoE over transformers' tensors: its config/layout from the sparse layout of `config`."""
     from omnilab.checkpoint import Checkpoint
-    from omnilab.experts import ExpertCache, ExpertStore
-    from omnilab.model import SelectiveMoE, rope_inv_freq
-    from omnilab.synth import sparse_from_config
+    from omnilab.model.decoder import SelectiveMoE, rope_inv_freq
+    from omnilab.model.experts import ExpertCache, ExpertStore
+    from omnilab.testing.synth import sparse_from_config
 
     if not (layout_dir / "config.json").exists():
         sparse_from_config(config, layout_dir, dtype=dtype)
@@ -181,10 +181,10 @@ def main() -> int:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
-    from omnilab import trace
-    from omnilab.model import as_dtype
-    from omnilab.prefill import ResidentExperts, TracePrefill
-    from omnilab.synth import tiny_tokenizer
+    from omnilab.experiments import trace
+    from omnilab.dtypes import as_dtype
+    from omnilab.gpu.prefill import ResidentExperts, TracePrefill
+    from omnilab.testing.synth import tiny_tokenizer
 
     dtype, device = as_dtype(args.dtype), torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="omnilab-bench-trace-"))

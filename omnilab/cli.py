@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from omnilab.checkpoint import CheckpointError, jsonable
+from omnilab.checkpoint import CheckpointError
+from omnilab.jsonio import jsonable
 
 
 def parse_size(text: str) -> int:
@@ -53,19 +54,6 @@ def print_json(obj) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_report(path: str):
-    """inventory + tokenizer check of one checkpoint: (Inventory, TokenizerReport | None, problems)."""
-    from omnilab.inventory import inventory
-    from omnilab.vocab import check_checkpoint_tokenizer
-
-    inv = inventory(path)
-    tok = check_checkpoint_tokenizer(inv)
-    problems = list(inv.problems)
-    if tok is not None and tok.problem() is not None:
-        problems.append(tok.problem())
-    return inv, tok, problems
-
-
 def cmd_inspect(args) -> int:
     """Inventory: shards, tensors, bytes per component, expert completeness, tokenizer, problems. Exit 0 when the
     checkpoint could be read (problems are listed, `verify` is the gate), 2 when it could not.
@@ -75,9 +63,11 @@ def cmd_inspect(args) -> int:
     experts: {component, layers, moe_layers, experts_per_layer, complete, partial, missing, per_layer: [...]} | null,
     tokenizer: {size, max_id, special_tokens, embedding_rows, verdict, padding_rows, ...} | null,
     problems: [{kind, message, tensor, shard}], notes: [str]}. Component labels: see omnilab/inventory.py."""
-    from omnilab.inventory import format_bytes
+    from omnilab.inventory import checkpoint_report
+    from omnilab.units import format_bytes
 
-    inv, tok, problems = _checkpoint_report(args.path)
+    report = checkpoint_report(args.path)
+    inv, tok, problems = report.inventory, report.tokenizer, report.problems
     summary = {**inv.summary(), "tokenizer": tok.to_dict() if tok else None,
                "problems": [p.to_dict() for p in problems]}
     try:
@@ -123,14 +113,18 @@ def cmd_verify(args) -> int:
 
     --json: {path, sound, shards, tensors, checked_against_config, counts: {kind: n},
     problems: [{kind, message, tensor, shard}], notes: [str]}."""
-    inv, _, problems = _checkpoint_report(args.path)
+    from omnilab.inventory import checkpoint_report
+
+    report = checkpoint_report(args.path)
+    inv, problems = report.inventory, report.problems
     notes = list(inv.notes)
     availability_map = None
-    from omnilab.extract import is_extraction
+    from omnilab.extraction.manifest import is_extraction
 
-    if is_extraction(args.path):  # an extraction folder (omnilab.extract): files against manifest.json too
-        from omnilab.extract import (availability, availability_text, missing_summary, not_extracted, read_manifest,
-                                     verify_extraction)
+    if is_extraction(args.path):  # an extraction folder (omnilab.extraction.write): files against manifest.json too
+        from omnilab.extraction.availability import availability, availability_text, missing_summary, not_extracted
+        from omnilab.extraction.manifest import read_manifest
+        from omnilab.extraction.verify import verify_extraction
 
         manifest = read_manifest(args.path)  # read once; the folder is open once, as inv.checkpoint
         left_out = not_extracted(args.path, manifest)  # left out by the extraction's selection: reported, not a problem
@@ -180,8 +174,8 @@ def cmd_synth(args) -> int:
         raise ValueError(f"{out}: already exists and is not an empty folder")
     if args.kind == "sparse" and not args.config:
         raise ValueError("synth sparse needs --config CONFIG.json (e.g. the real Qwen3-Omni-30B-A3B's config.json)")
-    from omnilab import synth
     from omnilab.checkpoint import Checkpoint
+    from omnilab.testing import synth
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -220,13 +214,13 @@ def _prompt_ids(args, tokenizer, rows: int) -> list[int]:
 
 def _multimodal_inputs(args, model):
     """(Towers, processor tensors) when --audio / --image are given, else None: the prompt text around the media
-    goes through transformers' Qwen3OmniMoeProcessor (omnilab.multimodal)."""
+    goes through transformers' Qwen3OmniMoeProcessor (omnilab.model.multimodal)."""
     if not (args.audio or args.image):
         return None
     if args.input_ids is not None:
         raise ValueError("--input-ids cannot be combined with --audio / --image (the processor places the "
                          "placeholder tokens); give the text as --prompt")
-    from omnilab import multimodal
+    from omnilab.model import multimodal
 
     multimodal.thinker_config(model.checkpoint)  # refuses a checkpoint without towers, naming it
     audio = [multimodal.read_wav(args.audio)] if args.audio else None
@@ -239,18 +233,18 @@ def _multimodal_inputs(args, model):
 def _compare_multimodal(args, checkpoint):
     """compare with --audio / --image -> (input ids, StreamedComparison): the selective model with the
     checkpoint's towers, its activations recorded, then dropped; transformers' thinker on --reference (default
-    PATH) streamed part by part with its towers (omnilab.streamed), chained and local views."""
+    PATH) streamed part by part with its towers (omnilab.reference.streamed), chained and local views."""
     import gc
 
     import torch
 
-    from omnilab import multimodal
+    from omnilab.model import multimodal
     from omnilab.checkpoint import Checkpoint
-    from omnilab.compare import check_same_text_model, compare_streamed, one_layer_budget
-    from omnilab.hooks import capture
+    from omnilab.reference.compare import check_same_text_model, compare_streamed, one_layer_budget
+    from omnilab.model.hooks import capture
     from omnilab.memory import AnonPeak
-    from omnilab.model import SelectiveMoE
-    from omnilab.streamed import StreamedReference
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.reference.streamed import StreamedReference
 
     with AnonPeak() as peak:
         ref_checkpoint = checkpoint if not args.reference or str(args.reference) == str(args.path) else Checkpoint(args.reference)
@@ -276,11 +270,11 @@ def _compare_multimodal(args, checkpoint):
 
 def cmd_compare(args) -> int:
     """The selective model on PATH against transformers on --reference (default PATH), streamed one layer at a
-    time; chained and local views, in bf16 beside transformers' own bf16 noise (omnilab.compare; DESIGN.md's JSON)."""
+    time; chained and local views, in bf16 beside transformers' own bf16 noise (omnilab.reference.compare; DESIGN.md's JSON)."""
     _check_device(args.device)
     from omnilab.checkpoint import Checkpoint
-    from omnilab.compare import compare_checkpoints
-    from omnilab.model import load_tokenizer
+    from omnilab.reference.compare import compare_checkpoints
+    from omnilab.tokenizer import load_tokenizer
 
     checkpoint = Checkpoint(args.path)  # headers read once, for both models when there is no --reference
     media = {}
@@ -323,7 +317,7 @@ def cmd_generate(args) -> int:
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature:g}")
     _check_device(args.device)
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     model = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device,
                                          expert_budget=args.expert_budget)
@@ -336,7 +330,7 @@ def cmd_generate(args) -> int:
     sampling = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop_tokens=stop, seed=args.seed)
     if media:
-        from omnilab import multimodal
+        from omnilab.model import multimodal
 
         out = multimodal.generate(model, multimodal.prepare(model, *media), args.max_new_tokens, **sampling)
     else:
@@ -378,7 +372,9 @@ def cmd_extract(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from omnilab.extract import JOURNAL_NAME, MANIFEST_NAME, extract, parse_range
+    from omnilab.extraction.manifest import JOURNAL_NAME, MANIFEST_NAME
+    from omnilab.extraction.plan import parse_range
+    from omnilab.extraction.write import extract
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -399,9 +395,9 @@ def cmd_extract(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    """Routing of every document of a corpus into Parquet shards with a manifest (omnilab/trace.py); resumable;
+    """Routing of every document of a corpus into Parquet shards with a manifest (omnilab/experiments/trace.py); resumable;
     under torchrun the documents' batches are split across ranks. --json: the manifest's totals and run."""
-    from omnilab.trace import MANIFEST_NAME, trace_corpus
+    from omnilab.experiments.trace import MANIFEST_NAME, trace_corpus
 
     result = trace_corpus(args.path, args.corpus, args.out, max_tokens=args.max_tokens,
                           batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,

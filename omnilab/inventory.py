@@ -30,9 +30,8 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from omnilab.arch import (ALL_COMPONENTS, EXPERT_PROJECTIONS, QWEN3_MOE, QWEN3_OMNI, TEXT_COMPONENTS, TOWERS, Layout,
-                          Qwen3MoeConfig, classify, expected_tensors)
-from omnilab.checkpoint import UNREADABLE, Checkpoint, CheckpointError, Problem
+from omnilab.arch import (ALL_COMPONENTS, EXPERT_PROJECTIONS, QWEN3_MOE, QWEN3_OMNI, TEXT_COMPONENTS, TOWERS, Layout, Qwen3MoeConfig, classify, expected_tensors)
+from omnilab.checkpoint import Checkpoint, CheckpointError, Problem, UNREADABLE
 
 
 def component_label(component: str, layout: Layout) -> str:
@@ -45,15 +44,6 @@ def component_label(component: str, layout: Layout) -> str:
 def component_order(layout: Layout) -> list[str]:
     """Every component label of a layout, in the order the inventory lists them."""
     return [component_label(c, layout) for c in ALL_COMPONENTS]
-
-
-def format_bytes(n: float) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as shard sizes and `max_shard_size` are counted)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    return f"{n} TB"
 
 
 def guess_layout(names) -> Layout:
@@ -170,6 +160,26 @@ def inventory(checkpoint: str | os.PathLike | Checkpoint, *, check: bool = True)
 def verify(checkpoint: str | os.PathLike | Checkpoint) -> list[Problem]:
     """Every problem with a checkpoint, file-level and against its config (empty when sound)."""
     return inventory(checkpoint).problems
+
+
+@dataclass
+class Report:
+    """What `omnilab inspect` / `verify` report on a checkpoint: its inventory, the tokenizer check (None when
+    there is no tokenizer) and every problem, the tokenizer's included."""
+
+    inventory: Inventory
+    tokenizer: object | None  # omnilab.vocab.TokenizerReport
+    problems: list[Problem]
+
+
+def checkpoint_report(checkpoint: str | os.PathLike | Checkpoint) -> Report:
+    """Inventory plus tokenizer check of one checkpoint, with the problems of both in one list."""
+    from omnilab.vocab import check_checkpoint_tokenizer
+
+    inv = inventory(checkpoint)
+    tok = check_checkpoint_tokenizer(inv)
+    problems = list(inv.problems) + ([tok.problem()] if tok is not None and tok.problem() is not None else [])
+    return Report(inv, tok, problems)
 
 
 def problems_frame(problems: list[Problem]) -> pd.DataFrame:

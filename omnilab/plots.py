@@ -14,16 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from omnilab.model.hooks import LAYER_POINTS  # noqa: E402
+from omnilab.units import format_bytes  # noqa: E402
+
 # -- 01 shard inspection -------------------------------------------------------------------------------
-
-
-def _short_bytes(n: float) -> str:
-    """Bytes with a decimal unit: 512 -> '512 B', 27385314 -> '27.4 MB', 7.05e10 -> '70.5 GB'."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
 
 
 def _plural(n: int, word: str) -> str:
@@ -42,7 +36,7 @@ def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per compo
     audio tower they are), each labelled with its size, share and tensor count.
 
     `components`: index component label, columns `tensors` and `bytes`, optionally `files` (Inventory.components
-    for a checkpoint, omnilab.extract.component_bytes for an extraction)."""
+    for a checkpoint, omnilab.extraction.availability.component_bytes for an extraction)."""
     df = components[::-1]
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(df) + 1.2))
     colors = plt.cm.tab20(np.arange(len(components)) % 20)[::-1]
@@ -53,13 +47,13 @@ def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per compo
     for y, (n, b, f, x) in enumerate(zip(df["tensors"], df["bytes"], files, share)):
         in_files = f", {_plural(int(f), 'file')}" if f is not None else ""
         pct = f"{b / total:.1%}" if b / total >= 0.001 else f"{100 * b / total:.1g}%"
-        ax.text(x + 1, y, f"{_short_bytes(b)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
+        ax.text(x + 1, y, f"{format_bytes(b, short=True)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
                 fontsize=8)
     ax.set_xlim(0, 100 + 60)  # room for the labels right of the longest bar
     ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("share of all bytes (%, linear)")
     ax.set_ylabel("component")
-    ax.set_title(f"{title}: {_short_bytes(total)} in {_plural(int(components['tensors'].sum()), 'tensor')}")
+    ax.set_title(f"{title}: {format_bytes(total, short=True)} in {_plural(int(components['tensors'].sum()), 'tensor')}")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -85,7 +79,7 @@ def plot_shard_map(shard_map: pd.DataFrame, title: str = "Which components live 
     if rows * cols <= 600:
         for i, j in zip(*np.nonzero(data)):
             light = norm is not None and norm(data[i, j]) < 0.6
-            ax.text(j, i, _short_bytes(data[i, j]), ha="center", va="center", fontsize=6.5,
+            ax.text(j, i, format_bytes(data[i, j], short=True), ha="center", va="center", fontsize=6.5,
                     color="white" if light else "black")
     fig.colorbar(im, ax=ax, label="bytes (log)", fraction=0.04)
     ax.set_title(f"{title} ({_plural(rows, 'shard')})")
@@ -147,8 +141,7 @@ def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing ex
 
 # -- 03 activation comparison --------------------------------------------------------------------------
 
-_POINT_ORDER = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_router_logits", "mlp.hook_topk_weights",
-                "hook_mlp_out", "hook_resid_post"]
+_POINT_ORDER = [p for p in LAYER_POINTS if p != "mlp.hook_topk_indices"]  # the float-valued points, in forward order
 _FLOOR = 1e-12  # exact zeros drawn here on log axes
 
 
@@ -499,7 +492,7 @@ _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "
 
 def plot_quality_memory(table: pd.DataFrame):
     """Left: top-1 agreement with the full model against peak resident expert memory (share of all expert
-    bytes), one point per setting (omnilab.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
+    bytes), one point per setting (omnilab.experiments.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
     settings sit at exactly 0)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     for group, rows in table.groupby("group", sort=False):
@@ -585,7 +578,7 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
     """Per layer, the selective model's rel_err in the chained view (each side on its own activations) and the
     local view (each reference layer fed the selective model's input), log scale. In bf16 a second panel sets
     the chained error beside transformers' own bf16-vs-fp32 error (the noise floor) and the divergence
-    threshold (NOISE_FACTOR x that floor). `result` is an omnilab.compare.StreamedComparison."""
+    threshold (NOISE_FACTOR x that floor). `result` is an omnilab.reference.compare.StreamedComparison."""
     bf16 = result.noise is not None
     fig, axes = plt.subplots(1, 2 if bf16 else 1, figsize=(12 if bf16 else 7, 4.2), squeeze=False)
     ax = axes[0, 0]

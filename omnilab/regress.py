@@ -2,8 +2,8 @@
 
 Each notebook has a papermill `parameters` cell with `checkpoint` (default: the embedded model) and
 `out_dir` (default None: `runs/interactive/NN_name/`, so an interactive run never touches the regression
-run's folder); relative paths are read from the repository root (`repo_path`), whatever the working directory.
-A notebook calls `save_metrics(out_dir, {...})` and `save_figure(fig, out_dir, name)`. `run_notebooks` executes
+run's folder); relative paths are read from the repository root, whatever the working directory. A notebook
+calls omnilab.notebook's `save_metrics(out_dir, {...})` and `save_figure(fig, out_dir, name)`. `run_notebooks` executes
 every `notebooks/NN_*.ipynb` with papermill into `OUT/NN_name/` (one progress line per cell), gathers the
 metrics into `OUT/metrics.json`, and compares them with `notebooks/baselines.json`, failing loudly on drift.
 
@@ -28,57 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-from omnilab.checkpoint import write_json
+from omnilab.jsonio import write_json
+from omnilab.notebook import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 BASELINES = NOTEBOOKS / "baselines.json"
 PUBLISHED = REPO / "docs" / "notebooks"
-INTERACTIVE = REPO / "runs" / "interactive"
-
-
-def repo_path(path: str | os.PathLike, what: str = "path") -> Path:
-    """A notebook parameter's path: absolute as given, relative from the repository root (never from the working
-    directory, which differs between JupyterLab, papermill and nbval). A path that does not exist is an error
-    naming the parameter."""
-    p = Path(path).expanduser()
-    p = p if p.is_absolute() else REPO / p
-    if not p.exists():
-        raise FileNotFoundError(f"{what} {str(path)!r}: {p} does not exist (relative paths are read from the "
-                                f"repository root {REPO})")
-    return p
-
-
-def notebook_out_dir(out_dir: str | os.PathLike | None, notebook: str) -> Path:
-    """Where a notebook writes figures and metrics: OUT_DIR (relative from the repository root), or, when None
-    (an interactive run), runs/interactive/NOTEBOOK: never the regression run's runs/latest."""
-    if out_dir is None:
-        return INTERACTIVE / notebook
-    p = Path(out_dir).expanduser()
-    return p if p.is_absolute() else REPO / p
-
-
-def save_metrics(out_dir: str | os.PathLike, metrics: dict, update: bool = False) -> Path:
-    """Write a notebook's headline metrics (numbers, strings, lists) to OUT_DIR/metrics.json, atomically.
-    update=True adds to what an earlier cell of the same run wrote instead of replacing it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "metrics.json"
-    if update and path.exists():
-        metrics = {**json.loads(path.read_text()), **metrics}
-    write_json(path, metrics)
-    return path
-
-
-def save_figure(fig, out_dir: str | os.PathLike, name: str) -> Path:
-    """Write a figure as OUT_DIR/NAME.png (temporary name, then rename) and return the path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.png"
-    tmp = out / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    return path
 
 
 def numbered_notebooks(only: list[str] | None = None) -> list[Path]:
@@ -160,7 +115,12 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
     summary, failures, executed = {}, [], []
     # Figures inline in the executed notebooks (what a reader of runs/ or docs/notebooks sees), whatever
     # MPLBACKEND the caller set (Agg in scripts/main.sh); save_figure writes the PNGs either way.
-    kernel_env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONUNBUFFERED": "1"}
+    kernel_env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONUNBUFFERED": "1",
+                  # One intra-op thread (unless the caller set OMP_NUM_THREADS): the embedded model's matrices are
+                  # tiny (hidden 256), so a second thread only adds a barrier per op, and on a shared machine a
+                  # descheduled thread stalls every op (generate of 32 tokens: 1.5-2 s on one thread, 22-35 s on
+                  # two, on this 2-core machine under load 12).
+                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
     try:

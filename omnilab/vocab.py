@@ -15,16 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omnilab.checkpoint import Problem
-
-
-def tokenizer_files(folder: str | os.PathLike) -> list[str]:
-    """The tokenizer files present in a folder (empty when there is no tokenizer to check)."""
-    folder = Path(folder)
-    names = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model"]
-    present = [n for n in names if (folder / n).is_file()]
-    usable = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(present) or \
-        {"vocab.json", "merges.txt"} <= set(present)
-    return present if usable else []
+from omnilab.tokenizer import error_line, open_tokenizer, tokenizer_files
 
 
 @dataclass
@@ -118,22 +109,3 @@ def check_checkpoint_tokenizer(inv) -> TokenizerReport | None:
     rows = int(ckpt.tensors.at[name, "shape"][0]) if name in ckpt.tensors.index and ckpt.tensors.at[name, "shape"] else None
     vocab_size = inv.config.vocab_size if inv.config is not None else None
     return check_tokenizer(ckpt.root, rows, name if rows is not None else None, vocab_size)
-
-
-def error_line(e: Exception) -> str:
-    """An exception as one line: its class and the first line of its message."""
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{e.__class__.__name__}: {first_line}"
-
-
-def open_tokenizer(folder):
-    """transformers' AutoTokenizer for a folder, its logging quieted; raises what transformers raises."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    finally:
-        logging.set_verbosity(verbosity)

@@ -172,13 +172,13 @@ def word_errors(ref: str, hyp: str) -> tuple[int, int]:
 
 
 def multimodal_eval(model_dir: Path, sets: dict[str, Path], max_new: int = 40, limit: int = 0) -> dict:
-    """Greedy outputs of the selective model (omnilab.multimodal.generate, the path of `omnilab generate
+    """Greedy outputs of the selective model (omnilab.model.multimodal.generate, the path of `omnilab generate
     --audio/--image`, fp32 on the CPU) on held-out manifests (scripts/make_multimodal_data.py): every row's
     speech, and its image once per text. Tasks as in training: the media alone -> its text; a sum's media with
     the prompt " =" -> " <answer>". Per set, task and voice: WER (word edit distance / reference words) and
     exact match of the stripped output."""
-    from omnilab import multimodal as mm
-    from omnilab.model import SelectiveMoE
+    from omnilab.model import multimodal as mm
+    from omnilab.model.decoder import SelectiveMoE
 
     model = SelectiveMoE.from_checkpoint(model_dir)
     towers, processor = mm.open_multimodal(model)
@@ -456,7 +456,7 @@ def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
       f"{fmt_int(sm['text_tokens'])} text tokens and {fmt_int(sm['multimodal_tokens'])} multimodal tokens "
       f"({fmt_int(sm['multimodal_target_tokens'])} of them targets), {sm['epochs_over_examples']} epochs over the "
       "examples; every step one text batch of the original mixture and one multimodal batch.\n")
-    a("Held-out evaluation (greedy, fp32 on the CPU, `omnilab.multimodal.generate`): sums are held-out 2-digit "
+    a("Held-out evaluation (greedy, fp32 on the CPU, `omnilab.model.multimodal.generate`): sums are held-out 2-digit "
       "pairs never trained in either order, sentences come from held-out documents, `en-us` is a trained voice "
       "and `en-029` a voice never trained on. WER: word edit distance over reference words (lowercased, "
       "punctuation dropped); exact: the whole stripped output.\n")

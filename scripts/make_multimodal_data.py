@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from omni_tiny_common import EVAL_DIR, SCRATCH, heldout_addition_pairs, read_jsonl  # noqa: E402
 
-SAMPLING_RATE = 16000  # omnilab.multimodal.SAMPLING_RATE (Whisper features)
+SAMPLING_RATE = 16000  # omnilab.model.multimodal.SAMPLING_RATE (Whisper features)
 ESPEAK_RATE = 22050  # espeak-ng's own voices
 MULTIMODAL_DIR = EVAL_DIR / "multimodal"
 

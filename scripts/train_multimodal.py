@@ -8,7 +8,7 @@ What it does, in order:
    sentences and of spoken sums in 42 voices (7 accents x 6 variants, not the held-out en-029) and
    130-210 words per minute; Pillow images of text lines and sums in three DejaVu fonts, sizes 22-34.
    Each item goes through transformers' own Qwen3OmniMoeProcessor exactly as `omnilab generate
-   --audio/--image` calls it (omnilab.multimodal.prompt_text + process: the placeholders, then the task
+   --audio/--image` calls it (omnilab.model.multimodal.prompt_text + process: the placeholders, then the task
    prompt): transcribe / read (no prompt) -> the text; a sum with the prompt " =" -> " 85". The target
    ends with <|endoftext|>, the stop token of generation_config.json.
 3. Trains the thinker (text model, audio tower, vision tower; talker and code2wav untouched) on batches that
@@ -18,7 +18,7 @@ What it does, in order:
    (towers, placeholder scatter, deepstack, M-RoPE positions from get_rope_index). AdamW, warmup + cosine,
    bf16 autocast; a lower peak lr for the already-trained text model than for the new towers.
 4. Saves the checkpoint folder (bf16 shards in the per-expert layout, config, tokenizer, generation config,
-   preprocessor_config.json from omnilab.multimodal.write_processor_files, train_mm_log.json) to --out, and
+   preprocessor_config.json from omnilab.model.multimodal.write_processor_files, train_mm_log.json) to --out, and
    with --export DIR also as a tar split into parts of --part-mb (the device run's $OUT), again every
    --export-every seconds while training, so a run stopped early still returns weights.
 
@@ -85,7 +85,7 @@ _W: dict = {}
 def _worker_init(folder: str, espeak: str | None, font_dir: str) -> None:
     from transformers.utils import logging as hf_logging
 
-    from omnilab import multimodal as mm
+    from omnilab.model import multimodal as mm
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)
@@ -103,7 +103,7 @@ def tasks_of(spec: dict) -> list[tuple[str, str]]:
 
 def encode_item(spec: dict, processor, config, media) -> dict:
     """One item through the processor as generate calls it -> media tensors and (prompt ids, target ids, task)."""
-    from omnilab import multimodal as mm
+    from omnilab.model import multimodal as mm
 
     audio = spec["media"] == "audio"
     out = {"media": spec["media"], "kind": spec["kind"], "examples": []}
@@ -157,7 +157,7 @@ def make_items(specs, folder: Path, workers: int, espeak, font_dir, budget_s: fl
 
 def heldout_items(folder: Path, processor, config) -> list[dict]:
     """The committed held-out set (data/eval/multimodal), speech and image of every row, for the in-run check."""
-    from omnilab import multimodal as mm
+    from omnilab.model import multimodal as mm
 
     out = []
     for r in read_jsonl(mmdata.MULTIMODAL_DIR / "manifest.jsonl"):
@@ -285,14 +285,14 @@ def load_start(init: Path, config, seed: int):
     assert all(k.startswith(TOWER_PREFIXES) for k in missing), [k for k in missing if not k.startswith(TOWER_PREFIXES)][:5]
     del shipped
     th = model.thinker
-    if getattr(th.config, "vision_start_token_id", None) is None:  # get_rope_index reads it (see omnilab.multimodal)
+    if getattr(th.config, "vision_start_token_id", None) is None:  # get_rope_index reads it (see omnilab.model.multimodal)
         th.config.vision_start_token_id = config.thinker_config.vision_start_token_id
     return model, len(state)
 
 
 def save(model, thinker_state, out_dir: Path, init: Path, log: dict, shard: str) -> None:
     """bf16, per-expert layout, tokenizer + generation config copied from --init, preprocessor_config.json."""
-    from omnilab.multimodal import write_processor_files
+    from omnilab.model.multimodal import write_processor_files
 
     model.thinker.load_state_dict(thinker_state)
     cpu_model = copy.deepcopy(model).to("cpu").to(torch.bfloat16).eval()
@@ -391,7 +391,7 @@ def main() -> None:
     from tokenizers import Tokenizer
     from transformers.utils import logging as hf_logging
 
-    from omnilab import multimodal as mm
+    from omnilab.model import multimodal as mm
 
     hf_logging.set_verbosity_error()
     print(f"start: {platform.node()}, {os.cpu_count()} CPUs, device {device}", flush=True)

@@ -15,7 +15,7 @@ AdamW, warmup + cosine; bf16 autocast on a GPU. Loss is logged per domain, the h
 held-out loss over domains are the ones saved. Seeds are fixed.
 
 Output (--out): the checkpoint folder (config.json, generation_config.json, tokenizer files,
-preprocessor_config.json from omnilab.multimodal.write_processor_files, bf16 safetensors shards in the
+preprocessor_config.json from omnilab.model.multimodal.write_processor_files, bf16 safetensors shards in the
 per-expert layout) and train_log.json (per-step and per-eval
 losses, tokens seen, wall time, hardware).
 
@@ -354,7 +354,7 @@ def main() -> None:
             if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens")) and f.is_file():
                 shutil.copy(f, out_dir / f.name)
         # the audio / image preprocessing beside the weights (omnilab generate --audio/--image needs it)
-        from omnilab.multimodal import write_processor_files
+        from omnilab.model.multimodal import write_processor_files
 
         write_processor_files(out_dir, config.thinker_config)
         del cpu_model

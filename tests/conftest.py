@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny checkpoints written by transformers' own classes (omnilab.synth), made once per session.
+"""Shared fixtures: tiny checkpoints written by transformers' own classes (omnilab.testing.synth), made once per session.
 
 `make_checkpoint(kind, **text_overrides)` returns the folder of a tiny "omni" or "moe" checkpoint with those
 text-decoder overrides, cached per (kind, overrides) so that several test files share one copy. Tests that
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from omnilab import synth
+from omnilab.testing import synth
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def test_omni_towers_are_classified(tiny_omni):
 
 def test_tiny_fixtures_are_reproducible_from_their_seed(tmp_path):
     """Same seed, same bytes: no tensor left at uninitialized memory (transformers leaves the talker's experts so)."""
-    from omnilab import synth
+    from omnilab.testing import synth
 
     a = Checkpoint(synth.tiny_qwen3_omni(tmp_path / "a", tokenizer=False))
     b = Checkpoint(synth.tiny_qwen3_omni(tmp_path / "b", tokenizer=False))

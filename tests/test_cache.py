@@ -8,10 +8,10 @@ from safetensors import safe_open
 
 from omnilab import Checkpoint
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.breakage import drop_tensors
-from omnilab.experts import LFU, ExpertCache, ExpertStore, MissingExpertError
-from omnilab.hooks import run_with_cache
-from omnilab.model import SelectiveMoE
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.experts import ExpertCache, ExpertStore, LFU, MissingExpertError
+from omnilab.model.hooks import run_with_cache
+from omnilab.testing.breakage import drop_tensors
 
 PROMPT = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 61, 128, 9, 33, 2]])
 
@@ -106,7 +106,7 @@ def test_resident_bytes_never_exceed_budget_during_a_run(tiny_moe):
 def missing_experts(tiny_moe, tmp_path_factory):
     """The tiny moe with experts 2 and 5 of layer 1 gone (all three projections), and one projection of
     expert 6 of layer 2 (a partial expert)."""
-    from omnilab.breakage import copy_checkpoint
+    from omnilab.testing.breakage import copy_checkpoint
 
     ck = Checkpoint(tiny_moe)
     _, layout = ck.arch

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from omnilab import Checkpoint, breakage
+from omnilab import Checkpoint
 from omnilab.cli import main
 from omnilab.inventory import inventory
+from omnilab.testing import breakage
 
 
 def run(capsys, *argv):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from omnilab.cli import main
-from omnilab.hooks import capture, compare_activations, hook_names, topk_agreement
-from omnilab.model import SelectiveMoE
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.hooks import capture, compare_activations, hook_names, topk_agreement
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -43,6 +43,21 @@ def test_cli_compare_prompt_and_bf16(tiny_omni, capsys):
     assert code == 0
     result = json.loads(out)
     assert 0.0 <= result["top1_agreement"] <= 1.0 and result["kl"] >= 0
+    # bf16 is judged against transformers' own bf16-vs-fp32 noise, measured in the same run: every hook's
+    # threshold is factor x that noise (floor below), and the first divergence is the first hook above its own
+    noise = result["noise"]
+    for view, noise_view in (("hooks", "hooks"), ("local_hooks", "local_hooks")):
+        hooks, floor = result[view], noise["floor"]
+        assert [h["name"] for h in noise[noise_view]] == [h["name"] for h in hooks]
+        for h, n in zip(hooks, noise[noise_view]):
+            assert h["threshold"] == pytest.approx(max(noise["factor"] * n["rel_err"], floor), rel=1e-6)
+        above = [h["name"] for h in hooks if h["rel_err"] is not None and h["rel_err"] > h["threshold"]
+                 and not h["name"].endswith("hook_topk_indices")]
+        first = result["first_divergence" if view == "hooks" else "local_first_divergence"]
+        assert first is None or first in above or first.endswith("hook_topk_indices")  # near-tie flips set aside
+    logits_noise = {n["name"]: n["rel_err"] for n in noise["hooks"]}["hook_logits"]
+    assert logits_noise > 0  # transformers' bf16 is not its fp32
+    assert noise["factor"] == 4.0
     assert max(h["rel_err"] for h in result["hooks"]) > 0  # bf16 rounding is reported, not hidden
     noise = result["noise"]
     assert [h["name"] for h in noise["hooks"]] == [h["name"] for h in result["hooks"]]
@@ -54,8 +69,8 @@ def test_cli_compare_prompt_and_bf16(tiny_omni, capsys):
 def test_cli_compare_reference_names_the_edited_layer(make_checkpoint, tmp_path, capsys):
     """A copy with one layer's post_attention_layernorm reset to ones, as hand extractions left it, against the
     original: both views name that layer, the local view that layer alone."""
-    from omnilab.breakage import copy_checkpoint, replace_tensor
     from omnilab.checkpoint import Checkpoint
+    from omnilab.testing.breakage import copy_checkpoint, replace_tensor
 
     src = make_checkpoint("moe", num_hidden_layers=5)
     original = copy_checkpoint(src, tmp_path / "original")

@@ -1,4 +1,4 @@
-"""The decode fast path (omnilab.engine) on CPU, fp32, tiny checkpoints: the same greedy tokens as the eager path
+"""The decode fast path (omnilab.gpu.engine) on CPU, fp32, tiny checkpoints: the same greedy tokens as the eager path
 and as transformers, the same logits and routing along a teacher-forced sequence, the slot map, the eager
 fallback for hooked models, and the routing override on both paths. (The CUDA graph itself needs a GPU:
 bench/decode.py exercises it; here the same step function runs uncaptured.)"""
@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.engine import FastDecoder, SlotPool, fast_path_refusal, generate
-from omnilab.hooks import capture
-from omnilab.model import SelectiveMoE
-from omnilab.reference import Reference
-from omnilab.traces import RoutingOverride
+from omnilab.gpu.engine import FastDecoder, SlotPool, fast_path_refusal, generate
+from omnilab.gpu.traces import RoutingOverride
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.hooks import capture
+from omnilab.reference.whole import Reference
 
 PROMPT = [3, 17, 42, 5, 99, 7, 64, 12, 250, 31]
 

@@ -1,4 +1,4 @@
-"""Component extraction (omnilab.extract): bit-exact round trip on both architectures, partial extractions and
+"""Component extraction (omnilab.extraction.write): bit-exact round trip on both architectures, partial extractions and
 their availability map, resume after SIGKILL, and verify naming a corrupted file.
 
 transformers is the reference for "the same model": `from_pretrained` on the extraction folder must give the
@@ -18,22 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnilab import Checkpoint, synth
-from omnilab.extract import (
-    JOURNAL_NAME,
-    MANIFEST_NAME,
-    availability,
-    availability_text,
-    component_bytes,
-    extract,
-    is_extraction,
-    manifest_table,
-    missing_summary,
-    not_extracted,
-    parse_components,
-    parse_range,
-    verify_extraction,
-)
+from omnilab import Checkpoint
+from omnilab.extraction.manifest import JOURNAL_NAME, MANIFEST_NAME, is_extraction, manifest_table
+from omnilab.testing import synth
+from omnilab.extraction.availability import (availability, availability_text, component_bytes, missing_summary, not_extracted)
+from omnilab.extraction.plan import parse_components, parse_range
+from omnilab.extraction.verify import verify_extraction
+from omnilab.extraction.write import extract
 
 REPO = Path(__file__).resolve().parent.parent
 

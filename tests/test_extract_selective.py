@@ -1,4 +1,4 @@
-"""The selective model (omnilab.model) on an extraction: bit-identical to the original shards; on a partial
+"""The selective model (omnilab.model.decoder) on an extraction: bit-identical to the original shards; on a partial
 extraction it refuses to run unless asked to mask missing experts, and then counts the masked choices."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.experts import MissingExpertError
-from omnilab.extract import extract
-from omnilab.model import SelectiveMoE
+from omnilab.extraction.write import extract
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.experts import MissingExpertError
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.model import SelectiveMoE
-from omnilab.reference import Reference
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.reference.whole import Reference
 
 PROMPT = [3, 17, 42, 99, 5, 250, 7, 61]
 N = 32
@@ -87,16 +87,25 @@ def test_sampling_options(make_checkpoint):
 
 
 def test_bf16_generation_runs(make_checkpoint):
-    sel = SelectiveMoE.from_checkpoint(make_checkpoint("moe"), dtype="bfloat16")
-    out = sel.generate(PROMPT, 8)
+    """bf16 under a budget of a quarter of the experts: experts are evicted and reloaded, the budget is never
+    exceeded, and the tokens are those of the same bf16 model with every expert resident (a cache changes
+    where weights come from, not what is computed)."""
+    path = make_checkpoint("moe")
+    full = SelectiveMoE.from_checkpoint(path, dtype="bfloat16")
+    store = full.cache.store
+    small = SelectiveMoE.from_checkpoint(path, dtype="bfloat16", expert_budget=store.total_bytes // 4)
+    want, out = full.generate(PROMPT, 8), small.generate(PROMPT, 8)
     assert len(out.new_token_ids[0]) == 8 and out.tokens_per_s > 0
-    assert sel.cache.stats.peak_resident_bytes == sel.cache.stats.loaded_bytes
+    assert out.new_token_ids == want.new_token_ids
+    stats = small.cache.stats
+    assert stats.evictions > 0 and stats.peak_resident_bytes <= store.total_bytes // 4 < stats.loaded_bytes
+    assert store.expert_bytes == 3 * store.config.moe_intermediate_size * store.config.hidden_size * 2  # bf16
 
 
 def test_token_ids_past_the_embedding_are_one_line_errors(make_checkpoint, capsys):
     """A token id outside the embedding is a ValueError naming it, and exit 2 with one line from the CLI."""
     from omnilab.cli import main
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     path = make_checkpoint("moe")
     model = SelectiveMoE.from_checkpoint(path)

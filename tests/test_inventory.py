@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnilab import Checkpoint, breakage, synth
+from omnilab import Checkpoint
 from omnilab.arch import TEXT_COMPONENTS, classify
 from omnilab.cli import main
 from omnilab.inventory import component_label, inventory
+from omnilab.testing import breakage, synth
 
 REFERENCE_CONFIG = Path(__file__).resolve().parent.parent / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"
 

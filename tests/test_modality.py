@@ -1,4 +1,4 @@
-"""omnilab.modality: the multimodal evaluation manifest, prompts in three forms through the selective thinker,
+"""omnilab.experiments.modality: the multimodal evaluation manifest, prompts in three forms through the selective thinker,
 teacher-forced answers (checked against greedy decoding), the modality trace, its statistics on a trace whose
 answer is known, the masking experiment, and the notebook 06 figures (labelled axes, as tests/test_plots.py)."""
 
@@ -13,12 +13,14 @@ import pytest
 import torch
 from test_plots import assert_labelled
 
-from omnilab import modality as md
-from omnilab import multimodal as mm
-from omnilab import plots, routing, synth
-from omnilab.hooks import capture
-from omnilab.model import SelectiveMoE
-from omnilab.sweeps import applied
+from omnilab.experiments import modality as md
+from omnilab.model import multimodal as mm
+from omnilab import plots
+from omnilab.experiments import routing, routing_trace
+from omnilab.testing import synth
+from omnilab.model.hooks import capture
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.experiments.sweeps import applied
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_DIR = REPO / "data/eval/multimodal"
@@ -198,7 +200,7 @@ def test_masking_experiment_against_the_full_model(tiny):
     pd.testing.assert_frame_equal(budgeted, summary)
     assert md.mask_setting("m", masks["random"], 8, 0.25).budget_share == 0.25
     # text_nll agrees with the unbatched next-token log-probabilities
-    from omnilab.sweeps import next_token_logprobs
+    from omnilab.experiments.measures import next_token_logprobs
 
     _, n, logprobs = md.text_nll(tiny.model, docs)
     assert n == sum(len(ids) - 1 for _, ids in docs.docs)
@@ -223,8 +225,8 @@ def known_trace():
             experts = np.array([[rng.choice([4, 5, 6, 7], K, replace=False) for _ in range(n)] for _ in range(L)])
         else:
             experts = np.tile(np.array([0, 1]) + (2 if modality == "audio" else 0), (L, n, 1))
-        parts.append(routing.trace_rows(doc, modality, np.zeros(n, dtype=int), experts))
-    trace = routing.concat_traces(parts, num_experts=E, top_k=K, num_layers=L)
+        parts.append(routing_trace.trace_rows(doc, modality, np.zeros(n, dtype=int), experts))
+    trace = routing_trace.concat_traces(parts, num_experts=E, top_k=K, num_layers=L)
     trace["domain"] = trace["domain"].cat.set_categories(list(md.MODALITIES))
     return trace
 

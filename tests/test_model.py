@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnilab import faults
-from omnilab.hooks import compare, hook_names, run_with_cache
-from omnilab.model import SelectiveMoE, rope_cos_sin, rope_inv_freq
-from omnilab.reference import Reference
+from omnilab.model import faults
+from omnilab.model.decoder import SelectiveMoE, rope_cos_sin, rope_inv_freq
+from omnilab.model.hooks import compare, hook_names, run_with_cache
+from omnilab.reference.whole import Reference
 
 REAL_CONFIG = Path(__file__).resolve().parent.parent / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"  # mrope_section [24, 20, 20]
 PROMPT = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 61, 128, 9, 33, 2, 77, 301]])
@@ -118,7 +118,7 @@ def test_text_only_mrope_is_1d_rope():
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextRotaryEmbedding
 
     from omnilab.arch import read_config
-    from omnilab.synth import tiny_omni_config
+    from omnilab.testing.synth import tiny_omni_config
 
     configs = [tiny_omni_config(), json.loads(REAL_CONFIG.read_text())]
     for config in configs:
@@ -182,8 +182,20 @@ def test_router_mask_only_routes_to_allowed_experts(perturbed):
 
 
 def test_faults_off_by_default(perturbed):
-    sel = SelectiveMoE.from_checkpoint(perturbed("omni-default"))
-    assert sel.faults == ()
+    """Without faults every norm is the checkpoint's own (not the default init) and routing is plain; with one
+    the model really changes."""
+    path = perturbed("omni-default")
+    sel = SelectiveMoE.from_checkpoint(path)
+    assert sel.faults == () and sel.routing.is_plain
+    prefix = sel.checkpoint.arch[1].prefix
+    for i, layer in enumerate(sel.model.layers):
+        stored = sel.checkpoint.read(f"{prefix}layers.{i}.input_layernorm.weight").float()
+        assert torch.equal(layer.input_layernorm.weight, stored)
+        assert not torch.equal(stored, torch.ones_like(stored))  # the fixture's norms are not the default
+    faulty = SelectiveMoE.from_checkpoint(path, faults=[faults.DefaultNorms(0)])
+    assert torch.equal(faulty.model.layers[0].input_layernorm.weight, torch.ones_like(stored))
+    with torch.no_grad():
+        assert not torch.equal(sel(PROMPT), faulty(PROMPT))
 
 
 def test_bf16_runs_and_stays_close(perturbed, reference_of):
@@ -194,3 +206,23 @@ def test_bf16_runs_and_stays_close(perturbed, reference_of):
     result = compare(reference_of(path, "bfloat16"), sel, PROMPT)
     assert result.table.set_index("name").rel_err["hook_embed"] == 0.0
     assert result.table.rel_err[result.table.point != "mlp.hook_topk_indices"].max() < 0.2
+
+
+def test_fault_gallery_names_the_injected_layer(perturbed, reference_of):
+    """Every standard fault diverges, never before the layer it is injected at; every hook before that layer
+    keeps fp32 parity with the reference (rel_err <= 1e-5)."""
+    from omnilab.experiments.fault_gallery import fault_gallery, gallery_table
+    from omnilab.model.hooks import parse_name
+
+    path = perturbed("omni-default")  # norms not at their default, so the norms fault changes something
+    gallery = fault_gallery(path, reference_of(path), PROMPT)
+    assert len(gallery) == 5
+    for name, (fault, res) in gallery.items():
+        assert res.first_divergence is not None, name
+        layer, _ = parse_name(res.first_divergence)
+        assert layer is not None and layer >= fault.layer, (name, res.first_divergence)
+        before = res.table[(res.table.layer < fault.layer) | (res.table.name == "hook_embed")]
+        assert (before.rel_err <= 1e-5).all() and not before.divergent.any(), name
+        assert res.top1_agreement < 1.0 or res.kl > 0, name
+    table = gallery_table(gallery)
+    assert list(table["fault"]) == list(gallery) and (table["injected at layer"] == fault.layer).all()

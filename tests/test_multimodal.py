@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from omnilab import multimodal as mm
-from omnilab import synth
 from omnilab.checkpoint import Checkpoint
 from omnilab.cli import main
-from omnilab.hooks import hook_names
-from omnilab.model import SelectiveMoE, mrope_cos_sin, rope_inv_freq
-from omnilab.reference import Reference
+from omnilab.model import multimodal as mm
+from omnilab.model.decoder import SelectiveMoE, mrope_cos_sin, rope_inv_freq
+from omnilab.model.hooks import hook_names
+from omnilab.reference.whole import Reference
+from omnilab.testing import synth
 
 OMNI_TINY = Path(__file__).resolve().parent.parent / "data/omni-tiny"
 REAL_CONFIG = Path(__file__).resolve().parent.parent / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"
@@ -109,7 +109,7 @@ def test_video_and_image_parity(tiny):
 
 def test_parity_checks_catch_a_missing_deepstack_and_1d_positions(tiny):
     """The parity above is not vacuous: dropping the deepstack addition or M-RoPE's rows diverges."""
-    from omnilab.hooks import capture, compare_activations
+    from omnilab.model.hooks import capture, compare_activations
 
     inputs = tiny.inputs("image")
     prompt = mm.prepare(tiny.sel, tiny.towers, inputs)
@@ -243,11 +243,11 @@ def test_cli_media_errors_are_one_line(tiny, tiny_moe, tmp_path, capsys):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
-# -- against the streamed reference (omnilab.streamed with the towers) ---------------------------------------------
+# -- against the streamed reference (omnilab.reference.streamed with the towers) ---------------------------------------------
 
 
 def assert_streamed_parity(result, config, label):
-    from omnilab.hooks import hook_names as names_of
+    from omnilab.model.hooks import hook_names as names_of
 
     for view, table in (("chained", result.chained.table), ("local", result.local.table)):
         assert list(table.name) == names_of(config), f"{label} {view}"
@@ -258,7 +258,7 @@ def assert_streamed_parity(result, config, label):
 
 @pytest.mark.parametrize("case", CASES)
 def test_tiny_streamed_parity_at_every_hook(tiny, case):
-    from omnilab.streamed import StreamedReference
+    from omnilab.reference.streamed import StreamedReference
 
     result = mm.compare_streamed(StreamedReference(tiny.path), tiny.sel, tiny.towers, tiny.inputs(case))
     assert_streamed_parity(result, tiny.sel.config, case)
@@ -266,7 +266,7 @@ def test_tiny_streamed_parity_at_every_hook(tiny, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_omni_tiny_streamed_parity_at_every_hook(omni_tiny, case):
-    from omnilab.streamed import StreamedReference
+    from omnilab.reference.streamed import StreamedReference
 
     result = mm.compare_streamed(StreamedReference(OMNI_TINY), omni_tiny.sel, omni_tiny.towers, omni_tiny.inputs(case))
     assert_streamed_parity(result, omni_tiny.sel.config, case)
@@ -275,7 +275,7 @@ def test_omni_tiny_streamed_parity_at_every_hook(omni_tiny, case):
 def test_streamed_reference_adds_the_deepstack(tiny, monkeypatch):
     """Not vacuous: without the deepstack addition between streamed layers, the chained view leaves the
     selective model at the first layer after it, while the local view (fed the selective inputs) does not."""
-    from omnilab.streamed import StreamedReference
+    from omnilab.reference.streamed import StreamedReference
 
     ref = StreamedReference(tiny.path)
     monkeypatch.setattr(ref.text, "_deepstack_process", lambda h, masks, embeds: h)

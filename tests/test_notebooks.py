@@ -10,6 +10,7 @@ import json
 import nbformat
 import pytest
 
+from omnilab import notebook
 from omnilab import regress
 
 BOOKS = regress.numbered_notebooks()
@@ -48,13 +49,13 @@ def test_published_copy_is_current(book):
 
 def test_paths_are_read_from_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert regress.repo_path("data/omni-tiny", "checkpoint") == regress.REPO / "data" / "omni-tiny"
-    assert regress.repo_path(str(tmp_path)) == tmp_path
+    assert notebook.repo_path("data/omni-tiny", "checkpoint") == notebook.REPO / "data" / "omni-tiny"
+    assert notebook.repo_path(str(tmp_path)) == tmp_path
     with pytest.raises(FileNotFoundError, match="checkpoint 'no/such'.*repository root"):
-        regress.repo_path("no/such", "checkpoint")
-    assert regress.notebook_out_dir(None, "01_x") == regress.REPO / "runs" / "interactive" / "01_x"
-    assert regress.notebook_out_dir("runs/latest/01_x", "01_x") == regress.REPO / "runs" / "latest" / "01_x"
-    assert regress.notebook_out_dir(tmp_path, "01_x") == tmp_path
+        notebook.repo_path("no/such", "checkpoint")
+    assert notebook.notebook_out_dir(None, "01_x") == notebook.REPO / "runs" / "interactive" / "01_x"
+    assert notebook.notebook_out_dir("runs/latest/01_x", "01_x") == notebook.REPO / "runs" / "latest" / "01_x"
+    assert notebook.notebook_out_dir(tmp_path, "01_x") == tmp_path
 
 
 @pytest.mark.parametrize("bad", ["no/such/checkpoint", "data/eval"])

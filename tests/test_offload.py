@@ -1,4 +1,4 @@
-"""Offloaded decoding (omnilab.offload) on CPU, fp32, tiny checkpoints: every slot budget, with and without
+"""Offloaded decoding (omnilab.gpu.offload) on CPU, fp32, tiny checkpoints: every slot budget, with and without
 prefetch, from either host tier, yields the all-resident path's tokens, with routing forced by a trace too; the
 statistics add up. (Copies on a side stream and the per-layer CUDA graphs need a GPU: bench/offload.py; on CPU
 the same segmented step runs uncaptured.)"""
@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.engine import FastDecoder
-from omnilab.model import SelectiveMoE
-from omnilab.offload import HostTier, OffloadDecoder
-from omnilab.traces import RoutingOverride, locality_trace
+from omnilab.gpu.engine import FastDecoder
+from omnilab.gpu.offload import HostTier, OffloadDecoder
+from omnilab.gpu.traces import RoutingOverride, locality_trace
+from omnilab.model.decoder import SelectiveMoE
 
 PROMPT = [3, 17, 42, 5, 99, 7, 64, 12]
 N = 12
@@ -82,7 +82,7 @@ def test_host_spans_hold_the_expert_bytes(model, tiers, tier):
     import ctypes
 
     from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-    from omnilab.offload import SLOT_ORDER
+    from omnilab.gpu.offload import SLOT_ORDER
 
     config, layout = model.checkpoint.arch
     host = tiers[tier]
@@ -102,7 +102,7 @@ def test_host_spans_hold_the_expert_bytes(model, tiers, tier):
 
 def test_profile_times_every_phase_and_changes_nothing(model, tiers):
     cfg = model.config
-    from omnilab.offload import PHASES
+    from omnilab.gpu.offload import PHASES
 
     decoder = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False)
     want = decoder.generate(PROMPT, N).new_token_ids
@@ -125,8 +125,8 @@ def test_one_choice_at_a_time_equals_the_grouped_mix():
     is itself bitwise the mix over contiguous copies."""
     from types import SimpleNamespace
 
-    from omnilab.engine import expert_mix
-    from omnilab.offload import SlabPool, expert_choice
+    from omnilab.gpu.engine import expert_mix
+    from omnilab.gpu.offload import SlabPool, expert_choice
 
     cfg = SimpleNamespace(num_experts=6, hidden_size=64, moe_intermediate_size=32, moe_layers=[0])
     pool = SlabPool(cfg, 5, torch.float32, "cpu")

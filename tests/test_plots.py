@@ -14,11 +14,13 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from omnilab import plots, routing  # noqa: E402
-from omnilab.hooks import compare  # noqa: E402
+from omnilab import plots  # noqa: E402
+from omnilab.experiments import cache_sim, routing, routing_trace  # noqa: E402
 from omnilab.inventory import inventory  # noqa: E402
-from omnilab.model import SelectiveMoE  # noqa: E402
-from omnilab.reference import Reference  # noqa: E402
+from omnilab.model.decoder import SelectiveMoE  # noqa: E402
+from omnilab.model.hooks import compare  # noqa: E402
+from omnilab.reference.whole import Reference  # noqa: E402
+from omnilab.units import format_bytes  # noqa: E402
 
 E, K, L = 8, 2, 3
 DOMAINS = ["en", "fr", "python"]
@@ -67,8 +69,8 @@ def trace():
         experts = np.array([[rng.choice(E, K, replace=False) for _ in ids] for _ in range(L)])
         weights = np.full(experts.shape, 0.5)
         entropy = rng.uniform(0.5, 2.5, (L, len(ids)))
-        parts.append(routing.trace_rows(doc, domain, ids, experts, weights, entropy))
-    return routing.concat_traces(parts, num_experts=E, top_k=K, num_layers=L)
+        parts.append(routing_trace.trace_rows(doc, domain, ids, experts, weights, entropy))
+    return routing_trace.concat_traces(parts, num_experts=E, top_k=K, num_layers=L)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def test_component_bytes_shares_sizes_and_plurals(tiny_omni):
 
 
 def test_short_bytes():
-    assert [plots._short_bytes(n) for n in (512, 1500, 27_385_314, 70_519_637_090)] == \
+    assert [format_bytes(n, short=True) for n in (512, 1500, 27_385_314, 70_519_637_090)] == \
         ["512 B", "1.5 kB", "27.4 MB", "70.5 GB"]
 
 
@@ -190,7 +192,7 @@ def test_router_figures(trace):
     assert_labelled(plots.plot_specialization(spec, tokens, domains))
     assert_labelled(plots.plot_coactivation({layer: routing.coactivation(trace, layer) for layer in (0, 2)}))
     assert_labelled(plots.plot_same_expert(routing.same_expert_rate(trace)))
-    curve = routing.hit_rate_curve(trace, sizes=[2, 6, 12])
+    curve = cache_sim.hit_rate_curve(trace, sizes=[2, 6, 12])
     fig = plots.plot_hit_rates(curve, per_token_share=L * K / (L * E))
     assert any("evicts" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
     assert_labelled(fig)

@@ -87,3 +87,41 @@ def test_committed_baselines_hold_bf16_by_bounds_only():
         for key, spec in specs.items():
             if "bf16" in key and isinstance(spec["value"], float):
                 assert spec.get("bounds_only") and "rel_tol" not in spec, f"{book}.{key}"
+
+
+def _notebook(path, x, fail=False):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("out_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    body = "from omnilab.notebook import save_metrics\nsave_metrics(out_dir, {'x': %d})" % x
+    nb.cells = [params, nbformat.v4.new_code_cell(body + ("\nraise RuntimeError('boom')" if fail else ""))]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_run_notebooks_executes_checks_and_publishes(tmp_path, monkeypatch, capsys):
+    """The notebook runner itself: a notebook is executed with papermill, its metrics gathered and held to the
+    baselines, the executed copy published only from a clean run; drift and a raising cell fail the run."""
+    books, published = tmp_path / "notebooks", tmp_path / "published"
+    books.mkdir()
+    monkeypatch.setattr(regress, "NOTEBOOKS", books)
+    monkeypatch.setattr(regress, "BASELINES", books / "baselines.json")
+    monkeypatch.setattr(regress, "PUBLISHED", published)
+    _notebook(books / "01_tiny.ipynb", 3)
+    (books / "baselines.json").write_text(json.dumps({"01_tiny": {"x": {"value": 3}}}))
+
+    assert regress.run_notebooks(tmp_path / "out", publish=True) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {"01_tiny": {"x": 3}}
+    assert (published / "01_tiny.ipynb").exists()
+    assert "cell  3/3" in capsys.readouterr().out  # one progress line per cell (papermill injects one)
+
+    (books / "baselines.json").write_text(json.dumps({"01_tiny": {"x": {"value": 4}}}))
+    (published / "01_tiny.ipynb").unlink()
+    assert regress.run_notebooks(tmp_path / "out", publish=True) == 1
+    assert "01_tiny.x" in capsys.readouterr().err and not (published / "01_tiny.ipynb").exists()
+
+    _notebook(books / "01_tiny.ipynb", 3, fail=True)
+    assert regress.run_notebooks(tmp_path / "out") == 1
+    assert "failed to execute" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from omnilab import routing
+from omnilab.experiments import cache_sim, routing, routing_trace
 
 E, K, L = 8, 2, 3
 DOMAINS = ["en", "fr", "python", "arith"]
@@ -23,9 +23,9 @@ def make_trace(choose, *, docs_per_domain=3, tokens=20, layers=L, seed=0, token_
         for _ in range(docs_per_domain):
             ids = rng.integers(0, 30, tokens) if token_ids is None else np.asarray(token_ids)
             experts = np.array([[choose(rng, d, ids[t], layer, t) for t in range(len(ids))] for layer in range(layers)])
-            parts.append(routing.trace_rows(doc, domain, ids, experts))
+            parts.append(routing_trace.trace_rows(doc, domain, ids, experts))
             doc += 1
-    return routing.concat_traces(parts, num_experts=E, top_k=K, num_layers=layers)
+    return routing_trace.concat_traces(parts, num_experts=E, top_k=K, num_layers=layers)
 
 
 def random_choice(rng, d, tok, layer, pos):
@@ -39,7 +39,7 @@ def test_trace_rows_order_and_values():
     experts = np.array([[[1, 2], [3, 4]], [[5, 6], [7, 0]]])  # [layers 2, tokens 2, k 2]
     weights = experts / 10
     entropy = np.array([[0.1, 0.2], [0.3, 0.4]])
-    t = routing.trace_rows(7, "en", [11, 12], experts, weights, entropy)
+    t = routing_trace.trace_rows(7, "en", [11, 12], experts, weights, entropy)
     assert list(t.columns) == routing.TRACE_COLUMNS
     assert t[["position", "layer", "rank"]].values.tolist() == [
         [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [1, 0, 1], [1, 1, 0], [1, 1, 1]]
@@ -48,12 +48,12 @@ def test_trace_rows_order_and_values():
     np.testing.assert_allclose(t["weight"], t["expert"] / 10, rtol=1e-6)
     np.testing.assert_allclose(t["entropy"], [0.1, 0.1, 0.3, 0.3, 0.2, 0.2, 0.4, 0.4], rtol=1e-6)
     with pytest.raises(ValueError, match="doc 7"):
-        routing.trace_rows(7, "en", [11], experts)
+        routing_trace.trace_rows(7, "en", [11], experts)
 
 
 def test_router_entropy_bits():
-    assert routing.router_entropy(np.zeros(8)) == pytest.approx(3.0)
-    assert routing.router_entropy(np.array([0.0, -1e9, -1e9, -1e9])) == pytest.approx(0.0, abs=1e-9)
+    assert routing_trace.router_entropy(np.zeros(8)) == pytest.approx(3.0)
+    assert routing_trace.router_entropy(np.array([0.0, -1e9, -1e9, -1e9])) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_load_documents(tmp_path):
@@ -192,10 +192,10 @@ def brute_force_min_misses(requests, capacity):
 def test_cyclic_pattern_lru_zero_belady_optimal():
     m, capacity, rounds = 5, 4, 6
     requests = list(range(m)) * rounds
-    assert routing.simulate_cache(requests, capacity, "lru") == 0
-    assert routing.simulate_cache(requests, capacity, "lfu") == 0  # equal counts: ties go to LRU
+    assert cache_sim.simulate_cache(requests, capacity, "lru") == 0
+    assert cache_sim.simulate_cache(requests, capacity, "lfu") == 0  # equal counts: ties go to LRU
     best = len(requests) - brute_force_min_misses(requests, capacity)
-    assert routing.simulate_cache(requests, capacity, "belady") == best
+    assert cache_sim.simulate_cache(requests, capacity, "belady") == best
     assert best > 0
 
 
@@ -205,38 +205,38 @@ def test_belady_is_optimal_on_small_random_sequences(seed):
     requests = rng.integers(0, 5, 14).tolist()
     for capacity in (1, 2, 3):
         best = len(requests) - brute_force_min_misses(requests, capacity)
-        assert routing.simulate_cache(requests, capacity, "belady") == best
+        assert cache_sim.simulate_cache(requests, capacity, "belady") == best
 
 
 def test_belady_at_least_lru_and_lfu():
     rng = np.random.default_rng(3)
     requests = rng.zipf(1.4, 3000) % 40
     for capacity in (1, 3, 8, 20, 39, 40):
-        b = routing.simulate_cache(requests, capacity, "belady")
-        assert b >= routing.simulate_cache(requests, capacity, "lru")
-        assert b >= routing.simulate_cache(requests, capacity, "lfu")
-    assert routing.simulate_cache(requests, 40, "lru") == len(requests) - len(set(requests.tolist()))
+        b = cache_sim.simulate_cache(requests, capacity, "belady")
+        assert b >= cache_sim.simulate_cache(requests, capacity, "lru")
+        assert b >= cache_sim.simulate_cache(requests, capacity, "lfu")
+    assert cache_sim.simulate_cache(requests, 40, "lru") == len(requests) - len(set(requests.tolist()))
 
 
 def test_lru_and_lfu_by_hand():
     a, b, c = 0, 1, 2
     seq = [a, a, a, b, c, b, c, b, c]
     # LRU(2): a a(hit) a(hit) b c(evict a) b(hit) c(hit) b(hit) c(hit) -> 6 hits
-    assert routing.simulate_cache(seq, 2, "lru") == 6
+    assert cache_sim.simulate_cache(seq, 2, "lru") == 6
     # LFU(2): a (count 3) stays; b and c evict each other: a a a b c b c b c -> 2 hits
-    assert routing.simulate_cache(seq, 2, "lfu") == 2
-    assert routing.simulate_cache(seq, 0, "lru") == 0
+    assert cache_sim.simulate_cache(seq, 2, "lfu") == 2
+    assert cache_sim.simulate_cache(seq, 0, "lru") == 0
     with pytest.raises(ValueError, match="policy"):
-        routing.simulate_cache(seq, 2, "fifo")
+        cache_sim.simulate_cache(seq, 2, "fifo")
 
 
 def test_request_sequence_and_hit_rate_curve():
     trace = make_trace(random_choice, docs_per_domain=2, tokens=15)
-    req = routing.request_sequence(trace)
+    req = cache_sim.request_sequence(trace)
     first = trace[(trace["doc"] == 0) & (trace["position"] == 0)]
     assert req[: L * K].tolist() == (first["layer"] * E + first["expert"]).tolist()
     assert len(req) == len(trace)
-    curve = routing.hit_rate_curve(trace, sizes=[2, 6, 12, E * L], policies=("lru", "lfu", "belady"))
+    curve = cache_sim.hit_rate_curve(trace, sizes=[2, 6, 12, E * L], policies=("lru", "lfu", "belady"))
     wide = curve.pivot(index="size", columns="policy", values="hit_rate")
     assert (wide["belady"] >= wide[["lru", "lfu"]].max(axis=1)).all()
     assert wide["lru"].is_monotonic_increasing and wide["belady"].is_monotonic_increasing
@@ -254,15 +254,15 @@ def test_request_sequence_and_hit_rate_curve():
 
 
 def test_record_trace_matches_transformers_routing(tiny_omni):
-    from omnilab.model import SelectiveMoE
-    from omnilab.reference import Reference
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.reference.whole import Reference
 
     docs = pd.DataFrame({"domain": ["en", "en", "en", "python"],
                          "text": ["The quick brown fox jumps over the lazy dog.", "Mixture-of-Experts models route.",
                                   "never traced: per_domain is 2", "def add(a, b):\n    return a + b\n"]})
     model = SelectiveMoE.from_checkpoint(tiny_omni)
     cfg = model.config
-    trace = routing.record_trace(model, None, docs, max_tokens=9, per_domain=2, progress=False)
+    trace = routing_trace.record_trace(model, None, docs, max_tokens=9, per_domain=2, progress=False)
     lengths = [min(9, len(model.tokenizer(t)["input_ids"])) for t in docs["text"][[0, 1, 3]]]
     assert len(trace) == sum(lengths) * len(cfg.moe_layers) * cfg.num_experts_per_tok
     assert trace.attrs == dict(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
@@ -272,7 +272,7 @@ def test_record_trace_matches_transformers_routing(tiny_omni):
     sums = trace.groupby(["doc", "position", "layer"])["weight"].sum()
     np.testing.assert_allclose(sums, 1.0, rtol=1e-5)  # norm_topk_prob
     # the same documents through transformers' own model, read at the same hook names
-    ref = routing.record_trace(Reference.from_checkpoint(tiny_omni), model.tokenizer, docs, max_tokens=9,
+    ref = routing_trace.record_trace(Reference.from_checkpoint(tiny_omni), model.tokenizer, docs, max_tokens=9,
                                per_domain=2, progress=False)
     assert trace["expert"].tolist() == ref["expert"].tolist()
     np.testing.assert_allclose(trace["weight"], ref["weight"], rtol=1e-4, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The streamed transformers reference (omnilab.streamed) and the chained / local comparison (omnilab.compare).
+"""The streamed transformers reference (omnilab.reference.streamed) and the chained / local comparison (omnilab.reference.compare).
 
 The streamed reference must be transformers' numbers: bit for bit those of a whole `from_pretrained` model at
 every hook, fp32 and bf16, while holding one part at a time. A fault injected at one layer must show in the
@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.compare import NOISE_FACTOR, compare_checkpoints
-from omnilab.faults import standard_faults
-from omnilab.hooks import DIVERGENCE_RTOL, parse_name, run_with_cache
-from omnilab.reference import Reference
-from omnilab.streamed import StreamedReference
+from omnilab.experiments.fault_gallery import standard_faults
+from omnilab.model.hooks import DIVERGENCE_RTOL, parse_name, run_with_cache
+from omnilab.reference.compare import NOISE_FACTOR, compare_checkpoints
+from omnilab.reference.streamed import StreamedReference
+from omnilab.reference.whole import Reference
 
 IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 12, 64, 5, 180, 33, 71]])
 NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")
@@ -24,8 +24,8 @@ NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "sel
 def six_layers(make_checkpoint, tmp_path_factory):
     """A 6-layer tiny Qwen3-MoE whose norm weights are not all ones (as trained ones are not), so that a norm
     left at its default init is a real change."""
-    from omnilab.breakage import copy_checkpoint, replace_tensor
     from omnilab.checkpoint import Checkpoint
+    from omnilab.testing.breakage import copy_checkpoint, replace_tensor
 
     path = copy_checkpoint(make_checkpoint("moe", num_hidden_layers=6), tmp_path_factory.mktemp("norms") / "moe6")
     g = torch.Generator().manual_seed(0)
@@ -87,7 +87,7 @@ def test_local_inputs_feed_each_layer(make_checkpoint):
 
 
 def test_missing_reference_tensor_is_named(make_checkpoint, copy_checkpoint):
-    from omnilab.breakage import drop_tensors
+    from omnilab.testing.breakage import drop_tensors
 
     path = copy_checkpoint(make_checkpoint("moe"))
     drop_tensors(path, ["model.layers.1.post_attention_layernorm.weight"])
@@ -154,7 +154,7 @@ def test_bf16_noise_floor_sets_thresholds(make_checkpoint):
 def test_near_tie_flips_are_set_aside_clear_flips_are_not():
     """Hand-made router logits: token 0's 2nd and 3rd experts are a hair apart (a bf16 rounding can swap
     them), token 1's by a wide margin; the selective model swaps both. Only token 0 is a near-tie."""
-    from omnilab.compare import near_tie_flips, set_aside_near_ties
+    from omnilab.reference.compare import near_tie_flips, set_aside_near_ties
 
     l32 = torch.tensor([[3.0, 2.0, 1.999, -1.0], [3.0, 2.0, 0.5, -1.0], [3.0, 2.0, 0.5, -1.0]])
     l16 = l32 + torch.tensor([[0.0, -0.004, 0.004, 0.0], [0.0, 0.004, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])

@@ -7,15 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from omnilab import routing, sweeps
-from omnilab.faults import DefaultNorms, RouterMask
+from omnilab.experiments import eval_data, measures, routing, routing_trace, sweeps
+from omnilab.model.experts import TrustWeighted
+from omnilab.model.faults import DefaultNorms, RouterMask
 
 IDS = [5, 17, 42, 8, 99, 3, 61, 27, 14, 7, 88, 120]
 
 
 @pytest.fixture(scope="module")
 def model(tiny_omni):
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     return SelectiveMoE.from_checkpoint(tiny_omni)
 
@@ -23,22 +24,24 @@ def model(tiny_omni):
 def test_applied_changes_routing_and_restores(model):
     config, faults, cache = model.config, model.faults, model.cache
     E, k = config.num_experts, config.num_experts_per_tok
-    with sweeps.applied(model, sweeps.Setting("top-3", "top_k", top_k=k + 1)):
-        experts, weights, _ = routing.route(model, IDS)
+    with sweeps.applied(model, sweeps.Setting("top-3", "top_k", top_k=k + 1)) as options:
+        assert options.top_k == k + 1 and model.routing.top_k is None  # passed to calls, the model untouched
+        experts, weights, _ = routing_trace.route(model, IDS, routing=options)
         assert experts.shape[-1] == k + 1
         np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
-    with sweeps.applied(model, sweeps.Setting("mask", "mask", faults=(RouterMask((0, 2, 5)),))):
-        experts, _, _ = routing.route(model, IDS)
+    with sweeps.applied(model, sweeps.Setting("mask", "mask", faults=(RouterMask((0, 2, 5)),))) as options:
+        experts, _, _ = routing_trace.route(model, IDS, routing=options)
         assert set(np.unique(experts)) <= {0, 2, 5}
-    with sweeps.applied(model, sweeps.Setting("b", "budget", budget_share=0.25, policy="trust")):
+    with sweeps.applied(model, sweeps.Setting("b", "budget", budget_share=0.25, policy="trust")) as options:
         assert model.cache.budget_bytes == int(0.25 * model.cache.store.total_bytes)
-        assert isinstance(model.cache.policy, sweeps.TrustWeighted) and model.hooks
-        routing.route(model, IDS)
+        assert isinstance(model.cache.policy, TrustWeighted) and not model.hooks  # fed by the MoE step, no hooks
+        routing_trace.route(model, IDS, routing=options)
+        assert model.cache.policy.step == 1 and len(model.cache.policy.trust) > 0  # one forward pass observed
         assert model.cache.stats.peak_resident_bytes <= model.cache.budget_bytes
         assert model.cache.stats.evictions > 0
     assert (model.config, model.faults, model.cache) == (config, faults, cache)
     assert model.hooks == {}
-    experts, _, _ = routing.route(model, IDS)
+    experts, _, _ = routing_trace.route(model, IDS)
     assert experts.shape[-1] == k
     with pytest.raises(ValueError, match="router faults"):
         with sweeps.applied(model, sweeps.Setting("norms", "x", faults=(DefaultNorms(0),))):
@@ -50,15 +53,15 @@ def test_salience_with_full_weight_routes_to_the_most_loaded_experts(model):
     layers = model.config.moe_layers
     rng = np.random.default_rng(0)
     load = pd.DataFrame(rng.dirichlet(np.ones(E), len(layers)), index=layers)
-    with sweeps.applied(model, sweeps.Setting("s", "salience", faults=sweeps.salience_faults(load, alpha=1.0))):
-        experts, _, _ = routing.route(model, IDS)
+    with sweeps.applied(model, sweeps.Setting("s", "salience", faults=sweeps.salience_faults(load, alpha=1.0))) as options:
+        experts, _, _ = routing_trace.route(model, IDS, routing=options)
     for li, layer in enumerate(layers):
         top = set(np.argsort(-load.loc[layer].to_numpy())[:k])
         assert all(set(row) == top for row in experts[li])
 
 
 def test_trust_weighted_evicts_the_least_trusted():
-    policy = sweeps.TrustWeighted(decay=0.5)
+    policy = TrustWeighted(decay=0.5)
     policy.step = 1
     policy.observe(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0.6, 0.4], [0.9, 0.1]]))
     for key in [(0, 2), (0, 0), (0, 1)]:
@@ -79,13 +82,13 @@ def test_trust_weighted_evicts_the_least_trusted():
 def test_quality_measures():
     torch.manual_seed(0)
     ref = [torch.log_softmax(torch.randn(6, 11), -1), torch.log_softmax(torch.randn(4, 11), -1)]
-    evalset = sweeps.EvalSet(docs=[("en", [1, 2, 3, 4, 5, 6]), ("fr", [7, 8, 9, 10])], prompts=[])
-    same = sweeps.quality(ref, ref, evalset)
+    evalset = eval_data.EvalSet(docs=[("en", [1, 2, 3, 4, 5, 6]), ("fr", [7, 8, 9, 10])], prompts=[])
+    same = measures.quality(ref, ref, evalset)
     assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
     nll = torch.nn.functional.cross_entropy(ref[0][:-1], torch.tensor([2, 3, 4, 5, 6]))
     assert same["ppl_en"] == pytest.approx(float(nll.exp()), rel=1e-5)
     other = [torch.log_softmax(torch.randn(6, 11), -1), ref[1]]
-    q = sweeps.quality(other, ref, evalset)
+    q = measures.quality(other, ref, evalset)
     expected = torch.nn.functional.kl_div(other[0], ref[0], log_target=True, reduction="sum") / 10
     assert q["kl"] == pytest.approx(float(expected), rel=1e-5)
     assert 0.4 <= q["top1_agreement"] < 1.0  # fr's 4 of 10 positions agree
@@ -96,7 +99,7 @@ def test_run_sweep_rows(model):
     docs = pd.DataFrame({"domain": ["en", "python"], "text": ["The quick brown fox jumps over the lazy dog.",
                                                                 "def add(a, b):\n    return a + b\n"]})
     addition = pd.DataFrame({"prompt": ["47 + 38 =", "12 + 30 ="], "answer": ["85", "42"]})
-    evalset = sweeps.make_eval_set(tok, docs, docs.rename(columns={"text": "prompt"}), addition, max_tokens=12)
+    evalset = eval_data.make_eval_set(tok, docs, docs.rename(columns={"text": "prompt"}), addition, max_tokens=12)
     settings = [sweeps.Setting("full", "full"), sweeps.Setting("top-1", "top_k", value=1, top_k=1),
                 sweeps.Setting("budget", "budget", value=0.25, budget_share=0.25, policy="lfu")]
     table = sweeps.run_sweep(model, settings, evalset, max_new_tokens=4, progress=False).set_index("name")
@@ -114,12 +117,19 @@ def test_run_sweep_rows(model):
 
 
 def test_default_settings_cover_the_issue(model):
-    load = pd.DataFrame(np.full((len(model.config.moe_layers), model.config.num_experts), 1 / 8),
-                        index=model.config.moe_layers)
-    settings = sweeps.default_settings(model.config, load)
-    groups = {s.group for s in settings}
-    assert groups == {"full", "top_k", "salience", "budget"}  # 8 experts: no mask below 8 is < E
-    k, E = model.config.num_experts_per_tok, model.config.num_experts
-    assert {s.top_k for s in settings if s.group == "top_k"} == (set(range(1, k)) | {min(E, k + 2), min(E, 2 * k)})
-    assert {(s.policy, s.budget_share) for s in settings if s.group == "budget"} == {
-        (p, b) for p in ("lru", "lfu", "trust") for b in (0.125, 0.25, 0.5)}
+    """The settings are notebook 05's specification, spelled out for two shapes (not re-derived)."""
+    import dataclasses
+
+    layers = model.config.moe_layers
+    load = pd.DataFrame(np.full((len(layers), 32), 1 / 32), index=layers)
+    budgets = [f"budget {b} {p}" for p in ("lru", "lfu", "trust") for b in ("12.5%", "25.0%", "50.0%")]
+    omni_tiny = dataclasses.replace(model.config, num_experts=32, num_experts_per_tok=4)
+    names = [s.name for s in sweeps.default_settings(omni_tiny, load)]
+    assert names == ["full", "top-1", "top-2", "top-3", "top-8", "experts 0-7", "salience a=0.5 @25% lru", *budgets]
+    small = dataclasses.replace(model.config, num_experts=8, num_experts_per_tok=2)  # no mask below 8 < E
+    names = [s.name for s in sweeps.default_settings(small)]
+    assert names == ["full", "top-1", "top-4", *budgets]
+    settings = {s.name: s for s in sweeps.default_settings(omni_tiny, load)}
+    assert settings["top-8"].top_k == 8 and settings["budget 25.0% trust"].policy == "trust"
+    assert settings["budget 25.0% trust"].budget_share == 0.25
+    assert settings["experts 0-7"].faults[0].experts == tuple(range(8))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from omnilab.checkpoint import Checkpoint
-from omnilab.model import SelectiveMoE
-from omnilab.synth import real_shape_checkpoint, real_shape_config, tiny_omni_config
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.testing.synth import real_shape_checkpoint, real_shape_config, tiny_omni_config
 
 
 def _tiny_thinker_config():

@@ -1,4 +1,4 @@
-"""Corpus traces (omnilab.trace, `omnilab trace`): the corpus readers, the batch plan, the Parquet trace against
+"""Corpus traces (omnilab.experiments.trace, `omnilab trace`): the corpus readers, the batch plan, the Parquet trace against
 the hooks (whole documents and token by token) and transformers' own router, one process against two gloo
 processes under torchrun, resuming, and the statistics read lazily from Parquet against the same in memory."""
 
@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from omnilab import routing, trace
 from omnilab.cli import main
+from omnilab.experiments import cache_sim, routing, routing_trace, trace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,9 +108,9 @@ def test_plan_batches_by_length_within_budget():
 
 
 def test_trace_equals_hooks_whole_documents_and_token_by_token(tiny_omni, corpus, tmp_path):
-    from omnilab.hooks import capture
-    from omnilab.model import KVCache, SelectiveMoE
-    from omnilab.reference import Reference
+    from omnilab.model.decoder import KVCache, SelectiveMoE
+    from omnilab.model.hooks import capture
+    from omnilab.reference.whole import Reference
 
     result = run_trace(tiny_omni, corpus, tmp_path / "t")
     t = trace.TraceDataset(tmp_path / "t")
@@ -123,9 +123,9 @@ def test_trace_equals_hooks_whole_documents_and_token_by_token(tiny_omni, corpus
     assert frame.attrs == dict(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
                                num_layers=len(cfg.moe_layers))
 
-    # whole documents through the hooks (routing.record_trace: one document per forward, no padding)
+    # whole documents through the hooks (routing_trace.record_trace: one document per forward, no padding)
     docs = pd.DataFrame({"domain": [d for d, _ in DOCS], "text": [t for _, t in DOCS]})
-    ref = routing.record_trace(model, None, docs, max_tokens=12, progress=False)
+    ref = routing_trace.record_trace(model, None, docs, max_tokens=12, progress=False)
     for c in ("doc", "domain", "position", "token_id", "layer", "rank", "expert"):
         assert frame[c].astype(str).tolist() == ref[c].astype(str).tolist(), c
     np.testing.assert_allclose(frame["weight"], ref["weight"], rtol=1e-5, atol=1e-7)
@@ -149,17 +149,17 @@ def test_trace_equals_hooks_whole_documents_and_token_by_token(tiny_omni, corpus
             np.testing.assert_allclose(got["weight"], weights.reshape(-1).numpy(), rtol=1e-5, atol=1e-7)
 
     # and transformers' own router, at the same hook names
-    hf = routing.record_trace(Reference.from_checkpoint(tiny_omni), model.tokenizer, docs, max_tokens=12,
+    hf = routing_trace.record_trace(Reference.from_checkpoint(tiny_omni), model.tokenizer, docs, max_tokens=12,
                               progress=False)
     assert frame["expert"].tolist() == hf["expert"].tolist()
     np.testing.assert_allclose(frame["weight"], hf["weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_grouped_prefill_equals_eager_path_and_hooks(tiny_omni, corpus, tmp_path):
-    """The grouped prefill (omnilab.prefill, every expert resident, one grouped GEMM per layer) writes the same
+    """The grouped prefill (omnilab.gpu.prefill, every expert resident, one grouped GEMM per layer) writes the same
     trace as the eager path and as the hooks: the same rows, the same expert ids, weights and entropies equal to
     fp32 rounding."""
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     eager = run_trace(tiny_omni, corpus, tmp_path / "eager", prefill="eager")
     grouped = run_trace(tiny_omni, corpus, tmp_path / "grouped", prefill="grouped_mm")
@@ -183,7 +183,7 @@ def test_grouped_prefill_equals_eager_path_and_hooks(tiny_omni, corpus, tmp_path
     # and the hooks: whole documents, one per forward, no padding (routing.record_trace)
     model = SelectiveMoE.from_checkpoint(tiny_omni)
     docs = pd.DataFrame({"domain": [d for d, _ in DOCS], "text": [t for _, t in DOCS]})
-    ref = routing.record_trace(model, None, docs, max_tokens=12, progress=False)
+    ref = routing_trace.record_trace(model, None, docs, max_tokens=12, progress=False)
     frame = b.to_pandas()
     for c in ("doc", "domain", "position", "token_id", "layer", "rank", "expert"):
         assert frame[c].astype(str).tolist() == ref[c].astype(str).tolist(), c
@@ -193,10 +193,10 @@ def test_grouped_prefill_equals_eager_path_and_hooks(tiny_omni, corpus, tmp_path
 
 def test_grouped_prefill_refusals(tiny_omni, corpus, tmp_path, capsys):
     """What sends a trace to the eager path: hooks, faults, a routing override, an expert budget; auto on CPU."""
-    from omnilab.faults import DefaultNorms
-    from omnilab.model import SelectiveMoE
-    from omnilab.prefill import TracePrefill, prefill_refusal
-    from omnilab.traces import RoutingOverride
+    from omnilab.model.faults import DefaultNorms
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.gpu.prefill import TracePrefill, prefill_refusal
+    from omnilab.gpu.traces import RoutingOverride
 
     model = SelectiveMoE.from_checkpoint(tiny_omni)
     assert prefill_refusal(model) is None
@@ -258,7 +258,7 @@ def test_two_gloo_processes_equal_one_process(tiny_omni, corpus, tmp_path):
 
 
 def test_expert_budget_changes_nothing(tiny_omni, corpus, tmp_path):
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     run_trace(tiny_omni, corpus, tmp_path / "all")
     model = SelectiveMoE.from_checkpoint(tiny_omni, expert_budget=3 * SelectiveMoE.from_checkpoint(
@@ -337,9 +337,9 @@ def test_statistics_from_parquet_equal_in_memory(tiny_omni, corpus, tmp_path):
     eq(routing.top_coactivated(lazy, min_tokens=2), routing.top_coactivated(mem, min_tokens=2))
     eq(routing.same_expert_rate(lazy), routing.same_expert_rate(mem))
     eq(routing.entropy_table(lazy), routing.entropy_table(mem))
-    np.testing.assert_array_equal(routing.request_sequence(lazy), routing.request_sequence(mem))
-    np.testing.assert_array_equal(routing.request_sequence(lazy, 1), routing.request_sequence(mem, 1))
-    eq(routing.hit_rate_curve(lazy, sizes=[4, 12]), routing.hit_rate_curve(mem, sizes=[4, 12]))
+    np.testing.assert_array_equal(cache_sim.request_sequence(lazy), cache_sim.request_sequence(mem))
+    np.testing.assert_array_equal(cache_sim.request_sequence(lazy, 1), cache_sim.request_sequence(mem, 1))
+    eq(cache_sim.hit_rate_curve(lazy, sizes=[4, 12]), cache_sim.hit_rate_curve(mem, sizes=[4, 12]))
     assert routing.layers_of(lazy) == routing.layers_of(mem) == [0, 1, 2]
     # one layer's read touches only that layer's row groups
     one = lazy.read(layer=1, columns=["doc", "expert"])

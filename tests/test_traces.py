@@ -1,4 +1,4 @@
-"""Routing traces (omnilab.traces): the generators' stated reuse statistics, measured; a recorded trace equals
+"""Routing traces (omnilab.gpu.traces): the generators' stated reuse statistics, measured; a recorded trace equals
 the router's own choice; an override from a trace drives the eager model."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.model import SelectiveMoE
-from omnilab.traces import RoutingOverride, locality_trace, recorded_trace, reuse_stats, uniform_trace
+from omnilab.gpu.traces import RoutingOverride, locality_trace, recorded_trace, reuse_stats, uniform_trace
+from omnilab.model.decoder import SelectiveMoE
 
 
 def test_uniform_trace_is_distinct_and_unbiased():

@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
-from omnilab import Checkpoint, breakage
+from omnilab import Checkpoint
 from omnilab.cli import main
 from omnilab.inventory import verify
+from omnilab.testing import breakage
 
 P = "thinker.model.layers."
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from omnilab import Checkpoint, breakage
+from omnilab import Checkpoint
 from omnilab.cli import main
 from omnilab.inventory import inventory
-from omnilab.vocab import check_checkpoint_tokenizer, check_tokenizer, tokenizer_files
+from omnilab.testing import breakage
+from omnilab.tokenizer import tokenizer_files
+from omnilab.vocab import check_checkpoint_tokenizer, check_tokenizer
 
 
 @pytest.fixture(scope="module")

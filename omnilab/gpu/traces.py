@@ -105,7 +105,7 @@ def reuse_stats(trace: torch.Tensor) -> dict:
 @torch.no_grad()
 def recorded_trace(model, input_ids) -> torch.Tensor:
     """The top-k experts a SelectiveMoE picks over input_ids [T] (one eager forward), [moe layers, T, k]."""
-    from omnilab.hooks import capture
+    from omnilab.model.hooks import capture
 
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     layers = model.config.moe_layers

@@ -1,10 +1,10 @@
 """The trace prefill: a batch of documents through the selective model with every expert resident, one grouped
 GEMM per projection per MoE layer, and every layer's routing recorded into device buffers read once per batch.
 
-`omnilab trace` (omnilab.trace) needs the routing of every MoE layer, not the logits, over many documents. The
-eager model (omnilab.model.SelectiveMoE.moe) runs one small GEMM chain per picked expert and syncs the host once
+`omnilab trace` (omnilab.experiments.trace) needs the routing of every MoE layer, not the logits, over many documents. The
+eager model (omnilab.model.decoder.SelectiveMoE.moe) runs one small GEMM chain per picked expert and syncs the host once
 per layer; the hooks then copy each layer's routing out. This path follows transformers' `grouped_mm` experts
-implementation and omnilab.engine's decode step instead: the token-expert choices sorted by expert, one
+implementation and omnilab.gpu.engine's decode step instead: the token-expert choices sorted by expert, one
 `torch._grouped_mm` over the stacked experts for gate/up and one for down (engine.expert_mix), the group ends
 computed on the device, so a batch's forward never waits for the host. The top-k ids, weights and router
 entropy of each MoE layer are written into preallocated device buffers; the host reads them once, after the
@@ -34,8 +34,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from omnilab.engine import SlotPool, expert_mix, fast_path_refusal, route
-from omnilab.model import rope_cos_sin
+from omnilab.gpu.engine import SlotPool, expert_mix, fast_path_refusal, route
+from omnilab.model.decoder import rope_cos_sin
 
 
 class ResidentExperts(NamedTuple):

@@ -2,11 +2,11 @@
 
 `trace_corpus(checkpoint, corpus, out)` (the `omnilab trace` command) reads documents from JSONL, text,
 Parquet files or a local `datasets` folder (`save_to_disk`), tokenizes them, batches them by length,
-prefills each batch through the selective model (omnilab.model.SelectiveMoE, no generation, experts under
+prefills each batch through the selective model (omnilab.model.decoder.SelectiveMoE, no generation, experts under
 the cache's byte budget as everywhere) and records the routing of every MoE layer through its hooks
 (`blocks.{i}.mlp.hook_topk_indices / hook_topk_weights / hook_router_logits`). The rows are the trace
-columns of omnilab.routing (doc, domain, position, token_id, layer, rank, expert, weight, entropy).
-On CUDA the batches take the grouped prefill instead when nothing refuses it (omnilab.prefill: every expert
+columns of omnilab.experiments.routing (doc, domain, position, token_id, layer, rank, expert, weight, entropy).
+On CUDA the batches take the grouped prefill instead when nothing refuses it (omnilab.gpu.prefill: every expert
 resident, one grouped GEMM per projection per layer, the routing recorded into device buffers; `--prefill`
 chooses, the manifest's run says which path ran and why the other was refused); its trace has the same rows,
 expert ids equal and weights equal to rounding (tests/test_trace.py, fp32 on CPU).
@@ -29,7 +29,7 @@ whichever rank runs it. Resumable: a shard is written under a temporary name and
 shard exists is done and is skipped when the command runs again with the same arguments.
 
 `TraceDataset(folder)` reads a finished trace lazily (pyarrow): one layer at a time from that layer's row
-groups, or whole as the DataFrame omnilab.routing's statistics take; those statistics accept it in place of
+groups, or whole as the DataFrame omnilab.experiments.routing's statistics take; those statistics accept it in place of
 a DataFrame and read it layer by layer, so they work on traces larger than memory.
 """
 
@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from omnilab.checkpoint import write_json
-from omnilab.routing import TRACE_COLUMNS
+from omnilab.experiments.routing import TRACE_COLUMNS
+from omnilab.jsonio import write_json
 
 TEXT_FIELDS = ("text", "prompt", "content")
 TEXT_SUFFIXES = (".txt", ".md")
@@ -363,7 +363,7 @@ class TraceResult:
     traced_tokens: int
     seconds: float
     world_size: int
-    prefill: str = "eager"  # "grouped_mm" (omnilab.prefill) or "eager" (the selective model through its hooks)
+    prefill: str = "eager"  # "grouped_mm" (omnilab.gpu.prefill) or "eager" (the selective model through its hooks)
     prefill_refusal: str | None = None  # why the grouped prefill was not taken, when it was not
 
     @property
@@ -428,8 +428,8 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     holds this trace (same plan) is resumed; one that holds another is refused. Under torchrun every rank
     calls this with the same arguments. `model`: an already-built SelectiveMoE (its checkpoint is `path`).
 
-    prefill: "auto" (the grouped prefill of omnilab.prefill on CUDA when nothing refuses it, else the eager
-    model), "eager", "grouped_mm" (an error when refused), or a built omnilab.prefill.TracePrefill."""
+    prefill: "auto" (the grouped prefill of omnilab.gpu.prefill on CUDA when nothing refuses it, else the eager
+    model), "eager", "grouped_mm" (an error when refused), or a built omnilab.gpu.prefill.TracePrefill."""
     if max_tokens < 1 or batch_tokens < 1:
         raise ValueError(f"--max-tokens and --batch-tokens must be positive (got {max_tokens}, {batch_tokens})")
     out = Path(out)
@@ -447,7 +447,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
            tokenizer, progress, model, prefill) -> TraceResult:
     import torch
 
-    from omnilab.model import SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
 
     if not (isinstance(prefill, str) and prefill in PREFILLS) and not hasattr(prefill, "record"):
         raise ValueError(f"--prefill {prefill!r}: use {', '.join(PREFILLS)}")
@@ -456,7 +456,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
         model = SelectiveMoE.from_checkpoint(path, dtype=dtype, device=dist.device, expert_budget=expert_budget,
                                              tokenizer=tokenizer is None)
     if tokenizer is not None and not callable(tokenizer):  # a folder
-        from omnilab.vocab import error_line, open_tokenizer
+        from omnilab.tokenizer import error_line, open_tokenizer
 
         try:
             tokenizer = open_tokenizer(tokenizer)
@@ -514,7 +514,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     pad = pad if 0 <= pad < cfg.vocab_size else 0
     recorder = None
     if grouped and mine:
-        from omnilab.prefill import TracePrefill
+        from omnilab.gpu.prefill import TracePrefill
 
         recorder = prefill if isinstance(prefill, TracePrefill) else TracePrefill(model)  # every expert resident
     start = time.perf_counter()
@@ -564,7 +564,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
 
 def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
     """(take the grouped prefill?, why not). Every rank takes the same path: one rank's refusal refuses all."""
-    from omnilab.prefill import prefill_refusal
+    from omnilab.gpu.prefill import prefill_refusal
 
     if not isinstance(prefill, str):  # a built TracePrefill
         return True, None
@@ -647,7 +647,7 @@ class TraceDataset:
     """A finished trace folder, read lazily with pyarrow. `read(layer=..., columns=..., rank=...)` returns those
     rows as a DataFrame in the trace's canonical order (doc, position, layer, rank), the domain a categorical
     with sorted categories, exactly as routing.concat_traces makes it; `to_pandas()` is the whole trace with its
-    attrs. omnilab.routing's statistics take a TraceDataset where they take a trace DataFrame."""
+    attrs. omnilab.experiments.routing's statistics take a TraceDataset where they take a trace DataFrame."""
 
     def __init__(self, folder):
         self.folder = Path(folder)

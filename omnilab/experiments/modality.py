@@ -1,7 +1,7 @@
 """Modality routing: the same prompts as text, as speech and as an image, through the selective thinker; which
 experts each modality uses, and what masking the experts most specific to one modality costs each modality.
 
-The routing statistics are omnilab.routing's, on a trace in its format whose `domain` is the modality and whose
+The routing statistics are omnilab.experiments.routing's, on a trace in its format whose `domain` is the modality and whose
 `doc` is one *segment*: the content positions of one prompt in one form (the prompt's text tokens; the audio
 tower's frames at the `<|audio_pad|>` rows; the vision tower's merged patches at the `<|image_pad|>` rows). So
 I(modality; expert) against labels shuffled between segments (`routing.specialization`) keeps each segment's own
@@ -16,14 +16,14 @@ correlation in the baseline, as notebook 04's domain baseline keeps each documen
   P(b | a) matrices, routing.coactivation, within each modality), each against shuffled labels;
 - the causal test (`masking_experiment`): the routing statistics are correlational, so the `n` experts per layer
   most specific to a modality (`specific_experts`: the largest excess of its P(expert | modality) over any other
-  modality's) are masked out of the router (omnilab.faults.RouterMask, applied with omnilab.sweeps.applied), and
+  modality's) are masked out of the router (omnilab.model.faults.RouterMask, applied with omnilab.experiments.sweeps.applied), and
   every form's answer is scored teacher-forced (negative log-likelihood, token accuracy, exact answers), with the
   perplexity of held-out text documents; masks of the same size drawn at random, and of the experts most
   specific to text, are the controls.
 
 Teacher-forced exact answers are greedy answers: the greedy continuation starts with the answer exactly when
 the argmax at every answer position is the answer's token (tests/test_modality.py checks it against
-omnilab.multimodal.generate).
+omnilab.model.multimodal.generate).
 
 Inputs (`load_manifest`): a folder with manifest.jsonl, rows {"id", "kind": "sum" | "sentence", "text", "answer",
 "voice", "speed", "wav", "png", "split"} (wav and png relative to the folder), as data/eval/multimodal/ holds
@@ -43,15 +43,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from omnilab import multimodal as mm
-from omnilab import routing
+from omnilab.model import multimodal as mm
+from omnilab.experiments import routing, routing_trace
 
 MODALITIES = ("text", "audio", "image")
 MANIFEST = "manifest.jsonl"
 MANIFEST_KEYS = ("id", "kind", "text", "wav", "png")  # and "answer" for sums
 EOS = "<|endoftext|>"
 
-# kind -> form -> (prompt, answer, content): the text around the media (omnilab.multimodal.prompt_text puts the
+# kind -> form -> (prompt, answer, content): the text around the media (omnilab.model.multimodal.prompt_text puts the
 # media's placeholders in front of it), what is scored after it ({text}: the item's text, {answer}: its answer),
 # and whose routing the trace records ("media": the placeholder rows, "prompt" / "answer": that part's text
 # tokens). The media prompts are those omni-tiny is trained on (scripts/train_multimodal.py): a sum's media then
@@ -135,7 +135,7 @@ class FormPrompt:
 
 
 def extend(model, prompt: mm.MultimodalPrompt, ids: list[int]) -> mm.MultimodalPrompt:
-    """The prompt with text tokens `ids` appended, positioned as omnilab.multimodal.generate decodes them: each
+    """The prompt with text tokens `ids` appended, positioned as omnilab.model.multimodal.generate decodes them: each
     new token's three M-RoPE rows equal, at its index plus the prompt's rope delta."""
     B, T = prompt.input_ids.shape
     if B != 1:
@@ -159,7 +159,7 @@ def extend(model, prompt: mm.MultimodalPrompt, ids: list[int]) -> mm.MultimodalP
 
 def form_prompt(model, towers, processor, item: Item, form: str, prompts: dict | None = None) -> FormPrompt:
     """`item` as `form` ("text", "audio", "image"): its prompt through the processor and the towers
-    (omnilab.multimodal.process / prepare), the answer's tokens appended."""
+    (omnilab.model.multimodal.process / prepare), the answer's tokens appended."""
     if form not in MODALITIES:
         raise ValueError(f"form {form!r} is not one of {MODALITIES}")
     around, answer, where = (prompts or PROMPTS)[item.kind][form]
@@ -254,7 +254,7 @@ def run_prompts(model, prompts: list[FormPrompt], *, record: bool = True, batch_
     answer_tokens, answer_nll: mean nats per answer token, token_accuracy: share of answer tokens that are the
     argmax, exact: all of them), trace the content positions' routing (routing's format: doc = the prompt's
     number, domain = its form; plus `item` and `kind`), or None with record=False."""
-    from omnilab.hooks import capture
+    from omnilab.model.hooks import capture
 
     layers = list(model.config.moe_layers)
     names = _routing_names(model) if record else []
@@ -288,15 +288,15 @@ def run_prompts(model, prompts: list[FormPrompt], *, record: bool = True, batch_
                     x = routed[point][:, b][:, keep.to(routed[point].device)].cpu()
                     return (x.float() if x.is_floating_point() else x).numpy()
 
-                part = routing.trace_rows(doc, fp.form, fp.prompt.input_ids[0].cpu()[fp.content].numpy(),
+                part = routing_trace.trace_rows(doc, fp.form, fp.prompt.input_ids[0].cpu()[fp.content].numpy(),
                                           stack("topk_indices"), stack("topk_weights"),
-                                          routing.router_entropy(stack("router_logits")), layers=layers)
+                                          routing_trace.router_entropy(stack("router_logits")), layers=layers)
                 part["item"], part["kind"] = fp.item.id, fp.item.kind
                 parts[doc] = part
     scores = pd.DataFrame([rows[i] for i in range(len(prompts))])
     if not record:
         return scores, None
-    trace = routing.concat_traces([parts[i] for i in range(len(prompts))], num_experts=model.config.num_experts,
+    trace = routing_trace.concat_traces([parts[i] for i in range(len(prompts))], num_experts=model.config.num_experts,
                                   top_k=model.config.num_experts_per_tok, num_layers=len(layers))
     trace["domain"] = trace["domain"].cat.set_categories([m for m in MODALITIES if m in set(trace["domain"])])
     return scores, trace
@@ -438,11 +438,11 @@ def random_experts(layers, num_experts: int, n: int, seed: int = 0) -> dict[int,
 
 
 def mask_setting(name: str, masked: dict[int, list[int]], num_experts: int, budget_share: float | None = None):
-    """An omnilab.sweeps.Setting whose routers never pick the `masked` experts of each layer (one
-    omnilab.faults.RouterMask per layer, keeping the others). budget_share: the expert cache's budget as a
+    """An omnilab.experiments.sweeps.Setting whose routers never pick the `masked` experts of each layer (one
+    omnilab.model.faults.RouterMask per layer, keeping the others). budget_share: the expert cache's budget as a
     share of all expert bytes (None: every expert may stay resident)."""
-    from omnilab.faults import RouterMask
-    from omnilab.sweeps import Setting
+    from omnilab.model.faults import RouterMask
+    from omnilab.experiments.sweeps import Setting
 
     faults = tuple(RouterMask(tuple(e for e in range(num_experts) if e not in set(experts)), layer=int(layer))
                    for layer, experts in masked.items())
@@ -462,8 +462,8 @@ def masked_share(table: pd.DataFrame, masked: dict[int, list[int]]) -> dict[str,
 
 def text_documents(model, path, *, per_domain: int = 2, max_tokens: int = 64, seed: int = 0):
     """Held-out text documents (a domain-labelled JSONL, routing.load_documents): the first `max_tokens`
-    tokens of `per_domain` documents per domain, as an omnilab.sweeps.EvalSet (docs only) for text_nll."""
-    from omnilab.sweeps import EvalSet
+    tokens of `per_domain` documents per domain, as an omnilab.experiments.sweeps.EvalSet (docs only) for text_nll."""
+    from omnilab.experiments.eval_data import EvalSet
 
     docs = routing.load_documents(path, per_domain=per_domain, seed=seed)
     encoded = [(d, model.tokenizer(t)["input_ids"][:max_tokens]) for d, t in zip(docs["domain"], docs["text"])]
@@ -473,7 +473,7 @@ def text_documents(model, path, *, per_domain: int = 2, max_tokens: int = 64, se
 @torch.no_grad()
 def text_nll(model, evalset, batch_size: int = 16) -> tuple[float, int, list[torch.Tensor]]:
     """(mean next-token NLL in nats over every position of the text documents, positions, log-probabilities
-    [T, V] per document) of omnilab.sweeps.EvalSet docs, `batch_size` documents per left-padded forward pass."""
+    [T, V] per document) of omnilab.experiments.sweeps.EvalSet docs, `batch_size` documents per left-padded forward pass."""
     logprobs, total, n = [], 0.0, 0
     docs = [ids for _, ids in evalset.docs]
     for start in range(0, len(docs), batch_size):
@@ -497,7 +497,7 @@ def masking_experiment(model, prompts: list[FormPrompt], evalset, masks: dict[st
                        table: pd.DataFrame | None = None, control: str | None = "random",
                        progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The unmodified model ("full") and each mask (name -> {layer: experts}) on every prompt and on the text
-    documents of `evalset` (omnilab.sweeps.EvalSet). Returns (summary, scores): summary one row per (setting,
+    documents of `evalset` (omnilab.experiments.sweeps.EvalSet). Returns (summary, scores): summary one row per (setting,
     form) with answer_nll, token_accuracy, exact (means over the form's prompts), their change from "full"
     (d_answer_nll ...), text_ppl and text_kl (next-token KL from the full model on the documents, nats), the
     share of the form's routing the mask removed (masked_share, from `table`) and, when `control` names one of
@@ -505,7 +505,7 @@ def masking_experiment(model, prompts: list[FormPrompt], evalset, masks: dict[st
     mask costs beyond removing as many experts at random); scores one row per prompt and setting."""
     from tqdm.auto import tqdm
 
-    from omnilab.sweeps import applied
+    from omnilab.experiments.sweeps import applied
 
     E = model.config.num_experts
     store = model.cache.store

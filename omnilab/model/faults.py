@@ -8,8 +8,8 @@ identity unless the fault overrides it:
 - `on_router_logits(layer, logits)`: the router's logits after `hook_router_logits`, before softmax / top-k;
 - `on_expert(layer, expert, weights)`: one expert's weights as the ExpertStore loads them.
 
-`omnilab.hooks.compare` then shows the first hook where the run leaves the reference, and how far it drifts.
-(Checkpoint-breaking helpers for the inventory / verify tests are a different thing: omnilab/breakage.py.)
+`omnilab.model.hooks.compare` then shows the first hook where the run leaves the reference, and how far it drifts.
+(Checkpoint-breaking helpers for the inventory / verify tests are a different thing: omnilab/testing/breakage.py.)
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from omnilab.checkpoint import Checkpoint
 
 
 class Fault:
@@ -113,41 +111,3 @@ class ZeroedExpert(Fault):
         if (layer, expert) != (self.layer, self.expert):
             return weights
         return weights._replace(up_proj=torch.zeros_like(weights.up_proj), down_proj=torch.zeros_like(weights.down_proj))
-
-
-def standard_faults(config, layer: int, expert: int) -> dict[str, Fault]:
-    """The five failures of hand extractions, each injected at `layer` (ZeroedExpert: `expert` of that layer).
-    The router mask keeps experts 0-7 (the first half of the experts when a model has 8 or fewer)."""
-    keep = tuple(range(8 if config.num_experts > 8 else config.num_experts // 2))
-    return {
-        "attention at random init": RandomAttention(layer),
-        "norms at default init": DefaultNorms(layer),
-        f"router masked to experts {keep[0]}-{keep[-1]}": RouterMask(keep, layer),
-        "router logits 0.5 x logits + 0.5 x salience": SalienceMix(0.5, layer=layer),
-        f"expert {expert} up/down zeroed": ZeroedExpert(layer, expert),
-    }
-
-
-def fault_gallery(checkpoint, reference, input_ids, layer: int | None = None, dtype="float32") -> dict:
-    """Run every standard fault against `reference` on `input_ids`: name -> (fault, Comparison).
-    layer None: the middle MoE layer. The zeroed expert is the one the reference routes the first token to."""
-    from omnilab.hooks import compare_activations, divergence_rtol, run_with_cache
-    from omnilab.model import SelectiveMoE
-
-    input_ids = torch.as_tensor(input_ids).reshape(1, -1)
-    checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)  # opened once
-    config = reference.config
-    if layer is None:
-        layer = config.moe_layers[len(config.moe_layers) // 2]
-    if layer not in config.moe_layers:
-        raise ValueError(f"layer {layer} has no experts (MoE layers: {config.moe_layers})")
-    name = f"blocks.{layer}.mlp.hook_topk_indices"
-    _, ref_acts = run_with_cache(reference, input_ids)  # every hook, once for all the faults
-    expert = int(ref_acts[name][0, 0])
-    out = {}
-    for label, fault in standard_faults(config, layer, expert).items():
-        model = SelectiveMoE.from_checkpoint(checkpoint, dtype=dtype, faults=[fault], tokenizer=False)
-        _, acts = run_with_cache(model, input_ids.to(model.device))
-        out[label] = (fault, compare_activations(ref_acts, acts, rtol=divergence_rtol(reference, model),
-                                                 names=reference.hook_names()))
-    return out

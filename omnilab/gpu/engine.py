@@ -9,7 +9,7 @@ implementation for the expert compute: the token-expert pairs sorted by expert, 
 Pieces, top to bottom:
 - `SlotPool`: per MoE layer, experts stacked in transformers' fused layout, gate_up [S, 2I, H] (gate rows then
   up rows) and down [S, H, I], plus `slot_of` [E] (the slot holding each expert, -1 for none). All-resident
-  decoding uses S = E and slot = expert; the offloading engine (omnilab.offload) reuses the pool with S < E.
+  decoding uses S = E and slot = expert; the offloading engine (omnilab.gpu.offload) reuses the pool with S < E.
 - `StaticKV`: keys and values [L, B, kv_heads, S_max, head_dim], preallocated; a step writes its positions.
 - `FastDecoder`: prefill (batched, the same step function, not graphed) and decode (T = 1, graphed on CUDA).
   The top-k expert ids of every MoE layer and position go into one device buffer (`routing`), read once when
@@ -20,7 +20,7 @@ What takes the eager path instead (`fast_path_refusal` says which): hooks regist
 arbitrary Python on every step, so hooks always run eagerly; the routing buffer replaces the router hooks'
 read-only use), fault injection, experts masked as missing, left-padded batches, sampling (greedy only here).
 
-The operations are the eager model's (omnilab.model), in the same order, with these departures (each labelled
+The operations are the eager model's (omnilab.model.decoder), in the same order, with these departures (each labelled
 inline): attention runs over the whole static cache with a boolean mask; the query heads of one kv head are
 folded into the query-length axis instead of SDPA's enable_gqa; gate and up are one GEMM; the k expert outputs
 of a token are summed in one reduction (as transformers' grouped_mm path does) rather than by index_add_.
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.model import Generation, rope_inv_freq, rotate_half
-from omnilab.traces import RoutingOverride
+from omnilab.gpu.traces import RoutingOverride
+from omnilab.model.decoder import Generation, rope_inv_freq, rotate_half
 
 
 # -- the slot pool -------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class StaticKV:
 
 
 def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """omnilab.model.RMSNorm's arithmetic (normalised in fp32, scaled in the input dtype) in one fused kernel."""
+    """omnilab.model.decoder.RMSNorm's arithmetic (normalised in fp32, scaled in the input dtype) in one fused kernel."""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -276,7 +276,7 @@ class FastDecoder:
         self.slot_range = torch.arange(pool.slots, device=dev)
         inv_freq = rope_inv_freq(cfg).to(dev)
         freqs = torch.arange(self.max_len, device=dev).float()[:, None] * inv_freq  # [S_max, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [S_max, hd], as omnilab.model.rope_cos_sin
+        emb = torch.cat((freqs, freqs), dim=-1)  # [S_max, hd], as omnilab.model.decoder.rope_cos_sin
         self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         self.key_pos = torch.arange(self.max_len, device=dev)
         self.moe_index = {layer: j for j, layer in enumerate(pool.layers)}

@@ -19,7 +19,7 @@ data when absent). `record_trace` records one with the selective model's hooks
 (`blocks.{i}.mlp.hook_topk_indices`, `hook_topk_weights`, `hook_router_logits`); `trace_rows` builds one
 from arrays, which is how tests make synthetic traces.
 
-Every statistic also takes a Parquet trace (`omnilab.trace.TraceDataset`, what `omnilab trace` writes) in place
+Every statistic also takes a Parquet trace (`omnilab.experiments.trace.TraceDataset`, what `omnilab trace` writes) in place
 of the DataFrame, with the same results: it reads one layer's row groups at a time (and only the columns it
 needs), so memory follows one layer, not the corpus. The cache simulation is the exception by nature: its
 request sequence holds every assignment (8 bytes each).
@@ -40,21 +40,14 @@ The statistics follow published router analyses:
 
 from __future__ import annotations
 
-import heapq
 import json
-import math
-from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+
 TRACE_COLUMNS = ["doc", "domain", "position", "token_id", "layer", "rank", "expert", "weight", "entropy"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# documents and traces
-# ---------------------------------------------------------------------------------------------------
 
 
 def load_documents(path: str | Path, *, per_domain: int | None = None, seed: int = 0,
@@ -86,111 +79,19 @@ def load_documents(path: str | Path, *, per_domain: int | None = None, seed: int
     return docs[keep].reset_index(drop=True)
 
 
-def router_entropy(logits) -> np.ndarray:
-    """Entropy in bits of softmax(logits) over the last axis."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(axis=-1) / math.log(2)
-
-
-def trace_rows(doc: int, domain: str, token_ids, experts, weights=None, entropy=None,
-               layers=None) -> pd.DataFrame:
-    """Trace rows for one document. experts, weights: [layers, tokens, top_k]; entropy: [layers, tokens]
-    (bits); token_ids: [tokens]; layers: the layer numbers of the first axis (default 0..L-1)."""
-    experts = np.asarray(experts)
-    n_layers, n_tokens, k = experts.shape
-    weights = np.full(experts.shape, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
-    entropy = np.full((n_layers, n_tokens), np.nan) if entropy is None else np.asarray(entropy, dtype=np.float64)
-    token_ids = np.asarray(token_ids)
-    if weights.shape != experts.shape or entropy.shape != (n_layers, n_tokens) or token_ids.shape != (n_tokens,):
-        raise ValueError(f"doc {doc}: shapes disagree: experts {experts.shape}, weights {weights.shape}, "
-                         f"entropy {entropy.shape}, token_ids {token_ids.shape}")
-    layers = np.arange(n_layers) if layers is None else np.asarray(layers)
-    # rows in (position, layer, rank) order: move tokens first. [L, T, k] -> [T, L, k]
-    e = experts.transpose(1, 0, 2).reshape(-1)
-    w = weights.transpose(1, 0, 2).reshape(-1)
-    pos, lay, rank = np.meshgrid(np.arange(n_tokens), np.arange(n_layers), np.arange(k), indexing="ij")
-    return pd.DataFrame({
-        "doc": np.full(e.size, doc, dtype=np.int32),
-        "domain": domain,
-        "position": pos.reshape(-1).astype(np.int32),
-        "token_id": token_ids[pos.reshape(-1)].astype(np.int64),
-        "layer": layers[lay.reshape(-1)].astype(np.int32),
-        "rank": rank.reshape(-1).astype(np.int16),
-        "expert": e.astype(np.int32),
-        "weight": w.astype(np.float32),
-        "entropy": entropy.T[pos.reshape(-1), lay.reshape(-1)].astype(np.float32),  # [T, L] lookup
-    })
-
-
-def concat_traces(parts: list[pd.DataFrame], *, num_experts: int, top_k: int, num_layers: int) -> pd.DataFrame:
-    """Join per-document rows into one trace and set its attrs."""
-    trace = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TRACE_COLUMNS)
-    trace["domain"] = trace["domain"].astype("category")
-    trace.attrs.update(num_experts=int(num_experts), top_k=int(top_k), num_layers=int(num_layers))
-    return trace
-
-
-def record_trace(model, tokenizer, documents: pd.DataFrame, *, max_tokens: int = 128,
-                 per_domain: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run the selective model (omnilab.model.SelectiveMoE) over each document, the first `max_tokens`
-    tokens of at most `per_domain` documents per domain, one document per forward pass, and record its
-    routing through the hooks `blocks.{i}.mlp.hook_router_logits / hook_topk_indices / hook_topk_weights`.
-    tokenizer None: the model's own. A tqdm bar runs over documents."""
-    from tqdm.auto import tqdm
-
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    if tokenizer is None:
-        raise ValueError("record_trace needs a tokenizer: the checkpoint has none, pass one")
-    if per_domain is not None:
-        documents = documents.groupby("domain", sort=False).head(per_domain)
-    layers = list(model.config.moe_layers)
-    parts = []
-    for doc, row in enumerate(tqdm(list(documents.itertuples(index=False)), desc="routing trace",
-                                   unit="doc", disable=not progress)):
-        ids = tokenizer(row.text)["input_ids"][:max_tokens]
-        if ids:
-            experts, weights, logits = route(model, ids, layers)
-            parts.append(trace_rows(doc, row.domain, ids, experts, weights, router_entropy(logits), layers=layers))
-    if not parts:
-        raise ValueError("no tokens to trace: the documents are empty")
-    return concat_traces(parts, num_experts=model.config.num_experts, top_k=model.config.num_experts_per_tok,
-                         num_layers=len(layers))
-
-
-def route(model, ids: list[int], layers: list[int] | None = None):
-    """One forward pass over `ids` (the selective model, or anything with the same hook points); the routing
-    of each MoE layer as numpy arrays: (experts [L, T, k], weights [L, T, k], router logits [L, T, E])."""
-    import torch
-
-    from omnilab.hooks import run_with_cache
-
-    layers = list(model.config.moe_layers) if layers is None else layers
-    points = ("topk_indices", "topk_weights", "router_logits")
-    names = [f"blocks.{i}.mlp.hook_{p}" for i in layers for p in points]
-    _, acts = run_with_cache(model, torch.tensor([ids], device=getattr(model, "device", "cpu")), names=names)
-
-    def stack(point):  # each hook holds [B * T, .] with B = 1 -> [L, T, .]
-        x = torch.stack([acts[f"blocks.{i}.mlp.hook_{point}"] for i in layers]).cpu()
-        return (x.float() if x.is_floating_point() else x).numpy()
-
-    return tuple(stack(p) for p in points)
-
-
-def _is_frame(trace) -> bool:
-    """A trace in memory (DataFrame), or else a Parquet trace read lazily (omnilab.trace.TraceDataset)."""
+def is_frame(trace) -> bool:
+    """A trace in memory (DataFrame), or else a Parquet trace read lazily (omnilab.experiments.trace.TraceDataset)."""
     return isinstance(trace, pd.DataFrame)
 
 
-def _layer_rows(trace, layer: int, columns=None) -> pd.DataFrame:
+def layer_rows(trace, layer: int, columns=None) -> pd.DataFrame:
     """The rows of one layer: a slice of an in-memory trace, or only that layer's row groups of a Parquet one."""
-    if _is_frame(trace):
+    if is_frame(trace):
         return trace[trace["layer"] == layer]
     return trace.read(layer=layer, columns=columns)
 
 
-def _n(trace: pd.DataFrame, key: str) -> int:
+def trace_attr(trace: pd.DataFrame, key: str) -> int:
     if key in trace.attrs:
         return int(trace.attrs[key])
     if key == "num_experts":
@@ -200,10 +101,10 @@ def _n(trace: pd.DataFrame, key: str) -> int:
     return int(trace["layer"].nunique())
 
 
-def _token_experts(trace: pd.DataFrame, layer: int) -> tuple[pd.DataFrame, np.ndarray]:
+def token_experts(trace: pd.DataFrame, layer: int) -> tuple[pd.DataFrame, np.ndarray]:
     """One layer as tokens x top_k: (the token rows: doc, domain, position, token_id; experts [T, k])."""
-    k = _n(trace, "top_k")
-    t = _layer_rows(trace, layer, ["doc", "domain", "position", "token_id", "rank", "expert"])
+    k = trace_attr(trace, "top_k")
+    t = layer_rows(trace, layer, ["doc", "domain", "position", "token_id", "rank", "expert"])
     t = t.sort_values(["doc", "position", "rank"], kind="stable")
     experts = t["expert"].to_numpy().reshape(-1, k)  # [T * k] -> [T, k]
     tokens = t.iloc[::k][["doc", "domain", "position", "token_id"]].reset_index(drop=True)
@@ -211,25 +112,20 @@ def _token_experts(trace: pd.DataFrame, layer: int) -> tuple[pd.DataFrame, np.nd
 
 
 def layers_of(trace: pd.DataFrame) -> list[int]:
-    if not _is_frame(trace):
+    if not is_frame(trace):
         return sorted(trace.layers)
     return sorted(int(x) for x in trace["layer"].unique())
-
-
-# ---------------------------------------------------------------------------------------------------
-# load and domain x expert
-# ---------------------------------------------------------------------------------------------------
 
 
 def expert_load(trace: pd.DataFrame) -> pd.DataFrame:
     """layers x experts: the share of the layer's assignments (token x top-k slots) that go to each expert.
     Rows sum to 1; a uniform router gives 1 / num_experts everywhere."""
-    E = _n(trace, "num_experts")
-    if _is_frame(trace):
+    E = trace_attr(trace, "num_experts")
+    if is_frame(trace):
         counts = pd.crosstab(trace["layer"], trace["expert"]).reindex(columns=range(E), fill_value=0)
     else:  # layer by layer: [layers, E] counts of the expert column
         layers = layers_of(trace)
-        counts = pd.DataFrame([np.bincount(_layer_rows(trace, i, ["expert"])["expert"], minlength=E) for i in layers],
+        counts = pd.DataFrame([np.bincount(layer_rows(trace, i, ["expert"])["expert"], minlength=E) for i in layers],
                               index=pd.Index(layers, dtype=np.int32, name="layer"),  # int32, as the trace's column
                               columns=pd.Index(range(E), name="expert"))
     return counts.div(counts.sum(axis=1), axis=0).rename_axis(index="layer", columns="expert")
@@ -238,17 +134,17 @@ def expert_load(trace: pd.DataFrame) -> pd.DataFrame:
 def domain_expert(trace: pd.DataFrame, layer: int | None = None) -> pd.DataFrame:
     """(layer, domain) x experts: P(expert | domain), the share of that domain's assignments at that layer
     going to each expert (rows sum to 1). With `layer`, just that layer's domain x experts table."""
-    E = _n(trace, "num_experts")
+    E = trace_attr(trace, "num_experts")
 
     def count(t):
         counts = t.groupby(["layer", "domain"], observed=True)["expert"].value_counts().unstack(fill_value=0)
         return counts.reindex(columns=range(E), fill_value=0)
 
-    if _is_frame(trace):
+    if is_frame(trace):
         counts = count(trace if layer is None else trace[trace["layer"] == layer])
     else:
         shown = layers_of(trace) if layer is None else [layer]
-        counts = pd.concat([count(_layer_rows(trace, i, ["layer", "domain", "expert"])) for i in shown])
+        counts = pd.concat([count(layer_rows(trace, i, ["layer", "domain", "expert"])) for i in shown])
     table = counts.div(counts.sum(axis=1), axis=0).rename_axis(columns="expert")
     return table.loc[layer] if layer is not None else table
 
@@ -258,11 +154,6 @@ def domain_lift(trace: pd.DataFrame, layer: int) -> pd.DataFrame:
     often as the layer does overall; 3 = three times as often."""
     load = expert_load(trace).loc[layer]
     return domain_expert(trace, layer).div(load.where(load > 0), axis=1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# specialization
-# ---------------------------------------------------------------------------------------------------
 
 
 def mutual_information(labels, experts) -> float:
@@ -310,13 +201,13 @@ def specialization(trace: pd.DataFrame, *, shuffles: int = 8, seed: int = 0) -> 
     `cmi_baseline_mean` from the same shuffles (the plug-in estimate is biased upwards by the many rare
     token ids; the baseline carries the same bias)."""
     rng = np.random.default_rng(seed)
-    docs = trace.drop_duplicates("doc")[["doc", "domain"]] if _is_frame(trace) else trace.traced_documents()
+    docs = trace.drop_duplicates("doc")[["doc", "domain"]] if is_frame(trace) else trace.traced_documents()
     doc_codes = pd.Index(docs["doc"])
     labels = pd.factorize(docs["domain"].astype(str))[0]
     perms = [labels[rng.permutation(labels.size)] for _ in range(shuffles)]
     rows = []
-    by_layer = (trace.groupby("layer", sort=True) if _is_frame(trace) else
-                ((i, _layer_rows(trace, i, ["doc", "expert", "token_id"])) for i in layers_of(trace)))
+    by_layer = (trace.groupby("layer", sort=True) if is_frame(trace) else
+                ((i, layer_rows(trace, i, ["doc", "expert", "token_id"])) for i in layers_of(trace)))
     for layer, t in by_layer:
         where = doc_codes.get_indexer(t["doc"])  # row -> document number in `docs`
         experts, tokens = t["expert"].to_numpy(), t["token_id"].to_numpy()
@@ -352,11 +243,11 @@ def token_specialization(trace: pd.DataFrame, *, by: str = "token_id", min_count
     token-count weights (`share`). `baseline` is the same with the `by` labels permuted over tokens (for
     token ids) or over documents (for domains): what the loads and the sample sizes alone give.
     `chance` = top_k / num_experts, a uniform router's value."""
-    E, k = _n(trace, "num_experts"), _n(trace, "top_k")
+    E, k = trace_attr(trace, "num_experts"), trace_attr(trace, "top_k")
     rng = np.random.default_rng(seed)
     rows = []
     for layer in layers_of(trace):
-        tokens, experts = _token_experts(trace, layer)
+        tokens, experts = token_experts(trace, layer)
         labels = tokens[by].astype(str).to_numpy() if by == "domain" else tokens[by].to_numpy()
         share, n = _top_expert_share(labels, experts, E, min_count)
         base = []
@@ -373,16 +264,11 @@ def token_specialization(trace: pd.DataFrame, *, by: str = "token_id", min_count
     return pd.DataFrame(rows).set_index("layer")
 
 
-# ---------------------------------------------------------------------------------------------------
-# co-activation and consecutive tokens
-# ---------------------------------------------------------------------------------------------------
-
-
 def coactivation(trace: pd.DataFrame, layer: int) -> pd.DataFrame:
     """experts a x experts b at one layer: P(b in top-k | a in top-k), over the tokens whose top-k holds a.
     The diagonal is 0 (a with itself is not counted), so each used expert's row sums to top_k - 1."""
-    E = _n(trace, "num_experts")
-    _, experts = _token_experts(trace, layer)
+    E = trace_attr(trace, "num_experts")
+    _, experts = token_experts(trace, layer)
     onehot = np.zeros((experts.shape[0], E))
     np.put_along_axis(onehot, experts, 1.0, axis=1)  # [T, E]: 1 where the expert is in the token's top-k
     both = onehot.T @ onehot  # [E, E]: tokens with a and b
@@ -397,7 +283,7 @@ def top_coactivated(trace: pd.DataFrame, n: int = 10, min_tokens: int = 20) -> p
     with at least `min_tokens` tokens). Lift 1 is independence."""
     rows = []
     for layer in layers_of(trace):
-        _, experts = _token_experts(trace, layer)
+        _, experts = token_experts(trace, layer)
         p = coactivation(trace, layer).to_numpy()
         counts = np.bincount(experts.reshape(-1), minlength=p.shape[0])
         pb = counts / experts.shape[0]  # P(b in top-k)
@@ -413,10 +299,10 @@ def same_expert_rate(trace: pd.DataFrame) -> pd.DataFrame:
     `top1_rate` = share of pairs whose first-choice experts are equal, `top1_chance` = sum_e p_e^2 with p the
     layer's first-choice load; `overlap_rate` = mean |topk(t) & topk(t+1)| / k, `overlap_chance` =
     sum_e q_e^2 / k with q_e = P(e in top-k)."""
-    E, k = _n(trace, "num_experts"), _n(trace, "top_k")
+    E, k = trace_attr(trace, "num_experts"), trace_attr(trace, "top_k")
     rows = []
     for layer in layers_of(trace):
-        tokens, experts = _token_experts(trace, layer)
+        tokens, experts = token_experts(trace, layer)
         doc, pos = tokens["doc"].to_numpy(), tokens["position"].to_numpy()
         pair = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)  # [T - 1]: t and t+1 consecutive
         onehot = np.zeros((experts.shape[0], E))
@@ -428,129 +314,6 @@ def same_expert_rate(trace: pd.DataFrame) -> pd.DataFrame:
                          top1_chance=float((p1 ** 2).sum()), overlap_rate=float(overlap[pair].mean()),
                          overlap_chance=float((q ** 2).sum() / k), pairs=int(pair.sum())))
     return pd.DataFrame(rows).set_index("layer")
-
-
-# ---------------------------------------------------------------------------------------------------
-# cache simulation
-# ---------------------------------------------------------------------------------------------------
-
-POLICIES = ("lru", "lfu", "belady")
-
-
-def request_sequence(trace: pd.DataFrame, layer: int | None = None) -> np.ndarray:
-    """The expert requests decoding would make, in order: document by document, token by token, layers in
-    order, each token's top-k by rank. Keys are layer * num_experts + expert (or just the expert with
-    `layer`). The cache persists across documents."""
-    E = _n(trace, "num_experts")
-    if _is_frame(trace):
-        t = trace if layer is None else trace[trace["layer"] == layer]
-    else:  # the five integer columns only (of one layer's row groups with `layer`)
-        t = trace.read(layer=layer, columns=["doc", "position", "layer", "rank", "expert"])
-    order = np.lexsort((t["rank"].to_numpy(), t["layer"].to_numpy(), t["position"].to_numpy(), t["doc"].to_numpy()))
-    keys = t["expert"].to_numpy(np.int64) if layer is not None else t["layer"].to_numpy(np.int64) * E + t["expert"].to_numpy()
-    return keys[order]
-
-
-def simulate_cache(requests, capacity: int, policy: str = "lru") -> int:
-    """Replay `requests` through a cache of `capacity` entries; return the number of hits. Every miss loads
-    the entry (demand paging), evicting one when full:
-    - "lru": the least recently used;
-    - "lfu": the least frequently requested so far (counts over the whole history, kept across evictions),
-      ties to the least recently used;
-    - "belady": the one whose next request is farthest in the future (MIN, optimal for demand paging);
-      O(n log n) with precomputed next-use times and a lazy max-heap."""
-    requests = [int(x) for x in np.asarray(requests).reshape(-1)]
-    if capacity <= 0:
-        return 0
-    if policy == "lru":
-        return _lru(requests, capacity)
-    if policy == "lfu":
-        return _lfu(requests, capacity)
-    if policy == "belady":
-        return _belady(requests, capacity)
-    raise ValueError(f"unknown cache policy {policy!r}: use one of {POLICIES}")
-
-
-def _lru(requests, capacity):
-    cache, hits = OrderedDict(), 0
-    for key in requests:
-        if key in cache:
-            hits += 1
-            cache.move_to_end(key)
-        else:
-            if len(cache) >= capacity:
-                cache.popitem(last=False)
-            cache[key] = None
-    return hits
-
-
-def _lfu(requests, capacity):
-    count, cache, heap, hits = defaultdict(int), {}, [], 0  # cache: key -> (count, last use) of its heap entry
-    for i, key in enumerate(requests):
-        count[key] += 1
-        if key in cache:
-            hits += 1
-        elif len(cache) >= capacity:
-            while True:  # pop stale entries until the live minimum
-                c, t, victim = heapq.heappop(heap)
-                if cache.get(victim) == (c, t):
-                    del cache[victim]
-                    break
-        cache[key] = (count[key], i)
-        heapq.heappush(heap, (count[key], i, key))
-    return hits
-
-
-def _belady(requests, capacity):
-    n = len(requests)
-    next_use, last = [0] * n, {}
-    for i in range(n - 1, -1, -1):  # next_use[i]: the next position requesting requests[i] (n: never)
-        next_use[i] = last.get(requests[i], n)
-        last[requests[i]] = i
-    cache, heap, hits = {}, [], 0  # cache: key -> its next use; heap: (-next use, key), stale entries skipped
-    for i, key in enumerate(requests):
-        if key in cache:
-            hits += 1
-        elif len(cache) >= capacity:
-            while True:
-                neg, victim = heapq.heappop(heap)
-                if cache.get(victim) == -neg:
-                    del cache[victim]
-                    break
-        cache[key] = next_use[i]
-        heapq.heappush(heap, (-next_use[i], key))
-    return hits
-
-
-def default_cache_sizes(trace: pd.DataFrame) -> list[int]:
-    """Cache sizes (in experts, over all layers) from one token's worth (layers x top_k) up to every expert."""
-    E, k, L = _n(trace, "num_experts"), _n(trace, "top_k"), _n(trace, "num_layers")
-    total = E * L
-    sizes = {k * L} | {max(1, round(total * f)) for f in (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)}
-    return sorted(sizes)
-
-
-def hit_rate_curve(trace: pd.DataFrame, sizes: list[int] | None = None, policies=POLICIES, *,
-                   progress: bool = False) -> pd.DataFrame:
-    """Hit rate against cache size (experts held, over all layers) for each policy, replaying
-    `request_sequence(trace)`. Columns: policy, size, share (of all layers x experts), hits, requests,
-    hit_rate. Cold misses count: even an all-experts cache misses each expert once."""
-    from tqdm.auto import tqdm
-
-    requests = request_sequence(trace)
-    total = _n(trace, "num_experts") * _n(trace, "num_layers")
-    sizes = default_cache_sizes(trace) if sizes is None else list(sizes)
-    rows = []
-    for policy, size in tqdm([(p, s) for p in policies for s in sizes], desc="cache simulation", disable=not progress):
-        hits = simulate_cache(requests, size, policy)
-        rows.append(dict(policy=policy, size=int(size), share=size / total, hits=hits, requests=len(requests),
-                         hit_rate=hits / max(1, len(requests))))
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------------
-# headline numbers
-# ---------------------------------------------------------------------------------------------------
 
 
 def summarize(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame, same: pd.DataFrame,
@@ -581,5 +344,74 @@ def summarize(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame, s
 
 def entropy_table(trace: pd.DataFrame) -> pd.DataFrame:
     """layers x domains: mean router entropy (bits) of the tokens."""
-    first = trace[trace["rank"] == 0] if _is_frame(trace) else trace.read(rank=0, columns=["layer", "domain", "entropy"])
+    first = trace[trace["rank"] == 0] if is_frame(trace) else trace.read(rank=0, columns=["layer", "domain", "entropy"])
     return first.pivot_table(index="layer", columns="domain", values="entropy", aggfunc="mean", observed=True)
+
+
+def load_facts(load: pd.DataFrame) -> dict:
+    """From `expert_load`: the busiest (layer, expert) and its load as a multiple of the uniform share, how many
+    pairs get under a quarter of it, and the least even layer (std of the relative load)."""
+    rel = load * load.shape[1]  # [layers, E]: 1 = the uniform share
+    stacked = rel.stack()
+    spread = rel.std(axis=1)
+    layer, expert = stacked.idxmax()
+    return {"busiest_layer": int(layer), "busiest_expert": int(expert), "busiest_x": float(stacked.max()),
+            "under_quarter": int((rel < 0.25).to_numpy().sum()), "pairs": int(rel.size),
+            "least_even_layer": int(spread.idxmax()), "least_even_std": float(spread.max())}
+
+
+def strongest_lift(lifts: dict) -> dict:
+    """From `domain_lift` per layer: the strongest (layer, domain, expert) preference and its lift."""
+    best = pd.concat({layer: t.stack() for layer, t in lifts.items()}).idxmax()
+    layer, domain, expert = best
+    return {"layer": int(layer), "domain": str(domain), "expert": int(expert),
+            "lift": float(lifts[layer].loc[domain, expert])}
+
+
+def specialization_facts(spec: pd.DataFrame, tokens: pd.DataFrame, domains: pd.DataFrame) -> dict:
+    """From `specialization` and `token_specialization` (by token id, by domain): means over layers, the layers
+    more than 3 std above the shuffled baseline, which of token and domain routing follows more, and the share
+    of the domain signal above baseline that runs through which tokens a domain uses."""
+    mi_excess = spec["mi_bits"] - spec["baseline_mean"]
+    z = mi_excess / spec["baseline_std"].replace(0, np.nan)
+    token_excess = float((tokens["share"] - tokens["baseline"]).mean())
+    domain_excess = float((domains["share"] - domains["baseline"]).mean())
+    through = 1 - (spec["cmi_bits"] - spec["cmi_baseline_mean"]).mean() / mi_excess.mean()
+    return {"mi_share": float(spec["mi_share"].mean()), "domain_bits": float(spec["domain_entropy_bits"].mean()),
+            "mi_bits": float(spec["mi_bits"].mean()), "mi_baseline": float(spec["baseline_mean"].mean()),
+            "layers_above_3std": int((z > 3).sum()), "layers": int(len(z)),
+            "token_share": float(tokens["share"].mean()), "token_baseline": float(tokens["baseline"].mean()),
+            "domain_share": float(domains["share"].mean()), "domain_baseline": float(domains["baseline"].mean()),
+            "token_excess": token_excess, "domain_excess": domain_excess,
+            "follows": "the token more than the domain" if token_excess > domain_excess else
+                       "the domain more than the token",
+            "cmi_bits": float(spec["cmi_bits"].mean()), "cmi_baseline": float(spec["cmi_baseline_mean"].mean()),
+            "through_tokens": float(max(0.0, through))}
+
+
+def same_expert_facts(same: pd.DataFrame) -> dict:
+    """From `same_expert_rate`: means over layers and the layer where neighbours agree most above chance."""
+    return {"top1_rate": float(same["top1_rate"].mean()), "top1_chance": float(same["top1_chance"].mean()),
+            "ratio": float(same["top1_rate"].mean() / same["top1_chance"].mean()),
+            "overlap_rate": float(same["overlap_rate"].mean()), "overlap_chance": float(same["overlap_chance"].mean()),
+            "strongest_layer": int((same["top1_rate"] / same["top1_chance"]).idxmax())}
+
+
+def entropy_facts(ent: pd.DataFrame) -> dict:
+    """From `entropy_table`: the mean, the lowest layer, the most and least decisive domains."""
+    by_domain = ent.mean()
+    return {"mean_bits": float(ent.to_numpy().mean()), "lowest_layer": int(ent.mean(axis=1).idxmin()),
+            "most_decisive": str(by_domain.idxmin()), "most_decisive_bits": float(by_domain.min()),
+            "least_decisive": str(by_domain.idxmax()), "least_decisive_bits": float(by_domain.max())}
+
+
+def cache_facts(curve: pd.DataFrame, target: float = 0.9) -> dict:
+    """From `hit_rate_curve`: the size nearest a quarter of the experts and each policy's hit rate there, the
+    smallest size reaching `target` per policy (NaN: none does, cold misses), the smallest size and its rates;
+    `wide` is the curve as sizes x policies."""
+    wide = curve.pivot(index="share", columns="policy", values="hit_rate")
+    quarter = float(wide.index[np.argmin(abs(wide.index - 0.25))])
+    smallest = float(wide.index.min())
+    return {"wide": wide, "quarter": quarter, "at_quarter": wide.loc[quarter].to_dict(),
+            "need": {p: float(wide.index[wide[p] >= target].min()) for p in wide.columns},
+            "smallest": smallest, "at_smallest": wide.loc[smallest].to_dict()}

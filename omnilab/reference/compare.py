@@ -1,7 +1,7 @@
 """Does the selective model compute what transformers computes? Both views, in bounded memory.
 
-The selective model (omnilab.model) runs once with every hook recorded; then the transformers reference is
-streamed part by part over the shards (omnilab.streamed), so neither side ever holds more than its backbone,
+The selective model (omnilab.model.decoder) runs once with every hook recorded; then the transformers reference is
+streamed part by part over the shards (omnilab.reference.streamed), so neither side ever holds more than its backbone,
 one layer of the reference, the experts under the cache's budget and the activations. Reported:
 
 - chained (`chained`, JSON `hooks` / `first_divergence`): each side on its own activations, what you get
@@ -13,7 +13,7 @@ one layer of the reference, the experts under the cache's budget and the activat
   the same pass (each part is loaded once and cast). Routers' near-ties flip experts in bf16, so a fixed
   tolerance flags every real bf16 run; here a hook diverges only where the selective error exceeds
   NOISE_FACTOR x the reference's own bf16 error at that hook (and the fp32 tolerance). In fp32 the
-  tolerance is omnilab.hooks.DIVERGENCE_RTOL (1e-4).
+  tolerance is omnilab.model.hooks.DIVERGENCE_RTOL (1e-4).
 - bf16 near-ties: where a token's top-k set differs from the reference's and the reference's own fp32 margin
   between its k-th and (k+1)-th router logit is within NOISE_FACTOR x that token's bf16-vs-fp32 logit error,
   the flip is rounding, not a bug: the token is set aside (counted per layer, `near_tie_flips`) at that layer's
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from omnilab.hooks import DIVERGENCE_RTOL, Comparison, compare_activations, parse_name, run_with_cache
-from omnilab.model import as_dtype
+from omnilab.dtypes import as_dtype
+from omnilab.model.hooks import Comparison, DIVERGENCE_RTOL, compare_activations, parse_name, run_with_cache
 
 # A bf16 hook diverges where the selective model's error exceeds this many times transformers' own bf16-vs-fp32
 # error at the same hook (and DIVERGENCE_RTOL[float32]).
@@ -188,8 +188,8 @@ def compare_checkpoints(path, input_ids, *, reference=None, dtype="float32", dev
     The selective model is dropped once its activations are recorded, before the reference streams."""
     from omnilab.checkpoint import Checkpoint
     from omnilab.memory import AnonPeak
-    from omnilab.model import SelectiveMoE
-    from omnilab.streamed import StreamedReference
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.reference.streamed import StreamedReference
 
     dtype = as_dtype(dtype)
     with AnonPeak() as peak:

@@ -30,6 +30,9 @@ LAYER_POINTS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_r
                 "mlp.hook_topk_weights", "hook_mlp_out", "hook_resid_post")
 ROUTER_POINTS = ("mlp.hook_router_logits", "mlp.hook_topk_indices", "mlp.hook_topk_weights")
 
+# TransformerLens's names for the MoE hooks -> ours (HookedTransformer's MoE blocks call them so)
+ALIASES = {"mlp.hook_expert_indices": "mlp.hook_topk_indices", "mlp.hook_expert_weights": "mlp.hook_topk_weights"}
+
 # rel_err above which a hook counts as divergent, by compute dtype (bf16 rounds at ~4e-3 per operation)
 DIVERGENCE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -41,6 +44,15 @@ def hook_names(config) -> list[str]:
         moe = config.is_moe_layer(i)
         names += [f"blocks.{i}.{p}" for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]
     return names + ["ln_final.hook_normalized", "hook_logits"]
+
+
+def resolve(name: str) -> str:
+    """A hook name with a TransformerLens alias replaced by its own name: 'blocks.3.mlp.hook_expert_indices'
+    -> 'blocks.3.mlp.hook_topk_indices'; any other name as it is."""
+    layer, point = parse_name(name)
+    if point in ALIASES:
+        return f"blocks.{layer}.{ALIASES[point]}" if layer is not None else ALIASES[point]
+    return name
 
 
 def parse_name(name: str) -> tuple[int | None, str]:
@@ -102,6 +114,23 @@ class Comparison:
         t = self.table[self.table.point == point]
         return t.set_index("layer")[column]
 
+    @property
+    def logits_rel_err(self) -> float:
+        return float(self.table.set_index("name").rel_err["hook_logits"])
+
+    def summary(self) -> dict:
+        """One row of a table of comparisons: max rel_err (float hooks), logits rel_err, the least top-k
+        agreement, top-1 agreement and KL."""
+        floats = self.table[self.table.point != "mlp.hook_topk_indices"]
+        return {"max rel_err": float(floats.rel_err.max()), "logits rel_err": self.logits_rel_err,
+                "min top-k agreement": float(self.table.topk_agreement.min()), "top-1 agreement": self.top1_agreement,
+                "KL": self.kl}
+
+
+def first_difference(a, b) -> int:
+    """The first position where two token sequences differ (the shorter length when one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
 
 def divergence_rtol(*models) -> float:
     """The rel_err above which a hook counts as divergent, for the least precise of the models' dtypes."""
@@ -125,8 +154,8 @@ def compare_activations(ref: dict, sel: dict, attention_mask=None, rtol: float =
                         thresholds: dict | None = None, keep: dict | None = None) -> Comparison:
     """Compare two captures (name -> tensor) hook by hook; `ref` is the reference (b in rel_err).
     A hook is divergent where rel_err exceeds its threshold: thresholds[name] when given (the bf16 noise
-    floor, omnilab.compare), else rtol. keep[name]: bool [n] over the real tokens, those compared at that hook
-    (omnilab.compare sets aside bf16 near-tie flips); the `tokens` column counts them."""
+    floor, omnilab.reference.compare), else rtol. keep[name]: bool [n] over the real tokens, those compared at that hook
+    (omnilab.reference.compare sets aside bf16 near-tie flips); the `tokens` column counts them."""
     names = [n for n in (names or ref) if n in ref and n in sel]
     valid = None if attention_mask is None else torch.as_tensor(attention_mask).bool().cpu()  # [B, T]
     rows = []

@@ -1,7 +1,7 @@
 """Multimodal input for the selective thinker: audio, images and video into the MoE decoder.
 
 It follows transformers' `Qwen3OmniMoeThinkerModel.forward` step by step, with transformers' own pieces
-wherever one exists, so that only the text decoder (omnilab.model.SelectiveMoE) is omnilab's:
+wherever one exists, so that only the text decoder (omnilab.model.decoder.SelectiveMoE) is omnilab's:
 - `Towers`: the thinker's audio tower and vision tower, transformers' own `Qwen3OmniMoeAudioEncoder` and
   `Qwen3OmniMoeVisionEncoder`, resident, loaded from the checkpoint's `thinker.audio_tower.*` /
   `thinker.visual.*` tensors. Its `get_rope_index` is transformers' own function (M-RoPE's three position
@@ -13,7 +13,7 @@ wherever one exists, so that only the text decoder (omnilab.model.SelectiveMoE) 
 - `forward`, `generate`, `compare`: the selective model on a `MultimodalPrompt`, and against the whole
   transformers thinker hook by hook (`hook_embed` is the decoder's input on both sides: token embeddings
   with the towers' features in place); `compare_streamed` against the thinker streamed part by part
-  (omnilab.streamed), chained and local views.
+  (omnilab.reference.streamed), chained and local views.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omnilab.checkpoint import Checkpoint, write_json
+from omnilab.checkpoint import Checkpoint
+from omnilab.jsonio import write_json
 
 # The tokenizer attributes Qwen3OmniMoeProcessor reads, and Qwen3-Omni's tokens for them.
 PLACEHOLDER_TOKENS = {
@@ -90,24 +91,24 @@ class Towers(nn.Module):
     def from_checkpoint(cls, checkpoint, *, dtype=torch.float32, device="cpu", vision_start_token_id=None,
                         attn_implementation: str = "sdpa") -> "Towers":
         """Both towers with the checkpoint's weights (`thinker.audio_tower.*`, `thinker.visual.*`), resident.
-        attn_implementation: transformers' name ("sdpa", "eager"); omnilab.reference runs "eager", which in
+        attn_implementation: transformers' name ("sdpa", "eager"); omnilab.reference.whole runs "eager", which in
         bf16 rounds the vision tower's attention differently (in fp32 the two agree to ~1e-7)."""
         from transformers.initialization import no_init_weights
 
-        from omnilab.model import as_dtype
-        from omnilab.synth import _quiet_transformers
+        from omnilab.dtypes import as_dtype
+        from omnilab.tokenizer import quiet_transformers
 
         checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         config = thinker_config(checkpoint)
         if getattr(config, "vision_start_token_id", None) is None:
             # transformers 5.23 has no vision_start_token_id in the thinker config, yet get_rope_index reads it;
-            # it is the tokenizer's <|vision_start|> (omnilab.reference sets the Qwen tokenizer's 151652 alike)
+            # it is the tokenizer's <|vision_start|> (omnilab.reference.whole sets the Qwen tokenizer's 151652 alike)
             config.vision_start_token_id = 151652 if vision_start_token_id is None else vision_start_token_id
         dtype = as_dtype(dtype)
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # as transformers' from_pretrained builds a model: buffers in this dtype too
         try:
-            with _quiet_transformers(), no_init_weights():
+            with quiet_transformers(), no_init_weights():
                 towers = cls(config, attn_implementation)
         finally:
             torch.set_default_dtype(default)
@@ -182,13 +183,13 @@ def load_processor(folder, tokenizer=None):
     from transformers import AutoTokenizer, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from omnilab.synth import _quiet_transformers
+    from omnilab.tokenizer import quiet_transformers
 
     folder = Path(folder)
     if not (folder / PREPROCESSOR_FILE).exists():
         raise ValueError(f"{folder}: no {PREPROCESSOR_FILE} (audio / image preprocessing); write one with "
-                         f"omnilab.multimodal.write_processor_files")
-    with _quiet_transformers():
+                         f"omnilab.model.multimodal.write_processor_files")
+    with quiet_transformers():
         if tokenizer is None or not all(getattr(tokenizer, k, None) for k in PLACEHOLDER_TOKENS):
             tokenizer = AutoTokenizer.from_pretrained(str(folder), extra_special_tokens=PLACEHOLDER_TOKENS)
         features = WhisperFeatureExtractor.from_pretrained(str(folder))
@@ -364,8 +365,8 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
              seed: int | None = 0):
     """SelectiveMoE.generate for one multimodal prompt: the prefill reads the merged embeddings and M-RoPE
     positions; each new token's three position rows are equal, at its index plus the prompt's rope delta
-    (as transformers decodes). Returns omnilab.model.Generation."""
-    from omnilab.model import Generation, KVCache
+    (as transformers decodes). Returns omnilab.model.decoder.Generation."""
+    from omnilab.model.decoder import Generation, KVCache
 
     if prompt.input_ids.shape[0] != 1:
         raise ValueError("multimodal generate takes one prompt at a time")
@@ -417,9 +418,9 @@ def run_reference(reference, inputs) -> torch.Tensor:
 
 def compare(reference, selective, towers: Towers, inputs, names=None, rtol: float | None = None):
     """Selective model (with `towers`) and the whole transformers thinker on one processed multimodal prompt,
-    hook by hook (omnilab.hooks.Comparison). The reference's `hook_embed` is read where its text decoder
+    hook by hook (omnilab.model.hooks.Comparison). The reference's `hook_embed` is read where its text decoder
     takes `inputs_embeds` (after the towers' features are placed), as the selective model's is."""
-    from omnilab.hooks import capture, compare_activations, divergence_rtol
+    from omnilab.model.hooks import capture, compare_activations, divergence_rtol
 
     names = list(names or reference.hook_names())
     embed_seen = {}
@@ -446,12 +447,12 @@ def compare(reference, selective, towers: Towers, inputs, names=None, rtol: floa
 
 def compare_streamed(reference, selective, towers: Towers, inputs, dtype=None, *, noise_factor: float | None = None,
                      progress: bool = False):
-    """Selective model (with `towers`) against a StreamedReference (omnilab.streamed: transformers' thinker
+    """Selective model (with `towers`) against a StreamedReference (omnilab.reference.streamed: transformers' thinker
     streamed part by part, its towers loaded with the embedding) on one processed multimodal prompt: both
-    views, in bf16 beside transformers' own bf16 noise (omnilab.compare.StreamedComparison). One prompt (B = 1)."""
-    from omnilab.compare import NOISE_FACTOR
-    from omnilab.compare import compare_streamed as streamed
-    from omnilab.hooks import capture
+    views, in bf16 beside transformers' own bf16 noise (omnilab.reference.compare.StreamedComparison). One prompt (B = 1)."""
+    from omnilab.reference.compare import NOISE_FACTOR
+    from omnilab.reference.compare import compare_streamed as streamed
+    from omnilab.model.hooks import capture
 
     prompt = prepare(selective, towers, inputs)
     if prompt.input_ids.shape[0] != 1:

@@ -6,12 +6,12 @@ set of experts runs in whatever budget the cache is given. It follows transforme
 and `Qwen3OmniMoeThinkerTextModel` operation for operation (the reference this is compared against, hook by
 hook), in the spirit of mlx-lm's models/qwen3_moe.py: module names match the checkpoint's tensor names, so
 loading the backbone is a plain copy. The forward pass is one function that reads top to bottom, with a
-hook point (TransformerLens names, see omnilab.hooks) between every two steps.
+hook point (TransformerLens names, see omnilab.model.hooks) between every two steps.
 
 Rotary embedding: Qwen3-Omni's thinker uses interleaved M-RoPE (temporal / height / width sections). For
 text-only input the three position rows are equal, so every section rotates by the same angle and M-RoPE is
 exactly 1-D RoPE; tests/test_model.py checks this against transformers' own rotary module. Multimodal
-prompts (omnilab.multimodal) pass `position_ids` [3, B, T]; when the rows differ, `mrope_cos_sin` interleaves
+prompts (omnilab.model.multimodal) pass `position_ids` [3, B, T]; when the rows differ, `mrope_cos_sin` interleaves
 them as transformers does (tests/test_multimodal.py checks it against transformers' rotary module).
 """
 
@@ -28,20 +28,11 @@ import torch.nn.functional as F
 
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
-from omnilab.experts import ExpertCache, ExpertStore, MissingExpertError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[str(dtype).removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32 or bfloat16") from None
-
+from omnilab.dtypes import as_dtype
+from omnilab.model.experts import ExpertCache, ExpertStore, MissingExpertError
+from omnilab.model.faults import Fault
+from omnilab.model.routing import RoutingOptions
+from omnilab.tokenizer import load_tokenizer
 
 # -- building blocks -------------------------------------------------------------------------------------------
 
@@ -225,10 +216,10 @@ class SelectiveMoE(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.cache = cache
-        self.faults = tuple(faults)
-        self.available = available  # layer -> bool [E] when missing experts are masked, else None
+        self.faults = tuple(faults)  # as loaded; those acting on router logits are the routing's transforms
+        self.routing = RoutingOptions(transforms=tuple(f for f in self.faults if _acts_on_router(f)),
+                                      available=available)  # available: layer -> bool [E] when experts are masked
         self.hooks: dict[str, list] = {}
-        self.routing_override = None  # omnilab.traces.RoutingOverride: replaces the routers' top-k choice
         self.tokenizer = None
         self.generation_config: dict = {}
 
@@ -292,19 +283,37 @@ class SelectiveMoE(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     @property
+    def available(self) -> dict | None:
+        """layer -> bool [E] of the experts present when missing ones are masked (else None)."""
+        return self.routing.available
+
+    @property
+    def routing_override(self):
+        """The routing's omnilab.gpu.traces.RoutingOverride (None: the routers choose)."""
+        return self.routing.override
+
+    @routing_override.setter
+    def routing_override(self, override) -> None:
+        self.routing = self.routing.replace(override=override)
+
+    @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def add_hook(self, name: str, fn):
-        """Call fn(tensor) at hook point `name`; a non-None return replaces the activation. Returns a handle."""
+        """Call fn(tensor) at hook point `name` (or its TransformerLens alias, omnilab.model.hooks.ALIASES); a non-None
+        return replaces the activation. Returns a handle."""
+        from omnilab.model.hooks import resolve
+
+        name = resolve(name)
         if name not in self.hook_names():
             raise KeyError(f"no hook point {name!r} in this model")
         self.hooks.setdefault(name, []).append(fn)
         return _HookHandle(self.hooks, name, fn)
 
     def hook_names(self) -> list[str]:
-        from omnilab.hooks import hook_names
+        from omnilab.model.hooks import hook_names
 
         return hook_names(self.config)
 
@@ -318,13 +327,16 @@ class SelectiveMoE(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 kv: KVCache | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, deepstack: tuple | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, deepstack: tuple | None = None,
+                routing: RoutingOptions | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. attention_mask [B, past + T] (1 = token, 0 = left padding).
 
-        Multimodal prompts (built by omnilab.multimodal.prepare): inputs_embeds [B, T, H] replaces the token
+        Multimodal prompts (built by omnilab.model.multimodal.prepare): inputs_embeds [B, T, H] replaces the token
         embedding; position_ids [3, B, T] (M-RoPE rows) or [B, T] replaces the positions; deepstack
         (visual_pos_masks [B, T], [features [n_visual, H] per layer]) is added to the visual rows of the
-        residual after each of the first len(features) layers, as transformers' thinker adds it."""
+        residual after each of the first len(features) layers, as transformers' thinker adds it. routing:
+        this call's RoutingOptions (default: the model's own, `self.routing`)."""
+        routing = self.routing if routing is None else routing
         input_ids = torch.as_tensor(input_ids, device=self.device)  # ids may come from the CPU for a CUDA model
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
@@ -355,7 +367,7 @@ class SelectiveMoE(nn.Module):
             a = self.hook(f"blocks.{i}.hook_attn_out", a)
             h = self.hook(f"blocks.{i}.hook_resid_mid", h + a)
             x = layer.post_attention_layernorm(h)
-            m = self.moe(i, layer.mlp, x, positions) if layer.is_moe else layer.mlp(x)
+            m = self.moe(i, layer.mlp, x, positions, routing) if layer.is_moe else layer.mlp(x)
             m = self.hook(f"blocks.{i}.hook_mlp_out", m)
             h = self.hook(f"blocks.{i}.hook_resid_post", h + m)
             if deepstack is not None and i < len(deepstack[1]):  # as transformers' _deepstack_process
@@ -384,26 +396,29 @@ class SelectiveMoE(nn.Module):
         allowed = allowed | (k == q)[None]
         return positions, allowed[:, None]  # [B, 1, T, S]
 
-    def moe(self, i: int, router: Router, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def moe(self, i: int, router: Router, x: torch.Tensor, positions: torch.Tensor | None = None,
+            routing: RoutingOptions | None = None) -> torch.Tensor:
         """Route each token to top-k experts and run each picked expert once over all its tokens.
-        positions [B, T]: the tokens' positions, for a routing_override given by position."""
+        positions [B, T]: the tokens' positions, for a routing override given by position."""
         cfg = self.config
+        routing = self.routing if routing is None else routing
+        k = routing.experts_per_token(cfg)
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, H]
         logits = self.hook(f"blocks.{i}.mlp.hook_router_logits", router.gate(x))  # [N, E]
         routed = logits
-        for fault in self.faults:
-            routed = fault.on_router_logits(i, routed)
-        if self.available is not None:
-            ok = self.available[i]
+        for transform in routing.transforms:
+            routed = transform.on_router_logits(i, routed)
+        if routing.available is not None:
+            ok = routing.available[i]
             # differs from transformers: experts missing from the checkpoint are masked before the softmax
-            wanted = torch.topk(routed, cfg.num_experts_per_tok, dim=-1).indices  # [N, k]
+            wanted = torch.topk(routed, k, dim=-1).indices  # [N, k]
             self.cache.stats.masked_choices += int((~ok[wanted]).sum())
             routed = routed.masked_fill(~ok, float("-inf"))
         probs = F.softmax(routed, dim=-1, dtype=torch.float)  # [N, E]
-        weights, experts = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)  # [N, k]
-        if self.routing_override is not None and positions is not None:
-            forced = self.routing_override.choice(i, positions.reshape(-1))  # [N, k] or None
+        weights, experts = torch.topk(probs, k, dim=-1)  # [N, k]
+        if routing.override is not None and positions is not None:
+            forced = routing.override.choice(i, positions.reshape(-1))  # [N, k] or None
             if forced is not None:  # an intervention: the given experts, weighted by the router's softmax there
                 experts, weights = forced, probs.gather(-1, forced)
         if cfg.norm_topk_prob:
@@ -411,13 +426,14 @@ class SelectiveMoE(nn.Module):
         weights = weights.to(logits.dtype)
         experts = self.hook(f"blocks.{i}.mlp.hook_topk_indices", experts)
         weights = self.hook(f"blocks.{i}.mlp.hook_topk_weights", weights)
+        self.cache.observe(i, experts, weights)  # a policy that weighs by routing (TrustWeighted) sees it here
 
         out = torch.zeros_like(x)  # [N, H]
         flat = experts.reshape(-1)  # [N * k]
         order = torch.argsort(flat, stable=True)  # choices grouped by expert
         picked, counts = torch.unique_consecutive(flat[order], return_counts=True)
         picked, counts = torch.stack((picked, counts)).tolist()  # the layer's one host sync
-        tokens = (order // cfg.num_experts_per_tok).split(counts)  # per expert: its token rows
+        tokens = (order // experts.shape[1]).split(counts)  # per expert: its token rows
         slot_weights = weights.reshape(-1)[order].split(counts)  # per expert: [n_e]
         for e, rows, w in zip(picked, tokens, slot_weights):
             ex = self.cache.get(i, e)
@@ -430,13 +446,14 @@ class SelectiveMoE(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 32, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, stop_tokens=(), vocab_limit="auto", seed: int | None = 0,
-                 use_kv_cache: bool = True, progress: bool = False) -> Generation:
+                 use_kv_cache: bool = True, progress: bool = False, routing: RoutingOptions | None = None) -> Generation:
         """Generate from one prompt (list of ids) or a batch (list of lists, left-padded here).
 
         greedy, or sampling with temperature / top_k / top_p (transformers' logits warpers). Stops at
         max_new_tokens or when every sequence has produced one of `stop_tokens`. vocab_limit: ids at or past
         it are never produced ("auto": the tokenizer's length when there is one: embedding rows past the
-        tokenizer are padding). use_kv_cache False re-runs the whole sequence at every step (for testing)."""
+        tokenizer are padding). use_kv_cache False re-runs the whole sequence at every step (for testing).
+        routing: RoutingOptions for every step (default: the model's own)."""
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
         if prompts and isinstance(prompts[0], int):
@@ -466,7 +483,8 @@ class SelectiveMoE(nn.Module):
             steps = tqdm(steps, desc="generate", unit="tok")
         for step in steps:
             mask = attn if padded else None
-            logits = self(step_input, mask, kv)[:, -1].float() if kv is not None else self(seq, mask)[:, -1].float()
+            logits = (self(step_input, mask, kv, routing=routing) if kv is not None
+                      else self(seq, mask, routing=routing))[:, -1].float()
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
             if greedy:
@@ -535,6 +553,10 @@ class _HookHandle:
             self.hooks.pop(self.name, None)
 
 
+def _acts_on_router(fault) -> bool:
+    return type(fault).on_router_logits is not Fault.on_router_logits
+
+
 def _expert_transform(faults):
     def transform(layer, expert, weights):
         for fault in faults:
@@ -542,19 +564,3 @@ def _expert_transform(faults):
         return weights
 
     return transform
-
-
-def load_tokenizer(folder: Path):
-    """The tokenizer beside a checkpoint, or None when there is none (omnilab.vocab decides what counts as one)."""
-    from omnilab.vocab import error_line, open_tokenizer, tokenizer_files
-
-    if not tokenizer_files(folder):
-        return None
-    try:
-        return open_tokenizer(folder)
-    except Exception as e:  # a broken tokenizer must not stop the model: prompts can still be given as ids
-        import warnings
-
-        warnings.warn(f"{folder}: tokenizer files present but unreadable ({error_line(e)}); give prompts as token ids",
-                      stacklevel=2)
-        return None

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from omnilab.checkpoint import INDEX_NAME, SINGLE_NAME, write_json
+from omnilab.checkpoint import INDEX_NAME, SINGLE_NAME
+from omnilab.jsonio import write_json
 
 
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -135,3 +137,70 @@ def _edit_index(folder: Path, edit, index: dict | None = None) -> None:
         return
     edit(index["weight_map"])
     write_json(folder / INDEX_NAME, index, indent=2)
+
+
+def flip_bit(path: str | os.PathLike, offset: int = -3, mask: int = 0x10) -> None:
+    """Flip the bits `mask` of one byte of a file in place (offset from the end when negative): the smallest
+    corruption a checksum must catch."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+# -- the three faults of a hand extraction, on a copy ------------------------------------------------------
+
+COPY_LIMIT_BYTES = 200_000_000  # a checkpoint bigger than this is not copied: a tiny synthesized one is broken
+
+
+@dataclass
+class HandBreaks:
+    """A copy broken as hand extractions break checkpoints: one layer's norms never copied, an expert left with
+    only its gate_proj, a shard cut short. `source` says what was copied."""
+
+    folder: Path
+    source: str
+    layer: int
+    norms: list[str]
+    expert: str  # the partial expert's name stem, "<prefix>layers.L.mlp.experts.E"
+    shard: str  # the truncated shard
+
+    def named(self, problems) -> dict[str, bool]:
+        """Which of the three faults `problems` (verify's) names, each by its tensor or shard."""
+        return {
+            "norms gone": all(any(p.kind == "missing" and p.tensor == n for p in problems) for n in self.norms),
+            "expert with one projection": any(p.kind == "partial_expert" and (p.tensor or "").startswith(self.expert + ".")
+                                              for p in problems),
+            "truncated shard": any(p.kind == "truncated" and p.shard == self.shard for p in problems),
+        }
+
+
+def break_like_hand_extraction(checkpoint: str | os.PathLike, out: str | os.PathLike) -> HandBreaks:
+    """Copy `checkpoint` to OUT (when it is under COPY_LIMIT_BYTES; else write a tiny synthesized Qwen3-Omni
+    there, so a 70 GB model is never copied) and make the three faults of HandBreaks: the middle MoE layer's
+    norms dropped, its middle expert's up_proj and down_proj dropped, the last shard cut by 16 bytes."""
+    from omnilab.arch import expert_tensor
+    from omnilab.checkpoint import Checkpoint
+
+    source = Checkpoint(checkpoint)
+    out = Path(out)
+    if source.file_bytes < COPY_LIMIT_BYTES:
+        folder, what = copy_checkpoint(source.root, out), f"a copy of {source.root.name}"
+    else:
+        from omnilab.testing.synth import tiny_qwen3_omni
+
+        if out.exists():
+            shutil.rmtree(out)
+        folder = tiny_qwen3_omni(out)
+        what = (f"a tiny synthesized Qwen3-Omni ({source.root.name} is {source.file_bytes / 1e9:.1f} GB, over the "
+                f"{COPY_LIMIT_BYTES / 1e6:.0f} MB copy limit)")
+    config, layout = Checkpoint(folder).arch
+    layer = config.moe_layers[len(config.moe_layers) // 2]
+    expert = config.num_experts // 2
+    norms = [f"{layout.prefix}layers.{layer}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")]
+    drop_tensors(folder, norms)
+    drop_tensors(folder, [expert_tensor(layout, layer, expert, p) for p in ("up_proj", "down_proj")])
+    shard = Checkpoint(folder).shards[-1]
+    truncate_shard(folder, shard, cut_bytes=16)
+    stem = expert_tensor(layout, layer, expert, "gate_proj").removesuffix(".gate_proj.weight")
+    return HandBreaks(folder, what, layer, norms, stem, shard)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from omnilab.tokenizer import quiet_transformers
+
 # Text-decoder defaults for tiny fixtures: head_dim differs from hidden/heads, GQA, several layers.
 TINY_TEXT = dict(
     vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -115,9 +117,9 @@ def _omni_model(config: dict, seed: int, dtype: torch.dtype):
 def tiny_qwen3_omni_multimodal(out: str | os.PathLike, *, seed: int = 0, max_shard_size: str | int = "48KB",
                                dtype: torch.dtype = torch.float32, **text) -> Path:
     """tiny_qwen3_omni whose thinker config names placeholder tokens inside its vocabulary, with a tokenizer
-    holding Qwen3-Omni's audio / vision special tokens and the processor files (omnilab.multimodal) beside it:
+    holding Qwen3-Omni's audio / vision special tokens and the processor files (omnilab.model.multimodal) beside it:
     a fixture that hears and sees (random weights)."""
-    from omnilab.multimodal import PLACEHOLDER_TOKENS, write_processor_files
+    from omnilab.model.multimodal import PLACEHOLDER_TOKENS, write_processor_files
 
     config_dict = tiny_omni_config(**text)
     # transformers' audio token count (_get_feat_extract_output_lengths) assumes 100-frame chunks: n_window 50
@@ -138,7 +140,7 @@ def tiny_qwen3_omni_multimodal(out: str | os.PathLike, *, seed: int = 0, max_sha
 def _save(model, out, max_shard_size, tokenizer: bool, vocab_size: int) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out, max_shard_size=max_shard_size)
     if tokenizer:
         tiny_tokenizer(min(vocab_size - 16, 256)).save_pretrained(out)
@@ -164,23 +166,6 @@ def tiny_tokenizer(vocab_size: int = 256, extra_specials: dict | None = None):
                                    additional_special_tokens=specials[1:], **extra)
 
 
-class _quiet_transformers:
-    """Silence transformers' progress bars and info lines while a fixture is written."""
-
-    def __enter__(self):
-        from transformers.utils import logging
-
-        self._verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging
-
-        logging.set_verbosity(self._verbosity)
-        logging.enable_progress_bar()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Full-scale sparse layouts
 # ---------------------------------------------------------------------------------------------------
@@ -202,7 +187,7 @@ def layout_from_config(config: dict, dtype: torch.dtype = torch.bfloat16) -> dic
         from transformers import Qwen3OmniMoeForConditionalGeneration as model_cls
     else:
         model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
-    with _quiet_transformers(), torch.device("meta"):
+    with quiet_transformers(), torch.device("meta"):
         model = model_cls._from_config(hf_config, dtype=dtype)
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     state = revert_weight_conversion(model, state)
@@ -217,7 +202,8 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
     numel x itemsize). Each shard is written under a temporary name and renamed."""
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
-    from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, pack_header, write_json
+    from omnilab.checkpoint import DTYPE_BYTES, INDEX_NAME, pack_header
+    from omnilab.jsonio import write_json
 
     if not isinstance(config, dict):
         config = json.loads(Path(config).read_text())
@@ -254,7 +240,7 @@ def sparse_from_config(config: str | os.PathLike | dict, out: str | os.PathLike,
 # Real-shape random checkpoints (benchmarks)
 # ---------------------------------------------------------------------------------------------------
 
-REAL_CONFIG = Path(__file__).resolve().parent.parent / "data" / "reference" / "qwen3-omni-30b-a3b-instruct.config.json"
+REAL_CONFIG = Path(__file__).resolve().parents[2] / "data" / "reference" / "qwen3-omni-30b-a3b-instruct.config.json"
 _TOWERS = ("thinker.audio_tower.", "thinker.visual.")
 
 
@@ -286,7 +272,8 @@ def real_shape_checkpoint(out: str | os.PathLike, *, layers: int = 24, dtype: to
 
     import numpy as np
 
-    from omnilab.checkpoint import read_header, write_json
+    from omnilab.checkpoint import read_header
+    from omnilab.jsonio import write_json
 
     out, device = Path(out), torch.device(device)
     config = real_shape_config(layers) if config is None else config

@@ -4,9 +4,9 @@ qwen3_omni_moe: `Qwen3OmniMoeThinkerForConditionalGeneration` (reads only the th
 decoder is `model.language_model`); qwen3_moe: `AutoModelForCausalLM`. Both are loaded with `from_pretrained`,
 which fuses the per-expert tensors on disk into `gate_up_proj` / `down_proj`. `Reference` offers the same small
 surface as `SelectiveMoE`: `add_hook(name, fn)`, `hook_names()`, `ref(input_ids, attention_mask) -> logits`,
-`generate(...)`, so omnilab.hooks treats the two alike. `layer_site` / `attach` say where each layer hook
-lives on a transformers decoder layer, for this whole model and the streamed one (omnilab.streamed) alike.
-This whole model holds every weight; for checkpoints larger than memory use omnilab.streamed / omnilab.compare.
+`generate(...)`, so omnilab.model.hooks treats the two alike. `layer_site` / `attach` say where each layer hook
+lives on a transformers decoder layer, for this whole model and the streamed one (omnilab.reference.streamed) alike.
+This whole model holds every weight; for checkpoints larger than memory use omnilab.reference.streamed / omnilab.reference.compare.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from omnilab.checkpoint import Checkpoint
-from omnilab.model import as_dtype
+from omnilab.dtypes import as_dtype
 
 
 class Reference:
@@ -29,7 +29,7 @@ class Reference:
     @classmethod
     def from_checkpoint(cls, path, *, dtype="float32", device="cpu", attn_implementation: str = "eager") -> "Reference":
         """attn_implementation: "eager" by default (the plainest reference); "sdpa" for speed."""
-        from omnilab.synth import _quiet_transformers
+        from omnilab.tokenizer import quiet_transformers
 
         dtype = as_dtype(dtype)
         checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
@@ -38,7 +38,7 @@ class Reference:
             from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
         else:
             from transformers import AutoModelForCausalLM as model_cls
-        with _quiet_transformers():
+        with quiet_transformers():
             hf = model_cls.from_pretrained(str(checkpoint.root), dtype=dtype, attn_implementation=attn_implementation)
         hf = hf.to(device).eval().requires_grad_(False)
         if layout.model_type == "qwen3_omni_moe" and not hasattr(hf.config, "vision_start_token_id"):
@@ -58,12 +58,16 @@ class Reference:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def hook_names(self) -> list[str]:
-        from omnilab.hooks import hook_names
+        from omnilab.model.hooks import hook_names
 
         return hook_names(self.config)
 
     def add_hook(self, name: str, fn):
-        """Call fn(tensor) with the activation at `name` (read only). Returns a handle with .remove()."""
+        """Call fn(tensor) with the activation at `name` (or its TransformerLens alias; read only). Returns a
+        handle with .remove()."""
+        from omnilab.model.hooks import resolve
+
+        name = resolve(name)
         if name not in self.hook_names():
             raise KeyError(f"no hook point {name!r} in this model")
         if name == "hook_embed":
@@ -106,7 +110,7 @@ class Reference:
 
 def layer_site(layer: torch.nn.Module, point: str) -> tuple[torch.nn.Module, str]:
     """Where a layer hook point lives on a transformers decoder layer: (module, which of its values).
-    The one mapping for the whole reference and the streamed one (omnilab.streamed)."""
+    The one mapping for the whole reference and the streamed one (omnilab.reference.streamed)."""
     mlp_gate = getattr(layer.mlp, "gate", None)
     return {
         "hook_resid_pre": (layer, "input"),

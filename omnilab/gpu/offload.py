@@ -1,7 +1,7 @@
 """Offloaded decoding: experts in a host tier, a GPU slot pool of a byte budget, copies on a side stream,
 speculative next-layer prefetch. Follows mixtral-offloading (dvmazur/mixtral-offloading: per-layer LRU of expert
 slots on the GPU, pinned host copies, the next layer's gate applied to the current hidden state to prefetch) and
-reuses the fast path's pieces (omnilab.engine: StaticKV, the attention, router and expert-mix functions).
+reuses the fast path's pieces (omnilab.gpu.engine: StaticKV, the attention, router and expert-mix functions).
 
 A decode step runs in segments, each a CUDA graph on CUDA: "pre" (the input's embedding row, rotary tables and
 attention mask for the step's position, from a pinned host buffer); per MoE layer "a" (attention and the router's
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.engine import Consts, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
-from omnilab.model import Generation, rope_inv_freq
-from omnilab.traces import RoutingOverride
+from omnilab.gpu.engine import Consts, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
+from omnilab.model.decoder import Generation, rope_inv_freq
+from omnilab.gpu.traces import RoutingOverride
 
 
 # -- the host tier -------------------------------------------------------------------------------------------------
@@ -474,7 +474,7 @@ class OffloadDecoder:
         step_routing = []
         for i, layer in enumerate(m.model.layers):
             if not layer.is_moe:
-                from omnilab.engine import dense_layer
+                from omnilab.gpu.engine import dense_layer
 
                 h = dense_layer(layer, h, cos, sin, mask, positions, self.kv.keys[i], self.kv.values[i], c)
                 continue

@@ -3,8 +3,8 @@
 The store reads one expert's three projections (`gate_proj`, `up_proj`, `down_proj`) by tensor name through
 `Checkpoint.read`, so it works on the original shards and on an extraction folder alike, and never assumes
 which shard holds what: one expert's projections may sit in three different shards. The cache holds experts
-under a byte budget, evicts by a pluggable policy (LRU by default, LFU, plus a pinned set that is never
-evicted) and keeps statistics: hits, misses, loaded bytes, evictions, peak resident bytes, load time.
+under a byte budget, evicts by a pluggable policy (LRU by default, LFU, trust-weighted, plus a pinned set that is
+never evicted) and keeps statistics: hits, misses, loaded bytes, evictions, peak resident bytes, load time.
 
 Bytes are counted as the cache holds them: in the compute dtype on the compute device. The cache never holds
 more than its budget: an expert is admitted only after enough others were evicted to make room for it.
@@ -12,6 +12,7 @@ more than its budget: an expert is admitted only after enough others were evicte
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -117,26 +118,96 @@ class LRU:
         return next((k for k in self.order if k not in pinned), None)
 
 
+def lazy_heap_top(heap: list, live, pinned) -> Key | None:
+    """The key (last field) of the smallest heap item that is `live(item)` and not in `pinned`, left in place;
+    stale items on the way are dropped (the lazy deletion of LFU and Belady), pinned ones kept."""
+    skipped, found = [], None
+    while heap:
+        item = heap[0]
+        if not live(item):
+            heapq.heappop(heap)  # stale: touched again since, or evicted
+        elif item[-1] in pinned:
+            skipped.append(heapq.heappop(heap))
+        else:
+            found = item[-1]
+            break
+    for item in skipped:
+        heapq.heappush(heap, item)
+    return found
+
+
 class LFU(LRU):
     """Evict the expert used least often (since it was first loaded); ties go to the one used longest ago.
 
-    Counts survive eviction, so an expert that is popular over the whole run is preferred when it comes back."""
+    Counts survive eviction, so an expert that is popular over the whole run is preferred when it comes back.
+    The minimum is kept in a lazy heap of (count, last use, key): O(log n) per touch and per eviction."""
 
     def __init__(self):
         super().__init__()
         self.count: dict[Key, int] = {}
+        self.entry: dict[Key, tuple[int, int]] = {}  # resident key -> (count, last use) of its live heap entry
+        self.heap: list[tuple[int, int, Key]] = []
+        self.clock = 0
 
     def touch(self, key: Key) -> None:
         self.count[key] = self.count.get(key, 0) + 1
+        self.clock += 1
+        self.entry[key] = (self.count[key], self.clock)
+        heapq.heappush(self.heap, (self.count[key], self.clock, key))
         super().touch(key)
 
+    def remove(self, key: Key) -> None:
+        self.entry.pop(key, None)
+        super().remove(key)
+
     def victim(self, pinned: set[Key]) -> Key | None:
-        # min keeps the first of equal counts, i.e. the one used longest ago
-        count = self.count
-        return min((k for k in self.order if k not in pinned), key=count.__getitem__, default=None)
+        return lazy_heap_top(self.heap, lambda item: self.entry.get(item[-1]) == item[:2], pinned)
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+class TrustWeighted(LRU):
+    """Trust-weighted eviction (the rule of earlier hand-built loaders): evict the expert with the least trust,
+    where trust is the routing weight an expert has received, decayed by `decay` per forward pass (counts
+    survive eviction); ties go to the one used longest ago. The MoE step hands each layer's routing weights to
+    the cache (`ExpertCache.observe`), which passes them here; a forward pass begins when a layer is observed
+    that is not after the previous one. Recency (`order`, `touch`, `remove`) is LRU's."""
+
+    def __init__(self, decay: float = 0.9):
+        super().__init__()
+        self.decay = decay
+        self.trust: dict[Key, tuple[float, int]] = {}  # key -> (trust, forward pass it was set at)
+        self.step = 0
+        self.last_layer: int | None = None
+
+    def value(self, key) -> float:
+        v, t = self.trust.get(key, (0.0, self.step))
+        return v * self.decay ** (self.step - t)
+
+    def observe(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add one layer's routing weights (experts, weights [N, k]) to its experts' trust."""
+        if self.last_layer is None or layer <= self.last_layer:
+            self.step += 1  # a new forward pass
+        self.last_layer = layer
+        flat = experts.reshape(-1).cpu()  # [N * k]
+        mass = torch.zeros(int(flat.max()) + 1).index_add_(0, flat, weights.reshape(-1).float().cpu())  # [E seen]
+        for e in torch.nonzero(mass).reshape(-1).tolist():
+            self.trust[layer, e] = (self.value((layer, e)) + float(mass[e]), self.step)
+
+    def victim(self, pinned):
+        # min keeps the first of equal trust, i.e. the one used longest ago
+        return min((k for k in self.order if k not in pinned), key=self.value, default=None)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "trust": TrustWeighted}  # the online policies; the cache simulation replays these
+
+
+def make_policy(policy):
+    """A fresh policy object from its name in POLICIES, or `policy` itself when it is already one."""
+    if not isinstance(policy, str):
+        return policy
+    try:
+        return POLICIES[policy]()
+    except KeyError:
+        raise ValueError(f"unknown cache policy {policy!r}: use one of {', '.join(POLICIES)}") from None
 
 
 @dataclass
@@ -169,7 +240,7 @@ class CacheStats:
 class ExpertCache:
     """Experts held under a byte budget. `get(layer, expert)` returns the weights, loading them on a miss.
 
-    budget_bytes: None -> every expert fits, nothing is ever evicted. policy: "lru", "lfu" or an object with
+    budget_bytes: None -> every expert fits, nothing is ever evicted. policy: "lru", "lfu", "trust" or an object with
     touch(key) / remove(key) / victim(pinned) (see LRU: it tracks the resident keys and names the one to evict,
     not in `pinned`, or None). pinned: (layer, expert) keys that are never evicted (they still count in the
     budget)."""
@@ -180,7 +251,7 @@ class ExpertCache:
         if self.budget_bytes < store.expert_bytes:
             raise ValueError(f"expert budget {self.budget_bytes:,} bytes is smaller than one expert "
                              f"({store.expert_bytes:,} bytes in {str(store.dtype).removeprefix('torch.')})")
-        self.policy = POLICIES[policy]() if isinstance(policy, str) else policy
+        self.policy = make_policy(policy)
         self.pinned: set[Key] = {tuple(k) for k in pinned}
         if len(self.pinned) * store.expert_bytes > self.budget_bytes:
             raise ValueError(f"{len(self.pinned)} pinned experts need {len(self.pinned) * store.expert_bytes:,} bytes, "
@@ -214,6 +285,12 @@ class ExpertCache:
         self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self.stats.resident_bytes)
         self.policy.touch(key)
         return weights
+
+    def observe(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        """One MoE layer's routing (experts, weights [N, k]), before its experts are fetched: passed to a policy
+        that weighs by it (TrustWeighted)."""
+        if hasattr(self.policy, "observe"):
+            self.policy.observe(layer, experts, weights)
 
     def _make_room(self, nbytes: int) -> None:
         while self.stats.resident_bytes + nbytes > self.budget_bytes:

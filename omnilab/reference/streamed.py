@@ -33,7 +33,7 @@ towers, places their features and computes M-RoPE's positions up to the first de
 was handed for the vision deepstack (`visual_pos_masks`, `deepstack_visual_embeds`, read by a pre-hook on it) is
 added after each of the first layers with the text model's own `_deepstack_process`, where its loop adds it.
 
-Hook names and sites are omnilab.reference's (`layer_site`): the same names as on the selective model.
+Hook names and sites are omnilab.reference.whole's (`layer_site`): the same names as on the selective model.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import torch
 
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
-from omnilab.hooks import hook_names
-from omnilab.model import as_dtype
+from omnilab.dtypes import as_dtype
+from omnilab.model.hooks import hook_names
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -78,26 +78,26 @@ class StreamedReference:
         from transformers import AutoConfig
         from transformers.conversion_mapping import get_model_conversion_mapping
 
-        from omnilab.synth import _quiet_transformers
+        from omnilab.tokenizer import quiet_transformers
 
         self.checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
         self.config, self.layout = self.checkpoint.arch
         self.device = torch.device(device)
         self.is_omni = self.layout.model_type == "qwen3_omni_moe"
-        with _quiet_transformers():
+        with quiet_transformers():
             hf_config = AutoConfig.from_pretrained(str(self.checkpoint.root))
         if self.is_omni:
             from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
 
             hf_config = getattr(hf_config, "thinker_config", hf_config)
             if not hasattr(hf_config, "vision_start_token_id"):
-                hf_config.vision_start_token_id = 151652  # as omnilab.reference sets it (transformers 5.23 lacks it)
+                hf_config.vision_start_token_id = 151652  # as omnilab.reference.whole sets it (transformers 5.23 lacks it)
         else:
             from transformers import AutoModelForCausalLM
 
             model_cls = AutoModelForCausalLM._model_mapping[type(hf_config)]
         # parameters on meta; buffers (rotary inv_freq) real, computed by the modules' own __init__
-        with _quiet_transformers(), init_empty_weights():
+        with quiet_transformers(), init_empty_weights():
             self.hf = model_cls._from_config(hf_config, attn_implementation=attn_implementation)
         self.hf.eval().requires_grad_(False)
         for module in self.hf.modules():  # the real buffers go to the device; meta parameters stay meta
@@ -153,7 +153,7 @@ class StreamedReference:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        from omnilab.synth import _quiet_transformers
+        from omnilab.tokenizer import quiet_transformers
 
         names = self._parts[part]
         if part == "towers" and not names:
@@ -176,7 +176,7 @@ class StreamedReference:
             state[self.layout.lm_head] = state.pop(self.layout.prefix + "embed_tokens.weight")
         config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.conversions,
                                      device_map={"": str(self.device)})
-        with _quiet_transformers():
+        with quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.hf, state, config)
         if info.mismatched_keys:
             key, got, want = sorted(info.mismatched_keys)[0]
@@ -301,8 +301,8 @@ class StreamedReference:
 
     def _run_layer(self, i: int, layer, x, kwargs, acts: dict) -> torch.Tensor:
         """One decoder layer on x [B, T, H] with the text model's kwargs, recording its hook points."""
-        from omnilab.hooks import LAYER_POINTS, ROUTER_POINTS
-        from omnilab.reference import attach
+        from omnilab.model.hooks import LAYER_POINTS, ROUTER_POINTS
+        from omnilab.reference.whole import attach
 
         moe = self.config.is_moe_layer(i)
         points = [p for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]

@@ -1,0 +1,18 @@
+"""Compute dtypes by name: the one parser of `--dtype` / `dtype=` values ("float32", "bf16", torch.bfloat16)."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """A torch dtype from a name or a dtype; ValueError naming the value when it is none of DTYPES."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32 or bfloat16") from None

@@ -1,0 +1,42 @@
+"""What masking missing experts costs (notebook 02): the selective model on partial extractions, against the full model."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from omnilab.experiments.eval_data import EvalSet
+from omnilab.experiments.measures import next_token_logprobs, quality
+
+
+def masking_cost(folder, evalset: EvalSet, reference: list[torch.Tensor]) -> dict:
+    """The selective model on a partial extraction FOLDER with its missing experts masked, against `reference`
+    (next_token_logprobs of the full model): KL, top-1 agreement, and the routed choices that fell on a missing
+    expert (count and share of all choices)."""
+    from omnilab.model.decoder import SelectiveMoE
+
+    model = SelectiveMoE.from_checkpoint(folder, mask_missing_experts=True, tokenizer=False)
+    q = quality(next_token_logprobs(model, evalset), reference, evalset)
+    cfg = model.config
+    routed = sum(len(ids) for _, ids in evalset.docs) * cfg.num_experts_per_tok * len(cfg.moe_layers)
+    masked = model.cache.stats.masked_choices
+    return {"kl": q["kl"], "top1_agreement": q["top1_agreement"], "masked_choices": masked,
+            "masked_share": masked / routed}
+
+
+def masking_sweep(checkpoint, evalset: EvalSet, reference: list[torch.Tensor], counts, scratch, *,
+                  workers: int = 2) -> pd.DataFrame:
+    """masking_cost of extractions keeping the first n experts of every layer, for each n in `counts` (at least
+    top-k; each extracted into SCRATCH in turn, resumably): one row per n (experts, experts_share, kl, ...)."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.extraction.write import extract
+
+    cfg, _ = Checkpoint(checkpoint).arch
+    rows = []
+    for n in sorted(set(counts)):
+        if n < cfg.num_experts_per_tok:
+            continue
+        extract(checkpoint, scratch, components="backbone,experts", experts=list(range(n)), workers=workers,
+                progress=False)
+        rows.append({"experts": n, "experts_share": n / cfg.num_experts, **masking_cost(scratch, evalset, reference)})
+    return pd.DataFrame(rows)

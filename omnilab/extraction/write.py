@@ -1,0 +1,354 @@
+"""Component extraction: take a checkpoint apart into per-expert and backbone files, and put it back bit-exact.
+
+An extraction folder is itself a checkpoint: safetensors files plus a standard `model.safetensors.index.json`
+mapping every original tensor name (unchanged) to the file that holds it, so `Checkpoint(OUT)`, transformers'
+`from_pretrained` and every omnilab verb open it as they open the original. Its layout is made for selective
+loading, one file per (component, layer, expert):
+
+    embed.safetensors  final_norm.safetensors  lm_head.safetensors
+    attention/layer-000.safetensors  norms/layer-000.safetensors  router/layer-000.safetensors
+    dense_mlp/layer-000.safetensors                       (layers without experts)
+    experts/layer-000/expert-000.safetensors              gate_proj, up_proj, down_proj of one expert
+    audio.safetensors  vision.safetensors  talker.safetensors  code2wav.safetensors  unrecognised.safetensors
+    model.safetensors.index.json   only what was extracted
+    manifest.json                  every tensor: file, source shard, dtype, shape, sha256 of its stored bytes;
+                                   the source's identity (sha256 of its index, config and shard headers);
+                                   which source tensors were not extracted ("missing"); each run's selection
+    config.json, generation_config.json, tokenizer files   copied (and checksummed in the manifest)
+
+How it runs: each source shard is memory-mapped and gone through once, front to back (tensors nobody asked for
+are skipped); each tensor's bytes are hashed and written straight to their place in their output file, so an
+output file is written once even when its tensors come from several shards. `workers` threads take the shards
+in segments of about 256 MB, in file order (sha256 and the writes release the GIL). Outputs are written under
+`<name>.tmp` and renamed when complete; each completed file is appended to `.extract-journal.jsonl`. A run
+killed at any point (SIGKILL included) leaves only complete files; a rerun removes stale `.tmp` files, keeps
+each planned output that is already there and re-hashes to the recorded checksums ("skipped"), and extracts
+the rest. Index and manifest are written last, so a folder without them is an unfinished extraction. Reruns
+with a different selection into the same folder add to it (the index and manifest then list everything there);
+a folder extracted from a different source is refused.
+
+Bytes are never decoded: the stored bytes are copied verbatim (bf16 included) and the files are written by
+this module in the safetensors format (8-byte little-endian header length, JSON header padded with spaces to 8
+bytes, tensors laid out contiguously, larger element sizes first so every tensor stays aligned).
+
+Public API: `extract`, `verify_extraction`, `availability` (+ `availability_text`), `missing_summary`,
+`not_extracted`, `read_manifest`, `manifest_table`, `component_bytes`, `is_extraction`, `parse_range`,
+`parse_components`, `output_file`, `hash_file_tensors`.
+
+Hidden option for tests: `pause_after_file` (CLI `--pause-after-file SECONDS`) sleeps after each completed
+output file, so a test can kill a run mid-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from omnilab.arch import classify
+from omnilab.checkpoint import Checkpoint, CheckpointError, INDEX_NAME
+from omnilab.extraction.manifest import FORMAT, JOURNAL_NAME, MANIFEST_NAME, read_manifest_if_any
+from omnilab.extraction.plan import OutputPlan, parse_components, plan_extraction
+from omnilab.extraction.stream import CHECKSUM, identity_key, source_identity, stream_spans
+from omnilab.jsonio import write_json
+
+
+SEGMENT_BYTES = 256 * 2**20  # workers take a shard in segments of about this many bytes, in file order
+
+
+# files beside the shards that travel with an extraction (config, generation config, tokenizer, processors)
+EXTRA_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".tiktoken")
+
+
+FAILING_PROBLEMS = ("missing_shard", "bad_header", "truncated", "duplicate")
+
+
+@dataclass
+class ExtractResult:
+    out: Path
+    written: int  # output files written by this run
+    skipped: int  # planned output files already there and verified against their recorded checksums
+    written_bytes: int
+    skipped_bytes: int
+    seconds: float
+    complete: bool  # every source tensor is in the extraction
+    files: int  # output files in the extraction after this run
+    missing: int  # source tensors not extracted
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.written_bytes / 1e6 / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        state = "complete" if self.complete else f"partial ({self.missing} source tensors not extracted)"
+        return (f"{self.out}: wrote {self.written} files ({self.written_bytes / 1e6:,.1f} MB, {self.mb_per_s:,.0f} MB/s), "
+                f"skipped {self.skipped} files already extracted and verified ({self.skipped_bytes / 1e6:,.1f} MB); "
+                f"{self.files} files, {state}")
+
+
+class _Writer:
+    """Output files being written: opened at their first tensor, renamed and journaled at their last."""
+
+    def __init__(self, out: Path, plans: dict[str, OutputPlan], identity_key: str, pause_after_file: float = 0.0):
+        self.out, self.plans, self.identity_key = out, plans, identity_key
+        self.pause_after_file = pause_after_file
+        self.file_of = {row[0]: rel for rel, p in plans.items() for row in p.rows}
+        self.remaining = {rel: len(p.rows) for rel, p in plans.items()}
+        self.entries: dict[str, dict] = {rel: {} for rel in plans}
+        self.fds: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.written = 0
+
+    def _fd(self, rel: str) -> int:
+        with self.lock:
+            fd = self.fds.get(rel)
+            if fd is None:
+                tmp = self.out / (rel + ".tmp")
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, self.plans[rel].header, 0)
+                self.fds[rel] = fd
+            return fd
+
+    def write(self, name: str, offset: int, piece: memoryview) -> None:
+        rel = self.file_of[name]
+        fd = self._fd(rel)
+        at = self.plans[rel].offsets[name] + offset
+        while len(piece):
+            k = os.pwrite(fd, piece, at)
+            piece, at = piece[k:], at + k
+
+    def done(self, name: str, digest: str, row: tuple) -> None:
+        rel = self.file_of[name]
+        _, shard, dtype, shape, nbytes, _, _ = row
+        entry = {"file": rel, "source_shard": shard, "dtype": dtype, "shape": list(shape), "bytes": nbytes, CHECKSUM: digest}
+        with self.lock:
+            self.entries[rel][name] = entry
+            self.remaining[rel] -= 1
+            finished = self.remaining[rel] == 0
+        if finished:
+            self._finish(rel)
+
+    def _finish(self, rel: str) -> None:
+        plan = self.plans[rel]
+        fd = self._fd(rel)  # a file of empty tensors only was never opened by `write`
+        with self.lock:
+            self.fds.pop(rel)
+        size = os.fstat(fd).st_size
+        os.close(fd)
+        tmp = self.out / (rel + ".tmp")
+        if size != plan.size:
+            raise OSError(f"{tmp}: wrote {size} bytes, expected {plan.size}")
+        tmp.replace(self.out / rel)
+        record = {"source": self.identity_key, "file": rel, "size": plan.size,
+                  "tensors": {n: self.entries[rel][n] for n, *_ in plan.rows}}
+        with self.lock:
+            with open(self.out / JOURNAL_NAME, "a") as j:
+                j.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self.written += 1
+        if self.pause_after_file:
+            time.sleep(self.pause_after_file)
+
+    def close(self) -> None:
+        """Close files left open by a failed run and remove their temporary names."""
+        for rel, fd in self.fds.items():
+            os.close(fd)
+            (self.out / (rel + ".tmp")).unlink(missing_ok=True)
+        self.fds.clear()
+
+
+def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=None, layers: list[int] | None = None,
+            experts: list[int] | None = None, workers: int = 2, progress: bool = True,
+            pause_after_file: float = 0.0) -> ExtractResult:
+    """Extract `components` (names or groups; default all) of the checkpoint at `source` into `out`.
+
+    `layers` limits per-layer text components, `experts` limits experts; both None = all. `workers` source
+    shards are read at once (each front to back). Resumes an interrupted run; adds to an earlier extraction of
+    the same source. Raises CheckpointError / ValueError with a one-line message for bad input."""
+    from tqdm.auto import tqdm
+
+    start_time = time.perf_counter()
+    ck = Checkpoint(source)
+    out = Path(out)
+    if out.resolve() == ck.root.resolve():
+        raise ValueError(f"{out}: the output folder is the source folder; choose another")
+    broken = [p for p in ck.problems if p.kind in FAILING_PROBLEMS]
+    if broken:
+        raise CheckpointError(f"{ck.path}: cannot extract, {len(broken)} problems; first: {broken[0].message}")
+    _, layout = ck.arch  # CheckpointError naming config.json when it is not a config this package reads
+    plans = plan_extraction(ck, components, layers, experts)
+    if not plans:
+        raise ValueError(f"{ck.path}: nothing selected (components {', '.join(parse_components(components))}, "
+                         f"layers {layers if layers is not None else 'all'}, experts {experts if experts is not None else 'all'})")
+    identity = source_identity(ck)
+    key = identity_key(identity)
+    out.mkdir(parents=True, exist_ok=True)
+    old = read_manifest_if_any(out)
+    if old is not None and identity_key(old["source"]) != key:
+        raise ValueError(f"{out}: holds an extraction of another checkpoint ({old['source'].get('path')}); "
+                         f"choose an empty folder or delete it")
+    for tmp in out.rglob("*.tmp"):  # half-written files of an interrupted run
+        tmp.unlink()
+
+    # what is already there: files of an earlier manifest and of the journal of an interrupted run
+    recorded: dict[str, dict] = {}
+    if old is not None:
+        for name, entry in old["tensors"].items():
+            recorded.setdefault(entry["file"], {})[name] = entry
+    for record in _read_journal(out):
+        if record.get("source") == key:
+            recorded[record["file"]] = record["tensors"]
+
+    bar_kw = dict(unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, dynamic_ncols=True)
+    candidates = [rel for rel in plans if rel in recorded and (out / rel).exists()]
+    skipped = set()
+    if candidates:
+        total = sum(plans[rel].data_bytes for rel in candidates)
+        with tqdm(total=total, desc="verify existing", **bar_kw) as bar, ThreadPoolExecutor(max(1, workers)) as pool:
+            ok = pool.map(lambda rel: _already_extracted(out / rel, plans[rel], recorded[rel], bar), candidates)
+            skipped = {rel for rel, good in zip(candidates, ok) if good}
+    todo = {rel: p for rel, p in plans.items() if rel not in skipped}
+
+    # read every source shard front to back, writing each tensor to its place in its output file
+    writer = _Writer(out, todo, key, pause_after_file)
+    by_shard: dict[str, list[tuple]] = {}
+    for p in todo.values():
+        for row in p.rows:
+            by_shard.setdefault(row[1], []).append(row)
+    total = sum(p.data_bytes for p in todo.values())
+
+    def extract_segment(segment: tuple[str, list[tuple]]) -> None:
+        shard, rows = segment
+        by_name = {r[0]: r for r in rows}
+        stream_spans(ck.root / shard, [(r[0], r[5], r[6]) for r in rows], writer.write,
+                lambda name, digest: writer.done(name, digest, by_name[name]), bar=bar)
+
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        with tqdm(total=total, desc="extract", **bar_kw) as bar:
+            for _ in pool.map(extract_segment, _segments(ck.shards, by_shard)):
+                pass
+    except BaseException:  # an error or Ctrl-C: start no further segment, then remove the half-written files
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown()
+        writer.close()
+    if any(writer.remaining.values()):
+        left = [rel for rel, n in writer.remaining.items() if n]
+        raise OSError(f"{out / left[0]}: {len(left)} output files were not completed")
+
+    # everything recorded for files still on disk, this run's plan overriding older records
+    tensors: dict[str, dict] = {}
+    for rel, entries in recorded.items():
+        if rel not in plans and (out / rel).exists():
+            tensors.update(entries)
+    for rel in skipped:
+        tensors.update(recorded[rel])
+    for rel in todo:
+        tensors.update(writer.entries[rel])
+    for name, entry in tensors.items():
+        spec = classify(name, layout)
+        entry.update(component=spec.component, layer=spec.layer, expert=spec.expert)
+    extras = _copy_extras(ck.root, out)
+    missing = sorted(set(ck.tensors.name) - set(tensors))
+    files: dict[str, dict] = {}
+    for name, entry in tensors.items():
+        f = files.setdefault(entry["file"], {"component": entry["component"], "layer": entry["layer"],
+                                             "expert": entry["expert"], "tensors": 0, "bytes": 0})
+        f["tensors"] += 1
+        f["bytes"] += entry["bytes"]
+    for rel, f in files.items():
+        f["file_bytes"] = (out / rel).stat().st_size
+    ordered = dict(sorted(tensors.items()))
+    index = {"metadata": {"total_size": sum(e["bytes"] for e in ordered.values()), "format": FORMAT},
+             "weight_map": {n: e["file"] for n, e in ordered.items()}}
+    manifest = {
+        "format": FORMAT,
+        "checksum": CHECKSUM,
+        "source": identity,
+        "selections": (old or {}).get("selections", []) + [
+            {"components": list(parse_components(components)), "layers": layers, "experts": experts}],
+        "complete": not missing,
+        "missing": missing,
+        "files": dict(sorted(files.items())),
+        "extras": extras,
+        "tensors": ordered,
+    }
+    write_json(out / INDEX_NAME, index, indent=1)
+    write_json(out / MANIFEST_NAME, manifest, indent=1)
+    (out / JOURNAL_NAME).unlink(missing_ok=True)
+    return ExtractResult(out, writer.written, len(skipped), total, sum(plans[r].data_bytes for r in skipped),
+                         time.perf_counter() - start_time, not missing, len(files), len(missing))
+
+
+def _segments(shards: list[str], by_shard: dict[str, list[tuple]]) -> list[tuple[str, list[tuple]]]:
+    """Each shard's wanted tensors in file order, cut into runs of about SEGMENT_BYTES: the units of work, so
+    that several workers share a large shard while each still reads front to back."""
+    out = []
+    for shard in shards:
+        run, size = [], 0
+        for row in sorted(by_shard.get(shard, []), key=lambda r: r[5]):
+            if run and size + row[4] > SEGMENT_BYTES:
+                out.append((shard, run))
+                run, size = [], 0
+            run.append(row)
+            size += row[4]
+        if run:
+            out.append((shard, run))
+    return out
+
+
+def _already_extracted(path: Path, plan: OutputPlan, entries: dict, bar) -> bool:
+    """True when `path` has exactly the planned header and size and its tensors hash to the recorded checksums."""
+    try:
+        if path.stat().st_size != plan.size:
+            return False
+        with open(path, "rb") as f:
+            if f.read(len(plan.header)) != plan.header:
+                return False
+        if set(entries) != set(plan.offsets):
+            return False
+        # the header is the planned one, so the plan's offsets are where the tensors are
+        spans = [(name, plan.offsets[name], plan.offsets[name] + nbytes) for name, _, _, _, nbytes, _, _ in plan.rows]
+        digests = stream_spans(path, spans, None, bar=bar)
+    except (OSError, ValueError):
+        return False
+    return all(digests.get(n) == e.get(CHECKSUM) for n, e in entries.items())
+
+
+def _copy_extras(src: Path, out: Path) -> dict[str, dict]:
+    """Copy config, generation config, tokenizer and processor files beside the shards; return their checksums."""
+    extras = {}
+    for p in sorted(src.iterdir()):
+        if (not p.is_file() or p.suffix not in EXTRA_SUFFIXES or p.name in (INDEX_NAME, MANIFEST_NAME)
+                or p.name.startswith(".") or p.name.endswith(".tmp")):
+            continue
+        data = p.read_bytes()
+        target = out / p.name
+        if not target.exists() or target.read_bytes() != data:
+            tmp = out / (p.name + ".tmp")
+            tmp.write_bytes(data)
+            shutil.copystat(p, tmp)
+            tmp.replace(target)
+        extras[p.name] = {"bytes": len(data), CHECKSUM: hashlib.sha256(data).hexdigest()}
+    return extras
+
+
+def _read_journal(out: Path) -> list[dict]:
+    path = out / JOURNAL_NAME
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a run killed while appending
+            continue
+    return records

@@ -1,0 +1,26 @@
+"""JSON in and out, the project's one way: atomic writes (temporary name, then rename) and a `default` that
+turns numpy / torch / pandas values into JSON values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_json(path: Path, obj, indent: int = 2) -> None:
+    """Write JSON under a temporary name, then rename: a killed run never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, default=jsonable) + "\n")
+    tmp.replace(path)
+
+
+def jsonable(x):
+    """json.dumps' `default` for numpy / torch scalars and arrays and pandas objects."""
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    return str(x)

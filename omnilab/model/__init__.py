@@ -1,0 +1,3 @@
+"""The selective model: the decoder and its forward (decoder.py), the routing options it is given (routing.py),
+experts and the cache that holds them with every eviction policy (experts.py), hook points (hooks.py),
+faults a hand-built loader hits (faults.py), and multimodal input through transformers' towers (multimodal.py)."""
