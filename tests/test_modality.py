@@ -163,10 +163,10 @@ def test_a_mask_keeps_its_experts_out_of_every_router(tiny):
     masked = {layer: [0, 5] for layer in tiny.model.config.moe_layers}
     names = [f"blocks.{i}.mlp.hook_topk_indices" for i in tiny.model.config.moe_layers]
     batch, _ = md.collate(tiny.model, tiny.prompts)
-    with applied(tiny.model, md.mask_setting("m", masked, E)), capture(tiny.model, names) as acts:
-        mm.forward(tiny.model, batch)
+    with applied(tiny.model, md.mask_setting("m", masked, E)) as routing, capture(tiny.model, names) as acts:
+        mm.forward(tiny.model, batch, routing=routing)
     assert all(not torch.isin(acts[n], torch.tensor([0, 5])).any() for n in names)
-    assert tiny.model.faults == ()
+    assert tiny.model.faults == () and tiny.model.routing.is_plain
     with capture(tiny.model, names) as acts:
         mm.forward(tiny.model, batch)
     assert any(torch.isin(acts[n], torch.tensor([0, 5])).any() for n in names)  # restored: they are picked again

@@ -248,7 +248,7 @@ def collate(model, prompts: list[FormPrompt]) -> tuple[mm.MultimodalPrompt, list
 
 
 @torch.no_grad()
-def run_prompts(model, prompts: list[FormPrompt], *, record: bool = True, batch_size: int = 16):
+def run_prompts(model, prompts: list[FormPrompt], *, record: bool = True, batch_size: int = 16, routing=None):
     """Forward passes over the prompts, `batch_size` at a time (left-padded, `collate`; similar lengths
     together). Returns (scores, trace): scores has one row per prompt, in order (id, kind, form, voice,
     answer_tokens, answer_nll: mean nats per answer token, token_accuracy: share of answer tokens that are the
@@ -264,7 +264,7 @@ def run_prompts(model, prompts: list[FormPrompt], *, record: bool = True, batch_
         chunk = order[start:start + batch_size]
         batch, pads = collate(model, [prompts[i] for i in chunk])
         with capture(model, names) as acts:
-            logits = mm.forward(model, batch).float()  # [B, T, V]
+            logits = mm.forward(model, batch, routing=routing).float()  # [B, T, V]
         B, T = batch.input_ids.shape
         routed = {point: torch.stack([acts[f"blocks.{i}.mlp.hook_{point}"].reshape(B, T, -1) for i in layers])
                   for point in ("topk_indices", "topk_weights", "router_logits")} if record else {}  # [L, B, T, .]
@@ -471,7 +471,7 @@ def text_documents(model, path, *, per_domain: int = 2, max_tokens: int = 64, se
 
 
 @torch.no_grad()
-def text_nll(model, evalset, batch_size: int = 16) -> tuple[float, int, list[torch.Tensor]]:
+def text_nll(model, evalset, batch_size: int = 16, routing=None) -> tuple[float, int, list[torch.Tensor]]:
     """(mean next-token NLL in nats over every position of the text documents, positions, log-probabilities
     [T, V] per document) of omnilab.experiments.sweeps.EvalSet docs, `batch_size` documents per left-padded forward pass."""
     logprobs, total, n = [], 0.0, 0
@@ -484,7 +484,8 @@ def text_nll(model, evalset, batch_size: int = 16) -> tuple[float, int, list[tor
         for b, d in enumerate(chunk):
             ids[b, T - len(d):] = torch.tensor(d)
             mask[b, T - len(d):] = 1
-        out = F.log_softmax(model(ids.to(model.device), mask.to(model.device)).float(), dim=-1).cpu()  # [B, T, V]
+        out = F.log_softmax(model(ids.to(model.device), mask.to(model.device), routing=routing).float(),
+                            dim=-1).cpu()  # [B, T, V]
         for b, d in enumerate(chunk):
             lp = out[b, T - len(d):]  # [len, V]
             logprobs.append(lp)
@@ -519,9 +520,9 @@ def masking_experiment(model, prompts: list[FormPrompt], evalset, masks: dict[st
             scores, _ = run_prompts(model, prompts, record=False)
             nll, _, logprobs = text_nll(model, evalset)
         else:
-            with applied(model, setting):
-                scores, _ = run_prompts(model, prompts, record=False)
-                nll, _, logprobs = text_nll(model, evalset)
+            with applied(model, setting) as routing:
+                scores, _ = run_prompts(model, prompts, record=False, routing=routing)
+                nll, _, logprobs = text_nll(model, evalset, routing=routing)
         reference = logprobs if reference is None else reference
         kl = sum(float((r.exp() * (r - lp)).sum()) for r, lp in zip(reference, logprobs)) / sum(r.shape[0] for r in reference)
         scores.insert(0, "setting", name)

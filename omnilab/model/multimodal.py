@@ -350,10 +350,11 @@ def prepare(model, towers: Towers, inputs) -> MultimodalPrompt:
     return MultimodalPrompt(ids, attention_mask, embeds, position_ids.to(device), rope_deltas.to(device), deepstack, inputs)
 
 
-def forward(model, prompt: MultimodalPrompt, kv=None) -> torch.Tensor:
-    """logits [B, T, V] of the selective model on a prepared prompt."""
+def forward(model, prompt: MultimodalPrompt, kv=None, routing=None) -> torch.Tensor:
+    """logits [B, T, V] of the selective model on a prepared prompt (routing: this call's RoutingOptions,
+    None: the model's own)."""
     return model(prompt.input_ids, prompt.attention_mask, kv, inputs_embeds=prompt.inputs_embeds,
-                 position_ids=prompt.position_ids, deepstack=prompt.deepstack)
+                 position_ids=prompt.position_ids, deepstack=prompt.deepstack, routing=routing)
 
 
 # -- generation -----------------------------------------------------------------------------------------------
@@ -362,7 +363,7 @@ def forward(model, prompt: MultimodalPrompt, kv=None) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greedy: bool = True,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_tokens=(), vocab_limit="auto",
-             seed: int | None = 0):
+             seed: int | None = 0, routing=None):
     """SelectiveMoE.generate for one multimodal prompt: the prefill reads the merged embeddings and M-RoPE
     positions; each new token's three position rows are equal, at its index plus the prompt's rope delta
     (as transformers decodes). Returns omnilab.model.decoder.Generation."""
@@ -378,7 +379,7 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
     stopped = False
     start = time.perf_counter()
     prefill = 0.0
-    logits = forward(model, prompt, kv)[:, -1].float()  # [1, V]
+    logits = forward(model, prompt, kv, routing)[:, -1].float()  # [1, V]
     for step in range(max_new_tokens):
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
@@ -398,7 +399,7 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
             break
         seq = torch.cat((seq, token[:, None]), dim=1)  # [1, L + step + 1]
         position = (kv.length + prompt.rope_deltas).long()  # [1, 1]: equal rows, so 1-D positions
-        logits = model(token[:, None], None, kv, position_ids=position)[:, -1].float()
+        logits = model(token[:, None], None, kv, position_ids=position, routing=routing)[:, -1].float()
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return Generation([new], [prompt.input_ids.shape[1]], time.perf_counter() - start, prefill, stopped=[stopped])
