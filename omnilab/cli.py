@@ -431,7 +431,10 @@ def cmd_regress(args) -> int:
             raise ValueError(f"{path}: no metric {e.args[0]!r}: was it written by a full run of every notebook?") from None
         return 0
 
-    return run_notebooks(out=args.out, only=args.only, update_baselines=args.update_baselines, publish=args.publish)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    return run_notebooks(out=args.out, only=args.only, update_baselines=args.update_baselines, publish=args.publish,
+                         jobs=args.jobs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -535,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("regress", help="run every numbered notebook on the embedded model and check its metrics")
     p.add_argument("--out", default="runs/latest", help="folder for executed notebooks, figures and metrics")
     p.add_argument("--only", nargs="*", help="notebook numbers or names to run (default: all)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="notebooks run side by side, one intra-op thread each (default: one per CPU core, at most 4)")
     p.add_argument("--update-baselines", action="store_true", help="write this run's metrics as the new baselines")
     p.add_argument("--publish", action="store_true",
                    help="after a clean run, copy the executed notebooks (figures inline) to docs/notebooks/")

@@ -63,28 +63,29 @@ def widget_errors(nb) -> list[str]:
 
 
 def _progress_engine():
-    """papermill's nbclient engine, printing one line per code cell: its number, first line and duration."""
+    """papermill's nbclient engine, printing one line per code cell when it completes: the notebook's number, the
+    cell's number, first line and duration (whole lines, so that notebooks run side by side stay readable)."""
     from papermill.engines import NBClientEngine
 
     class ProgressEngine(NBClientEngine):
         @classmethod
         def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
             code = [i for i, c in enumerate(nb_man.nb.cells) if c.cell_type == "code"]
+            number = Path(nb_man.nb.metadata.papermill.input_path).name[:2]
             started: dict[int, float] = {}
             start, complete = nb_man.cell_start, nb_man.cell_complete
 
             def cell_start(cell, cell_index=None, **kw):
                 if cell.cell_type == "code":
-                    first = next((line.strip() for line in cell.source.splitlines() if line.strip()), "")
-                    print(f"[regress]   cell {code.index(cell_index) + 1:>2}/{len(code)}  {first[:68]:<68} ",
-                          end="", flush=True)
                     started[cell_index] = time.time()
                 return start(cell, cell_index, **kw)
 
             def cell_complete(cell, cell_index=None, **kw):
                 if cell_index in started:
                     failed = any(o.get("output_type") == "error" for o in cell.get("outputs", []))
-                    print(f"{time.time() - started.pop(cell_index):6.1f} s{'  FAILED' if failed else ''}", flush=True)
+                    first = next((line.strip() for line in cell.source.splitlines() if line.strip()), "")
+                    print(f"[regress]   {number} cell {code.index(cell_index) + 1:>2}/{len(code)}  {first[:64]:<64} "
+                          f"{time.time() - started.pop(cell_index):6.1f} s{'  FAILED' if failed else ''}", flush=True)
                 return complete(cell, cell_index, **kw)
 
             nb_man.cell_start, nb_man.cell_complete = cell_start, cell_complete
@@ -102,9 +103,12 @@ def _relative(path: Path) -> str:
 
 
 def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None = None,
-                  update_baselines: bool = False, publish: bool = False) -> int:
+                  update_baselines: bool = False, publish: bool = False, jobs: int | None = None) -> int:
     """Execute the numbered notebooks with papermill; 0 when all ran and all metrics are within baselines.
-    With `publish`, a clean run's executed notebooks are copied to docs/notebooks/."""
+    With `publish`, a clean run's executed notebooks are copied to docs/notebooks/. jobs: notebooks run side by
+    side, each kernel on one intra-op thread (None: one per CPU core, at most 4)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import nbformat
     import papermill
     from papermill.engines import papermill_engines
@@ -123,31 +127,40 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
+    def execute(book: Path) -> tuple[list[str], dict | None]:
+        """Run one notebook -> (its failures, its metrics or None when it did not run)."""
+        target = out / book.stem
+        target.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        print(f"[regress] {book.name} started", flush=True)
+        try:
+            papermill.execute_notebook(str(book), str(target / book.name),
+                                       parameters={"out_dir": _relative(target)}, cwd=str(NOTEBOOKS),
+                                       kernel_name="python3", progress_bar=False, engine_name="omnilab-progress",
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            print(f"[regress] {book.name} FAILED ({time.time() - start:.0f} s)", flush=True)
+            return [f"{book.name}: failed to execute: {last}"], None
+        found = [f"{book.name}: a widget callback raised {e}"
+                 for e in widget_errors(nbformat.read(target / book.name, as_version=4))]
+        metrics_file = target / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        if not metrics:
+            found.append(f"{book.name}: wrote no metrics.json")
+        print(f"[regress] {book.name} {'ok' if not found else 'FAILED'} ({time.time() - start:.0f} s)", flush=True)
+        return found, metrics
+
+    books = numbered_notebooks(only)
+    jobs = jobs or min(4, os.cpu_count() or 1)
     try:
-        for book in numbered_notebooks(only):
-            target = out / book.stem
-            target.mkdir(parents=True, exist_ok=True)
-            start = time.time()
-            print(f"[regress] {book.name}", flush=True)
-            try:
-                papermill.execute_notebook(str(book), str(target / book.name),
-                                           parameters={"out_dir": _relative(target)}, cwd=str(NOTEBOOKS),
-                                           kernel_name="python3", progress_bar=False, engine_name="omnilab-progress",
-                                           extra_arguments=["--IPKernelApp.log_level=ERROR"])
-            except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
-                last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-                failures.append(f"{book.name}: failed to execute: {last}")
-                print(f"[regress] {book.name} FAILED ({time.time() - start:.0f} s)", flush=True)
-                continue
-            errors = widget_errors(nbformat.read(target / book.name, as_version=4))
-            if errors:
-                failures += [f"{book.name}: a widget callback raised {e}" for e in errors]
-            metrics_file = target / "metrics.json"
-            summary[book.stem] = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-            if not summary[book.stem]:
-                failures.append(f"{book.name}: wrote no metrics.json")
-            executed.append(target / book.name)
-            print(f"[regress] {book.name} {'ok' if not errors else 'FAILED'} ({time.time() - start:.0f} s)", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = list(pool.map(execute, books))  # in notebook order, whatever order they finish in
+        for book, (found, metrics) in zip(books, results):
+            failures += found
+            if metrics is not None:
+                summary[book.stem] = metrics
+                executed.append(out / book.stem / book.name)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -125,3 +125,25 @@ def test_run_notebooks_executes_checks_and_publishes(tmp_path, monkeypatch, caps
     _notebook(books / "01_tiny.ipynb", 3, fail=True)
     assert regress.run_notebooks(tmp_path / "out") == 1
     assert "failed to execute" in capsys.readouterr().err
+
+
+def test_run_notebooks_side_by_side_keeps_each_notebooks_own_results(tmp_path, monkeypatch, capsys):
+    """jobs=2: two notebooks run at once, each gets its own metrics (not the other's), the summary is in notebook
+    order, and one failing notebook fails the run without losing the other's metrics."""
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    monkeypatch.setattr(regress, "NOTEBOOKS", books)
+    monkeypatch.setattr(regress, "BASELINES", books / "baselines.json")
+    _notebook(books / "01_a.ipynb", 1)
+    _notebook(books / "02_b.ipynb", 2)
+    (books / "baselines.json").write_text(json.dumps({"01_a": {"x": {"value": 1}}, "02_b": {"x": {"value": 2}}}))
+    assert regress.run_notebooks(tmp_path / "out", jobs=2) == 0
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(summary) == ["01_a", "02_b"] and summary == {"01_a": {"x": 1}, "02_b": {"x": 2}}
+    out = capsys.readouterr().out
+    assert "01 cell  2/3" in out and "02 cell  2/3" in out  # each progress line names its notebook
+
+    _notebook(books / "01_a.ipynb", 1, fail=True)
+    assert regress.run_notebooks(tmp_path / "out", jobs=2) == 1
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {"02_b": {"x": 2}}
+    assert "01_a.ipynb: failed to execute" in capsys.readouterr().err
