@@ -41,6 +41,7 @@ from omni_tiny_common import (  # noqa: E402
     greedy_extend,
     read_jsonl,
     text_position_ids,
+    word_errors,
 )
 
 
@@ -157,18 +158,6 @@ MM_TASKS = {  # task -> what it measures
     "image_sum_text": "reading, written sums (exact match)",
     "image_sum_answer": "written sum answered (exact match)",
 }
-
-
-def word_errors(ref: str, hyp: str) -> tuple[int, int]:
-    """(word edit distance, reference words) after lowercasing and dropping punctuation (+ and ' kept)."""
-    norm = lambda t: "".join(c if c.isalnum() or c in " +'" else " " for c in t.lower()).split()  # noqa: E731
-    r, h = norm(ref), norm(hyp)
-    d = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        prev, d[0] = d[0], i
-        for j in range(1, len(h) + 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-    return d[len(h)], len(r)
 
 
 def multimodal_eval(model_dir: Path, sets: dict[str, Path], max_new: int = 40, limit: int = 0) -> dict:

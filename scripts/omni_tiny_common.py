@@ -405,3 +405,15 @@ def write_jsonl(path: Path, rows) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def word_errors(ref: str, hyp: str) -> tuple[int, int]:
+    """(word edit distance, reference words) after lowercasing and dropping punctuation (+ and ' kept)."""
+    norm = lambda t: "".join(c if c.isalnum() or c in " +'" else " " for c in t.lower()).split()  # noqa: E731
+    r, h = norm(ref), norm(hyp)
+    d = list(range(len(h) + 1))
+    for i in range(1, len(r) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(h) + 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+    return d[len(h)], len(r)

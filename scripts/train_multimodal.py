@@ -70,6 +70,7 @@ from omni_tiny_common import (  # noqa: E402
     init_untrained_parts,
     read_jsonl,
     text_position_ids,
+    word_errors,
 )
 from train_tiny import build_eval_batches, evaluate, parse_weights, per_layer_balance_loss, rows_per_domain  # noqa: E402
 
@@ -229,18 +230,6 @@ def greedy_media(thinker, kw: dict, steps: int, eos: int) -> list[list[int]]:
     for row in torch.cat(new, dim=1).tolist():
         out.append(row[:row.index(eos)] if eos in row else row)
     return out
-
-
-def word_errors(ref: str, hyp: str) -> tuple[int, int]:
-    """(edit distance in words, reference words) after lowercasing and dropping punctuation."""
-    norm = lambda s: "".join(c if c.isalnum() or c in " +'" else " " for c in s.lower()).split()  # noqa: E731
-    r, h = norm(ref), norm(hyp)
-    d = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        prev, d[0] = d[0], i
-        for j in range(1, len(h) + 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-    return d[len(h)], len(r)
 
 
 def check_heldout(thinker, tokenizer, items, eos: int, device, amp_dtype, steps: int = 40) -> dict:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.gpu.engine import Consts, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
+from omnilab.gpu.engine import Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
 from omnilab.model.decoder import Generation, rope_inv_freq
 from omnilab.gpu.traces import RoutingOverride
 
@@ -168,14 +168,8 @@ class SlabPool:
         self.down = {i: t[:, :H * I].view(slots, H, I) for i, t in self.slab.items()}  # [S, H, I]
         self.gate_up = {i: t[:, H * I:].view(slots, 2 * I, H) for i, t in self.slab.items()}  # [S, 2I, H]
 
-    @property
-    def expert_bytes(self) -> int:
-        c = self.config
-        return 3 * c.hidden_size * c.moe_intermediate_size * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return self.expert_bytes * self.slots * len(self.layers)
+    expert_bytes = SlotPool.expert_bytes  # the same accounting as the fast path's pool
+    nbytes = SlotPool.nbytes
 
 
 # -- issuing copies --------------------------------------------------------------------------------------------------
