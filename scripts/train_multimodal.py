@@ -57,7 +57,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the data workers for
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # omnilab, when it is not installed
 import make_multimodal_data as mmdata  # noqa: E402
 from omni_tiny_common import (  # noqa: E402
     DOMAINS,
@@ -124,34 +123,43 @@ def encode_item(spec: dict, processor, config, media) -> dict:
     return out
 
 
-def _worker(indexed: tuple[int, dict]) -> dict:
-    order, spec = indexed
+def _worker(job: tuple[int, dict, float]) -> dict | None:
+    """One item, or None once the wall-clock deadline has passed (the pool then drains quickly and closes
+    normally: Pool.terminate() with tasks in flight can deadlock on the task queue's lock, which stalled
+    two device runs). Tensors go back as numpy arrays, pickled by value: torch tensors would travel as
+    shared-memory file descriptors, one open descriptor per tensor in the parent."""
+    order, spec, deadline = job
+    if time.time() > deadline:
+        return None
     if spec["media"] == "audio":
         media = mmdata.synth(spec["spoken"], spec["voice"], spec["speed"], _W["espeak"], fast=True).astype(np.float32) / 32768.0
     else:
         media = mmdata.render(spec["text"], spec["font"], spec["size"], dx=spec["dx"], dy=spec["dy"], ink=spec["ink"],
                               font_dir=_W["font_dir"])
-    return encode_item(spec, _W["processor"], _W["config"], media) | {"order": order}
+    item = encode_item(spec, _W["processor"], _W["config"], media) | {"order": order}
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
 
 
 def make_items(specs, folder: Path, workers: int, espeak, font_dir, budget_s: float = 1e9) -> list[dict]:
     """Synthesize, render and process `specs` in `workers` processes (spawned: no fork after torch, CUDA or the
-    tokenizer's threads). Stops after budget_s seconds with the items made so far (printed with the rate)."""
+    tokenizer's threads). Items not started within budget_s seconds are skipped (printed with the rate)."""
     ctx = mp.get_context("spawn")
     t0 = time.time()
-    items = []
+    deadline = t0 + budget_s
+    items, skipped = [], 0
     pool = ctx.Pool(workers, initializer=_worker_init, initargs=(str(folder), espeak, str(font_dir)))
-    try:
-        for item in pool.imap_unordered(_worker, specs, chunksize=16):
-            items.append(item)
-            if len(items) % 2000 == 0:
-                print(f"  data: {len(items):,}/{len(specs):,} items, {time.time() - t0:.0f} s", flush=True)
-            if time.time() - t0 > budget_s:
-                print(f"  data: budget of {budget_s:.0f} s spent, keeping {len(items):,} items", flush=True)
-                break
-    finally:
-        pool.terminate()
-        pool.join()
+    for item in pool.imap_unordered(_worker, [(o, s, deadline) for o, s in specs], chunksize=8):
+        if item is None:
+            skipped += 1
+            continue
+        items.append({k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in item.items()})
+        if len(items) % 2000 == 0:
+            print(f"  data: {len(items):,}/{len(specs):,} items, {time.time() - t0:.0f} s", flush=True)
+    pool.close()
+    pool.join()
+    if skipped:
+        print(f"  data: budget of {budget_s:.0f} s spent, kept {len(items):,} items, skipped {skipped:,}", flush=True)
+    print(f"  data: pool closed after {time.time() - t0:.1f} s", flush=True)
     items.sort(key=lambda it: it["order"])  # imap_unordered: back to the specs' (seeded) order
     return items
 
@@ -408,8 +416,11 @@ def main() -> None:
                                args.n_image_sum, seed=args.seed)
     print(f"data: making {len(specs):,} items in {args.workers} processes", flush=True)
     items = make_items(list(enumerate(specs)), proc_dir, args.workers, args.espeak, args.font_dir, args.data_budget)
+    if not items:
+        sys.exit(f"train_multimodal: no training item was made within --data-budget {args.data_budget:.0f} s")
     held = heldout_items(proc_dir, processor, config.thinker_config)
     held = held[:args.heldout_limit] if args.heldout_limit else held
+    print(f"data: {len(held)} held-out items processed", flush=True)
     data_s = time.time() - t0
     picks_all = [(i, j) for i, it in enumerate(items) for j in range(len(it["examples"]))]
     audio_s = sum(it["features"].shape[1] for it in items if it["media"] == "audio") / 100.0
@@ -419,6 +430,7 @@ def main() -> None:
     model, n_loaded = load_start(args.init, config, args.seed)
     thinker = model.thinker
     model.to(device)
+    print(f"model: on {device} after {time.time() - t_start:.0f} s", flush=True)
     model.train()
     text_cfg = config.thinker_config.text_config
     towers = [p for n, p in thinker.named_parameters() if n.startswith(("model.audio_tower.", "model.visual."))]
@@ -568,14 +580,14 @@ def main() -> None:
         step += 1
         elapsed = time.time() - t_train
         if args.steps == 0:
-            if step == 30:  # estimate the run's length for the cosine (eval and export time kept aside)
+            if step == 100:  # estimate the run's length for the cosine (eval and export time kept aside)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                per_step = (time.time() - t_calib) / 20
+                per_step = (time.time() - t_calib) / 50  # steps 50-100: past the allocator's and autotuning's start
                 left = min(args.time_budget - (time.time() - t_train), args.deadline - (time.time() - t_start))
-                est_total[0] = max(step + 1, int(left / per_step * 0.85) + step)
+                est_total[0] = max(step + 1, int(left / per_step * 0.95) + step)
                 print(f"calibrated: {per_step * 1000:.1f} ms/step -> about {est_total[0]} steps", flush=True)
-            if step == 10:
+            if step == 50:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t_calib = time.time()
