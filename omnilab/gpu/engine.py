@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
 from omnilab.gpu.traces import RoutingOverride
-from omnilab.model.decoder import Generation, rope_inv_freq, rotate_half
+from omnilab.model.decoder import rope_inv_freq, rotate_half
+from omnilab.model.generate import Generation
 
 
 # -- the slot pool -------------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
 from omnilab.gpu.engine import Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
-from omnilab.model.decoder import Generation, rope_inv_freq
+from omnilab.model.decoder import rope_inv_freq
+from omnilab.model.generate import Generation
 from omnilab.gpu.traces import RoutingOverride
 
 
