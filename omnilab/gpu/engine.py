@@ -49,19 +49,15 @@ from omnilab.model.routing import RoutingOptions
 # -- the slot pool -------------------------------------------------------------------------------------------------
 
 
-class SlotPool:
-    """Stacked expert weights on one device, per MoE layer: gate_up [S, 2I, H], down [S, H, I], slot_of [E]."""
+class ExpertSlots:
+    """What every pool of expert slots shares (SlotPool here, omnilab.gpu.offload.SlabPool): `slots` experts per
+    MoE layer of one dtype on one device, and the byte accounting."""
 
     def __init__(self, config, slots: int, dtype: torch.dtype, device):
-        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        if not 1 <= slots <= E:
-            raise ValueError(f"slot pool: {slots} slots per layer, need 1..{E}")
+        if not 1 <= slots <= config.num_experts:
+            raise ValueError(f"slot pool: {slots} slots per layer, need 1..{config.num_experts}")
         self.config, self.slots, self.dtype, self.device = config, slots, dtype, torch.device(device)
         self.layers = list(config.moe_layers)
-        self.gate_up = {i: torch.empty(slots, 2 * I, H, dtype=dtype, device=device) for i in self.layers}
-        self.down = {i: torch.empty(slots, H, I, dtype=dtype, device=device) for i in self.layers}
-        self.slot_of = {i: torch.full((E,), -1, dtype=torch.long, device=device) for i in self.layers}
-        self.expert_in = {i: [-1] * slots for i in self.layers}  # host mirror: slot -> expert (-1 empty)
 
     @property
     def expert_bytes(self) -> int:
@@ -71,6 +67,18 @@ class SlotPool:
     @property
     def nbytes(self) -> int:
         return self.expert_bytes * self.slots * len(self.layers)
+
+
+class SlotPool(ExpertSlots):
+    """Stacked expert weights on one device, per MoE layer: gate_up [S, 2I, H], down [S, H, I], slot_of [E]."""
+
+    def __init__(self, config, slots: int, dtype: torch.dtype, device):
+        super().__init__(config, slots, dtype, device)
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up = {i: torch.empty(slots, 2 * I, H, dtype=dtype, device=device) for i in self.layers}
+        self.down = {i: torch.empty(slots, H, I, dtype=dtype, device=device) for i in self.layers}
+        self.slot_of = {i: torch.full((E,), -1, dtype=torch.long, device=device) for i in self.layers}
+        self.expert_in = {i: [-1] * slots for i in self.layers}  # host mirror: slot -> expert (-1 empty)
 
     def put(self, layer: int, expert: int, slot: int, gate, up, down, non_blocking: bool = False) -> None:
         """Copy one expert's projections (nn.Linear layout: gate/up [I, H], down [H, I]) into a slot."""
