@@ -2,9 +2,84 @@
 
 Open a checkpoint without reading its weights, account for every tensor, run it with only the experts the
 router picks under a memory budget, and compare it with transformers at every hook point.
+
+The public face, for notebooks and scripts: `import omnilab as ol`, then
+
+- checkpoints: `ol.Checkpoint`, `ol.checkpoint_report`, `ol.verify`, `ol.problems_frame`, `ol.format_bytes`,
+  `ol.parse_size`, `ol.stream_pieces`; the module `ol.inventory`;
+- extraction: `ol.extract`, `ol.verify_extraction`, `ol.read_manifest`, `ol.manifest_table`, `ol.parse_range`,
+  `ol.availability`, `ol.component_bytes`, `ol.missing_summary`;
+- the selective model: `ol.SelectiveMoE` (`ol.load(path, ...)` is `SelectiveMoE.from_checkpoint`),
+  `ol.RoutingOptions`, `ol.Generation`, `ol.MissingExpertError`; hooks `ol.capture`, `ol.run_with_cache`,
+  `ol.compare`, `ol.first_difference`; the modules `ol.hooks`, `ol.faults`, `ol.multimodal`;
+- against transformers: `ol.Reference`, `ol.compare_checkpoints`, `ol.fault_gallery`, `ol.gallery_table`;
+- experiments, as modules: `ol.eval_data`, `ol.measures`, `ol.masking`, `ol.routing` (routing statistics),
+  `ol.routing_trace`, `ol.trace`, `ol.cache_sim`, `ol.sweeps`, `ol.modality`; figures `ol.plots`;
+  tiny and broken checkpoints `ol.synth`, `ol.breakage`;
+- what a notebook saves and prints: `ol.notebook_out_dir`, `ol.repo_path`, `ol.save_figure`, `ol.save_metrics`,
+  `ol.say`.
+
+Every name is imported on first use (PEP 562 `__getattr__`), so `import omnilab` reads neither torch nor pandas.
+No name of the face is also a module directly under omnilab/ (tests/test_face.py checks it), so `ol.X` is one
+thing whatever has been imported before.
 """
 
-from omnilab.checkpoint import Checkpoint, CheckpointError, Problem
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Checkpoint", "CheckpointError", "Problem", "__version__"]
+
+# name -> the module that defines it
+_NAMES = {
+    **dict.fromkeys(("Checkpoint", "CheckpointError", "Problem"), "omnilab.checkpoint"),
+    **dict.fromkeys(("checkpoint_report", "problems_frame", "verify"), "omnilab.inventory"),
+    "format_bytes": "omnilab.units",
+    "parse_size": "omnilab.cli",
+    "stream_pieces": "omnilab.tokenizer",
+    "extract": "omnilab.extraction.write",
+    "verify_extraction": "omnilab.extraction.verify",
+    **dict.fromkeys(("read_manifest", "manifest_table"), "omnilab.extraction.manifest"),
+    "parse_range": "omnilab.extraction.plan",
+    **dict.fromkeys(("availability", "component_bytes", "missing_summary"), "omnilab.extraction.availability"),
+    "SelectiveMoE": "omnilab.model.decoder",
+    "load": "omnilab.model.loading",
+    "Generation": "omnilab.model.generate",
+    "RoutingOptions": "omnilab.model.routing",
+    "MissingExpertError": "omnilab.model.experts",
+    **dict.fromkeys(("capture", "run_with_cache", "compare", "first_difference"), "omnilab.model.hooks"),
+    "Reference": "omnilab.reference.whole",
+    "compare_checkpoints": "omnilab.reference.compare",
+    **dict.fromkeys(("fault_gallery", "gallery_table"), "omnilab.experiments.fault_gallery"),
+    **dict.fromkeys(("notebook_out_dir", "repo_path", "save_figure", "save_metrics", "say"), "omnilab.notebook"),
+}
+
+# name -> module, for the modules a notebook calls into
+_MODULES = {
+    "inventory": "omnilab.inventory",
+    "plots": "omnilab.plots",
+    "hooks": "omnilab.model.hooks",
+    "faults": "omnilab.model.faults",
+    "multimodal": "omnilab.model.multimodal",
+    **{name: f"omnilab.experiments.{name}" for name in (
+        "eval_data", "measures", "masking", "routing", "routing_trace", "trace", "cache_sim", "sweeps", "modality")},
+    "synth": "omnilab.testing.synth",
+    "breakage": "omnilab.testing.breakage",
+}
+
+__all__ = ["__version__", *_NAMES, *_MODULES]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'omnilab' has no attribute {name!r}")
+    globals()[name] = value  # imported once; later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

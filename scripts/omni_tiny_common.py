@@ -1,7 +1,8 @@
 """Shared definitions for the omni-tiny scripts (build_corpus, train_tiny, evaluate_tiny).
 
-Not a script: imported by the three scripts in this folder. It holds the domain list, the
-special tokens, the arithmetic prompt format, and the function that builds the tiny
+Not a script: imported by the scripts in this folder, and importing it puts the repository root on
+sys.path (`put_repo_on_path`), so that they import omnilab from a checkout where it is not installed. It
+holds the domain list, the special tokens, the arithmetic prompt format, and the function that builds the tiny
 `Qwen3OmniMoeConfig` (a thinker text model worth training, plus tiny audio / vision / talker /
 code2wav parts left at their random init so the checkpoint has every component the real one has).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,15 @@ DATA_DIR = REPO / "data"
 MODEL_DIR = DATA_DIR / "omni-tiny"
 EVAL_DIR = DATA_DIR / "eval"
 SCRATCH = REPO / ".scratch"
+
+
+def put_repo_on_path() -> None:
+    """The repository root on sys.path, right after the scripts' folder (once): omnilab, when it is not installed."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(1, str(REPO))
+
+
+put_repo_on_path()
 
 # Domain names, in a fixed order (the order is the domain id used in token arrays and logs).
 DOMAINS = ["en", "fr", "es", "python", "arith"]

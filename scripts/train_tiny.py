@@ -42,19 +42,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # omnilab, when it is not installed
-from omni_tiny_common import (  # noqa: E402
-    DOMAINS,
-    EOS,
-    EVAL_DIR,
-    MODEL_DIR,
-    SCRATCH,
-    AdditionSampler,
-    config_from_tokenizer,
-    greedy_extend,
-    init_untrained_parts,
-    read_jsonl,
-    text_position_ids,
+from omni_tiny_common import (  # noqa: E402  (it puts the repository on sys.path: omnilab, when not installed)
+    DOMAINS, EOS, EVAL_DIR, MODEL_DIR, SCRATCH,
+    AdditionSampler, config_from_tokenizer, greedy_extend, init_untrained_parts, read_jsonl, text_position_ids,
 )
 
 

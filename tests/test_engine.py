@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.gpu.engine import FastDecoder, SlotPool, fast_path_refusal, generate
+from omnilab.gpu.engine import FastDecoder, FastGeneration, SlotPool, fast_path_refusal, generate
 from omnilab.gpu.traces import RoutingOverride
 from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.faults import RouterMask
+from omnilab.model.routing import RoutingOptions
 from omnilab.model.hooks import capture
 from omnilab.reference.whole import Reference
 
@@ -93,6 +95,29 @@ def test_hooked_model_takes_the_eager_path(model):
         handle.remove()
     assert fast_path_refusal(model) is None
     assert generate(model, PROMPT, 5).new_token_ids == out.new_token_ids
+
+
+def test_per_call_routing_takes_the_eager_path(model):
+    """Routing options given to one generate call that the fast path cannot follow (another top-k, a router
+    transform, a mask, an override of the call's own) send that call to the eager path, which follows them."""
+    cfg = model.config
+    k, E, first = cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_layers[0]
+    ok = torch.ones(E, dtype=torch.bool)
+    ok[0] = False
+    cases = {
+        "top-k": RoutingOptions(top_k=k + 1),
+        "transforms": RoutingOptions(transforms=(RouterMask(tuple(range(1, E))),)),
+        "masked": RoutingOptions(available={i: ok for i in cfg.moe_layers}),
+        "override": RoutingOptions(override=RoutingOverride({first: torch.arange(k).flip(0)})),
+    }
+    for what, options in cases.items():
+        assert fast_path_refusal(model, options) is not None, what
+        out = generate(model, PROMPT, 6, vocab_limit=None, routing=options)
+        assert not isinstance(out, FastGeneration), what
+        assert out.new_token_ids == model.generate(PROMPT, 6, vocab_limit=None, routing=options).new_token_ids, what
+    for same in (None, RoutingOptions(), RoutingOptions(top_k=k)):  # the model's own routing: the fast path
+        assert fast_path_refusal(model, same) is None
+        assert isinstance(generate(model, PROMPT, 3, routing=same), FastGeneration)
 
 
 def test_limits_are_one_line_errors(model):

@@ -18,7 +18,9 @@ Pieces, top to bottom:
 
 What takes the eager path instead (`fast_path_refusal` says which): hooks registered on the model (a hook is
 arbitrary Python on every step, so hooks always run eagerly; the routing buffer replaces the router hooks'
-read-only use), fault injection, experts masked as missing, left-padded batches, sampling (greedy only here).
+read-only use), fault injection, experts masked as missing, routing options other than the checkpoint's top-k
+(per model or per call: a top-k change, router transforms, a mask, a per-call override), left-padded batches,
+sampling (greedy only here).
 
 The operations are the eager model's (omnilab.model.decoder), in the same order, with these departures (each labelled
 inline): attention runs over the whole static cache with a boolean mask; the query heads of one kv head are
@@ -39,25 +41,23 @@ import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
 from omnilab.gpu.traces import RoutingOverride
-from omnilab.model.decoder import Generation, rope_inv_freq, rotate_half
+from omnilab.model.decoder import rope_inv_freq, rotate_half
+from omnilab.model.generate import Generation
+from omnilab.model.routing import RoutingOptions
 
 
 # -- the slot pool -------------------------------------------------------------------------------------------------
 
 
-class SlotPool:
-    """Stacked expert weights on one device, per MoE layer: gate_up [S, 2I, H], down [S, H, I], slot_of [E]."""
+class ExpertSlots:
+    """What every pool of expert slots shares (SlotPool here, omnilab.gpu.offload.SlabPool): `slots` experts per
+    MoE layer of one dtype on one device, and the byte accounting."""
 
     def __init__(self, config, slots: int, dtype: torch.dtype, device):
-        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        if not 1 <= slots <= E:
-            raise ValueError(f"slot pool: {slots} slots per layer, need 1..{E}")
+        if not 1 <= slots <= config.num_experts:
+            raise ValueError(f"slot pool: {slots} slots per layer, need 1..{config.num_experts}")
         self.config, self.slots, self.dtype, self.device = config, slots, dtype, torch.device(device)
         self.layers = list(config.moe_layers)
-        self.gate_up = {i: torch.empty(slots, 2 * I, H, dtype=dtype, device=device) for i in self.layers}
-        self.down = {i: torch.empty(slots, H, I, dtype=dtype, device=device) for i in self.layers}
-        self.slot_of = {i: torch.full((E,), -1, dtype=torch.long, device=device) for i in self.layers}
-        self.expert_in = {i: [-1] * slots for i in self.layers}  # host mirror: slot -> expert (-1 empty)
 
     @property
     def expert_bytes(self) -> int:
@@ -67,6 +67,18 @@ class SlotPool:
     @property
     def nbytes(self) -> int:
         return self.expert_bytes * self.slots * len(self.layers)
+
+
+class SlotPool(ExpertSlots):
+    """Stacked expert weights on one device, per MoE layer: gate_up [S, 2I, H], down [S, H, I], slot_of [E]."""
+
+    def __init__(self, config, slots: int, dtype: torch.dtype, device):
+        super().__init__(config, slots, dtype, device)
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up = {i: torch.empty(slots, 2 * I, H, dtype=dtype, device=device) for i in self.layers}
+        self.down = {i: torch.empty(slots, H, I, dtype=dtype, device=device) for i in self.layers}
+        self.slot_of = {i: torch.full((E,), -1, dtype=torch.long, device=device) for i in self.layers}
+        self.expert_in = {i: [-1] * slots for i in self.layers}  # host mirror: slot -> expert (-1 empty)
 
     def put(self, layer: int, expert: int, slot: int, gate, up, down, non_blocking: bool = False) -> None:
         """Copy one expert's projections (nn.Linear layout: gate/up [I, H], down [H, I]) into a slot."""
@@ -438,27 +450,37 @@ class FastGeneration(Generation):
     logits: torch.Tensor | None = None
 
 
-def fast_path_refusal(model) -> str | None:
-    """Why `model` cannot take the fast path (None when it can)."""
+def fast_path_refusal(model, routing: RoutingOptions | None = None) -> str | None:
+    """Why `model` cannot take the fast path (None when it can). routing: the call's RoutingOptions (default:
+    the model's own): the fast path routes the checkpoint's top-k with no router transform, no mask, and at most
+    the model's own override (the one FastDecoder reads), so any other per-call routing goes eager."""
     if model.hooks:
         return f"hooks are registered ({', '.join(sorted(model.hooks))}); hooked forwards run on the eager path"
     if model.faults:
         return "fault injection is active"
-    if model.available is not None:
+    routing = model.routing if routing is None else routing
+    if model.available is not None or routing.available is not None:
         return "experts are masked as missing"
+    if routing.transforms:
+        return f"the routing transforms the router logits ({', '.join(type(t).__name__ for t in routing.transforms)})"
+    k = model.config.num_experts_per_tok
+    if routing.experts_per_token(model.config) != k:
+        return f"the routing picks top-{routing.experts_per_token(model.config)}, the fast path the checkpoint's top-{k}"
+    if routing.override is not model.routing.override:
+        return "the call gives its own routing override (the fast path reads the model's: FastDecoder(override=...))"
     return None
 
 
 def generate(model, prompts, max_new_tokens: int = 32, *, decoder: FastDecoder | None = None, **kwargs):
-    """Greedy generation on the fast path when it applies (no fast_path_refusal, equal-length prompts, greedy),
-    else the eager `model.generate(prompts, max_new_tokens, **kwargs)`. Pass a built `decoder` to reuse its
-    pool and graph."""
+    """Greedy generation on the fast path when it applies (no fast_path_refusal for the model and the call's
+    `routing`, equal-length prompts, greedy), else the eager `model.generate(prompts, max_new_tokens, **kwargs)`.
+    Pass a built `decoder` to reuse its pool and graph."""
     sampling = not kwargs.get("greedy", True) or bool(kwargs.get("stop_tokens")) or not kwargs.get("use_kv_cache", True)
     try:
         ids = torch.as_tensor(prompts, dtype=torch.long)  # fails for ragged batches
     except (ValueError, TypeError):
         ids = None
-    if ids is None or sampling or fast_path_refusal(model) is not None:
+    if ids is None or sampling or fast_path_refusal(model, kwargs.get("routing")) is not None:
         return model.generate(prompts, max_new_tokens, **kwargs)
     ids = ids if ids.dim() == 2 else ids[None]  # [B, P]
     if decoder is None:

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.gpu.engine import Consts, SlotPool, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
-from omnilab.model.decoder import Generation, rope_inv_freq
+from omnilab.gpu.engine import Consts, ExpertSlots, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
+from omnilab.model.decoder import rope_inv_freq
+from omnilab.model.generate import Generation
 from omnilab.gpu.traces import RoutingOverride
 
 
@@ -152,24 +153,18 @@ _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.floa
 SLOT_ORDER = (2, 0, 1)  # a slot holds (gate, up, down)[j] for j in this order: down | gate | up
 
 
-class SlabPool:
+class SlabPool(ExpertSlots):
     """The GPU slots: per MoE layer one slab [S, 3 * I * H], a slot being one expert's down | gate | up (the order
     of a name-sorted safetensors shard, so a miss from the shard maps is a single copy), and the two views
     engine.expert_mix reads, down [S, H, I] and gate_up [S, 2I, H] (strided: the slot's stride is 3 * I * H).
     differs from engine.SlotPool: one allocation per layer and slot-contiguous experts, no device slot_of."""
 
     def __init__(self, config, slots: int, dtype: torch.dtype, device):
-        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        if not 1 <= slots <= E:
-            raise ValueError(f"slot pool: {slots} slots per layer, need 1..{E}")
-        self.config, self.slots, self.dtype, self.device = config, slots, dtype, torch.device(device)
-        self.layers = list(config.moe_layers)
+        super().__init__(config, slots, dtype, device)
+        H, I = config.hidden_size, config.moe_intermediate_size
         self.slab = {i: torch.empty(slots, 3 * I * H, dtype=dtype, device=device) for i in self.layers}
         self.down = {i: t[:, :H * I].view(slots, H, I) for i, t in self.slab.items()}  # [S, H, I]
         self.gate_up = {i: t[:, H * I:].view(slots, 2 * I, H) for i, t in self.slab.items()}  # [S, 2I, H]
-
-    expert_bytes = SlotPool.expert_bytes  # the same accounting as the fast path's pool
-    nbytes = SlotPool.nbytes
 
 
 # -- issuing copies --------------------------------------------------------------------------------------------------

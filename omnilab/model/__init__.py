@@ -1,3 +1,4 @@
-"""The selective model: the decoder and its forward (decoder.py), the routing options it is given (routing.py),
-experts and the cache that holds them with every eviction policy (experts.py), hook points (hooks.py),
-faults a hand-built loader hits (faults.py), and multimodal input through transformers' towers (multimodal.py)."""
+"""The selective model: the decoder and its forward (decoder.py), loading it from a checkpoint (loading.py),
+generation with it (generate.py), the routing options it is given (routing.py), experts and the cache that holds
+them with every eviction policy (experts.py), hook points (hooks.py), faults a hand-built loader hits (faults.py),
+and multimodal input through transformers' towers (multimodal.py)."""

@@ -5,8 +5,13 @@ final norm, lm_head); each MoE layer asks an `ExpertCache` for the experts its r
 set of experts runs in whatever budget the cache is given. It follows transformers' `Qwen3MoeForCausalLM`
 and `Qwen3OmniMoeThinkerTextModel` operation for operation (the reference this is compared against, hook by
 hook), in the spirit of mlx-lm's models/qwen3_moe.py: module names match the checkpoint's tensor names, so
-loading the backbone is a plain copy. The forward pass is one function that reads top to bottom, with a
-hook point (TransformerLens names, see omnilab.model.hooks) between every two steps.
+loading the backbone is a plain copy (omnilab.model.loading), and generation is a loop around this forward
+(omnilab.model.generate).
+
+Top to bottom: the blocks (RMSNorm, rotary embedding, KVCache, Attention, MLP, Router, DecoderLayer), then
+SelectiveMoE: its forward (embed, one `block` per layer, final norm, lm_head), a block (attention, then MLP or
+MoE, each a residual add, with a hook point between every two steps: TransformerLens names, see
+omnilab.model.hooks), and the MoE step (`route`, then `mix_experts`).
 
 Rotary embedding: Qwen3-Omni's thinker uses interleaved M-RoPE (temporal / height / width sections). For
 text-only input the three position rows are equal, so every section rotates by the same angle and M-RoPE is
@@ -17,22 +22,13 @@ them as transformers does (tests/test_multimodal.py checks it against transforme
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omnilab.arch import expected_tensors
-from omnilab.checkpoint import Checkpoint
-from omnilab.dtypes import as_dtype
-from omnilab.model.experts import ExpertCache, ExpertStore, MissingExpertError
+from omnilab.model.experts import ExpertCache
 from omnilab.model.faults import Fault
 from omnilab.model.routing import RoutingOptions
-from omnilab.tokenizer import load_tokenizer
 
 # -- building blocks -------------------------------------------------------------------------------------------
 
@@ -171,34 +167,7 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-# -- the model ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Generation:
-    """What `generate` returns. new_token_ids: one list per prompt, stop token included when one was hit."""
-
-    new_token_ids: list[list[int]]
-    prompt_lengths: list[int]
-    seconds: float
-    prefill_seconds: float
-    stopped: list[bool] = field(default_factory=list)
-
-    @property
-    def num_new_tokens(self) -> int:
-        return sum(len(t) for t in self.new_token_ids)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """New tokens (all prompts) per second of generate, prefill included."""
-        return self.num_new_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """New tokens after the first, per second after prefill."""
-        decode = self.seconds - self.prefill_seconds
-        n = self.num_new_tokens - len(self.new_token_ids)
-        return n / decode if decode > 0 and n > 0 else float("nan")
+# -- the model -------------------------------------------------------------------------------------------------
 
 
 class SelectiveMoE(nn.Module):
@@ -223,60 +192,13 @@ class SelectiveMoE(nn.Module):
         self.tokenizer = None
         self.generation_config: dict = {}
 
-    # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path, *, dtype="float32", device="cpu", expert_budget: int | None = None,
-                        policy="lru", pinned=(), faults=(), mask_missing_experts: bool = False,
-                        tokenizer: bool = True) -> "SelectiveMoE":
-        """Open any checkpoint folder (original shards or an extraction), load the backbone, set up the cache.
+    def from_checkpoint(cls, path, **options) -> "SelectiveMoE":
+        """Open a checkpoint folder and load the backbone, the experts behind a cache: omnilab.model.loading.load
+        (dtype, device, expert_budget, policy, pinned, faults, mask_missing_experts, tokenizer)."""
+        from omnilab.model.loading import load
 
-        expert_budget: bytes of experts held at once (None: all fit). mask_missing_experts: experts absent
-        from the checkpoint are masked out of the router's choice (counted in `cache.stats.masked_choices`);
-        without it a checkpoint with any expert tensor missing is refused, naming the first missing tensor."""
-        dtype, device = as_dtype(dtype), torch.device(device)
-        checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
-        config, layout = checkpoint.arch
-        store = ExpertStore(checkpoint, config, layout, dtype, device,
-                            transform=_expert_transform(faults) if faults else None)
-        available = None
-        if not store.is_complete():
-            if not mask_missing_experts:
-                n = len(store.missing_tensors)
-                raise MissingExpertError(
-                    f"{checkpoint.path}: {n} expert tensor{'s' * (n != 1)} missing, first {store.missing_tensors[0]} "
-                    f"(pass mask_missing_experts=True to restrict the router to the experts present)")
-            available = {layer: ok.to(device) for layer, ok in store.available.items()}
-            for layer, ok in store.available.items():
-                if int(ok.sum()) < config.num_experts_per_tok:
-                    raise MissingExpertError(f"{checkpoint.path}: layer {layer} has {int(ok.sum())} complete experts, "
-                                             f"fewer than top-{config.num_experts_per_tok}")
-        cache = ExpertCache(store, expert_budget, policy=policy, pinned=pinned)
-        with torch.device("meta"):
-            model = cls(config, cache, faults, available)
-        state = {}
-        for name, spec in expected_tensors(config, layout).items():
-            if spec.component == "experts":
-                continue
-            if name not in checkpoint.tensors.index:
-                raise KeyError(f"{checkpoint.path}: backbone tensor {name} ({spec.component}) is missing")
-            local = "lm_head.weight" if name == layout.lm_head else "model." + name[len(layout.prefix):]
-            state[local] = checkpoint.read(name).to(device=device, dtype=dtype, copy=True)  # own memory, not the mmap
-        if config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        for fault in model.faults:
-            state = fault.on_backbone(state, config)
-        model.load_state_dict(state, strict=True, assign=True)
-        model.inv_freq = rope_inv_freq(config).to(device)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.eval().requires_grad_(False)
-        model.checkpoint = checkpoint
-        if tokenizer:
-            model.tokenizer = load_tokenizer(checkpoint.root)
-        gen_file = checkpoint.root / "generation_config.json"
-        if gen_file.exists():
-            model.generation_config = json.loads(gen_file.read_text())
-        return model
+        return load(path, model_class=cls, **options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -337,45 +259,58 @@ class SelectiveMoE(nn.Module):
         residual after each of the first len(features) layers, as transformers' thinker adds it. routing:
         this call's RoutingOptions (default: the model's own, `self.routing`)."""
         routing = self.routing if routing is None else routing
-        input_ids = torch.as_tensor(input_ids, device=self.device)  # ids may come from the CPU for a CUDA model
+        input_ids = self._checked_ids(input_ids)  # [B, T]
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
         B, T = input_ids.shape
-        rows = self.model.embed_tokens.num_embeddings
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < rows:
-            bad = int(input_ids.max()) if int(input_ids.max()) >= rows else int(input_ids.min())
-            raise ValueError(f"token id {bad} is outside the embedding's {rows} rows (ids 0..{rows - 1})")
         past = kv.length if kv is not None else 0
         positions, mask = self._positions_and_mask(B, T, past, attention_mask, input_ids.device)
         if position_ids is not None:
             positions = torch.as_tensor(position_ids, device=input_ids.device)  # [3, B, T] or [B, T]
-            if positions.ndim == 3 and bool((positions == positions[:1]).all()):
-                positions = positions[0]  # equal rows: M-RoPE is exactly 1-D RoPE
-        if positions.ndim == 3:
-            section = self.config.rope_parameters.get("mrope_section")
-            if section is None:
-                raise ValueError("position_ids [3, B, T] with distinct rows need M-RoPE (config.json has no mrope_section)")
-            cos, sin = mrope_cos_sin(positions, self.inv_freq, section, self.dtype)  # [B, T, hd]
-        else:
-            cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, T, hd]
+        positions, cos, sin = self._rotary(positions)  # positions [B, T] or [3, B, T]; cos, sin [B, T, hd]
 
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
         h = self.hook("hook_embed", h)  # [B, T, H]
         for i, layer in enumerate(self.model.layers):
-            h = self.hook(f"blocks.{i}.hook_resid_pre", h)
-            a = layer.self_attn(layer.input_layernorm(h), cos, sin, mask, kv, i)
-            a = self.hook(f"blocks.{i}.hook_attn_out", a)
-            h = self.hook(f"blocks.{i}.hook_resid_mid", h + a)
-            x = layer.post_attention_layernorm(h)
-            m = self.moe(i, layer.mlp, x, positions, routing) if layer.is_moe else layer.mlp(x)
-            m = self.hook(f"blocks.{i}.hook_mlp_out", m)
-            h = self.hook(f"blocks.{i}.hook_resid_post", h + m)
+            h = self.block(i, layer, h, cos, sin, mask, kv, positions, routing)  # [B, T, H]
             if deepstack is not None and i < len(deepstack[1]):  # as transformers' _deepstack_process
                 visual = deepstack[0].to(h.device)  # [B, T]
                 h = h.clone()
                 h[visual] = h[visual] + deepstack[1][i].to(h.device, h.dtype)  # [n_visual, H]
         h = self.hook("ln_final.hook_normalized", self.model.norm(h))
         return self.hook("hook_logits", self.lm_head(h))  # [B, T, V]
+
+    def block(self, i: int, layer: DecoderLayer, h, cos, sin, mask, kv, positions, routing) -> torch.Tensor:
+        """One decoder layer, h [B, T, H] -> [B, T, H]: pre-norm attention, then pre-norm MLP or MoE, each added
+        to the residual, with a hook point between every two steps."""
+        h = self.hook(f"blocks.{i}.hook_resid_pre", h)
+        a = self.hook(f"blocks.{i}.hook_attn_out", layer.self_attn(layer.input_layernorm(h), cos, sin, mask, kv, i))
+        h = self.hook(f"blocks.{i}.hook_resid_mid", h + a)
+        x = layer.post_attention_layernorm(h)
+        m = self.hook(f"blocks.{i}.hook_mlp_out", self.moe(i, layer.mlp, x, positions, routing) if layer.is_moe
+                      else layer.mlp(x))
+        return self.hook(f"blocks.{i}.hook_resid_post", h + m)
+
+    def _checked_ids(self, input_ids) -> torch.Tensor:
+        """input_ids on the model's device (ids may come from the CPU for a CUDA model), every id an embedding row."""
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        rows = self.model.embed_tokens.num_embeddings
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < rows:
+            bad = int(input_ids.max()) if int(input_ids.max()) >= rows else int(input_ids.min())
+            raise ValueError(f"token id {bad} is outside the embedding's {rows} rows (ids 0..{rows - 1})")
+        return input_ids
+
+    def _rotary(self, positions: torch.Tensor):
+        """positions [B, T] or [3, B, T] (M-RoPE rows) -> (positions, cos [B, T, hd], sin [B, T, hd]); equal
+        M-RoPE rows become [B, T], since M-RoPE is then exactly 1-D RoPE."""
+        if positions.ndim == 3 and bool((positions == positions[:1]).all()):
+            positions = positions[0]  # [B, T]
+        if positions.ndim == 2:
+            return (positions, *rope_cos_sin(positions, self.inv_freq, self.dtype))
+        section = self.config.rope_parameters.get("mrope_section")
+        if section is None:
+            raise ValueError("position_ids [3, B, T] with distinct rows need M-RoPE (config.json has no mrope_section)")
+        return (positions, *mrope_cos_sin(positions, self.inv_freq, section, self.dtype))
 
     def _positions_and_mask(self, B, T, past, attention_mask, device):
         """Positions [B, T] and a boolean attention mask [B, 1, T, past + T] (None when plain causal)."""
@@ -396,15 +331,22 @@ class SelectiveMoE(nn.Module):
         allowed = allowed | (k == q)[None]
         return positions, allowed[:, None]  # [B, 1, T, S]
 
+    # -- the MoE step ----------------------------------------------------------------------------------------
     def moe(self, i: int, router: Router, x: torch.Tensor, positions: torch.Tensor | None = None,
             routing: RoutingOptions | None = None) -> torch.Tensor:
-        """Route each token to top-k experts and run each picked expert once over all its tokens.
-        positions [B, T]: the tokens' positions, for a routing override given by position."""
-        cfg = self.config
-        routing = self.routing if routing is None else routing
-        k = routing.experts_per_token(cfg)
+        """x [B, T, H] -> [B, T, H]: route each token to top-k experts, then run each picked expert once over all
+        its tokens. positions [B, T]: the tokens' positions, for a routing override given by position."""
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, H]
+        experts, weights = self.route(i, router, x, positions, self.routing if routing is None else routing)
+        self.cache.observe(i, experts, weights)  # a policy that weighs by routing (TrustWeighted) sees it here
+        return self.mix_experts(i, x, experts, weights).view(B, T, H)
+
+    def route(self, i: int, router: Router, x: torch.Tensor, positions, routing: RoutingOptions):
+        """x [N, H] -> experts [N, k], weights [N, k]: the router's softmax over the (transformed, masked) logits,
+        its top-k or the override's choice, renormalised when the config says so."""
+        cfg = self.config
+        k = routing.experts_per_token(cfg)
         logits = self.hook(f"blocks.{i}.mlp.hook_router_logits", router.gate(x))  # [N, E]
         routed = logits
         for transform in routing.transforms:
@@ -426,8 +368,11 @@ class SelectiveMoE(nn.Module):
         weights = weights.to(logits.dtype)
         experts = self.hook(f"blocks.{i}.mlp.hook_topk_indices", experts)
         weights = self.hook(f"blocks.{i}.mlp.hook_topk_weights", weights)
-        self.cache.observe(i, experts, weights)  # a policy that weighs by routing (TrustWeighted) sees it here
+        return experts, weights
 
+    def mix_experts(self, i: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], experts and weights [N, k] -> the weighted sum of each token's experts [N, H], each picked
+        expert fetched from the cache once and run over all its tokens as one SwiGLU."""
         out = torch.zeros_like(x)  # [N, H]
         flat = experts.reshape(-1)  # [N * k]
         order = torch.argsort(flat, stable=True)  # choices grouped by expert
@@ -440,105 +385,14 @@ class SelectiveMoE(nn.Module):
             h = x[rows]  # [n_e, H]
             y = F.linear(F.silu(F.linear(h, ex.gate_proj)) * F.linear(h, ex.up_proj), ex.down_proj)  # [n_e, H]
             out.index_add_(0, rows, y * w[:, None])
-        return out.view(B, T, H)
+        return out
 
-    # -- generation ------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens: int = 32, *, greedy: bool = True, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, stop_tokens=(), vocab_limit="auto", seed: int | None = 0,
-                 use_kv_cache: bool = True, progress: bool = False, routing: RoutingOptions | None = None) -> Generation:
-        """Generate from one prompt (list of ids) or a batch (list of lists, left-padded here).
+    def generate(self, prompts, max_new_tokens: int = 32, **options):
+        """Greedy or sampled generation from one prompt or a left-padded batch: omnilab.model.generate.generate
+        (greedy, temperature, top_k, top_p, stop_tokens, vocab_limit, seed, use_kv_cache, progress, routing)."""
+        from omnilab.model.generate import generate
 
-        greedy, or sampling with temperature / top_k / top_p (transformers' logits warpers). Stops at
-        max_new_tokens or when every sequence has produced one of `stop_tokens`. vocab_limit: ids at or past
-        it are never produced ("auto": the tokenizer's length when there is one: embedding rows past the
-        tokenizer are padding). use_kv_cache False re-runs the whole sequence at every step (for testing).
-        routing: RoutingOptions for every step (default: the model's own)."""
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
-        if prompts and isinstance(prompts[0], int):
-            prompts = [prompts]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one non-empty prompt")
-        vocab_limit, warpers, generator = self.sampling_setup(vocab_limit, greedy, temperature, top_k, top_p, seed)
-        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=self.device)
-
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)  # [B, L], left padded with id 0
-        attn = torch.zeros(B, L, dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):
-            ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[b, L - len(p):] = 1
-        padded = bool((attn == 0).any())
-        kv = KVCache(self.config.num_hidden_layers) if use_kv_cache else None
-        new = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        start = time.perf_counter()
-        prefill = 0.0
-        step_input, seq = ids, ids
-        steps = range(max_new_tokens)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="generate", unit="tok")
-        for step in steps:
-            mask = attn if padded else None
-            logits = (self(step_input, mask, kv, routing=routing) if kv is not None
-                      else self(seq, mask, routing=routing))[:, -1].float()
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = float("-inf")
-            if greedy:
-                token = logits.argmax(-1)  # [B]
-            else:
-                for warp in warpers:
-                    logits = warp(seq, logits)
-                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-            token = torch.where(done, torch.zeros_like(token), token)
-            for b in range(B):
-                if not done[b]:
-                    new[b].append(int(token[b]))
-            if stop.numel():
-                done |= torch.isin(token, stop)
-            if step == 0:
-                prefill = time.perf_counter() - start
-            if bool(done.all()):
-                break
-            seq = torch.cat((seq, token[:, None]), dim=1)  # [B, L + step + 1]
-            attn = torch.cat((attn, torch.ones_like(attn[:, :1])), dim=1)
-            step_input = token[:, None]  # [B, 1]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        return Generation(new, [len(p) for p in prompts], seconds, prefill,
-                          stopped=[bool(d) for d in done.tolist()])
-
-    def sampling_setup(self, vocab_limit, greedy, temperature, top_k, top_p, seed):
-        """(vocab_limit, logits warpers, random generator) of one generate call; vocab_limit "auto" is the
-        tokenizer's length, None when it covers the whole embedding."""
-        if vocab_limit == "auto":
-            vocab_limit = len(self.tokenizer) if self.tokenizer is not None else None
-        if vocab_limit is not None and vocab_limit >= self.config.vocab_size:
-            vocab_limit = None
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        return vocab_limit, self._warpers(greedy, temperature, top_k, top_p), generator
-
-    @staticmethod
-    def _warpers(greedy, temperature, top_k, top_p):
-        if greedy:
-            return []
-        from transformers.generation.logits_process import (
-            TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-        warpers = []
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k and top_k > 0:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
-        return warpers
+        return generate(self, prompts, max_new_tokens, **options)
 
 
 class _HookHandle:
@@ -555,12 +409,3 @@ class _HookHandle:
 
 def _acts_on_router(fault) -> bool:
     return type(fault).on_router_logits is not Fault.on_router_logits
-
-
-def _expert_transform(faults):
-    def transform(layer, expert, weights):
-        for fault in faults:
-            weights = fault.on_expert(layer, expert, weights)
-        return weights
-
-    return transform

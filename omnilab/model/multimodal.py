@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from omnilab.checkpoint import Checkpoint
 from omnilab.jsonio import write_json
@@ -366,12 +365,13 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
              seed: int | None = 0, routing=None):
     """SelectiveMoE.generate for one multimodal prompt: the prefill reads the merged embeddings and M-RoPE
     positions; each new token's three position rows are equal, at its index plus the prompt's rope delta
-    (as transformers decodes). Returns omnilab.model.decoder.Generation."""
-    from omnilab.model.decoder import Generation, KVCache
+    (as transformers decodes). Returns omnilab.model.generate.Generation."""
+    from omnilab.model.decoder import KVCache
+    from omnilab.model.generate import Generation, pick_token, sampling_setup
 
     if prompt.input_ids.shape[0] != 1:
         raise ValueError("multimodal generate takes one prompt at a time")
-    vocab_limit, warpers, generator = model.sampling_setup(vocab_limit, greedy, temperature, top_k, top_p, seed)
+    vocab_limit, warpers, generator = sampling_setup(model, vocab_limit, greedy, temperature, top_k, top_p, seed)
     stop = set(stop_tokens)
     kv = KVCache(model.config.num_hidden_layers)
     seq = prompt.input_ids
@@ -381,14 +381,7 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
     prefill = 0.0
     logits = forward(model, prompt, kv, routing)[:, -1].float()  # [1, V]
     for step in range(max_new_tokens):
-        if vocab_limit is not None:
-            logits[:, vocab_limit:] = float("-inf")
-        if greedy:
-            token = logits.argmax(-1)  # [1]
-        else:
-            for warp in warpers:
-                logits = warp(seq, logits)
-            token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+        token = pick_token(logits, seq, vocab_limit, greedy, warpers, generator)  # [1]
         new.append(int(token))
         if step == 0:
             prefill = time.perf_counter() - start
