@@ -181,7 +181,8 @@ def heldout_items(n_sums: int, n_sentences: int, seed: int = 2026) -> list[dict]
     for r in read_jsonl(EVAL_DIR / "eval.jsonl"):
         if r["domain"] == "en":
             sentences += [s for s in split_sentences(r["text"]) if usable_sentence(s, 4, 9, 48)]
-    sentences = rng.sample(sorted(set(sentences)), n_sentences)
+    sentences = sorted(set(sentences))
+    sentences = rng.sample(sentences, min(n_sentences, len(sentences)))  # the held-out split has ~40 short ones
     rows = []
     for i, (a, b) in enumerate(pairs):
         if rng.random() < 0.5:

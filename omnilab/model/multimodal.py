@@ -53,7 +53,10 @@ def thinker_config(checkpoint: Checkpoint):
     if config.get("model_type") != "qwen3_omni_moe":
         raise ValueError(f"{checkpoint.root}: audio and image input need a Qwen3-Omni checkpoint "
                          f"(model_type qwen3_omni_moe), this one is {config.get('model_type')!r}")
-    return Qwen3OmniMoeConfig.from_dict(config).thinker_config
+    from omnilab.tokenizer import quiet_transformers
+
+    with quiet_transformers():  # its rope_parameters check warns of M-RoPE's own keys (mrope_section, ...)
+        return Qwen3OmniMoeConfig.from_dict(config).thinker_config
 
 
 # -- the towers ---------------------------------------------------------------------------------------------------

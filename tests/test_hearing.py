@@ -1,0 +1,50 @@
+"""omni-tiny hears: `omnilab generate data/omni-tiny --audio` transcribes held-out spoken sums.
+
+The held-out set (data/eval/multimodal, made by scripts/make_multimodal_data.py --heldout) holds sums never
+trained on, spoken by espeak-ng in a trained voice (en-us) and in a voice never trained on (en-029). The
+CLI decodes greedily in fp32 on the CPU; the transcript is scored by word error rate against the written
+sum ("35 + 15"). Thresholds are set from the committed model's measured numbers (model card) with room for
+another CPU's float rounding; an untrained audio tower scores WER >= 1 here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from omnilab.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "data" / "omni-tiny"
+HELDOUT = ROOT / "data" / "eval" / "multimodal"
+sys.path.insert(0, str(ROOT / "scripts"))
+from omni_tiny_common import word_errors  # noqa: E402
+
+
+def heldout_sums(voice: str) -> list[dict]:
+    rows = [json.loads(line) for line in (HELDOUT / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == "sum" and r["voice"] == voice]
+
+
+def transcribe(capsys, wav: Path) -> str:
+    code = main(["generate", str(MODEL), "--audio", str(wav), "--json", "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)["text"].replace("<|endoftext|>", "").strip()
+
+
+@pytest.mark.parametrize("voice, max_wer", [("en-us", 0.25), ("en-029", 0.5)])
+def test_generate_audio_transcribes_heldout_sums(capsys, voice, max_wer):
+    rows = heldout_sums(voice)
+    assert len(rows) >= 10
+    errors = words = exact = 0
+    for r in rows:
+        got = transcribe(capsys, HELDOUT / r["wav"])
+        e, n = word_errors(r["text"], got)
+        errors, words, exact = errors + e, words + n, exact + (got == r["text"])
+    wer = errors / words
+    assert wer <= max_wer, f"{voice}: WER {wer:.2f} over {len(rows)} held-out sums ({exact} exact)"
+    assert exact >= 1
