@@ -3,7 +3,7 @@
 The held-out set (data/eval/multimodal, made by scripts/make_multimodal_data.py --heldout) holds sums never
 trained on, spoken by espeak-ng in a trained voice (en-us) and in a voice never trained on (en-029). The
 CLI decodes greedily in fp32 on the CPU; the transcript is scored by word error rate against the written
-sum ("35 + 15"). Thresholds are set from the committed model's measured numbers (model card) with room for
+sum ("35 + 15"). Thresholds: the committed model measures WER 0.056 (en-us) and 0.25 (en-029) here (model card); the bounds leave room for
 another CPU's float rounding; an untrained audio tower scores WER >= 1 here.
 """
 
@@ -36,7 +36,7 @@ def transcribe(capsys, wav: Path) -> str:
     return json.loads(out)["text"].replace("<|endoftext|>", "").strip()
 
 
-@pytest.mark.parametrize("voice, max_wer", [("en-us", 0.25), ("en-029", 0.5)])
+@pytest.mark.parametrize("voice, max_wer", [("en-us", 0.15), ("en-029", 0.4)])
 def test_generate_audio_transcribes_heldout_sums(capsys, voice, max_wer):
     rows = heldout_sums(voice)
     assert len(rows) >= 10
