@@ -3,8 +3,8 @@
 The held-out set (data/eval/multimodal, made by scripts/make_multimodal_data.py --heldout) holds sums never
 trained on, spoken by espeak-ng in a trained voice (en-us) and in a voice never trained on (en-029). The
 CLI decodes greedily in fp32 on the CPU; the transcript is scored by word error rate against the written
-sum ("35 + 15"). Thresholds: the committed model measures WER 0.056 (en-us) and 0.25 (en-029) here (model card); the bounds leave room for
-another CPU's float rounding; an untrained audio tower scores WER >= 1 here.
+sum ("35 + 15"). The committed model measures WER 0.056 (en-us) and 0.25 (en-029) here (model card); the
+bounds leave room for another CPU's float rounding. The untrained towers it replaced scored WER >= 1.
 """
 
 from __future__ import annotations
