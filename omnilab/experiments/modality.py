@@ -54,13 +54,14 @@ EOS = "<|endoftext|>"
 # kind -> form -> (prompt, answer, content): the text around the media (omnilab.model.multimodal.prompt_text puts the
 # media's placeholders in front of it), what is scored after it ({text}: the item's text, {answer}: its answer),
 # and whose routing the trace records ("media": the placeholder rows, "prompt" / "answer": that part's text
-# tokens). The media prompts are those omni-tiny is trained on (scripts/train_multimodal.py): a sum's media then
-# " =" -> " 85" and <|endoftext|>; a sentence's media alone -> its text and <|endoftext|> (transcribe / read). As
-# text, a sum is the arithmetic line "47 + 38 =" -> " 85" and a sentence is read as a document (after
+# tokens). The media prompts are tasks omni-tiny is trained on (scripts/train_multimodal.py): a medium alone ->
+# its text and <|endoftext|> (transcribe / read), for a sum too ("35 + 15"): of its trained tasks omni-tiny does
+# this one (model card: spoken sums 83% exact in a trained voice) and not the spoken answer (" =" -> " 50", 0%).
+# As text, a sum is the arithmetic line "47 + 38 =" -> " 85" and a sentence is read as a document (after
 # <|endoftext|>, as the corpus separates documents): its own tokens, scored as language modelling.
 PROMPTS = {
     "sum": {"text": ("{text} =", " {answer}", "prompt"),
-            "audio": (" =", " {answer}" + EOS, "media"), "image": (" =", " {answer}" + EOS, "media")},
+            "audio": ("", "{text}" + EOS, "media"), "image": ("", "{text}" + EOS, "media")},
     "sentence": {"text": (EOS, "{text}", "answer"),
                  "audio": ("", "{text}" + EOS, "media"), "image": ("", "{text}" + EOS, "media")},
 }
