@@ -38,6 +38,7 @@ from omni_tiny_common import (  # noqa: E402
     EOS,
     EVAL_DIR,
     MODEL_DIR,
+    REPO,
     greedy_extend,
     read_jsonl,
     text_position_ids,
@@ -407,6 +408,8 @@ def write_card(model_dir: Path, res: dict) -> None:
     mlog = json.loads(mlog_path.read_text()) if mlog_path.exists() else None
     if mlog and res.get("multimodal"):
         write_multimodal_section(a, mlog, res["multimodal"])
+        if res.get("text_before"):
+            write_text_comparison(a, res, res["text_before"]["results"], res["text_before"]["label"])
 
     a("## Limits\n")
     a(f"- A {res['params']['all'] // 10**6}M-parameter model trained for minutes on ~" + (f"{sum(tlog['summary']['train_tokens_per_domain'][d] for d in ('en', 'fr', 'es')) / 1e6:.1f}"
@@ -424,6 +427,17 @@ def write_card(model_dir: Path, res: dict) -> None:
                "python scripts/evaluate_tiny.py --model .scratch/run   # CPU, a few minutes; writes README.md", "bash"))
     a("")
     (model_dir / "README.md").write_text("\n".join(L), encoding="utf-8")
+
+
+def write_text_comparison(a, res: dict, before: dict, label: str) -> None:
+    """Held-out text quality of this model against an earlier eval_results.json (the text-only model)."""
+    a(f"Text quality against {label}:\n")
+    a("| domain | loss before | loss now | perplexity before | perplexity now |\n|---|---|---|---|---|")
+    for d in DOMAINS:
+        b, n = before["perplexity"][d], res["perplexity"][d]
+        a(f"| {d} | {b['loss']:.3f} | {n['loss']:.3f} | {b['perplexity']:.2f} | {n['perplexity']:.2f} |")
+    ab, an = before["addition"], res["addition"]
+    a(f"\n2-digit addition: {ab['correct']} / {ab['n']} before, {an['correct']} / {an['n']} now.\n")
 
 
 def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
@@ -450,12 +464,20 @@ def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
       "and `en-029` a voice never trained on. WER: word edit distance over reference words (lowercased, "
       "punctuation dropped); exact: the whole stripped output.\n")
     for name, r in mres.items():
-        a(f"**{name}** set ({r['rows']} rows, `{r['folder']}`):\n")
-        a("| task | voice | n | exact match | WER |\n|---|---|---|---|---|")
+        folder = Path(r["folder"])
+        folder = folder.relative_to(REPO) if folder.is_absolute() and folder.is_relative_to(REPO) else folder
+        a(f"**{name}** set ({r['rows']} rows, `{folder}`):\n")
+        a("| task | voice | n | exact match | WER | example: target -> output |\n|---|---|---|---|---|---|")
         for c in r["cells"].values():
-            a(f"| {c['task']} | {c['voice']} | {c['n']} | {c['exact_match']:.3f} | {c['wer']:.3f} |")
+            ex = next((e for e in r["examples"] if e["task"] == c["task"] and e["voice"] == c["voice"]), None)
+            shown = f"`{ex['target']}` -> `{ex['got'][:60]}`" if ex else ""
+            a(f"| {c['task']} | {c['voice']} | {c['n']} | {c['exact_match']:.3f} | {c['wer']:.3f} | {shown} |")
         a("")
-        a("Examples: " + "; ".join(f"`{e['target']}` -> `{e['got']}`" for e in r["examples"][:6]) + "\n")
+    last = list(mres.values())[-1]["cells"]
+    learned = [k for k, c in last.items() if c["wer"] <= 0.5]
+    a("What it learned (WER <= 0.5 on the " + list(mres)[-1] + " set): " + (", ".join(f"`{k}`" for k in learned) or "nothing")
+      + "; not learned (WER > 0.5): " + (", ".join(f"`{k}` ({c['wer']:.2f})" for k, c in last.items() if k not in learned)
+                                         or "none") + ".\n")
 
 
 def main() -> None:
@@ -474,7 +496,22 @@ def main() -> None:
                     help="a larger held-out set, made here with make_multimodal_data.py --heldout --out DIR "
                          "--sums 100 --sentences 50 when absent (needs espeak-ng); 'none' to skip")
     ap.add_argument("--mm-limit", type=int, default=0, help="rows per multimodal set (0: all)")
+    ap.add_argument("--text-before", type=Path, default=None,
+                    help="an earlier eval_results.json (the text-only model) to compare text quality with")
+    ap.add_argument("--text-before-label", default="the text-only omni-tiny")
+    ap.add_argument("--card-only", action="store_true", help="rewrite README.md from <model>/eval_results.json")
     args = ap.parse_args()
+    text_before = None
+    if args.text_before is not None:
+        text_before = {"label": args.text_before_label, "results": json.loads(args.text_before.read_text())}
+    if args.card_only:
+        res = json.loads((args.model / "eval_results.json").read_text())
+        if text_before:
+            res["text_before"] = text_before
+        (args.model / "eval_results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+        write_card(args.model, res)
+        print(f"wrote {args.model / 'README.md'} from eval_results.json")
+        return
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -544,6 +581,8 @@ def main() -> None:
     res["env"] = {"device": f"{args.device} ({platform.processor() or platform.machine()}, "
                             f"{torch.get_num_threads()} threads)" if device.type == "cpu" else args.device,
                   "torch": torch.__version__, "transformers": transformers.__version__}
+    if text_before:
+        res["text_before"] = text_before
     res["wall_s"] = round(time.time() - t0, 1)
     res["folder_bytes"] = sum(p.stat().st_size for p in args.model.iterdir() if p.is_file() and p.name != "README.md")
     (args.model / "eval_results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
