@@ -117,7 +117,8 @@ def build_parallel(args) -> Path:
 
     import torch
 
-    from omnilab.checkpoint import read_header, write_json
+    from omnilab.checkpoint import read_header
+    from omnilab.jsonio import write_json
     from omnilab.testing.synth import real_shape_config, sparse_from_config
 
     out = Path(args.workdir) / f"omni-thinker-{args.layers}l-par"
