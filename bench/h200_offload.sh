@@ -5,7 +5,7 @@
 set -u
 free -g | head -2
 W=/dev/shm/omnilab-bench
-PLAN=${PLAN:-"8/uniform/torch,8/uniform,8/locality,8/uniform/compile,8/locality/compile,8/uniform/compile+prefetch,16/uniform/compile,16/locality/compile"}
+PLAN=${PLAN:-"8/locality/compile+slot,8/locality/compile,8/uniform/compile+slot,8/uniform/compile,16/locality/compile+slot,16/uniform/compile+slot"}
 COMMON="--device cuda --layers 48 --workdir $W --prompt-tokens 16 --new-tokens 32"
 OFFLOAD_PARTIAL=$OUT/offload_partial.json python bench/offload.py $COMMON --plan "$PLAN" --rows ${ROWS:-omnilab,accelerate} \
   --row-timeout ${ROW_TIMEOUT:-240} --accelerate-timeout ${ACC_TIMEOUT:-170} --out $OUT/offload_h200_bf16.json --markdown $OUT/offload_h200_bf16.md 2>&1 | tee $OUT/log

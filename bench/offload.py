@@ -15,7 +15,9 @@ unless a row says `devembed`), the KV cache and a working reserve.
 --plan lists the rows: CAP/TRACE[/OPTIONS], OPTIONS joined by '+' from: torch (copies issued through torch's
 copy_, as before; default: straight through the CUDA driver), compile (the segments through torch.compile),
 prefetch (speculative next-layer prefetch; under a forced trace the router's guess is unrelated to the trace,
-so its precision is chance, k / E), devembed (the embedding table on the GPU). Every row also runs one profiled
+so its precision is chance, k / E), devembed (the embedding table on the GPU), slot (OffloadDecoder(step="slot"):
+one graph per (layer, slot) instead of per routed choice, the layer's sum folded into the next layer's attention
+graph, the layer's last miss copied gate|up first and computed in two halves). Every row also runs one profiled
 pass (CUDA events around every phase of every layer: the breakdown table) after its timed pass.
 
 The PCIe floor is the row's measured bytes per token at the measured pinned host-to-device bandwidth (a 1 GB
@@ -41,7 +43,7 @@ from decode import AnonPeak, build_checkpoint  # noqa: E402  (bench/decode.py: t
 
 DEFAULT_PLAN = ("8/uniform/torch,8/uniform,8/locality,8/uniform/compile,8/locality/compile,8/uniform/compile+prefetch,"
                 "16/uniform/compile,16/locality/compile")
-OPTIONS = {"torch", "compile", "prefetch", "devembed"}
+OPTIONS = {"torch", "compile", "prefetch", "devembed", "slot"}
 
 
 TOWERS = ("thinker.audio_tower.", "thinker.visual.")  # left out: the text decoder runs without them
@@ -115,7 +117,8 @@ def build_parallel(args) -> Path:
 
     import torch
 
-    from omnilab.checkpoint import read_header, write_json
+    from omnilab.checkpoint import read_header
+    from omnilab.jsonio import write_json
     from omnilab.testing.synth import real_shape_config, sparse_from_config
 
     out = Path(args.workdir) / f"omni-thinker-{args.layers}l-par"
@@ -267,7 +270,7 @@ def row_omnilab(args) -> list[dict]:
             try:
                 decoder = OffloadDecoder(model, host, slots=slots, max_len=S, prefetch="prefetch" in opts,
                                          override=override, issue="torch" if "torch" in opts or not cuda else "driver",
-                                         compile="compile" in opts)
+                                         compile="compile" in opts, step="slot" if "slot" in opts else "choice")
                 decoder.generate(prompt, 4, forced=forced)  # warm-up (graphs, kernels, slots filled)
                 gc.collect()
                 gc.freeze()  # the objects made so far never get scanned again: no long collection mid-step
@@ -281,7 +284,7 @@ def row_omnilab(args) -> list[dict]:
                 print(f"[offload] {label}: {rows[-1]['error']}", file=sys.stderr, flush=True)
                 decoder = None
                 continue
-            key = "compile" in opts
+            key = ("compile" in opts, "slot" in opts)  # rows of one arithmetic: their tokens must agree
             tokens = out.new_token_ids[0]
             reference.setdefault((name, key), (label, tokens))
             floor = bandwidth * 1e9 / st["bytes_per_token"] if st["bytes_per_token"] else float("inf")
@@ -291,7 +294,7 @@ def row_omnilab(args) -> list[dict]:
                          "pinned_h2d_gb_s": bandwidth, **tier, "pcie_floor_tokens_per_s": floor,
                          "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None, "host_tier": host.how,
                          "embedding": "host" if host_embed else "gpu", "issue": decoder.issue,
-                         "compiled": decoder.compiled, "slab_check": getattr(decoder, "slab_check", "not run"),
+                         "compiled": decoder.compiled, "step": decoder.step, "slab_check": getattr(decoder, "slab_check", "not run"),
                          "load_s": load_s, "profile": profile, "tokens": tokens,
                          "same_tokens_as": reference[name, key][0], "same_tokens": tokens == reference[name, key][1]})
             if os.environ.get("OFFLOAD_PARTIAL"):  # a run cut short keeps the configurations it measured

@@ -156,3 +156,65 @@ def test_prefill_logits_do_not_depend_on_the_budget(model, tiers):
         with torch.no_grad():
             logits[slots] = decoder.forward(prompt, torch.arange(prompt.shape[1]))
     assert torch.equal(logits[cfg.num_experts_per_tok], logits[cfg.num_experts])
+
+
+@pytest.mark.parametrize("tier", ["copy", "mapped"])
+def test_slot_step_gives_the_resident_tokens_at_every_budget(model, tiers, tier):
+    """step="slot" (per-slot expert segments, the sum folded into the next layer's attention segment, the last
+    miss computed in two halves) yields the all-resident tokens at every budget, unforced and teacher-forced,
+    with the routing forced by a trace too, and the same statistics as step="choice"."""
+    cfg = model.config
+    forced = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(0))
+    trace = locality_trace(len(cfg.moe_layers), len(PROMPT) + N, cfg.num_experts, cfg.num_experts_per_tok, seed=4)
+    override = RoutingOverride.from_trace(trace, cfg.moe_layers)
+    want = FastDecoder(model, max_len=64).generate(PROMPT, N).new_token_ids
+    want_forced = FastDecoder(model, max_len=64).generate(PROMPT, N, forced=forced).new_token_ids
+    want_trace = FastDecoder(model, max_len=64, override=override).generate(PROMPT, N).new_token_ids
+    k, E = cfg.num_experts_per_tok, cfg.num_experts
+    for slots in sorted({k, (k + E) // 2, E}):
+        decoder = OffloadDecoder(model, tiers[tier], slots=slots, max_len=64, prefetch=False, step="slot")
+        assert decoder.generate(PROMPT, N).new_token_ids == want, slots
+        assert decoder.generate(PROMPT, N, forced=forced).new_token_ids == want_forced, slots
+        traced = OffloadDecoder(model, tiers[tier], slots=slots, max_len=64, prefetch=False, step="slot",
+                                override=override)
+        assert traced.generate(PROMPT, N).new_token_ids == want_trace, slots
+        before = OffloadDecoder(model, tiers[tier], slots=slots, max_len=64, prefetch=False, override=override)
+        before.generate(PROMPT, N)
+        assert traced.stats.to_dict() == before.stats.to_dict()
+        if slots == k:
+            assert traced.stats.misses > 0  # the split last miss really ran
+
+
+def test_slot_step_profile_and_refusals(model, tiers):
+    cfg = model.config
+    decoder = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False,
+                             step="slot")
+    want = decoder.generate(PROMPT, N).new_token_ids
+    assert decoder.generate(PROMPT, N, profile=True).new_token_ids == want
+    from omnilab.gpu.offload import PHASES
+
+    phases = decoder.profile["phase_ms"]
+    assert sum(phases[p] for p in PHASES) == pytest.approx(phases["whole step"], rel=1e-6)
+    with pytest.raises(ValueError, match="prefetch"):
+        OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, step="slot", prefetch=True)
+    with pytest.raises(ValueError, match="step="):
+        OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, step="layer")
+
+
+def test_split_spans_cut_at_the_down_projection():
+    """split_spans: the gate|up part and the down part of a miss's spans cover the slot's bytes exactly once, the
+    down part being bytes [0, down) of the slot, whether the expert is one span or straddles several."""
+    from omnilab.gpu.offload import split_spans
+
+    down, total = 100, 300
+    for spans in ([(1000, 300, 0)], [(1000, 60, 0), (5000, 90, 60), (9000, 150, 150)], [(1000, 100, 0), (7, 200, 100)]):
+        first, second = split_spans(spans, down)
+        assert all(off >= down for _, _, off in first) and all(off + n <= down for _, n, off in second)
+        covered = sorted((off, n) for _, n, off in first + second)
+        assert sum(n for _, n in covered) == total and covered[0][0] == 0
+        for (o1, n1), (o2, _) in zip(covered, covered[1:]):
+            assert o1 + n1 == o2
+        # each piece still reads the host bytes that belong at its slot offset
+        def host_at(off):
+            return next(src + off - o for src, n, o in spans if o <= off < o + n)
+        assert all(src == host_at(off) for src, _, off in first + second)

@@ -22,6 +22,12 @@ strided down / gate_up views. Host tier (`HostTier`): `copy` reads every expert 
 the slot's order (one span per expert), registered page-locked with CUDA (cudaHostRegister: exact size, unlike
 torch's power-of-two pinned allocator); `mapped` views the experts where they lie in the shards' memory maps (on
 /dev/shm: no second copy) and registers the maps. `HostTier.spans` lists the byte spans a miss copies.
+step="slot" (OffloadDecoder(step=...); the default "choice" is the above) captures one graph per (layer, slot)
+instead of per routed choice: the slot is then a fixed address (no gather of the expert before its GEMMs), the
+"slots" segment goes, the layer's sum moves into the next layer's graph (with its H2D of the slots, issued when
+no expert copy is in flight), "pre" into the first layer's and "final" after the last sum; the layer's last miss
+is copied gate|up first, then down, and its gate|up GEMM runs while its down projection copies. Three graphs per
+(layer, slot): meant for small pools (an 8 or 16 GB cap: 11 or 28 slots), not all-resident ones.
 `OffloadDecoder.generate(profile=True)` times every phase of the step with CUDA events (`profile["phase_ms"]`).
 Exactness is unchanged by offloading: every budget computes the same experts as the all-resident path, and a
 choice's output does not depend on which other choices were resident (tests/test_offload.py, fp32).
@@ -30,6 +36,7 @@ choice's output does not depend on which other choices were resident (tests/test
 from __future__ import annotations
 
 import ctypes
+import gc
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -167,6 +174,21 @@ class SlabPool(ExpertSlots):
         self.gate_up = {i: t[:, H * I:].view(slots, 2 * I, H) for i, t in self.slab.items()}  # [S, 2I, H]
 
 
+def split_spans(spans, down_bytes: int):
+    """A miss's spans (host address, bytes, offset in the slot) -> (the gate|up part, the down part): the slot is
+    down | gate | up, so bytes [0, down_bytes) of it are down; a span across the boundary is cut in two."""
+    first, second = [], []
+    for src, n, off in spans:
+        if off < down_bytes:
+            m = min(n, down_bytes - off)
+            second.append((src, m, off))
+            if n > m:
+                first.append((src + m, n - m, off + m))
+        else:
+            first.append((src, n, off))
+    return first, second
+
+
 # -- issuing copies --------------------------------------------------------------------------------------------------
 
 
@@ -245,6 +267,40 @@ def expert_choice(x, slot, weight, slab, H: int, I: int):
     return F.linear(F.silu(gu[:, :I]) * gu[:, I:], down) * weight  # [1, H]
 
 
+def expert_on_slot(x, gate_up, down, I: int):
+    """One expert on its slot's own views, unweighted: x [1, H], gate_up [2I, H], down [H, I] -> [1, H]. The
+    step="slot" decode captures one graph per (layer, slot), so the slot is a fixed address: no gather of the
+    slot's 9.4 MB as in expert_choice (its arithmetic otherwise: the same two GEMMs, silu(gate) * up between)."""
+    gu = F.linear(x, gate_up)  # [1, 2I]
+    return F.linear(F.silu(gu[:, :I]) * gu[:, I:], down)  # [1, H]
+
+
+def expert_gate_up(x, gate_up, I: int):
+    """The first half of expert_on_slot, x [1, H] -> silu(gate) * up [1, I]: computed while the slot's down
+    projection is still copying (the layer's last miss)."""
+    gu = F.linear(x, gate_up)  # [1, 2I]
+    return F.silu(gu[:, :I]) * gu[:, I:]  # [1, I]
+
+
+def expert_down(act, down):
+    """The second half of expert_on_slot: act [1, I] -> [1, H]."""
+    return F.linear(act, down)
+
+
+def mix_sum(h, outputs, slots, weights):
+    """A layer's expert mix into the residual: h [1, 1, H] + sum over the k choices of weight * the output of the
+    choice's slot (outputs [S, H], one row per slot; slots [k]; weights [1, k]); as _seg_sum after
+    _seg_choice: each output times its weight, the k products summed in one reduction, then the residual."""
+    k = slots.shape[0]
+    rows = outputs.index_select(0, slots) * weights.reshape(k, 1)  # [k, H]: each choice's weighted output
+    return h + rows.view(1, k, -1).sum(dim=1).view(1, 1, -1)  # [1, 1, H]
+
+
+def sum_attention_router(h, outputs, slots, weights_prev, w, cos, sin, mask, pos, keys, values, forced, c: Consts):
+    """The previous layer's mix_sum, then segment a (attention_router): one graph per layer in step="slot"."""
+    return attention_router(mix_sum(h, outputs, slots, weights_prev), w, cos, sin, mask, pos, keys, values, forced, c)
+
+
 PHASES = ("attention + router", "ids to host + bookkeeping", "copy", "experts after the last copy",
           "experts -> next layer", "pre + final")
 
@@ -261,8 +317,13 @@ class OffloadDecoder:
     def __init__(self, model, host: HostTier, *, slots: int | None = None, expert_budget_bytes: int | None = None,
                  max_len: int = 512, prefetch: bool = True, override: RoutingOverride | None = None,
                  compute: str | None = None, graphs: bool | None = None, issue: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, step: str = "choice"):
         cfg = self.config = model.config
+        if step not in ("choice", "slot"):
+            raise ValueError(f"offload: step={step!r}, use 'choice' or 'slot'")
+        if step == "slot" and prefetch:
+            raise ValueError("offload: step='slot' runs without prefetch (pass prefetch=False)")
+        self.step = step
         self.model, self.host = model, host
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.embed = model.model.embed_tokens
@@ -326,6 +387,10 @@ class OffloadDecoder:
         self.compiled = bool(compile) and cuda
         self._attention_router = torch.compile(attention_router, dynamic=False) if self.compiled else attention_router
         self._expert_choice = torch.compile(expert_choice, dynamic=False) if self.compiled else expert_choice
+        fns = (sum_attention_router, expert_on_slot, expert_gate_up, expert_down, mix_sum)
+        (self._sum_attention_router, self._expert_on_slot, self._expert_gate_up, self._expert_down,
+         self._mix_sum) = (torch.compile(f, dynamic=False) if self.compiled else f for f in fns)
+        self.prev_moe = {b: a for a, b in zip(layers, layers[1:])}
         L = len(layers)
         g = cfg.num_attention_heads // cfg.num_key_value_heads
         hd = cfg.head_dim
@@ -339,6 +404,10 @@ class OffloadDecoder:
         self.s_w = torch.zeros(1, k, dtype=self.dtype, device=dev)
         self.s_slots = torch.zeros(L, 1, k, dtype=torch.long, device=dev)
         self.s_y = torch.zeros(k, H, dtype=self.dtype, device=dev)  # each choice's weighted expert output
+        # step="slot": each slot's unweighted expert output, and silu(gate) * up of a split last miss
+        self.s_out = torch.zeros(slots, H, dtype=self.dtype, device=dev)
+        self.s_act = torch.zeros(slots, I, dtype=self.dtype, device=dev)
+        self._copied_gate_up = torch.cuda.Event() if cuda else None  # the layer's last miss: gate|up landed
         self.s_token = torch.zeros(1, dtype=torch.long, device=dev)
         self.s_vocab_mask = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
         # pinned host buffers the graphs copy from / into (a graph's memcpy node reads them when it runs)
@@ -354,23 +423,35 @@ class OffloadDecoder:
         self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
     # -- slots ---------------------------------------------------------------------------------------------------
-    def _copy_in(self, layer: int, e: int, slot: int) -> None:
-        """Copy expert e's projections from the host tier into a slot (on the copy stream on CUDA)."""
+    def _copy_in(self, layer: int, e: int, slot: int, split: bool = False) -> None:
+        """Copy expert e's projections from the host tier into a slot (on the copy stream on CUDA). split: gate and
+        up first, then `_copied_gate_up` recorded on the copy stream, then down (the layer's last miss: its gate|up
+        GEMM runs while its down projection copies)."""
         if self._driver is not None:
             base = self._slab_ptr[layer] + slot * self._slot_bytes
-            for src, n, offset in self._spans[layer, e]:
+            spans = self._spans[layer, e]
+            if split:
+                first, second = split_spans(spans, self.pool.down[layer][0].numel() * self.pool.slab[layer].element_size())
+                for src, n, offset in first:
+                    self._driver(base + offset, src, n, self._copy_handle)
+                self._copied_gate_up.record(self.copy_stream)
+                spans = second
+                self.stats.copies += len(first)
+            for src, n, offset in spans:
                 self._driver(base + offset, src, n, self._copy_handle)
-            self.stats.copies += len(self._spans[layer, e])
+            self.stats.copies += len(spans)
             return
         gate, up, down = self.host.expert(layer, e)
         I = self.config.moe_intermediate_size
         nb = self.host.pinned and self.copy_stream is not None
         self.pool.gate_up[layer][slot, :I].copy_(gate, non_blocking=nb)
         self.pool.gate_up[layer][slot, I:].copy_(up, non_blocking=nb)
+        if split and self._copied_gate_up is not None:
+            self._copied_gate_up.record(self.copy_stream)
         self.pool.down[layer][slot].copy_(down, non_blocking=nb)
         self.stats.copies += 3
 
-    def _fetch(self, layer: int, e: int, keep: set, prefetch: bool, ordered: bool = False):
+    def _fetch(self, layer: int, e: int, keep: set, prefetch: bool, ordered: bool = False, split: bool = False):
         """Make expert e of a layer resident (a copy on the copy stream): its slot, or None when no slot can be
         freed. ordered: the caller already made the copy stream wait for the compute that read the slots."""
         lru = self.lru[layer]
@@ -392,9 +473,9 @@ class OffloadDecoder:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         if self.copy_stream is not None and self._driver is None:
             with torch.cuda.stream(self.copy_stream):
-                self._copy_in(layer, e, slot)
+                self._copy_in(layer, e, slot, split)
         else:  # the driver path names the copy stream itself
-            self._copy_in(layer, e, slot)
+            self._copy_in(layer, e, slot, split)
         lru[e] = slot
         self.stats.bytes_moved += self.pool.expert_bytes
         if prefetch:
@@ -567,8 +648,54 @@ class OffloadDecoder:
         self.s_token.copy_(logits.argmax(-1))
         self.h_token.copy_(self.s_token, non_blocking=True)
 
+    # step="slot": per MoE layer one graph "A" (the previous layer's sum, or "pre" for the first, then segment
+    # a) and per slot one graph "E" (that slot's expert on the layer's x), "G" and "D" (its two halves); "F" is
+    # the last layer's sum and "final"
+    def _seg_a_slot(self, i: int) -> None:
+        p = self.prev_moe.get(i)
+        if p is None:
+            self._seg_pre()
+            self._seg_a(i)
+            return
+        jp = self.moe_index[p]
+        self.s_slots[jp].copy_(self.h_slots[jp], non_blocking=True)  # the previous layer's slots, from the host
+        forced = self.override.choice(i, self.s_pos) if self.override is not None else None
+        h, x, weights, experts = self._sum_attention_router(self.s_h, self.s_out, self.s_slots[jp, 0], self.s_w,
+                                                            self.weights[i], self.s_cos, self.s_sin, self.s_mask,
+                                                            self.s_pos, self.kv.keys[i], self.kv.values[i], forced,
+                                                            self.consts)
+        self.s_h.copy_(h)
+        self.s_x.copy_(x)
+        self.s_w.copy_(weights)
+        self.h_experts[self.moe_index[i]].copy_(experts[0], non_blocking=True)  # to the pinned host buffer
+
+    def _seg_expert(self, i: int, s: int) -> None:
+        I = self.config.moe_intermediate_size
+        self.s_out[s].copy_(self._expert_on_slot(self.s_x, self.pool.gate_up[i][s], self.pool.down[i][s], I)[0])
+
+    def _seg_gate_up(self, i: int, s: int) -> None:
+        I = self.config.moe_intermediate_size
+        self.s_act[s].copy_(self._expert_gate_up(self.s_x, self.pool.gate_up[i][s], I)[0])
+
+    def _seg_down(self, i: int, s: int) -> None:
+        self.s_out[s].copy_(self._expert_down(self.s_act[s:s + 1], self.pool.down[i][s])[0])
+
+    def _seg_final_slot(self) -> None:
+        jl = self.moe_index[self.config.moe_layers[-1]]
+        self.s_slots[jl].copy_(self.h_slots[jl], non_blocking=True)
+        self.s_h.copy_(self._mix_sum(self.s_h, self.s_out, self.s_slots[jl, 0], self.s_w))
+        self._seg_final()
+
     def _segments(self):
         """(name, function) in step order (choices in routed order; a step replays them hits first)."""
+        if self.step == "slot":
+            out = [(("A", i), lambda i=i: self._seg_a_slot(i)) for i in self.config.moe_layers]
+            for i in self.config.moe_layers:
+                for s in range(self.pool.slots):
+                    out += [(("E", i, s), lambda i=i, s=s: self._seg_expert(i, s)),
+                            (("G", i, s), lambda i=i, s=s: self._seg_gate_up(i, s)),
+                            (("D", i, s), lambda i=i, s=s: self._seg_down(i, s))]
+            return out + [(("F", None), self._seg_final_slot)]
         out = [(("pre", None), self._seg_pre)]
         for i in self.config.moe_layers:
             out += [(("a", i), lambda i=i: self._seg_a(i)), (("slots", i), lambda i=i: self._seg_slots(i))]
@@ -613,11 +740,17 @@ class OffloadDecoder:
         torch.cuda.synchronize(self.device)
         pool = torch.cuda.graph_pool_handle()
         self._graphs = {}
-        for name, fn in self._segments():
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+        # capture_begin/end on one side stream rather than torch.cuda.graph per segment: that context runs
+        # gc.collect and empty_cache around every capture (step="slot" has thousands of segments)
+        gc.collect()
+        with torch.cuda.stream(stream):
+            for name, fn in self._segments():
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool)
                 fn()
-            self._graphs[name] = graph
+                graph.capture_end()
+                self._graphs[name] = graph
+        torch.cuda.synchronize(self.device)
         self.h_step.copy_(saved)
 
     def _run(self, name, fn) -> None:
@@ -626,12 +759,14 @@ class OffloadDecoder:
         else:
             fn()
 
-    def _route_step(self, layer: int, experts: list[int]) -> tuple[list[int], list]:
+    def _route_step(self, layer: int, experts: list[int], split_last: bool = False) -> tuple[list[int], list]:
         """The decode step's slots for the routed experts, misses copied in (one copy per span, one event per
         choice on the copy stream); returns (slots, [(choice, event)] for the choices to wait for, in copy
-        order). The compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
+        order; the event is None off CUDA). split_last: the last miss copies gate|up before down (_copy_in).
+        The compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
         lru, unused, st = self.lru[layer], self.unused_prefetch[layer], self.stats
         want = set(experts)
+        last = next((c for c in range(len(experts) - 1, -1, -1) if experts[c] not in lru), None) if split_last else None
         slots, waits = [], []
         for c, e in enumerate(experts):
             slot = lru.get(e)
@@ -646,13 +781,14 @@ class OffloadDecoder:
                     waits.append((c, ev))
             else:
                 st.misses += 1
-                slot = self._fetch(layer, e, want, prefetch=False, ordered=True)
+                slot = self._fetch(layer, e, want, prefetch=False, ordered=True, split=c == last)
                 if slot is None:
                     raise RuntimeError(f"offload: layer {layer} needs {len(want)} experts at once, more than its slots")
+                ev = None
                 if self.copy_stream is not None:
                     ev = self._copied[c]
                     ev.record(self.copy_stream)
-                    waits.append((c, ev))
+                waits.append((c, ev))
             lru.move_to_end(e)
             slots.append(slot)
         return slots, waits
@@ -697,7 +833,8 @@ class OffloadDecoder:
                 if c not in later:
                     run(("choice", i, c), lambda: self._seg_choice(i, c))
             for c, ev in waits:
-                compute.wait_event(ev)  # the device waits, the host goes on
+                if ev is not None:
+                    compute.wait_event(ev)  # the device waits, the host goes on
                 run(("choice", i, c), lambda: self._seg_choice(i, c))
             if self.prefetch_enabled and i in self.next_moe:
                 # guess the next layer's experts from this layer's state (one more small sync), copy them behind
@@ -710,6 +847,66 @@ class OffloadDecoder:
             if timer:
                 timer.mark("b1")
         run(("final", None), self._seg_final)
+        if timer:
+            timer.mark("end")
+        if cuda:
+            compute.synchronize()
+        self.routing.append(torch.tensor(step_routing))
+        return int(self.h_token[0])
+
+    def _decode_slot(self, token_in: int, position: int, timer=None) -> int:
+        """One decode step of step="slot"; returns the produced token. Per MoE layer: graph A (the previous
+        layer's sum and this layer's attention and router); the routed ids read (one sync); the misses' copies
+        issued back to back, the last one gate|up first; each resident slot's expert at once (graph E, during the
+        copies); each missed one when its copy lands, the last as G (when its gate|up landed) and D (its down)."""
+        self._np_step[0], self._np_step[1] = token_in, position
+        if self.embed_on_host:
+            self.h_embed[0, 0].copy_(self.embed.weight[token_in])
+        cuda = self.device.type == "cuda"
+        compute = torch.cuda.current_stream(self.device) if cuda else None
+        run = self._run
+        step_routing = []
+        if timer:
+            timer.mark("step")
+        layers = self.config.moe_layers
+        for n, i in enumerate(layers):
+            j = self.moe_index[i]
+            if timer:
+                timer.mark("a0")
+            run(("A", i), lambda: self._seg_a_slot(i))
+            if timer:
+                timer.mark("a1")
+            if cuda:
+                compute.synchronize()  # the routed ids are in h_experts[j]; every earlier compute is done
+            flat = self._np_experts[j].tolist()
+            step_routing.append([flat])
+            if timer:
+                timer.mark("c0", stream=self.copy_stream)
+            slots, waits = self._route_step(i, flat, split_last=True)
+            if timer:
+                timer.mark("c1", stream=self.copy_stream)
+            self._np_slots[j, 0] = slots  # read by the next graph A (or F): the sum's slots
+            later = {c for c, _ in waits}
+            for c in range(len(flat)):  # resident experts first: they compute while the copies run
+                if c not in later:
+                    s = slots[c]
+                    run(("E", i, s), lambda: self._seg_expert(i, s))
+            for w, (c, ev) in enumerate(waits):
+                s = slots[c]
+                if w < len(waits) - 1:
+                    if ev is not None:
+                        compute.wait_event(ev)  # the device waits, the host goes on
+                    run(("E", i, s), lambda: self._seg_expert(i, s))
+                else:  # the last miss: gate|up landed first
+                    if ev is not None:
+                        compute.wait_event(self._copied_gate_up)
+                    run(("G", i, s), lambda: self._seg_gate_up(i, s))
+                    if ev is not None:
+                        compute.wait_event(ev)
+                    run(("D", i, s), lambda: self._seg_down(i, s))
+            if timer:
+                timer.mark("b1")
+        run(("F", None), self._seg_final_slot)
         if timer:
             timer.mark("end")
         if cuda:
@@ -747,7 +944,8 @@ class OffloadDecoder:
         prefill = 0.0
         for step in range(n):
             if step > 0 and self.segmented:
-                token = self._decode_segmented(nxt, P + step - 1, timer)
+                decode = self._decode_slot if self.step == "slot" else self._decode_segmented
+                token = decode(nxt, P + step - 1, timer)
             else:
                 logits = self.forward(ids, pos).float()
                 if vocab_limit is not None:
