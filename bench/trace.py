@@ -238,7 +238,7 @@ def main() -> int:
         write_speed, writers = writing_rows(routings, plan["batches"], ids, docs["domain"].tolist(),
                                             [int(i) for i in cfg.moe_layers], work / "write-only")
         del routings
-        print(f"[bench] Parquet writing alone ({writers} threads): {write_speed:,.0f} tokens/s", file=sys.stderr,
+        print(f"[bench] Parquet writing alone ({writers} writer threads): {write_speed:,.0f} tokens/s", file=sys.stderr,
               flush=True)
         if args.profile:
             profile(recorder, hf, plan["batches"][0], ids, device, pad, k, Path(args.profile))

@@ -28,6 +28,11 @@ the tokenizer and the settings, never on the number of processes, so a batch com
 whichever rank runs it. Resumable: a shard is written under a temporary name and renamed, so a batch whose
 shard exists is done and is skipped when the command runs again with the same arguments.
 
+The writing overlaps the prefill: shards go to background writer threads (omnilab.experiments.trace_writer,
+bounded; the first failure stops the trace with one line naming the shard, and leaves no half shard). On the
+grouped prefill a shard is written row group by row group as each layer's routing reaches the host
+(write_routing_shard: the same bytes as routing_table + write_shard).
+
 `TraceDataset(folder)` reads a finished trace lazily (pyarrow): one layer at a time from that layer's row
 groups, or whole as the DataFrame omnilab.experiments.routing's statistics take; those statistics accept it in place of
 a DataFrame and read it layer by layer, so they work on traces larger than memory.

@@ -7,8 +7,12 @@ per layer; the hooks then copy each layer's routing out. This path follows trans
 implementation and omnilab.gpu.engine's decode step instead: the token-expert choices sorted by expert, one
 `torch._grouped_mm` over the stacked experts for gate/up and one for down (engine.expert_mix), the group ends
 computed on the device, so a batch's forward never waits for the host. The top-k ids, weights and router
-entropy of each MoE layer are written into preallocated device buffers; the host reads them once, after the
-batch, already in the order the trace's rows take (documents ascending, then positions).
+entropy of each MoE layer are copied into pinned host buffers as soon as the layer's router has run
+(non-blocking copies, one CUDA event per layer), already in the order the trace's rows take (documents ascending,
+then positions): `record_async` returns without waiting (PendingRouting), so the host queues the next batch
+behind this one while the trace's writer threads (omnilab.experiments.trace_writer) encode this batch's layers
+as their events complete. The batch's inputs go to the device from pinned memory too: a copy from pageable
+memory would wait for the device to go idle.
 
 The rest of each layer is the eager model's own modules, called as its forward calls them (input norm,
 attention with SDPA over the right-padded batch, post-attention norm, router, dense MLPs), so the attention
@@ -18,7 +22,9 @@ right mask: a real token at position t sees keys 0..t, which are all real tokens
 Departures from the eager forward (labelled inline): padding rows skip the router and the experts (no real
 token ever attends to a padding row, so nothing real changes); the k expert outputs of a token are summed in
 one reduction (transformers' grouped_mm path) instead of index_add_ in expert order; the forward stops after the
-last MoE layer's router (as the eager trace does with its stop hook). In fp32 on CPU the trace equals the eager
+last MoE layer's router (as the eager trace does with its stop hook). The expert mix goes back into the residual
+stream by an index assignment of h + mix over the real rows (no atomics; the same single rounding index_add
+made), or by a plain add when the batch has no padding and its rows are already in document order. In fp32 on CPU the trace equals the eager
 path's and the hooks' (same expert ids; weights and entropies within fp32 rounding; tests/test_trace.py).
 
 What takes the eager path instead (`prefill_refusal` says which): hooks, fault injection, masked experts (the
