@@ -17,11 +17,12 @@ Its config and layout come from the sparse on-disk layout of the same config.
 Measured, on the corpus the bench writes (eval-split documents repeated up to --tokens tokens, cut to
 --max-tokens, tokenized by a small byte-level BPE), each after a warm-up:
 - `omnilab trace`, grouped prefill (omnilab.gpu.prefill.TracePrefill, the default on CUDA): trace_corpus end to end:
-  length batching, every expert resident and one grouped GEMM per projection per layer, the routing (top-k
-  ids, weights, entropy) in device buffers read once per batch, Parquet shards written (zstd, writer threads),
-  the manifest;
-- the same prefill alone: TracePrefill.record over the plan's batches (routing to the host, no Parquet), to
-  separate the device's part from the writing;
+  length batching, every expert resident and one grouped GEMM per projection per layer, each layer's routing
+  (top-k ids, weights, entropy) copied to pinned host memory without the host waiting, Parquet shards written
+  (zstd) by background writer threads row group by row group as the layers arrive, the manifest;
+- the same prefill alone: TracePrefill.record_async over the plan's batches (routing to the host, no Parquet),
+  to separate the device's part from the writing;
+- the Parquet writing alone: the same shards written from that routing in host memory by the same writer threads;
 - `omnilab trace`, eager path (`--prefill eager`): the selective model's prefill through its hooks (eager
   expert loop, one host sync per layer; stops after the last router), the same writing;
 - transformers: for each batch of the trace's own plan, right-padded as the trace pads it,
@@ -178,6 +179,9 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the compute floor "
                                                                    "(H200 bf16 dense: 989)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of one batch here")
+    p.add_argument("--no-eager-trace", action="store_true", help="leave out the omnilab eager-path row (and the "
+                                                                  "grouped-against-eager comparison)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
@@ -212,7 +216,8 @@ def main() -> int:
         kw = dict(max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, progress=False, model=model,
                   tokenizer=tokenizer)
         results, gpu = {}, {}
-        for name, prefill in (("grouped", recorder), ("eager", "eager")):
+        paths_run = (("grouped", recorder),) + ((("eager", "eager"),) if not args.no_eager_trace else ())
+        for name, prefill in paths_run:
             trace.trace_corpus(work / "layout", [work / "warm.jsonl"], work / f"warm-{name}", prefill=prefill,
                                **kw)  # warm-up (the eager one loads every expert into the cache)
             reset_gpu()
@@ -227,9 +232,16 @@ def main() -> int:
         pad = tokenizer.pad_token_id
         k = cfg.num_experts_per_tok
         reset_gpu()
-        prefill_speed = prefill_rows(recorder, plan["batches"], ids, device, pad)
+        prefill_speed, routings = prefill_rows(recorder, plan["batches"], ids, device, pad)
         prefill_gpu = peak_gpu()
         print(f"[bench] grouped prefill alone: {prefill_speed:,.0f} tokens/s", file=sys.stderr, flush=True)
+        write_speed, writers = writing_rows(routings, plan["batches"], ids, docs["domain"].tolist(),
+                                            [int(i) for i in cfg.moe_layers], work / "write-only")
+        del routings
+        print(f"[bench] Parquet writing alone ({writers} writer threads): {write_speed:,.0f} tokens/s", file=sys.stderr,
+              flush=True)
+        if args.profile:
+            profile(recorder, hf, plan["batches"][0], ids, device, pad, k, Path(args.profile))
         rows = []
         for impl in ("default", "eager"):
             if impl == "eager":
@@ -244,7 +256,7 @@ def main() -> int:
 
     agreement = {name: first_batch_agreement(trace.TraceDataset(work / f"trace-{name}"), plan, rows[0]["first"], k)
                  for name in results}
-    paths = compare_traces(work / "trace-grouped", work / "trace-eager", k)
+    paths = compare_traces(work / "trace-grouped", work / "trace-eager", k) if "eager" in results else None
     active = active_params(cfg)
     floor = args.peak_tflops * 1e12 / (2 * active) if args.peak_tflops else None
     out = {"device": device_name(device), "torch": torch.__version__, "dtype": args.dtype,
@@ -252,14 +264,16 @@ def main() -> int:
            "corpus_tokens": corpus_tokens, "documents": results["grouped"].documents,
            "batches": results["grouped"].batches,
            "omnilab": [
-               {"setting": "omnilab trace, grouped prefill (default on CUDA; Parquet written)",
+               {"setting": "omnilab trace, grouped prefill (default on CUDA; Parquet written in the background)",
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
                 "peak_gpu_bytes": gpu["grouped"]},
                {"setting": "  the grouped prefill alone (routing to host, no Parquet)", "tokens_per_s": prefill_speed,
                 "peak_gpu_bytes": prefill_gpu},
-               {"setting": "omnilab trace, eager path (--prefill eager; Parquet written)",
-                "tokens_per_s": results["eager"].tokens_per_s, "seconds": results["eager"].seconds,
-                "peak_gpu_bytes": gpu["eager"]}],
+               {"setting": f"  the Parquet writing alone (the same shards from host memory, {writers} thread{'s' * (writers > 1)})",
+                "tokens_per_s": write_speed, "peak_gpu_bytes": None},
+               *([{"setting": "omnilab trace, eager path (--prefill eager; Parquet written)",
+                   "tokens_per_s": results["eager"].tokens_per_s, "seconds": results["eager"].seconds,
+                   "peak_gpu_bytes": gpu["eager"]}] if "eager" in results else [])],
            "transformers": [{k_: v for k_, v in r.items() if k_ != "first"} for r in rows],
            "topk_agreement_first_batch": agreement, "grouped_vs_eager": paths,
            "active_params": active, "compute_floor_tokens_per_s": floor, "peak_anon_bytes": anon.peak,
@@ -270,15 +284,64 @@ def main() -> int:
     return 0
 
 
-def prefill_rows(recorder, batches, ids, device, pad: int) -> float:
-    """tokens/s of the grouped prefill alone over the batches: TracePrefill.record, routing to the host."""
+def prefill_rows(recorder, batches, ids, device, pad: int) -> tuple[float, list]:
+    """tokens/s of the grouped prefill alone over the batches: TracePrefill.record_async, each batch's routing
+    waited for on the host one batch later (as the trace's writers wait for it), and the routings."""
     tokens = sum(len(ids[d]) for b in batches for d in b)
     sync(device)
     start = time.perf_counter()
+    pending, routings = [], []
     for batch in batches:
-        recorder.record([ids[d] for d in batch], batch, pad_id=pad)
+        pending.append(recorder.record_async([ids[d] for d in batch], batch, pad_id=pad))
+        if len(pending) > 1:
+            routings.append(pending.pop(0).wait())
+    routings += [p.wait() for p in pending]
     sync(device)
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), routings
+
+
+def writing_rows(routings, batches, ids, domains, layers, folder: Path) -> tuple[float, int]:
+    """tokens/s of writing the plan's shards alone, from routings in host memory, with the trace's writer threads
+    (omnilab.experiments.trace_writer.ShardWriter, the same count as trace_corpus takes)."""
+    import os
+    from functools import partial
+
+    from omnilab.experiments.trace import shard_name, write_routing_shard
+    from omnilab.experiments.trace_writer import ShardWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    tokens = sum(len(ids[d]) for b in batches for d in b)
+    start = time.perf_counter()
+    with ShardWriter(workers=writers, depth=writers + 1) as writer:
+        for b, (batch, routing) in enumerate(zip(batches, routings)):
+            writer.submit(folder / shard_name(b), partial(write_routing_shard, docs=batch,
+                                                          domains=[domains[d] for d in batch],
+                                                          token_ids=[ids[d] for d in batch], layers=layers,
+                                                          routing=routing))
+    return tokens / (time.perf_counter() - start), writers
+
+
+def profile(recorder, hf, batch, ids, device, pad: int, k: int, path: Path) -> None:
+    """torch.profiler over one batch: the grouped prefill, then transformers' forward + router top-k (its default
+    experts); the operators by device time, written to `path`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    tables = []
+    for name in ("omnilab grouped prefill", "transformers forward + router logits"):
+        sync(device)
+        with torch_profile(activities=activities) as prof:
+            if name.startswith("omnilab"):
+                recorder.record([ids[d] for d in batch], batch, pad_id=pad)
+            else:
+                transformers_rows(hf, [batch], ids, k, device, pad, 1)
+            sync(device)
+        sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
+        tables.append(f"## {name}: one batch of {len(batch)} documents\n\n"
+                      + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    path.write_text("\n\n".join(tables) + "\n")
 
 
 def first_batch_agreement(t, plan, first, k: int) -> float:
@@ -361,13 +424,15 @@ def table(r: dict, command: str) -> str:
                      + " | ".join(f"{floor / x['tokens_per_s']:.2f}" for x in tf) + " | 1.000 | |")
     c = r["grouped_vs_eager"]
     a = r["topk_agreement_first_batch"]
-    lines += ["", f"Grouped prefill against the eager path, the whole trace ({c['rows']:,} rows): integer columns equal "
-                  f"in {c['rows_equal_int_columns'] / c['rows']:.4f} of the rows, expert id equal per row "
-                  f"{c['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {c['topk_sets_equal']:.4f}, "
-                  f"top-k set overlap {c['topk_set_overlap']:.4f}, largest weight difference "
-                  f"{c['max_weight_diff']:.2g} ({r['dtype']}). Top-k set agreement with transformers' "
-                  f"({tf[0]['setting'].split('(')[1].split()[0]}) router on the first batch: grouped "
-                  f"{a['grouped']:.4f}, eager {a['eager']:.4f}. Peak anon RSS {r['peak_anon_bytes'] / gb:.2f} GB."]
+    versus = (f"Grouped prefill against the eager path, the whole trace ({c['rows']:,} rows): integer columns equal "
+              f"in {c['rows_equal_int_columns'] / c['rows']:.4f} of the rows, expert id equal per row "
+              f"{c['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {c['topk_sets_equal']:.4f}, "
+              f"top-k set overlap {c['topk_set_overlap']:.4f}, largest weight difference "
+              f"{c['max_weight_diff']:.2g} ({r['dtype']}). ") if c else ""
+    lines += ["", versus + f"Top-k set agreement with transformers' "
+                  f"({tf[0]['setting'].split('(')[1].split()[0]}) router on the first batch: "
+                  + ", ".join(f"{name} {v:.4f}" for name, v in a.items())
+                  + f". Peak anon RSS {r['peak_anon_bytes'] / gb:.2f} GB."]
     return "\n".join(lines)
 
 

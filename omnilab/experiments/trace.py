@@ -28,6 +28,11 @@ the tokenizer and the settings, never on the number of processes, so a batch com
 whichever rank runs it. Resumable: a shard is written under a temporary name and renamed, so a batch whose
 shard exists is done and is skipped when the command runs again with the same arguments.
 
+The writing overlaps the prefill: shards go to background writer threads (omnilab.experiments.trace_writer,
+bounded; the first failure stops the trace with one line naming the shard, and leaves no half shard). On the
+grouped prefill a shard is written row group by row group as each layer's routing reaches the host
+(write_routing_shard: the same bytes as routing_table + write_shard).
+
 `TraceDataset(folder)` reads a finished trace lazily (pyarrow): one layer at a time from that layer's row
 groups, or whole as the DataFrame omnilab.experiments.routing's statistics take; those statistics accept it in place of
 a DataFrame and read it layer by layer, so they work on traces larger than memory.
@@ -39,14 +44,15 @@ import hashlib
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from omnilab.experiments.routing import TRACE_COLUMNS
+from omnilab.experiments.trace_writer import ShardWriter
 from omnilab.jsonio import write_json
 
 TEXT_FIELDS = ("text", "prompt", "content")
@@ -337,15 +343,70 @@ def trace_schema():
 
 def write_shard(path: Path, table, rows_per_layer: int) -> None:
     """One row group per layer, under a temporary name, then renamed: a shard that exists is complete."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    _write_table(tmp, table, rows_per_layer)
+    tmp.replace(path)
+
+
+def _shard_writer(path: Path, schema):
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     # dictionary pages only where values repeat across the file (domain, expert); statistics where readers
     # filter (layer: a layer's row groups; doc, rank): encoding the rest plainly halves the write time
-    with pq.ParquetWriter(tmp, table.schema, compression="zstd", use_dictionary=["domain", "expert"],
-                          write_statistics=["layer", "doc", "rank"]) as writer:
+    return pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=["domain", "expert"],
+                            write_statistics=["layer", "doc", "rank"])
+
+
+def _write_table(path: Path, table, rows_per_layer: int) -> None:
+    with _shard_writer(path, table.schema) as writer:
         writer.write_table(table, row_group_size=max(1, rows_per_layer))
-    tmp.replace(path)
+
+
+def write_routing_shard(path: Path, docs: list[int], domains: list[str], token_ids: list[list[int]],
+                        layers: list[int], routing) -> None:
+    """The shard routing_table + write_shard write (the same bytes: tests/test_trace.py), written to `path` as
+    the routing arrives: one row group per layer, each as soon as that layer's routing is on the host.
+
+    routing: an omnilab.gpu.prefill.Routing, or anything with `.layer(j)` -> (experts [n, k], weights [n, k],
+    entropy [n]) that waits for layer j (omnilab.gpu.prefill.PendingRouting). The columns that do not depend on
+    the layer (doc, domain, position, token_id, rank) are built once for the batch, not once per layer."""
+    import pyarrow as pa
+
+    order = np.argsort(np.asarray(docs), kind="stable")  # documents ascending inside the batch
+    lengths = np.array([len(token_ids[b]) for b in order], dtype=np.int64)
+    n_tok = int(lengths.sum())
+    first = _routing_layer(routing, 0)[0]
+    if first.shape[0] != n_tok:
+        raise ValueError(f"routing of {first.shape[0]} tokens for a batch of {n_tok}")
+    k = first.shape[1]
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])  # [n_tok]
+    tok = np.concatenate([np.asarray(token_ids[b], dtype=np.int64) for b in order])  # [n_tok]
+    names, codes = np.unique(np.asarray(domains, dtype=str)[order], return_inverse=True)
+    per_rank = lambda x: np.repeat(x, k)  # noqa: E731  token values -> (token, rank) rows of one layer
+    same = {  # one layer's rows: n_tok * k, (doc, position, rank) order
+        "doc": per_rank(np.repeat(np.asarray(docs, dtype=np.int32)[order], lengths)),
+        "domain": pa.DictionaryArray.from_arrays(per_rank(np.repeat(codes.astype(np.int32).reshape(-1), lengths)),
+                                                 pa.array(names.tolist(), type=pa.string())),
+        "position": per_rank(positions), "token_id": per_rank(tok),
+        "rank": np.tile(np.arange(k, dtype=np.int16), n_tok),
+    }
+    schema = trace_schema()
+    rows = n_tok * k
+    with _shard_writer(path, schema) as writer:
+        for j, layer in enumerate(layers):
+            experts, weights, entropy = _routing_layer(routing, j)  # [n_tok, k], [n_tok, k], [n_tok]
+            columns = {**same, "layer": np.full(rows, layer, dtype=np.int32),
+                       "expert": np.asarray(experts, dtype=np.int32).reshape(-1),  # [n_tok, k] -> [n_tok * k]
+                       "weight": np.asarray(weights, dtype=np.float32).reshape(-1),
+                       "entropy": np.repeat(np.asarray(entropy, dtype=np.float32), k)}  # one per rank
+            writer.write_table(pa.table({c: columns[c] for c in schema.names}, schema=schema),
+                               row_group_size=max(1, rows))
+
+
+def _routing_layer(routing, j: int):
+    if hasattr(routing, "layer"):
+        return routing.layer(j)
+    return routing.experts[j], routing.weights[j], routing.entropy[j]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -517,29 +578,27 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
         from omnilab.gpu.prefill import TracePrefill
 
         recorder = prefill if isinstance(prefill, TracePrefill) else TracePrefill(model)  # every expert resident
+        record = getattr(recorder, "record_async", recorder.record)
     start = time.perf_counter()
-    pending = []
-    # Parquet encoding (numpy and pyarrow release the GIL) overlaps the next batches' forward, several shards at
-    # once: one writer encodes a 16k-token batch of the 48-layer model (6.3 M rows) in about a second
+    # the shards are written by background threads (omnilab.experiments.trace_writer: numpy and pyarrow release
+    # the GIL) while this thread queues the next batches' forwards; the grouped prefill's routing reaches the host
+    # layer by layer without the host waiting, and its shard is written row group by row group as it arrives
     writers = max(1, min(8, (os.cpu_count() or 2) // 2))
-    with ThreadPoolExecutor(max_workers=writers) as writer:
+    with ShardWriter(workers=writers, depth=writers + 1) as writer:  # at most writers + 1 batches on the host
         for b in mine:
             batch = batches[b]
             batch_ids, batch_domains = [ids[d] for d in batch], [domains[d] for d in batch]
             if recorder is not None:
-                routing = recorder.record(batch_ids, batch, pad_id=pad)  # [L, n, k] rows in trace order
-                pending.append(writer.submit(_write_routing, shards / shard_name(b), batch, batch_domains, batch_ids,
-                                             layers, routing))
+                routing = record(batch_ids, batch, pad_id=pad)  # [L, n, k] rows in trace order
+                write = partial(write_routing_shard, docs=batch, domains=batch_domains, token_ids=batch_ids,
+                                layers=layers, routing=routing)
             else:
                 routing = record_batch(model, batch_ids, layers, pad_id=pad)  # padded [L, B, T, k]
-                pending.append(writer.submit(_build_and_write, shards / shard_name(b), batch, batch_domains,
-                                             batch_ids, layers, routing))
-            while len(pending) > writers:  # at most `writers` batches of routing held on the host
-                pending.pop(0).result()
+                write = partial(_build_and_write, docs=batch, domains=batch_domains, token_ids=batch_ids,
+                                layers=layers, routing=routing)
+            writer.submit(shards / shard_name(b), write)
             if bar is not None:
                 bar.update(int(lengths[batch].sum()) * dist.world)
-        for f in pending:
-            f.result()
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -581,12 +640,7 @@ def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
 
 def _build_and_write(path, docs, domains, token_ids, layers, routing) -> None:
     table, rows = batch_table(docs, domains, token_ids, layers, *routing)
-    write_shard(path, table, rows)
-
-
-def _write_routing(path, docs, domains, token_ids, layers, routing) -> None:
-    table, rows = routing_table(docs, domains, token_ids, layers, *routing)
-    write_shard(path, table, rows)
+    _write_table(path, table, rows)
 
 
 def shard_name(batch: int) -> str:

@@ -7,8 +7,12 @@ per layer; the hooks then copy each layer's routing out. This path follows trans
 implementation and omnilab.gpu.engine's decode step instead: the token-expert choices sorted by expert, one
 `torch._grouped_mm` over the stacked experts for gate/up and one for down (engine.expert_mix), the group ends
 computed on the device, so a batch's forward never waits for the host. The top-k ids, weights and router
-entropy of each MoE layer are written into preallocated device buffers; the host reads them once, after the
-batch, already in the order the trace's rows take (documents ascending, then positions).
+entropy of each MoE layer are copied into pinned host buffers as soon as the layer's router has run
+(non-blocking copies, one CUDA event per layer), already in the order the trace's rows take (documents ascending,
+then positions): `record_async` returns without waiting (PendingRouting), so the host queues the next batch
+behind this one while the trace's writer threads (omnilab.experiments.trace_writer) encode this batch's layers
+as their events complete. The batch's inputs go to the device from pinned memory too: a copy from pageable
+memory would wait for the device to go idle.
 
 The rest of each layer is the eager model's own modules, called as its forward calls them (input norm,
 attention with SDPA over the right-padded batch, post-attention norm, router, dense MLPs), so the attention
@@ -18,7 +22,9 @@ right mask: a real token at position t sees keys 0..t, which are all real tokens
 Departures from the eager forward (labelled inline): padding rows skip the router and the experts (no real
 token ever attends to a padding row, so nothing real changes); the k expert outputs of a token are summed in
 one reduction (transformers' grouped_mm path) instead of index_add_ in expert order; the forward stops after the
-last MoE layer's router (as the eager trace does with its stop hook). In fp32 on CPU the trace equals the eager
+last MoE layer's router (as the eager trace does with its stop hook). The expert mix goes back into the residual
+stream by an index assignment of h + mix over the real rows (no atomics; the same single rounding index_add
+made), or by a plain add when the batch has no padding and its rows are already in document order. In fp32 on CPU the trace equals the eager
 path's and the hooks' (same expert ids; weights and entropies within fp32 rounding; tests/test_trace.py).
 
 What takes the eager path instead (`prefill_refusal` says which): hooks, fault injection, masked experts (the
@@ -107,12 +113,20 @@ class TracePrefill:
             raise ValueError(f"grouped prefill: no stacked experts for MoE layer {missing[0]}")
         self.slot_range = torch.arange(self.config.num_experts, device=model.device)  # [E]: group ends by expert
 
-    @torch.no_grad()
-    def record(self, token_ids: list[list[int]], docs: list[int], *, pad_id: int = 0) -> Routing:
+    def record(self, token_ids: list[list[int]], docs: list[int], *, pad_id: int = 0) -> "Routing":
         """token_ids: the batch's documents (right padded here to the longest), docs their document numbers.
-        Returns the routing of every real token, documents ascending, positions ascending."""
+        Returns the routing of every real token, documents ascending, positions ascending (waits for it)."""
+        return self.record_async(token_ids, docs, pad_id=pad_id).wait()
+
+    @torch.no_grad()
+    def record_async(self, token_ids: list[list[int]], docs: list[int], *, pad_id: int = 0) -> "PendingRouting":
+        """As record, without waiting: the batch's kernels are queued, each MoE layer's routing is copied to
+        pinned host memory as soon as it is computed (one event per layer), and the host never waits for the
+        device, so the next batch's kernels queue behind this one's while writer threads read its layers
+        (PendingRouting.layer) as they arrive."""
         m, cfg = self.model, self.config
         dev, dtype = m.device, m.dtype
+        cuda = dev.type == "cuda"
         B, T = len(token_ids), max(len(x) for x in token_ids)
         H, k = cfg.hidden_size, cfg.num_experts_per_tok
         ids = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T], right padded (as the eager trace pads)
@@ -124,18 +138,23 @@ class TracePrefill:
         order = np.argsort(np.asarray(docs), kind="stable")  # the batch's rows, documents ascending
         keep = np.concatenate([b * T + np.arange(len(token_ids[b])) for b in order])  # [n]: flat rows b * T + t
         n = keep.size
-        keep = torch.from_numpy(keep).to(dev)
-        # the routing of the real tokens, per MoE layer, in row order; read once after the batch
+        # no padding and the rows already in document order: the flat rows are the trace's rows, no gather
+        whole = n == B * T and bool((order == np.arange(B)).all())
         L = len(self.layers)
-        experts_buf = torch.empty(L, n, k, dtype=torch.int32, device=dev)
-        weights_buf = torch.empty(L, n, k, dtype=torch.float32, device=dev)
-        entropy_buf = torch.empty(L, n, dtype=torch.float32, device=dev)
-
-        ids = ids.to(dev)
+        # the routing of the real tokens on the host, per MoE layer, in row order (pinned: copies run async)
+        host = Routing(torch.empty(L, n, k, dtype=torch.int32, pin_memory=cuda),
+                       torch.empty(L, n, k, dtype=torch.float32, pin_memory=cuda),
+                       torch.empty(L, n, dtype=torch.float32, pin_memory=cuda))
+        pending = PendingRouting(host, [] if cuda else None)
+        # a copy from pageable memory waits for the device to go idle: pinned, it queues behind the work
+        ids = (ids.pin_memory() if cuda else ids).to(dev, non_blocking=True)
+        keep = torch.from_numpy(keep)
+        keep = (keep.pin_memory() if cuda else keep).to(dev, non_blocking=True)
         positions = torch.arange(T, device=dev).expand(B, T)  # [B, T]: right padding, every row from 0
         cos, sin = rope_cos_sin(positions, m.inv_freq, dtype)  # [B, T, hd]
         h = m.model.embed_tokens(ids)  # [B, T, H]
         last = self.layers[-1]
+        j = 0  # MoE layers so far
         for i, layer in enumerate(m.model.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, None, None, i)  # causal SDPA, [B, T, H]
             x = layer.post_attention_layernorm(h)  # [B, T, H]
@@ -143,18 +162,46 @@ class TracePrefill:
                 h = h + layer.mlp(x)
                 continue
             # differs from eager: only the real tokens go through the router and the experts
-            x = x.reshape(B * T, H)[keep]  # [n, H]
+            x = x.view(B * T, H) if whole else x.reshape(B * T, H)[keep]  # [n, H]
             logits = layer.mlp.gate(x)  # [n, E]
             weights, experts = route(logits, k, bool(cfg.norm_topk_prob), logits.dtype)  # [n, k]
-            j = self.layers.index(i)
-            experts_buf[j] = experts.to(torch.int32)
-            weights_buf[j] = weights.float()
             logp = torch.log_softmax(logits.double(), dim=-1)  # [n, E]
-            entropy_buf[j] = (-(logp.exp() * logp).sum(-1) / np.log(2)).float()  # bits, as routing.router_entropy
+            entropy = (-(logp.exp() * logp).sum(-1) / np.log(2)).float()  # bits, as routing.router_entropy
+            # to the host without waiting; each source is freed only after its copy (stream-ordered allocator)
+            host.experts[j].copy_(experts.to(torch.int32), non_blocking=cuda)
+            host.weights[j].copy_(weights.float(), non_blocking=cuda)
+            host.entropy[j].copy_(entropy, non_blocking=cuda)
+            if cuda:
+                pending.events.append(torch.cuda.Event())
+                pending.events[-1].record()
+            j += 1
             if i == last:
                 break  # nothing after the last router is part of the trace
             # differs from eager: one grouped GEMM per projection; a token's k outputs summed in one reduction
             mix = expert_mix(x, experts, weights, self.experts.gate_up[i], self.experts.down[i], self.slot_range,
                              "grouped_mm")  # [n, H]
-            h = h.reshape(B * T, H).index_add(0, keep, mix).view(B, T, H)  # real rows: h + mix; padding: h
-        return Routing(experts_buf.cpu().numpy(), weights_buf.cpu().numpy(), entropy_buf.cpu().numpy())
+            if whole:
+                h = h + mix.view(B, T, H)  # [B, T, H]
+            else:  # differs from before: real rows h + mix (one rounding, as index_add was), no atomics
+                flat = h.view(B * T, H)  # [B * T, H]; h is this layer's own residual sum: updated in place
+                flat[keep] = flat[keep] + mix  # padding rows keep h
+        return pending
+
+
+class PendingRouting:
+    """One batch's routing on its way to the host: `host` a Routing of (pinned) tensors, `events[j]` recorded
+    after MoE layer j's copies were queued (None on CPU: the copies are done). `layer(j)` waits for layer j and
+    returns its numpy views; `wait()` the whole Routing as numpy arrays."""
+
+    def __init__(self, host: Routing, events: list | None):
+        self.host, self.events = host, events
+
+    def layer(self, j: int):
+        if self.events is not None:
+            self.events[j].synchronize()  # releases the GIL while it waits
+        return self.host.experts[j].numpy(), self.host.weights[j].numpy(), self.host.entropy[j].numpy()
+
+    def wait(self) -> Routing:
+        if self.events:
+            self.events[-1].synchronize()
+        return Routing(*(x.numpy() for x in self.host))
