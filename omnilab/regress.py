@@ -228,7 +228,7 @@ def headline(summary: dict) -> str:
         f"- perplexity of the full model on the first {g['ppl_tokens_per_document']} tokens of "
         f"{g['ppl_documents_per_domain']} held-out documents per domain: "
         + ", ".join(f"{k.removeprefix('full_ppl_')} {v:.1f}" for k, v in g.items() if k.startswith("full_ppl_"))
-        + " (the model card's are over the whole held-out split in 512-token windows, e.g. en 24.18).",
+        + " (the model card's, data/omni-tiny/README.md, are over the whole held-out split in 512-token windows).",
     ]
     return "\n".join(lines)
 
