@@ -812,21 +812,7 @@ class OffloadDecoder:
         run(("pre", None), self._seg_pre)
         for i in self.config.moe_layers:
             j = self.moe_index[i]
-            if timer:
-                timer.mark("a0")
-            run(("a", i), lambda: self._seg_a(i))
-            if timer:
-                timer.mark("a1")
-            if cuda:
-                compute.synchronize()  # the routed ids are in h_experts[j]; every earlier compute is done
-            flat = self._np_experts[j].tolist()
-            step_routing.append([flat])
-            if timer:
-                timer.mark("c0", stream=self.copy_stream)
-            slots, waits = self._route_step(i, flat)
-            if timer:
-                timer.mark("c1", stream=self.copy_stream)
-            self._np_slots[j, 0] = slots
+            flat, slots, waits = self._attend_and_route(i, ("a", i), lambda: self._seg_a(i), step_routing, timer)
             run(("slots", i), lambda: self._seg_slots(i))
             later = {c for c, _ in waits}
             for c in range(k):  # resident experts first: they compute while the copies run
@@ -846,11 +832,37 @@ class OffloadDecoder:
             run(("sum", i), lambda: self._seg_sum(i))
             if timer:
                 timer.mark("b1")
-        run(("final", None), self._seg_final)
+        return self._finish_step(("final", None), self._seg_final, step_routing, timer)
+
+    def _attend_and_route(self, i: int, key, segment, step_routing: list, timer, split_last: bool = False):
+        """Layer i's attention and router (graph `key`), its routed ids read on the host (one sync), the misses'
+        copies issued; the slots of its choices land in _np_slots. Returns (the routed ids, their slots,
+        [(choice, copy event)] of the misses)."""
+        j = self.moe_index[i]
+        if timer:
+            timer.mark("a0")
+        self._run(key, segment)
+        if timer:
+            timer.mark("a1")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the ids are in h_experts[j]; earlier compute done
+        flat = self._np_experts[j].tolist()
+        step_routing.append([flat])
+        if timer:
+            timer.mark("c0", stream=self.copy_stream)
+        slots, waits = self._route_step(i, flat, split_last=split_last)
+        if timer:
+            timer.mark("c1", stream=self.copy_stream)
+        self._np_slots[j, 0] = slots
+        return flat, slots, waits
+
+    def _finish_step(self, key, segment, step_routing: list, timer) -> int:
+        """The last graph (final norm, lm_head, argmax), one sync, the step's routing kept; the produced token."""
+        self._run(key, segment)
         if timer:
             timer.mark("end")
-        if cuda:
-            compute.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         self.routing.append(torch.tensor(step_routing))
         return int(self.h_token[0])
 
@@ -871,21 +883,8 @@ class OffloadDecoder:
         layers = self.config.moe_layers
         for n, i in enumerate(layers):
             j = self.moe_index[i]
-            if timer:
-                timer.mark("a0")
-            run(("A", i), lambda: self._seg_a_slot(i))
-            if timer:
-                timer.mark("a1")
-            if cuda:
-                compute.synchronize()  # the routed ids are in h_experts[j]; every earlier compute is done
-            flat = self._np_experts[j].tolist()
-            step_routing.append([flat])
-            if timer:
-                timer.mark("c0", stream=self.copy_stream)
-            slots, waits = self._route_step(i, flat, split_last=True)
-            if timer:
-                timer.mark("c1", stream=self.copy_stream)
-            self._np_slots[j, 0] = slots  # read by the next graph A (or F): the sum's slots
+            flat, slots, waits = self._attend_and_route(i, ("A", i), lambda: self._seg_a_slot(i), step_routing,
+                                                        timer, split_last=True)  # _np_slots: read by the next A (or F)
             later = {c for c, _ in waits}
             for c in range(len(flat)):  # resident experts first: they compute while the copies run
                 if c not in later:
@@ -906,13 +905,7 @@ class OffloadDecoder:
                     run(("D", i, s), lambda: self._seg_down(i, s))
             if timer:
                 timer.mark("b1")
-        run(("F", None), self._seg_final_slot)
-        if timer:
-            timer.mark("end")
-        if cuda:
-            compute.synchronize()
-        self.routing.append(torch.tensor(step_routing))
-        return int(self.h_token[0])
+        return self._finish_step(("F", None), self._seg_final_slot, step_routing, timer)
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens: int = 32, *, forced=None, vocab_limit=None,
