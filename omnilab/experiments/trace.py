@@ -308,28 +308,42 @@ def routing_table(docs: list[int], domains: list[str], token_ids: list[list[int]
     batch's real tokens in (doc ascending, position) order. Vectorised over layers: no Python loop over rows."""
     import pyarrow as pa
 
-    order = np.argsort(np.asarray(docs), kind="stable")  # documents ascending inside the batch
     L, n_tok, k = experts.shape
+    same, names = _token_columns(docs, domains, token_ids, k, n_tok)
+    columns = {c: np.tile(v, L) for c, v in same.items()}  # one layer's rows -> (layer, token, rank) rows
+    columns["domain"] = _domain_array(columns["domain"], names)
+    columns.update({
+        "layer": np.repeat(np.asarray(layers, dtype=np.int32), n_tok * k),
+        "expert": np.asarray(experts, dtype=np.int32).reshape(-1),  # [L, n_tok, k] -> [L * n_tok * k]
+        "weight": np.asarray(weights, dtype=np.float32).reshape(-1),
+        "entropy": np.repeat(np.asarray(entropy, dtype=np.float32).reshape(-1), k),  # [L, n_tok] -> one per rank
+    })
+    return pa.table(columns, schema=trace_schema()), n_tok * k
+
+
+def _token_columns(docs, domains, token_ids, k: int, n_tok: int):
+    """The columns that do not depend on the layer, for one layer's n_tok * k rows in (doc ascending, position,
+    rank) order: doc, domain (codes into the returned names), position, token_id, rank."""
+    order = np.argsort(np.asarray(docs), kind="stable")  # documents ascending inside the batch
     lengths = np.array([len(token_ids[b]) for b in order], dtype=np.int64)
     if int(lengths.sum()) != n_tok:
         raise ValueError(f"routing of {n_tok} tokens for a batch of {int(lengths.sum())}")
     positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])  # [n_tok]
     tok = np.concatenate([np.asarray(token_ids[b], dtype=np.int64) for b in order])  # [n_tok]
     names, codes = np.unique(np.asarray(domains, dtype=str)[order], return_inverse=True)
-    doc_of = np.repeat(np.asarray(docs, dtype=np.int32)[order], lengths)  # [n_tok]
-    dom_of = np.repeat(codes.astype(np.int32).reshape(-1), lengths)  # [n_tok] codes into names
-    per_row = lambda x: np.tile(np.repeat(x, k), L)  # noqa: E731  token values -> (layer, token, rank) rows
-    columns = {
-        "doc": per_row(doc_of),
-        "domain": pa.DictionaryArray.from_arrays(per_row(dom_of), pa.array(names.tolist(), type=pa.string())),
-        "position": per_row(positions), "token_id": per_row(tok),
-        "layer": np.repeat(np.asarray(layers, dtype=np.int32), n_tok * k),
-        "rank": np.tile(np.arange(k, dtype=np.int16), L * n_tok),
-        "expert": np.asarray(experts, dtype=np.int32).reshape(-1),  # [L, n_tok, k] -> [L * n_tok * k]
-        "weight": np.asarray(weights, dtype=np.float32).reshape(-1),
-        "entropy": np.repeat(np.asarray(entropy, dtype=np.float32).reshape(-1), k),  # [L, n_tok] -> one per rank
-    }
-    return pa.table(columns, schema=trace_schema()), n_tok * k
+    per_rank = lambda x: np.repeat(x, k)  # noqa: E731  token values -> (token, rank) rows
+    return {
+        "doc": per_rank(np.repeat(np.asarray(docs, dtype=np.int32)[order], lengths)),
+        "domain": per_rank(np.repeat(codes.astype(np.int32).reshape(-1), lengths)),
+        "position": per_rank(positions), "token_id": per_rank(tok),
+        "rank": np.tile(np.arange(k, dtype=np.int16), n_tok),
+    }, names
+
+
+def _domain_array(codes, names):
+    import pyarrow as pa
+
+    return pa.DictionaryArray.from_arrays(codes, pa.array(names.tolist(), type=pa.string()))
 
 
 def trace_schema():
@@ -343,7 +357,7 @@ def trace_schema():
 
 def write_shard(path: Path, table, rows_per_layer: int) -> None:
     """One row group per layer, under a temporary name, then renamed: a shard that exists is complete."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = ShardWriter.temporary(path)
     _write_table(tmp, table, rows_per_layer)
     tmp.replace(path)
 
@@ -367,46 +381,26 @@ def write_routing_shard(path: Path, docs: list[int], domains: list[str], token_i
     """The shard routing_table + write_shard write (the same bytes: tests/test_trace.py), written to `path` as
     the routing arrives: one row group per layer, each as soon as that layer's routing is on the host.
 
-    routing: an omnilab.gpu.prefill.Routing, or anything with `.layer(j)` -> (experts [n, k], weights [n, k],
-    entropy [n]) that waits for layer j (omnilab.gpu.prefill.PendingRouting). The columns that do not depend on
-    the layer (doc, domain, position, token_id, rank) are built once for the batch, not once per layer."""
+    routing: anything with `.layer(j)` -> (experts [n, k], weights [n, k], entropy [n]) of MoE layer j: an
+    omnilab.gpu.prefill.Routing, or a PendingRouting, whose `layer(j)` waits for layer j. The columns that do not
+    depend on the layer (doc, domain, position, token_id, rank) are built once for the batch, not once per layer."""
     import pyarrow as pa
 
-    order = np.argsort(np.asarray(docs), kind="stable")  # documents ascending inside the batch
-    lengths = np.array([len(token_ids[b]) for b in order], dtype=np.int64)
-    n_tok = int(lengths.sum())
-    first = _routing_layer(routing, 0)[0]
-    if first.shape[0] != n_tok:
-        raise ValueError(f"routing of {first.shape[0]} tokens for a batch of {n_tok}")
-    k = first.shape[1]
-    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])  # [n_tok]
-    tok = np.concatenate([np.asarray(token_ids[b], dtype=np.int64) for b in order])  # [n_tok]
-    names, codes = np.unique(np.asarray(domains, dtype=str)[order], return_inverse=True)
-    per_rank = lambda x: np.repeat(x, k)  # noqa: E731  token values -> (token, rank) rows of one layer
-    same = {  # one layer's rows: n_tok * k, (doc, position, rank) order
-        "doc": per_rank(np.repeat(np.asarray(docs, dtype=np.int32)[order], lengths)),
-        "domain": pa.DictionaryArray.from_arrays(per_rank(np.repeat(codes.astype(np.int32).reshape(-1), lengths)),
-                                                 pa.array(names.tolist(), type=pa.string())),
-        "position": per_rank(positions), "token_id": per_rank(tok),
-        "rank": np.tile(np.arange(k, dtype=np.int16), n_tok),
-    }
+    first = routing.layer(0)[0]  # [n_tok, k]
+    n_tok, k = first.shape
+    same, names = _token_columns(docs, domains, token_ids, k, n_tok)
+    same["domain"] = _domain_array(same["domain"], names)
     schema = trace_schema()
     rows = n_tok * k
     with _shard_writer(path, schema) as writer:
         for j, layer in enumerate(layers):
-            experts, weights, entropy = _routing_layer(routing, j)  # [n_tok, k], [n_tok, k], [n_tok]
+            experts, weights, entropy = routing.layer(j)  # [n_tok, k], [n_tok, k], [n_tok]
             columns = {**same, "layer": np.full(rows, layer, dtype=np.int32),
                        "expert": np.asarray(experts, dtype=np.int32).reshape(-1),  # [n_tok, k] -> [n_tok * k]
                        "weight": np.asarray(weights, dtype=np.float32).reshape(-1),
                        "entropy": np.repeat(np.asarray(entropy, dtype=np.float32), k)}  # one per rank
             writer.write_table(pa.table({c: columns[c] for c in schema.names}, schema=schema),
                                row_group_size=max(1, rows))
-
-
-def _routing_layer(routing, j: int):
-    if hasattr(routing, "layer"):
-        return routing.layer(j)
-    return routing.experts[j], routing.weights[j], routing.entropy[j]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ class Routing(NamedTuple):
     weights: np.ndarray
     entropy: np.ndarray
 
+    def layer(self, j: int):
+        """MoE layer j's (experts [n, k], weights [n, k], entropy [n]), as PendingRouting.layer gives them."""
+        return self.experts[j], self.weights[j], self.entropy[j]
+
 
 def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
     """Why `model` cannot take the grouped trace prefill (None when it can). experts_given: the stacked experts
@@ -182,7 +186,7 @@ class TracePrefill:
                              "grouped_mm")  # [n, H]
             if whole:
                 h = h + mix.view(B, T, H)  # [B, T, H]
-            else:  # differs from before: real rows h + mix (one rounding, as index_add was), no atomics
+            else:  # real rows h + mix (one rounding, as an index_add would), without its atomics
                 flat = h.view(B * T, H)  # [B * T, H]; h is this layer's own residual sum: updated in place
                 flat[keep] = flat[keep] + mix  # padding rows keep h
         return pending
