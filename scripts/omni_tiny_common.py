@@ -160,6 +160,14 @@ class AdditionSampler:
                             const(i["eq"]), const(i["sp"]), self._digit_cols(a + b), const(i["nl"])], axis=1)
         return m[m >= 0], a, b
 
+    def rows(self, n: int, width: int) -> np.ndarray:
+        """[n, width] token ids: a fresh stream of addition lines cut into n training rows of `width` tokens."""
+        need = n * width
+        stream = self.tokens(need // 11 + 64)[0]
+        while len(stream) < need:
+            stream = np.concatenate([stream, self.tokens(64)[0]])
+        return stream[:need].reshape(n, width)
+
     def check_against(self, tokenizer, n: int = 300) -> None:
         toks, a, b = self.tokens(n)
         text_ids = []

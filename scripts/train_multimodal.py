@@ -463,11 +463,7 @@ def main() -> None:
         rows = []
         for d, n in zip(DOMAINS, n_rows):
             if d == "arith":
-                need = n * (T + 1)
-                stream = sampler.tokens(need // 11 + 64)[0]
-                while len(stream) < need:
-                    stream = np.concatenate([stream, sampler.tokens(64)[0]])
-                rows.extend(torch.from_numpy(stream[:need]).view(n, T + 1))
+                rows.extend(torch.from_numpy(sampler.rows(n, T + 1)))
                 continue
             starts = rng.integers(0, len(arrays[d]) - T - 1, size=n)
             rows.extend(arrays[d][s:s + T + 1] for s in starts)
