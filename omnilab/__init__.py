@@ -34,8 +34,7 @@ __version__ = "0.1.0"
 _NAMES = {
     **dict.fromkeys(("Checkpoint", "CheckpointError", "Problem"), "omnilab.checkpoint"),
     **dict.fromkeys(("checkpoint_report", "problems_frame", "verify"), "omnilab.inventory"),
-    "format_bytes": "omnilab.units",
-    "parse_size": "omnilab.cli",
+    **dict.fromkeys(("format_bytes", "parse_size"), "omnilab.units"),
     "stream_pieces": "omnilab.tokenizer",
     "extract": "omnilab.extraction.write",
     "verify_extraction": "omnilab.extraction.verify",

@@ -14,22 +14,7 @@ import sys
 
 from omnilab.checkpoint import CheckpointError
 from omnilab.jsonio import jsonable
-
-
-def parse_size(text: str) -> int:
-    """'512MB', '2GiB', '1.5e9', '1000' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}: use bytes or units like 512MB, 2GiB") from None
-    if unit not in units or value < 0:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}: use bytes or units like 512MB, 2GiB")
-    return int(value * units[unit])
+from omnilab.units import parse_size
 
 
 def parse_ids(text: str, flag: str = "--input-ids") -> list[int]:

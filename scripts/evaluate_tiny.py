@@ -508,7 +508,7 @@ def main() -> None:
         res = json.loads((args.model / "eval_results.json").read_text())
         if text_before:
             res["text_before"] = text_before
-        (args.model / "eval_results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
+            (args.model / "eval_results.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
         write_card(args.model, res)
         print(f"wrote {args.model / 'README.md'} from eval_results.json")
         return

@@ -142,7 +142,7 @@ def _worker(job: tuple[int, dict, float]) -> dict | None:
 
 def make_items(specs, folder: Path, workers: int, espeak, font_dir, budget_s: float = 1e9) -> list[dict]:
     """Synthesize, render and process `specs` in `workers` processes (spawned: no fork after torch, CUDA or the
-    tokenizer's threads). Items not started within budget_s seconds are skipped (printed with the rate)."""
+    tokenizer's threads). Items not started within budget_s seconds are skipped (the counts are printed)."""
     ctx = mp.get_context("spawn")
     t0 = time.time()
     deadline = t0 + budget_s
