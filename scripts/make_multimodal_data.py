@@ -149,14 +149,15 @@ def wav_bytes(pcm: np.ndarray) -> bytes:
 
 
 def render(text: str, font: str = EVAL_FONT, size: int = 30, *, dx: int = 8, dy: int = 0, ink: int = 0,
-           font_dir: Path = FONT_DIR):
-    """`text` on one line, `size`-pixel font, black (ink) on white, IMAGE_HEIGHT pixels high -> RGB PIL image."""
+           paper: int = 255, font_dir: Path = FONT_DIR):
+    """`text` on one line, `size`-pixel font, grey level `ink` on grey level `paper` (black on white by default),
+    IMAGE_HEIGHT pixels high -> RGB PIL image."""
     from PIL import Image, ImageDraw, ImageFont
 
     face = ImageFont.truetype(str(Path(font_dir) / font), size)
     left, top, right, bottom = face.getbbox(text)
     width = right - left + dx + 8  # dx pixels of margin on the left, 8 on the right
-    im = Image.new("RGB", (max(width, IMAGE_HEIGHT), IMAGE_HEIGHT), (255, 255, 255))
+    im = Image.new("RGB", (max(width, IMAGE_HEIGHT), IMAGE_HEIGHT), (paper, paper, paper))
     y = (IMAGE_HEIGHT - (bottom - top)) // 2 - top + dy  # centred, shifted by dy
     ImageDraw.Draw(im).text((dx - left, y), text, font=face, fill=(ink, ink, ink))
     return im
@@ -256,9 +257,13 @@ def train_pairs(n: int, rng: random.Random) -> list[tuple[int, int]]:
 
 
 def train_specs(sentences: list[str], n_speech_sent: int, n_speech_sum: int, n_image_line: int,
-                n_image_sum: int, seed: int) -> list[dict]:
+                n_image_sum: int, seed: int, *, sizes: tuple[int, int] = (22, 34),
+                paper: tuple[int, int] = (255, 255), inverted: float = 0.0) -> list[dict]:
     """What to synthesize and render for training: {"media": "audio" | "image", "kind", "text", "answer",
-    "spoken" / "voice" / "speed" (audio) or "font" / "size" / "dx" / "dy" / "ink" (image)}."""
+    "spoken" / "voice" / "speed" (audio) or "font" / "size" / "dx" / "dy" / "ink" / "paper" (image)}.
+    Images: font sizes in `sizes`, paper grey levels in `paper`, ink from black to 165 levels below the paper
+    (on white: 0-90; black on paper darker than 165); a fraction `inverted` is light ink on dark paper, the
+    same contrast."""
     rng = random.Random(seed)
     specs = []
     for s in rng.sample(sentences, min(n_speech_sent, len(sentences))):
@@ -273,8 +278,11 @@ def train_specs(sentences: list[str], n_speech_sent: int, n_speech_sum: int, n_i
     images += [{"media": "image", "kind": "sum", "text": sum_text(a, b), "answer": str(a + b)}
                for a, b in train_pairs(n_image_sum, rng)]
     for im in images:
-        im.update(font=rng.choice(TRAIN_FONTS), size=rng.randint(22, 34), dx=rng.randint(0, 24),
-                  dy=rng.randint(-6, 6), ink=rng.randint(0, 90))
+        im.update(font=rng.choice(TRAIN_FONTS), size=rng.randint(*sizes), dx=rng.randint(0, 24),
+                  dy=rng.randint(-6, 6))
+        level = rng.randint(*paper)
+        ink = rng.randint(0, max(0, level - 165))  # a contrast of min(165, paper) at least (white paper: ink 0-90)
+        im.update(paper=level, ink=ink) if rng.random() >= inverted else im.update(paper=255 - level, ink=255 - ink)
     return specs + images
 
 

@@ -6,25 +6,40 @@ What it does, in order:
    (--init, data/omni-tiny) except the towers, which start from transformers' init at their new sizes.
 2. Makes its training data (scripts/make_multimodal_data.py): espeak-ng speech of English training-split
    sentences and of spoken sums in 42 voices (7 accents x 6 variants, not the held-out en-029) and
-   130-210 words per minute; Pillow images of text lines and sums in three DejaVu fonts, sizes 22-34.
+   130-210 words per minute; Pillow images of text lines and sums in three DejaVu fonts, sizes 22-34, on paper
+   of a random grey level (--paper), a fraction in light ink on dark paper (--inverted).
    Each item goes through transformers' own Qwen3OmniMoeProcessor exactly as `omnilab generate
    --audio/--image` calls it (omnilab.model.multimodal.prompt_text + process: the placeholders, then the task
    prompt): transcribe / read (no prompt) -> the text; a sum with the prompt " =" -> " 85". The target
-   ends with <|endoftext|>, the stop token of generation_config.json.
+   ends with <|endoftext|>, the stop token of generation_config.json. With --image-norm data the image
+   processor normalises pixels by the training images' own mean and std (written to preprocessor_config.json)
+   instead of CLIP's: under CLIP's the white paper, most of every image, sits at +1.9 in every channel, and the
+   vision tower fitted that constant and nothing else (run 2: its output varied 0.02 from token to token against
+   a constant of 11; image sums stayed at chance while speech was learned).
 3. Trains the thinker (text model, audio tower, vision tower; talker and code2wav untouched) on batches that
    mix both: a text batch of the original corpus mixture (windows of --seq-len from .scratch/tokens, fresh
    additions from AdditionSampler, router load-balancing loss as in train_tiny.py), so that text quality
    holds, and a multimodal batch (loss on the target tokens only) through transformers' thinker forward
    (towers, placeholder scatter, deepstack, M-RoPE positions from get_rope_index). AdamW, warmup + cosine,
-   bf16 autocast; a lower peak lr for the already-trained text model than for the new towers.
+   bf16 autocast; a lower peak lr for the already-trained text model than for the new towers (and the vision
+   tower's own with --lr-vision). The cosine runs on seconds, not steps: every step reads the seconds trained so
+   far against --schedule-s, so it ends when the time does, whatever the step time turns out to be.
+   A run longer than one device call (600 s) is two calls: the first with --schedule-s of both, the second with
+   --resume pointing at the first's --out (resume.pt: fp32 weights, AdamW's state, step, seconds, log) and a new
+   --seed for new data; train_mm_log.json then adds the calls up and keeps each call's arguments.
 4. Saves the checkpoint folder (bf16 shards in the per-expert layout, config, tokenizer, generation config,
    preprocessor_config.json from omnilab.model.multimodal.write_processor_files, train_mm_log.json) to --out, and
    with --export DIR also as a tar split into parts of --part-mb (the device run's $OUT), again every
    --export-every seconds while training, so a run stopped early still returns weights.
 
 Run:
-  GPU (the shipped run):  python scripts/train_multimodal.py --out .scratch/mm --export $OUT --time-budget 400 \
-                              --deadline 450 --data-budget 120 --workers 40
+  GPU (the shipped run, two device calls on one warm H200; then scripts/mix_text_weights.py --alpha 0.7):
+      A="--export $OUT --data-budget 80 --time-budget 425 --schedule-s 850 --deadline 500 --workers 24 \
+         --n-speech-sent 30000 --n-speech-sum 20000 --n-image-line 16000 --n-image-sum 14000 --text-batch 16 \
+         --mm-batch 192 --lr-text 2e-4 --lr-towers 3e-3 --lr-vision 2e-3 --image-norm data --paper 140,255 \
+         --inverted 0.15 --eval-every 100000 --log-every 100"
+      python scripts/train_multimodal.py $A --seed 4321 --out /tmp/mm
+      python scripts/train_multimodal.py $A --seed 4322 --resume /tmp/mm --out /tmp/mm2
   On a machine without espeak-ng, unpack a minimal copy (the binary, libespeak-ng, libsonic, espeak-ng-data with
   en_dict, phon*, intonations, voices/, lang/gmw, from the Debian packages) and a no-op libpcaudio.so.0 (the
   wav output never opens a sound device), then LD_LIBRARY_PATH=<lib> ESPEAK_DATA_PATH=<dir> ESPEAK_NG=<binary>.
@@ -93,6 +108,27 @@ def _worker_init(folder: str, espeak: str | None, font_dir: str) -> None:
               espeak=espeak, font_dir=Path(font_dir))
 
 
+def pair(text: str, flag: str) -> tuple[int, int]:
+    """'LO,HI' -> (LO, HI), or exit naming the flag."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        sys.exit(f"train_multimodal: {flag} wants LO,HI (two integers), got {text!r}")
+    if lo > hi:
+        sys.exit(f"train_multimodal: {flag} {text}: LO is above HI")
+    return lo, hi
+
+
+def pixel_stats(specs: list[dict], font_dir: Path) -> tuple[float, float]:
+    """Mean and standard deviation of the pixels (0-1) of these rendered training images: the image
+    processor's normalisation with --image-norm data, so that the paper, most of every image, sits near zero
+    instead of at CLIP's +1.9 (white), which the vision tower's patch embedding would otherwise fit first."""
+    px = np.concatenate([np.asarray(mmdata.render(s["text"], s["font"], s["size"], dx=s["dx"], dy=s["dy"], ink=s["ink"],
+                                                  paper=s["paper"], font_dir=font_dir), dtype=np.float32).ravel()
+                         for s in specs]) / 255.0
+    return round(float(px.mean()), 4), round(float(px.std()), 4)
+
+
 def tasks_of(spec: dict) -> list[tuple[str, str]]:
     """(task prompt, target text) pairs of one item: transcribe/read always, answer for sums."""
     out = [("", spec["text"])]
@@ -135,7 +171,7 @@ def _worker(job: tuple[int, dict, float]) -> dict | None:
         media = mmdata.synth(spec["spoken"], spec["voice"], spec["speed"], _W["espeak"], fast=True).astype(np.float32) / 32768.0
     else:
         media = mmdata.render(spec["text"], spec["font"], spec["size"], dx=spec["dx"], dy=spec["dy"], ink=spec["ink"],
-                              font_dir=_W["font_dir"])
+                              paper=spec["paper"], font_dir=_W["font_dir"])
     item = encode_item(spec, _W["processor"], _W["config"], media) | {"order": order}
     return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
 
@@ -287,10 +323,8 @@ def load_start(init: Path, config, seed: int):
     return model, len(state)
 
 
-def save(model, thinker_state, out_dir: Path, init: Path, log: dict, shard: str) -> None:
-    """bf16, per-expert layout, tokenizer + generation config copied from --init, preprocessor_config.json."""
-    from omnilab.model.multimodal import write_processor_files
-
+def save(model, thinker_state, out_dir: Path, init: Path, log: dict, shard: str, processor_file: Path) -> None:
+    """bf16, per-expert layout, tokenizer + generation config copied from --init, the run's preprocessor_config.json."""
     model.thinker.load_state_dict(thinker_state)
     cpu_model = copy.deepcopy(model).to("cpu").to(torch.bfloat16).eval()
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
@@ -302,7 +336,7 @@ def save(model, thinker_state, out_dir: Path, init: Path, log: dict, shard: str)
         if f.name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "generation_config",
                               "train_log.json")) and f.is_file():  # train_log.json: the text run, for the card
             shutil.copy(f, tmp / f.name)
-    write_processor_files(tmp, model.config.thinker_config)
+    shutil.copy(processor_file, tmp / processor_file.name)
     (tmp / "train_mm_log.json").write_text(json.dumps(log, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -345,7 +379,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=4321)
     ap.add_argument("--steps", type=int, default=0, help="0: train for --time-budget seconds")
-    ap.add_argument("--time-budget", type=float, default=330.0, help="seconds of training when --steps 0")
+    ap.add_argument("--time-budget", type=float, default=330.0, help="seconds of training in this call when --steps 0")
+    ap.add_argument("--schedule-s", type=float, default=0.0,
+                    help="seconds of training the cosine spans over every call of a resumed run (0: --time-budget)")
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="continue a run: a previous --out folder (its resume.pt has the fp32 weights, AdamW's state, "
+                         "the step, the seconds trained and the log); new data is made with this call's --seed")
     ap.add_argument("--deadline", type=float, default=1e9,
                     help="seconds after the script's start by which training stops (data making included)")
     ap.add_argument("--text-batch", type=int, default=32)
@@ -354,6 +393,7 @@ def main() -> None:
     ap.add_argument("--mm-weight", type=float, default=1.0)
     ap.add_argument("--lr-text", type=float, default=5e-4, help="peak lr of the (already trained) text model")
     ap.add_argument("--lr-towers", type=float, default=2e-3, help="peak lr of the audio and vision towers")
+    ap.add_argument("--lr-vision", type=float, default=0.0, help="peak lr of the vision tower (0: --lr-towers)")
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -364,6 +404,11 @@ def main() -> None:
     ap.add_argument("--n-speech-sum", type=int, default=8000)
     ap.add_argument("--n-image-line", type=int, default=6000)
     ap.add_argument("--n-image-sum", type=int, default=5000)
+    ap.add_argument("--font-sizes", default="22,34", help="LO,HI pixel sizes of the training images' fonts")
+    ap.add_argument("--paper", default="255,255", help="LO,HI grey levels of the training images' paper")
+    ap.add_argument("--inverted", type=float, default=0.0, help="fraction of training images in light ink on dark")
+    ap.add_argument("--image-norm", choices=["clip", "data"], default="clip",
+                    help="the image processor's mean and std: CLIP's (Qwen's) or the training images' own")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--data-budget", type=float, default=1e9, help="seconds for making the data, at most")
     ap.add_argument("--espeak", default=None)
@@ -375,6 +420,9 @@ def main() -> None:
     ap.add_argument("--heldout-limit", type=int, default=0, help="0: every item of data/eval/multimodal")
     ap.add_argument("--max-shard-size", default="5MB")
     args = ap.parse_args()
+    font_sizes, paper = pair(args.font_sizes, "--font-sizes"), pair(args.paper, "--paper")
+    if args.resume is not None and not (args.resume / "resume.pt").is_file():
+        sys.exit(f"train_multimodal: --resume {args.resume}: no resume.pt there (the --out of an earlier call)")
 
     t_start = time.time()
     random.seed(args.seed)
@@ -395,25 +443,33 @@ def main() -> None:
 
     config = config_from_tokenizer(args.init)
     config.thinker_config.text_config.router_aux_loss_coef = args.aux_coef
-    # the processor of the new towers (their mel bins / patch sizes), beside a copy of the tokenizer
-    proc_dir = args.out.with_name(args.out.name + "-processor")
-    proc_dir.mkdir(parents=True, exist_ok=True)
-    for f in args.init.iterdir():
-        if f.name.startswith("tokenizer"):
-            shutil.copy(f, proc_dir / f.name)
-    mm.write_processor_files(proc_dir, config.thinker_config)
-    processor = mm.load_processor(proc_dir)
-    tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids(EOS)
-
-    # data: synthesize and process (worker processes, before any CUDA use)
     t0 = time.time()
     if args.sentences.suffix == ".txt":
         sentences = [s for s in args.sentences.read_text(encoding="utf-8").splitlines() if s.strip()]
     else:
         sentences = mmdata.train_sentences(args.sentences)
     specs = mmdata.train_specs(sentences, args.n_speech_sent, args.n_speech_sum, args.n_image_line,
-                               args.n_image_sum, seed=args.seed)
+                               args.n_image_sum, seed=args.seed, sizes=font_sizes,
+                               paper=paper, inverted=args.inverted)
+    # the processor of the new towers (their mel bins / patch sizes), beside a copy of the tokenizer
+    proc_dir = args.out.with_name(args.out.name + "-processor")
+    proc_dir.mkdir(parents=True, exist_ok=True)
+    for f in args.init.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, proc_dir / f.name)
+    if args.resume is not None:  # the first call's processor (its pixel normalisation) throughout
+        shutil.copy(args.resume / mm.PREPROCESSOR_FILE, proc_dir / mm.PREPROCESSOR_FILE)
+    elif args.image_norm == "data":
+        mean, std = pixel_stats([s for s in specs if s["media"] == "image"][:256], args.font_dir)
+        print(f"data: pixel mean {mean:.3f}, std {std:.3f} (256 training images) for the image processor", flush=True)
+        mm.write_processor_files(proc_dir, config.thinker_config, image_mean=[mean] * 3, image_std=[std] * 3)
+    else:
+        mm.write_processor_files(proc_dir, config.thinker_config)
+    processor = mm.load_processor(proc_dir)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids(EOS)
+
+    # data: synthesize and process (worker processes, before any CUDA use)
     print(f"data: making {len(specs):,} items in {args.workers} processes", flush=True)
     items = make_items(list(enumerate(specs)), proc_dir, args.workers, args.espeak, args.font_dir, args.data_budget)
     if not items:
@@ -428,22 +484,31 @@ def main() -> None:
           f"{audio_s:,.0f} s of speech) in {data_s:.1f} s", flush=True)
 
     model, n_loaded = load_start(args.init, config, args.seed)
+    resume = torch.load(args.resume / "resume.pt", map_location="cpu", weights_only=False) if args.resume else None
+    if resume is not None:
+        model.thinker.load_state_dict(resume["thinker"])
+        print(f"resume: {args.resume} at step {resume['step']}, {resume['trained_s']:.0f} s trained", flush=True)
     thinker = model.thinker
     model.to(device)
     print(f"model: on {device} after {time.time() - t_start:.0f} s", flush=True)
     model.train()
     text_cfg = config.thinker_config.text_config
     towers = [p for n, p in thinker.named_parameters() if n.startswith(("model.audio_tower.", "model.visual."))]
+    vision = {id(p) for n, p in thinker.named_parameters() if n.startswith("model.visual.")}
     text = [p for n, p in thinker.named_parameters() if n.startswith(("model.language_model.", "lm_head."))]
     trained = towers + text
     ids_trained = {id(p) for p in trained}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids_trained)
     groups = []
-    for params, lr in ((text, args.lr_text), (towers, args.lr_towers)):
+    audio_tower = [p for p in towers if id(p) not in vision]
+    vision_tower = [p for p in towers if id(p) in vision]
+    for params, lr in ((text, args.lr_text), (audio_tower, args.lr_towers), (vision_tower, args.lr_vision or args.lr_towers)):
         groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay, "peak": lr})
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "peak": lr})
     opt = torch.optim.AdamW(groups, lr=args.lr_text, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
     print(f"loaded {n_loaded} tensors from {args.init}; trained: {sum(p.numel() for p in text):,} text + "
           f"{sum(p.numel() for p in towers):,} tower parameters", flush=True)
 
@@ -469,26 +534,51 @@ def main() -> None:
             rows.extend(arrays[d][s:s + T + 1] for s in starts)
         return torch.stack(rows).to(device, non_blocking=True)
 
-    total = args.steps if args.steps > 0 else 10**9
-    est_total = [total if args.steps > 0 else 4000]  # the cosine's length; re-estimated from the step time
+    step0 = resume["step"] if resume else 0
+    trained_before = resume["trained_s"] if resume else 0.0  # seconds of training in the earlier calls
+    total = step0 + args.steps if args.steps > 0 else 10**9
+    schedule_s = args.schedule_s or args.time_budget
+    warm_end_s = [resume["warm_end_s"] if resume else None]  # training seconds at the end of the warmup
 
-    def lr_factor(step: int) -> float:
+    def lr_factor(step: int, trained_s: float) -> float:
+        """Linear warmup over --warmup steps, then a cosine to --min-lr-frac: over the steps with --steps, else
+        over the seconds of training left of --schedule-s (re-read every step, so the cosine ends when the
+        time does whatever the step time turns out to be)."""
         if step < args.warmup:
             return (step + 1) / args.warmup
-        prog = min(1.0, (step - args.warmup) / max(1, est_total[0] - args.warmup))
+        if args.steps > 0:
+            prog = (step - args.warmup) / max(1, total - args.warmup)
+        else:
+            if warm_end_s[0] is None:
+                warm_end_s[0] = trained_s
+            prog = (trained_s - warm_end_s[0]) / max(1e-9, schedule_s - warm_end_s[0])
+        prog = min(1.0, max(0.0, prog))
         return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog))
 
-    log = {"args": {k: str(v) for k, v in vars(args).items()}, "steps": [], "evals": [],
-           "data": {"sentences": len(sentences), "items": len(items), "examples": len(picks_all),
-                    "speech_seconds": round(audio_s, 1), "data_wall_s": round(data_s, 1),
-                    "items_by_media": {m: sum(it["media"] == m for it in items) for m in ("audio", "image")},
-                    "voices": mmdata.TRAIN_VOICES, "speeds": list(mmdata.TRAIN_SPEEDS), "fonts": mmdata.TRAIN_FONTS}}
+    data = {"sentences": len(sentences), "items": len(items), "examples": len(picks_all),
+            "speech_seconds": round(audio_s, 1), "data_wall_s": round(data_s, 1),
+            "items_by_media": {m: sum(it["media"] == m for it in items) for m in ("audio", "image")},
+            "voices": mmdata.TRAIN_VOICES, "speeds": list(mmdata.TRAIN_SPEEDS), "fonts": mmdata.TRAIN_FONTS}
+    call = {"args": {k: str(v) for k, v in vars(args).items()}, "data": data}
+    if resume is None:
+        log = {"args": call["args"], "steps": [], "evals": [], "data": dict(data), "calls": [call]}
+        before = {"text_tokens": 0, "multimodal_tokens": 0, "multimodal_target_tokens": 0, "examples_seen": 0,
+                  "eval_wall_s": 0.0, "data_wall_s": 0.0, "script_wall_s": 0.0}
+    else:  # one log over the calls: "data" and "summary" add up, "calls" keeps each call's arguments and data
+        log = resume["log"]
+        log.setdefault("calls", []).append(call)
+        for k in ("items", "examples", "speech_seconds", "data_wall_s"):
+            log["data"][k] = round(log["data"][k] + data[k], 1)
+        for m, n in data["items_by_media"].items():
+            log["data"]["items_by_media"][m] += n
+        before = {k: log["summary"][k] for k in ("text_tokens", "multimodal_tokens", "multimodal_target_tokens",
+                                                 "examples_seen", "eval_wall_s", "data_wall_s", "script_wall_s")}
     acc = {"text": torch.zeros(len(DOMAINS), device=device), "n": 0, "tasks": {}}
     tokens_text = tokens_mm = mm_targets = 0
     t_train = time.time()
     t_export = t_train
     t_eval = 0.0
-    step = 0
+    step = step0
     perm = rng.permutation(len(picks_all))
     cursor = 0
 
@@ -498,7 +588,7 @@ def main() -> None:
         ev = evaluate(thinker, eval_batches, device, amp_dtype, rows=32)
         chk = check_heldout(thinker, tok, held, eos, device, amp_dtype, args.heldout_steps)
         t_eval += time.time() - te
-        entry = {"step": step, "elapsed_s": round(time.time() - t_train, 1),
+        entry = {"step": step, "elapsed_s": round(trained_before + time.time() - t_train, 1),
                  "eval_loss": {d: round(v, 4) for d, v in ev.items()}, "heldout_media": chk}
         log["evals"].append(entry)
         print(f"eval @{step}: " + " ".join(f"{d}={v:.3f}" for d, v in ev.items()) + " | " +
@@ -508,12 +598,16 @@ def main() -> None:
         if args.export is None and not final:
             return
         log["summary"] = summary(final)
-        save(model, {k: v.detach().to("cpu", copy=True) for k, v in thinker.state_dict().items()}, args.out,
-             args.init, log, args.max_shard_size)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in thinker.state_dict().items()}
+        save(model, state, args.out, args.init, log, args.max_shard_size, proc_dir / mm.PREPROCESSOR_FILE)
         if args.export is not None:
             args.export.mkdir(parents=True, exist_ok=True)
             names = export(args.out, args.export, args.part_mb)
             print(f"exported step {step} to {args.export}: {names}", flush=True)
+        tmp = args.out / "resume.pt.tmp"  # for --resume, after the export: not part of the shipped folder
+        torch.save({"thinker": state, "optimizer": opt.state_dict(), "step": step, "warm_end_s": warm_end_s[0],
+                    "trained_s": trained_before + time.time() - t_train, "log": log}, tmp)
+        tmp.replace(args.out / "resume.pt")
 
     def summary(final: bool) -> dict:
         hw = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__}
@@ -522,17 +616,22 @@ def main() -> None:
         if device.type == "cuda":
             hw["gpu"] = torch.cuda.get_device_name(0)
             hw["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        wall = time.time() - t_train
-        return {"final": final, "steps": step, "text_tokens": tokens_text, "multimodal_tokens": tokens_mm,
-                "multimodal_target_tokens": mm_targets, "examples_seen": step * args.mm_batch,
-                "epochs_over_examples": round(step * args.mm_batch / len(picks_all), 2),
-                "train_wall_s": round(wall, 1), "eval_wall_s": round(t_eval, 1), "data_wall_s": round(data_s, 1),
-                "script_wall_s": round(time.time() - t_start, 1), "cosine_steps": est_total[0], "hardware": hw,
+        seen = before["examples_seen"] + (step - step0) * args.mm_batch
+        return {"final": final, "steps": step, "calls": len(log["calls"]),
+                "text_tokens": before["text_tokens"] + tokens_text,
+                "multimodal_tokens": before["multimodal_tokens"] + tokens_mm,
+                "multimodal_target_tokens": before["multimodal_target_tokens"] + mm_targets, "examples_seen": seen,
+                "epochs_over_examples": round(seen / log["data"]["examples"], 2),
+                "train_wall_s": round(trained_before + time.time() - t_train, 1),
+                "eval_wall_s": round(before["eval_wall_s"] + t_eval, 1),
+                "data_wall_s": round(before["data_wall_s"] + data_s, 1),
+                "script_wall_s": round(before["script_wall_s"] + time.time() - t_start, 1),
+                "schedule_s": schedule_s, "hardware": hw,
                 "params_text": sum(p.numel() for p in text), "params_towers": sum(p.numel() for p in towers)}
 
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = g["peak"] * lr_factor(step)
+            g["lr"] = g["peak"] * lr_factor(step, trained_before + time.time() - t_train)
         # text batch
         x = text_batch()
         inp, tgt = x[:, :-1], x[:, 1:]
@@ -576,23 +675,12 @@ def main() -> None:
         step += 1
         elapsed = time.time() - t_train
         if args.steps == 0:
-            if step == 100:  # estimate the run's length for the cosine (eval and export time kept aside)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                per_step = (time.time() - t_calib) / 50  # steps 50-100: past the allocator's and autotuning's start
-                left = min(args.time_budget - (time.time() - t_train), args.deadline - (time.time() - t_start))
-                est_total[0] = max(step + 1, int(left / per_step * 0.95) + step)
-                print(f"calibrated: {per_step * 1000:.1f} ms/step -> about {est_total[0]} steps", flush=True)
-            if step == 50:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t_calib = time.time()
             if elapsed > args.time_budget or time.time() - t_start > args.deadline:
                 total = step
         if step % args.log_every == 0 or step == total:
             text_l = (acc["text"] / torch.tensor(n_rows, device=device).clamp(min=1) / acc["n"]).tolist()
             task_l = {t: round(float(v[0] / v[1]), 4) for t, v in sorted(acc["tasks"].items())}
-            entry = {"step": step, "elapsed_s": round(elapsed, 1), "lr_factor": round(lr_factor(step - 1), 4),
+            entry = {"step": step, "elapsed_s": round(trained_before + elapsed, 1), "lr_factor": round(g["lr"] / g["peak"], 4),
                      "grad_norm": round(float(gnorm), 3), "text_loss": dict(zip(DOMAINS, [round(v, 4) for v in text_l])),
                      "task_loss": task_l}
             log["steps"].append(entry)

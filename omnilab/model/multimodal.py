@@ -143,11 +143,12 @@ class Towers(nn.Module):
 # -- the processor ------------------------------------------------------------------------------------------------
 
 
-def write_processor_files(folder, config) -> Path:
+def write_processor_files(folder, config, image_mean=None, image_std=None) -> Path:
     """preprocessor_config.json for a Qwen3-Omni checkpoint, written by transformers' own classes: a
     WhisperFeatureExtractor (num_mel_bins of the audio tower) and a Qwen2-VL image processor (the vision
     tower's patch, temporal patch and merge sizes; at most 1024 merged tokens per image), in one file as
-    Qwen's omni checkpoints ship them. `config`: the thinker config."""
+    Qwen's omni checkpoints ship them. `config`: the thinker config; image_mean / image_std (three values
+    each): the pixel normalisation, the processor's own (CLIP's, as Qwen ships it) when None."""
     from transformers import WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -156,7 +157,9 @@ def write_processor_files(folder, config) -> Path:
     features = WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins, sampling_rate=SAMPLING_RATE)
     images = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
                                       merge_size=vision.spatial_merge_size,
-                                      size={"shortest_edge": factor * factor, "longest_edge": 1024 * factor * factor})
+                                      size={"shortest_edge": factor * factor, "longest_edge": 1024 * factor * factor},
+                                      **({"image_mean": list(image_mean), "image_std": list(image_std)}
+                                         if image_mean is not None else {}))
     merged = {**features.to_dict(), **images.to_dict(), "processor_class": "Qwen3OmniMoeProcessor"}
     path = Path(folder) / PREPROCESSOR_FILE
     write_json(path, merged)
