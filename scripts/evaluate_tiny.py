@@ -243,14 +243,19 @@ def write_card(model_dir: Path, res: dict) -> None:
     a = L.append
     a("---\nlicense: cc-by-sa-4.0\nlanguage: [en, fr, es]\ntags: [qwen3_omni_moe, mixture-of-experts, tiny, omnilab]\n---\n")
     a("# omni-tiny\n")
+    heard = (model_dir / "train_mm_log.json").exists()
     a("A small `Qwen3OmniMoeForConditionalGeneration` trained here, shipped with omnilab as the default model "
-      "to try every notebook on before pointing the workbench at the 70 GB Qwen3-Omni-30B-A3B. Only the "
-      "thinker's text model is trained; the audio encoder, vision encoder, talker and code2wav are tiny and "
-      "stay at their random init, so the checkpoint has every component (and the per-expert tensor layout) "
-      "the real one has, but only text in / text out means anything.\n")
+      "to try every notebook on before pointing the workbench at the 70 GB Qwen3-Omni-30B-A3B. "
+      + ("The thinker's text model was trained on text (`scripts/train_tiny.py`), then the thinker with its audio "
+         "and vision towers on speech and images (`scripts/train_multimodal.py`, section *Hearing and reading*); "
+         "the talker and code2wav are tiny and stay at their random init, so the checkpoint has every component "
+         "(and the per-expert tensor layout) the real one has, with text and media in, text out.\n" if heard else
+         "Only the thinker's text model is trained; the audio encoder, vision encoder, talker and code2wav are "
+         "tiny and stay at their random init, so the checkpoint has every component (and the per-expert tensor "
+         "layout) the real one has, but only text in / text out means anything.\n"))
     a("Every number below is written by `scripts/evaluate_tiny.py` (evaluation) from `train_log.json` "
-      "(written by `scripts/train_tiny.py`) and `eval_results.json`; rerun it on a CPU with "
-      "`python scripts/evaluate_tiny.py`.\n")
+      "(written by `scripts/train_tiny.py`)" + (", `train_mm_log.json` (`scripts/train_multimodal.py`)" if heard else "")
+      + " and `eval_results.json`; rerun it on a CPU with `python scripts/evaluate_tiny.py`.\n")
 
     a("## Architecture\n")
     a("| | thinker text model | real Qwen3-Omni-30B-A3B |\n|---|---|---|")
@@ -455,10 +460,23 @@ def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
     a("Tasks, in the prompt format of `omnilab generate --audio/--image`: the media alone -> its text "
       "(a spoken or written sum transcribes to `47 + 38`); a sum's media with the prompt ` =` -> ` 85`.\n")
     a(f"- Hardware: {hw.get('gpu', hw['device'])}; torch {hw['torch']}, transformers {hw['transformers']}.")
-    a(f"- {fmt_int(sm['steps'])} steps in {sm['train_wall_s']} s of training (data made in {sm['data_wall_s']} s): "
-      f"{fmt_int(sm['text_tokens'])} text tokens and {fmt_int(sm['multimodal_tokens'])} multimodal tokens "
+    calls = mlog.get("calls", [])
+    a(f"- {fmt_int(sm['steps'])} steps in {sm['train_wall_s']} s of training (data made in {sm['data_wall_s']} s)"
+      + (f", in {len(calls)} device calls (the second resumed the first with new data)" if len(calls) > 1 else "")
+      + f": {fmt_int(sm['text_tokens'])} text tokens and {fmt_int(sm['multimodal_tokens'])} multimodal tokens "
       f"({fmt_int(sm['multimodal_target_tokens'])} of them targets), {sm['epochs_over_examples']} epochs over the "
-      "examples; every step one text batch of the original mixture and one multimodal batch.\n")
+      "examples; every step one text batch of the original mixture and one multimodal batch.")
+    args = mlog["args"]
+    if args.get("image_norm") == "data":
+        a(f"- Images on paper of grey level {args['paper'].replace(',', '-')} ({float(args['inverted']):.0%} light ink on "
+          "dark paper), normalised by the training images' own pixel mean and std (preprocessor_config.json) "
+          "instead of CLIP's.")
+    mix = mlog.get("text_weight_mix")
+    if mix:
+        a(f"- Text model mixed back toward the text-only weights after training (`scripts/mix_text_weights.py`, "
+          f"WiSE-FT): {mix['alpha']} x the run + {1 - mix['alpha']:.1f} x {mix['text_only']}; towers as trained."
+          + (f" {mix['chosen']}" if mix.get("chosen") else ""))
+    a("")
     a("Held-out evaluation (greedy, fp32 on the CPU, `omnilab.model.multimodal.generate`): sums are held-out 2-digit "
       "pairs never trained in either order, sentences come from held-out documents, `en-us` is a trained voice "
       "and `en-029` a voice never trained on. WER: word edit distance over reference words (lowercased, "
@@ -472,6 +490,13 @@ def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
             ex = next((e for e in r["examples"] if e["task"] == c["task"] and e["voice"] == c["voice"]), None)
             shown = f"`{ex['target']}` -> `{ex['got'][:60]}`" if ex else ""
             a(f"| {c['task']} | {c['voice']} | {c['n']} | {c['exact_match']:.3f} | {c['wer']:.3f} | {shown} |")
+        read = [e for e in r["examples"] if e["task"] == "image_sum_text"]
+        if read:
+            pairs = [(w, g) for e in read for w, g in zip(e["target"].split(" + "), e["got"].split(" + "))]
+            digits = sum(x == y for w, g in pairs for x, y in zip(w.ljust(2), g.ljust(2)))
+            a(f"\nWritten sums read part by part: {sum(w == g for w, g in pairs)} of {2 * len(read)} numbers and "
+              f"{digits} of {4 * len(read)} digits right (a blind guess of the sum's shape: about 1 in 90 numbers, "
+              "1 in 10 digits).")
         a("")
     last = list(mres.values())[-1]["cells"]
     learned = [k for k, c in last.items() if c["wer"] <= 0.5]
