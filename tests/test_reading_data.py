@@ -53,6 +53,8 @@ def test_processor_normalises_with_the_given_mean_and_std(tmp_path):
     assert saved["feature_size"] == thinker.audio_config.num_mel_bins  # the audio half is untouched
 
 
+@pytest.mark.skipif(not (mmdata.FONT_DIR / mmdata.EVAL_FONT).is_file(),
+                    reason="the DejaVu fonts (Debian fonts-dejavu-core) are not installed")
 def test_render_uses_the_paper_and_ink_levels():
     im = np.asarray(mmdata.render("12 + 34", paper=180, ink=10))
     assert im.shape[0] == mmdata.IMAGE_HEIGHT
