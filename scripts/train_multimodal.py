@@ -561,7 +561,7 @@ def main() -> None:
             "voices": mmdata.TRAIN_VOICES, "speeds": list(mmdata.TRAIN_SPEEDS), "fonts": mmdata.TRAIN_FONTS}
     call = {"args": {k: str(v) for k, v in vars(args).items()}, "data": data}
     if resume is None:
-        log = {"args": call["args"], "steps": [], "evals": [], "data": dict(data), "calls": [call]}
+        log = {"args": call["args"], "steps": [], "evals": [], "data": copy.deepcopy(data), "calls": [call]}
         before = {"text_tokens": 0, "multimodal_tokens": 0, "multimodal_target_tokens": 0, "examples_seen": 0,
                   "eval_wall_s": 0.0, "data_wall_s": 0.0, "script_wall_s": 0.0}
     else:  # one log over the calls: "data" and "summary" add up, "calls" keeps each call's arguments and data
