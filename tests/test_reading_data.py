@@ -8,6 +8,7 @@ token-to-token spread 0.02 against 11) and written sums stayed at chance. These 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,42 @@ def test_mix_text_weights_names_a_mismatched_tensor_and_writes_nothing(tmp_path)
     assert not (tmp_path / "mixed").exists()
     r = _mix(run, run, tmp_path / "mixed", 1.5)
     assert r.returncode != 0 and "--alpha" in r.stderr
+
+
+@pytest.mark.skipif(not (mmdata.FONT_DIR / mmdata.EVAL_FONT).is_file(),
+                    reason="the DejaVu fonts (Debian fonts-dejavu-core) are not installed")
+def test_train_multimodal_resumes_a_run_in_a_second_call(tmp_path):
+    """Two CPU calls of scripts/train_multimodal.py (images only, so no espeak-ng): the second resumes the
+    first's weights, AdamW state and step, makes new data, keeps the first's processor, and its log adds the
+    calls up while each call keeps its own counts."""
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    rng = np.random.default_rng(0)
+    for d in ("en", "fr", "es", "python"):
+        np.save(tokens / f"{d}.npy", rng.integers(10, 200, size=4000).astype(np.int32))
+    (tmp_path / "sentences.txt").write_text("the first training sentence\na second one to render\n")
+    common = [sys.executable, str(REPO / "scripts" / "train_multimodal.py"), "--device", "cpu", "--dtype", "float32",
+              "--tokens-dir", str(tokens), "--sentences", str(tmp_path / "sentences.txt"), "--text-batch", "5",
+              "--seq-len", "32", "--mm-batch", "4", "--n-speech-sent", "0", "--n-speech-sum", "0",
+              "--n-image-line", "3", "--n-image-sum", "3", "--workers", "1", "--eval-max-tokens", "200",
+              "--heldout-limit", "2", "--heldout-steps", "2", "--warmup", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(common + ["--steps", "3", "--out", str(tmp_path / "a"), "--image-norm", "data",
+                                     "--paper", "150,255", "--inverted", "0.3"], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "a" / "resume.pt").is_file()
+    second = subprocess.run(common + ["--steps", "2", "--seed", "7", "--resume", str(tmp_path / "a"),
+                                      "--out", str(tmp_path / "b")], capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resume:" in second.stdout and "at step 3" in second.stdout
+    log = json.loads((tmp_path / "b" / "train_mm_log.json").read_text())
+    assert log["summary"]["steps"] == 5 and log["summary"]["calls"] == 2
+    assert [c["data"]["items_by_media"]["image"] for c in log["calls"]] == [6, 6]
+    assert log["data"]["items_by_media"]["image"] == 12
+    assert [e["step"] for e in log["steps"]] == [3, 5]
+    assert log["summary"]["train_wall_s"] > 0 and log["summary"]["examples_seen"] == 5 * 4
+    proc_a = json.loads((tmp_path / "a" / "preprocessor_config.json").read_text())
+    proc_b = json.loads((tmp_path / "b" / "preprocessor_config.json").read_text())
+    assert proc_b["image_mean"] == proc_a["image_mean"] != [0.48145466, 0.4578275, 0.40821073]
+    bad = subprocess.run(common + ["--resume", str(tmp_path / "nowhere")], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "--resume" in bad.stderr and "Traceback" not in bad.stderr
