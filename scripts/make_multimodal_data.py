@@ -163,6 +163,12 @@ def render(text: str, font: str = EVAL_FONT, size: int = 30, *, dx: int = 8, dy:
     return im
 
 
+def render_spec(spec: dict, font_dir: Path = FONT_DIR):
+    """One training image spec of train_specs -> its RGB PIL image."""
+    return render(spec["text"], spec["font"], spec["size"], dx=spec["dx"], dy=spec["dy"], ink=spec["ink"],
+                  paper=spec["paper"], font_dir=font_dir)
+
+
 def png_bytes(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=True)
@@ -282,7 +288,9 @@ def train_specs(sentences: list[str], n_speech_sent: int, n_speech_sum: int, n_i
                   dy=rng.randint(-6, 6))
         level = rng.randint(*paper)
         ink = rng.randint(0, max(0, level - 165))  # a contrast of min(165, paper) at least (white paper: ink 0-90)
-        im.update(paper=level, ink=ink) if rng.random() >= inverted else im.update(paper=255 - level, ink=255 - ink)
+        if rng.random() < inverted:  # light ink on dark paper
+            level, ink = 255 - level, 255 - ink
+        im.update(paper=level, ink=ink)
     return specs + images
 
 

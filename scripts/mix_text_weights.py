@@ -60,28 +60,32 @@ def mix(run: Path, text_only: Path, out: Path, alpha: float, label: str) -> int:
 
 
 def write_shards(run: Path, text_only: Path, tmp: Path, shards: list[str], old_map: dict, alpha: float) -> int:
-    """RUN's shards into tmp with the text model's tensors mixed; returns how many were mixed."""
+    """RUN's shards into tmp with the text model's tensors mixed; returns how many were mixed. Each of
+    TEXT_ONLY's shards is opened once."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     mixed = 0
-    for shard in shards:
-        tensors = {}
-        with safe_open(run / shard, "pt") as f:
-            for name in f.keys():
-                t = f.get_tensor(name)
-                if name.startswith(TEXT_PREFIXES):
-                    if name not in old_map:
-                        sys.exit(f"mix_text_weights: {name}: in {run} but not in {text_only}")
-                    with safe_open(text_only / old_map[name], "pt") as g:
-                        o = g.get_tensor(name)
-                    if o.shape != t.shape:
-                        sys.exit(f"mix_text_weights: {name}: shape {tuple(t.shape)} in {run}, "
-                                 f"{tuple(o.shape)} in {text_only}")
-                    t = (alpha * t.float() + (1 - alpha) * o.float()).to(t.dtype)
-                    mixed += 1
-                tensors[name] = t.contiguous()
-        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+    with ExitStack() as stack:
+        old = {f: stack.enter_context(safe_open(text_only / f, "pt")) for f in sorted(set(old_map.values()))}
+        for shard in shards:
+            tensors = {}
+            with safe_open(run / shard, "pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if name.startswith(TEXT_PREFIXES):
+                        if name not in old_map:
+                            sys.exit(f"mix_text_weights: {name}: in {run} but not in {text_only}")
+                        o = old[old_map[name]].get_tensor(name)
+                        if o.shape != t.shape:
+                            sys.exit(f"mix_text_weights: {name}: shape {tuple(t.shape)} in {run}, "
+                                     f"{tuple(o.shape)} in {text_only}")
+                        t = (alpha * t.float() + (1 - alpha) * o.float()).to(t.dtype)
+                        mixed += 1
+                    tensors[name] = t.contiguous()
+            save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
     return mixed
 
 

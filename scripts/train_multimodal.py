@@ -123,9 +123,7 @@ def pixel_stats(specs: list[dict], font_dir: Path) -> tuple[float, float]:
     """Mean and standard deviation of the pixels (0-1) of these rendered training images: the image
     processor's normalisation with --image-norm data, so that the paper, most of every image, sits near zero
     instead of at CLIP's +1.9 (white), which the vision tower's patch embedding would otherwise fit first."""
-    px = np.concatenate([np.asarray(mmdata.render(s["text"], s["font"], s["size"], dx=s["dx"], dy=s["dy"], ink=s["ink"],
-                                                  paper=s["paper"], font_dir=font_dir), dtype=np.float32).ravel()
-                         for s in specs]) / 255.0
+    px = np.concatenate([np.asarray(mmdata.render_spec(s, font_dir), dtype=np.float32).ravel() for s in specs]) / 255.0
     return round(float(px.mean()), 4), round(float(px.std()), 4)
 
 
@@ -170,8 +168,7 @@ def _worker(job: tuple[int, dict, float]) -> dict | None:
     if spec["media"] == "audio":
         media = mmdata.synth(spec["spoken"], spec["voice"], spec["speed"], _W["espeak"], fast=True).astype(np.float32) / 32768.0
     else:
-        media = mmdata.render(spec["text"], spec["font"], spec["size"], dx=spec["dx"], dy=spec["dy"], ink=spec["ink"],
-                              paper=spec["paper"], font_dir=_W["font_dir"])
+        media = mmdata.render_spec(spec, _W["font_dir"])
     item = encode_item(spec, _W["processor"], _W["config"], media) | {"order": order}
     return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
 
@@ -493,16 +490,15 @@ def main() -> None:
     print(f"model: on {device} after {time.time() - t_start:.0f} s", flush=True)
     model.train()
     text_cfg = config.thinker_config.text_config
-    towers = [p for n, p in thinker.named_parameters() if n.startswith(("model.audio_tower.", "model.visual."))]
-    vision = {id(p) for n, p in thinker.named_parameters() if n.startswith("model.visual.")}
+    audio_tower = [p for n, p in thinker.named_parameters() if n.startswith("model.audio_tower.")]
+    vision_tower = [p for n, p in thinker.named_parameters() if n.startswith("model.visual.")]
+    towers = audio_tower + vision_tower
     text = [p for n, p in thinker.named_parameters() if n.startswith(("model.language_model.", "lm_head."))]
     trained = towers + text
     ids_trained = {id(p) for p in trained}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids_trained)
     groups = []
-    audio_tower = [p for p in towers if id(p) not in vision]
-    vision_tower = [p for p in towers if id(p) in vision]
     for params, lr in ((text, args.lr_text), (audio_tower, args.lr_towers), (vision_tower, args.lr_vision or args.lr_towers)):
         groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay, "peak": lr})
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "peak": lr})
@@ -539,6 +535,10 @@ def main() -> None:
     total = step0 + args.steps if args.steps > 0 else 10**9
     schedule_s = args.schedule_s or args.time_budget
     warm_end_s = [resume["warm_end_s"] if resume else None]  # training seconds at the end of the warmup
+
+    def trained_s() -> float:
+        """Seconds of training so far, over every call of the run."""
+        return trained_before + time.time() - t_train
 
     def lr_factor(step: int, trained_s: float) -> float:
         """Linear warmup over --warmup steps, then a cosine to --min-lr-frac: over the steps with --steps, else
@@ -588,7 +588,7 @@ def main() -> None:
         ev = evaluate(thinker, eval_batches, device, amp_dtype, rows=32)
         chk = check_heldout(thinker, tok, held, eos, device, amp_dtype, args.heldout_steps)
         t_eval += time.time() - te
-        entry = {"step": step, "elapsed_s": round(trained_before + time.time() - t_train, 1),
+        entry = {"step": step, "elapsed_s": round(trained_s(), 1),
                  "eval_loss": {d: round(v, 4) for d, v in ev.items()}, "heldout_media": chk}
         log["evals"].append(entry)
         print(f"eval @{step}: " + " ".join(f"{d}={v:.3f}" for d, v in ev.items()) + " | " +
@@ -606,7 +606,7 @@ def main() -> None:
             print(f"exported step {step} to {args.export}: {names}", flush=True)
         tmp = args.out / "resume.pt.tmp"  # for --resume, after the export: not part of the shipped folder
         torch.save({"thinker": state, "optimizer": opt.state_dict(), "step": step, "warm_end_s": warm_end_s[0],
-                    "trained_s": trained_before + time.time() - t_train, "log": log}, tmp)
+                    "trained_s": trained_s(), "log": log}, tmp)
         tmp.replace(args.out / "resume.pt")
 
     def summary(final: bool) -> dict:
@@ -622,7 +622,7 @@ def main() -> None:
                 "multimodal_tokens": before["multimodal_tokens"] + tokens_mm,
                 "multimodal_target_tokens": before["multimodal_target_tokens"] + mm_targets, "examples_seen": seen,
                 "epochs_over_examples": round(seen / log["data"]["examples"], 2),
-                "train_wall_s": round(trained_before + time.time() - t_train, 1),
+                "train_wall_s": round(trained_s(), 1),
                 "eval_wall_s": round(before["eval_wall_s"] + t_eval, 1),
                 "data_wall_s": round(before["data_wall_s"] + data_s, 1),
                 "script_wall_s": round(before["script_wall_s"] + time.time() - t_start, 1),
@@ -631,7 +631,7 @@ def main() -> None:
 
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = g["peak"] * lr_factor(step, trained_before + time.time() - t_train)
+            g["lr"] = g["peak"] * lr_factor(step, trained_s())
         # text batch
         x = text_batch()
         inp, tgt = x[:, :-1], x[:, 1:]
