@@ -445,37 +445,65 @@ def write_text_comparison(a, res: dict, before: dict, label: str) -> None:
     a(f"\n2-digit addition: {ab['correct']} / {ab['n']} before, {an['correct']} / {an['n']} now.\n")
 
 
+def training_stages(mlog: dict) -> list[dict]:
+    """The multimodal runs behind this checkpoint, oldest first: a run started with --init-towers keeps the log
+    of the one it continued under "continues" (train_multimodal.py)."""
+    chain = [mlog]
+    while "continues" in chain[-1]:
+        chain.append(chain[-1]["continues"])
+    return chain[::-1]
+
+
 def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
-    """The card's section on hearing and reading: the multimodal run (train_mm_log.json) and the held-out cells."""
-    sm, data = mlog["summary"], mlog["data"]
-    hw = sm["hardware"]
+    """The card's section on hearing and reading: the multimodal runs (train_mm_log.json) and the held-out cells."""
+    stages = training_stages(mlog)
+    hw = mlog["summary"]["hardware"]
+    total = lambda f: sum(f(st) for st in stages)  # noqa: E731
+    first = stages[0]["data"]
     a("## Hearing and reading\n")
     a("Trained by `scripts/train_multimodal.py` from the text-trained weights, with the audio and vision towers "
       "enlarged (audio: d_model 256, 3 layers, ffn 1024, 64 conv channels; vision: hidden 128, depth 3, "
-      "deepstack [1, 2]) and trained from their init. Data made in the run by `scripts/make_multimodal_data.py`: "
-      f"{fmt_int(data['items_by_media']['audio'])} espeak-ng utterances ({fmt_int(round(data['speech_seconds']))} s "
-      f"of speech; {len(data['voices'])} voices, {data['speeds'][0]}-{data['speeds'][1]} words per minute) of "
-      f"training-split English sentences and spoken sums, and {fmt_int(data['items_by_media']['image'])} Pillow "
-      f"images of text lines and sums ({', '.join(data['fonts'])}); {fmt_int(data['examples'])} examples.")
+      "deepstack [1, 2]) and trained from their init" + (f", in {len(stages)} runs, each after the first continuing the one before "
+      "(`--init-towers`: towers and text model from its result, a new AdamW state and warmup, new data)"
+      if len(stages) > 1 else "") + ". Data made in each run by `scripts/make_multimodal_data.py`: "
+      f"{fmt_int(total(lambda st: st['data']['items_by_media']['audio']))} espeak-ng utterances "
+      f"({fmt_int(round(total(lambda st: st['data']['speech_seconds'])))} s of speech; {len(first['voices'])} voices, "
+      f"{first['speeds'][0]}-{first['speeds'][1]} words per minute) of training-split English sentences and spoken "
+      f"sums, and {fmt_int(total(lambda st: st['data']['items_by_media']['image']))} Pillow images of text lines and "
+      f"sums ({', '.join(first['fonts'])}); {fmt_int(total(lambda st: st['data']['examples']))} examples in all.")
     a("Tasks, in the prompt format of `omnilab generate --audio/--image`: the media alone -> its text "
       "(a spoken or written sum transcribes to `47 + 38`); a sum's media with the prompt ` =` -> ` 85`.\n")
-    a(f"- Hardware: {hw.get('gpu', hw['device'])}; torch {hw['torch']}, transformers {hw['transformers']}.")
-    calls = mlog.get("calls", [])
-    a(f"- {fmt_int(sm['steps'])} steps in {sm['train_wall_s']} s of training (data made in {sm['data_wall_s']} s)"
-      + (f", in {len(calls)} device calls (the second resumed the first with new data)" if len(calls) > 1 else "")
-      + f": {fmt_int(sm['text_tokens'])} text tokens and {fmt_int(sm['multimodal_tokens'])} multimodal tokens "
-      f"({fmt_int(sm['multimodal_target_tokens'])} of them targets), {sm['epochs_over_examples']} epochs over the "
-      "examples; every step one text batch of the original mixture and one multimodal batch.")
+    a(f"- Hardware: {hw.get('gpu', hw['device'])}; torch {hw['torch']}, transformers {hw['transformers']}. Every "
+      "step one text batch of the original mixture and one multimodal batch.")
+    a(f"- {fmt_int(total(lambda st: st['summary']['steps']))} steps in "
+      f"{total(lambda st: st['summary']['train_wall_s']):.0f} s of training over "
+      f"{total(lambda st: len(st.get('calls', [1])))} device calls (a call past the first resumes its run's AdamW "
+      "state with new data):\n")
+    a("| run | started from | device calls | steps | training s | utterances | images | text / multimodal tokens | "
+      "peak lr text, audio, vision | then |\n|---|---|---|---|---|---|---|---|---|---|")
+    for i, st in enumerate(stages, 1):
+        sm, d, ar = st["summary"], st["data"], st["args"]
+        mix = st.get("text_weight_mix")
+        start = (f"run {i - 1}" + (" after its mix" if stages[i - 2].get("text_weight_mix") else "") + ", towers included"
+                 if i > 1 else "the text-only model, fresh towers")
+        a(f"| {i} | {start} | "
+          f"{len(st.get('calls', [1]))} | {fmt_int(sm['steps'])} | {sm['train_wall_s']:.0f} | "
+          f"{fmt_int(d['items_by_media']['audio'])} | {fmt_int(d['items_by_media']['image'])} | "
+          f"{fmt_int(sm['text_tokens'])} / {fmt_int(sm['multimodal_tokens'])} | "
+          f"{ar['lr_text']}, {ar['lr_towers']}, {ar['lr_vision'] if float(ar.get('lr_vision', 0)) else ar['lr_towers']} | "
+          + (f"text model mixed, alpha {mix['alpha']}" if mix else "-") + " |")
+    a("")
     args = mlog["args"]
-    if args.get("image_norm") == "data":
+    if args.get("image_norm") == "data" or stages[0]["args"].get("image_norm") == "data":
         a(f"- Images on paper of grey level {args['paper'].replace(',', '-')} ({float(args['inverted']):.0%} light ink on "
-          "dark paper), normalised by the training images' own pixel mean and std (preprocessor_config.json) "
-          "instead of CLIP's.")
-    mix = mlog.get("text_weight_mix")
-    if mix:
-        a(f"- Text model mixed back toward the text-only weights after training (`scripts/mix_text_weights.py`, "
-          f"WiSE-FT): {mix['alpha']} x the run + {1 - mix['alpha']:.1f} x {mix['text_only']}; towers as trained."
-          + (f" {mix['chosen']}" if mix.get("chosen") else ""))
+          "dark paper), normalised by the training images' own pixel mean and std (preprocessor_config.json, "
+          "computed in run 1) instead of CLIP's.")
+    for i, st in enumerate(stages, 1):
+        mix = st.get("text_weight_mix")
+        if mix:
+            a(f"- After run {i}, the text model mixed back toward the text-only weights (`scripts/mix_text_weights.py`, "
+              f"WiSE-FT): {mix['alpha']} x the run + {1 - mix['alpha']:.1f} x {mix['text_only']}; towers as trained."
+              + (f" {mix['chosen']}" if mix.get("chosen") else ""))
     a("")
     a("Held-out evaluation (greedy, fp32 on the CPU, `omnilab.model.multimodal.generate`): sums are held-out 2-digit "
       "pairs never trained in either order, sentences come from held-out documents, `en-us` is a trained voice "

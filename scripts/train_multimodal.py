@@ -3,7 +3,8 @@
 What it does, in order:
 1. Builds the omni-tiny config (scripts/omni_tiny_common.py:build_config, with the enlarged audio and vision
    towers) and a `Qwen3OmniMoeForConditionalGeneration`; loads every tensor of the shipped checkpoint
-   (--init, data/omni-tiny) except the towers, which start from transformers' init at their new sizes.
+   (--init, data/omni-tiny) except the towers, which start from transformers' init at their new sizes (with
+   --init-towers the towers too, and --init's preprocessor_config.json: a run continuing an earlier one).
 2. Makes its training data (scripts/make_multimodal_data.py): espeak-ng speech of English training-split
    sentences and of spoken sums in 42 voices (7 accents x 6 variants, not the held-out en-029) and
    130-210 words per minute; Pillow images of text lines and sums in three DejaVu fonts, sizes 22-34, on paper
@@ -33,19 +34,29 @@ What it does, in order:
    --export-every seconds while training, so a run stopped early still returns weights.
 
 Run:
-  GPU (the shipped run, two device calls on one warm H200; then scripts/mix_text_weights.py --alpha 0.7):
-      A="--export $OUT --data-budget 80 --time-budget 425 --schedule-s 850 --deadline 500 --workers 24 \
-         --n-speech-sent 30000 --n-speech-sum 20000 --n-image-line 16000 --n-image-sum 14000 --text-batch 16 \
-         --mm-batch 192 --lr-text 2e-4 --lr-towers 3e-3 --lr-vision 2e-3 --image-norm data --paper 140,255 \
-         --inverted 0.15 --eval-every 100000 --log-every 100"
-      python scripts/train_multimodal.py $A --seed 4321 --out /tmp/mm
-      python scripts/train_multimodal.py $A --seed 4322 --resume /tmp/mm --out /tmp/mm2
+  GPU, the shipped omni-tiny: three runs, each continuing the one before (the model card's table has each):
+      A="--export $OUT --data-budget 80 --deadline 500 --workers 24 --n-speech-sent 30000 --n-speech-sum 20000 \
+         --n-image-line 16000 --n-image-sum 14000 --text-batch 16 --mm-batch 192 --image-norm data \
+         --paper 140,255 --inverted 0.15 --eval-every 100000 --log-every 100"
+      # run 1: fresh towers, two calls on one warm H200, then the text model mixed back (alpha 0.7)
+      R1="$A --time-budget 425 --schedule-s 850 --lr-text 2e-4 --lr-towers 3e-3 --lr-vision 2e-3"
+      python scripts/train_multimodal.py $R1 --seed 4321 --out /tmp/mm
+      python scripts/train_multimodal.py $R1 --seed 4322 --resume /tmp/mm --out /tmp/mm2
+      python scripts/mix_text_weights.py /tmp/mm2 TEXT_ONLY data/omni-tiny --alpha 0.7
+      # runs 2 and 3: towers and text model from the result (--init-towers), a new warmup and AdamW state
+      R="$A --time-budget 390 --deadline 460 --warmup 100 --lr-text 1.5e-4 --lr-towers 2e-3 --lr-vision 1.5e-3 --init-towers"
+      python scripts/train_multimodal.py $R --schedule-s 1170 --seed 5321 --out /tmp/r2    # one call (the machine
+      #   was then given back, so run 3 continues from run 2's weights, not from its resume.pt)
+      python scripts/train_multimodal.py $R --schedule-s 780 --init /tmp/r2 --seed 5322 --out /tmp/r3
+      python scripts/train_multimodal.py $R --schedule-s 780 --init /tmp/r2 --seed 5323 --resume /tmp/r3 --out /tmp/r3b
+      python scripts/mix_text_weights.py /tmp/r3b TEXT_ONLY data/omni-tiny --alpha 0.7
+  (TEXT_ONLY: the text-only omni-tiny, `git show 521c13f:data/omni-tiny/...`.)
   On a machine without espeak-ng, unpack a minimal copy (the binary, libespeak-ng, libsonic, espeak-ng-data with
   en_dict, phon*, intonations, voices/, lang/gmw, from the Debian packages) and a no-op libpcaudio.so.0 (the
   wav output never opens a sound device), then LD_LIBRARY_PATH=<lib> ESPEAK_DATA_PATH=<dir> ESPEAK_NG=<binary>.
   CPU smoke test:         python scripts/train_multimodal.py --device cpu --steps 3 --text-batch 5 --seq-len 64 \
                               --mm-batch 6 --n-speech-sent 8 --n-speech-sum 8 --n-image-line 8 --n-image-sum 8 \
-                              --workers 2 --out .scratch/mm-smoke
+                              --workers 2 --heldout-limit 4 --out .scratch/mm-smoke
 """
 
 from __future__ import annotations
@@ -302,17 +313,25 @@ def check_heldout(thinker, tokenizer, items, eos: int, device, amp_dtype, steps:
 # ---------------------------------------------------------------- model
 
 
-def load_start(init: Path, config, seed: int):
-    """A fresh model of the new config with every non-tower tensor of the shipped checkpoint."""
+def load_start(init: Path, config, seed: int, towers: bool = False):
+    """A fresh model of the new config with every non-tower tensor of the shipped checkpoint (with towers=True,
+    its towers too: a run that continues an earlier multimodal training instead of starting the towers anew)."""
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     model = Qwen3OmniMoeForConditionalGeneration(config)
     init_untrained_parts(model, seed=seed)
     shipped = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32)
-    state = {k: v for k, v in shipped.state_dict().items() if not k.startswith(TOWER_PREFIXES)}
+    state = {k: v for k, v in shipped.state_dict().items() if towers or not k.startswith(TOWER_PREFIXES)}
+    if towers:
+        own = model.state_dict()
+        bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if bad:
+            sys.exit(f"train_multimodal: --init-towers: {init}'s {bad[0]} is {tuple(state[bad[0]].shape)}, the "
+                     f"towers of scripts/omni_tiny_common.build_config want {tuple(own[bad[0]].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected[:5]
-    assert all(k.startswith(TOWER_PREFIXES) for k in missing), [k for k in missing if not k.startswith(TOWER_PREFIXES)][:5]
+    not_loaded = [k for k in missing if towers or not k.startswith(TOWER_PREFIXES)]
+    assert not not_loaded, not_loaded[:5]
     del shipped
     th = model.thinker
     if getattr(th.config, "vision_start_token_id", None) is None:  # get_rope_index reads it (see omnilab.model.multimodal)
@@ -365,6 +384,9 @@ def export(out_dir: Path, export_dir: Path, part_mb: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", type=Path, default=MODEL_DIR, help="the shipped text-trained omni-tiny")
+    ap.add_argument("--init-towers", action="store_true",
+                    help="start the towers from --init too, and keep its preprocessor_config.json: continue an "
+                         "earlier multimodal training (new AdamW state, a new warmup) instead of fresh towers")
     ap.add_argument("--tokens-dir", type=Path, default=SCRATCH / "tokens")
     ap.add_argument("--sentences", type=Path, default=SCRATCH / "corpus" / "en.jsonl",
                     help="English training-split documents (build_corpus.py) or a .txt of sentences")
@@ -456,6 +478,10 @@ def main() -> None:
             shutil.copy(f, proc_dir / f.name)
     if args.resume is not None:  # the first call's processor (its pixel normalisation) throughout
         shutil.copy(args.resume / mm.PREPROCESSOR_FILE, proc_dir / mm.PREPROCESSOR_FILE)
+    elif args.init_towers:  # the towers were trained under --init's normalisation: keep it
+        if not (args.init / mm.PREPROCESSOR_FILE).is_file():
+            sys.exit(f"train_multimodal: --init-towers: {args.init} has no {mm.PREPROCESSOR_FILE}")
+        shutil.copy(args.init / mm.PREPROCESSOR_FILE, proc_dir / mm.PREPROCESSOR_FILE)
     elif args.image_norm == "data":
         mean, std = pixel_stats([s for s in specs if s["media"] == "image"][:256], args.font_dir)
         print(f"data: pixel mean {mean:.3f}, std {std:.3f} (256 training images) for the image processor", flush=True)
@@ -480,7 +506,7 @@ def main() -> None:
     print(f"data: {len(sentences):,} training sentences; {len(items):,} items ({len(picks_all):,} examples, "
           f"{audio_s:,.0f} s of speech) in {data_s:.1f} s", flush=True)
 
-    model, n_loaded = load_start(args.init, config, args.seed)
+    model, n_loaded = load_start(args.init, config, args.seed, towers=args.init_towers)
     resume = torch.load(args.resume / "resume.pt", map_location="cpu", weights_only=False) if args.resume else None
     if resume is not None:
         model.thinker.load_state_dict(resume["thinker"])
@@ -562,6 +588,8 @@ def main() -> None:
     call = {"args": {k: str(v) for k, v in vars(args).items()}, "data": data}
     if resume is None:
         log = {"args": call["args"], "steps": [], "evals": [], "data": copy.deepcopy(data), "calls": [call]}
+        if args.init_towers and (args.init / "train_mm_log.json").is_file():  # the training this run continues
+            log["continues"] = json.loads((args.init / "train_mm_log.json").read_text())
         before = {"text_tokens": 0, "multimodal_tokens": 0, "multimodal_target_tokens": 0, "examples_seen": 0,
                   "eval_wall_s": 0.0, "data_wall_s": 0.0, "script_wall_s": 0.0}
     else:  # one log over the calls: "data" and "summary" add up, "calls" keeps each call's arguments and data

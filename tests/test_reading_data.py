@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,30 @@ def test_train_multimodal_resumes_a_run_in_a_second_call(tmp_path):
     assert proc_b["image_mean"] == proc_a["image_mean"] != [0.48145466, 0.4578275, 0.40821073]
     bad = subprocess.run(common + ["--resume", str(tmp_path / "nowhere")], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "--resume" in bad.stderr and "Traceback" not in bad.stderr
+
+    # a new run continuing b (--init-towers): b's towers and processor, not fresh ones of its own seed
+    third = subprocess.run(common + ["--steps", "1", "--seed", "9", "--init", str(tmp_path / "b"), "--init-towers",
+                                     "--lr-towers", "1e-7", "--out", str(tmp_path / "c")],
+                           capture_output=True, text=True, env=env)
+    assert third.returncode == 0, third.stderr[-2000:]
+    log_c = json.loads((tmp_path / "c" / "train_mm_log.json").read_text())
+    assert log_c["summary"]["steps"] == 1 and log_c["continues"]["summary"]["steps"] == 5
+    assert json.loads((tmp_path / "c" / "preprocessor_config.json").read_text()) == proc_b
+    from safetensors.torch import load_file
+
+    def tower(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update({k: v.float() for k, v in load_file(f).items() if k.startswith("thinker.audio_tower.")})
+        return out
+
+    tb, tc = tower(tmp_path / "b"), tower(tmp_path / "c")
+    assert tb.keys() == tc.keys() and len(tb) > 10
+    # a 1e-7 step is below bf16's rounding: b's towers come back as they were (fresh ones differ by ~0.1)
+    assert max((tb[k] - tc[k]).abs().max().item() for k in tb) < 1e-4
+    nop = tmp_path / "no-processor"
+    shutil.copytree(tmp_path / "b", nop, ignore=shutil.ignore_patterns("preprocessor_config.json", "resume.pt"))
+    bad = subprocess.run(common + ["--init", str(nop), "--init-towers", "--out", str(tmp_path / "d")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "--init-towers" in bad.stderr and "preprocessor_config.json" in bad.stderr
+    assert "Traceback" not in bad.stderr
