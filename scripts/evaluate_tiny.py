@@ -494,7 +494,7 @@ def write_multimodal_section(a, mlog: dict, mres: dict) -> None:
           + (f"text model mixed, alpha {mix['alpha']}" if mix else "-") + " |")
     a("")
     args = mlog["args"]
-    if args.get("image_norm") == "data" or stages[0]["args"].get("image_norm") == "data":
+    if stages[0]["args"].get("image_norm") == "data":  # later runs keep run 1's processor (--init-towers)
         a(f"- Images on paper of grey level {args['paper'].replace(',', '-')} ({float(args['inverted']):.0%} light ink on "
           "dark paper), normalised by the training images' own pixel mean and std (preprocessor_config.json, "
           "computed in run 1) instead of CLIP's.")
