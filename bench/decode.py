@@ -1,4 +1,4 @@
-"""Decode and prefill speed of omnilab's fast path (omnilab.gpu.engine) against omnilab's eager path and transformers'
+"""Decode and prefill speed of omnilab's fast path (omnilab.gpu.fast) against omnilab's eager path and transformers'
 experts implementations (eager / grouped_mm / batched_mm), in one run, on one random-weight real-shape thinker.
 
     python bench/decode.py --device cuda --layers 48                   # the issue-12 table (bf16)
@@ -28,9 +28,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from omnilab.memory import AnonPeak, status_bytes
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 BUDGETS = (1.0, 0.5, 0.25, 0.10)
@@ -39,37 +40,9 @@ BUDGETS = (1.0, 0.5, 0.25, 0.10)
 # -- memory --------------------------------------------------------------------------------------------------------
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def peak_rss_bytes() -> int:
     """VmHWM: the process's peak resident set, file-backed pages of mmap'd shards included."""
-    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class AnonPeak:
-    """Peak anonymous resident memory (RssAnon: tensors, not the page cache of mmap'd shards), sampled every
-    10 ms in a thread while the block runs. The kernel keeps no high-water mark of RssAnon itself."""
-
-    def __enter__(self):
-        self.peak, self.running = _status("RssAnon"), True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, _status("RssAnon"))
+    return status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _gpu_peak() -> int | None:
@@ -239,10 +212,10 @@ def row_omnilab_eager(args) -> list[dict]:
 
 
 def row_fast(args, compile: bool) -> list[dict]:
-    """omnilab.gpu.engine.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph."""
+    """omnilab.gpu.fast.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph."""
     import torch
 
-    from omnilab.gpu.engine import FastDecoder
+    from omnilab.gpu.fast import FastDecoder
     from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device

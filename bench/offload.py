@@ -6,7 +6,7 @@ accelerate's offload of the transformers reference at the same GPU memory, in on
 
 The checkpoint is `omnilab.testing.synth.real_shape_checkpoint` (as bench/decode.py). Routing: a random-weight model
 routes the same way at every step, so every row forces the routers' choice with a trace
-(`omnilab.gpu.traces.RoutingOverride`): `uniform` (k distinct experts at random: the worst case) and `locality`
+(`omnilab.model.routing.RoutingOverride`): `uniform` (k distinct experts at random: the worst case) and `locality`
 (45% of choices repeated from the previous token, 80% within 8: the Qwen3-30B-A3B statistics of issue 13).
 Decode inputs are teacher-forced random ids. The cap is enforced with torch.cuda.set_per_process_memory_fraction
 and the expert slots are sized from it after the backbone on the GPU (the embedding table stays on the host
@@ -39,7 +39,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import AnonPeak, build_checkpoint  # noqa: E402  (bench/decode.py: the same checkpoint and memory probe)
+from decode import build_checkpoint  # noqa: E402  (bench/decode.py: the same checkpoint)
+
+from omnilab.memory import AnonPeak  # noqa: E402
 
 DEFAULT_PLAN = ("8/uniform/torch,8/uniform,8/locality,8/uniform/compile,8/locality/compile,8/uniform/compile+prefetch,"
                 "16/uniform/compile,16/locality/compile")
@@ -184,7 +186,7 @@ def tier_h2d(host, config, device, experts: int = 96) -> dict:
     buffer through the driver, one cuMemcpyHtoDAsync per span, timed with CUDA events."""
     import torch
 
-    from omnilab.gpu.offload import DriverCopy
+    from omnilab.gpu.host import DriverCopy
 
     copy = DriverCopy()
     layers = config.moe_layers
@@ -211,8 +213,10 @@ def tier_h2d(host, config, device, experts: int = 96) -> dict:
 def row_omnilab(args) -> list[dict]:
     import torch
 
-    from omnilab.gpu.offload import HostTier, OffloadDecoder
-    from omnilab.gpu.traces import RoutingOverride, locality_trace, reuse_stats, uniform_trace
+    from omnilab.gpu.host import HostTier
+    from omnilab.gpu.offload import OffloadDecoder
+    from omnilab.model.routing import RoutingOverride
+    from omnilab.testing.traces import locality_trace, reuse_stats, uniform_trace
     from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device
@@ -442,7 +446,7 @@ def table(rows, errors, ckpt, args) -> str:
     import torch
 
     from omnilab import Checkpoint
-    from omnilab.gpu.offload import PHASES
+    from omnilab.gpu.phases import PHASES
 
     config, _ = Checkpoint(ckpt).arch
     gb = 1e9

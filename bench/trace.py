@@ -47,9 +47,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from decode import AnonPeak  # noqa: E402
+from omnilab.memory import AnonPeak  # noqa: E402
 
 REAL_SHAPES = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=768,

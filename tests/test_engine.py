@@ -1,4 +1,4 @@
-"""The decode fast path (omnilab.gpu.engine) on CPU, fp32, tiny checkpoints: the same greedy tokens as the eager path
+"""The decode fast path (omnilab.gpu.fast) on CPU, fp32, tiny checkpoints: the same greedy tokens as the eager path
 and as transformers, the same logits and routing along a teacher-forced sequence, the slot map, the eager
 fallback for hooked models, and the routing override on both paths. (The CUDA graph itself needs a GPU:
 bench/decode.py exercises it; here the same step function runs uncaptured.)"""
@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.gpu.engine import FastDecoder, FastGeneration, SlotPool, fast_path_refusal, generate
-from omnilab.gpu.traces import RoutingOverride
+from omnilab.gpu.fast import FastDecoder, FastGeneration, fast_path_refusal, generate
+from omnilab.gpu.slots import SlotPool
+from omnilab.model.routing import RoutingOverride
 from omnilab.model.decoder import SelectiveMoE
 from omnilab.model.faults import RouterMask
 from omnilab.model.routing import RoutingOptions

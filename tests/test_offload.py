@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnilab.gpu.engine import FastDecoder
-from omnilab.gpu.offload import HostTier, OffloadDecoder
-from omnilab.gpu.traces import RoutingOverride, locality_trace
+from omnilab.gpu.fast import FastDecoder
+from omnilab.gpu.host import HostTier
+from omnilab.gpu.offload import OffloadDecoder
+from omnilab.model.routing import RoutingOverride
+from omnilab.testing.traces import locality_trace
 from omnilab.model.decoder import SelectiveMoE
 
 PROMPT = [3, 17, 42, 5, 99, 7, 64, 12]
@@ -64,7 +66,7 @@ def test_all_slots_never_miss_after_warm_up(model, tiers):
     decoder = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, max_len=64, prefetch=False)
     for e in range(cfg.num_experts):  # every expert resident
         for layer in cfg.moe_layers:
-            decoder._fetch(layer, e, set(), prefetch=False)
+            decoder.cache.fetch(layer, e, set(), prefetch=False)
     decoder.generate(PROMPT, N)
     assert decoder.stats.misses == 0 and decoder.stats.hit_rate == 1.0
 
@@ -82,7 +84,7 @@ def test_host_spans_hold_the_expert_bytes(model, tiers, tier):
     import ctypes
 
     from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-    from omnilab.gpu.offload import SLOT_ORDER
+    from omnilab.gpu.slots import SLOT_ORDER
 
     config, layout = model.checkpoint.arch
     host = tiers[tier]
@@ -102,7 +104,7 @@ def test_host_spans_hold_the_expert_bytes(model, tiers, tier):
 
 def test_profile_times_every_phase_and_changes_nothing(model, tiers):
     cfg = model.config
-    from omnilab.gpu.offload import PHASES
+    from omnilab.gpu.phases import PHASES
 
     decoder = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False)
     want = decoder.generate(PROMPT, N).new_token_ids
@@ -121,12 +123,13 @@ def test_driver_copies_need_cuda(model, tiers):
 
 def test_one_choice_at_a_time_equals_the_grouped_mix():
     """A decode step computes each routed choice on its own (expert_choice, on a SlabPool's slab) and sums them as
-    engine.expert_mix does; in fp32 on CPU that is bitwise the grouped mix over the slab's strided views, which
+    step.expert_mix does; in fp32 on CPU that is bitwise the grouped mix over the slab's strided views, which
     is itself bitwise the mix over contiguous copies."""
     from types import SimpleNamespace
 
-    from omnilab.gpu.engine import expert_mix
-    from omnilab.gpu.offload import SlabPool, expert_choice
+    from omnilab.gpu.offload import expert_choice
+    from omnilab.gpu.slots import SlabPool
+    from omnilab.gpu.step import expert_mix
 
     cfg = SimpleNamespace(num_experts=6, hidden_size=64, moe_intermediate_size=32, moe_layers=[0])
     pool = SlabPool(cfg, 5, torch.float32, "cpu")
@@ -191,7 +194,7 @@ def test_slot_step_profile_and_refusals(model, tiers):
                              step="slot")
     want = decoder.generate(PROMPT, N).new_token_ids
     assert decoder.generate(PROMPT, N, profile=True).new_token_ids == want
-    from omnilab.gpu.offload import PHASES
+    from omnilab.gpu.phases import PHASES
 
     phases = decoder.profile["phase_ms"]
     assert sum(phases[p] for p in PHASES) == pytest.approx(phases["whole step"], rel=1e-6)
@@ -204,7 +207,7 @@ def test_slot_step_profile_and_refusals(model, tiers):
 def test_split_spans_cut_at_the_down_projection():
     """split_spans: the gate|up part and the down part of a miss's spans cover the slot's bytes exactly once, the
     down part being bytes [0, down) of the slot, whether the expert is one span or straddles several."""
-    from omnilab.gpu.offload import split_spans
+    from omnilab.gpu.host import split_spans
 
     down, total = 100, 300
     for spans in ([(1000, 300, 0)], [(1000, 60, 0), (5000, 90, 60), (9000, 150, 150)], [(1000, 100, 0), (7, 200, 100)]):

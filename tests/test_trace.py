@@ -196,7 +196,7 @@ def test_grouped_prefill_refusals(tiny_omni, corpus, tmp_path, capsys):
     from omnilab.model.faults import DefaultNorms
     from omnilab.model.decoder import SelectiveMoE
     from omnilab.gpu.prefill import TracePrefill, prefill_refusal
-    from omnilab.gpu.traces import RoutingOverride
+    from omnilab.model.routing import RoutingOverride
 
     model = SelectiveMoE.from_checkpoint(tiny_omni)
     assert prefill_refusal(model) is None

@@ -1,12 +1,14 @@
-"""Routing traces (omnilab.gpu.traces): the generators' stated reuse statistics, measured; a recorded trace equals
-the router's own choice; an override from a trace drives the eager model."""
+"""Routing traces (omnilab.testing.traces, omnilab.model.routing.RoutingOverride): the generators' stated reuse
+statistics, measured; a recorded trace equals the router's own choice; an override from a trace drives the eager
+model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from omnilab.gpu.traces import RoutingOverride, locality_trace, recorded_trace, reuse_stats, uniform_trace
+from omnilab.model.routing import RoutingOverride
+from omnilab.testing.traces import locality_trace, recorded_trace, reuse_stats, uniform_trace
 from omnilab.model.decoder import SelectiveMoE
 
 

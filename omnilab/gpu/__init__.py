@@ -1,2 +1,10 @@
-"""The GPU paths: the decode fast path (engine.py), experts offloaded to pinned host memory under a GPU budget
-(offload.py), and routing overrides and synthetic routing traces for both (traces.py)."""
+"""The GPU paths, one job a module (imports go down this list):
+- step.py: the tensor-only decode step (static KV cache, attention, router, grouped expert mix);
+- slots.py: pools of expert slots on the device (`SlotPool` stacked, `SlabPool` one slab per layer);
+- host.py: the host tier of offloaded experts (`HostTier`), its byte spans and the driver copy (`DriverCopy`);
+- slot_cache.py: which experts the slots hold: per-layer LRU, prefetch, statistics (`SlotCache`);
+- phases.py: the offloaded step's phase timer (`PhaseTimer`, `PHASES`);
+- fast.py: the all-resident decode fast path (`FastDecoder`, `generate`, `fast_path_refusal`);
+- offload.py: offloaded decoding under a GPU budget (`OffloadDecoder`: segment kernels, capture, decode loop);
+- prefill.py: the grouped trace prefill (`TracePrefill`, `prefill_refusal`).
+"""

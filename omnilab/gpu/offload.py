@@ -1,248 +1,27 @@
-"""Offloaded decoding: experts in a host tier, a GPU slot pool of a byte budget, copies on a side stream,
-speculative next-layer prefetch. Follows mixtral-offloading (dvmazur/mixtral-offloading: per-layer LRU of expert
-slots on the GPU, pinned host copies, the next layer's gate applied to the current hidden state to prefetch) and
-reuses the fast path's pieces (omnilab.gpu.engine: StaticKV, the attention, router and expert-mix functions).
-
-A decode step runs in segments, each a CUDA graph on CUDA: "pre" (the input's embedding row, rotary tables and
-attention mask for the step's position, from a pinned host buffer); per MoE layer "a" (attention and the router's
-top-k; the routed ids go to a pinned host buffer), "slots" (the slot of each choice, from a pinned host buffer),
-one "choice" segment per routed choice (that expert applied to the token: `expert_choice`) and "sum" (the k
-outputs summed, the residual); and "final" (norm, lm_head, argmax). After "a" the host waits for the ids (the
-layer's one sync), looks the experts up in the layer's LRU and issues the misses' host->slot copies on the copy
-stream back to back: straight through the CUDA driver (`cuMemcpyHtoDAsync`, one call per span: one per expert
-when the host tier holds it in the slot's down | gate | up order, as a name-sorted safetensors shard does) when
-`issue="driver"`, through torch's `copy_` when `issue="torch"`. The resident choices compute at once, while the
-copies run; each missed choice computes the moment its copy's event fires, so only the last expert's compute
-and the sum follow the last copy. A miss evicts the layer's least recently used expert, never one this token
-needs. With `prefetch`, the next MoE layer's router applied to this layer's post-attention state names experts
-to copy behind this layer's; prefetched experts are ordinary residents (a later hit counts as a prefetch hit).
-
-The GPU slots (`SlabPool`): per MoE layer one slab, a slot being an expert's down | gate | up, read through
-strided down / gate_up views. Host tier (`HostTier`): `copy` reads every expert into one host block per layer in
-the slot's order (one span per expert), registered page-locked with CUDA (cudaHostRegister: exact size, unlike
-torch's power-of-two pinned allocator); `mapped` views the experts where they lie in the shards' memory maps (on
-/dev/shm: no second copy) and registers the maps. `HostTier.spans` lists the byte spans a miss copies.
-step="slot" (OffloadDecoder(step=...); the default "choice" is the above) captures one graph per (layer, slot)
-instead of per routed choice: the slot is then a fixed address (no gather of the expert before its GEMMs), the
-"slots" segment goes, the layer's sum moves into the next layer's graph (with its H2D of the slots, issued when
-no expert copy is in flight), "pre" into the first layer's and "final" after the last sum; the layer's last miss
-is copied gate|up first, then down, and its gate|up GEMM runs while its down projection copies. Three graphs per
-(layer, slot): meant for small pools (an 8 or 16 GB cap: 11 or 28 slots), not all-resident ones.
-`OffloadDecoder.generate(profile=True)` times every phase of the step with CUDA events (`profile["phase_ms"]`).
-Exactness is unchanged by offloading: every budget computes the same experts as the all-resident path, and a
-choice's output does not depend on which other choices were resident (tests/test_offload.py, fp32).
+"""Offloaded decoding: `OffloadDecoder`, the experts in a host tier (host.py), `slots` of them per MoE layer on the
+GPU (slots.SlabPool, slot_cache.SlotCache), misses copied on a side stream while resident experts compute, and
+speculative next-layer prefetch; the decode step runs as segments, each a CUDA graph (docs/DESIGN.md, omnilab/gpu/).
+Follows mixtral-offloading (dvmazur/mixtral-offloading) and reuses the fast path's step (step.py).
+differs from transformers: as step.py; and one routed choice at a time (`expert_choice`, two plain GEMMs on the
+slot gathered from the slab) instead of the grouped GEMM, so each starts the moment its expert is resident.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import time
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
-from omnilab.gpu.engine import Consts, ExpertSlots, StaticKV, attention, expert_mix, layer_weights, rms_norm, route
+from omnilab.gpu.host import DriverCopy, HostTier, split_spans
+from omnilab.gpu.phases import PhaseTimer
+from omnilab.gpu.slot_cache import SlotCache
+from omnilab.gpu.slots import SlabPool
+from omnilab.gpu.step import Consts, StaticKV, attention, dense_layer, expert_mix, layer_weights, rms_norm, route
 from omnilab.model.decoder import rope_inv_freq
 from omnilab.model.generate import Generation
-from omnilab.gpu.traces import RoutingOverride
-
-
-# -- the host tier -------------------------------------------------------------------------------------------------
-
-
-def register_host(tensor: torch.Tensor) -> bool:
-    """Register a CPU tensor's memory as page-locked with CUDA (cudaHostRegister); False when that fails."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        err = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
-    except Exception:  # noqa: BLE001 - any failure leaves the memory pageable, reported by the caller
-        return False
-    return err == 0
-
-
-class HostTier:
-    """Every expert's projections on the host: `expert(layer, e) -> (gate [I, H], up [I, H], down [H, I])`."""
-
-    def __init__(self, views: dict, nbytes: int, pinned: bool, how: str):
-        self.views, self.nbytes, self.pinned, self.how = views, nbytes, pinned, how
-        self._registered: list = []
-        self._keep: list = []  # the host blocks or memory maps the views point into
-
-    def expert(self, layer: int, e: int):
-        return self.views[layer, e]
-
-    def spans(self, layer: int, e: int) -> list[tuple[int, int, int]]:
-        """The host byte spans of one expert as (host address, bytes, offset in a slot's down | gate | up bytes);
-        projections lying side by side are merged into one span (one copy)."""
-        out = []
-        offset = 0
-        views = self.views[layer, e]
-        for t in (views[j] for j in SLOT_ORDER):
-            n = t.numel() * t.element_size()
-            ptr = t.data_ptr()
-            if out and out[-1][0] + out[-1][1] == ptr and out[-1][2] + out[-1][1] == offset:
-                out[-1] = (out[-1][0], out[-1][1] + n, out[-1][2])
-            else:
-                out.append((ptr, n, offset))
-            offset += n
-        return out
-
-    @classmethod
-    def copy(cls, checkpoint, config, layout, dtype: torch.dtype, pin: bool) -> "HostTier":
-        """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's down, gate and
-        up one after the other as in a slot (page-locked when pin and CUDA is there)."""
-        I, H = config.moe_intermediate_size, config.hidden_size
-        views, nbytes, blocks, pinned = {}, 0, [], bool(pin)
-        for layer in config.moe_layers:
-            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: down | gate | up
-            for e in range(config.num_experts):
-                for row, j in enumerate(SLOT_ORDER):
-                    block[e, row].copy_(checkpoint.read(expert_tensor(layout, layer, e, EXPERT_PROJECTIONS[j]))
-                                        .reshape(-1))
-                views[layer, e] = (block[e, 1].view(I, H), block[e, 2].view(I, H), block[e, 0].view(H, I))
-            nbytes += block.numel() * block.element_size()
-            blocks.append(block)
-        tier = cls(views, nbytes, False, "copy")
-        tier._keep = blocks
-        if pin:
-            pinned = all(register_host(b) for b in blocks)
-            if pinned:
-                tier._registered = [b.data_ptr() for b in blocks]
-        tier.pinned = pinned
-        tier.how = "host copy, registered page-locked" if pinned else "host copy (pageable)"
-        return tier
-
-    @classmethod
-    def mapped(cls, checkpoint, config, layout, register: bool = True) -> "HostTier":
-        """Views into the shards' memory maps (the stored dtype), each map registered as page-locked with CUDA
-        (cudaHostRegister) when register; on failure the views stay pageable and `pinned` is False."""
-        maps, views, nbytes = {}, {}, 0
-        table = checkpoint.tensors
-        for layer in config.moe_layers:
-            for e in range(config.num_experts):
-                parts = []
-                for p in EXPERT_PROJECTIONS:
-                    row = table.loc[expert_tensor(layout, layer, e, p)]
-                    shard = row["shard"]
-                    if shard not in maps:
-                        maps[shard] = np.memmap(checkpoint.root / shard, dtype=np.uint8, mode="r+")
-                    raw = torch.from_numpy(maps[shard][int(row["begin"]):int(row["end"])])
-                    parts.append(raw.view(_TORCH_DTYPES[row["dtype"]]).view(*row["shape"]))
-                    nbytes += int(row["end"] - row["begin"])
-                views[layer, e] = tuple(parts)
-        tier = cls(views, nbytes, False, "shard maps")
-        tier._maps = maps
-        if register and torch.cuda.is_available():
-            cudart = torch.cuda.cudart()
-            ok = True
-            for m in maps.values():
-                ptr = m.ctypes.data
-                try:
-                    err = int(cudart.cudaHostRegister(ptr, m.nbytes, 0))
-                except Exception:  # noqa: BLE001 - any failure leaves the maps pageable, reported in `how`
-                    err = -1
-                if err != 0:
-                    ok = False
-                    break
-                tier._registered.append(ptr)
-            tier.pinned, tier.how = ok, "shard maps, registered page-locked" if ok else "shard maps (pageable)"
-        return tier
-
-
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-SLOT_ORDER = (2, 0, 1)  # a slot holds (gate, up, down)[j] for j in this order: down | gate | up
-
-
-class SlabPool(ExpertSlots):
-    """The GPU slots: per MoE layer one slab [S, 3 * I * H], a slot being one expert's down | gate | up (the order
-    of a name-sorted safetensors shard, so a miss from the shard maps is a single copy), and the two views
-    engine.expert_mix reads, down [S, H, I] and gate_up [S, 2I, H] (strided: the slot's stride is 3 * I * H).
-    differs from engine.SlotPool: one allocation per layer and slot-contiguous experts, no device slot_of."""
-
-    def __init__(self, config, slots: int, dtype: torch.dtype, device):
-        super().__init__(config, slots, dtype, device)
-        H, I = config.hidden_size, config.moe_intermediate_size
-        self.slab = {i: torch.empty(slots, 3 * I * H, dtype=dtype, device=device) for i in self.layers}
-        self.down = {i: t[:, :H * I].view(slots, H, I) for i, t in self.slab.items()}  # [S, H, I]
-        self.gate_up = {i: t[:, H * I:].view(slots, 2 * I, H) for i, t in self.slab.items()}  # [S, 2I, H]
-
-
-def split_spans(spans, down_bytes: int):
-    """A miss's spans (host address, bytes, offset in the slot) -> (the gate|up part, the down part): the slot is
-    down | gate | up, so bytes [0, down_bytes) of it are down; a span across the boundary is cut in two."""
-    first, second = [], []
-    for src, n, off in spans:
-        if off < down_bytes:
-            m = min(n, down_bytes - off)
-            second.append((src, m, off))
-            if n > m:
-                first.append((src + m, n - m, off + m))
-        else:
-            first.append((src, n, off))
-    return first, second
-
-
-# -- issuing copies --------------------------------------------------------------------------------------------------
-
-
-class DriverCopy:
-    """Host->device copies straight through the CUDA driver (cuMemcpyHtoDAsync_v2 through ctypes): a few
-    microseconds of host time per copy against tens through torch's copy_ (dispatch, checks, host-allocator
-    bookkeeping). The caller keeps both memories alive and orders the streams (events)."""
-
-    def __init__(self):
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuMemcpyHtoDAsync_v2
-        fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        self._fn = fn
-
-    def __call__(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        err = self._fn(dst, src, nbytes, stream)
-        if err:
-            raise RuntimeError(f"offload: cuMemcpyHtoDAsync of {nbytes} bytes failed (CUresult {err})")
-
-
-@dataclass
-class OffloadStats:
-    hits: int = 0  # routed choices whose expert was resident
-    misses: int = 0  # routed choices copied in on demand (the compute waited)
-    prefetch_hits: int = 0  # hits on an expert brought in by a prefetch, not yet used
-    prefetched: int = 0  # experts copied in speculatively
-    prefetch_wasted: int = 0  # prefetched experts evicted unused
-    bytes_moved: int = 0
-    copies: int = 0  # host->device copy calls issued
-    tokens: int = 0  # decode steps counted
-
-    @property
-    def hit_rate(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 0.0
-
-    @property
-    def prefetch_precision(self) -> float:
-        """Of the experts prefetched, the fraction used by the layer they were fetched for."""
-        return self.prefetch_hits / self.prefetched if self.prefetched else 0.0
-
-    @property
-    def prefetch_recall(self) -> float:
-        """Of the choices that were not resident before the prefetch, the fraction the prefetch covered."""
-        n = self.prefetch_hits + self.misses
-        return self.prefetch_hits / n if n else 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(hit_rate=self.hit_rate, prefetch_precision=self.prefetch_precision,
-                 prefetch_recall=self.prefetch_recall,
-                 bytes_per_token=self.bytes_moved / self.tokens if self.tokens else 0.0)
-        return d
+from omnilab.model.routing import RoutingOverride
 
 
 # -- the segments' arithmetic (tensors only: one torch.compile'd copy serves every layer) ---------------------------
@@ -258,7 +37,7 @@ def attention_router(h, w, cos, sin, mask, pos, keys, values, forced, c: Consts)
 
 def expert_choice(x, slot, weight, slab, H: int, I: int):
     """One routed choice of a decode step: weight [1, 1] * the expert in `slot` ([1], on the device) applied to
-    x [1, H] -> [1, H]. differs from engine.expert_mix: one choice at a time (so each can start the moment its
+    x [1, H] -> [1, H]. differs from step.expert_mix: one choice at a time (so each can start the moment its
     expert is resident), the slot gathered from the slab and two plain GEMMs instead of the grouped GEMM; the
     arithmetic per choice is the same (on CPU the rows are bitwise equal, tests/test_offload.py)."""
     w = slab.index_select(0, slot)  # [1, 3 * I * H]: the slot's down | gate | up
@@ -301,8 +80,6 @@ def sum_attention_router(h, outputs, slots, weights_prev, w, cos, sin, mask, pos
     return attention_router(mix_sum(h, outputs, slots, weights_prev), w, cos, sin, mask, pos, keys, values, forced, c)
 
 
-PHASES = ("attention + router", "ids to host + bookkeeping", "copy", "experts after the last copy",
-          "experts -> next layer", "pre + final")
 
 
 class OffloadDecoder:
@@ -355,10 +132,7 @@ class OffloadDecoder:
         self.weights = {i: layer_weights(layer) for i, layer in enumerate(model.model.layers) if layer.is_moe}
         self.moe_index = {layer: j for j, layer in enumerate(layers)}
         self.next_moe = {a: b for a, b in zip(layers, layers[1:])}
-        self.lru = {i: OrderedDict() for i in layers}  # expert -> slot, least recently used first
-        self.free = {i: list(range(slots)) for i in layers}
-        self.unused_prefetch = {i: set() for i in layers}  # prefetched, not yet routed to
-        self.ready = {}  # (layer, expert) -> CUDA event of its copy
+        self.cache = SlotCache(layers, slots, self.pool.expert_bytes, self._issue_copy)
         self.copy_stream = torch.cuda.Stream(dev) if cuda else None
         if issue is None:
             same = not layers or {t.dtype for t in host.expert(layers[0], 0)} == {self.dtype}
@@ -380,7 +154,6 @@ class OffloadDecoder:
         self._slot_bytes = self.pool.expert_bytes
         self._copy_handle = self.copy_stream.cuda_stream if cuda else None
         self._copied = [torch.cuda.Event() for _ in range(k)] if cuda else []  # per choice: its copy is done
-        self.stats = OffloadStats()
         self.routing = []  # per step: [moe layers, T, k] on the host
         self.segmented = all(layer.is_moe for layer in model.model.layers)
         self.graphs = (cuda if graphs is None else graphs) and self.segmented
@@ -423,6 +196,11 @@ class OffloadDecoder:
         self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
     # -- slots ---------------------------------------------------------------------------------------------------
+    @property
+    def stats(self):
+        """The slot cache's CacheStats (OFFLOAD_REPORT keys), of the decode steps since the last generate."""
+        return self.cache.stats
+
     def _copy_in(self, layer: int, e: int, slot: int, split: bool = False) -> None:
         """Copy expert e's projections from the host tier into a slot (on the copy stream on CUDA). split: gate and
         up first, then `_copied_gate_up` recorded on the copy stream, then down (the layer's last miss: its gate|up
@@ -451,23 +229,9 @@ class OffloadDecoder:
         self.pool.down[layer][slot].copy_(down, non_blocking=nb)
         self.stats.copies += 3
 
-    def _fetch(self, layer: int, e: int, keep: set, prefetch: bool, ordered: bool = False, split: bool = False):
-        """Make expert e of a layer resident (a copy on the copy stream): its slot, or None when no slot can be
-        freed. ordered: the caller already made the copy stream wait for the compute that read the slots."""
-        lru = self.lru[layer]
-        if e in lru:
-            return lru[e]
-        if self.free[layer]:
-            slot = self.free[layer].pop()
-        else:
-            victim = next((x for x in lru if x not in keep), None)
-            if victim is None:
-                return None
-            slot = lru.pop(victim)
-            self.ready.pop((layer, victim), None)
-            if victim in self.unused_prefetch[layer]:
-                self.unused_prefetch[layer].discard(victim)
-                self.stats.prefetch_wasted += 1
+    def _issue_copy(self, layer: int, e: int, slot: int, ordered: bool = False, split: bool = False) -> None:
+        """The slot cache's copy_in: expert e into a slot, on the copy stream. ordered: the caller already made
+        the copy stream wait for the compute that read the slots."""
         if self.copy_stream is not None and not ordered:
             # the slot may still be read by queued compute: the copy waits for the compute stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -476,58 +240,33 @@ class OffloadDecoder:
                 self._copy_in(layer, e, slot, split)
         else:  # the driver path names the copy stream itself
             self._copy_in(layer, e, slot, split)
-        lru[e] = slot
-        self.stats.bytes_moved += self.pool.expert_bytes
-        if prefetch:
-            self.unused_prefetch[layer].add(e)
-            self.stats.prefetched += 1
-        return slot
 
     def _use(self, layer: int, experts: list[int], ordered: bool = False) -> list[int]:
         """Experts routed now -> their slots; misses are fetched and (on the device) waited for. Counts them."""
         want = set(experts)
-        lru, unused, st = self.lru[layer], self.unused_prefetch[layer], self.stats
-        event = None
+        copied = False
         for e in experts:
-            if e in lru:
-                if e in unused:
-                    st.prefetch_hits += 1
-                    unused.discard(e)
-                else:
-                    st.hits += 1
-            else:
-                st.misses += 1
-                if self._fetch(layer, e, want, prefetch=False, ordered=ordered) is None:
-                    raise RuntimeError(f"offload: layer {layer} needs {len(want)} experts at once, more than its slots")
-                event = True
-            lru.move_to_end(e)
+            copied |= self.cache.use(layer, e, want, ordered=ordered)[1]
         if self.copy_stream is not None:
             stream = torch.cuda.current_stream(self.device)
-            if event:  # this call's copies: one event after the last
+            if copied:  # this call's copies: one event after the last
                 done = torch.cuda.Event()
                 done.record(self.copy_stream)
                 stream.wait_event(done)
             for e in want:
-                ev = self.ready.pop((layer, e), None)  # earlier (prefetch) copies of the experts routed now
+                ev = self.cache.ready.pop((layer, e), None)  # earlier (prefetch) copies of the experts routed now
                 if ev is not None:
                     stream.wait_event(ev)
-        return [lru[e] for e in experts]
+        return [self.cache.lru[layer][e] for e in experts]
 
     def _prefetch(self, layer: int, guessed: list[int]) -> None:
         """Start copying the experts guessed for `layer` (not yet resident) on the copy stream; one event."""
-        keep, fetched = set(), []
-        for e in guessed:
-            keep.add(e)
-            if e in self.lru[layer]:
-                continue
-            if self._fetch(layer, e, keep, prefetch=True, ordered=True) is None:
-                break
-            fetched.append(e)
+        fetched = self.cache.prefetch(layer, guessed, ordered=True)
         if fetched and self.copy_stream is not None:
             done = torch.cuda.Event()
             done.record(self.copy_stream)
             for e in fetched:
-                self.ready[layer, e] = done
+                self.cache.ready[layer, e] = done
 
     # -- the eager step (prefill, and models with dense layers) --------------------------------------------------
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -544,8 +283,6 @@ class OffloadDecoder:
         step_routing = []
         for i, layer in enumerate(m.model.layers):
             if not layer.is_moe:
-                from omnilab.gpu.engine import dense_layer
-
                 h = dense_layer(layer, h, cos, sin, mask, positions, self.kv.keys[i], self.kv.values[i], c)
                 continue
             w = self.weights[i]
@@ -586,7 +323,7 @@ class OffloadDecoder:
         chunk of resident experts over exactly the (token, choice) pairs routed into the chunk, in routed order,
         each pair a one-choice row, so every expert's group holds the rows it holds in a single pass (a grouped
         GEMM's rows depend on their group's size); the k rows of a token are summed at the end as
-        engine.expert_mix sums them. So the result does not depend on the budget (tests/test_offload.py)."""
+        step.expert_mix sums them. So the result does not depend on the budget (tests/test_offload.py)."""
         N, k = experts.shape
         flat_experts = experts.reshape(-1)  # [N * k], token-major
         flat_weights = weights.reshape(-1, 1)  # [N * k, 1]
@@ -638,7 +375,7 @@ class OffloadDecoder:
 
     def _seg_sum(self, i: int) -> None:
         k = self.consts.top_k
-        # as engine.expert_mix: the k weighted outputs summed in one reduction, then the residual
+        # as step.expert_mix: the k weighted outputs summed in one reduction, then the residual
         self.s_h.add_(self.s_y.view(1, k, -1).sum(dim=1).view(1, 1, -1))
 
     def _seg_final(self) -> None:
@@ -721,9 +458,7 @@ class OffloadDecoder:
         if not same:
             self.compute = "gather"
         self.pool.slab[i].zero_()
-        self.lru[i].clear()  # the layer's slots were overwritten: nothing of it is resident
-        self.free[i] = list(range(self.pool.slots))
-        self.unused_prefetch[i].clear()
+        self.cache.clear(i)  # the layer's slots were overwritten: nothing of it is resident
 
     def _capture(self) -> None:
         self._check_slab_views()
@@ -764,37 +499,27 @@ class OffloadDecoder:
         choice on the copy stream); returns (slots, [(choice, event)] for the choices to wait for, in copy
         order; the event is None off CUDA). split_last: the last miss copies gate|up before down (_copy_in).
         The compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
-        lru, unused, st = self.lru[layer], self.unused_prefetch[layer], self.stats
+        lru = self.cache.lru[layer]
         want = set(experts)
         last = next((c for c in range(len(experts) - 1, -1, -1) if experts[c] not in lru), None) if split_last else None
         slots, waits = [], []
         for c, e in enumerate(experts):
-            slot = lru.get(e)
-            if slot is not None:
-                if e in unused:
-                    st.prefetch_hits += 1
-                    unused.discard(e)
-                else:
-                    st.hits += 1
-                ev = self.ready.pop((layer, e), None)  # a prefetch copy, maybe still in flight
+            slot, missed = self.cache.use(layer, e, want, ordered=True, split=c == last)
+            if not missed:
+                ev = self.cache.ready.pop((layer, e), None)  # a prefetch copy, maybe still in flight
                 if ev is not None:
                     waits.append((c, ev))
             else:
-                st.misses += 1
-                slot = self._fetch(layer, e, want, prefetch=False, ordered=True, split=c == last)
-                if slot is None:
-                    raise RuntimeError(f"offload: layer {layer} needs {len(want)} experts at once, more than its slots")
                 ev = None
                 if self.copy_stream is not None:
                     ev = self._copied[c]
                     ev.record(self.copy_stream)
                 waits.append((c, ev))
-            lru.move_to_end(e)
             slots.append(slot)
         return slots, waits
 
     def _decode_segmented(self, token_in: int, position: int, timer=None) -> int:
-        """One decode step through the segments; returns the produced token. timer: a _PhaseTimer (profile).
+        """One decode step through the segments; returns the produced token. timer: a PhaseTimer (profile).
 
         Per MoE layer: segment a; the routed ids read (one sync); the misses' copies issued back to back; the
         slots segment; each resident choice's expert at once (overlapping the copies), each missed one the moment
@@ -929,7 +654,7 @@ class OffloadDecoder:
             self.s_vocab_mask[vocab_limit:] = True
         if self.graphs and self._graphs is None:
             self._capture()
-        timer = _PhaseTimer(self.device) if profile and self.segmented else None
+        timer = PhaseTimer(self.device) if profile and self.segmented else None
         sync()
         start = time.perf_counter()
         tokens = []
@@ -948,7 +673,7 @@ class OffloadDecoder:
             if step == 0:
                 sync()
                 prefill = time.perf_counter() - start
-                self.stats = OffloadStats()  # the statistics count decode steps only
+                self.cache.reset_stats()  # the statistics count decode steps only
             else:
                 self.stats.tokens += 1
             nxt = int(forced[step]) if forced is not None and step < n - 1 else token
@@ -962,62 +687,4 @@ class OffloadDecoder:
         return Generation([tokens], [P], seconds, prefill, stopped=[False])
 
     def reset_stats(self) -> None:
-        self.stats = OffloadStats()
-
-
-class _PhaseTimer:
-    """Timestamps of a decode step's phases: CUDA events (timing) on CUDA, the host clock elsewhere, and the host
-    clock at every mark. summary() -> milliseconds per token of each of PHASES (the GPU's clock: when the compute
-    and copy streams reached each mark) and of the host's own work per token."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.marks: list = []  # (name, event or None, host time)
-
-    def mark(self, name: str, stream=None) -> None:
-        ev = None
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record(stream if stream is not None else torch.cuda.current_stream(self.device))
-        self.marks.append((name, ev, time.perf_counter()))
-
-    def summary(self, tokens: int) -> dict:
-        """Marks per step: step, then per MoE layer a0 a1 (around segment a), c0 c1 (on the copy stream, around
-        the layer's copies), b1 (after the sum), then end. The intervals tile the step."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-        def gpu(a, b):
-            return a[1].elapsed_time(b[1]) if self.cuda else (b[2] - a[2]) * 1e3
-
-        def host(a, b):
-            return (b[2] - a[2]) * 1e3
-
-        ms = dict.fromkeys(PHASES, 0.0)
-        ms["whole step"] = 0.0
-        hs = {"bookkeeping + copy issue": 0.0, "launch experts + sum": 0.0, "whole step": 0.0}
-        last: dict = {}
-        for m in self.marks:
-            name = m[0]
-            if name == "a0":
-                ms["experts -> next layer" if "b1" in last else "pre + final"] += gpu(last.get("b1", last["step"]), m)
-            elif name == "a1":
-                ms["attention + router"] += gpu(last["a0"], m)
-            elif name == "c0":
-                ms["ids to host + bookkeeping"] += gpu(last["a1"], m)
-            elif name == "c1":
-                ms["copy"] += gpu(last["c0"], m)
-                hs["bookkeeping + copy issue"] += host(last["c0"], m)
-            elif name == "b1":
-                ms["experts after the last copy"] += gpu(last["c1"], m)
-                hs["launch experts + sum"] += host(last["c1"], m)
-            elif name == "end":
-                ms["pre + final"] += gpu(last["b1"], m)
-                ms["whole step"] += gpu(last["step"], m)
-                hs["whole step"] += host(last["step"], m)
-                last = {}
-                continue
-            last[name] = m
-        per = max(1, tokens)
-        return {"phase_ms": {k: v / per for k, v in ms.items()}, "host_ms": {k: v / per for k, v in hs.items()}}
+        self.cache.reset_stats()

@@ -1,36 +1,9 @@
 """The trace prefill: a batch of documents through the selective model with every expert resident, one grouped
-GEMM per projection per MoE layer, and every layer's routing recorded into device buffers read once per batch.
-
-`omnilab trace` (omnilab.experiments.trace) needs the routing of every MoE layer, not the logits, over many documents. The
-eager model (omnilab.model.decoder.SelectiveMoE.moe) runs one small GEMM chain per picked expert and syncs the host once
-per layer; the hooks then copy each layer's routing out. This path follows transformers' `grouped_mm` experts
-implementation and omnilab.gpu.engine's decode step instead: the token-expert choices sorted by expert, one
-`torch._grouped_mm` over the stacked experts for gate/up and one for down (engine.expert_mix), the group ends
-computed on the device, so a batch's forward never waits for the host. The top-k ids, weights and router
-entropy of each MoE layer are copied into pinned host buffers as soon as the layer's router has run
-(non-blocking copies, one CUDA event per layer), already in the order the trace's rows take (documents ascending,
-then positions): `record_async` returns without waiting (PendingRouting), so the host queues the next batch
-behind this one while the trace's writer threads (omnilab.experiments.trace_writer) encode this batch's layers
-as their events complete. The batch's inputs go to the device from pinned memory too: a copy from pageable
-memory would wait for the device to go idle.
-
-The rest of each layer is the eager model's own modules, called as its forward calls them (input norm,
-attention with SDPA over the right-padded batch, post-attention norm, router, dense MLPs), so the attention
-and the router logits are the eager path's computation. With right padding, plain causal attention is the
-right mask: a real token at position t sees keys 0..t, which are all real tokens of its own document.
-
-Departures from the eager forward (labelled inline): padding rows skip the router and the experts (no real
-token ever attends to a padding row, so nothing real changes); the k expert outputs of a token are summed in
-one reduction (transformers' grouped_mm path) instead of index_add_ in expert order; the forward stops after the
-last MoE layer's router (as the eager trace does with its stop hook). The expert mix goes back into the residual
-stream by an index assignment of h + mix over the real rows (no atomics; the same single rounding index_add
-made), or by a plain add when the batch has no padding and its rows are already in document order. In fp32 on CPU the trace equals the eager
-path's and the hooks' (same expert ids; weights and entropies within fp32 rounding; tests/test_trace.py).
-
-What takes the eager path instead (`prefill_refusal` says which): hooks, fault injection, masked experts (the
-engine's fast_path_refusal), a routing override, an expert budget smaller than all experts (this path keeps
-every expert resident), a CUDA model in a dtype other than bfloat16 (torch._grouped_mm on CUDA is bf16), and
-a GPU without room for the stacked experts.
+GEMM per projection per MoE layer (step.expert_mix), and every layer's routing recorded into pinned host buffers
+(one CUDA event per layer) read as the layers arrive (docs/DESIGN.md, omnilab/gpu/). Follows transformers'
+`grouped_mm` experts implementation; the rest of each layer is the eager model's own modules.
+differs from transformers: padding rows skip the router and the experts; the k expert outputs of a token are
+summed in one reduction; the forward stops after the last MoE layer's router (each labelled inline).
 """
 
 from __future__ import annotations
@@ -40,7 +13,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from omnilab.gpu.engine import SlotPool, expert_mix, fast_path_refusal, route
+from omnilab.gpu.fast import fast_path_refusal
+from omnilab.gpu.slots import SlotPool
+from omnilab.gpu.step import expert_mix, route
 from omnilab.model.decoder import rope_cos_sin
 
 

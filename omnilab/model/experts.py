@@ -12,10 +12,11 @@ more than its budget: an expert is admitted only after enough others were evicte
 
 from __future__ import annotations
 
+import copy
 import heapq
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,14 @@ class ExpertWeights(NamedTuple):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self)
+
+
+def read_expert(checkpoint, layout, layer: int, expert: int, read=None) -> ExpertWeights:
+    """One expert's three projections as stored (each by name, wherever its shard is): gate, up, down. read: how
+    one tensor is read by name (default `checkpoint.read`, safetensors through mmap); every reader of experts
+    (ExpertStore.load, gpu.slots.SlotPool, gpu.host.HostTier) comes through here."""
+    read = checkpoint.read if read is None else read
+    return ExpertWeights(*(read(expert_tensor(layout, layer, expert, p)) for p in EXPERT_PROJECTIONS))
 
 
 class MissingExpertError(KeyError):
@@ -86,8 +95,8 @@ class ExpertStore:
                                          f"tensor {name} is missing")
         # copy=True: safetensors hands out views of the mmap'd shard; the cache holds its own memory, so its byte
         # count is real (the page cache stays reclaimable) and compute does not run on mapped pages
-        weights = ExpertWeights(*(self.checkpoint.read(n).to(device=self.device, dtype=self.dtype, copy=True)
-                                  for n in names))
+        weights = ExpertWeights(*(t.to(device=self.device, dtype=self.dtype, copy=True)
+                                  for t in read_expert(self.checkpoint, self.layout, layer, expert)))
         if self.transform is not None:
             weights = self.transform(layer, expert, weights)
         return weights
@@ -210,31 +219,63 @@ def make_policy(policy):
         raise ValueError(f"unknown cache policy {policy!r}: use one of {', '.join(POLICIES)}") from None
 
 
+# what each path reports (to_dict keys, in this order): the eager cache and the offloaded decoder
+EAGER_REPORT = ("budget_bytes", "hits", "misses", "loaded_bytes", "evictions", "resident_bytes", "peak_resident_bytes",
+                "load_seconds", "masked_choices", "per_layer_misses", "hit_rate")
+OFFLOAD_REPORT = ("hits", "misses", "prefetch_hits", "prefetched", "prefetch_wasted", "bytes_moved", "copies", "tokens",
+                  "hit_rate", "prefetch_precision", "prefetch_recall", "bytes_per_token")
+
+
 @dataclass
 class CacheStats:
-    """What the cache did. Bytes are as held (compute dtype): loaded_bytes sums every admitted expert, so it
-    exceeds the budget once experts are evicted and reloaded; peak_resident_bytes never exceeds the budget."""
+    """What an expert cache did: the eager ExpertCache's and the offloaded decoder's (omnilab.gpu.slot_cache).
+    Bytes are as held (compute dtype): loaded_bytes sums every admitted expert, so it exceeds the budget once
+    experts are evicted and reloaded; peak_resident_bytes never exceeds the budget. `report`: the keys to_dict
+    gives (EAGER_REPORT or OFFLOAD_REPORT), so each path's JSON keeps its own keys."""
 
-    budget_bytes: int
-    hits: int = 0
-    misses: int = 0
-    loaded_bytes: int = 0
+    budget_bytes: int = 0
+    hits: int = 0  # routed choices whose expert was resident
+    misses: int = 0  # routed choices loaded / copied in on demand (the compute waited)
+    loaded_bytes: int = 0  # bytes of every admitted expert (the offload's bytes_moved)
     evictions: int = 0
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
     load_seconds: float = 0.0
     masked_choices: int = 0  # routed choices that fell on a missing expert (mask_missing_experts only)
     per_layer_misses: dict = field(default_factory=dict)
+    prefetch_hits: int = 0  # hits on an expert brought in by a prefetch, not yet used
+    prefetched: int = 0  # experts copied in speculatively
+    prefetch_wasted: int = 0  # prefetched experts evicted unused
+    copies: int = 0  # host->device copy calls issued
+    tokens: int = 0  # decode steps counted
+    report: tuple = field(default=EAGER_REPORT, repr=False, compare=False)
 
     @property
     def hit_rate(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
 
+    @property
+    def bytes_moved(self) -> int:
+        return self.loaded_bytes
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Of the experts prefetched, the fraction used by the layer they were fetched for."""
+        return self.prefetch_hits / self.prefetched if self.prefetched else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Of the choices that were not resident before the prefetch, the fraction the prefetch covered."""
+        n = self.prefetch_hits + self.misses
+        return self.prefetch_hits / n if n else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.loaded_bytes / self.tokens if self.tokens else 0.0
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hit_rate"] = self.hit_rate
-        return d
+        return {k: copy.deepcopy(getattr(self, k)) for k in self.report}
 
 
 class ExpertCache:

@@ -1,10 +1,8 @@
-"""Routing traces: forcing the routers' choice (`RoutingOverride`), generating benchmark traces with stated reuse
-statistics, and measuring a trace's reuse.
+"""Synthetic routing traces for tests and benchmarks, with stated reuse statistics, and a trace's measured reuse.
 
 A trace is a long tensor [layers, positions, k]: for each MoE layer (in `config.moe_layers` order) and each token
-position, the k experts picked. `RoutingOverride` replaces the routers' top-k choice by a trace (an intervention
-hook usable for research, "what if layer 12 always picked experts 3 and 7", and the way the offloading benchmark
-routes a random-weight model like a trained one). The generators:
+position, the k experts picked; `omnilab.model.routing.RoutingOverride.from_trace` routes a model by one (the way
+the offloading benchmark routes a random-weight model like a trained one). The generators:
 
 - `uniform_trace`: k distinct experts drawn uniformly at every position (the worst case for a cache).
 - `locality_trace`: each choice repeats one of the previous position's experts with probability `next`, one of
@@ -17,39 +15,7 @@ routes a random-weight model like a trained one). The generators:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-
-@dataclass
-class RoutingOverride:
-    """Replace the routers' top-k choice by given experts.
-
-    experts: MoE layer -> long tensor [S, k] (row p is used for the token at absolute position p) or [k] (every
-    position). The weights become the router's softmax at the given experts, renormalised when the config says
-    norm_topk_prob, so the rest of the layer runs unchanged. Set it as `model.routing_override` (eager path) or
-    pass it to `FastDecoder(override=...)` / `OffloadDecoder(override=...)`; layers not named route normally."""
-
-    experts: dict
-
-    @classmethod
-    def from_trace(cls, trace: torch.Tensor, moe_layers) -> "RoutingOverride":
-        """trace [moe layers, S, k] -> an override of every MoE layer."""
-        if trace.dim() != 3 or trace.shape[0] != len(moe_layers):
-            raise ValueError(f"trace of shape {tuple(trace.shape)}: need [{len(moe_layers)} moe layers, positions, k]")
-        return cls({layer: trace[j] for j, layer in enumerate(moe_layers)})
-
-    def choice(self, layer: int, positions: torch.Tensor) -> torch.Tensor | None:
-        """positions [N] -> experts [N, k] for this layer, or None when the layer is not overridden."""
-        given = self.experts.get(layer)
-        if given is None:
-            return None
-        if given.device != positions.device:
-            given = self.experts[layer] = given.to(positions.device)  # moved once, then reused (no copy per step)
-        if given.dim() == 1:
-            return given.expand(positions.shape[0], -1)
-        return given[positions]  # [N, k]
 
 
 def _distinct_rows(gen: torch.Generator, rows: int, E: int, k: int) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""The host tier of offloaded experts and the copies out of it: `HostTier` (every expert in host memory, a host
+copy in the slot's order or views into the shards' memory maps, registered page-locked with CUDA), the byte
+spans a miss copies (`HostTier.spans`, `split_spans`) and `DriverCopy` (cuMemcpyHtoDAsync through ctypes).
+Follows mixtral-offloading (dvmazur/mixtral-offloading): pinned host copies of every expert.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from omnilab.gpu.slots import SLOT_ORDER
+from omnilab.model.experts import ExpertWeights, read_expert
+
+
+def register_host(tensor: torch.Tensor) -> bool:
+    """Register a CPU tensor's memory as page-locked with CUDA (cudaHostRegister); False when that fails."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        err = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
+    except Exception:  # noqa: BLE001 - any failure leaves the memory pageable, reported by the caller
+        return False
+    return err == 0
+
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # safetensors dtype names
+
+
+class HostTier:
+    """Every expert's projections on the host: `expert(layer, e) -> (gate [I, H], up [I, H], down [H, I])`."""
+
+    def __init__(self, views: dict, nbytes: int, pinned: bool, how: str):
+        self.views, self.nbytes, self.pinned, self.how = views, nbytes, pinned, how
+        self._registered: list = []
+        self._keep: list = []  # the host blocks or memory maps the views point into
+
+    def expert(self, layer: int, e: int):
+        return self.views[layer, e]
+
+    def spans(self, layer: int, e: int) -> list[tuple[int, int, int]]:
+        """The host byte spans of one expert as (host address, bytes, offset in a slot's down | gate | up bytes);
+        projections lying side by side are merged into one span (one copy)."""
+        out = []
+        offset = 0
+        views = self.views[layer, e]
+        for t in (views[j] for j in SLOT_ORDER):
+            n = t.numel() * t.element_size()
+            ptr = t.data_ptr()
+            if out and out[-1][0] + out[-1][1] == ptr and out[-1][2] + out[-1][1] == offset:
+                out[-1] = (out[-1][0], out[-1][1] + n, out[-1][2])
+            else:
+                out.append((ptr, n, offset))
+            offset += n
+        return out
+
+    @classmethod
+    def copy(cls, checkpoint, config, layout, dtype: torch.dtype, pin: bool) -> "HostTier":
+        """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's down, gate and
+        up one after the other as in a slot (page-locked when pin and CUDA is there)."""
+        I, H = config.moe_intermediate_size, config.hidden_size
+        views, nbytes, blocks, pinned = {}, 0, [], bool(pin)
+        for layer in config.moe_layers:
+            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: down | gate | up
+            for e in range(config.num_experts):
+                stored = read_expert(checkpoint, layout, layer, e)  # gate, up, down
+                for row, j in enumerate(SLOT_ORDER):
+                    block[e, row].copy_(stored[j].reshape(-1))
+                views[layer, e] = ExpertWeights(block[e, 1].view(I, H), block[e, 2].view(I, H), block[e, 0].view(H, I))
+            nbytes += block.numel() * block.element_size()
+            blocks.append(block)
+        tier = cls(views, nbytes, False, "copy")
+        tier._keep = blocks
+        if pin:
+            pinned = all(register_host(b) for b in blocks)
+            if pinned:
+                tier._registered = [b.data_ptr() for b in blocks]
+        tier.pinned = pinned
+        tier.how = "host copy, registered page-locked" if pinned else "host copy (pageable)"
+        return tier
+
+    @classmethod
+    def mapped(cls, checkpoint, config, layout, register: bool = True) -> "HostTier":
+        """Views into the shards' memory maps (the stored dtype), each map registered as page-locked with CUDA
+        (cudaHostRegister) when register; on failure the views stay pageable and `pinned` is False."""
+        maps, views, nbytes = {}, {}, 0
+        table = checkpoint.tensors
+
+        def view(name: str) -> torch.Tensor:  # one tensor where it lies in its shard's memory map
+            nonlocal nbytes
+            row = table.loc[name]
+            shard = row["shard"]
+            if shard not in maps:
+                maps[shard] = np.memmap(checkpoint.root / shard, dtype=np.uint8, mode="r+")
+            raw = torch.from_numpy(maps[shard][int(row["begin"]):int(row["end"])])
+            nbytes += int(row["end"] - row["begin"])
+            return raw.view(TORCH_DTYPES[row["dtype"]]).view(*row["shape"])
+
+        for layer in config.moe_layers:
+            for e in range(config.num_experts):
+                views[layer, e] = read_expert(checkpoint, layout, layer, e, read=view)
+        tier = cls(views, nbytes, False, "shard maps")
+        tier._maps = maps
+        if register and torch.cuda.is_available():
+            cudart = torch.cuda.cudart()
+            ok = True
+            for m in maps.values():
+                ptr = m.ctypes.data
+                try:
+                    err = int(cudart.cudaHostRegister(ptr, m.nbytes, 0))
+                except Exception:  # noqa: BLE001 - any failure leaves the maps pageable, reported in `how`
+                    err = -1
+                if err != 0:
+                    ok = False
+                    break
+                tier._registered.append(ptr)
+            tier.pinned, tier.how = ok, "shard maps, registered page-locked" if ok else "shard maps (pageable)"
+        return tier
+
+
+def split_spans(spans, down_bytes: int):
+    """A miss's spans (host address, bytes, offset in the slot) -> (the gate|up part, the down part): the slot is
+    down | gate | up, so bytes [0, down_bytes) of it are down; a span across the boundary is cut in two."""
+    first, second = [], []
+    for src, n, off in spans:
+        if off < down_bytes:
+            m = min(n, down_bytes - off)
+            second.append((src, m, off))
+            if n > m:
+                first.append((src + m, n - m, off + m))
+        else:
+            first.append((src, n, off))
+    return first, second
+
+
+
+# -- issuing copies --------------------------------------------------------------------------------------------------
+
+
+class DriverCopy:
+    """Host->device copies straight through the CUDA driver (cuMemcpyHtoDAsync_v2 through ctypes): a few
+    microseconds of host time per copy against tens through torch's copy_ (dispatch, checks, host-allocator
+    bookkeeping). The caller keeps both memories alive and orders the streams (events)."""
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuMemcpyHtoDAsync_v2
+        fn.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        err = self._fn(dst, src, nbytes, stream)
+        if err:
+            raise RuntimeError(f"offload: cuMemcpyHtoDAsync of {nbytes} bytes failed (CUresult {err})")
+

@@ -1,0 +1,164 @@
+"""The tensor-only decode step both GPU decoders run (fast.py, offload.py) and the trace prefill reuses:
+a static KV cache, the attention, the router and the grouped expert mix, on plain tensors (no modules), so one
+torch.compile'd copy serves every layer.
+
+Follows the eager model (omnilab.model.decoder) in the same order, and transformers' `grouped_mm` experts.
+differs from transformers: attention spans the whole static cache with a boolean mask, the query heads of a kv
+head folded into the query axis (no enable_gqa); gate and up are one GEMM; the k expert outputs of a token are
+summed in one reduction (as transformers' grouped_mm path does) rather than by index_add_ (each labelled inline).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from omnilab.model.decoder import rotate_half
+
+
+# -- the static KV cache -------------------------------------------------------------------------------------------
+
+
+class StaticKV:
+    """keys, values [L, B, kv_heads, S_max, head_dim], zero-filled once; positions are written in place."""
+
+    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+# -- one step ------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """omnilab.model.decoder.RMSNorm's arithmetic (normalised in fp32, scaled in the input dtype) in one fused kernel."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class Consts(NamedTuple):
+    """The config numbers a layer step needs (plain ints and floats: torch.compile treats them as constants)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    top_k: int
+    norm_topk_prob: bool
+    eps: float
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer's backbone tensors (the experts are in the SlotPool)."""
+
+    input_norm: torch.Tensor
+    q_proj: torch.Tensor
+    k_proj: torch.Tensor
+    v_proj: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    router: torch.Tensor
+
+
+def layer_weights(layer) -> LayerWeights:
+    a = layer.self_attn
+    if a.q_proj.bias is not None:
+        raise ValueError("fast path: attention_bias is not supported")
+    return LayerWeights(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                        a.q_norm.weight, a.k_norm.weight, a.o_proj.weight, layer.post_attention_layernorm.weight,
+                        layer.mlp.gate.weight)
+
+
+def attention(h, w: LayerWeights, cos, sin, mask, positions, keys, values, c: Consts):
+    """The residual stream h [B, T, H] -> attention output [B, T, H]; writes keys/values [B, kvh, S_max, hd]."""
+    B, T, _ = h.shape
+    nh, nkv, hd = c.heads, c.kv_heads, c.head_dim
+    g = nh // nkv
+    x = rms_norm(w.input_norm, h, c.eps)
+    q = rms_norm(w.q_norm, F.linear(x, w.q_proj).view(B, T, nh, hd), c.eps).transpose(1, 2)  # [B, nh, T, hd]
+    k = rms_norm(w.k_norm, F.linear(x, w.k_proj).view(B, T, nkv, hd), c.eps).transpose(1, 2)  # [B, nkv, T, hd]
+    v = F.linear(x, w.v_proj).view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    keys.index_copy_(2, positions, k)
+    values.index_copy_(2, positions, v)
+    # differs from eager: the g query heads of a kv head are folded into the query axis (no enable_gqa), and
+    # attention spans the whole static cache with the positions past each query masked out
+    qf = q.reshape(B, nkv, g * T, hd)  # [B, nkv, g * T, hd]: heads are kv-head major
+    o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=hd ** -0.5)  # [B, nkv, g * T, hd]
+    o = o.view(B, nkv, g, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh * hd)  # [B, T, nh * hd]
+    return F.linear(o, w.o_proj)
+
+
+def decoder_layer(h, cos, sin, mask, positions, keys, values, routing, w: LayerWeights, gate_up, down, slot_of,
+                  forced, slot_range, c: Consts, compute: str):
+    """One MoE decoder layer on the static cache: h [B, T, H] -> [B, T, H]. Tensors only (no modules), so one
+    torch.compile'd copy serves every layer. routing [B, S_max, k] receives the layer's top-k expert ids."""
+    B, T, H = h.shape
+    h = h + attention(h, w, cos, sin, mask, positions, keys, values, c)
+    x = rms_norm(w.post_norm, h, c.eps).reshape(B * T, H)  # [N, H]
+    if forced is not None:
+        forced = forced.repeat(B, 1)  # [N, k]
+    weights, experts = route(F.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)  # [N, k]
+    routing.index_copy_(1, positions, experts.view(B, T, -1).to(routing.dtype))
+    slots = experts if slot_of is None else slot_of[experts]  # [N, k]
+    return h + expert_mix(x, slots, weights, gate_up, down, slot_range, compute).view(B, T, H)
+
+
+def dense_layer(layer, h, cos, sin, mask, positions, keys, values, c: Consts):
+    """A dense-MLP decoder layer (mlp_only_layers / off the sparse step): h [B, T, H] -> [B, T, H]."""
+    w = LayerWeights(layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                     layer.self_attn.v_proj.weight, layer.self_attn.q_norm.weight, layer.self_attn.k_norm.weight,
+                     layer.self_attn.o_proj.weight, layer.post_attention_layernorm.weight, None)
+    h = h + attention(h, w, cos, sin, mask, positions, keys, values, c)
+    return h + layer.mlp(rms_norm(w.post_norm, h, c.eps))
+
+
+def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
+    """x [N, H], slots [N, k] (slot ids), weights [N, k] -> sum over k of weight * expert(x), [N, H]. No host sync.
+
+    grouped_mm: choices sorted by slot, one grouped GEMM per projection over all slots (empty groups cost
+    nothing). gather: each choice's expert weights gathered and batch-multiplied (any dtype, any device)."""
+    N, k = slots.shape
+    I = down.shape[-1]
+    flat = slots.reshape(-1)  # [N * k]
+    if compute == "grouped_mm":
+        sorted_slots, perm = torch.sort(flat, stable=True)  # choices grouped by slot
+        rows = x[perm // k]  # [N * k, H]
+        offs = torch.searchsorted(sorted_slots, slot_range, right=True).to(torch.int32)  # [S]: group ends
+        gu = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)  # [N * k, 2I]
+        # differs from eager: gate and up are one GEMM (transformers' fused gate_up_proj)
+        y = torch._grouped_mm(F.silu(gu[:, :I]) * gu[:, I:], down.transpose(1, 2), offs=offs)  # [N * k, H]
+        y = y * weights.reshape(-1)[perm][:, None]
+        out = torch.empty_like(y)
+        out[perm] = y  # back to (token, choice) order
+    elif compute == "gather":
+        rows = x.repeat_interleave(k, dim=0)  # [N * k, H]
+        gu = torch.bmm(gate_up[flat], rows[:, :, None])[..., 0]  # [N * k, 2I]
+        y = torch.bmm(down[flat], (F.silu(gu[:, :I]) * gu[:, I:])[:, :, None])[..., 0]  # [N * k, H]
+        out = y * weights.reshape(-1)[:, None]
+    else:
+        raise ValueError(f"expert compute {compute!r}: use grouped_mm or gather")
+    # differs from eager: the k outputs of a token are summed in one reduction, as transformers' grouped_mm does
+    return out.view(N, k, -1).sum(dim=1)  # [N, H]
+
+
+def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool, dtype, forced: torch.Tensor | None = None):
+    """router logits [N, E] -> (weights [N, k] in dtype, experts [N, k]); transformers' Qwen3-MoE router."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [N, E]
+    if forced is None:
+        weights, experts = torch.topk(probs, k, dim=-1)  # [N, k]
+    else:
+        experts = forced
+        weights = probs.gather(-1, experts)  # [N, k]
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), experts
