@@ -9,7 +9,8 @@ The public face, for notebooks and scripts: `import omnilab as ol`, then
   `ol.parse_size`, `ol.stream_pieces`; the module `ol.inventory`;
 - extraction: `ol.extract`, `ol.verify_extraction`, `ol.read_manifest`, `ol.manifest_table`, `ol.parse_range`,
   `ol.availability`, `ol.component_bytes`, `ol.missing_summary`;
-- the selective model: `ol.SelectiveMoE` (`ol.load(path, ...)` is `SelectiveMoE.from_checkpoint`),
+- the selective model: `ol.SelectiveMoE` (`ol.load(path, ...)` is `SelectiveMoE.from_checkpoint`; device, dtype
+  and expert_budget default to "auto", and `generate` runs on the engine `ol.choose(model, ol.Call(...))` picks),
   `ol.RoutingOptions`, `ol.Generation`, `ol.MissingExpertError`; hooks `ol.capture`, `ol.run_with_cache`,
   `ol.compare`, `ol.first_difference`; the modules `ol.hooks`, `ol.faults`, `ol.multimodal`;
 - against transformers: `ol.Reference`, `ol.compare_checkpoints`, `ol.fault_gallery`, `ol.gallery_table`;
@@ -41,8 +42,8 @@ _NAMES = {
     **dict.fromkeys(("read_manifest", "manifest_table"), "omnilab.extraction.manifest"),
     "parse_range": "omnilab.extraction.plan",
     **dict.fromkeys(("availability", "component_bytes", "missing_summary"), "omnilab.extraction.availability"),
-    "SelectiveMoE": "omnilab.model.decoder",
-    "load": "omnilab.model.loading",
+    **dict.fromkeys(("SelectiveMoE", "load"), "omnilab.runtime.model"),
+    **dict.fromkeys(("choose", "Call"), "omnilab.runtime.choose"),
     "Generation": "omnilab.model.generate",
     "RoutingOptions": "omnilab.model.routing",
     "MissingExpertError": "omnilab.model.experts",

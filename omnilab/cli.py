@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from omnilab.checkpoint import CheckpointError
 from omnilab.jsonio import jsonable
@@ -256,12 +257,17 @@ def _compare_multimodal(args, checkpoint):
 def cmd_compare(args) -> int:
     """The selective model on PATH against transformers on --reference (default PATH), streamed one layer at a
     time; chained and local views, in bf16 beside transformers' own bf16 noise (omnilab.reference.compare; DESIGN.md's JSON)."""
-    _check_device(args.device)
     from omnilab.checkpoint import Checkpoint
     from omnilab.reference.compare import compare_checkpoints
+    from omnilab.runtime.choose import capture_choice
+    from omnilab.runtime.hardware import resolve_device, resolve_dtype
     from omnilab.tokenizer import load_tokenizer
 
+    device = resolve_device(args.device)
     checkpoint = Checkpoint(args.path)  # headers read once, for both models when there is no --reference
+    args.device, args.dtype = str(device), str(resolve_dtype(args.dtype, checkpoint, device)).removeprefix("torch.")
+    choice = capture_choice()
+    start = time.perf_counter()
     media = {}
     if args.audio or args.image:
         ids, result = _compare_multimodal(args, checkpoint)
@@ -271,9 +277,13 @@ def cmd_compare(args) -> int:
         ids = _prompt_ids(args, load_tokenizer(checkpoint.root) if args.prompt is not None else None, config.vocab_size)
         result = compare_checkpoints(checkpoint, ids, reference=args.reference, dtype=args.dtype, device=args.device,
                                      expert_budget=args.expert_budget, progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    peak_gpu = torch_peak_gpu_bytes(device)
     if args.json:
         print_json({"path": args.path, "reference": args.reference or args.path, "dtype": args.dtype,
-                    "input_ids": ids, **media, **result.to_json()})
+                    "seconds": seconds, "peak_gpu_bytes": peak_gpu,
+                    "device": args.device, "input_ids": ids, **media, **result.to_json(),
+                    "engine": choice.engine, "refusal": choice.refusal})
         return 0
     chained, local = result.chained.table, result.local.table.set_index("name")
     table = chained[["name", "rel_err", "threshold", "cosine", "topk_agreement"]].copy()
@@ -287,33 +297,41 @@ def cmd_compare(args) -> int:
           f"local {result.local_first_divergence or 'none'}")
     print(f"top-1 agreement {result.chained.top1_agreement:.4f}, KL(ref || selective) {result.chained.kl:.3e}, "
           f"max rel_err {chained.rel_err.max():.3e} chained / {local.rel_err.max():.3e} local over {len(ids)} tokens "
-          f"({args.dtype}); peak anonymous RSS {result.peak_rss_bytes / 2**30:.2f} GiB")
+          f"({args.dtype}, {args.device}) in {seconds:.1f} s; peak anonymous RSS {result.peak_rss_bytes / 2**30:.2f} GiB"
+          + (f", peak GPU memory {peak_gpu / 2**30:.2f} GiB" if peak_gpu is not None else "") + "; selective side: "
+          f"{choice.describe()}")
     return 0
 
 
+def torch_peak_gpu_bytes(device) -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def cmd_generate(args) -> int:
-    """Generate with the selective model under an expert budget; report speed and the cache's statistics."""
+    """Generate on the engine the runtime chooses (omnilab.runtime); report it, its speed and its memory."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p:g}")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         raise ValueError(f"--top-k must be 0 (off) or positive, got {args.top_k}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be positive, got {args.temperature:g}")
-    _check_device(args.device)
-    from omnilab.model.decoder import SelectiveMoE
+    if args.temperature is not None and not 0 < args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a positive finite number, got {args.temperature:g}")
+    from omnilab.runtime.generate import sampling_options
+    from omnilab.runtime.model import load
 
-    model = SelectiveMoE.from_checkpoint(args.path, dtype=args.dtype, device=args.device,
-                                         expert_budget=args.expert_budget)
+    model = load(args.path, dtype=args.dtype, device=args.device, expert_budget=args.expert_budget)
     media = _multimodal_inputs(args, model)
     ids = media[1]["input_ids"][0].tolist() if media else _prompt_ids(args, model.tokenizer, model.config.vocab_size)
     stop = args.stop_ids
     if stop is None:
         eos = model.generation_config.get("eos_token_id")
         stop = [eos] if isinstance(eos, int) else list(eos or [])
-    sampling = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    stop_tokens=stop, seed=args.seed)
+    sampling, how = sampling_options(model.generation_config, greedy=args.greedy, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p)
+    sampling.update(stop_tokens=stop, seed=args.seed)
     if media:
         from omnilab.model import multimodal
 
@@ -327,30 +345,28 @@ def cmd_generate(args) -> int:
              "all_experts_bytes": model.cache.store.total_bytes}
     if args.json:
         print_json({"path": args.path, "input_ids": ids, "audio": args.audio, "image": args.image,
-                    "new_token_ids": new, "text": text,
+                    "new_token_ids": new, "text": text, "sampling": how, "placement": model.placement,
+                    "engine": out.engine, "refusal": out.refusal, "peak_gpu_bytes": out.peak_gpu_bytes,
                     "tokens_per_s": out.tokens_per_s, "decode_tokens_per_s": out.decode_tokens_per_s,
                     "stopped": out.stopped[0], "cache": cache})
         return 0
     print(text if text is not None else ",".join(map(str, new)))
-    print(f"[{len(new)} tokens, {out.tokens_per_s:.2f} tokens/s; experts: hit rate {stats.hit_rate:.1%} "
-          f"({stats.hits:,} hits, {stats.misses:,} misses), {stats.evictions:,} evictions, peak "
-          f"{stats.peak_resident_bytes:,} of {stats.budget_bytes:,} budget bytes]", file=sys.stderr)
+    print(f"[{model.placement}; {how}]", file=sys.stderr)
+    print(f"[engine {out.engine}" + (f" ({out.refusal})" if out.refusal else "") + "]", file=sys.stderr)
+    line = f"[{len(new)} tokens, {out.tokens_per_s:.2f} tokens/s"
+    if out.engine == "eager":
+        line += (f"; experts: hit rate {stats.hit_rate:.1%} ({stats.hits:,} hits, {stats.misses:,} misses), "
+                 f"{stats.evictions:,} evictions, peak {stats.peak_resident_bytes:,} of {stats.budget_bytes:,} "
+                 f"budget bytes")
+    if out.peak_gpu_bytes is not None:
+        line += f"; peak GPU memory {out.peak_gpu_bytes / 2**30:.2f} GiB"
+    print(line + "]", file=sys.stderr)
     return 0
 
 
-def _check_device(device: str) -> None:
-    """--device names a device this torch build can use (a CPU-only build has no cuda), else one line."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
-        raise ValueError(f"--device {device}: no CUDA device available ({build}); use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: no MPS device available; use --device cpu")
+def _budget(text: str):
+    """--expert-budget: auto, all, or a size (8GB, 512MiB)."""
+    return text if text in ("auto", "all") else parse_size(text)
 
 
 def cmd_extract(args) -> int:
@@ -398,6 +414,25 @@ def cmd_trace(args) -> int:
                                                                    "shards": len(manifest["shards"])})
     else:
         print(result.summary())
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Which engine each verb would take here (and on a described GPU machine), the bytes of each tier, and the
+    decode speed to expect (omnilab.runtime.plan)."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.runtime.plan import machine_described, machine_here, plan, plan_text
+
+    checkpoint = Checkpoint(args.path)
+    here = machine_here(args.device)
+    plans = {"here": plan(checkpoint, here, args.dtype, args.context)}
+    if args.gpu or args.gpu_memory or args.host_memory or not here.has_gpu:
+        plans["described"] = plan(checkpoint, machine_described(args.gpu, args.gpu_memory, args.host_memory, here),
+                                  args.dtype, args.context)
+    if args.json:
+        print_json(plans)
+        return 0
+    print("\n\n".join(f"[{where}]\n{plan_text(p)}" for where, p in plans.items()))
     return 0
 
 
@@ -454,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--input-ids", type=parse_ids, help="comma-separated token ids, e.g. 1,2,3")
         p.add_argument("--audio", metavar="FILE.wav", help="speech or sound through the audio tower (16 kHz PCM .wav)")
         p.add_argument("--image", metavar="FILE.png", help="an image through the vision tower (png, jpg, ...)")
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                       help="auto: the checkpoint's own dtype on a GPU, float32 on a CPU")
+        p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1")
         p.add_argument("--json", action="store_true")
 
     p = verbs.add_parser("compare", help="the selective model against transformers (streamed) at every hook point")
@@ -471,16 +507,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--greedy", action="store_const", const=True, dest="greedy", default=None,
+                     help="greedy decoding (default: as generation_config.json's do_sample; absent: greedy)")
+    how.add_argument("--sample", action="store_const", const=False, dest="greedy", help="sample")
+    p.add_argument("--temperature", type=float, default=None, help="default: generation_config.json's, else 1.0")
+    p.add_argument("--top-k", type=int, default=None, help="default: generation_config.json's, else 50 (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's, else 1.0")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--expert-budget", type=parse_size, default=None, metavar="SIZE",
-                   help="bytes of experts held at once (512MB, 2GiB); default: all experts fit")
+    p.add_argument("--expert-budget", type=_budget, default="auto", metavar="SIZE",
+                   help="bytes of experts held at once (512MB, 2GiB, all); default auto: every expert when they "
+                        "fit the free memory, else what fits")
     p.add_argument("--stop-ids", type=parse_stop_ids, default=None, metavar="IDS",
                    help="token ids that end generation, or 'none' (default: eos_token_id of generation_config.json)")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("plan", help="which engine each verb would take here and on a described GPU machine, "
+                                      "the bytes of each tier, the decode speed to expect")
+    p.add_argument("path", help="checkpoint folder (headers and config.json are read, no weights)")
+    p.add_argument("--device", default="auto", help="this machine's device to plan for and measure (auto, cpu, cuda)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: the checkpoint's own dtype on a GPU, float32 on a CPU")
+    p.add_argument("--gpu", choices=["h100", "h200"], default=None,
+                   help="describe a GPU machine by a preset (memory, HBM and host-link bandwidths); default h100 "
+                        "when this machine has no GPU")
+    p.add_argument("--gpu-memory", type=parse_size, default=None, metavar="SIZE", help="the described GPU's memory")
+    p.add_argument("--host-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="the described machine's host memory")
+    p.add_argument("--context", type=int, default=512, help="positions of KV cache to count (default 512)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("extract", help="take a checkpoint apart into per-expert and backbone files, with a manifest")
     p.add_argument("path")

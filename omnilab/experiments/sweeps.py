@@ -32,7 +32,7 @@ import torch
 from omnilab.experiments.eval_data import EvalSet
 from omnilab.experiments.measures import addition_accuracy, backbone_bytes, next_token_logprobs, quality
 from omnilab.model.experts import ExpertCache
-from omnilab.model.faults import Fault, RouterMask, SalienceMix
+from omnilab.model.faults import RouterMask, SalienceMix, acts_on_weights
 from omnilab.model.routing import RoutingOptions
 
 
@@ -84,7 +84,7 @@ def default_settings(config, load: pd.DataFrame | None = None, *, constrained_sh
 def routing_of(model, setting: Setting) -> RoutingOptions:
     """The RoutingOptions of a setting on `model`: its top-k, and its router faults after the model's own."""
     for f in setting.faults:
-        if any(getattr(type(f), m) is not getattr(Fault, m) for m in ("on_backbone", "on_expert")):
+        if acts_on_weights(f):
             raise ValueError(f"setting {setting.name!r}: {type(f).__name__} alters weights at load time; "
                              f"a sweep can only add router faults")
     top_k = model.routing.top_k if setting.top_k is None else int(setting.top_k)

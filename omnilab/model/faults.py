@@ -32,6 +32,11 @@ class Fault:
         return weights
 
 
+def acts_on_weights(fault: Fault) -> bool:
+    """True when the fault changes weights as they are loaded (on_backbone or on_expert), not only routing."""
+    return any(getattr(type(fault), m) is not getattr(Fault, m) for m in ("on_backbone", "on_expert"))
+
+
 @dataclass(frozen=True)
 class RandomAttention(Fault):
     """Attention weights of one layer never loaded: q/k/v/o at transformers' random init (normal, std 0.02)."""

@@ -29,6 +29,9 @@ class Generation:
     seconds: float
     prefill_seconds: float
     stopped: list[bool] = field(default_factory=list)
+    engine: str = "eager"  # which engine ran (omnilab.runtime.choose.ENGINES)
+    refusal: str | None = None  # why the fastest engine did not, when it did not
+    peak_gpu_bytes: int | None = None
 
     @property
     def num_new_tokens(self) -> int:

@@ -144,7 +144,9 @@ def near_tie_flips(ref32_logits, ref16_logits, ref_idx, sel_idx, factor: float =
     reference's fp32 margin between its k-th and (k+1)-th logit is within factor x the token's largest
     bf16-vs-fp32 logit error. Logits [N, E], indices [N, k]."""
     k = ref_idx.shape[-1]
-    l32, l16 = ref32_logits.double(), ref16_logits.double()
+    # on the CPU, where the keep masks live (the activations may be on a GPU)
+    ref_idx, sel_idx = ref_idx.cpu(), sel_idx.cpu()
+    l32, l16 = ref32_logits.double().cpu(), ref16_logits.double().cpu()
     top = l32.topk(k + 1, dim=-1).values  # [N, k + 1]
     margin = top[:, k - 1] - top[:, k]  # [N]
     noise = (l16 - l32).abs().max(-1).values  # [N]

@@ -1,0 +1,148 @@
+"""Generation through the runtime: `generate(model, prompts, ...)` asks `choose` for the engine, runs the call
+there and returns a `Generation` that says which engine ran (`engine`), why a faster one did not (`refusal`),
+and the peak GPU memory.
+
+Engines built for a model (the resident slot pool, the offload decoder and its host tier) are kept with the
+model in `engines(model)`, so a sweep or a notebook that generates many times pays for them once.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from omnilab.model.generate import Generation, as_batch, generate as eager_generate, sampling_setup
+from omnilab.runtime.choose import Call, choose
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: built engine}
+
+
+def engines(model) -> dict:
+    """The engines built for `model` so far (key -> FastDecoder, OffloadDecoder, slot pool, host tier)."""
+    return _ENGINES.setdefault(model, {})
+
+
+def check_options(max_new_tokens, greedy, temperature, top_k, top_p) -> None:
+    """One-line ValueErrors naming the option, as the CLI's flags are checked."""
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not greedy:
+        if not temperature > 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be a positive finite number when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
+
+
+def max_len_bucket(tokens: int) -> int:
+    """Static KV length for prompt + new tokens: a power of two from 256, so calls of nearby lengths share one
+    decoder (and its captured graph)."""
+    size = 256
+    while size < tokens:
+        size *= 2
+    return size
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, stop_tokens=(), vocab_limit="auto", seed: int | None = 0,
+             routing=None, engine: str = "auto", progress: bool = False, use_kv_cache: bool = True) -> Generation:
+    """Generate from one prompt (ids) or a batch (lists of ids, left padded) on the fastest engine that takes
+    the call (omnilab.runtime.choose); the options are those of omnilab.model.generate.generate. engine: "auto"
+    or a name from choose.ENGINES to insist on."""
+    check_options(max_new_tokens, greedy, temperature, top_k, top_p)
+    prompts = as_batch(prompts)
+    call = Call(batch=len(prompts), ragged=len({len(p) for p in prompts}) > 1, sampling=not greedy,
+                routing=routing, max_len=max(map(len, prompts)) + int(max_new_tokens))
+    if not use_kv_cache:  # the test path of the eager engine
+        engine = "eager"
+    choice = choose(model, call, engine)
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(model.device)
+    if choice.engine == "eager":
+        out = eager_generate(model, prompts, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
+                             top_p=top_p, stop_tokens=stop_tokens, vocab_limit=vocab_limit, seed=seed,
+                             use_kv_cache=use_kv_cache, progress=progress, routing=routing)
+    else:
+        limit, _, _ = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)
+        run = _resident if choice.engine.endswith("resident") else _offload
+        out = run(model, prompts, int(max_new_tokens), limit, call)
+        out = cut_at_stop(out, stop_tokens)
+    out.engine, out.refusal = choice.engine, choice.refusal
+    out.peak_gpu_bytes = torch.cuda.max_memory_allocated(model.device) if cuda else None
+    return out
+
+
+def _resident(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
+    from omnilab.gpu.fast import FastDecoder
+    from omnilab.gpu.slots import SlotPool
+
+    built = engines(model)
+    if "pool" not in built:
+        config, layout = model.checkpoint.arch
+        built["pool"] = SlotPool.all_resident(model.checkpoint, config, layout, model.dtype, model.device)
+    key = ("fast", len(prompts), max_len_bucket(call.max_len))
+    if key not in built:
+        for old in [k for k in built if k[0] == "fast"]:  # one decoder at a time: its KV cache is the big part
+            del built[old]
+        built[key] = FastDecoder(model, max_len=key[2], batch=key[1], pool=built["pool"])
+    return built[key].generate(torch.tensor(prompts), n, vocab_limit=vocab_limit)
+
+
+def _offload(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
+    """The offload decoder, one prompt at a time (it decodes batch 1); its slots from the model's expert budget."""
+    from omnilab.gpu.host import HostTier
+    from omnilab.gpu.offload import OffloadDecoder
+
+    built = engines(model)
+    if "host" not in built:
+        config, layout = model.checkpoint.arch
+        built["host"] = HostTier.mapped(model.checkpoint, config, layout, register=True)
+    key = ("offload", max_len_bucket(call.max_len))
+    if key not in built:
+        for old in [k for k in built if k[0] == "offload"]:
+            del built[old]
+        built[key] = OffloadDecoder(model, built["host"], expert_budget_bytes=model.cache.budget_bytes,
+                                    max_len=key[1], prefetch=False, step="slot")
+    decoder = built[key]
+    parts = [decoder.generate(p, n, vocab_limit=vocab_limit) for p in prompts]
+    out = Generation([t for g in parts for t in g.new_token_ids], [len(p) for p in prompts],
+                     sum(g.seconds for g in parts), sum(g.prefill_seconds for g in parts),
+                     stopped=[False] * len(prompts))
+    out.cache = decoder.stats.to_dict()
+    return out
+
+
+def cut_at_stop(out: Generation, stop_tokens) -> Generation:
+    """Each row's tokens up to and including its first stop token, as the eager loop stops (the engines decode
+    the whole budget without a host sync per token)."""
+    stop = set(stop_tokens or ())
+    if not stop:
+        return out
+    for b, row in enumerate(out.new_token_ids):
+        hit = next((j for j, t in enumerate(row) if t in stop), None)
+        if hit is not None:
+            out.new_token_ids[b] = row[:hit + 1]
+        out.stopped[b] = hit is not None
+    return out
+
+
+def sampling_options(generation_config: dict, *, greedy: bool | None = None, temperature=None, top_k=None,
+                     top_p=None) -> tuple[dict, str]:
+    """(greedy, temperature, top_k, top_p) as transformers reads them: what the call gives, else the checkpoint's
+    generation_config.json, else transformers' GenerationConfig defaults (do_sample False, temperature 1.0,
+    top_k 50, top_p 1.0); and one line saying which was used and where it came from."""
+    config = generation_config or {}
+    defaults = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    sample = (not greedy) if greedy is not None else bool(config.get("do_sample", False))
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    options = {k: v if v is not None else config.get(k, defaults[k]) for k, v in given.items()}
+    origin = ("the call" if greedy is not None else
+              "generation_config.json" if "do_sample" in config else "transformers' default (do_sample false)")
+    if not sample:
+        return {"greedy": True, **options}, f"greedy (from {origin})"
+    detail = ", ".join(f"{k} {options[k]:g}" for k in options)
+    return {"greedy": False, **options}, f"sampling: {detail} (do_sample from {origin})"

@@ -1,0 +1,66 @@
+"""The faces on a GPU: CLI generate takes the resident fast path or, under a budget, the offload engine, with the
+eager path's fp32 tokens; bf16 compare on cuda runs and agrees with the CPU compare's verdict."""
+
+import json
+
+import pytest
+import torch
+
+import omnilab as ol
+from omnilab import cli
+from omnilab.testing import breakage
+
+
+def run_json(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code == 0, err
+    return json.loads(out)
+
+
+def eager_tokens(path, ids, n, **load):
+    model = ol.load(path, device="cuda", dtype="float32", **load)
+    return model.generate(ids, n, engine="eager").new_token_ids[0]
+
+
+def test_cli_generate_cuda_takes_the_fast_path_with_the_eager_tokens(capsys, tiny_moe):
+    out = run_json(capsys, "generate", str(tiny_moe), "--input-ids", "3,17,42,9,11", "--max-new-tokens", "16",
+                   "--device", "cuda", "--dtype", "float32", "--stop-ids", "none", "--json")
+    assert out["engine"] == "gpu-resident" and out["refusal"] is None
+    assert out["peak_gpu_bytes"] > 0
+    assert out["new_token_ids"] == eager_tokens(tiny_moe, [3, 17, 42, 9, 11], 16)
+
+
+def test_cli_generate_under_a_budget_takes_the_offload_engine_with_the_same_tokens(capsys, tiny_moe):
+    model = ol.load(tiny_moe, device="cuda", dtype="float32")
+    budget = model.cache.store.total_bytes // 2
+    out = run_json(capsys, "generate", str(tiny_moe), "--input-ids", "3,17,42,9,11", "--max-new-tokens", "16",
+                   "--device", "cuda", "--dtype", "float32", "--stop-ids", "none", "--expert-budget", str(budget),
+                   "--json")
+    assert out["engine"] == "gpu-offload"
+    assert out["refusal"].startswith("gpu-resident: the expert budget")
+    assert out["new_token_ids"] == eager_tokens(tiny_moe, [3, 17, 42, 9, 11], 16, expert_budget=budget)
+
+
+def test_auto_device_on_a_gpu_machine_is_cuda_in_the_checkpoint_dtype(tiny_moe):
+    model = ol.load(tiny_moe)
+    assert model.device.type == "cuda"
+    assert "auto" in model.placement
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compare_on_cuda_agrees_with_the_cpu_verdict(capsys, tiny_moe, tmp_path, dtype):
+    edited = breakage.copy_checkpoint(tiny_moe, tmp_path / "edited")
+    name = "model.layers.1.post_attention_layernorm.weight"
+    weight = ol.Checkpoint(edited).read(name)
+    breakage.replace_tensor(edited, name, torch.ones_like(weight))  # a norm never loaded: ones
+    verdicts = {}
+    for device in ("cpu", "cuda"):
+        out = run_json(capsys, "compare", str(edited), "--reference", str(tiny_moe), "--input-ids",
+                       "3,17,42,9,11,5,6", "--device", device, "--dtype", dtype, "--json")
+        verdicts[device] = (out["first_divergence"], out["local_first_divergence"])
+        if device == "cuda":
+            assert out["peak_gpu_bytes"] > 0 and out["seconds"] > 0
+    assert verdicts["cuda"] == verdicts["cpu"]
+    assert verdicts["cpu"][1] is not None and ".1." in verdicts["cpu"][1]

@@ -1,0 +1,181 @@
+"""The runtime (omnilab.runtime): one place picks the engine of every call, says why a faster one was refused,
+and the engines it picks give the eager path's tokens (fp32, CPU here; tests/gpu/ runs the GPU engines)."""
+
+import json
+
+import pytest
+import torch
+
+import omnilab as ol
+from omnilab import cli
+from omnilab.checkpoint import Checkpoint
+from omnilab.model.faults import DefaultNorms
+from omnilab.runtime import hardware
+from omnilab.runtime.choose import Call, choose
+from omnilab.runtime.generate import cut_at_stop, sampling_options
+from omnilab.runtime.plan import PRESETS, machine_described, machine_here, plan, token_bytes
+from omnilab.testing.synth import sparse_from_config
+from omnilab.model.generate import Generation
+
+REAL_CONFIG = "data/reference/qwen3-omni-30b-a3b-instruct.config.json"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_moe):
+    return ol.load(tiny_moe)
+
+
+def test_auto_on_a_cpu_is_fp32_with_every_expert(model):
+    assert model.device.type == "cpu" and model.dtype == torch.float32
+    assert model.cache.budget_bytes == model.cache.store.total_bytes
+    assert "auto: device=auto, dtype=auto, expert_budget=auto" in model.placement
+
+
+def test_plain_call_takes_the_cpu_fast_path_with_the_eager_tokens(model):
+    prompts = [[3, 17, 42, 9], [5, 6, 7, 8]]
+    fast = model.generate(prompts, 12)
+    eager = model.generate(prompts, 12, engine="eager")
+    assert fast.engine == "cpu-resident" and fast.refusal is None
+    assert eager.engine == "eager"
+    assert fast.new_token_ids == eager.new_token_ids
+
+
+def test_hooks_send_a_call_to_the_eager_path_and_say_so(model):
+    handle = model.add_hook("blocks.0.hook_resid_post", lambda x: None)
+    try:
+        out = model.generate([1, 2, 3], 4)
+    finally:
+        handle.remove()
+    assert out.engine == "eager"
+    assert out.refusal.startswith("cpu-resident: hooks are registered (blocks.0.hook_resid_post)")
+
+
+def test_a_budget_below_all_experts_is_named(tiny_moe):
+    small = ol.load(tiny_moe, expert_budget=ol.load(tiny_moe).cache.store.expert_bytes * 4)
+    choice = choose(small, Call())
+    assert choice.engine == "eager" and "expert budget" in choice.refusal and "below" in choice.refusal
+
+
+def test_weight_faults_are_eager_only(tiny_moe):
+    faulty = ol.load(tiny_moe, faults=[DefaultNorms(layer=0)])
+    assert choose(faulty, Call()).engine == "eager"
+
+
+def test_insisting_on_an_engine_that_cannot_run_the_call_is_one_line(model):
+    with pytest.raises(ValueError, match="engine gpu-resident"):
+        choose(model, Call(), engine="gpu-resident")
+    handle = model.add_hook("hook_embed", lambda x: None)
+    try:
+        with pytest.raises(ValueError, match="engine cpu-resident cannot run this call: hooks"):
+            choose(model, Call(), engine="cpu-resident")
+    finally:
+        handle.remove()
+
+
+def test_stop_tokens_cut_each_row_as_the_eager_loop_does(model):
+    prompts = [[3, 17, 42, 9]]
+    free = model.generate(prompts, 10, engine="eager").new_token_ids[0]
+    stop = free[4]
+    fast = model.generate(prompts, 10, stop_tokens=[stop])
+    eager = model.generate(prompts, 10, stop_tokens=[stop], engine="eager")
+    assert fast.new_token_ids == eager.new_token_ids and fast.stopped == eager.stopped == [True]
+    g = cut_at_stop(Generation([[1, 2, 3], [4, 5, 6]], [1, 1], 1.0, 0.1, [False, False]), [2, 9])
+    assert g.new_token_ids == [[1, 2], [4, 5, 6]] and g.stopped == [True, False]
+
+
+@pytest.mark.parametrize("bad, match", [(dict(max_new_tokens=0), "max_new_tokens"),
+                                        (dict(greedy=False, temperature=0.0), "temperature"),
+                                        (dict(greedy=False, temperature=float("inf")), "temperature"),
+                                        (dict(greedy=False, top_p=0.0), "top_p"),
+                                        (dict(greedy=False, top_k=-5), "top_k")])
+def test_bad_generation_options_are_one_line_value_errors(model, bad, match):
+    options = {"max_new_tokens": 4, **bad}
+    with pytest.raises(ValueError, match=match):
+        model.generate([1, 2, 3], **options)
+
+
+def test_sampling_follows_generation_config_as_transformers_does():
+    options, how = sampling_options({})
+    assert options["greedy"] and "do_sample false" in how
+    options, how = sampling_options({"do_sample": True, "temperature": 0.7, "top_p": 0.8})
+    assert options == {"greedy": False, "temperature": 0.7, "top_k": 50, "top_p": 0.8}
+    assert how.startswith("sampling: temperature 0.7, top_k 50, top_p 0.8")
+    options, how = sampling_options({"do_sample": True}, greedy=True)
+    assert options["greedy"] and "the call" in how
+
+
+def test_device_and_dtype_resolution(tiny_moe):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
+            hardware.resolve_device("cuda")
+        assert hardware.resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="--device 'nonsense'"):
+        hardware.resolve_device("nonsense")
+    with pytest.raises(ValueError, match="--device meta"):
+        hardware.resolve_device("meta")
+    ckpt = Checkpoint(tiny_moe)
+    assert hardware.resolve_dtype("auto", ckpt, torch.device("cpu")) == torch.float32
+    sizes = hardware.model_bytes(ckpt, torch.float32)
+    assert hardware.resolve_budget("all", all_experts_bytes=sizes["experts"], resident_bytes=0,
+                                   device=torch.device("cpu")) is None
+    assert hardware.resolve_budget("1kB", all_experts_bytes=sizes["experts"], resident_bytes=0,
+                                   device=torch.device("cpu")) == 1000
+
+
+def test_model_bytes_add_up_to_the_checkpoint(tiny_moe):
+    from omnilab.arch import expected_tensors
+
+    ckpt = Checkpoint(tiny_moe)
+    config, layout = ckpt.arch
+    sizes = hardware.model_bytes(ckpt, torch.float32)
+    names = list(expected_tensors(config, layout))
+    assert sizes["experts"] + sizes["backbone"] == int(ckpt.tensors.loc[names, "numel"].sum()) * 4
+    assert sizes["expert"] * config.num_experts * len(config.moe_layers) == sizes["experts"]
+
+
+@pytest.fixture(scope="module")
+def real_layout(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "omni"
+    sparse_from_config(REAL_CONFIG, out)
+    return Checkpoint(out)
+
+
+def test_plan_of_the_real_model_on_described_gpus(real_layout):
+    here = machine_here("cpu")
+    config, _ = real_layout.arch
+    h100 = plan(real_layout, machine_described("h100", None, None, here))
+    assert h100["dtype"] == "bfloat16"
+    read = h100["bytes"]["read_per_token"]
+    assert 5.9e9 < read["total"] < 6.3e9  # the 6.10 GB a token reads (DESIGN.md)
+    engines = {r["engine"]: r for r in h100["engines"]}
+    assert engines["gpu-resident"]["fits"] and h100["verbs"]["generate"] == "gpu-resident"
+    # within 25% of the measured 150 tok/s (H100) and 156.8 (H200) of bench/results
+    assert 150 * 0.75 < engines["gpu-resident"]["tokens_per_s"] < 150 * 1.25
+    h200 = {r["engine"]: r for r in plan(real_layout, machine_described("h200", None, None, here))["engines"]}
+    assert 156.8 * 0.75 < h200["gpu-resident"]["tokens_per_s"] < 156.8 * 1.25
+    small = plan(real_layout, machine_described("h100", 24e9, None, here))
+    rows = {r["engine"]: r for r in small["engines"]}
+    assert not rows["gpu-resident"]["fits"] and small["verbs"]["generate"] == "gpu-offload"
+    assert "exceed the GPU" in rows["gpu-resident"]["why"]
+    assert token_bytes(config, {"backbone": 0, "expert": 2, "experts": 0}, 0)["experts"] == 2 * 8 * 48
+
+
+def test_plan_cli_here_and_described(capsys, real_layout):
+    assert cli.main(["plan", str(real_layout.path), "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"here", "described"}
+    assert out["here"]["verbs"]["generate"] in ("cpu-resident", "eager")
+    assert out["described"]["machine"]["gpu_bytes"] == PRESETS["h100"]["gpu_bytes"]
+    assert cli.main(["plan", str(real_layout.path), "--device", "cpu", "--gpu", "h200"]) == 0
+    text = capsys.readouterr().out
+    assert "[described]" in text and "gpu-resident" in text and "tok/s" in text
+
+
+def test_cli_generate_json_names_the_engine(capsys, tiny_moe):
+    assert cli.main(["generate", str(tiny_moe), "--input-ids", "1,2,3", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["engine"] == "cpu-resident" and out["refusal"] is None and out["peak_gpu_bytes"] is None
+    assert out["sampling"].startswith("greedy") and out["placement"].startswith("cpu, float32")
+    assert cli.main(["generate", str(tiny_moe), "--input-ids", "1,2,3", "--max-new-tokens", "4", "--json",
+                     "--expert-budget", "1B"]) == 2  # below one expert: one line
+    assert "expert budget" in capsys.readouterr().err
