@@ -62,7 +62,7 @@ def test_weight_faults_are_eager_only(tiny_moe):
 
 
 def test_insisting_on_an_engine_that_cannot_run_the_call_is_one_line(model):
-    with pytest.raises(ValueError, match="engine gpu-resident"):
+    with pytest.raises(ValueError, match="engine 'gpu-resident': on cpu"):
         choose(model, Call(), engine="gpu-resident")
     handle = model.add_hook("hook_embed", lambda x: None)
     try:
