@@ -108,7 +108,8 @@ def test_plan_batches_by_length_within_budget():
 
 
 def test_trace_equals_hooks_whole_documents_and_token_by_token(tiny_omni, corpus, tmp_path):
-    from omnilab.model.decoder import KVCache, SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.model.kv_cache import KVCache
     from omnilab.model.hooks import capture
     from omnilab.reference.whole import Reference
 

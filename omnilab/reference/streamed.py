@@ -45,7 +45,8 @@ import torch
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
 from omnilab.dtypes import as_dtype
-from omnilab.model.hooks import hook_names
+from omnilab.model.hooks import EMBED, FINAL_NORM, LOGITS, RESID_POST, RESID_PRE, hook_names, layer_hook, layer_points
+from omnilab.reference.whole import attach
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -149,7 +150,6 @@ class StreamedReference:
     def load(self, part) -> torch.dtype:
         """Fill one part's modules from the shards through transformers' loader, in the dtype on disk.
         Raises KeyError naming the first tensor that is missing or did not load."""
-        from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -168,10 +168,7 @@ class StreamedReference:
         state = {}
         for name in names:  # slices, read when the loader materializes them, as from_pretrained passes them
             shard = self.checkpoint.tensors.at[name, "shard"]
-            handle = self.checkpoint._handles.get(shard)
-            if handle is None:
-                handle = self.checkpoint._handles[shard] = safe_open(str(self.checkpoint.root / shard), framework="pt")
-            state[name] = handle.get_slice(name)
+            state[name] = self.checkpoint.open_shard(shard).get_slice(name)
         if part == "final" and self.config.tie_word_embeddings:
             state[self.layout.lm_head] = state.pop(self.layout.prefix + "embed_tokens.weight")
         config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.conversions,
@@ -236,9 +233,9 @@ class StreamedReference:
                 for module, key, buf in self._tower_buffers:
                     module._buffers[key] = buf.to(self.device, d if buf.is_floating_point() else buf.dtype)
             h[d], kwargs[d], deepstack[d] = self._first_layer_inputs(input_ids, media)
-            out.chained[d]["hook_embed"] = _cpu(h[d])
+            out.chained[d][EMBED] = _cpu(h[d])
             if local_inputs is not None:  # the embedding's input is the token ids: its local view is the chained one
-                out.local[d]["hook_embed"] = out.chained[d]["hook_embed"]
+                out.local[d][EMBED] = out.chained[d][EMBED]
         self.free("embed")
         if multimodal:
             self.free("towers")
@@ -254,13 +251,13 @@ class StreamedReference:
                 if embeds is not None and i < len(embeds):  # as the text model's loop adds it after layer i
                     h[d] = self.text._deepstack_process(h[d], masks, embeds[i])
                 if local_inputs is not None:
-                    x = local_inputs[f"blocks.{i}.hook_resid_pre"].to(self.device, d)
+                    x = local_inputs[layer_hook(i, RESID_PRE)].to(self.device, d)
                     self._run_layer(i, layer, x, kwargs[d], out.local[d])
             self.free(i)
             _tick(bar)
 
         load_dtype = self.load("final")
-        last = f"blocks.{n_layers - 1}.hook_resid_post" if n_layers else "hook_embed"
+        last = layer_hook(n_layers - 1, RESID_POST) if n_layers else EMBED
         for d in _load_first(dtypes, load_dtype):
             self.text.norm.to(d)
             self.hf.lm_head.to(d)
@@ -301,18 +298,13 @@ class StreamedReference:
 
     def _run_layer(self, i: int, layer, x, kwargs, acts: dict) -> torch.Tensor:
         """One decoder layer on x [B, T, H] with the text model's kwargs, recording its hook points."""
-        from omnilab.model.hooks import LAYER_POINTS, ROUTER_POINTS
-        from omnilab.reference.whole import attach
-
-        moe = self.config.is_moe_layer(i)
-        points = [p for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]
-        inner = [p for p in points if p not in ("hook_resid_pre", "hook_resid_post")]
-        handles = [attach(layer, p, _recorder(acts, f"blocks.{i}.{p}")) for p in inner]
+        inner = [p for p in layer_points(self.config, i) if p not in (RESID_PRE, RESID_POST)]
+        handles = [attach(layer, p, _recorder(acts, layer_hook(i, p))) for p in inner]
         try:
-            acts[f"blocks.{i}.hook_resid_pre"] = _cpu(x)
+            acts[layer_hook(i, RESID_PRE)] = _cpu(x)
             y = layer(x, **kwargs)
             y = y[0] if isinstance(y, tuple) else y
-            acts[f"blocks.{i}.hook_resid_post"] = _cpu(y)
+            acts[layer_hook(i, RESID_POST)] = _cpu(y)
         finally:
             for handle in handles:
                 handle.remove()
@@ -321,8 +313,8 @@ class StreamedReference:
     def _run_final(self, x, acts: dict) -> None:
         """The text model's final norm and the CausalLM's lm_head (every position), as their forwards apply them."""
         x = self.text.norm(x)  # [B, T, H]
-        acts["ln_final.hook_normalized"] = _cpu(x)
-        acts["hook_logits"] = _cpu(self.hf.lm_head(x))  # [B, T, V]
+        acts[FINAL_NORM] = _cpu(x)
+        acts[LOGITS] = _cpu(self.hf.lm_head(x))  # [B, T, V]
 
 
 def _load_first(dtypes: list[torch.dtype], load_dtype: torch.dtype) -> list[torch.dtype]:
