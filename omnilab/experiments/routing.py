@@ -15,7 +15,7 @@ A *trace* is a long pandas DataFrame with one row per routing assignment, i.e. p
                       same on the token's top_k rows)
 
 `trace.attrs` carries `num_experts`, `top_k` and `num_layers` (statistics take them from there, or from the
-data when absent). `record_trace` records one with the selective model's hooks
+data when absent). omnilab.trace.record's `record_trace` records one with the selective model's hooks
 (`blocks.{i}.mlp.hook_topk_indices`, `hook_topk_weights`, `hook_router_logits`); `trace_rows` builds one
 from arrays, which is how tests make synthetic traces.
 

@@ -1,7 +1,7 @@
 """Hook points, capture and compare: the one table of hook names, read by the selective model, the transformers
 reference (omnilab.reference) and the fast path's recorders (omnilab.gpu), and a per-hook comparison of two models.
 Names follow TransformerLens (`blocks.{i}.hook_resid_pre`, ...); its MoE names are accepted as ALIASES.
-The name table and the comparison's columns: docs/DESIGN.md, "Hook points".
+Design: docs/DESIGN.md, "Hook names".
 """
 
 from __future__ import annotations

@@ -1,31 +1,7 @@
-"""Does the selective model compute what transformers computes? Both views, in bounded memory.
-
-The selective model (omnilab.model.decoder) runs once with every hook recorded; then the transformers reference is
-streamed part by part over the shards (omnilab.reference.streamed), so neither side ever holds more than its backbone,
-one layer of the reference, the experts under the cache's budget and the activations. Reported:
-
-- chained (`chained`, JSON `hooks` / `first_divergence`): each side on its own activations, what you get
-  end to end; one wrong layer spoils every hook after it.
-- local (`local`, JSON `local_hooks` / `local_first_divergence`): each reference layer (and the final norm /
-  lm_head) fed the selective model's input at that layer, so each layer's error is its own and
-  `local_first_divergence` names the layer that is wrong.
-- in bf16, the noise floor (`noise`, `local_noise`): transformers' own bf16 against its own fp32, streamed in
-  the same pass (each part is loaded once and cast). Routers' near-ties flip experts in bf16, so a fixed
-  tolerance flags every real bf16 run; here a hook diverges only where the selective error exceeds
-  NOISE_FACTOR x the reference's own bf16 error at that hook (and the fp32 tolerance). In fp32 the
-  tolerance is omnilab.model.hooks.DIVERGENCE_RTOL (1e-4).
-- bf16 near-ties: where a token's top-k set differs from the reference's and the reference's own fp32 margin
-  between its k-th and (k+1)-th router logit is within NOISE_FACTOR x that token's bf16-vs-fp32 logit error,
-  the flip is rounding, not a bug: the token is set aside (counted per layer, `near_tie_flips`) at that layer's
-  hooks after the router. Later layers compare every token again: in the chained view what a flip carries
-  forward is judged against transformers' own chained noise, which carries its own flips forward the same way
-  (setting positions aside for good left no token to judge by layer 7 of the 24-layer benchmark). A flip at
-  a clear margin is never set aside. Each hook row says how many tokens it compared (`tokens`).
-- per MoE layer, the top-k routing agreement of the selective model with the reference (both views) and of
-  transformers bf16 with transformers fp32.
-
-`compare_checkpoints(path, input_ids, reference=REF)` is the `omnilab compare` verb: the selective model on
-`path` (a hand extraction, an edited copy), the reference on `reference` (the original; default `path`).
+"""Does the selective model compute what transformers computes? The selective model once with every hook recorded,
+the reference streamed (omnilab.reference.streamed): chained and local views in bounded memory, in bf16 judged
+against transformers' own bf16 noise (NOISE_FACTOR), bf16 near-tie flips set aside. `compare_checkpoints` is the
+`omnilab compare` verb. Design: docs/DESIGN.md, "The reference".
 """
 
 from __future__ import annotations

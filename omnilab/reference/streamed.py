@@ -1,39 +1,8 @@
-"""The transformers reference streamed part by part, for checkpoints larger than the machine's memory.
-
-The whole transformers model (`Qwen3OmniMoeThinkerForConditionalGeneration`, or `AutoModelForCausalLM` for
-qwen3_moe) is built once with accelerate's `init_empty_weights`: every parameter on the meta device, costing
-nothing, while buffers (the text model's rotary `inv_freq`) are computed by the modules' own __init__. Then
-one part at a time, in forward order,
-
-    embedding -> decoder layer 0 -> layer 1 -> ... -> final norm + lm_head
-
-is filled with just that part's tensors from the shards by transformers' own loader
-(`core_model_loading.convert_and_load_state_dict_in_model` with the model's own weight conversions from
-`conversion_mapping.get_model_conversion_mapping`: the per-expert tensors on disk become the fused
-`gate_up_proj` / `down_proj` exactly as `from_pretrained` makes them), run, and put back on the meta device.
-Peak memory is one part plus the activations.
-
-What each layer receives is what the text model itself passes it: the model's own forward runs on the
-embedding up to the first decoder layer, where a pre-hook takes its inputs (hidden states, attention mask,
-position ids, rotary cos/sin) and stops the pass (the "catcher" of layer-by-layer quantizers such as GPTQ).
-Every later layer is called with the same keyword arguments. After the last layer the final norm and lm_head
-are applied as the text model's and the CausalLM's forward apply them (norm, then lm_head on every position).
-
-Two views in one pass over the shards:
-- chained: each layer runs on the previous layer's output (the reference's own activations);
-- local: given the selective model's input at each layer (`local_inputs`), each layer, and the final norm /
-  lm_head, also run on that input, so a layer's error is its own.
-Several dtypes in one pass: a part is loaded once in its dtype on disk and cast for each run. A cast is
-elementwise, so casting after the expert fusion gives what `from_pretrained(dtype=...)` gives by casting
-before it (tested bit for bit against a whole `from_pretrained` reference, fp32 and bf16).
-
-Multimodal prompts (`run(..., media=...)`: the processor's audio / image tensors beside the token ids): one more
-part, the thinker's audio and vision towers, is loaded with the embedding, and the thinker's own forward runs the
-towers, places their features and computes M-RoPE's positions up to the first decoder layer. What the text model
-was handed for the vision deepstack (`visual_pos_masks`, `deepstack_visual_embeds`, read by a pre-hook on it) is
-added after each of the first layers with the text model's own `_deepstack_process`, where its loop adds it.
-
-Hook names and sites are omnilab.reference.whole's (`layer_site`): the same names as on the selective model.
+"""The transformers reference streamed part by part (embedding, each decoder layer, final norm + lm_head), each
+built on the meta device and filled by transformers' own loader, for checkpoints larger than memory; chained and
+local views, several dtypes in one pass, multimodal prompts. Hook names and sites: omnilab.reference.whole.
+Differs from transformers: in bf16 the towers' buffers are cast from fp32 values. Design: docs/DESIGN.md,
+"The reference".
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from omnilab.jsonio import write_json
+from omnilab.model.decoder import SelectiveMoE
 from omnilab.trace.corpus import fingerprint, plan_batches, read_corpus, tokenize
 from omnilab.trace.record import record_batch
 from omnilab.trace.shards import (DOCUMENTS_NAME, FORMAT, MANIFEST_NAME, PLAN_NAME, SHARDS_DIR, TRACE_COLUMNS,
@@ -54,7 +56,6 @@ class _Dist:
     """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
 
     def __init__(self, device: str, backend: str | None):
-        import torch
         import torch.distributed as dist
 
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -114,10 +115,6 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
 
 def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field, domain_field,
            tokenizer, progress, model, prefill) -> TraceResult:
-    import torch
-
-    from omnilab.model.decoder import SelectiveMoE
-
     if not (isinstance(prefill, str) and prefill in PREFILLS) and not hasattr(prefill, "record"):
         raise ValueError(f"--prefill {prefill!r}: use {', '.join(PREFILLS)}")
     docs = read_corpus(corpus, text_field=text_field, domain_field=domain_field)
