@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from omnilab.dtypes import as_dtype
-from omnilab.model.hooks import Comparison, DIVERGENCE_RTOL, compare_activations, parse_name, run_with_cache
+from omnilab.model.hooks import (DIVERGENCE_RTOL, EMBED, MLP_OUT, RESID_POST, RESID_PRE, ROUTER_LOGITS, TOPK_INDICES,
+                                 TOPK_WEIGHTS, Comparison, compare_activations, layer_hook, parse_name,
+                                 run_with_cache)
 
 # A bf16 hook diverges where the selective model's error exceeds this many times transformers' own bf16-vs-fp32
 # error at the same hook (and DIVERGENCE_RTOL[float32]).
@@ -46,7 +48,7 @@ class StreamedComparison:
         def per_layer(c):
             if c is None:
                 return {}
-            return c.per_layer("mlp.hook_topk_indices", "topk_agreement").to_dict()
+            return c.per_layer(TOPK_INDICES, "topk_agreement").to_dict()
 
         chained, local = per_layer(self.chained), per_layer(self.local)
         noise, local_noise = per_layer(self.noise), per_layer(self.local_noise)
@@ -131,16 +133,16 @@ def near_tie_flips(ref32_logits, ref16_logits, ref_idx, sel_idx, factor: float =
 def set_aside_near_ties(config, ref32: dict, ref16: dict, sel: dict, names, factor):
     """(keep: hook name -> bool [N] of the tokens compared there, flips: layer -> near-tie flips), one prompt.
     A near-tie flip is set aside at its own layer's hooks after the router, nowhere else."""
-    n = ref16["hook_embed"].shape[1] if ref16["hook_embed"].ndim == 3 else ref16["hook_embed"].shape[0]
+    n = ref16[EMBED].shape[1] if ref16[EMBED].ndim == 3 else ref16[EMBED].shape[0]
     keep, flips = {}, {}
-    after_router = ("mlp.hook_topk_indices", "mlp.hook_topk_weights", "hook_mlp_out", "hook_resid_post")
+    after_router = (TOPK_INDICES, TOPK_WEIGHTS, MLP_OUT, RESID_POST)
     aside = torch.zeros(n, dtype=torch.bool)
     for name in names:
         layer, point = parse_name(name)
-        if point == "hook_resid_pre":
+        if point == RESID_PRE:
             aside = torch.zeros(n, dtype=torch.bool)
-        if point == "mlp.hook_router_logits":
-            logits, idx = f"blocks.{layer}.mlp.hook_router_logits", f"blocks.{layer}.mlp.hook_topk_indices"
+        if point == ROUTER_LOGITS:
+            logits, idx = layer_hook(layer, ROUTER_LOGITS), layer_hook(layer, TOPK_INDICES)
             aside = near_tie_flips(ref32[logits], ref16[logits], ref16[idx], sel[idx], factor)
             flips[layer] = int(aside.sum())
         keep[name] = ~aside if layer is not None and point in after_router else torch.ones(n, dtype=torch.bool)
