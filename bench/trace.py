@@ -1,4 +1,4 @@
-"""Routing-trace throughput: `omnilab trace` (omnilab.experiments.trace.trace_corpus) on its grouped prefill and on its eager
+"""Routing-trace throughput: `omnilab trace` (omnilab.trace.run.trace_corpus) on its grouped prefill and on its eager
 path, against transformers' own forward with `output_router_logits`, on the same batches of the same corpus, in
 one run. One table.
 
@@ -184,7 +184,7 @@ def main() -> int:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
-    from omnilab.experiments import trace
+    from omnilab import trace
     from omnilab.dtypes import as_dtype
     from omnilab.gpu.prefill import ResidentExperts, TracePrefill
     from omnilab.testing.synth import tiny_tokenizer
@@ -301,12 +301,11 @@ def prefill_rows(recorder, batches, ids, device, pad: int) -> tuple[float, list]
 
 def writing_rows(routings, batches, ids, domains, layers, folder: Path) -> tuple[float, int]:
     """tokens/s of writing the plan's shards alone, from routings in host memory, with the trace's writer threads
-    (omnilab.experiments.trace_writer.ShardWriter, the same count as trace_corpus takes)."""
+    (omnilab.trace.shards.ShardWriter, the same count as trace_corpus takes)."""
     import os
     from functools import partial
 
-    from omnilab.experiments.trace import shard_name, write_routing_shard
-    from omnilab.experiments.trace_writer import ShardWriter
+    from omnilab.trace.shards import ShardWriter, shard_name, write_routing_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     writers = max(1, min(8, (os.cpu_count() or 2) // 2))

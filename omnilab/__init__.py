@@ -15,7 +15,9 @@ The public face, for notebooks and scripts: `import omnilab as ol`, then
   `ol.compare`, `ol.first_difference`; the modules `ol.hooks`, `ol.faults`, `ol.multimodal`;
 - against transformers: `ol.Reference`, `ol.compare_checkpoints`, `ol.fault_gallery`, `ol.gallery_table`;
 - experiments, as modules: `ol.eval_data`, `ol.measures`, `ol.masking`, `ol.routing` (routing statistics),
-  `ol.routing_trace`, `ol.trace`, `ol.cache_sim`, `ol.sweeps`, `ol.modality`; figures `ol.plots`;
+  `ol.cache_sim`, `ol.sweeps`, `ol.modality`; figures `ol.plots`;
+- corpus traces: the room `ol.trace` (`ol.trace.trace_corpus`, `ol.trace.TraceDataset`), and `ol.routing_trace`
+  (omnilab.trace.record: `record_trace`, `route`, `trace_rows`);
   tiny and broken checkpoints `ol.synth`, `ol.breakage`;
 - what a notebook saves and prints: `ol.notebook_out_dir`, `ol.repo_path`, `ol.save_figure`, `ol.save_metrics`,
   `ol.say`.
@@ -62,7 +64,9 @@ _MODULES = {
     "faults": "omnilab.model.faults",
     "multimodal": "omnilab.model.multimodal",
     **{name: f"omnilab.experiments.{name}" for name in (
-        "eval_data", "measures", "masking", "routing", "routing_trace", "trace", "cache_sim", "sweeps", "modality")},
+        "eval_data", "measures", "masking", "routing", "cache_sim", "sweeps", "modality")},
+    "trace": "omnilab.trace",
+    "routing_trace": "omnilab.trace.record",
     "synth": "omnilab.testing.synth",
     "breakage": "omnilab.testing.breakage",
 }

@@ -245,17 +245,21 @@ class Checkpoint:
     # -- reading weights -------------------------------------------------------------------------
     def read(self, name: str):
         """One tensor, read through safetensors (mmap). Raises KeyError naming the tensor and shard."""
-        from safetensors import safe_open
-
         shard = self.shards_by_name.get(name)
         if shard is None:
             raise KeyError(f"tensor {name} is not in any readable shard of {self.path}")
         if self.shard_info[shard]["status"] != "ok":
             raise KeyError(f"tensor {name}: shard {shard} is {self.shard_info[shard]['status']}")
+        return self.open_shard(shard).get_tensor(name)
+
+    def open_shard(self, shard: str):
+        """The shard's safetensors handle (safe_open, mmap), opened once and kept for every later read."""
+        from safetensors import safe_open
+
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = safe_open(str(self.root / shard), framework="pt")
-        return handle.get_tensor(name)
+        return handle
 
     def read_raw(self, name: str) -> bytes:
         """The stored bytes of one tensor, exactly as on disk (for checksums and bit-exact copies)."""

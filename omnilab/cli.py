@@ -396,9 +396,10 @@ def cmd_extract(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    """Routing of every document of a corpus into Parquet shards with a manifest (omnilab/experiments/trace.py); resumable;
+    """Routing of every document of a corpus into Parquet shards with a manifest (omnilab/trace/); resumable;
     under torchrun the documents' batches are split across ranks. --json: the manifest's totals and run."""
-    from omnilab.experiments.trace import MANIFEST_NAME, trace_corpus
+    from omnilab.trace.run import trace_corpus
+    from omnilab.trace.shards import MANIFEST_NAME
 
     result = trace_corpus(args.path, args.corpus, args.out, max_tokens=args.max_tokens,
                           batch_tokens=args.batch_tokens, dtype=args.dtype, device=args.device,

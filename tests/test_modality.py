@@ -16,7 +16,8 @@ from test_plots import assert_labelled
 from omnilab.experiments import modality as md
 from omnilab.model import multimodal as mm
 from omnilab import plots
-from omnilab.experiments import routing, routing_trace
+from omnilab.experiments import routing
+from omnilab.trace import record as routing_trace
 from omnilab.testing import synth
 from omnilab.model.hooks import capture
 from omnilab.model.decoder import SelectiveMoE

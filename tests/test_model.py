@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omnilab.model import faults
-from omnilab.model.decoder import SelectiveMoE, rope_cos_sin, rope_inv_freq
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.rope import rope_cos_sin, rope_inv_freq
 from omnilab.model.hooks import compare, hook_names, run_with_cache
 from omnilab.reference.whole import Reference
 

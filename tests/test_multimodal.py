@@ -19,8 +19,10 @@ import torch
 from omnilab.checkpoint import Checkpoint
 from omnilab.cli import main
 from omnilab.model import multimodal as mm
-from omnilab.model.decoder import SelectiveMoE, mrope_cos_sin, rope_inv_freq
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.model.rope import mrope_cos_sin, rope_inv_freq
 from omnilab.model.hooks import hook_names
+from omnilab.reference import multimodal as mm_ref
 from omnilab.reference.whole import Reference
 from omnilab.testing import synth
 
@@ -70,7 +72,7 @@ def assert_parity(result, config, label):
 @pytest.mark.parametrize("case", CASES)
 def test_tiny_parity_at_every_hook(tiny, case):
     inputs = tiny.inputs(case)
-    assert_parity(mm.compare(tiny.ref, tiny.sel, tiny.towers, inputs), tiny.sel.config, case)
+    assert_parity(mm_ref.compare(tiny.ref, tiny.sel, tiny.towers, inputs), tiny.sel.config, case)
     prompt = mm.prepare(tiny.sel, tiny.towers, inputs)
     rows_differ = not bool((prompt.position_ids == prompt.position_ids[:1]).all())
     assert rows_differ == (case != "audio")  # image grids get their own height / width rows; audio is 1-D
@@ -81,7 +83,7 @@ def test_tiny_parity_at_every_hook(tiny, case):
 def test_omni_tiny_parity_at_every_hook(omni_tiny, case):
     inputs = omni_tiny.inputs(case)
     assert (inputs["input_ids"] == omni_tiny.towers.config.audio_token_id).any() == (case != "image")
-    assert_parity(mm.compare(omni_tiny.ref, omni_tiny.sel, omni_tiny.towers, inputs), omni_tiny.sel.config, case)
+    assert_parity(mm_ref.compare(omni_tiny.ref, omni_tiny.sel, omni_tiny.towers, inputs), omni_tiny.sel.config, case)
 
 
 def test_left_padded_batch_parity(tiny):
@@ -90,7 +92,7 @@ def test_left_padded_batch_parity(tiny):
     wav, png = mm.read_wav(tiny.wav), mm.read_image(tiny.png)
     inputs = mm.process(tiny.processor, tiny.towers.config, texts, audio=[wav, wav[::2]], images=[png, png])
     assert not bool(inputs["attention_mask"].all())
-    assert_parity(mm.compare(tiny.ref, tiny.sel, tiny.towers, inputs), tiny.sel.config, "padded batch")
+    assert_parity(mm_ref.compare(tiny.ref, tiny.sel, tiny.towers, inputs), tiny.sel.config, "padded batch")
 
 
 def test_video_and_image_parity(tiny):
@@ -104,7 +106,7 @@ def test_video_and_image_parity(tiny):
     inputs.update(pixel_values=image["pixel_values"], image_grid_thw=grid,
                   pixel_values_videos=image["pixel_values"].flip(0), video_grid_thw=grid,
                   video_second_per_grid=torch.tensor([2.0]))
-    assert_parity(mm.compare(tiny.ref, tiny.sel, tiny.towers, inputs), tiny.sel.config, "image+video")
+    assert_parity(mm_ref.compare(tiny.ref, tiny.sel, tiny.towers, inputs), tiny.sel.config, "image+video")
 
 
 def test_parity_checks_catch_a_missing_deepstack_and_1d_positions(tiny):
@@ -115,7 +117,7 @@ def test_parity_checks_catch_a_missing_deepstack_and_1d_positions(tiny):
     prompt = mm.prepare(tiny.sel, tiny.towers, inputs)
     names = tiny.ref.hook_names()
     with capture(tiny.ref, names) as ref_acts:
-        mm.run_reference(tiny.ref, inputs)
+        mm_ref.run_reference(tiny.ref, inputs)
     for broken, first in [(dict(deepstack=None), "blocks.1.hook_resid_pre"),
                           (dict(position_ids=prompt.position_ids[0]), "blocks.0.hook_attn_out")]:
         kwargs = dict(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids, deepstack=prompt.deepstack)
@@ -260,7 +262,7 @@ def assert_streamed_parity(result, config, label):
 def test_tiny_streamed_parity_at_every_hook(tiny, case):
     from omnilab.reference.streamed import StreamedReference
 
-    result = mm.compare_streamed(StreamedReference(tiny.path), tiny.sel, tiny.towers, tiny.inputs(case))
+    result = mm_ref.compare_streamed(StreamedReference(tiny.path), tiny.sel, tiny.towers, tiny.inputs(case))
     assert_streamed_parity(result, tiny.sel.config, case)
 
 
@@ -268,7 +270,7 @@ def test_tiny_streamed_parity_at_every_hook(tiny, case):
 def test_omni_tiny_streamed_parity_at_every_hook(omni_tiny, case):
     from omnilab.reference.streamed import StreamedReference
 
-    result = mm.compare_streamed(StreamedReference(OMNI_TINY), omni_tiny.sel, omni_tiny.towers, omni_tiny.inputs(case))
+    result = mm_ref.compare_streamed(StreamedReference(OMNI_TINY), omni_tiny.sel, omni_tiny.towers, omni_tiny.inputs(case))
     assert_streamed_parity(result, omni_tiny.sel.config, case)
 
 
@@ -279,7 +281,7 @@ def test_streamed_reference_adds_the_deepstack(tiny, monkeypatch):
 
     ref = StreamedReference(tiny.path)
     monkeypatch.setattr(ref.text, "_deepstack_process", lambda h, masks, embeds: h)
-    result = mm.compare_streamed(ref, tiny.sel, tiny.towers, tiny.inputs("image"))
+    result = mm_ref.compare_streamed(ref, tiny.sel, tiny.towers, tiny.inputs("image"))
     assert result.first_divergence == "blocks.1.hook_resid_pre"
     assert result.local_first_divergence is None
 

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from omnilab import plots  # noqa: E402
-from omnilab.experiments import cache_sim, routing, routing_trace  # noqa: E402
+from omnilab.experiments import cache_sim, routing  # noqa: E402
+from omnilab.trace import record as routing_trace  # noqa: E402
 from omnilab.inventory import inventory  # noqa: E402
 from omnilab.model.decoder import SelectiveMoE  # noqa: E402
 from omnilab.model.hooks import compare  # noqa: E402

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from omnilab.experiments import cache_sim, routing, routing_trace
+from omnilab.experiments import cache_sim, routing
+from omnilab.trace import record as routing_trace
 
 E, K, L = 8, 2, 3
 DOMAINS = ["en", "fr", "python", "arith"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from omnilab.experiments import cache_sim, routing, routing_trace
+from omnilab.experiments import cache_sim, routing
+from omnilab.trace import record as routing_trace
 from omnilab.model.decoder import SelectiveMoE
 from omnilab.model.experts import ExpertCache, LFU, LRU, TrustWeighted, make_policy
 from omnilab.model.faults import RouterMask

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from omnilab.experiments import eval_data, measures, routing, routing_trace, sweeps
+from omnilab.experiments import eval_data, measures, routing, sweeps
+from omnilab.trace import record as routing_trace
 from omnilab.model.experts import TrustWeighted
 from omnilab.model.faults import DefaultNorms, RouterMask
 

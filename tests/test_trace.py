@@ -1,4 +1,4 @@
-"""Corpus traces (omnilab.experiments.trace, `omnilab trace`): the corpus readers, the batch plan, the Parquet trace against
+"""Corpus traces (omnilab.trace, `omnilab trace`): the corpus readers, the batch plan, the Parquet trace against
 the hooks (whole documents and token by token) and transformers' own router, one process against two gloo
 processes under torchrun, resuming, and the statistics read lazily from Parquet against the same in memory."""
 
@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from omnilab.cli import main
-from omnilab.experiments import cache_sim, routing, routing_trace, trace
+from omnilab import trace
+from omnilab.experiments import cache_sim, routing
+from omnilab.trace import record as routing_trace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,7 +110,8 @@ def test_plan_batches_by_length_within_budget():
 
 
 def test_trace_equals_hooks_whole_documents_and_token_by_token(tiny_omni, corpus, tmp_path):
-    from omnilab.model.decoder import KVCache, SelectiveMoE
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.model.kv_cache import KVCache
     from omnilab.model.hooks import capture
     from omnilab.reference.whole import Reference
 

@@ -1,4 +1,4 @@
-"""Background shard writing (omnilab.experiments.trace_writer) and the streamed shards of the grouped prefill:
+"""Background shard writing (omnilab.trace.shards) and the streamed shards of the grouped prefill:
 the bytes on disk are those of the one-table writer, a failed write names its shard and leaves no half shard,
 and a trace whose writing failed resumes to the same shards."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnilab.experiments import trace
-from omnilab.experiments.trace_writer import ShardWriteError, ShardWriter
+from omnilab import trace
+from omnilab.trace.shards import ShardWriteError, ShardWriter
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from omnilab.model import multimodal as mm
-from omnilab.experiments import routing, routing_trace
+from omnilab.experiments import routing
+from omnilab.trace.record import concat_traces, router_entropy, trace_rows
 
 MODALITIES = ("text", "audio", "image")
 MANIFEST = "manifest.jsonl"
@@ -289,15 +290,15 @@ def run_prompts(model, prompts: list[FormPrompt], *, record: bool = True, batch_
                     x = routed[point][:, b][:, keep.to(routed[point].device)].cpu()
                     return (x.float() if x.is_floating_point() else x).numpy()
 
-                part = routing_trace.trace_rows(doc, fp.form, fp.prompt.input_ids[0].cpu()[fp.content].numpy(),
+                part = trace_rows(doc, fp.form, fp.prompt.input_ids[0].cpu()[fp.content].numpy(),
                                           stack("topk_indices"), stack("topk_weights"),
-                                          routing_trace.router_entropy(stack("router_logits")), layers=layers)
+                                          router_entropy(stack("router_logits")), layers=layers)
                 part["item"], part["kind"] = fp.item.id, fp.item.kind
                 parts[doc] = part
     scores = pd.DataFrame([rows[i] for i in range(len(prompts))])
     if not record:
         return scores, None
-    trace = routing_trace.concat_traces([parts[i] for i in range(len(prompts))], num_experts=model.config.num_experts,
+    trace = concat_traces([parts[i] for i in range(len(prompts))], num_experts=model.config.num_experts,
                                   top_k=model.config.num_experts_per_tok, num_layers=len(layers))
     trace["domain"] = trace["domain"].cat.set_categories([m for m in MODALITIES if m in set(trace["domain"])])
     return scores, trace

@@ -15,11 +15,11 @@ A *trace* is a long pandas DataFrame with one row per routing assignment, i.e. p
                       same on the token's top_k rows)
 
 `trace.attrs` carries `num_experts`, `top_k` and `num_layers` (statistics take them from there, or from the
-data when absent). `record_trace` records one with the selective model's hooks
+data when absent). omnilab.trace.record's `record_trace` records one with the selective model's hooks
 (`blocks.{i}.mlp.hook_topk_indices`, `hook_topk_weights`, `hook_router_logits`); `trace_rows` builds one
 from arrays, which is how tests make synthetic traces.
 
-Every statistic also takes a Parquet trace (`omnilab.experiments.trace.TraceDataset`, what `omnilab trace` writes) in place
+Every statistic also takes a Parquet trace (`omnilab.trace.dataset.TraceDataset`, what `omnilab trace` writes) in place
 of the DataFrame, with the same results: it reads one layer's row groups at a time (and only the columns it
 needs), so memory follows one layer, not the corpus. The cache simulation is the exception by nature: its
 request sequence holds every assignment (8 bytes each).
@@ -46,8 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
-TRACE_COLUMNS = ["doc", "domain", "position", "token_id", "layer", "rank", "expert", "weight", "entropy"]
+from omnilab.trace.shards import TRACE_COLUMNS  # noqa: F401  the columns above, with the Parquet schema
 
 
 def load_documents(path: str | Path, *, per_domain: int | None = None, seed: int = 0,
@@ -80,7 +79,7 @@ def load_documents(path: str | Path, *, per_domain: int | None = None, seed: int
 
 
 def is_frame(trace) -> bool:
-    """A trace in memory (DataFrame), or else a Parquet trace read lazily (omnilab.experiments.trace.TraceDataset)."""
+    """A trace in memory (DataFrame), or else a Parquet trace read lazily (omnilab.trace.dataset.TraceDataset)."""
     return isinstance(trace, pd.DataFrame)
 
 

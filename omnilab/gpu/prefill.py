@@ -16,7 +16,7 @@ import torch
 from omnilab.gpu.fast import fast_path_refusal
 from omnilab.gpu.slots import SlotPool
 from omnilab.gpu.step import expert_mix, route
-from omnilab.model.decoder import rope_cos_sin
+from omnilab.model.rope import rope_cos_sin
 
 
 class ResidentExperts(NamedTuple):

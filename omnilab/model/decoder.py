@@ -1,23 +1,10 @@
 """The selective model: the Qwen3-MoE / Qwen3-Omni thinker text decoder with experts loaded on demand.
 
-Everything but the experts is resident (the "backbone": embeddings, attention, norms, routers, dense MLPs,
-final norm, lm_head); each MoE layer asks an `ExpertCache` for the experts its router picked, so a 58 GB
-set of experts runs in whatever budget the cache is given. It follows transformers' `Qwen3MoeForCausalLM`
-and `Qwen3OmniMoeThinkerTextModel` operation for operation (the reference this is compared against, hook by
-hook), in the spirit of mlx-lm's models/qwen3_moe.py: module names match the checkpoint's tensor names, so
-loading the backbone is a plain copy (omnilab.model.loading), and generation is a loop around this forward
-(omnilab.model.generate).
-
-Top to bottom: the blocks (RMSNorm, rotary embedding, KVCache, Attention, MLP, Router, DecoderLayer), then
-SelectiveMoE: its forward (embed, one `block` per layer, final norm, lm_head), a block (attention, then MLP or
-MoE, each a residual add, with a hook point between every two steps: TransformerLens names, see
-omnilab.model.hooks), and the MoE step (`route`, then `mix_experts`).
-
-Rotary embedding: Qwen3-Omni's thinker uses interleaved M-RoPE (temporal / height / width sections). For
-text-only input the three position rows are equal, so every section rotates by the same angle and M-RoPE is
-exactly 1-D RoPE; tests/test_model.py checks this against transformers' own rotary module. Multimodal
-prompts (omnilab.model.multimodal) pass `position_ids` [3, B, T]; when the rows differ, `mrope_cos_sin` interleaves
-them as transformers does (tests/test_multimodal.py checks it against transformers' rotary module).
+Follows transformers' `Qwen3MoeForCausalLM` and `Qwen3OmniMoeThinkerTextModel` operation for operation, in the
+spirit of mlx-lm's models/qwen3_moe.py; the backbone is resident, each MoE layer's experts come from an
+ExpertCache (omnilab.model.experts). Top to bottom: the blocks, then SelectiveMoE (forward, block, MoE step).
+Differs from transformers: experts missing from a checkpoint may be masked before the softmax, and a padding query
+also sees itself. Design: docs/DESIGN.md, "The selective model".
 """
 
 from __future__ import annotations
@@ -28,6 +15,12 @@ import torch.nn.functional as F
 
 from omnilab.model.experts import ExpertCache
 from omnilab.model.faults import Fault
+from omnilab.model.generate import generate
+from omnilab.model.hooks import (ATTN_OUT, EMBED, FINAL_NORM, LOGITS, MLP_OUT, RESID_MID, RESID_POST, RESID_PRE,
+                                 ROUTER_LOGITS, TOPK_INDICES, TOPK_WEIGHTS, hook_names, layer_hook, resolve)
+from omnilab.model.kv_cache import KVCache
+from omnilab.model.loading import load_model
+from omnilab.model.rope import mrope_cos_sin, rope_cos_sin, rope_inv_freq, rotate_half
 from omnilab.model.routing import RoutingOptions
 
 # -- building blocks -------------------------------------------------------------------------------------------
@@ -43,58 +36,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()  # normalised in fp32, scaled in the input dtype, as transformers does
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_inv_freq(config) -> torch.Tensor:
-    rope_type = config.rope_parameters.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
-    d = config.head_dim
-    return 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))  # [d/2]
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """positions [B, T] -> cos, sin [B, T, head_dim] (computed in fp32, then cast)."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, T, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, d]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section, dtype: torch.dtype):
-    """Interleaved M-RoPE: position_ids [3, B, T] (temporal, height, width) -> cos, sin [B, T, head_dim].
-    Frequency j takes the height row when j % 3 == 1 and j < 3 * section[1], the width row when j % 3 == 2
-    and j < 3 * section[2], the temporal row otherwise (transformers' recomposition_frequencies)."""
-    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # [3, B, T, d/2]
-    mixed = freqs[0].clone()  # [B, T, d/2]
-    for row in (1, 2):
-        picked = slice(row, 3 * mrope_section[row], 3)
-        mixed[..., picked] = freqs[row, ..., picked]
-    emb = torch.cat((mixed, mixed), dim=-1)  # [B, T, d]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class KVCache:
-    """Keys and values of every layer seen so far: k, v [B, kv_heads, S, head_dim] per layer."""
-
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)  # [B, kvh, S + T, hd]
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
 
 
 class Attention(nn.Module):
@@ -194,11 +135,9 @@ class SelectiveMoE(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, **options) -> "SelectiveMoE":
-        """Open a checkpoint folder and load the backbone, the experts behind a cache: omnilab.model.loading.load
+        """Open a checkpoint folder and load the backbone, the experts behind a cache: omnilab.model.loading.load_model
         (dtype, device, expert_budget, policy, pinned, faults, mask_missing_experts, tokenizer)."""
-        from omnilab.model.loading import load
-
-        return load(path, model_class=cls, **options)
+        return load_model(cls, path, **options)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,7 +150,7 @@ class SelectiveMoE(nn.Module):
 
     @property
     def routing_override(self):
-        """The routing's omnilab.gpu.traces.RoutingOverride (None: the routers choose)."""
+        """The routing's omnilab.model.routing.RoutingOverride (None: the routers choose)."""
         return self.routing.override
 
     @routing_override.setter
@@ -224,7 +163,7 @@ class SelectiveMoE(nn.Module):
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def add_hook(self, name: str, fn):
-        """Call fn(tensor) at hook point `name` (or its TransformerLens alias, omnilab.model.hooks.ALIASES); a non-None
+        """Call fn(tensor) at hook point `name` (or its TransformerLens alias, omnilab.model.ALIASES); a non-None
         return replaces the activation. Returns a handle."""
         from omnilab.model.hooks import resolve
 
@@ -235,8 +174,6 @@ class SelectiveMoE(nn.Module):
         return _HookHandle(self.hooks, name, fn)
 
     def hook_names(self) -> list[str]:
-        from omnilab.model.hooks import hook_names
-
         return hook_names(self.config)
 
     def hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -270,26 +207,27 @@ class SelectiveMoE(nn.Module):
         positions, cos, sin = self._rotary(positions)  # positions [B, T] or [3, B, T]; cos, sin [B, T, hd]
 
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
-        h = self.hook("hook_embed", h)  # [B, T, H]
+        h = self.hook(EMBED, h)  # [B, T, H]
         for i, layer in enumerate(self.model.layers):
             h = self.block(i, layer, h, cos, sin, mask, kv, positions, routing)  # [B, T, H]
             if deepstack is not None and i < len(deepstack[1]):  # as transformers' _deepstack_process
                 visual = deepstack[0].to(h.device)  # [B, T]
                 h = h.clone()
                 h[visual] = h[visual] + deepstack[1][i].to(h.device, h.dtype)  # [n_visual, H]
-        h = self.hook("ln_final.hook_normalized", self.model.norm(h))
-        return self.hook("hook_logits", self.lm_head(h))  # [B, T, V]
+        h = self.hook(FINAL_NORM, self.model.norm(h))
+        return self.hook(LOGITS, self.lm_head(h))  # [B, T, V]
 
     def block(self, i: int, layer: DecoderLayer, h, cos, sin, mask, kv, positions, routing) -> torch.Tensor:
         """One decoder layer, h [B, T, H] -> [B, T, H]: pre-norm attention, then pre-norm MLP or MoE, each added
         to the residual, with a hook point between every two steps."""
-        h = self.hook(f"blocks.{i}.hook_resid_pre", h)
-        a = self.hook(f"blocks.{i}.hook_attn_out", layer.self_attn(layer.input_layernorm(h), cos, sin, mask, kv, i))
-        h = self.hook(f"blocks.{i}.hook_resid_mid", h + a)
+        h = self.hook(layer_hook(i, RESID_PRE), h)
+        a = self.hook(layer_hook(i, ATTN_OUT),
+                      layer.self_attn(layer.input_layernorm(h), cos, sin, mask, kv, i))
+        h = self.hook(layer_hook(i, RESID_MID), h + a)
         x = layer.post_attention_layernorm(h)
-        m = self.hook(f"blocks.{i}.hook_mlp_out", self.moe(i, layer.mlp, x, positions, routing) if layer.is_moe
+        m = self.hook(layer_hook(i, MLP_OUT), self.moe(i, layer.mlp, x, positions, routing) if layer.is_moe
                       else layer.mlp(x))
-        return self.hook(f"blocks.{i}.hook_resid_post", h + m)
+        return self.hook(layer_hook(i, RESID_POST), h + m)
 
     def _checked_ids(self, input_ids) -> torch.Tensor:
         """input_ids on the model's device (ids may come from the CPU for a CUDA model), every id an embedding row."""
@@ -347,7 +285,7 @@ class SelectiveMoE(nn.Module):
         its top-k or the override's choice, renormalised when the config says so."""
         cfg = self.config
         k = routing.experts_per_token(cfg)
-        logits = self.hook(f"blocks.{i}.mlp.hook_router_logits", router.gate(x))  # [N, E]
+        logits = self.hook(layer_hook(i, ROUTER_LOGITS), router.gate(x))  # [N, E]
         routed = logits
         for transform in routing.transforms:
             routed = transform.on_router_logits(i, routed)
@@ -366,8 +304,8 @@ class SelectiveMoE(nn.Module):
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(logits.dtype)
-        experts = self.hook(f"blocks.{i}.mlp.hook_topk_indices", experts)
-        weights = self.hook(f"blocks.{i}.mlp.hook_topk_weights", weights)
+        experts = self.hook(layer_hook(i, TOPK_INDICES), experts)
+        weights = self.hook(layer_hook(i, TOPK_WEIGHTS), weights)
         return experts, weights
 
     def mix_experts(self, i: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -390,8 +328,6 @@ class SelectiveMoE(nn.Module):
     def generate(self, prompts, max_new_tokens: int = 32, **options):
         """Greedy or sampled generation from one prompt or a left-padded batch: omnilab.model.generate.generate
         (greedy, temperature, top_k, top_p, stop_tokens, vocab_limit, seed, use_kv_cache, progress, routing)."""
-        from omnilab.model.generate import generate
-
         return generate(self, prompts, max_new_tokens, **options)
 
 

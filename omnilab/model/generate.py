@@ -1,11 +1,7 @@
-"""Generation with the eager selective model (omnilab.model.decoder.SelectiveMoE): greedy or sampled decoding of
-one prompt or a left-padded batch over the decoder's KVCache, stopping at a token budget or at stop tokens.
-
-It follows transformers' `GenerationMixin` for what a caller can observe: prompts are left padded and masked,
-sampling goes through transformers' own logits warpers (temperature, top-k, top-p) in that order, and ids past
-the tokenizer (embedding rows that are padding) are never produced. `SelectiveMoE.generate(...)` calls
-`generate(model, ...)` here; omnilab.model.multimodal and the GPU decoders (omnilab.gpu) return the same
-`Generation`.
+"""Generation with the eager selective model: greedy or sampled decoding of one prompt or a left-padded batch
+over a KVCache, stopping at a token budget or at stop tokens; `SelectiveMoE.generate(...)` calls `generate` here.
+Follows transformers' `GenerationMixin` for what a caller observes (left padding, its logits warpers in its
+order, no ids past the tokenizer). Design: docs/DESIGN.md, "The selective model".
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from omnilab.model.decoder import KVCache
+from omnilab.model.kv_cache import KVCache
 from omnilab.model.routing import RoutingOptions
 
 

@@ -1,18 +1,7 @@
-"""Hook points, capture and compare: the same TransformerLens-style names on the selective model and on the
-transformers reference, and a per-hook comparison of the two.
-
-Names, in the order a forward pass reaches them (router hooks only on MoE layers):
-    hook_embed
-    blocks.{i}.hook_resid_pre, blocks.{i}.hook_attn_out, blocks.{i}.hook_resid_mid,
-    blocks.{i}.mlp.hook_router_logits, blocks.{i}.mlp.hook_topk_indices, blocks.{i}.mlp.hook_topk_weights,
-    blocks.{i}.hook_mlp_out, blocks.{i}.hook_resid_post
-    ln_final.hook_normalized, hook_logits
-Residual-stream hooks hold [B, T, H]; router hooks hold one row per token, [B * T, E] or [B * T, k], as
-transformers' router returns them.
-
-`compare(reference, selective, input_ids)` runs both and returns a `Comparison`: a DataFrame with one row per
-hook (max_abs, rel_err = ||a - b|| / ||b|| with b the reference, cosine, and for router hooks the top-k set
-agreement), the first divergent hook, next-token KL(ref || selective) and top-1 agreement.
+"""Hook points, capture and compare: the one table of hook names, read by the selective model, the transformers
+reference (omnilab.reference) and the fast path's recorders (omnilab.gpu), and a per-hook comparison of two models.
+Names follow TransformerLens (`blocks.{i}.hook_resid_pre`, ...); its MoE names are accepted as ALIASES.
+Design: docs/DESIGN.md, "Hook names".
 """
 
 from __future__ import annotations
@@ -26,9 +15,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-LAYER_POINTS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_router_logits", "mlp.hook_topk_indices",
-                "mlp.hook_topk_weights", "hook_mlp_out", "hook_resid_post")
-ROUTER_POINTS = ("mlp.hook_router_logits", "mlp.hook_topk_indices", "mlp.hook_topk_weights")
+# -- the hook names, in the order a forward pass reaches them -------------------------------------------------
+# Residual-stream hooks hold [B, T, H]; router hooks hold one row per token, [B * T, E] or [B * T, k], as
+# transformers' router returns them. A layer's hook is `layer_hook(i, point)`: 'blocks.{i}.{point}'.
+EMBED = "hook_embed"
+RESID_PRE, ATTN_OUT, RESID_MID = "hook_resid_pre", "hook_attn_out", "hook_resid_mid"
+ROUTER_LOGITS, TOPK_INDICES, TOPK_WEIGHTS = "mlp.hook_router_logits", "mlp.hook_topk_indices", "mlp.hook_topk_weights"
+MLP_OUT, RESID_POST = "hook_mlp_out", "hook_resid_post"
+FINAL_NORM, LOGITS = "ln_final.hook_normalized", "hook_logits"
+
+LAYER_POINTS = (RESID_PRE, ATTN_OUT, RESID_MID, ROUTER_LOGITS, TOPK_INDICES, TOPK_WEIGHTS, MLP_OUT, RESID_POST)
+ROUTER_POINTS = (ROUTER_LOGITS, TOPK_INDICES, TOPK_WEIGHTS)  # on MoE layers only
 
 # TransformerLens's names for the MoE hooks -> ours (HookedTransformer's MoE blocks call them so)
 ALIASES = {"mlp.hook_expert_indices": "mlp.hook_topk_indices", "mlp.hook_expert_weights": "mlp.hook_topk_weights"}
@@ -37,13 +34,23 @@ ALIASES = {"mlp.hook_expert_indices": "mlp.hook_topk_indices", "mlp.hook_expert_
 DIVERGENCE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
+def layer_hook(i: int, point: str) -> str:
+    """The name of layer i's hook `point`: layer_hook(3, RESID_PRE) -> 'blocks.3.hook_resid_pre'."""
+    return f"blocks.{i}.{point}"
+
+
+def layer_points(config, i: int) -> list[str]:
+    """The hook points of layer i, in forward order (router points only on an MoE layer)."""
+    moe = config.is_moe_layer(i)
+    return [p for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]
+
+
 def hook_names(config) -> list[str]:
     """Every hook point of a config, in forward order."""
-    names = ["hook_embed"]
+    names = [EMBED]
     for i in range(config.num_hidden_layers):
-        moe = config.is_moe_layer(i)
-        names += [f"blocks.{i}.{p}" for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]
-    return names + ["ln_final.hook_normalized", "hook_logits"]
+        names += [layer_hook(i, p) for p in layer_points(config, i)]
+    return names + [FINAL_NORM, LOGITS]
 
 
 def resolve(name: str) -> str:

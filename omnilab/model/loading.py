@@ -1,12 +1,7 @@
-"""Loading the selective model from a checkpoint folder: `load(path, ...)`, which `SelectiveMoE.from_checkpoint`
-calls.
-
-Any checkpoint folder opens (the original shards or an omnilab extraction): the backbone (every tensor but the
-experts) is copied into the model's own memory in the requested dtype and device, the experts stay in the shards
-behind an ExpertCache (omnilab.model.experts) with a byte budget and an eviction policy, faults
-(omnilab.model.faults) are applied as the tensors are read, and the tokenizer and generation_config.json beside
-the checkpoint come with it. Module names match the checkpoint's tensor names (as in mlx-lm's loaders), so the
-backbone is a plain `load_state_dict`: a missing tensor is named, never silently left at its init.
+"""Loading the selective model from a checkpoint folder: `load_model(model_class, path, ...)`, which
+`SelectiveMoE.from_checkpoint` (and `ol.load`) call. Module names match the checkpoint's tensor names (as in
+mlx-lm's loaders), so the backbone is a plain `load_state_dict`: a missing tensor is named, never left at its init.
+Design: docs/DESIGN.md, "The selective model".
 """
 
 from __future__ import annotations
@@ -18,15 +13,15 @@ import torch
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
 from omnilab.dtypes import as_dtype
-from omnilab.model.decoder import SelectiveMoE, rope_inv_freq
 from omnilab.model.experts import ExpertCache, ExpertStore, MissingExpertError
+from omnilab.model.rope import rope_inv_freq
 from omnilab.tokenizer import load_tokenizer
 
 
-def load(path, *, dtype="float32", device="cpu", expert_budget: int | None = None, policy="lru", pinned=(),
-         faults=(), mask_missing_experts: bool = False, tokenizer: bool = True,
-         model_class: type = SelectiveMoE) -> SelectiveMoE:
-    """Open any checkpoint folder (original shards or an extraction), load the backbone, set up the cache.
+def load_model(model_class: type, path, *, dtype="float32", device="cpu", expert_budget: int | None = None,
+               policy="lru", pinned=(), faults=(), mask_missing_experts: bool = False, tokenizer: bool = True):
+    """Open any checkpoint folder (original shards or an extraction), build `model_class` (SelectiveMoE or a
+    subclass) with its backbone loaded and its experts behind a cache.
 
     expert_budget: bytes of experts held at once (None: all fit). mask_missing_experts: experts absent
     from the checkpoint are masked out of the router's choice (counted in `cache.stats.masked_choices`);

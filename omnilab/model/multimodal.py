@@ -1,19 +1,7 @@
-"""Multimodal input for the selective thinker: audio, images and video into the MoE decoder.
-
-It follows transformers' `Qwen3OmniMoeThinkerModel.forward` step by step, with transformers' own pieces
-wherever one exists, so that only the text decoder (omnilab.model.decoder.SelectiveMoE) is omnilab's:
-- `Towers`: the thinker's audio tower and vision tower, transformers' own `Qwen3OmniMoeAudioEncoder` and
-  `Qwen3OmniMoeVisionEncoder`, resident, loaded from the checkpoint's `thinker.audio_tower.*` /
-  `thinker.visual.*` tensors. Its `get_rope_index` is transformers' own function (M-RoPE's three position
-  rows: text 1-D, audio in time steps, images and video on their temporal / height / width grid).
-- `load_processor`: transformers' own `Qwen3OmniMoeProcessor` (Whisper log-mel features, Qwen2-VL image
-  patches, the tokenizer's placeholder tokens), built from the files beside the checkpoint.
-- `prepare`: token embeddings with the towers' outputs scattered into the audio / image / video
-  placeholder rows (masked_scatter, as transformers), the vision deepstack features and the positions.
-- `forward`, `generate`, `compare`: the selective model on a `MultimodalPrompt`, and against the whole
-  transformers thinker hook by hook (`hook_embed` is the decoder's input on both sides: token embeddings
-  with the towers' features in place); `compare_streamed` against the thinker streamed part by part
-  (omnilab.reference.streamed), chained and local views.
+"""Multimodal input for the selective thinker: audio, images and video into the MoE decoder (`Towers`,
+`load_processor`, `prepare`, `forward`, `generate`). Follows transformers' `Qwen3OmniMoeThinkerModel.forward` step
+by step with transformers' own towers, processor and `get_rope_index`, so only the text decoder is omnilab's.
+Comparing it with transformers: omnilab.reference.multimodal. Design: docs/DESIGN.md, "Multimodal input".
 """
 
 from __future__ import annotations
@@ -32,6 +20,8 @@ import torch.nn as nn
 
 from omnilab.checkpoint import Checkpoint
 from omnilab.jsonio import write_json
+from omnilab.model.generate import Generation, pick_token, sampling_setup
+from omnilab.model.kv_cache import KVCache
 
 # The tokenizer attributes Qwen3OmniMoeProcessor reads, and Qwen3-Omni's tokens for them.
 PLACEHOLDER_TOKENS = {
@@ -372,9 +362,6 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
     """SelectiveMoE.generate for one multimodal prompt: the prefill reads the merged embeddings and M-RoPE
     positions; each new token's three position rows are equal, at its index plus the prompt's rope delta
     (as transformers decodes). Returns omnilab.model.generate.Generation."""
-    from omnilab.model.decoder import KVCache
-    from omnilab.model.generate import Generation, pick_token, sampling_setup
-
     if prompt.input_ids.shape[0] != 1:
         raise ValueError("multimodal generate takes one prompt at a time")
     vocab_limit, warpers, generator = sampling_setup(model, vocab_limit, greedy, temperature, top_k, top_p, seed)
@@ -402,66 +389,6 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     return Generation([new], [prompt.input_ids.shape[1]], time.perf_counter() - start, prefill, stopped=[stopped])
-
-
-# -- against transformers -------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def run_reference(reference, inputs) -> torch.Tensor:
-    """The whole transformers thinker on the processor's tensors: logits [B, T, V]."""
-    reference.hf.model.rope_deltas = None  # the thinker keeps M-RoPE deltas between calls
-    inputs = {k: v.to(reference.device) if isinstance(v, torch.Tensor) else v for k, v in dict(inputs).items()
-              if k != "num_audio_tokens"}
-    return reference.hf(**inputs, use_cache=False).logits
-
-
-def compare(reference, selective, towers: Towers, inputs, names=None, rtol: float | None = None):
-    """Selective model (with `towers`) and the whole transformers thinker on one processed multimodal prompt,
-    hook by hook (omnilab.model.hooks.Comparison). The reference's `hook_embed` is read where its text decoder
-    takes `inputs_embeds` (after the towers' features are placed), as the selective model's is."""
-    from omnilab.model.hooks import capture, compare_activations, divergence_rtol
-
-    names = list(names or reference.hook_names())
-    embed_seen = {}
-
-    def read_embeds(module, args, kwargs):
-        embed_seen["hook_embed"] = kwargs["inputs_embeds"].detach().clone()
-
-    handle = reference.text.register_forward_pre_hook(read_embeds, with_kwargs=True)
-    try:
-        with capture(reference, [n for n in names if n != "hook_embed"]) as ref_acts:
-            run_reference(reference, inputs)
-    finally:
-        handle.remove()
-    if "hook_embed" in names:
-        ref_acts["hook_embed"] = embed_seen["hook_embed"]
-    prompt = prepare(selective, towers, inputs)
-    with capture(selective, names) as sel_acts, torch.no_grad():
-        forward(selective, prompt)
-    if rtol is None:
-        rtol = divergence_rtol(reference, selective)
-    padded = None if bool(prompt.attention_mask.all()) else prompt.attention_mask.cpu()  # compare real tokens only
-    return compare_activations(ref_acts, sel_acts, attention_mask=padded, rtol=rtol, names=names)
-
-
-def compare_streamed(reference, selective, towers: Towers, inputs, dtype=None, *, noise_factor: float | None = None,
-                     progress: bool = False):
-    """Selective model (with `towers`) against a StreamedReference (omnilab.reference.streamed: transformers' thinker
-    streamed part by part, its towers loaded with the embedding) on one processed multimodal prompt: both
-    views, in bf16 beside transformers' own bf16 noise (omnilab.reference.compare.StreamedComparison). One prompt (B = 1)."""
-    from omnilab.reference.compare import NOISE_FACTOR
-    from omnilab.reference.compare import compare_streamed as streamed
-    from omnilab.model.hooks import capture
-
-    prompt = prepare(selective, towers, inputs)
-    if prompt.input_ids.shape[0] != 1:
-        raise ValueError("a streamed multimodal comparison takes one prompt at a time")
-    with capture(selective, reference.hook_names()) as acts, torch.no_grad():
-        forward(selective, prompt)
-    return streamed(dict(acts), reference, prompt.input_ids.cpu(), dtype or selective.dtype,
-                    noise_factor=NOISE_FACTOR if noise_factor is None else noise_factor, progress=progress,
-                    media=dict(inputs))
 
 
 def synth_wav(path, seconds: float = 0.5, *, freq: float = 440.0, seed: int = 0) -> Path:

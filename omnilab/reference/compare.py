@@ -1,31 +1,7 @@
-"""Does the selective model compute what transformers computes? Both views, in bounded memory.
-
-The selective model (omnilab.model.decoder) runs once with every hook recorded; then the transformers reference is
-streamed part by part over the shards (omnilab.reference.streamed), so neither side ever holds more than its backbone,
-one layer of the reference, the experts under the cache's budget and the activations. Reported:
-
-- chained (`chained`, JSON `hooks` / `first_divergence`): each side on its own activations, what you get
-  end to end; one wrong layer spoils every hook after it.
-- local (`local`, JSON `local_hooks` / `local_first_divergence`): each reference layer (and the final norm /
-  lm_head) fed the selective model's input at that layer, so each layer's error is its own and
-  `local_first_divergence` names the layer that is wrong.
-- in bf16, the noise floor (`noise`, `local_noise`): transformers' own bf16 against its own fp32, streamed in
-  the same pass (each part is loaded once and cast). Routers' near-ties flip experts in bf16, so a fixed
-  tolerance flags every real bf16 run; here a hook diverges only where the selective error exceeds
-  NOISE_FACTOR x the reference's own bf16 error at that hook (and the fp32 tolerance). In fp32 the
-  tolerance is omnilab.model.hooks.DIVERGENCE_RTOL (1e-4).
-- bf16 near-ties: where a token's top-k set differs from the reference's and the reference's own fp32 margin
-  between its k-th and (k+1)-th router logit is within NOISE_FACTOR x that token's bf16-vs-fp32 logit error,
-  the flip is rounding, not a bug: the token is set aside (counted per layer, `near_tie_flips`) at that layer's
-  hooks after the router. Later layers compare every token again: in the chained view what a flip carries
-  forward is judged against transformers' own chained noise, which carries its own flips forward the same way
-  (setting positions aside for good left no token to judge by layer 7 of the 24-layer benchmark). A flip at
-  a clear margin is never set aside. Each hook row says how many tokens it compared (`tokens`).
-- per MoE layer, the top-k routing agreement of the selective model with the reference (both views) and of
-  transformers bf16 with transformers fp32.
-
-`compare_checkpoints(path, input_ids, reference=REF)` is the `omnilab compare` verb: the selective model on
-`path` (a hand extraction, an edited copy), the reference on `reference` (the original; default `path`).
+"""Does the selective model compute what transformers computes? The selective model once with every hook recorded,
+the reference streamed (omnilab.reference.streamed): chained and local views in bounded memory, in bf16 judged
+against transformers' own bf16 noise (NOISE_FACTOR), bf16 near-tie flips set aside. `compare_checkpoints` is the
+`omnilab compare` verb. Design: docs/DESIGN.md, "The reference".
 """
 
 from __future__ import annotations
@@ -37,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from omnilab.dtypes import as_dtype
-from omnilab.model.hooks import Comparison, DIVERGENCE_RTOL, compare_activations, parse_name, run_with_cache
+from omnilab.model.hooks import (DIVERGENCE_RTOL, EMBED, MLP_OUT, RESID_POST, RESID_PRE, ROUTER_LOGITS, TOPK_INDICES,
+                                 TOPK_WEIGHTS, Comparison, compare_activations, layer_hook, parse_name,
+                                 run_with_cache)
 
 # A bf16 hook diverges where the selective model's error exceeds this many times transformers' own bf16-vs-fp32
 # error at the same hook (and DIVERGENCE_RTOL[float32]).
@@ -70,7 +48,7 @@ class StreamedComparison:
         def per_layer(c):
             if c is None:
                 return {}
-            return c.per_layer("mlp.hook_topk_indices", "topk_agreement").to_dict()
+            return c.per_layer(TOPK_INDICES, "topk_agreement").to_dict()
 
         chained, local = per_layer(self.chained), per_layer(self.local)
         noise, local_noise = per_layer(self.noise), per_layer(self.local_noise)
@@ -157,16 +135,16 @@ def near_tie_flips(ref32_logits, ref16_logits, ref_idx, sel_idx, factor: float =
 def set_aside_near_ties(config, ref32: dict, ref16: dict, sel: dict, names, factor):
     """(keep: hook name -> bool [N] of the tokens compared there, flips: layer -> near-tie flips), one prompt.
     A near-tie flip is set aside at its own layer's hooks after the router, nowhere else."""
-    n = ref16["hook_embed"].shape[1] if ref16["hook_embed"].ndim == 3 else ref16["hook_embed"].shape[0]
+    n = ref16[EMBED].shape[1] if ref16[EMBED].ndim == 3 else ref16[EMBED].shape[0]
     keep, flips = {}, {}
-    after_router = ("mlp.hook_topk_indices", "mlp.hook_topk_weights", "hook_mlp_out", "hook_resid_post")
+    after_router = (TOPK_INDICES, TOPK_WEIGHTS, MLP_OUT, RESID_POST)
     aside = torch.zeros(n, dtype=torch.bool)
     for name in names:
         layer, point = parse_name(name)
-        if point == "hook_resid_pre":
+        if point == RESID_PRE:
             aside = torch.zeros(n, dtype=torch.bool)
-        if point == "mlp.hook_router_logits":
-            logits, idx = f"blocks.{layer}.mlp.hook_router_logits", f"blocks.{layer}.mlp.hook_topk_indices"
+        if point == ROUTER_LOGITS:
+            logits, idx = layer_hook(layer, ROUTER_LOGITS), layer_hook(layer, TOPK_INDICES)
             aside = near_tie_flips(ref32[logits], ref16[logits], ref16[idx], sel[idx], factor)
             flips[layer] = int(aside.sum())
         keep[name] = ~aside if layer is not None and point in after_router else torch.ones(n, dtype=torch.bool)

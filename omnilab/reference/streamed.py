@@ -1,39 +1,8 @@
-"""The transformers reference streamed part by part, for checkpoints larger than the machine's memory.
-
-The whole transformers model (`Qwen3OmniMoeThinkerForConditionalGeneration`, or `AutoModelForCausalLM` for
-qwen3_moe) is built once with accelerate's `init_empty_weights`: every parameter on the meta device, costing
-nothing, while buffers (the text model's rotary `inv_freq`) are computed by the modules' own __init__. Then
-one part at a time, in forward order,
-
-    embedding -> decoder layer 0 -> layer 1 -> ... -> final norm + lm_head
-
-is filled with just that part's tensors from the shards by transformers' own loader
-(`core_model_loading.convert_and_load_state_dict_in_model` with the model's own weight conversions from
-`conversion_mapping.get_model_conversion_mapping`: the per-expert tensors on disk become the fused
-`gate_up_proj` / `down_proj` exactly as `from_pretrained` makes them), run, and put back on the meta device.
-Peak memory is one part plus the activations.
-
-What each layer receives is what the text model itself passes it: the model's own forward runs on the
-embedding up to the first decoder layer, where a pre-hook takes its inputs (hidden states, attention mask,
-position ids, rotary cos/sin) and stops the pass (the "catcher" of layer-by-layer quantizers such as GPTQ).
-Every later layer is called with the same keyword arguments. After the last layer the final norm and lm_head
-are applied as the text model's and the CausalLM's forward apply them (norm, then lm_head on every position).
-
-Two views in one pass over the shards:
-- chained: each layer runs on the previous layer's output (the reference's own activations);
-- local: given the selective model's input at each layer (`local_inputs`), each layer, and the final norm /
-  lm_head, also run on that input, so a layer's error is its own.
-Several dtypes in one pass: a part is loaded once in its dtype on disk and cast for each run. A cast is
-elementwise, so casting after the expert fusion gives what `from_pretrained(dtype=...)` gives by casting
-before it (tested bit for bit against a whole `from_pretrained` reference, fp32 and bf16).
-
-Multimodal prompts (`run(..., media=...)`: the processor's audio / image tensors beside the token ids): one more
-part, the thinker's audio and vision towers, is loaded with the embedding, and the thinker's own forward runs the
-towers, places their features and computes M-RoPE's positions up to the first decoder layer. What the text model
-was handed for the vision deepstack (`visual_pos_masks`, `deepstack_visual_embeds`, read by a pre-hook on it) is
-added after each of the first layers with the text model's own `_deepstack_process`, where its loop adds it.
-
-Hook names and sites are omnilab.reference.whole's (`layer_site`): the same names as on the selective model.
+"""The transformers reference streamed part by part (embedding, each decoder layer, final norm + lm_head), each
+built on the meta device and filled by transformers' own loader, for checkpoints larger than memory; chained and
+local views, several dtypes in one pass, multimodal prompts. Hook names and sites: omnilab.reference.whole.
+Differs from transformers: in bf16 the towers' buffers are cast from fp32 values. Design: docs/DESIGN.md,
+"The reference".
 """
 
 from __future__ import annotations
@@ -45,7 +14,8 @@ import torch
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
 from omnilab.dtypes import as_dtype
-from omnilab.model.hooks import hook_names
+from omnilab.model.hooks import EMBED, FINAL_NORM, LOGITS, RESID_POST, RESID_PRE, hook_names, layer_hook, layer_points
+from omnilab.reference.whole import attach
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -149,7 +119,6 @@ class StreamedReference:
     def load(self, part) -> torch.dtype:
         """Fill one part's modules from the shards through transformers' loader, in the dtype on disk.
         Raises KeyError naming the first tensor that is missing or did not load."""
-        from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -168,10 +137,7 @@ class StreamedReference:
         state = {}
         for name in names:  # slices, read when the loader materializes them, as from_pretrained passes them
             shard = self.checkpoint.tensors.at[name, "shard"]
-            handle = self.checkpoint._handles.get(shard)
-            if handle is None:
-                handle = self.checkpoint._handles[shard] = safe_open(str(self.checkpoint.root / shard), framework="pt")
-            state[name] = handle.get_slice(name)
+            state[name] = self.checkpoint.open_shard(shard).get_slice(name)
         if part == "final" and self.config.tie_word_embeddings:
             state[self.layout.lm_head] = state.pop(self.layout.prefix + "embed_tokens.weight")
         config = LoadStateDictConfig(dtype=dtype, weight_mapping=self.conversions,
@@ -236,9 +202,9 @@ class StreamedReference:
                 for module, key, buf in self._tower_buffers:
                     module._buffers[key] = buf.to(self.device, d if buf.is_floating_point() else buf.dtype)
             h[d], kwargs[d], deepstack[d] = self._first_layer_inputs(input_ids, media)
-            out.chained[d]["hook_embed"] = _cpu(h[d])
+            out.chained[d][EMBED] = _cpu(h[d])
             if local_inputs is not None:  # the embedding's input is the token ids: its local view is the chained one
-                out.local[d]["hook_embed"] = out.chained[d]["hook_embed"]
+                out.local[d][EMBED] = out.chained[d][EMBED]
         self.free("embed")
         if multimodal:
             self.free("towers")
@@ -254,13 +220,13 @@ class StreamedReference:
                 if embeds is not None and i < len(embeds):  # as the text model's loop adds it after layer i
                     h[d] = self.text._deepstack_process(h[d], masks, embeds[i])
                 if local_inputs is not None:
-                    x = local_inputs[f"blocks.{i}.hook_resid_pre"].to(self.device, d)
+                    x = local_inputs[layer_hook(i, RESID_PRE)].to(self.device, d)
                     self._run_layer(i, layer, x, kwargs[d], out.local[d])
             self.free(i)
             _tick(bar)
 
         load_dtype = self.load("final")
-        last = f"blocks.{n_layers - 1}.hook_resid_post" if n_layers else "hook_embed"
+        last = layer_hook(n_layers - 1, RESID_POST) if n_layers else EMBED
         for d in _load_first(dtypes, load_dtype):
             self.text.norm.to(d)
             self.hf.lm_head.to(d)
@@ -301,18 +267,13 @@ class StreamedReference:
 
     def _run_layer(self, i: int, layer, x, kwargs, acts: dict) -> torch.Tensor:
         """One decoder layer on x [B, T, H] with the text model's kwargs, recording its hook points."""
-        from omnilab.model.hooks import LAYER_POINTS, ROUTER_POINTS
-        from omnilab.reference.whole import attach
-
-        moe = self.config.is_moe_layer(i)
-        points = [p for p in LAYER_POINTS if moe or p not in ROUTER_POINTS]
-        inner = [p for p in points if p not in ("hook_resid_pre", "hook_resid_post")]
-        handles = [attach(layer, p, _recorder(acts, f"blocks.{i}.{p}")) for p in inner]
+        inner = [p for p in layer_points(self.config, i) if p not in (RESID_PRE, RESID_POST)]
+        handles = [attach(layer, p, _recorder(acts, layer_hook(i, p))) for p in inner]
         try:
-            acts[f"blocks.{i}.hook_resid_pre"] = _cpu(x)
+            acts[layer_hook(i, RESID_PRE)] = _cpu(x)
             y = layer(x, **kwargs)
             y = y[0] if isinstance(y, tuple) else y
-            acts[f"blocks.{i}.hook_resid_post"] = _cpu(y)
+            acts[layer_hook(i, RESID_POST)] = _cpu(y)
         finally:
             for handle in handles:
                 handle.remove()
@@ -321,8 +282,8 @@ class StreamedReference:
     def _run_final(self, x, acts: dict) -> None:
         """The text model's final norm and the CausalLM's lm_head (every position), as their forwards apply them."""
         x = self.text.norm(x)  # [B, T, H]
-        acts["ln_final.hook_normalized"] = _cpu(x)
-        acts["hook_logits"] = _cpu(self.hf.lm_head(x))  # [B, T, V]
+        acts[FINAL_NORM] = _cpu(x)
+        acts[LOGITS] = _cpu(self.hf.lm_head(x))  # [B, T, V]
 
 
 def _load_first(dtypes: list[torch.dtype], load_dtype: torch.dtype) -> list[torch.dtype]:

@@ -1,12 +1,9 @@
-"""The transformers reference for a checkpoint, with the canonical hook names mapped onto its modules.
+"""The transformers reference for a checkpoint, with the hook names of omnilab.model.hooks mapped onto its modules.
 
-qwen3_omni_moe: `Qwen3OmniMoeThinkerForConditionalGeneration` (reads only the thinker's tensors; its text
-decoder is `model.language_model`); qwen3_moe: `AutoModelForCausalLM`. Both are loaded with `from_pretrained`,
-which fuses the per-expert tensors on disk into `gate_up_proj` / `down_proj`. `Reference` offers the same small
-surface as `SelectiveMoE`: `add_hook(name, fn)`, `hook_names()`, `ref(input_ids, attention_mask) -> logits`,
-`generate(...)`, so omnilab.model.hooks treats the two alike. `layer_site` / `attach` say where each layer hook
-lives on a transformers decoder layer, for this whole model and the streamed one (omnilab.reference.streamed) alike.
-This whole model holds every weight; for checkpoints larger than memory use omnilab.reference.streamed / omnilab.reference.compare.
+qwen3_omni_moe: `Qwen3OmniMoeThinkerForConditionalGeneration` (the thinker's text decoder is
+`model.language_model`); qwen3_moe: `AutoModelForCausalLM`. `Reference` offers SelectiveMoE's hook surface
+(`add_hook`, `hook_names`, `__call__`, `generate`); `layer_site` is the one map from a layer hook to its
+transformers module, for this whole model and the streamed one. Design: docs/DESIGN.md, "The reference".
 """
 
 from __future__ import annotations
@@ -15,6 +12,8 @@ import torch
 
 from omnilab.checkpoint import Checkpoint
 from omnilab.dtypes import as_dtype
+from omnilab.model.hooks import (ATTN_OUT, EMBED, FINAL_NORM, LOGITS, MLP_OUT, RESID_MID, RESID_POST, RESID_PRE,
+                                 ROUTER_LOGITS, TOPK_INDICES, TOPK_WEIGHTS, hook_names, parse_name, resolve)
 
 
 class Reference:
@@ -58,26 +57,22 @@ class Reference:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def hook_names(self) -> list[str]:
-        from omnilab.model.hooks import hook_names
-
         return hook_names(self.config)
 
     def add_hook(self, name: str, fn):
         """Call fn(tensor) with the activation at `name` (or its TransformerLens alias; read only). Returns a
         handle with .remove()."""
-        from omnilab.model.hooks import resolve
-
         name = resolve(name)
         if name not in self.hook_names():
             raise KeyError(f"no hook point {name!r} in this model")
-        if name == "hook_embed":
+        if name == EMBED:
             return _attach_site(self.text.embed_tokens, "output", fn)
-        if name == "ln_final.hook_normalized":
+        if name == FINAL_NORM:
             return _attach_site(self.text.norm, "output", fn)
-        if name == "hook_logits":
+        if name == LOGITS:
             return _attach_site(self.lm_head, "output", fn)
-        _, i, point = name.split(".", 2)
-        return attach(self.text.layers[int(i)], point, fn)
+        i, point = parse_name(name)
+        return attach(self.text.layers[i], point, fn)
 
     # -- running ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -113,19 +108,19 @@ def layer_site(layer: torch.nn.Module, point: str) -> tuple[torch.nn.Module, str
     The one mapping for the whole reference and the streamed one (omnilab.reference.streamed)."""
     mlp_gate = getattr(layer.mlp, "gate", None)
     return {
-        "hook_resid_pre": (layer, "input"),
-        "hook_attn_out": (layer.self_attn, "output"),
-        "hook_resid_mid": (layer.post_attention_layernorm, "input"),
-        "mlp.hook_router_logits": (mlp_gate, "router_logits"),
-        "mlp.hook_topk_indices": (mlp_gate, "topk_indices"),
-        "mlp.hook_topk_weights": (mlp_gate, "topk_weights"),
-        "hook_mlp_out": (layer.mlp, "output"),
-        "hook_resid_post": (layer, "output"),
+        RESID_PRE: (layer, "input"),
+        ATTN_OUT: (layer.self_attn, "output"),
+        RESID_MID: (layer.post_attention_layernorm, "input"),
+        ROUTER_LOGITS: (mlp_gate, "router_logits"),
+        TOPK_INDICES: (mlp_gate, "topk_indices"),
+        TOPK_WEIGHTS: (mlp_gate, "topk_weights"),
+        MLP_OUT: (layer.mlp, "output"),
+        RESID_POST: (layer, "output"),
     }[point]
 
 
 def attach(layer: torch.nn.Module, point: str, fn):
-    """Call fn(tensor) with a decoder layer's activation at `point` (e.g. 'hook_attn_out'). Returns a handle."""
+    """Call fn(tensor) with a decoder layer's activation at `point` (e.g. ATTN_OUT). Returns a handle."""
     return _attach_site(*layer_site(layer, point), fn)
 
 

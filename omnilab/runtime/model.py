@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from omnilab.checkpoint import Checkpoint
 from omnilab.model import decoder
-from omnilab.model.loading import load as load_eager
+from omnilab.model.loading import load_model
 from omnilab.runtime import hardware
 from omnilab.runtime.generate import generate
 
@@ -28,7 +28,7 @@ class SelectiveMoE(decoder.SelectiveMoE):
 
 def load(path, *, device="auto", dtype="auto", expert_budget="auto", model_class: type = SelectiveMoE,
          **options) -> SelectiveMoE:
-    """Open a checkpoint folder as omnilab.model.loading.load does, with "auto" defaults: device cuda when a GPU
+    """Open a checkpoint folder as omnilab.model.loading.load_model does, with "auto" defaults: device cuda when a GPU
     is visible; dtype the checkpoint's own on a GPU, float32 on a CPU; expert_budget every expert when they fit
     the free memory, else what fits (bytes, a size such as "8GB", None for all). The choices are in
     `model.placement` (one line)."""
@@ -38,6 +38,6 @@ def load(path, *, device="auto", dtype="auto", expert_budget="auto", model_class
     sizes = hardware.model_bytes(checkpoint, dt)
     budget = hardware.resolve_budget(expert_budget, all_experts_bytes=sizes["experts"],
                                      resident_bytes=sizes["backbone"], device=dev)
-    model = load_eager(checkpoint, dtype=dt, device=dev, expert_budget=budget, model_class=model_class, **options)
+    model = load_model(model_class, checkpoint, dtype=dt, device=dev, expert_budget=budget, **options)
     model.placement = hardware.placement_line(dev, dt, budget, sizes, asked=(device, dtype, expert_budget))
     return model

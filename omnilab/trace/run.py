@@ -1,0 +1,284 @@
+"""`omnilab trace`: `trace_corpus(checkpoint, corpus, out)` reads and plans the corpus, prefills each batch (the
+grouped prefill of omnilab.gpu.prefill on CUDA, else the eager model through its hooks), writes one shard per
+batch in background threads, and a manifest last; resumable, and split over ranks under torchrun (`_Dist`).
+Design: docs/DESIGN.md, "Corpus traces".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from omnilab.jsonio import write_json
+from omnilab.model.decoder import SelectiveMoE
+from omnilab.trace.corpus import fingerprint, plan_batches, read_corpus, tokenize
+from omnilab.trace.record import record_batch
+from omnilab.trace.shards import (DOCUMENTS_NAME, FORMAT, MANIFEST_NAME, PLAN_NAME, SHARDS_DIR, TRACE_COLUMNS,
+                                  ShardWriter, shard_name, write_batch_shard, write_routing_shard)
+
+PREFILLS = ("auto", "eager", "grouped_mm")
+
+@dataclass
+class TraceResult:
+    out: Path
+    documents: int
+    tokens: int  # tokens of the whole trace
+    batches: int
+    traced_batches: int  # batches this run traced (all ranks); the rest were already there
+    traced_tokens: int
+    seconds: float
+    world_size: int
+    prefill: str = "eager"  # "grouped_mm" (omnilab.gpu.prefill) or "eager" (the selective model through its hooks)
+    prefill_refusal: str | None = None  # why the grouped prefill was not taken, when it was not
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.traced_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        skipped = self.batches - self.traced_batches
+        return (f"{self.out}: {self.documents:,} documents, {self.tokens:,} tokens in {self.batches} shards"
+                f"{f' ({skipped} already traced)' if skipped else ''}; traced {self.traced_tokens:,} tokens in "
+                f"{self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s, {self.world_size} "
+                f"process{'es' * (self.world_size > 1)}, {self.prefill} prefill"
+                f"{f': {self.prefill_refusal}' if self.prefill_refusal else ''})")
+
+class _Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+
+    def __init__(self, device: str, backend: str | None):
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        self.dist = dist if self.world > 1 else None
+        if self.dist is None:
+            return
+        if device.startswith("cuda") and ":" not in device:
+            self.device = f"cuda:{local}"  # one process per GPU
+        backend = backend or ("nccl" if self.device.startswith("cuda") else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        self.backend = backend
+
+    def barrier(self):
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def gather(self, obj) -> list:
+        if self.dist is None:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def close(self):
+        if self.dist is not None and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int = 4096, dtype: str = "float32",
+                 device: str = "cpu", expert_budget: int | None = None, text_field: str | None = None,
+                 domain_field: str = "domain", tokenizer=None, backend: str | None = None,
+                 progress: bool = True, model=None, prefill="auto") -> TraceResult:
+    """Trace the routing of every document of `corpus` (files / folders, see read_corpus) into the folder `out`.
+
+    max_tokens: each document's first tokens; batch_tokens: padded tokens per batch. A folder that already
+    holds this trace (same plan) is resumed; one that holds another is refused. Under torchrun every rank
+    calls this with the same arguments. `model`: an already-built SelectiveMoE (its checkpoint is `path`).
+
+    prefill: "auto" (the grouped prefill of omnilab.gpu.prefill on CUDA when nothing refuses it, else the eager
+    model), "eager", "grouped_mm" (an error when refused), or a built omnilab.gpu.prefill.TracePrefill."""
+    if max_tokens < 1 or batch_tokens < 1:
+        raise ValueError(f"--max-tokens and --batch-tokens must be positive (got {max_tokens}, {batch_tokens})")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    dist = _Dist(device, backend)
+    try:
+        return _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field,
+                      domain_field, tokenizer, progress, model, prefill)
+    finally:
+        dist.close()
+
+def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field, domain_field,
+           tokenizer, progress, model, prefill) -> TraceResult:
+    if not (isinstance(prefill, str) and prefill in PREFILLS) and not hasattr(prefill, "record"):
+        raise ValueError(f"--prefill {prefill!r}: use {', '.join(PREFILLS)}")
+    docs = read_corpus(corpus, text_field=text_field, domain_field=domain_field)
+    if model is None:
+        model = SelectiveMoE.from_checkpoint(path, dtype=dtype, device=dist.device, expert_budget=expert_budget,
+                                             tokenizer=tokenizer is None)
+    if tokenizer is not None and not callable(tokenizer):  # a folder
+        from omnilab.tokenizer import error_line, open_tokenizer
+
+        try:
+            tokenizer = open_tokenizer(tokenizer)
+        except Exception as e:  # transformers raises many kinds; the user gets one line naming the folder
+            raise ValueError(f"--tokenizer {tokenizer}: cannot load a tokenizer ({error_line(e)})") from None
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{path}: no tokenizer beside the checkpoint; pass --tokenizer FOLDER")
+    cfg = model.config
+    layers = [int(i) for i in cfg.moe_layers]
+    ids = tokenize(tokenizer, docs.documents["text"].tolist(), max_tokens, cfg.vocab_size)
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    if not lengths.any():
+        raise ValueError("--corpus: no document has any tokens")
+    batches = plan_batches(lengths, batch_tokens)
+    grouped, refusal = _choose_prefill(dist, model, prefill)
+    settings = {"format": FORMAT, "max_tokens": max_tokens, "batch_tokens": batch_tokens,
+                "dtype": str(model.dtype).removeprefix("torch."), "device_type": model.device.type,
+                "config": _config_hash(model), "text_field": text_field, "domain_field": domain_field}
+    if grouped:  # its numbers differ from the eager path's by rounding: a trace is made by one path or the other
+        settings["prefill"] = "grouped_mm"
+    fp = fingerprint(ids, docs.documents["domain"], settings)
+    plan_path = out / PLAN_NAME
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old.get("fingerprint") != fp:
+            before = old.get("settings", {})
+            changed = [k for k in {**before, **settings} if before.get(k) != settings.get(k)]
+            why = f"; the grouped prefill was not taken: {refusal}" if "prefill" in changed and refusal else ""
+            raise ValueError(f"--out {out}: holds a trace of another corpus or settings "
+                             f"({'changed: ' + ', '.join(changed) if changed else 'the token ids differ'}{why}); "
+                             f"use a new folder")
+    shards = out / SHARDS_DIR
+    if dist.rank == 0:
+        shards.mkdir(parents=True, exist_ok=True)
+        for stale in shards.glob("*.tmp-*"):  # left by a killed run; nobody writes before the barrier below
+            stale.unlink()
+        if not plan_path.exists():
+            write_json(plan_path, {"format": FORMAT, "fingerprint": fp, "settings": settings,
+                                   "checkpoint": str(path), "corpus": docs.files, "batches": batches})
+    dist.barrier()
+    done = {b for b in range(len(batches)) if (shards / shard_name(b)).exists()}
+    dist.barrier()  # every rank has listed the finished shards before any rank writes a new one
+    remaining = [b for b in range(len(batches)) if b not in done]
+    mine = remaining[dist.rank::dist.world]
+    domains = docs.documents["domain"].tolist()
+    my_tokens = int(sum(lengths[batches[b]].sum() for b in mine))
+    bar = None
+    if progress and dist.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=my_tokens * dist.world, unit="tok", unit_scale=True, smoothing=0.1,
+                   desc=f"trace ({dist.world} process{'es' * (dist.world > 1)})")
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    pad = pad if 0 <= pad < cfg.vocab_size else 0
+    recorder = None
+    if grouped and mine:
+        from omnilab.gpu.prefill import TracePrefill
+
+        recorder = prefill if isinstance(prefill, TracePrefill) else TracePrefill(model)  # every expert resident
+        record = getattr(recorder, "record_async", recorder.record)
+    start = time.perf_counter()
+    # the shards are written by background threads (omnilab.trace.shards: numpy and pyarrow release
+    # the GIL) while this thread queues the next batches' forwards; the grouped prefill's routing reaches the host
+    # layer by layer without the host waiting, and its shard is written row group by row group as it arrives
+    writers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    with ShardWriter(workers=writers, depth=writers + 1) as writer:  # at most writers + 1 batches on the host
+        for b in mine:
+            batch = batches[b]
+            batch_ids, batch_domains = [ids[d] for d in batch], [domains[d] for d in batch]
+            if recorder is not None:
+                routing = record(batch_ids, batch, pad_id=pad)  # [L, n, k] rows in trace order
+                write = partial(write_routing_shard, docs=batch, domains=batch_domains, token_ids=batch_ids,
+                                layers=layers, routing=routing)
+            else:
+                routing = record_batch(model, batch_ids, layers, pad_id=pad)  # padded [L, B, T, k]
+                write = partial(write_batch_shard, docs=batch, domains=batch_domains, token_ids=batch_ids,
+                                layers=layers, routing=routing)
+            writer.submit(shards / shard_name(b), write)
+            if bar is not None:
+                bar.update(int(lengths[batch].sum()) * dist.world)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    stats = dist.gather({"batches": len(mine), "tokens": my_tokens, "seconds": seconds})
+    dist.barrier()
+    traced_tokens = sum(s["tokens"] for s in stats)
+    wall = max(s["seconds"] for s in stats)
+    if dist.rank == 0:
+        _write_documents(out, docs.documents, lengths)
+        _write_manifest(out, model, layers, batches, lengths, docs, fp, settings, str(path),
+                        {"world_size": dist.world, "traced_batches": sum(s["batches"] for s in stats),
+                         "traced_tokens": traced_tokens, "seconds": wall,
+                         "tokens_per_s": traced_tokens / wall if wall > 0 else None,
+                         "prefill": "grouped_mm" if grouped else "eager", "prefill_refusal": refusal})
+    dist.barrier()
+    return TraceResult(out, len(docs.documents), int(lengths.sum()), len(batches),
+                       sum(s["batches"] for s in stats), traced_tokens, wall, dist.world,
+                       "grouped_mm" if grouped else "eager", refusal)
+
+def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
+    """(take the grouped prefill?, why not). Every rank takes the same path: one rank's refusal refuses all."""
+    from omnilab.gpu.prefill import prefill_refusal
+
+    if not isinstance(prefill, str):  # a built TracePrefill
+        return True, None
+    if prefill == "eager":
+        return False, "--prefill eager asks for the eager path"
+    refusal = prefill_refusal(model)
+    if refusal is None and prefill == "auto" and model.device.type != "cuda":
+        refusal = "auto takes it on CUDA only (--prefill grouped_mm on CPU)"
+    refusal = next((r for r in dist.gather(refusal) if r), None)
+    if refusal and prefill == "grouped_mm":
+        raise ValueError(f"--prefill grouped_mm: {refusal}")
+    return refusal is None, refusal
+
+def _config_hash(model) -> str:
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else vars(model.config)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def _write_documents(out: Path, documents: pd.DataFrame, lengths) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"doc": documents["doc"].to_numpy(np.int32), "domain": documents["domain"].astype(str),
+                      "source": documents["source"].astype(str), "row": documents["row"].to_numpy(np.int64),
+                      "tokens": np.asarray(lengths, dtype=np.int64)})
+    tmp = out / (DOCUMENTS_NAME + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out / DOCUMENTS_NAME)
+
+def _write_manifest(out, model, layers, batches, lengths, docs, fp, settings, checkpoint, run) -> None:
+    import pyarrow.parquet as pq
+
+    cfg = model.config
+    k = int(cfg.num_experts_per_tok)
+    shards = []
+    for b, batch in enumerate(batches):
+        meta = pq.read_metadata(out / SHARDS_DIR / shard_name(b))
+        tokens = int(lengths[batch].sum())
+        if meta.num_rows != tokens * len(layers) * k:
+            raise RuntimeError(f"{out / SHARDS_DIR / shard_name(b)}: {meta.num_rows} rows, expected "
+                               f"{tokens * len(layers) * k}")
+        shards.append({"file": f"{SHARDS_DIR}/{shard_name(b)}", "documents": len(batch), "tokens": tokens,
+                       "rows": meta.num_rows})
+    traced = np.flatnonzero(lengths > 0)
+    previous = out / MANIFEST_NAME
+    runs = json.loads(previous.read_text()).get("runs", []) if previous.exists() else []
+    write_json(out / MANIFEST_NAME, {
+        "format": FORMAT, "fingerprint": fp, "checkpoint": checkpoint, "settings": settings,
+        "attrs": {"num_experts": int(cfg.num_experts), "top_k": k, "num_layers": len(layers)},
+        "layers": layers, "columns": TRACE_COLUMNS, "documents": int(len(docs.documents)),
+        "traced_documents": int(traced.size), "tokens": int(lengths.sum()),
+        "rows": int(sum(s["rows"] for s in shards)),
+        "domains": sorted(set(docs.documents["domain"].astype(str).iloc[traced])),
+        "corpus": docs.files, "shards": shards, "run": run, "runs": runs + [run],
+    })
