@@ -560,10 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="trace folder; a rerun with the same arguments resumes it")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per document (its first ones; default 512)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank its LOCAL_RANK's GPU)")
-    p.add_argument("--expert-budget", type=parse_size, default=None, metavar="SIZE",
-                   help="bytes of experts held at once (512MB, 2GiB); default: all experts fit")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: the checkpoint's own dtype on a GPU, float32 on a CPU")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda (under torchrun: each rank its LOCAL_RANK's GPU)")
+    p.add_argument("--expert-budget", type=_budget, default="auto", metavar="SIZE",
+                   help="bytes of experts held at once (512MB, 2GiB, all); default auto: every expert when they fit "
+                        "the free memory, else what fits (the grouped prefill needs every expert)")
     p.add_argument("--text-field", default=None, help="JSON/Parquet field with the text (default: text, prompt, content)")
     p.add_argument("--domain-field", default="domain", help="field with the domain label (default: domain; "
                                                             "else the file's name)")

@@ -134,3 +134,21 @@ def capture_choice() -> Choice:
     since the fast engines record only routing and chosen activations into device buffers."""
     return Choice("eager", {"fast engines": "every hook point is recorded through Python hooks, which only the "
                                             "eager engine runs"})
+
+
+def choose_prefill(model, prefill: str = "auto") -> Choice:
+    """The prefill of a corpus trace: "grouped_mm" (omnilab.gpu.prefill: every expert resident, one grouped GEMM
+    per projection, routing into device buffers) or "eager" (the model's router hooks, any budget). prefill:
+    "auto" takes the grouped one on CUDA when nothing refuses it; "grouped_mm" insists (its refusal is a
+    ValueError); "eager" asks for the eager one."""
+    from omnilab.gpu.prefill import prefill_refusal
+
+    if prefill == "eager":
+        return Choice("eager", {"grouped_mm": "--prefill eager asks for the eager path"})
+    refusal = prefill_refusal(model)
+    if refusal is None and prefill == "auto" and model.device.type != "cuda":
+        refusal = ("taken by auto on CUDA only: on a CPU the eager prefill keeps a trace identical to the "
+                   "notebooks' (ask for the grouped one with --prefill grouped_mm)")
+    if refusal and prefill == "grouped_mm":
+        raise ValueError(f"--prefill grouped_mm: {refusal}")
+    return Choice("eager", {"grouped_mm": refusal}) if refusal else Choice("grouped_mm")

@@ -71,10 +71,10 @@ def reuse_stats(trace: torch.Tensor) -> dict:
 @torch.no_grad()
 def recorded_trace(model, input_ids) -> torch.Tensor:
     """The top-k experts a SelectiveMoE picks over input_ids [T] (one eager forward), [moe layers, T, k]."""
-    from omnilab.model.hooks import capture
+    from omnilab.model.hooks import TOPK_INDICES, capture, layer_hook
 
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     layers = model.config.moe_layers
-    with capture(model, [f"blocks.{i}.mlp.hook_topk_indices" for i in layers]) as acts:
+    with capture(model, [layer_hook(i, TOPK_INDICES) for i in layers]) as acts:
         model(ids)
-    return torch.stack([acts[f"blocks.{i}.mlp.hook_topk_indices"].cpu() for i in layers])  # [L, T, k]
+    return torch.stack([acts[layer_hook(i, TOPK_INDICES)].cpu() for i in layers])  # [L, T, k]

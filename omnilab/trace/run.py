@@ -19,7 +19,9 @@ import pandas as pd
 import torch
 
 from omnilab.jsonio import write_json
-from omnilab.model.decoder import SelectiveMoE
+from omnilab.runtime.choose import choose_prefill
+from omnilab.runtime.hardware import resolve_device
+from omnilab.runtime.model import load
 from omnilab.trace.corpus import fingerprint, plan_batches, read_corpus, tokenize
 from omnilab.trace.record import record_batch
 from omnilab.trace.shards import (DOCUMENTS_NAME, FORMAT, MANIFEST_NAME, PLAN_NAME, SHARDS_DIR, TRACE_COLUMNS,
@@ -89,8 +91,8 @@ class _Dist:
         if self.dist is not None and self.dist.is_initialized():
             self.dist.destroy_process_group()
 
-def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int = 4096, dtype: str = "float32",
-                 device: str = "cpu", expert_budget: int | None = None, text_field: str | None = None,
+def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int = 4096, dtype: str = "auto",
+                 device: str = "auto", expert_budget="auto", text_field: str | None = None,
                  domain_field: str = "domain", tokenizer=None, backend: str | None = None,
                  progress: bool = True, model=None, prefill="auto") -> TraceResult:
     """Trace the routing of every document of `corpus` (files / folders, see read_corpus) into the folder `out`.
@@ -106,7 +108,7 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    dist = _Dist(device, backend)
+    dist = _Dist(str(resolve_device(device)) if device == "auto" else device, backend)
     try:
         return _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field,
                       domain_field, tokenizer, progress, model, prefill)
@@ -119,8 +121,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
         raise ValueError(f"--prefill {prefill!r}: use {', '.join(PREFILLS)}")
     docs = read_corpus(corpus, text_field=text_field, domain_field=domain_field)
     if model is None:
-        model = SelectiveMoE.from_checkpoint(path, dtype=dtype, device=dist.device, expert_budget=expert_budget,
-                                             tokenizer=tokenizer is None)
+        model = load(path, dtype=dtype, device=dist.device, expert_budget=expert_budget, tokenizer=tokenizer is None)
     if tokenizer is not None and not callable(tokenizer):  # a folder
         from omnilab.tokenizer import error_line, open_tokenizer
 
@@ -226,17 +227,12 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
                        "grouped_mm" if grouped else "eager", refusal)
 
 def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
-    """(take the grouped prefill?, why not). Every rank takes the same path: one rank's refusal refuses all."""
-    from omnilab.gpu.prefill import prefill_refusal
-
+    """(take the grouped prefill?, why not), as omnilab.runtime.choose.choose_prefill decides. Every rank takes
+    the same path: one rank's refusal refuses all."""
     if not isinstance(prefill, str):  # a built TracePrefill
         return True, None
-    if prefill == "eager":
-        return False, "--prefill eager asks for the eager path"
-    refusal = prefill_refusal(model)
-    if refusal is None and prefill == "auto" and model.device.type != "cuda":
-        refusal = "auto takes it on CUDA only (--prefill grouped_mm on CPU)"
-    refusal = next((r for r in dist.gather(refusal) if r), None)
+    choice = choose_prefill(model, prefill)
+    refusal = next((r for r in dist.gather(choice.refused.get("grouped_mm")) if r), None)
     if refusal and prefill == "grouped_mm":
         raise ValueError(f"--prefill grouped_mm: {refusal}")
     return refusal is None, refusal
