@@ -47,9 +47,12 @@ def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per compo
     for y, (n, b, f, x) in enumerate(zip(df["tensors"], df["bytes"], files, share)):
         in_files = f", {_plural(int(f), 'file')}" if f is not None else ""
         pct = f"{b / total:.1%}" if b / total >= 0.001 else f"{100 * b / total:.1g}%"
-        ax.text(x + 1, y, f"{format_bytes(b, short=True)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
-                fontsize=8)
-    ax.set_xlim(0, 100 + 60)  # room for the labels right of the longest bar
+        label = f"{format_bytes(b, short=True)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})"
+        if x > 45:  # a long bar carries its label inside, so the axis stops at 100%
+            ax.text(x - 1, y, label, va="center", ha="right", fontsize=8, color="white")
+        else:
+            ax.text(x + 1, y, label, va="center", fontsize=8)
+    ax.set_xlim(0, 100)
     ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("share of all bytes (%, linear)")
     ax.set_ylabel("component")
@@ -72,7 +75,7 @@ def plot_shard_map(shard_map: pd.DataFrame, title: str = "Which components live 
     positive = data[data > 0]
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size and positive.min() < positive.max() else None
     im = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
-    ax.set_xticks(range(cols), shard_map.columns, rotation=40, ha="right", fontsize=8)
+    ax.set_xticks(range(cols), shard_map.columns, rotation=90, fontsize=8)
     ax.set_yticks(range(rows), [_short_shard(s) for s in shard_map.index], fontsize=8 if rows <= 30 else 6)
     ax.set_ylabel("shard")
     ax.set_xlabel("component")
@@ -125,8 +128,12 @@ def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing ex
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     x = 100 * t["experts_share"]
     a.plot(x, t["kl"], "o-", color="#d62728")
+    right = float(x.max())
     for xi, k, m in zip(x, t["kl"], t["masked_share"]):
-        a.annotate(f"{m:.0%} masked", (xi, k), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        near_right = xi > 0.7 * right  # label the rightmost points on their left, inside the axes
+        a.annotate(f"{m:.0%} masked", (xi, k), textcoords="offset points", xytext=(-4 if near_right else 4, 6),
+                   ha="right" if near_right else "left", fontsize=8)
+    a.set_xlim(0, right * 1.05)
     a.set(xlabel="experts extracted (% of each layer's)", ylabel="KL(full || masked), nats / token")
     a.set_ylim(bottom=0, top=max(float(t["kl"].max()) * 1.25, 1e-9))
     a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
@@ -142,7 +149,29 @@ def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing ex
 # -- 03 activation comparison --------------------------------------------------------------------------
 
 _POINT_ORDER = [p for p in LAYER_POINTS if p != "mlp.hook_topk_indices"]  # the float-valued points, in forward order
-_FLOOR = 1e-12  # exact zeros drawn here on log axes
+_FLOOR = 1e-12  # the floor when nothing drawn is above zero
+
+
+def _log_floor(*series) -> float:
+    """Where exact zeros go on a log axis: one decade below the smallest positive value drawn (a fixed floor
+    such as 1e-12 stretched the axis over ten empty decades and squashed the data into the top band)."""
+    values = np.concatenate([np.asarray(v, dtype=float).ravel() for v in series]) if series else np.array([])
+    positive = values[np.isfinite(values) & (values > 0)]
+    return float(10 ** (np.floor(np.log10(positive.min())) - 1)) if positive.size else _FLOOR
+
+
+def _at_floor(values, floor: float) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    return np.where(v > 0, v, floor)
+
+
+def _mark_floor(ax, floor: float, any_zero: bool = True) -> None:
+    """A log y axis that starts just under FLOOR; when zeros are drawn there, a dotted line labelled 'exact 0'."""
+    ax.set_ylim(bottom=floor / 2)
+    if any_zero:
+        ax.axhline(floor, color="0.55", lw=0.7, ls=":", zorder=0)
+        ax.annotate("exact 0", (1, floor), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=7, color="0.35")
 
 
 def plot_rel_err_by_layer(table: pd.DataFrame, title: str = "rel_err per hook point across layers",
@@ -151,21 +180,24 @@ def plot_rel_err_by_layer(table: pd.DataFrame, title: str = "rel_err per hook po
     `table` is `Comparison.table` (columns name, layer, point, rel_err)."""
     fig, ax = plt.subplots(figsize=(8, 4.2))
     layered = table.dropna(subset=["layer"])
+    drawn = table[table.point != "mlp.hook_topk_indices"].rel_err
+    floor = _log_floor(drawn, [tol] if tol else [])
     for point in _POINT_ORDER:
         t = layered[layered.point == point]
         if len(t):
-            ax.plot(t.layer.astype(int), t.rel_err.clip(lower=_FLOOR), marker="o", ms=3, label=point)
+            ax.plot(t.layer.astype(int), _at_floor(t.rel_err, floor), marker="o", ms=3, label=point)
     for name, marker in (("hook_embed", "s"), ("ln_final.hook_normalized", "D"), ("hook_logits", "^")):
         row = table[table.name == name]
         if len(row):
             x = -0.5 if name == "hook_embed" else layered.layer.max() + 0.5
-            ax.scatter([x], row.rel_err.clip(lower=_FLOOR), marker=marker, color="black", zorder=3, label=name)
+            ax.scatter([x], _at_floor(row.rel_err, floor), marker=marker, color="black", zorder=3, label=name)
     if tol:
         ax.axhline(tol, color="red", ls="--", lw=1, label=f"tolerance {tol:g}")
     ax.set_yscale("log")
+    _mark_floor(ax, floor, bool((drawn <= 0).any()))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"rel_err (log; exact zeros at {_FLOOR:g})")
+    ax.set_ylabel("rel_err (log; exact zeros on the dotted line)")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
@@ -178,10 +210,15 @@ def plot_routing_agreement(table: pd.DataFrame, title: str = "Router top-k set a
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(t) + 2), 3))
     colors = ["tab:green" if a == 1.0 else "tab:orange" for a in t.topk_agreement]
     ax.bar(t.layer.astype(int), t.topk_agreement, color=colors)
-    ax.set_ylim(min(0.9, float(t.topk_agreement.min()) - 0.05) if len(t) else 0, 1.01)
+    for x, a in zip(t.layer.astype(int), t.topk_agreement):  # the value itself: 0.998 and 1.0 look alike
+        ax.text(x, a + 0.02, "1" if a == 1.0 else f"{a:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.15)  # from zero: a bar's height is its agreement
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("top-k agreement")
-    ax.set_title(title)
+    same = len(t) and bool((t.topk_agreement == 1.0).all())
+    ax.set_title(f"{title}{': the same experts everywhere' if same else ''}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -200,13 +237,22 @@ def _loop(seq: list[int]) -> tuple[int, int] | None:
 
 def plot_continuations(reference: list[int], selective: list[int], labels: dict[int, str] | None = None,
                        prompt: str | None = None, title: str = "Greedy continuation",
-                       pieces: tuple[list[str], list[str]] | None = None):
+                       pieces: tuple[list[str], list[str]] | None = None, stop=()):
     """Two rows of generated tokens, cell by cell; green where the selective model matches the reference. Each cell
     shows `pieces` (per position: the text each token adds when the sequence is decoded as it streams), else `labels` (id ->
     text), else the id; spaces as '·', newlines as '⏎'. When the reference settles into a loop, as greedy decoding of
-    a small model does, the title says where and how long."""
-    n = max(len(reference), len(selective))
-    fig, ax = plt.subplots(figsize=(min(0.42 * n + 1.5, 18), 2.1))
+    a small model does, the title says where and how long. `stop`: token ids that end a text (e.g. the
+    tokenizer's `<|endoftext|>`): each row is drawn up to and including its first one, as a reader's generation
+    would stop there."""
+    stop = set(stop or ())
+    cut = [next((j + 1 for j, tok in enumerate(seq) if tok in stop), len(seq)) for seq in (reference, selective)]
+    stopped = cut[0] < len(reference) or cut[1] < len(selective)
+    full_len = len(reference)
+    reference, selective = list(reference)[:cut[0]], list(selective)[:cut[1]]
+    if pieces is not None:
+        pieces = (list(pieces[0])[:cut[0]], list(pieces[1])[:cut[1]])
+    n = max(len(reference), len(selective), 1)
+    fig, ax = plt.subplots(figsize=(min(0.55 * n + 1.8, 20), 2.6))
     for row, seq in enumerate((reference, selective)):
         for j in range(n):
             tok = seq[j] if j < len(seq) else None
@@ -219,7 +265,8 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
             else:
                 text = labels.get(tok, str(tok)) if labels else str(tok)
             text = text.replace(" ", "·").replace("\n", "⏎")
-            ax.text(j + 0.5, 1.5 - row, text, ha="center", va="center", fontsize=6, rotation=90 if len(text) > 3 else 0)
+            ax.text(j + 0.5, 1.5 - row, text if len(text) <= 14 else text[:13] + "…", ha="center", va="center",
+                    fontsize=9 if len(text) <= 2 else 8, rotation=90 if len(text) > 2 else 0)
     loop = _loop(list(reference))
     if loop:
         ax.axvspan(loop[0], n, ymin=0.5, ymax=1.0, fill=False, ec="0.3", ls="--", lw=1)
@@ -229,6 +276,8 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
     ax.set_yticks([1.5, 0.5], ["reference\n(transformers)", "selective"])
     ax.set_xlabel("generated token (the text it adds)" if pieces is not None or labels else "generated token id")
     head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {len(reference)} tokens"
+    if stopped:
+        head += f" (drawn up to the end-of-text token; {full_len} generated)"
     tail = (f"\nfrom token {loop[0]} the reference repeats a {loop[1]}-token loop (dashed)"
             " — greedy decoding of a small model" if loop else "")
     ax.set_title(head + tail, fontsize=9)
@@ -244,7 +293,8 @@ def plot_fault(table: pd.DataFrame, fault: str, first_divergence: str | None, in
     hook called out."""
     fig, ax = plt.subplots(figsize=(9, 3.4))
     x = np.arange(len(table))
-    y = table.rel_err.clip(lower=_FLOOR).to_numpy()
+    floor = _log_floor(table.rel_err, [tol] if tol else [])
+    y = _at_floor(table.rel_err, floor)
     ax.plot(x, y, color="tab:blue", lw=1)
     ax.scatter(x, y, c=["tab:red" if d else "tab:blue" for d in table.divergent], s=10, zorder=3)
     if injected_layer is not None:
@@ -262,10 +312,11 @@ def plot_fault(table: pd.DataFrame, fault: str, first_divergence: str | None, in
     ax.set_xticks([table.index.get_loc(i) for i in layer_starts],
                   [f"L{int(table.layer[i])}" for i in layer_starts], fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("rel_err (log)")
+    _mark_floor(ax, floor, bool((table.rel_err <= 0).any()))
+    ax.set_ylabel("rel_err (log; exact zeros on the dotted line)")
     ax.set_xlabel("hook point, in forward order (ticks: each layer's first hook)")
     ax.set_title(f"fault: {fault}")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -274,18 +325,21 @@ def plot_dtype_errors(tables: dict[str, pd.DataFrame], title: str = "Errors by d
     """Several comparisons (label -> Comparison.table), rel_err per hook on one log axis: e.g. bf16 selective vs
     bf16 transformers beside transformers' own bf16 vs fp32, so bf16 rounding is shown, not hidden."""
     fig, ax = plt.subplots(figsize=(9, 3.6))
+    drawn = [t[t.point != "mlp.hook_topk_indices"].rel_err for t in tables.values()]
+    floor = _log_floor(*drawn)
     for (label, t), ls in zip(tables.items(), ["-", "-", "--", ":", "-."] * 4):
         t = t[t.point != "mlp.hook_topk_indices"]
-        ax.plot(np.arange(len(t)), t.rel_err.clip(lower=_FLOOR).to_numpy(), lw=1.4, ls=ls, label=label)
+        ax.plot(np.arange(len(t)), _at_floor(t.rel_err, floor), lw=1.4, ls=ls, label=label)
     first = next(iter(tables.values()))
     first = first[first.point != "mlp.hook_topk_indices"].reset_index(drop=True)
     starts = first.index[first.point == "hook_resid_pre"]
     ax.set_xticks(list(starts), [f"L{int(first.layer[i])}" for i in starts], fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("rel_err (log)")
+    _mark_floor(ax, floor, any(bool((d <= 0).any()) for d in drawn))
+    ax.set_ylabel("rel_err (log; exact zeros on the dotted line)")
     ax.set_xlabel("hook point, in forward order (ticks: each layer's first hook)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -418,7 +472,7 @@ def plot_router_entropy(entropy: pd.DataFrame, max_bits: float | None = None):
     if max_bits is not None:
         ax.axhline(max_bits, color="0.5", ls=":", label="uniform router")
     ax.set(xlabel="layer", ylabel="bits", title="Router entropy per layer and domain")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, never over them
     return fig
 
 
@@ -475,15 +529,23 @@ def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7):
     ax.autoscale_view()
     to_pt = 72.0 / ax.figure.dpi
     px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])) * to_pt
-    order = sorted(range(len(px)), key=lambda i: (round(px[i, 0] / 30), px[i, 1]))
-    last: dict[int, float] = {}
+    right = ax.transAxes.transform((0.7, 0))[0] * to_pt  # points right of this are labelled on their left
+    order = sorted(range(len(px)), key=lambda i: px[i, 1])
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
     for i in order:
-        bucket = round(px[i, 0] / 30)
-        y = max(px[i, 1], last.get(bucket, -np.inf) + gap_pt)
-        last[bucket] = y
-        shift = y - px[i, 1]
-        ax.annotate(names[i], (xs[i], ys[i]), xytext=(6, shift - 2), textcoords="offset points", fontsize=fontsize,
-                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
+        left = px[i, 0] > right
+        shift = 0.0
+        while True:
+            note = ax.annotate(names[i], (xs[i], ys[i]), xytext=(-6 if left else 6, shift - 2), textcoords="offset points",
+                               fontsize=fontsize, ha="right" if left else "left",
+                               arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed) or shift > 40 * gap_pt:
+                placed.append(box)
+                break
+            note.remove()
+            shift += gap_pt / 2
 
 
 _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "salience": ("C4", "D"),
@@ -495,20 +557,26 @@ def plot_quality_memory(table: pd.DataFrame):
     bytes), one point per setting (omnilab.experiments.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
     settings sit at exactly 0)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    floor = _log_floor(table["kl"])
     for group, rows in table.groupby("group", sort=False):
         color, marker = _GROUP_STYLE.get(group, ("0.5", "o"))
         x = 100 * rows["peak_expert_share"]
         a.scatter(x, rows["top1_agreement"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
-        b.scatter(x, rows["kl"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
+        b.scatter(x, _at_floor(rows["kl"], floor), c=color, marker=marker, s=60 if group != "full" else 160, label=group)
     a.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="top-1 agreement with the full model",
-          title="Quality against memory", xlim=(0, 118))
-    b.set_yscale("symlog", linthresh=1e-4)
-    b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats",
-          title="Divergence from the full model", xlim=(0, 118))
+          title="Quality against memory", xlim=(0, 105))
+    # a log axis with exact zeros (the cache settings: bit-identical) on a labelled floor; a symlog axis put its
+    # "0" one decade under its linear threshold, where it read as a small positive KL
+    b.set_yscale("log")
+    _mark_floor(b, floor, bool((table["kl"] <= 0).any()))
+    b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats (log)",
+          title="Divergence from the full model", xlim=(0, 105))
     named = table[~table["group"].isin(["budget", "full"])]
+    fig.canvas.draw()  # constrained layout settles the axes before labels are placed
     for ax, col in ((a, "top1_agreement"), (b, "kl")):
-        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(named[col]), list(named["name"]))
-    a.legend(fontsize=8, loc="lower left")
+        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(_at_floor(named[col], floor) if col == "kl"
+                                                                        else named[col]), list(named["name"]))
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, frameon=False)
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return fig
@@ -583,23 +651,30 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
     fig, axes = plt.subplots(1, 2 if bf16 else 1, figsize=(12 if bf16 else 7, 4.2), squeeze=False)
     ax = axes[0, 0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    tables = [result.chained.table, result.local.table] + ([result.noise.table] if bf16 else [])
+    floor = _log_floor(*[t[t.point.isin(points)].rel_err for t in tables],
+                       *([result.chained.table[result.chained.table.point.isin(points)].threshold] if bf16 else []))
+    # chained and local often agree: each view sits a little to its side of the layer, with its own marker
     for k, point in enumerate(points):
-        for view, table, style in (("chained", result.chained.table, "-"), ("local", result.local.table, "--")):
+        for view, table, style, dx, marker in (("chained", result.chained.table, "-", -0.12, "o"),
+                                                ("local", result.local.table, "--", 0.12, "s")):
             t = table[table.point == point]
-            ax.plot(t.layer.astype(int), t.rel_err.clip(lower=_FLOOR), style, marker="o", ms=3,
-                    color=colors[k % len(colors)], label=f"{point} ({view})")
+            ax.plot(t.layer.astype(int) + dx, _at_floor(t.rel_err, floor), style, marker=marker, ms=4,
+                    mfc="none" if view == "local" else None, color=colors[k % len(colors)], label=f"{point} ({view})")
     for view, first, marker in (("chained", result.first_divergence, "v"), ("local", result.local_first_divergence, "x")):
         if first is not None:
             row = (result.chained if view == "chained" else result.local).table.set_index("name").loc[first]
             if row.layer == row.layer:  # a layer hook (not embed / final)
-                ax.scatter([int(row.layer)], [max(row.rel_err, _FLOOR)], marker=marker, s=80, color="red", zorder=4,
+                dx = -0.12 if view == "chained" else 0.12
+                ax.scatter([int(row.layer) + dx], [max(row.rel_err, floor)], marker=marker, s=80, color="red", zorder=4,
                            label=f"first divergence ({view}): {first}")
     if injected_layer is not None:
         ax.axvspan(injected_layer - 0.4, injected_layer + 0.4, color="orange", alpha=0.2, label="fault injected")
     ax.set_yscale("log")
+    _mark_floor(ax, floor, any(bool((t[t.point.isin(points)].rel_err <= 0).any()) for t in tables[:2]))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel(f"rel_err vs transformers (log; exact zeros at {_FLOOR:g})")
+    ax.set_xlabel("layer (chained left of it, local right)")
+    ax.set_ylabel("rel_err vs transformers (log; exact zeros on the dotted line)")
     ax.set_title(title or f"Chained against local ({str(result.dtype).removeprefix('torch.')})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)
     if bf16:
@@ -608,12 +683,13 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
         for k, point in enumerate(points):
             t = result.chained.table[result.chained.table.point == point]
             layers = t.layer.astype(int)
-            ax.plot(layers, t.rel_err.clip(lower=_FLOOR), marker="o", ms=3, color=colors[k % len(colors)],
+            ax.plot(layers, _at_floor(t.rel_err, floor), marker="o", ms=3, color=colors[k % len(colors)],
                     label=f"{point}: selective bf16 vs transformers bf16")
-            ax.plot(layers, noise.rel_err.reindex(t.name).clip(lower=_FLOOR), ":", color=colors[k % len(colors)],
+            ax.plot(layers, _at_floor(noise.rel_err.reindex(t.name), floor), ":", color=colors[k % len(colors)],
                     label=f"{point}: transformers bf16 vs its fp32 (noise)")
-            ax.fill_between(layers, _FLOOR, t.threshold.clip(lower=_FLOOR), color=colors[k % len(colors)], alpha=0.08)
+            ax.fill_between(layers, floor / 2, _at_floor(t.threshold, floor), color=colors[k % len(colors)], alpha=0.08)
         ax.set_yscale("log")
+        _mark_floor(ax, floor, any(bool((t[t.point.isin(points)].rel_err <= 0).any()) for t in tables))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("rel_err (log)")
@@ -677,7 +753,7 @@ def plot_modality_specialization(spec: pd.DataFrame, single: pd.DataFrame):
     a.bar(x + 0.2, spec["baseline_mean"], 0.4, yerr=spec["baseline_std"], color="0.7", label="shuffled modalities")
     a.set(xticks=x, xticklabels=spec.index, xlabel="layer", ylabel="bits",
           title=f"Modality specialization (H(modality) = {spec['domain_entropy_bits'].mean():.2f} bits)")
-    a.legend(fontsize=8)
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     mods = [c for c in single.columns if f"baseline_{c}" in single.columns]
     xs = np.arange(len(single))
     bottom = np.zeros(len(single))
@@ -686,10 +762,12 @@ def plot_modality_specialization(spec: pd.DataFrame, single: pd.DataFrame):
         b.bar(xs, single[m], 0.6, bottom=bottom, color=_modality_color(m, i), label=m)
         bottom += single[m].to_numpy()
         base += single[f"baseline_{m}"].to_numpy()
-    b.plot(xs, base, "k_", markersize=22, mew=2, label="all modalities, shuffled labels")
+    b.plot(xs, base, "k_", markersize=22, mew=2, zorder=3, clip_on=False, label="all modalities, shuffled labels")
+    top = max(float(bottom.max()), float(base.max()), 1.0)
+    b.set_ylim(-0.04 * top, 1.12 * top)  # every bar whole, and a baseline of 0 visible above the axis
     b.set(xticks=xs, xticklabels=single.index, xlabel="layer", ylabel="experts",
           title=f"Experts serving one modality (of {int(single['experts'].iloc[0])} per layer)")
-    b.legend(fontsize=8)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -710,8 +788,7 @@ def plot_modality_overlap(overlap: pd.DataFrame):
     b.set(xlabel="layer", ylabel="correlation of P(b | a) matrices",
           title="Co-activation structure shared between modalities")
     a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in (a, b):
-        ax.legend(fontsize=7, ncol=2)
+    a.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(1.1, -0.15), frameon=False)  # one, under both
     fig.tight_layout()
     return fig
 

@@ -22,6 +22,8 @@ from omnilab.model.hooks import compare  # noqa: E402
 from omnilab.reference.whole import Reference  # noqa: E402
 from omnilab.units import format_bytes  # noqa: E402
 
+from tests.figure_checks import check_figure  # noqa: E402
+
 E, K, L = 8, 2, 3
 DOMAINS = ["en", "fr", "python"]
 
@@ -38,7 +40,8 @@ def _numeric(label: str) -> bool:
         return False
 
 
-def assert_labelled(fig):
+def assert_labelled(fig, skip=frozenset()):
+    """The labels below, then what the figure draws (figure_checks.check_figure)."""
     colorbars = [ax for ax in fig.axes if hasattr(ax, "_colorbar")]
     axes = [ax for ax in fig.axes if ax.get_visible() and ax.axison and ax not in colorbars]
     assert axes, "no axes drawn"
@@ -53,7 +56,7 @@ def assert_labelled(fig):
         assert ax.lines or ax.patches or ax.images or ax.collections, f"axes {ax.get_title()!r} draws nothing"
     for cb in colorbars:
         assert cb.get_ylabel().strip() or cb.get_xlabel().strip(), "a colour bar without a label"
-    plt.close(fig)
+    check_figure(fig, skip=skip)
 
 
 # -- data of the shapes the notebooks pass -------------------------------------------------------------
