@@ -47,9 +47,12 @@ def plot_component_bytes(components: pd.DataFrame, title: str = "Bytes per compo
     for y, (n, b, f, x) in enumerate(zip(df["tensors"], df["bytes"], files, share)):
         in_files = f", {_plural(int(f), 'file')}" if f is not None else ""
         pct = f"{b / total:.1%}" if b / total >= 0.001 else f"{100 * b / total:.1g}%"
-        ax.text(x + 1, y, f"{format_bytes(b, short=True)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})", va="center",
-                fontsize=8)
-    ax.set_xlim(0, 100 + 60)  # room for the labels right of the longest bar
+        label = f"{format_bytes(b, short=True)}  {pct}  ({_plural(int(n), 'tensor')}{in_files})"
+        if x > 45:  # a long bar carries its label inside, so the axis stops at 100%
+            ax.text(x - 1, y, label, va="center", ha="right", fontsize=8, color="white")
+        else:
+            ax.text(x + 1, y, label, va="center", fontsize=8)
+    ax.set_xlim(0, 100)
     ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("share of all bytes (%, linear)")
     ax.set_ylabel("component")
@@ -72,7 +75,7 @@ def plot_shard_map(shard_map: pd.DataFrame, title: str = "Which components live 
     positive = data[data > 0]
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size and positive.min() < positive.max() else None
     im = ax.imshow(shown, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
-    ax.set_xticks(range(cols), shard_map.columns, rotation=40, ha="right", fontsize=8)
+    ax.set_xticks(range(cols), shard_map.columns, rotation=90, fontsize=8)
     ax.set_yticks(range(rows), [_short_shard(s) for s in shard_map.index], fontsize=8 if rows <= 30 else 6)
     ax.set_ylabel("shard")
     ax.set_xlabel("component")
@@ -125,8 +128,12 @@ def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing ex
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     x = 100 * t["experts_share"]
     a.plot(x, t["kl"], "o-", color="#d62728")
+    right = float(x.max())
     for xi, k, m in zip(x, t["kl"], t["masked_share"]):
-        a.annotate(f"{m:.0%} masked", (xi, k), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        near_right = xi > 0.7 * right  # label the rightmost points on their left, inside the axes
+        a.annotate(f"{m:.0%} masked", (xi, k), textcoords="offset points", xytext=(-4 if near_right else 4, 6),
+                   ha="right" if near_right else "left", fontsize=8)
+    a.set_xlim(0, right * 1.05)
     a.set(xlabel="experts extracted (% of each layer's)", ylabel="KL(full || masked), nats / token")
     a.set_ylim(bottom=0, top=max(float(t["kl"].max()) * 1.25, 1e-9))
     a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
@@ -142,7 +149,29 @@ def plot_masking_cost(table: pd.DataFrame, title: str = "What masking missing ex
 # -- 03 activation comparison --------------------------------------------------------------------------
 
 _POINT_ORDER = [p for p in LAYER_POINTS if p != "mlp.hook_topk_indices"]  # the float-valued points, in forward order
-_FLOOR = 1e-12  # exact zeros drawn here on log axes
+_FLOOR = 1e-12  # the floor when nothing drawn is above zero
+
+
+def _log_floor(*series) -> float:
+    """Where exact zeros go on a log axis: one decade below the smallest positive value drawn (a fixed floor
+    such as 1e-12 stretched the axis over ten empty decades and squashed the data into the top band)."""
+    values = np.concatenate([np.asarray(v, dtype=float).ravel() for v in series]) if series else np.array([])
+    positive = values[np.isfinite(values) & (values > 0)]
+    return float(10 ** (np.floor(np.log10(positive.min())) - 1)) if positive.size else _FLOOR
+
+
+def _at_floor(values, floor: float) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    return np.where(v > 0, v, floor)
+
+
+def _mark_floor(ax, floor: float, any_zero: bool = True) -> None:
+    """A log y axis that starts just under FLOOR; when zeros are drawn there, a dotted line labelled 'exact 0'."""
+    ax.set_ylim(bottom=floor / 2)
+    if any_zero:
+        ax.axhline(floor, color="0.55", lw=0.7, ls=":", zorder=0)
+        ax.annotate("exact 0", (1, floor), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=7, color="0.35")
 
 
 def plot_rel_err_by_layer(table: pd.DataFrame, title: str = "rel_err per hook point across layers",
@@ -151,21 +180,24 @@ def plot_rel_err_by_layer(table: pd.DataFrame, title: str = "rel_err per hook po
     `table` is `Comparison.table` (columns name, layer, point, rel_err)."""
     fig, ax = plt.subplots(figsize=(8, 4.2))
     layered = table.dropna(subset=["layer"])
+    drawn = table[table.point != "mlp.hook_topk_indices"].rel_err
+    floor = _log_floor(drawn, [tol] if tol else [])
     for point in _POINT_ORDER:
         t = layered[layered.point == point]
         if len(t):
-            ax.plot(t.layer.astype(int), t.rel_err.clip(lower=_FLOOR), marker="o", ms=3, label=point)
+            ax.plot(t.layer.astype(int), _at_floor(t.rel_err, floor), marker="o", ms=3, label=point)
     for name, marker in (("hook_embed", "s"), ("ln_final.hook_normalized", "D"), ("hook_logits", "^")):
         row = table[table.name == name]
         if len(row):
             x = -0.5 if name == "hook_embed" else layered.layer.max() + 0.5
-            ax.scatter([x], row.rel_err.clip(lower=_FLOOR), marker=marker, color="black", zorder=3, label=name)
+            ax.scatter([x], _at_floor(row.rel_err, floor), marker=marker, color="black", zorder=3, label=name)
     if tol:
         ax.axhline(tol, color="red", ls="--", lw=1, label=f"tolerance {tol:g}")
     ax.set_yscale("log")
+    _mark_floor(ax, floor, bool((drawn <= 0).any()))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"rel_err (log; exact zeros at {_FLOOR:g})")
+    ax.set_ylabel("rel_err (log; exact zeros on the dotted line)")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
@@ -178,10 +210,15 @@ def plot_routing_agreement(table: pd.DataFrame, title: str = "Router top-k set a
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(t) + 2), 3))
     colors = ["tab:green" if a == 1.0 else "tab:orange" for a in t.topk_agreement]
     ax.bar(t.layer.astype(int), t.topk_agreement, color=colors)
-    ax.set_ylim(min(0.9, float(t.topk_agreement.min()) - 0.05) if len(t) else 0, 1.01)
+    for x, a in zip(t.layer.astype(int), t.topk_agreement):  # the value itself: 0.998 and 1.0 look alike
+        ax.text(x, a + 0.02, "1" if a == 1.0 else f"{a:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.15)  # from zero: a bar's height is its agreement
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("top-k agreement")
-    ax.set_title(title)
+    same = len(t) and bool((t.topk_agreement == 1.0).all())
+    ax.set_title(f"{title}{': the same experts everywhere' if same else ''}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -200,13 +237,22 @@ def _loop(seq: list[int]) -> tuple[int, int] | None:
 
 def plot_continuations(reference: list[int], selective: list[int], labels: dict[int, str] | None = None,
                        prompt: str | None = None, title: str = "Greedy continuation",
-                       pieces: tuple[list[str], list[str]] | None = None):
+                       pieces: tuple[list[str], list[str]] | None = None, stop=()):
     """Two rows of generated tokens, cell by cell; green where the selective model matches the reference. Each cell
     shows `pieces` (per position: the text each token adds when the sequence is decoded as it streams), else `labels` (id ->
     text), else the id; spaces as '·', newlines as '⏎'. When the reference settles into a loop, as greedy decoding of
-    a small model does, the title says where and how long."""
-    n = max(len(reference), len(selective))
-    fig, ax = plt.subplots(figsize=(min(0.42 * n + 1.5, 18), 2.1))
+    a small model does, the title says where and how long. `stop`: token ids that end a text (e.g. the
+    tokenizer's `<|endoftext|>`): each row is drawn up to and including its first one, as a reader's generation
+    would stop there."""
+    stop = set(stop or ())
+    cut = [next((j + 1 for j, tok in enumerate(seq) if tok in stop), len(seq)) for seq in (reference, selective)]
+    stopped = cut[0] < len(reference) or cut[1] < len(selective)
+    full_len = len(reference)
+    reference, selective = list(reference)[:cut[0]], list(selective)[:cut[1]]
+    if pieces is not None:
+        pieces = (list(pieces[0])[:cut[0]], list(pieces[1])[:cut[1]])
+    n = max(len(reference), len(selective), 1)
+    fig, ax = plt.subplots(figsize=(min(0.55 * n + 1.8, 20), 2.6))
     for row, seq in enumerate((reference, selective)):
         for j in range(n):
             tok = seq[j] if j < len(seq) else None
@@ -219,7 +265,8 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
             else:
                 text = labels.get(tok, str(tok)) if labels else str(tok)
             text = text.replace(" ", "·").replace("\n", "⏎")
-            ax.text(j + 0.5, 1.5 - row, text, ha="center", va="center", fontsize=6, rotation=90 if len(text) > 3 else 0)
+            ax.text(j + 0.5, 1.5 - row, text if len(text) <= 14 else text[:13] + "…", ha="center", va="center",
+                    fontsize=9 if len(text) <= 2 else 8, rotation=90 if len(text) > 2 else 0)
     loop = _loop(list(reference))
     if loop:
         ax.axvspan(loop[0], n, ymin=0.5, ymax=1.0, fill=False, ec="0.3", ls="--", lw=1)
@@ -229,6 +276,8 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
     ax.set_yticks([1.5, 0.5], ["reference\n(transformers)", "selective"])
     ax.set_xlabel("generated token (the text it adds)" if pieces is not None or labels else "generated token id")
     head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {len(reference)} tokens"
+    if stopped:
+        head += f" (drawn up to the end-of-text token; {full_len} generated)"
     tail = (f"\nfrom token {loop[0]} the reference repeats a {loop[1]}-token loop (dashed)"
             " — greedy decoding of a small model" if loop else "")
     ax.set_title(head + tail, fontsize=9)
@@ -244,7 +293,8 @@ def plot_fault(table: pd.DataFrame, fault: str, first_divergence: str | None, in
     hook called out."""
     fig, ax = plt.subplots(figsize=(9, 3.4))
     x = np.arange(len(table))
-    y = table.rel_err.clip(lower=_FLOOR).to_numpy()
+    floor = _log_floor(table.rel_err, [tol] if tol else [])
+    y = _at_floor(table.rel_err, floor)
     ax.plot(x, y, color="tab:blue", lw=1)
     ax.scatter(x, y, c=["tab:red" if d else "tab:blue" for d in table.divergent], s=10, zorder=3)
     if injected_layer is not None:
@@ -262,10 +312,11 @@ def plot_fault(table: pd.DataFrame, fault: str, first_divergence: str | None, in
     ax.set_xticks([table.index.get_loc(i) for i in layer_starts],
                   [f"L{int(table.layer[i])}" for i in layer_starts], fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("rel_err (log)")
+    _mark_floor(ax, floor, bool((table.rel_err <= 0).any()))
+    ax.set_ylabel("rel_err (log; exact zeros on the dotted line)")
     ax.set_xlabel("hook point, in forward order (ticks: each layer's first hook)")
     ax.set_title(f"fault: {fault}")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -274,18 +325,21 @@ def plot_dtype_errors(tables: dict[str, pd.DataFrame], title: str = "Errors by d
     """Several comparisons (label -> Comparison.table), rel_err per hook on one log axis: e.g. bf16 selective vs
     bf16 transformers beside transformers' own bf16 vs fp32, so bf16 rounding is shown, not hidden."""
     fig, ax = plt.subplots(figsize=(9, 3.6))
+    drawn = [t[t.point != "mlp.hook_topk_indices"].rel_err for t in tables.values()]
+    floor = _log_floor(*drawn)
     for (label, t), ls in zip(tables.items(), ["-", "-", "--", ":", "-."] * 4):
         t = t[t.point != "mlp.hook_topk_indices"]
-        ax.plot(np.arange(len(t)), t.rel_err.clip(lower=_FLOOR).to_numpy(), lw=1.4, ls=ls, label=label)
+        ax.plot(np.arange(len(t)), _at_floor(t.rel_err, floor), lw=1.4, ls=ls, label=label)
     first = next(iter(tables.values()))
     first = first[first.point != "mlp.hook_topk_indices"].reset_index(drop=True)
     starts = first.index[first.point == "hook_resid_pre"]
     ax.set_xticks(list(starts), [f"L{int(first.layer[i])}" for i in starts], fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("rel_err (log)")
+    _mark_floor(ax, floor, any(bool((d <= 0).any()) for d in drawn))
+    ax.set_ylabel("rel_err (log; exact zeros on the dotted line)")
     ax.set_xlabel("hook point, in forward order (ticks: each layer's first hook)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -418,7 +472,7 @@ def plot_router_entropy(entropy: pd.DataFrame, max_bits: float | None = None):
     if max_bits is not None:
         ax.axhline(max_bits, color="0.5", ls=":", label="uniform router")
     ax.set(xlabel="layer", ylabel="bits", title="Router entropy per layer and domain")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the lines, never over them
     return fig
 
 
@@ -475,15 +529,23 @@ def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7):
     ax.autoscale_view()
     to_pt = 72.0 / ax.figure.dpi
     px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])) * to_pt
-    order = sorted(range(len(px)), key=lambda i: (round(px[i, 0] / 30), px[i, 1]))
-    last: dict[int, float] = {}
+    right = ax.transAxes.transform((0.7, 0))[0] * to_pt  # points right of this are labelled on their left
+    order = sorted(range(len(px)), key=lambda i: px[i, 1])
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
     for i in order:
-        bucket = round(px[i, 0] / 30)
-        y = max(px[i, 1], last.get(bucket, -np.inf) + gap_pt)
-        last[bucket] = y
-        shift = y - px[i, 1]
-        ax.annotate(names[i], (xs[i], ys[i]), xytext=(6, shift - 2), textcoords="offset points", fontsize=fontsize,
-                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
+        left = px[i, 0] > right
+        shift = 0.0
+        while True:
+            note = ax.annotate(names[i], (xs[i], ys[i]), xytext=(-6 if left else 6, shift - 2), textcoords="offset points",
+                               fontsize=fontsize, ha="right" if left else "left",
+                               arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed) or shift > 40 * gap_pt:
+                placed.append(box)
+                break
+            note.remove()
+            shift += gap_pt / 2
 
 
 _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "salience": ("C4", "D"),
@@ -495,30 +557,38 @@ def plot_quality_memory(table: pd.DataFrame):
     bytes), one point per setting (omnilab.experiments.sweeps.run_sweep). Right: next-token KL on a symlog axis (cache
     settings sit at exactly 0)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    floor = _log_floor(table["kl"])
     for group, rows in table.groupby("group", sort=False):
         color, marker = _GROUP_STYLE.get(group, ("0.5", "o"))
         x = 100 * rows["peak_expert_share"]
         a.scatter(x, rows["top1_agreement"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
-        b.scatter(x, rows["kl"], c=color, marker=marker, s=60 if group != "full" else 160, label=group)
+        b.scatter(x, _at_floor(rows["kl"], floor), c=color, marker=marker, s=60 if group != "full" else 160, label=group)
     a.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="top-1 agreement with the full model",
-          title="Quality against memory", xlim=(0, 118))
-    b.set_yscale("symlog", linthresh=1e-4)
-    b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats",
-          title="Divergence from the full model", xlim=(0, 118))
+          title="Quality against memory", xlim=(0, 105))
+    # a log axis with exact zeros (the cache settings: bit-identical) on a labelled floor; a symlog axis put its
+    # "0" one decade under its linear threshold, where it read as a small positive KL
+    b.set_yscale("log")
+    _mark_floor(b, floor, bool((table["kl"] <= 0).any()))
+    b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats (log)",
+          title="Divergence from the full model", xlim=(0, 105))
     named = table[~table["group"].isin(["budget", "full"])]
+    fig.canvas.draw()  # constrained layout settles the axes before labels are placed
     for ax, col in ((a, "top1_agreement"), (b, "kl")):
-        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(named[col]), list(named["name"]))
-    a.legend(fontsize=8, loc="lower left")
+        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(_at_floor(named[col], floor) if col == "kl"
+                                                                        else named[col]), list(named["name"]))
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, frameon=False)
     for ax in (a, b):
         ax.grid(alpha=0.3)
     return fig
 
 
 
-def plot_speed(table: pd.DataFrame):
+def plot_speed(table: pd.DataFrame, noise: float = 0.3):
     """Decode speed of each setting relative to the full model in the same run (tokens_per_s / full's), one bar
     per setting coloured by group, with the full model's tokens/s in the label. Timings vary from run to run
-    and machine to machine: shown here, kept out of the baselines."""
+    and machine to machine: shown here, kept out of the baselines. One timing per setting is no measurement of a
+    speed-up: ratios within 1 ± NOISE (one decode timed once on a shared CPU) are shaded and labelled '≈1x', not
+    read as faster or slower."""
     t = table.reset_index(drop=True)
     full = float(t.loc[t["group"] == "full", "tokens_per_s"].iloc[0])
     ratio = t["tokens_per_s"] / full
@@ -526,14 +596,17 @@ def plot_speed(table: pd.DataFrame):
     y = np.arange(len(t))[::-1]
     colors = [_GROUP_STYLE.get(g, ("0.5", "o"))[0] for g in t["group"]]
     ax.barh(y, ratio, color=colors)
+    ax.axvspan(1 - noise, 1 + noise, color="0.85", zorder=0, label=f"within timing noise (±{noise:.0%})")
     for yi, r, tps in zip(y, ratio, t["tokens_per_s"]):
-        ax.text(r, yi, f" {r:.2f}x ({tps:.1f}/s)", va="center", fontsize=7)
+        ratio_text = "≈1x" if abs(r - 1) <= noise else f"{r:.2f}x"
+        ax.text(r, yi, f" {ratio_text} ({tps:.1f}/s)", va="center", fontsize=7)
     ax.axvline(1.0, color="k", lw=1, ls=":")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_yticks(y, t["name"], fontsize=7)
-    ax.set_xlim(0, float(ratio.max()) * 1.3)
+    ax.set_xlim(0, max(float(ratio.max()), 1 + noise) * 1.35)
     ax.set_xlabel(f"decode tokens/s relative to the full model ({full:.1f} tokens/s, same run)")
     ax.set_ylabel("setting")
-    ax.set_title("Decoding speed on this machine (timings vary: not in the baselines)", fontsize=10)
+    ax.set_title("Decoding speed on this machine (one timing each: differences within the band are noise)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -583,23 +656,30 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
     fig, axes = plt.subplots(1, 2 if bf16 else 1, figsize=(12 if bf16 else 7, 4.2), squeeze=False)
     ax = axes[0, 0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    tables = [result.chained.table, result.local.table] + ([result.noise.table] if bf16 else [])
+    floor = _log_floor(*[t[t.point.isin(points)].rel_err for t in tables],
+                       *([result.chained.table[result.chained.table.point.isin(points)].threshold] if bf16 else []))
+    # chained and local often agree: each view sits a little to its side of the layer, with its own marker
     for k, point in enumerate(points):
-        for view, table, style in (("chained", result.chained.table, "-"), ("local", result.local.table, "--")):
+        for view, table, style, dx, marker in (("chained", result.chained.table, "-", -0.12, "o"),
+                                                ("local", result.local.table, "--", 0.12, "s")):
             t = table[table.point == point]
-            ax.plot(t.layer.astype(int), t.rel_err.clip(lower=_FLOOR), style, marker="o", ms=3,
-                    color=colors[k % len(colors)], label=f"{point} ({view})")
+            ax.plot(t.layer.astype(int) + dx, _at_floor(t.rel_err, floor), style, marker=marker, ms=4,
+                    mfc="none" if view == "local" else None, color=colors[k % len(colors)], label=f"{point} ({view})")
     for view, first, marker in (("chained", result.first_divergence, "v"), ("local", result.local_first_divergence, "x")):
         if first is not None:
             row = (result.chained if view == "chained" else result.local).table.set_index("name").loc[first]
             if row.layer == row.layer:  # a layer hook (not embed / final)
-                ax.scatter([int(row.layer)], [max(row.rel_err, _FLOOR)], marker=marker, s=80, color="red", zorder=4,
+                dx = -0.12 if view == "chained" else 0.12
+                ax.scatter([int(row.layer) + dx], [max(row.rel_err, floor)], marker=marker, s=80, color="red", zorder=4,
                            label=f"first divergence ({view}): {first}")
     if injected_layer is not None:
         ax.axvspan(injected_layer - 0.4, injected_layer + 0.4, color="orange", alpha=0.2, label="fault injected")
     ax.set_yscale("log")
+    _mark_floor(ax, floor, any(bool((t[t.point.isin(points)].rel_err <= 0).any()) for t in tables[:2]))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel(f"rel_err vs transformers (log; exact zeros at {_FLOOR:g})")
+    ax.set_xlabel("layer (chained left of it, local right)")
+    ax.set_ylabel("rel_err vs transformers (log; exact zeros on the dotted line)")
     ax.set_title(title or f"Chained against local ({str(result.dtype).removeprefix('torch.')})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)
     if bf16:
@@ -608,12 +688,13 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
         for k, point in enumerate(points):
             t = result.chained.table[result.chained.table.point == point]
             layers = t.layer.astype(int)
-            ax.plot(layers, t.rel_err.clip(lower=_FLOOR), marker="o", ms=3, color=colors[k % len(colors)],
+            ax.plot(layers, _at_floor(t.rel_err, floor), marker="o", ms=3, color=colors[k % len(colors)],
                     label=f"{point}: selective bf16 vs transformers bf16")
-            ax.plot(layers, noise.rel_err.reindex(t.name).clip(lower=_FLOOR), ":", color=colors[k % len(colors)],
+            ax.plot(layers, _at_floor(noise.rel_err.reindex(t.name), floor), ":", color=colors[k % len(colors)],
                     label=f"{point}: transformers bf16 vs its fp32 (noise)")
-            ax.fill_between(layers, _FLOOR, t.threshold.clip(lower=_FLOOR), color=colors[k % len(colors)], alpha=0.08)
+            ax.fill_between(layers, floor / 2, _at_floor(t.threshold, floor), color=colors[k % len(colors)], alpha=0.08)
         ax.set_yscale("log")
+        _mark_floor(ax, floor, any(bool((t[t.point.isin(points)].rel_err <= 0).any()) for t in tables))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("rel_err (log)")
@@ -677,7 +758,7 @@ def plot_modality_specialization(spec: pd.DataFrame, single: pd.DataFrame):
     a.bar(x + 0.2, spec["baseline_mean"], 0.4, yerr=spec["baseline_std"], color="0.7", label="shuffled modalities")
     a.set(xticks=x, xticklabels=spec.index, xlabel="layer", ylabel="bits",
           title=f"Modality specialization (H(modality) = {spec['domain_entropy_bits'].mean():.2f} bits)")
-    a.legend(fontsize=8)
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     mods = [c for c in single.columns if f"baseline_{c}" in single.columns]
     xs = np.arange(len(single))
     bottom = np.zeros(len(single))
@@ -686,10 +767,12 @@ def plot_modality_specialization(spec: pd.DataFrame, single: pd.DataFrame):
         b.bar(xs, single[m], 0.6, bottom=bottom, color=_modality_color(m, i), label=m)
         bottom += single[m].to_numpy()
         base += single[f"baseline_{m}"].to_numpy()
-    b.plot(xs, base, "k_", markersize=22, mew=2, label="all modalities, shuffled labels")
+    b.plot(xs, base, "k_", markersize=22, mew=2, zorder=3, clip_on=False, label="all modalities, shuffled labels")
+    top = max(float(bottom.max()), float(base.max()), 1.0)
+    b.set_ylim(-0.04 * top, 1.12 * top)  # every bar whole, and a baseline of 0 visible above the axis
     b.set(xticks=xs, xticklabels=single.index, xlabel="layer", ylabel="experts",
           title=f"Experts serving one modality (of {int(single['experts'].iloc[0])} per layer)")
-    b.legend(fontsize=8)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -710,16 +793,27 @@ def plot_modality_overlap(overlap: pd.DataFrame):
     b.set(xlabel="layer", ylabel="correlation of P(b | a) matrices",
           title="Co-activation structure shared between modalities")
     a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in (a, b):
-        ax.legend(fontsize=7, ncol=2)
+    a.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(1.1, -0.15), frameon=False)  # one, under both
     fig.tight_layout()
     return fig
 
 
-def plot_modality_masking(summary: pd.DataFrame):
+def _paired_sem(scores: pd.DataFrame | None, setting: str, form: str) -> float:
+    """Standard error of the per-prompt change in answer NLL (SETTING minus "full", the same prompts)."""
+    if scores is None:
+        return float("nan")
+    keys = [c for c in ("id", "form", "kind", "voice") if c in scores.columns]
+    full = scores[(scores["setting"] == "full") & (scores["form"] == form)].set_index(keys)["answer_nll"]
+    masked = scores[(scores["setting"] == setting) & (scores["form"] == form)].set_index(keys)["answer_nll"]
+    d = (masked - full.reindex(masked.index)).dropna()
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def plot_modality_masking(summary: pd.DataFrame, scores: pd.DataFrame | None = None):
     """The causal test (modality.masking_experiment): for each mask, left, the change in answer NLL of each
     form's prompts and in the text documents' NLL (log of the perplexity ratio), nats per token; right, the share
-    of each form's routing (in the unmasked model) that the mask removed."""
+    of each form's routing (in the unmasked model) that the mask removed. SCORES (one row per prompt and setting,
+    modality.masking_experiment's second result): error bars of ± 1 standard error of the per-prompt change."""
     settings = [s for s in dict.fromkeys(summary["setting"]) if s != "full"]
     forms = list(dict.fromkeys(summary["form"]))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -728,17 +822,131 @@ def plot_modality_masking(summary: pd.DataFrame):
     table = summary.set_index(["setting", "form"])
     for i, form in enumerate(forms):
         d = [float(table.loc[(s, form), "d_answer_nll"]) for s in settings]
-        a.bar(x + (i - len(forms) / 2) * width, d, width, color=_modality_color(form, i), label=f"{form} prompts' answers")
+        err = [_paired_sem(scores, s, form) for s in settings] if scores is not None else None
+        a.bar(x + (i - len(forms) / 2) * width, d, width, yerr=err, capsize=2, color=_modality_color(form, i),
+              label=f"{form} prompts' answers")
         share = [float(table.loc[(s, form), "masked_share"]) for s in settings]
         b.bar(x + (i - (len(forms) - 1) / 2) * width, share, width, color=_modality_color(form, i), label=form)
     ppl = [float(np.log(summary.loc[summary["setting"] == s, "text_ppl_ratio"].iloc[0])) for s in settings]
     a.bar(x + (len(forms) / 2) * width, ppl, width, color="0.55", label="text documents (log ppl ratio)")
     a.axhline(0, color="black", lw=0.8)
-    a.set(xticks=x, xticklabels=settings, xlabel="experts masked", ylabel="change in NLL (nats / token)",
+    a.set(xticks=x, xticklabels=settings, xlabel="experts masked",
+          ylabel="change in NLL (nats / token)" + (", ± 1 s.e. over prompts" if scores is not None else ""),
           title="What masking costs each modality")
     b.set(xticks=x, xticklabels=settings, xlabel="experts masked", ylabel="share of the routing removed",
           ylim=(0, 1.02), title="Routing mass the mask removes (unmasked model)")
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# 04 per-token routing: which expert each token of one document went to
+# ---------------------------------------------------------------------------------------------------
+
+
+def token_routing_table(trace: pd.DataFrame, doc: int, layer: int, pieces: list[str] | None = None) -> pd.DataFrame:
+    """One row per token of document DOC at LAYER, read from a routing trace (omnilab.experiments.routing's
+    columns: doc, position, token_id, layer, rank, expert, weight, entropy): its text (PIECES per position, else
+    the id), top expert, and the full top-k with weights in rank order."""
+    t = trace[(trace["doc"] == doc) & (trace["layer"] == layer)].sort_values(["position", "rank"])
+    if not len(t):
+        raise KeyError(f"no rows for doc {doc} at layer {layer} in this trace")
+    rows = []
+    for pos, g in t.groupby("position", sort=True):
+        token = int(g["token_id"].iloc[0])
+        text = pieces[int(pos)] if pieces is not None and int(pos) < len(pieces) else str(token)
+        rows.append({"position": int(pos), "token_id": token, "text": text, "top_expert": int(g["expert"].iloc[0]),
+                     "experts": [int(e) for e in g["expert"]], "weights": [round(float(w), 3) for w in g["weight"]],
+                     "entropy_bits": float(g["entropy"].iloc[0])})
+    return pd.DataFrame(rows).set_index("position")
+
+
+def _expert_colors(n: int):
+    base = list(plt.cm.tab20.colors) + list(plt.cm.tab20b.colors) + list(plt.cm.tab20c.colors)
+    return [base[i % len(base)] for i in range(n)]
+
+
+def plot_token_routing(table: pd.DataFrame, num_experts: int, layer: int, title: str | None = None,
+                       width: int = 70):
+    """The text of one document, each token on a box coloured by its top expert at LAYER (`table` from
+    token_routing_table), wrapped at WIDTH characters; a key names the colours of the experts used."""
+    colors = _expert_colors(num_experts)
+    x = row = 0.0
+    boxes = []
+    for _, r in table.iterrows():
+        text = str(r["text"]).replace("\n", "⏎")
+        w = max(1, len(text))
+        if x + w > width and x > 0:
+            x, row = 0.0, row + 1
+        boxes.append((x, row, w, text, int(r["top_expert"])))
+        x += w + 0.3
+        if "⏎" in text:
+            x, row = 0.0, row + 1
+    rows = int(row) + 1
+    fig, ax = plt.subplots(figsize=(11, 0.34 * rows + 1.6))
+    for bx, by, w, text, e in boxes:
+        ax.add_patch(plt.Rectangle((bx, by + 0.08), w, 0.84, color=colors[e], alpha=0.75, lw=0))
+        ax.text(bx + w / 2, by + 0.5, text, ha="center", va="center", fontsize=8, family="monospace")
+    ax.set_xlim(0, width + 1)
+    ax.set_ylim(rows, 0)
+    ax.set_yticks(np.arange(rows) + 0.5, [str(i + 1) for i in range(rows)], fontsize=7)
+    ax.set_xticks([])
+    ax.set_xlabel("each token on its top expert's colour (full top-k and weights: token_routing_table)")
+    ax.set_ylabel("line")
+    used = table["top_expert"].value_counts()
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[e], alpha=0.75, label=f"expert {e} ({n})") for e, n in used.items()]
+    ax.legend(handles=handles, fontsize=7, ncol=min(8, len(handles)), loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              frameon=False, title="top expert (tokens)", title_fontsize=7)
+    ax.set_title(title or f"Top expert of every token at layer {layer}", fontsize=10)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def token_routing_explorer(trace: pd.DataFrame, tokenizer=None, docs: list[int] | None = None):
+    """An ipywidgets view over plot_token_routing: a layer slider and a document dropdown; under the figure, the
+    table of every token's top-k experts and weights. TOKENIZER decodes the trace's token ids (None: ids)."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from omnilab.tokenizer import stream_pieces
+
+    E = int(trace.attrs["num_experts"])
+    layers = sorted(int(v) for v in trace["layer"].unique())
+    docs = docs if docs is not None else sorted(int(v) for v in trace["doc"].unique())
+    names = trace.drop_duplicates("doc").set_index("doc")["domain"].astype(str)
+    out = widgets.Output()
+    slider = widgets.SelectionSlider(options=layers, value=layers[0], description="layer")
+    dropdown = widgets.Dropdown(options=[(f"doc {d} ({names.get(d, '?')})", d) for d in docs], value=docs[0],
+                                description="document")
+    cache: dict[int, list[str] | None] = {}
+
+    def pieces(doc: int):
+        if doc not in cache:
+            ids = trace[(trace["doc"] == doc) & (trace["layer"] == layers[0]) & (trace["rank"] == 0)] \
+                .sort_values("position")["token_id"].tolist()
+            cache[doc] = stream_pieces(tokenizer, ids) if tokenizer is not None else None
+        return cache[doc]
+
+    def draw(change=None):  # drawn outside the Output's context, so an error fails the cell (see router_explorer)
+        table = token_routing_table(trace, dropdown.value, slider.value, pieces(dropdown.value))
+        fig = plot_token_routing(table, E, slider.value,
+                                 title=f"doc {dropdown.value} ({names.get(dropdown.value, '?')}): top expert per token "
+                                       f"at layer {slider.value}")
+        try:
+            out.clear_output(wait=True)
+            with out:
+                display(fig)
+                display(table)
+        finally:
+            plt.close(fig)
+
+    draw()
+    slider.observe(draw, names="value")
+    dropdown.observe(draw, names="value")
+    return widgets.VBox([widgets.HBox([slider, dropdown]), out])

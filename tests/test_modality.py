@@ -278,3 +278,11 @@ def test_modality_figures_are_labelled(known_trace):
             rows.append(dict(setting=setting, form=form, d_answer_nll=0.0 if full else 0.1 * (i + 1),
                              masked_share=0.0 if full else 0.2, text_ppl_ratio=1.0 if full else 1.3))
     assert_labelled(plots.plot_modality_masking(pd.DataFrame(rows)))
+    # error bars: the per-prompt change's standard error (prompt 0 of each form moves 0.2 more than prompt 1)
+    scores = pd.DataFrame([dict(setting=s, form=f, id=j, answer_nll=1.0 + (0 if s == "full" else 0.1 + 0.2 * (j == 0)))
+                           for s in ("full", "audio-specific", "random") for f in md.MODALITIES for j in range(2)])
+    fig = plots.plot_modality_masking(pd.DataFrame(rows), scores)
+    caps = [c for c in fig.axes[0].collections if c.__class__.__name__ == "LineCollection"]
+    assert caps and "s.e." in fig.axes[0].get_ylabel()
+    assert abs(plots._paired_sem(scores, "random", "text") - 0.1) < 1e-9
+    assert_labelled(fig)

@@ -1,4 +1,5 @@
-"""The notebooks as files: sources without outputs, parameters that do not depend on the working directory, a
+"""The notebooks as committed (git's index, not the working copy, which keeps the outputs of a JupyterLab run: the
+`nbclean` git filter, scripts/nbclean.py, strips them on the way in): sources without outputs, parameters that do not depend on the working directory, a
 wrong checkpoint that stops every notebook, widget errors that are caught, and published executed copies
 (docs/notebooks/) whose code is the source's (a stale copy fails here: `omnilab regress --publish` rewrites them).
 Executing them is nbval's job (scripts/test.sh runs `pytest --nbval-lax notebooks`) and regress's."""
@@ -6,6 +7,10 @@ Executing them is nbval's job (scripts/test.sh runs `pytest --nbval-lax notebook
 from __future__ import annotations
 
 import json
+import runpy
+import shutil
+import subprocess
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -14,6 +19,29 @@ from omnilab import notebook
 from omnilab import regress
 
 BOOKS = regress.numbered_notebooks()
+NBCLEAN = runpy.run_path(str(notebook.REPO / "scripts" / "nbclean.py"))
+
+
+def committed(book: Path):
+    """The notebook as git holds it (the index: what the next commit takes), read through nbformat; outside a
+    git checkout, the working copy as the clean filter would commit it."""
+    rel = book.resolve().relative_to(notebook.REPO).as_posix()
+    shown = subprocess.run(["git", "-C", str(notebook.REPO), "show", f":{rel}"], capture_output=True, text=True)
+    text = shown.stdout if shown.returncode == 0 else NBCLEAN["clean_text"](book.read_text())
+    return nbformat.reads(text, as_version=4)
+
+
+def _with_outputs(nb: dict) -> dict:
+    """NB as JupyterLab saves it after Run All: outputs, counts, timings, widget state, the kernel's version."""
+    nb = json.loads(json.dumps(nb))
+    for n, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        cell["execution_count"] = n + 1
+        cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hello\n"]},
+                           {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBORw0KGgo="}}]
+        cell["metadata"]["execution"] = {"iopub.status.busy": "2025-01-01T00:00:00"}
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb["metadata"]["language_info"] = {"name": "python", "version": "3.11.9", "mimetype": "text/x-python"}
+    return nb
 
 
 def test_there_are_notebooks():
@@ -22,14 +50,15 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("book", BOOKS, ids=lambda b: b.stem)
 def test_source_is_clean_and_parameterised(book):
-    nb = nbformat.read(book, as_version=4)
+    nb = committed(book)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", []), "the first code cell must be papermill's parameters"
     assert 'checkpoint = "data/omni-tiny"' in code[0].source
     assert "\nout_dir = None " in "\n" + code[0].source, "an interactive run must not write into runs/latest"
-    # committed without outputs, so that running it in JupyterLab shows up in `git status` as a change to undo
+    # committed without outputs (the nbclean filter strips them; without it installed, clear them by hand)
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
-        f"{book.name} is committed with outputs: clear them (JupyterLab: Edit > Clear Outputs of All Cells)"
+        f"{book.name} is staged with outputs: run `bash scripts/setup.sh` (installs the nbclean git filter), " \
+        f"then `git add {book.relative_to(notebook.REPO)}`"
     assert not any('"../' in c.source or "'../" in c.source for c in code), "paths relative to the notebook folder"
     assert f'notebook_out_dir(out_dir, "{book.stem}")' in "".join(c.source for c in code)
 
@@ -38,7 +67,7 @@ def test_source_is_clean_and_parameterised(book):
 def test_published_copy_is_current(book):
     published = regress.PUBLISHED / book.name
     assert published.exists(), f"{published} missing: run `omnilab regress --publish`"
-    source, copy = nbformat.read(book, as_version=4), nbformat.read(published, as_version=4)
+    source, copy = committed(book), nbformat.read(published, as_version=4)
     assert regress.code_cells(copy) == regress.code_cells(source), \
         f"{published} is stale (its code differs from {book.name}): run `omnilab regress --publish`"
     outputs = [o for c in copy.cells if c.cell_type == "code" for o in c.get("outputs", [])]
@@ -62,7 +91,7 @@ def test_paths_are_read_from_the_repository_root(tmp_path, monkeypatch):
 @pytest.mark.parametrize("book", BOOKS, ids=lambda b: b.stem)
 def test_a_wrong_checkpoint_stops_the_notebook(book, bad, tmp_path):
     """No notebook goes on with a stand-in model: the first cell that needs the checkpoint raises, naming it."""
-    cells = regress.code_cells(nbformat.read(book, as_version=4))
+    cells = regress.code_cells(committed(book))
     namespace: dict = {}
     exec(compile(cells[0], f"{book.name}[parameters]", "exec"), namespace)
     namespace.update(checkpoint=bad, out_dir=str(tmp_path / "out"))
@@ -84,3 +113,55 @@ def test_widget_errors_are_found_in_the_widget_state():
              "traceback": []}]}},
         "b": {"model_name": "SliderModel", "state": {"value": 3}}}}}
     assert regress.widget_errors(json.loads(json.dumps(nb))) == ["TypeError: show() takes 1 positional argument"]
+
+
+# -- the output filter: outputs stay in the working copy, commits get none ---------------------------------
+
+
+@pytest.mark.parametrize("book", BOOKS, ids=lambda b: b.stem)
+def test_the_filter_strips_a_lab_run_back_to_the_committed_form(book):
+    text = json.dumps(_with_outputs(json.loads(book.read_text())), indent=1)
+    cleaned = NBCLEAN["clean_text"](text)
+    nb = json.loads(cleaned)
+    assert all(not c.get("outputs") and c.get("execution_count") is None and "execution" not in c["metadata"]
+               for c in nb["cells"] if c["cell_type"] == "code")
+    assert "widgets" not in nb["metadata"] and nb["metadata"]["language_info"] == {"name": "python"}
+    assert nbformat.reads(cleaned, as_version=4) == committed(book)
+    assert NBCLEAN["clean_text"](cleaned) == cleaned  # idempotent
+    assert NBCLEAN["clean_text"]("not json {") == "not json {"
+
+
+def test_git_status_after_a_lab_run_shows_no_change(tmp_path):
+    """A repository with this one's .gitattributes and filter: a notebook saved with outputs is unchanged to
+    git, keeps its outputs on disk, and `git add` stages the clean form; published copies keep theirs."""
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "docs" / "notebooks").mkdir(parents=True)
+    (repo / "scripts").mkdir()
+    shutil.copy(notebook.REPO / ".gitattributes", repo)
+    shutil.copy(notebook.REPO / "scripts" / "nbclean.py", repo / "scripts")
+    book = repo / "notebooks" / BOOKS[0].name
+    book.write_text(BOOKS[0].read_text())
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    out = subprocess.run(["python3", str(repo / "scripts" / "nbclean.py"), "--install", str(repo)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "installed" in out
+    assert subprocess.run(["python3", str(repo / "scripts" / "nbclean.py"), "--install", str(repo)],
+                          capture_output=True, text=True, check=True).stdout == ""  # idempotent, quiet
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clean")
+    book.write_text(json.dumps(_with_outputs(json.loads(book.read_text())), indent=1, sort_keys=True) + "\n")
+    git("diff", "--exit-code")  # nothing to commit: the outputs are not part of the committed form
+    assert "hello" in book.read_text()  # they stay in the working copy
+    git("add", ".")  # (until a `git add`, git's size check alone lists the file in `git status`)
+    assert git("status", "--porcelain") == "" and "hello" not in git("show", f":notebooks/{book.name}")
+    assert git("check-attr", "filter", "docs/notebooks/x.ipynb").strip().endswith("unspecified")
+
+
+def test_installing_the_filter_outside_git_does_not_fail(tmp_path):
+    out = subprocess.run(["python3", str(notebook.REPO / "scripts" / "nbclean.py"), "--install", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "not a git checkout" in out.stdout
