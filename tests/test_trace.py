@@ -219,8 +219,8 @@ def test_grouped_prefill_refusals(tiny_omni, corpus, tmp_path, capsys):
     auto = run_trace(tiny_omni, corpus, tmp_path / "auto", model=small)  # auto: the eager path, under the budget
     assert auto.prefill == "eager" and "expert budget" in auto.prefill_refusal
     assert small.cache.stats.peak_resident_bytes <= small.cache.budget_bytes
-    assert run_trace(tiny_omni, corpus, tmp_path / "cpu", model=model).prefill_refusal.startswith("auto takes it "
-                                                                                                  "on CUDA only")
+    cpu = run_trace(tiny_omni, corpus, tmp_path / "cpu", model=model).prefill_refusal
+    assert cpu.startswith("taken by auto on CUDA only") and "--prefill grouped_mm" in cpu
     assert main(["trace", str(tiny_omni), "--corpus", str(corpus), "--out", str(tmp_path / "cli"), "--prefill",
                  "grouped_mm", "--expert-budget", "100KB"]) == 2
     err = capsys.readouterr().err.strip()

@@ -15,6 +15,7 @@ from omnilab.checkpoint import Checkpoint
 from omnilab.dtypes import as_dtype
 from omnilab.model.experts import ExpertCache, ExpertStore, MissingExpertError
 from omnilab.model.rope import rope_inv_freq
+from omnilab.threads import choose_threads
 from omnilab.tokenizer import load_tokenizer
 
 
@@ -44,7 +45,7 @@ def load_model(model_class: type, path, *, dtype="float32", device="cpu", expert
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
     model.checkpoint = checkpoint
-    model.threads = __import__("omnilab.threads").threads.choose_threads(hidden_size=config.hidden_size)  # "threads: N (why)"
+    model.threads = choose_threads(hidden_size=config.hidden_size)  # "threads: N (why)"
     if tokenizer:
         model.tokenizer = load_tokenizer(checkpoint.root)
     gen_file = checkpoint.root / "generation_config.json"
