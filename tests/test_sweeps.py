@@ -134,3 +134,25 @@ def test_default_settings_cover_the_issue(model):
     assert settings["top-8"].top_k == 8 and settings["budget 25.0% trust"].policy == "trust"
     assert settings["budget 25.0% trust"].budget_share == 0.25
     assert settings["experts 0-7"].faults[0].experts == tuple(range(8))
+
+
+def test_resident_cache_stats_count_what_the_eager_cache_counts(tiny_moe):
+    """The cache statistics of a sweep row decoded on an all-resident engine are those an unbounded eager
+    ExpertCache counts for the same prompts (fp32 on CPU: both engines route alike)."""
+    import omnilab as ol
+    from omnilab.experiments.sweeps import resident_cache_stats
+    from omnilab.model.experts import ExpertCache
+
+    model = ol.load(tiny_moe)
+    model.cache = ExpertCache(model.cache.store, None)
+    routings = []
+    for prompt in ([3, 17, 42, 9], [5, 6, 7, 8, 9, 10], [11]):
+        eager = model.generate(prompt, 8, engine="eager")
+        fast = model.generate(prompt, 8)
+        assert fast.engine == "cpu-resident" and fast.new_token_ids == eager.new_token_ids
+        routings.append((fast.routing, len(prompt)))
+    stats = model.cache.stats
+    derived = resident_cache_stats(routings, model.cache.store.expert_bytes)
+    assert stats.misses > 0 and stats.hits > 0
+    assert (derived["hits"], derived["misses"], derived["loaded_bytes"]) == (stats.hits, stats.misses,
+                                                                             stats.loaded_bytes)

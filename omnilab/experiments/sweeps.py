@@ -114,18 +114,56 @@ def fresh_cache(model, setting: Setting) -> None:
 
 def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int = 24,
                 routing: RoutingOptions | None = None) -> dict:
-    """Greedy decoding of each prompt from a cold cache: tokens/s, hit rate, peak resident expert bytes, expert
-    bytes read (in all and per new token; the deterministic part of a small cache's cost)."""
+    """Greedy decoding of each prompt from a cold cache, on the engine the runtime picks (`engine`): tokens/s, hit
+    rate, peak resident expert bytes, expert bytes read (in all and per new token; the deterministic part of a
+    small cache's cost). The cache statistics are those of the engine that ran: the eager path's ExpertCache, the
+    offload engine's slots, or, for an engine with every expert resident, what an unbounded ExpertCache would have
+    counted for the same routing (`resident_cache_stats`)."""
     fresh_cache(model, setting)
-    new, seconds = 0, 0.0
+    new, seconds, engines, offloaded, routings = 0, 0.0, set(), [], []
     for _, ids in evalset.prompts:
         gen = model.generate(ids, max_new_tokens=max_new_tokens, greedy=True, routing=routing)
         new, seconds = new + gen.num_new_tokens, seconds + gen.seconds
-    stats = model.cache.stats
+        engines.add(gen.engine)
+        if gen.engine.endswith("resident"):
+            routings.append((gen.routing, len(ids)))
+        elif gen.engine == "gpu-offload":
+            offloaded.append(gen.cache)
     store = model.cache.store
-    return {"tokens_per_s": new / seconds if seconds else float("nan"), "hit_rate": stats.hit_rate,
-            "peak_expert_bytes": stats.peak_resident_bytes, "peak_expert_share": stats.peak_resident_bytes / store.total_bytes,
-            "loaded_bytes": stats.loaded_bytes, "loaded_bytes_per_token": stats.loaded_bytes / max(1, new)}
+    if routings:
+        stats = resident_cache_stats(routings, store.expert_bytes)
+    elif offloaded:
+        stats = {k: sum(c[k] for c in offloaded) for k in ("hits", "misses", "loaded_bytes")}
+        stats["peak_resident_bytes"] = max(c["peak_resident_bytes"] for c in offloaded)
+    else:
+        st = model.cache.stats
+        stats = {"hits": st.hits, "misses": st.misses, "loaded_bytes": st.loaded_bytes,
+                 "peak_resident_bytes": st.peak_resident_bytes}
+    lookups = stats["hits"] + stats["misses"]
+    return {"engine": ",".join(sorted(engines)), "tokens_per_s": new / seconds if seconds else float("nan"),
+            "hit_rate": stats["hits"] / lookups if lookups else 0.0, "peak_expert_bytes": stats["peak_resident_bytes"],
+            "peak_expert_share": stats["peak_resident_bytes"] / store.total_bytes,
+            "loaded_bytes": stats["loaded_bytes"], "loaded_bytes_per_token": stats["loaded_bytes"] / max(1, new)}
+
+
+def resident_cache_stats(routings, expert_bytes: int) -> dict:
+    """What an unbounded ExpertCache counts for generations whose routing was recorded: routings is a list of
+    (routing [moe layers, 1, positions, k], prompt length P). The eager MoE step fetches each distinct expert of a
+    forward once (the prefill is one forward over P positions, each later token one more), and an expert's first
+    fetch is its only miss."""
+    seen, lookups = set(), 0
+    for routing, P in routings:
+        if routing.shape[1] != 1:
+            raise ValueError("resident_cache_stats counts one prompt per generation")
+        for j, layer in enumerate(routing[:, 0]):  # layer [positions, k]
+            steps = [layer[:P].reshape(-1)] + list(layer[P:])  # the prefill's choices, then each token's
+            for step in steps:
+                picked = set(step.tolist())
+                lookups += len(picked)
+                seen.update((j, e) for e in picked)
+    misses = len(seen)
+    return {"hits": lookups - misses, "misses": misses, "loaded_bytes": misses * expert_bytes,
+            "peak_resident_bytes": misses * expert_bytes}
 
 
 def run_sweep(model, settings: list[Setting], evalset: EvalSet, *, max_new_tokens: int = 24,
