@@ -127,7 +127,7 @@ def test_one_choice_at_a_time_equals_the_grouped_mix():
     is itself bitwise the mix over contiguous copies."""
     from types import SimpleNamespace
 
-    from omnilab.gpu.offload import expert_choice
+    from omnilab.gpu.segments import expert_choice
     from omnilab.gpu.slots import SlabPool
     from omnilab.gpu.step import expert_mix
 

@@ -5,6 +5,8 @@
 - slot_cache.py: which experts the slots hold: per-layer LRU, prefetch, statistics (`SlotCache`);
 - phases.py: the offloaded step's phase timer (`PhaseTimer`, `PHASES`);
 - fast.py: the all-resident decode fast path (`FastDecoder`, `generate`, `fast_path_refusal`);
-- offload.py: offloaded decoding under a GPU budget (`OffloadDecoder`: segment kernels, capture, decode loop);
+- segments.py: the offloaded step's segment kernels, plain tensor functions (`expert_choice`, `mix_sum`, ...);
+- offload_step.py: the offloaded decode step as segments, their CUDA graphs and host loop (`SegmentedStep`);
+- offload.py: offloaded decoding under a GPU budget (`OffloadDecoder`: slots and copies, eager step, generate);
 - prefill.py: the grouped trace prefill (`TracePrefill`, `prefill_refusal`).
 """
