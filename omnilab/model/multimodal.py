@@ -196,9 +196,10 @@ def load_processor(folder, tokenizer=None):
                          f"omnilab.model.multimodal.write_processor_files")
     with quiet_transformers():
         if tokenizer is None or not all(getattr(tokenizer, k, None) for k in PLACEHOLDER_TOKENS):
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), extra_special_tokens=PLACEHOLDER_TOKENS)
-        features = WhisperFeatureExtractor.from_pretrained(str(folder))
-        images = Qwen2VLImageProcessorPil.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), extra_special_tokens=PLACEHOLDER_TOKENS,
+                                                      trust_remote_code=False)
+        features = WhisperFeatureExtractor.from_pretrained(str(folder), trust_remote_code=False)
+        images = Qwen2VLImageProcessorPil.from_pretrained(str(folder), trust_remote_code=False)
     unknown = [t for t in PLACEHOLDER_TOKENS.values() if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if unknown:
         raise ValueError(f"{folder}: the tokenizer has no {unknown[0]} token (Qwen3-Omni's placeholder tokens)")
