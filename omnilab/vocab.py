@@ -61,7 +61,8 @@ class TokenizerReport:
         tokenizer contradicts (the wrong tokenizer beside a Qwen3-Omni checkpoint: audio and images break)."""
         out = [p] if (p := self.problem()) is not None else []
         for key, m in self.special_mismatch.items():
-            found = "has no such token" if m["tokenizer"] is None else f"maps it to id {m['tokenizer']}"
+            found = (f"maps it to id {m['tokenizer']}" if m["tokenizer"] is not None else
+                     f"has no such token (id {m['config']} is {m['id_is']!r} there)")
             out.append(Problem("special_tokens", f"config.json's {key} is {m['config']} ({m['token']}), but the "
                                                  f"tokenizer in {self.folder} {found}: the wrong tokenizer for "
                                                  f"this checkpoint"))
@@ -121,11 +122,13 @@ def check_tokenizer(folder: str | os.PathLike, embedding_rows: int | None = None
         if t not in specials and t in vocab:
             specials[t] = vocab[t]
     report.special_tokens = dict(sorted(specials.items(), key=lambda kv: kv[1]))
-    for key, i in (config_ids or {}).items():
+    by_id = {i: t for t, i in vocab.items()}
+    for key, i in (config_ids or {}).items():  # a contradiction: the id is another token, or the token another id
         token = CONFIG_TOKEN_IDS[key]
         have = vocab.get(token)
-        if have != i:
-            report.special_mismatch[key] = {"config": i, "token": token, "tokenizer": have}
+        if (have is not None and have != i) or (i in by_id and by_id[i] != token):
+            report.special_mismatch[key] = {"config": i, "token": token, "tokenizer": have,
+                                            "id_is": by_id.get(i)}
     rows = embedding_rows if embedding_rows is not None else config_vocab_size
     if rows is None:
         return report

@@ -236,12 +236,26 @@ def process(processor, config, text, audio=None, images=None):
                      n_window=config.audio_config.n_window, **batch)
 
 
-def read_wav(path) -> np.ndarray:
-    """A PCM .wav file -> float32 mono waveform in [-1, 1] (channels averaged). 16 kHz only."""
+MAX_AUDIO_SECONDS = 40 * 60  # Qwen3-Omni's stated limit for one audio input
+AUDIO_TOKENS_PER_S = 12.5  # the audio tower's output rate (one token per 80 ms): a bound on the prompt's length
+
+
+def audio_seconds_limit(config) -> float:
+    """The longest audio whose tokens fit the text model's max_position_embeddings (and MAX_AUDIO_SECONDS)."""
+    limit = getattr(config, "max_position_embeddings", 0) or 0
+    return min(MAX_AUDIO_SECONDS, limit / AUDIO_TOKENS_PER_S) if limit else MAX_AUDIO_SECONDS
+
+
+def read_wav(path, max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """A PCM .wav file -> float32 mono waveform in [-1, 1] (channels averaged). 16 kHz only; a file longer
+    than `max_seconds` is refused before its samples are read."""
     path = Path(path)
     try:
         with wave.open(str(path), "rb") as w:
             rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            if rate == SAMPLING_RATE and n > max_seconds * rate:
+                raise ValueError(f"{path}: {n / rate:.0f} s of audio; the model takes at most {max_seconds:.0f} s "
+                                 f"(its audio tokens must fit max_position_embeddings); cut it first")
             raw = w.readframes(n)
     except (wave.Error, EOFError) as e:
         raise ValueError(f"{path}: not a readable PCM .wav file ({e})") from None
@@ -374,10 +388,12 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
     positions; each new token's three position rows are equal, at its index plus the prompt's rope delta
     (as transformers decodes). Returns omnilab.model.generate.Generation."""
     from omnilab.model.decoder import KVCache
-    from omnilab.model.generate import Generation, pick_token, sampling_setup
+    from omnilab.model.generate import Generation, check_positions, check_sampling, pick_token, sampling_setup
 
     if prompt.input_ids.shape[0] != 1:
         raise ValueError("multimodal generate takes one prompt at a time")
+    check_sampling(max_new_tokens, greedy, temperature, top_k, top_p, seed)
+    check_positions(model.config, prompt.input_ids.shape[1], max_new_tokens)
     vocab_limit, warpers, generator = sampling_setup(model, vocab_limit, greedy, temperature, top_k, top_p, seed)
     stop = set(stop_tokens)
     kv = KVCache(model.config.num_hidden_layers)
