@@ -46,7 +46,9 @@ class ShardWriter:
 
     @staticmethod
     def temporary(path: Path) -> Path:
-        return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        from omnilab.outdir import temp_path
+
+        return temp_path(path)
 
     def submit(self, path, write: Callable[[Path], None]) -> None:
         if self._closed:
