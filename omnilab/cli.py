@@ -383,18 +383,14 @@ def cmd_extract(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from omnilab.extraction.manifest import JOURNAL_NAME, MANIFEST_NAME
     from omnilab.extraction.plan import parse_range
     from omnilab.extraction.write import extract
-    from omnilab.outdir import LOCK_NAME
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; OUT must be a new or empty folder, or an extraction")
-    ours = (out / MANIFEST_NAME).exists() or (out / JOURNAL_NAME).exists()  # an extraction, or one interrupted
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not ours:
-        raise ValueError(f"{out}: not empty and not an extraction (no {MANIFEST_NAME}); extract into a new or empty "
-                         f"folder, or into an earlier extraction to resume it")
+    # a folder that is neither empty nor an extraction (manifest.json, or the journal of an interrupted run) is
+    # refused by omnilab.outdir.OutDir inside extract, under the folder's lock
     result = extract(args.path, args.out, components=args.components,
                      layers=parse_range(args.layers) if args.layers else None,
                      experts=parse_range(args.experts) if args.experts else None,

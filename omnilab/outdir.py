@@ -98,6 +98,12 @@ def remove_own_temporaries(folder: str | os.PathLike) -> int:
     return n
 
 
+def only_own_leftovers(folder: str | os.PathLike) -> bool:
+    """True when everything under `folder` is a folder, the lock or an omnilab temporary (an interrupted run)."""
+    return all(p.is_dir() and not p.is_symlink() or p.name == LOCK_NAME or is_temp(p.name)
+               for p in Path(folder).rglob("*"))
+
+
 class OutDir:
     """An output folder held by this process: `with OutDir(out, owns=("manifest.json",)) as d: ...`.
 
@@ -116,7 +122,7 @@ class OutDir:
             raise ValueError(f"{path}: exists and is not a folder")
         if path.is_symlink():
             raise ValueError(f"{path}: is a symlink; give the folder itself")
-        if path.is_dir():
+        if path.is_dir() and not (path / LOCK_NAME).exists():  # never create the lock in a foreign folder
             self.check_not_foreign()
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -129,11 +135,18 @@ class OutDir:
                                  f"({LOCK_NAME} is locked); wait for it to finish") from None
             raise
         self._fd = fd
+        try:
+            self.check_not_foreign()  # again, holding the lock: what another writer left is now settled
+        except BaseException:
+            self.release()
+            raise
         return self
 
     def check_not_foreign(self) -> None:
+        if not self.owns or any((self.path / n).exists() for n in self.owns) or only_own_leftovers(self.path):
+            return
         entries = [p.name for p in self.path.iterdir() if p.name != LOCK_NAME]
-        if entries and self.owns and not any((self.path / n).exists() for n in self.owns):
+        if entries:
             raise ForeignFolder(f"{self.path}: not empty and not written by omnilab {self.what} (no "
                                 f"{' or '.join(self.owns)}; it holds {sorted(entries)[0]!r}, ...); "
                                 f"give a new or empty folder")

@@ -309,7 +309,7 @@ def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{oops}\n')
     for argv, message in [
         (["--corpus", str(bad)], "bad.jsonl:2: not JSON"),
-        (["--corpus", str(tmp_path / "none.jsonl")], "none.jsonl: no such corpus file"),
+        (["--corpus", str(tmp_path / "none.jsonl")], "none.jsonl: no such file or folder (--corpus)"),
         (["--corpus", str(corpus), "--max-tokens", "0"], "--max-tokens"),
         (["--corpus", str(corpus), "--max-tokens", "9"], "holds a trace of another corpus"),
     ]:
