@@ -7,6 +7,12 @@ through safetensors (mmap: only that tensor's pages are touched).
 
 Broken files do not raise here: each becomes a `Problem` in `problems` that `omnilab verify` reports.
 Only a path that holds no checkpoint at all (or an unparseable index / config) raises `CheckpointError`.
+
+A checkpoint is a folder downloaded from strangers, so only regular files inside it are ever opened: a shard
+name that is absolute, climbs out with `..`, or is a symlink resolving outside the folder is an `unsafe_path`
+problem and never read (set OMNILAB_FOLLOW_SYMLINKS=1, or `omnilab --follow-symlinks`, for a Hugging Face
+cache snapshot whose files link to its `blobs/`); a FIFO or device is `not_a_file`. Every tensor's dtype must
+be known, its `data_offsets` must match its shape and must not overlap another tensor's.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,7 +31,20 @@ import pandas as pd
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors itself refuses headers over 100 MB
-UNREADABLE = ("missing", "bad_header")  # shard statuses whose tensors are unknown
+UNREADABLE = ("missing", "bad_header", "unsafe")  # shard statuses whose tensors are unknown
+FOLLOW_SYMLINKS_ENV = "OMNILAB_FOLLOW_SYMLINKS"
+
+# which verbs each kind of problem breaks (verify says so: `breaks` in --json, a suffix on each text line)
+MODEL_VERBS = ("generate", "compare", "trace")
+BREAKS = {
+    "missing_shard": MODEL_VERBS + ("extract",), "bad_header": MODEL_VERBS + ("extract",),
+    "truncated": MODEL_VERBS + ("extract",), "duplicate": MODEL_VERBS + ("extract",),
+    "unsafe_path": MODEL_VERBS + ("extract",), "not_a_file": MODEL_VERBS + ("extract",),
+    "config": MODEL_VERBS + ("extract",), "remote_code": ("tokenizer and processor loading: --prompt, --audio, --image",),
+    "tokenizer": ("--prompt", "--audio", "--image", "trace"), "special_tokens": ("--audio", "--image", "--prompt"),
+    "missing": MODEL_VERBS, "partial_expert": MODEL_VERBS, "shape": MODEL_VERBS, "not_in_shard": MODEL_VERBS,
+    "unexpected": (), "unindexed": (), "dtype": ("compare",),
+}
 
 # bytes per element of each safetensors dtype string
 DTYPE_BYTES = {
@@ -39,6 +59,10 @@ class CheckpointError(Exception):
     """The path holds no readable checkpoint. The message is one line naming the file."""
 
 
+class ConfigError(CheckpointError):
+    """config.json is of the family, but its values cannot describe a working model (verify's `config` problem)."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a checkpoint. `message` is one line and names the tensor and/or shard file."""
@@ -51,14 +75,54 @@ class Problem:
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
 
+    @property
+    def breaks(self) -> tuple[str, ...]:
+        """The verbs (or options) this problem breaks."""
+        return BREAKS.get(self.kind, MODEL_VERBS)
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "message": self.message, "tensor": self.tensor, "shard": self.shard}
+        return {"kind": self.kind, "message": self.message, "tensor": self.tensor, "shard": self.shard,
+                "breaks": list(self.breaks)}
+
+
+def follow_symlinks() -> bool:
+    return os.environ.get(FOLLOW_SYMLINKS_ENV, "") not in ("", "0")
+
+
+def member(root: Path, name: str) -> tuple[Path | None, str | None]:
+    """(path, None) when `name` is a regular file inside `root` (symlinks resolving inside it allowed), else
+    (None, reason) or (path, None) for a name that does not exist (yet)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return None, f"{name!r} is not a file name"
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        return None, f"{name!r} points outside the checkpoint folder"
+    path = root / name
+    real_root = root.resolve()
+    try:
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        return None, f"{name!r} cannot be resolved ({e.__class__.__name__})"
+    if real != real_root and real_root not in real.parents and not follow_symlinks():
+        return None, (f"{name!r} is a symlink to {real}, outside the checkpoint folder (set "
+                      f"{FOLLOW_SYMLINKS_ENV}=1 to follow it)")
+    return path, None
+
+
+def regular_file(path: Path) -> str | None:
+    """None when `path` is a regular file (after symlinks), else why not (it never opens a FIFO or device)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot stat ({e.strerror})"
+    return None if stat.S_ISREG(mode) else "is not a regular file (a FIFO, device or folder)"
 
 
 def read_header(path: Path) -> tuple[dict, int]:
     """The JSON header of one safetensors file and the offset where its data region starts.
 
     Raises ValueError with a one-line reason when the header cannot be read."""
+    if (why := regular_file(path)) is not None:
+        raise ValueError(why)
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -75,6 +139,52 @@ def read_header(path: Path) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header, 8 + n
+
+
+def header_entries(header: dict, data_bytes: int | None = None) -> tuple[list[tuple], list[str]]:
+    """A parsed safetensors header -> ([(name, dtype, shape, numel, nbytes, begin, end)], [(tensor, message)]), every
+    entry checked: known dtype, non-negative integer shape and offsets, span == numel x element size, no two
+    spans overlapping, and (when `data_bytes` is given) every span inside the data region. Entries with a
+    problem are left out. Pure: the fuzz test runs it over thousands of generated headers."""
+    rows, problems = [], []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            if spec is not None and not isinstance(spec, dict):
+                problems.append((None, "__metadata__ is not an object"))
+            continue
+        try:
+            dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+            if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+                raise ValueError
+            begin, end = offsets
+            if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)) or end < begin:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            problems.append((name, f"malformed entry for tensor {name}"))
+            continue
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            problems.append((name, f"tensor {name} has unknown dtype {str(dtype)[:40]!r}"))
+            continue
+        numel = math.prod(shape)
+        nbytes = numel * DTYPE_BYTES[dtype]
+        if end - begin != nbytes:
+            problems.append((name, f"tensor {name} spans {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}"))
+            continue
+        rows.append((name, dtype, tuple(shape), numel, nbytes, begin, end))
+    previous = None
+    for row in sorted((r for r in rows if r[4]), key=lambda r: (r[5], r[6])):
+        if previous is not None and row[5] < previous[6]:
+            problems.append((row[0], f"tensor {row[0]} (bytes {row[5]}-{row[6]}) overlaps tensor {previous[0]} "
+                                     f"(bytes {previous[5]}-{previous[6]})"))
+        previous = row if previous is None or row[6] > previous[6] else previous
+    if data_bytes is not None:
+        for r in rows:
+            if r[6] > data_bytes:
+                problems.append((r[0], f"tensor {r[0]} ends at byte {r[6]} of a {data_bytes}-byte data region"))
+    if problems:
+        bad = {t for t, _ in problems}
+        rows = [r for r in rows if r[0] not in bad]
+    return rows, problems
 
 
 def pack_header(header: dict) -> bytes:
@@ -94,6 +204,8 @@ class Checkpoint:
         self.path = path
         self.problems: list[Problem] = []
         self.index: dict | None = None
+        if not path.is_dir() and not path.is_file():
+            raise CheckpointError(f"{path}: not a regular file or a folder")
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise CheckpointError(f"{path}: not a .safetensors file or a checkpoint folder")
@@ -107,6 +219,8 @@ class Checkpoint:
                 raise CheckpointError(f"{path / INDEX_NAME}: no 'weight_map' object")
             if not all(isinstance(s, str) for s in weight_map.values()):
                 raise CheckpointError(f"{path / INDEX_NAME}: 'weight_map' values must be shard file names")
+            if not weight_map:
+                raise CheckpointError(f"{path / INDEX_NAME}: 'weight_map' is empty: the index names no tensor")
             shard_files = sorted(set(weight_map.values()))
         elif (path / SINGLE_NAME).exists():
             self.root = path
@@ -115,6 +229,8 @@ class Checkpoint:
             raise CheckpointError(f"{path}: no {INDEX_NAME} or {SINGLE_NAME} in this folder")
         config_path = self.root / "config.json"
         self.config: dict = _read_json(config_path) if config_path.exists() else {}
+        for where in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+            self._check_remote_code(where)
         self.shards = shard_files
         self.tensors = self._read_headers(shard_files)
         self._check_index()
@@ -125,7 +241,11 @@ class Checkpoint:
         rows = []
         self.shard_info: dict[str, dict] = {}
         for shard in shard_files:
-            file = self.root / shard
+            file, unsafe = member(self.root, shard)
+            if unsafe is not None:
+                self.problems.append(Problem("unsafe_path", f"shard {unsafe}; not read", shard=shard))
+                self.shard_info[shard] = {"status": "unsafe", "file_bytes": 0}
+                continue
             if not file.exists():
                 n = sum(1 for s in (self.index or {}).get("weight_map", {}).values() if s == shard)
                 self.problems.append(Problem(
@@ -133,34 +253,27 @@ class Checkpoint:
                     shard=shard))
                 self.shard_info[shard] = {"status": "missing", "file_bytes": 0}
                 continue
+            if (why := regular_file(file)) is not None:
+                self.problems.append(Problem("not_a_file", f"shard {shard} {why}; not read", shard=shard))
+                self.shard_info[shard] = {"status": "unsafe", "file_bytes": 0}
+                continue
             try:
                 header, data_start = read_header(file)
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 self.problems.append(Problem("bad_header", f"{shard}: unreadable header: {e}", shard=shard))
                 self.shard_info[shard] = {"status": "bad_header", "file_bytes": file.stat().st_size}
                 continue
             file_bytes = file.stat().st_size
+            metadata = header.get("__metadata__")
             self.shard_info[shard] = {"status": "ok", "file_bytes": file_bytes, "data_start": data_start,
-                                      "metadata": header.get("__metadata__") or {}}
-            shard_rows = []
-            for name, spec in header.items():
-                if name == "__metadata__":
-                    continue
-                try:
-                    dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
-                    if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)):
-                        raise ValueError("shape and data_offsets must be non-negative integers")
-                except (KeyError, TypeError, ValueError):
-                    self.problems.append(Problem("bad_header", f"{shard}: malformed entry for tensor {name}",
-                                                 tensor=name, shard=shard))
-                    continue
-                numel = math.prod(shape)
-                nbytes = numel * DTYPE_BYTES.get(dtype, 0)
-                if end - begin != nbytes:
-                    self.problems.append(Problem(
-                        "bad_header", f"{shard}: tensor {name} spans {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}",
-                        tensor=name, shard=shard))
-                shard_rows.append((name, shard, dtype, shape, numel, nbytes, data_start + begin, data_start + end))
+                                      "metadata": metadata if isinstance(metadata, dict) else {}}
+            entries, entry_problems = header_entries(header)
+            for tensor, message in entry_problems:
+                self.problems.append(Problem("bad_header", f"{shard}: {message}", tensor=tensor, shard=shard))
+            if entry_problems:
+                self.shard_info[shard]["status"] = "bad_header"  # generate / extract refuse it: never read a lie
+            shard_rows = [(name, shard, dtype, shape, numel, nbytes, data_start + begin, data_start + end)
+                          for name, dtype, shape, numel, nbytes, begin, end in entries]
             data_end = max((r[7] for r in shard_rows), default=data_start)
             if file_bytes < data_end:
                 cut = [r[0] for r in shard_rows if r[7] > file_bytes]
@@ -195,18 +308,43 @@ class Checkpoint:
                 self.problems.append(Problem("unindexed", f"tensor {name} is in {shard} but not in {INDEX_NAME}",
                                              tensor=name, shard=shard))
 
+    def _check_remote_code(self, name: str) -> None:
+        """`auto_map` in a config names Python files transformers would run: omnilab never does; a problem."""
+        file, unsafe = member(self.root, name)
+        if unsafe is not None or not file.exists() or regular_file(file) is not None:
+            return
+        data = self.config if name == "config.json" else _read_json(file, strict=False)
+        found = []
+
+        def walk(d, where):
+            if isinstance(d, dict):
+                if "auto_map" in d:
+                    found.append(where)
+                for k, v in d.items():
+                    if isinstance(v, dict):
+                        walk(v, f"{where}.{k}")
+        walk(data, name)
+        if found:
+            py = sorted(p.name for p in self.root.glob("*.py"))
+            self.problems.append(Problem(
+                "remote_code", f"{found[0]} has auto_map (custom code{': ' + ', '.join(py[:3]) if py else ''}); "
+                               f"omnilab never runs a checkpoint's code (transformers loaders get trust_remote_code=False)",
+                shard=name))
+
     # -- what the checkpoint is ------------------------------------------------------------------
     @cached_property
     def arch(self):
         """The architecture family and layout for this checkpoint's config (see omnilab.arch).
 
         Raises CheckpointError naming config.json when it is absent or not a config this package reads."""
-        from omnilab.arch import read_config
+        from omnilab.arch import ConfigInsane, read_config
 
         if not self.config:
             raise CheckpointError(f"{self.root / 'config.json'}: missing; cannot tell the architecture")
         try:
             return read_config(self.config)
+        except ConfigInsane as e:
+            raise ConfigError(f"{self.root / 'config.json'}: {e}") from None
         except ValueError as e:
             raise CheckpointError(f"{self.root / 'config.json'}: {e}") from None
 
@@ -269,9 +407,29 @@ class Checkpoint:
             return f.read(int(row.end - row.begin))
 
 
-def _read_json(path: Path) -> dict:
+MAX_JSON_BYTES = 256 * 2**20  # an index or config larger than this is not one
+
+
+def _read_json(path: Path, strict: bool = True) -> dict:
+    """A JSON object from a regular file inside the checkpoint (bounded size); CheckpointError naming the file,
+    or {} when not strict."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e.__class__.__name__}: {e})") from None
+        if (why := regular_file(path)) is not None:
+            raise CheckpointError(f"{path}: {why}")
+        _, unsafe = member(path.parent, path.name)
+        if unsafe is not None:
+            raise CheckpointError(f"{path}: {unsafe}")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a JSON index or config")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read JSON ({e.__class__.__name__}: {e})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: not a JSON object (a {type(data).__name__})")
+        return data
+    except CheckpointError:
+        if strict:
+            raise
+        return {}

@@ -2,7 +2,9 @@
 
 Verbs and their JSON follow the command-line contract in docs/DESIGN.md, which other tools rely on. Each verb is
 one function `cmd_<verb>(args) -> exit code` that calls into the package; errors in the input become one
-line on stderr and exit code 2, never a traceback (set OMNILAB_DEBUG=1 to see one).
+line on stderr naming the file, tensor or flag, and exit code 2, never a traceback (`--debug` or
+OMNILAB_DEBUG=1 shows one); exit 1 means only "problems found" (verify). Paths are checked before torch or
+transformers are imported, so a typo is refused at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,28 @@ def parse_ids(text: str, flag: str = "--input-ids") -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+MAX_PROMPT_CHARS = 4 * 2**20  # a longer --prompt is cut here before tokenizing (the position check then refuses it)
+
+
+def parse_seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes an integer, got {text!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be in 0..2**63-1, got {text}")
+    return seed
+
+
+def parse_text(text: str) -> str:
+    """--prompt: text that is valid UTF-8 (argv bytes that are not arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"--prompt is not valid UTF-8 (byte {e.start} of the prompt)") from None
+    return text
 
 
 def parse_stop_ids(text: str) -> list[int]:
@@ -189,7 +213,7 @@ def _prompt_ids(args, tokenizer, rows: int) -> list[int]:
     else:
         if tokenizer is None:
             raise ValueError(f"{args.path}: no tokenizer beside the checkpoint; give the prompt as --input-ids 1,2,3")
-        ids, source = tokenizer(args.prompt)["input_ids"], "--prompt"
+        ids, source = tokenizer(args.prompt[:MAX_PROMPT_CHARS + 1])["input_ids"], "--prompt"
         if not ids:
             raise ValueError("--prompt: the tokenizer turned the prompt into no tokens")
     bad = [i for i in ids if not 0 <= i < rows]
@@ -209,11 +233,15 @@ def _multimodal_inputs(args, model):
     from omnilab.model import multimodal
 
     multimodal.thinker_config(model.checkpoint)  # refuses a checkpoint without towers, naming it
-    audio = [multimodal.read_wav(args.audio)] if args.audio else None
+    audio = [multimodal.read_wav(args.audio, multimodal.audio_seconds_limit(model.config))] if args.audio else None
     images = [multimodal.read_image(args.image)] if args.image else None
     towers, processor = multimodal.open_multimodal(model)
     text = multimodal.prompt_text(args.prompt, audio=audio is not None, image=images is not None)
-    return towers, multimodal.process(processor, towers.config, text, audio=audio, images=images)
+    inputs = multimodal.process(processor, towers.config, text, audio=audio, images=images)
+    from omnilab.model.generate import check_positions
+
+    check_positions(model.config, inputs["input_ids"].shape[1], getattr(args, "max_new_tokens", 0))
+    return towers, inputs
 
 
 def _compare_multimodal(args, checkpoint):
@@ -311,20 +339,18 @@ def torch_peak_gpu_bytes(device) -> int | None:
 
 def cmd_generate(args) -> int:
     """Generate on the engine the runtime chooses (omnilab.runtime); report it, its speed and its memory."""
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p:g}")
-    if args.top_k is not None and args.top_k < 0:
-        raise ValueError(f"--top-k must be 0 (off) or positive, got {args.top_k}")
-    if args.temperature is not None and not 0 < args.temperature < float("inf"):
-        raise ValueError(f"--temperature must be a positive finite number, got {args.temperature:g}")
+    from omnilab.model.generate import check_positions, check_sampling
     from omnilab.runtime.generate import sampling_options
     from omnilab.runtime.model import load
+
+    check_sampling(args.max_new_tokens, args.greedy is not False,
+                   1.0 if args.temperature is None else args.temperature, args.top_k or 0,
+                   1.0 if args.top_p is None else args.top_p, args.seed, cli=True)
 
     model = load(args.path, dtype=args.dtype, device=args.device, expert_budget=args.expert_budget)
     media = _multimodal_inputs(args, model)
     ids = media[1]["input_ids"][0].tolist() if media else _prompt_ids(args, model.tokenizer, model.config.vocab_size)
+    check_positions(model.config, len(ids), args.max_new_tokens)
     stop = args.stop_ids
     if stop is None:
         eos = model.generation_config.get("eos_token_id")
@@ -373,17 +399,14 @@ def cmd_extract(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from omnilab.extraction.manifest import JOURNAL_NAME, MANIFEST_NAME
     from omnilab.extraction.plan import parse_range
     from omnilab.extraction.write import extract
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; OUT must be a new or empty folder, or an extraction")
-    ours = (out / MANIFEST_NAME).exists() or (out / JOURNAL_NAME).exists()  # an extraction, or one interrupted
-    if out.is_dir() and any(out.iterdir()) and not ours:
-        raise ValueError(f"{out}: not empty and not an extraction (no {MANIFEST_NAME}); extract into a new or empty "
-                         f"folder, or into an earlier extraction to resume it")
+    # a folder that is neither empty nor an extraction (manifest.json, or the journal of an interrupted run) is
+    # refused by omnilab.outdir.OutDir inside extract, under the folder's lock
     result = extract(args.path, args.out, components=args.components,
                      layers=parse_range(args.layers) if args.layers else None,
                      experts=parse_range(args.experts) if args.experts else None,
@@ -461,17 +484,46 @@ def cmd_regress(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (none where the help already says it or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (as OMNILAB_DEBUG=1 does)")
+    common.add_argument("--follow-symlinks", action="store_true", default=argparse.SUPPRESS,
+                        help="read shards that are symlinks out of the checkpoint folder (a Hugging Face cache "
+                             "snapshot); by default only files inside it are read")
+    return common
+
+
+PATH_HELP = "checkpoint folder (safetensors shards with config.json), or one .safetensors file"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnilab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="omnilab", description=__doc__.splitlines()[0], parents=[_common()])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_parser = verbs.add_parser
+
+    def add_parser(name, **kw):
+        return _add_parser(name, formatter_class=_Help, parents=[_common()], **kw)
+
+    verbs.add_parser = add_parser
 
     p = verbs.add_parser("inspect", help="inventory of a checkpoint: shards, components, experts, tokenizer")
-    p.add_argument("path")
+    p.add_argument("path", help=PATH_HELP)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
     p = verbs.add_parser("verify", help="check every tensor against the config; exit 0 sound, 1 problems, 2 unreadable")
-    p.add_argument("path")
+    p.add_argument("path", help=PATH_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--source", help="for an extraction folder: the checkpoint it was extracted from, to compare with")
     p.set_defaults(func=cmd_verify)
@@ -480,12 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["tiny-omni", "tiny-moe", "sparse"])
     p.add_argument("out")
     p.add_argument("--config", help="config.json for 'sparse' (e.g. the real Qwen3-Omni-30B-A3B's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=parse_seed, default=0, help="random seed of the weights")
     p.set_defaults(func=cmd_synth)
 
     def model_args(p):
         src = p.add_mutually_exclusive_group()  # one of them, or --audio / --image (checked in _prompt_ids)
-        src.add_argument("--prompt", help="text (needs tokenizer files beside the checkpoint); with --audio / "
+        src.add_argument("--prompt", type=parse_text, help="text (needs tokenizer files beside the checkpoint); with --audio / "
                                           "--image, the text after them")
         src.add_argument("--input-ids", type=parse_ids, help="comma-separated token ids, e.g. 1,2,3")
         p.add_argument("--audio", metavar="FILE.wav", help="speech or sound through the audio tower (16 kHz PCM .wav)")
@@ -493,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                        help="auto: the checkpoint's own dtype on a GPU, float32 on a CPU")
         p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1")
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = verbs.add_parser("compare", help="the selective model against transformers (streamed) at every hook point")
     p.add_argument("path", help="checkpoint the selective model runs on (an extraction, an edited copy)")
@@ -505,9 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("generate", help="generate with the selective model under an expert memory budget")
-    p.add_argument("path")
+    p.add_argument("path", help=PATH_HELP)
     model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--greedy", action="store_const", const=True, dest="greedy", default=None,
                      help="greedy decoding (default: as generation_config.json's do_sample; absent: greedy)")
@@ -515,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="default: generation_config.json's, else 1.0")
     p.add_argument("--top-k", type=int, default=None, help="default: generation_config.json's, else 50 (0: off)")
     p.add_argument("--top-p", type=float, default=None, help="default: generation_config.json's, else 1.0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=parse_seed, default=0, help="sampling seed")
     p.add_argument("--expert-budget", type=_budget, default="auto", metavar="SIZE",
                    help="bytes of experts held at once (512MB, 2GiB, all); default auto: every expert when they "
                         "fit the free memory, else what fits")
@@ -540,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("extract", help="take a checkpoint apart into per-expert and backbone files, with a manifest")
-    p.add_argument("path")
+    p.add_argument("path", help=PATH_HELP)
     p.add_argument("out", help="output folder; a rerun resumes, a run with another selection adds to it")
     p.add_argument("--components", default=None,
                    help="comma-separated: embed, attention, norms, router, experts, dense_mlp, final_norm, lm_head, "
@@ -554,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_extract)
 
     p = verbs.add_parser("trace", help="record every layer's routing over a corpus into Parquet (resumable; torchrun)")
-    p.add_argument("path", help="checkpoint folder")
+    p.add_argument("path", help=PATH_HELP)
     p.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
                    help="JSONL / text / Parquet files or folders, or a local datasets folder (save_to_disk)")
     p.add_argument("--out", required=True, help="trace folder; a rerun with the same arguments resumes it")
@@ -594,19 +646,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_paths(args) -> None:
+    """Input paths exist before anything heavy is imported (a typo is refused in a fraction of a second)."""
+    for flag in ("path", "reference", "source", "tokenizer", "audio", "image", "config"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and not os.path.exists(value):
+            name = "PATH" if flag == "path" else f"--{flag}"
+            raise ValueError(f"{value}: no such file or folder ({name})")
+    for value in getattr(args, "corpus", None) or ():
+        if not os.path.exists(value):
+            raise ValueError(f"{value}: no such file or folder (--corpus)")
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: the message of an expected error, class and first line of anything else."""
+    if isinstance(e, (CheckpointError, ValueError, OSError)) and str(e).strip():
+        text = str(e)
+    elif isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    else:
+        text = f"{e.__class__.__name__}: {str(e).strip() or 'no message'}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[0] if lines else e.__class__.__name__) + (" ..." if len(lines) > 1 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or bool(os.environ.get("OMNILAB_DEBUG"))
+    if getattr(args, "follow_symlinks", False):
+        from omnilab.checkpoint import FOLLOW_SYMLINKS_ENV
+
+        os.environ[FOLLOW_SYMLINKS_ENV] = "1"
     try:
+        _check_paths(args)
         return int(args.func(args) or 0)
-    except (CheckpointError, ValueError, KeyError, OSError) as e:
-        if os.environ.get("OMNILAB_DEBUG"):
-            raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"omnilab {args.verb}: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"omnilab {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except (Exception, RecursionError) as e:  # bad input, however deep it surfaced: one line, exit 2
+        if debug:
+            raise
+        known = isinstance(e, (CheckpointError, ValueError, KeyError, OSError))
+        hint = "" if known else " (rerun with --debug for the traceback)"
+        print(f"omnilab {args.verb}: error: {one_line(e)}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from omnilab.arch import (ALL_COMPONENTS, EXPERT_PROJECTIONS, QWEN3_MOE, QWEN3_OMNI, TEXT_COMPONENTS, TOWERS, Layout, Qwen3MoeConfig, classify, expected_tensors)
-from omnilab.checkpoint import Checkpoint, CheckpointError, Problem, UNREADABLE
+from omnilab.checkpoint import Checkpoint, CheckpointError, ConfigError, Problem, UNREADABLE
 
 
 def component_label(component: str, layout: Layout) -> str:
@@ -141,14 +141,18 @@ def inventory(checkpoint: str | os.PathLike | Checkpoint, *, check: bool = True)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     notes: list[str] = []
     cfg, layout = None, None
+    config_problems = []
     try:
         cfg, layout = ckpt.arch
+    except ConfigError as e:  # a family config whose values cannot work: every model verb refuses it
+        config_problems.append(Problem("config", str(e), shard="config.json"))
+        notes.append(f"not checked against a config: {e}")
     except CheckpointError as e:  # config.json absent or not a Qwen3-MoE family config (the message names it)
         notes.append(f"not checked against a config: {e}")
     if layout is None:
         layout = guess_layout(ckpt.tensors.name)
     table = _label(ckpt.tensors, layout)
-    inv = Inventory(ckpt, layout, cfg, table, list(ckpt.problems), notes)
+    inv = Inventory(ckpt, layout, cfg, table, list(ckpt.problems) + config_problems, notes)
     if not check:
         return inv
     if cfg is not None:
@@ -178,7 +182,7 @@ def checkpoint_report(checkpoint: str | os.PathLike | Checkpoint) -> Report:
 
     inv = inventory(checkpoint)
     tok = check_checkpoint_tokenizer(inv)
-    problems = list(inv.problems) + ([tok.problem()] if tok is not None and tok.problem() is not None else [])
+    problems = list(inv.problems) + (tok.problems() if tok is not None else [])
     return Report(inv, tok, problems)
 
 

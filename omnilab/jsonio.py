@@ -1,5 +1,5 @@
-"""JSON in and out, the project's one way: atomic writes (temporary name, then rename) and a `default` that
-turns numpy / torch / pandas values into JSON values."""
+"""JSON in and out, the project's one way: atomic writes (a unique temporary name, fsync, then rename:
+omnilab.outdir) and a `default` that turns numpy / torch / pandas values into JSON values."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 
 def write_json(path: Path, obj, indent: int = 2) -> None:
-    """Write JSON under a temporary name, then rename: a killed run never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, default=jsonable) + "\n")
-    tmp.replace(path)
+    """Write JSON under a unique temporary name, fsync, then rename: a killed run never leaves a half-written
+    file, and two writers never share a temporary."""
+    from omnilab.outdir import atomic_write
+
+    atomic_write(Path(path), json.dumps(obj, indent=indent, default=jsonable) + "\n")
 
 
 def jsonable(x):

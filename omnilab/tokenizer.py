@@ -24,19 +24,28 @@ def tokenizer_files(folder: str | os.PathLike) -> list[str]:
 
 
 class quiet_transformers:
-    """Context manager: transformers' logging at error level and its progress bars off; restored on exit."""
+    """Context manager: transformers' logging at error level and its progress bars off; restored on exit. Its
+    stdin is empty meanwhile: no loader can ever ask a question on the terminal (omnilab never runs a
+    checkpoint's code: every loader gets trust_remote_code=False, and a prompt would read end-of-file)."""
 
     def __enter__(self):
+        import io
+        import sys
+
         from transformers.utils import logging
 
+        self._stdin, sys.stdin = sys.stdin, io.StringIO("")
         self._verbosity = logging.get_verbosity()
         logging.set_verbosity_error()
         logging.disable_progress_bar()
         return self
 
     def __exit__(self, *exc):
+        import sys
+
         from transformers.utils import logging
 
+        sys.stdin = self._stdin
         logging.set_verbosity(self._verbosity)
         logging.enable_progress_bar()
 
@@ -52,7 +61,7 @@ def open_tokenizer(folder):
     from transformers import AutoTokenizer
 
     with quiet_transformers():
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def load_tokenizer(folder: Path):

@@ -4,6 +4,7 @@ shard sizes and `max_shard_size` are counted), and its inverse for the CLI's and
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def format_bytes(n: float, short: bool = False) -> str:
@@ -28,6 +29,8 @@ def parse_size(text: str) -> int:
     unit = s[len(number):]
     try:
         value = float(number)
+        if not math.isfinite(value) or value >= 2**63:
+            raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(f"cannot read size {text!r}: use bytes or units like 512MB, 2GiB") from None
     if unit not in units or value < 0:

@@ -35,6 +35,8 @@ class TokenizerReport:
     padding_rows: int = 0  # embedding rows no token maps to (when verdict is padding)
     out_of_range: dict[str, int] = field(default_factory=dict)  # tokens whose id >= embedding rows (first 10)
     error: str | None = None
+    # config keys whose token id the tokenizer contradicts: key -> {config, token, tokenizer}
+    special_mismatch: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +56,18 @@ class TokenizerReport:
             return f"{head} ({len(self.out_of_range)}+ ids past the last row, e.g. {first})"
         return head
 
+    def problems(self) -> list[Problem]:
+        """The tokenizer's problems: `problem()` plus one `special_tokens` problem per config token id the
+        tokenizer contradicts (the wrong tokenizer beside a Qwen3-Omni checkpoint: audio and images break)."""
+        out = [p] if (p := self.problem()) is not None else []
+        for key, m in self.special_mismatch.items():
+            found = (f"maps it to id {m['tokenizer']}" if m["tokenizer"] is not None else
+                     f"has no such token (id {m['config']} is {m['id_is']!r} there)")
+            out.append(Problem("special_tokens", f"config.json's {key} is {m['config']} ({m['token']}), but the "
+                                                 f"tokenizer in {self.folder} {found}: the wrong tokenizer for "
+                                                 f"this checkpoint"))
+        return out
+
     def problem(self) -> Problem | None:
         """A `tokenizer` Problem when the tokenizer cannot be used with this embedding, else None."""
         if self.verdict == "mismatch":
@@ -66,9 +80,29 @@ class TokenizerReport:
         return None
 
 
+# config.json keys (top level or thinker_config) naming a token id, and the token Qwen3-Omni's tokenizer has there
+CONFIG_TOKEN_IDS = {
+    "audio_token_id": "<|audio_pad|>", "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+    "audio_start_token_id": "<|audio_start|>", "audio_end_token_id": "<|audio_end|>",
+    "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+    "im_start_token_id": "<|im_start|>", "im_end_token_id": "<|im_end|>",
+}
+
+
+def config_token_ids(config: dict) -> dict[str, int]:
+    """The token ids config.json names (CONFIG_TOKEN_IDS keys), from its top level and its thinker_config."""
+    found = {}
+    for d in (config, config.get("thinker_config") if isinstance(config, dict) else None):
+        if isinstance(d, dict):
+            found.update({k: d[k] for k in CONFIG_TOKEN_IDS if type(d.get(k)) is int})
+    return found
+
+
 def check_tokenizer(folder: str | os.PathLike, embedding_rows: int | None = None,
-                    embedding_tensor: str | None = None, config_vocab_size: int | None = None) -> TokenizerReport | None:
-    """Load the tokenizer in `folder` and compare it with the embedding. None when the folder has no tokenizer."""
+                    embedding_tensor: str | None = None, config_vocab_size: int | None = None,
+                    config_ids: dict[str, int] | None = None) -> TokenizerReport | None:
+    """Load the tokenizer in `folder` and compare it with the embedding, and with the token ids config.json
+    names (`config_ids`, see `config_token_ids`). None when the folder has no tokenizer."""
     files = tokenizer_files(folder)
     if not files:
         return None
@@ -88,6 +122,13 @@ def check_tokenizer(folder: str | os.PathLike, embedding_rows: int | None = None
         if t not in specials and t in vocab:
             specials[t] = vocab[t]
     report.special_tokens = dict(sorted(specials.items(), key=lambda kv: kv[1]))
+    by_id = {i: t for t, i in vocab.items()}
+    for key, i in (config_ids or {}).items():  # a contradiction: the id is another token, or the token another id
+        token = CONFIG_TOKEN_IDS[key]
+        have = vocab.get(token)
+        if (have is not None and have != i) or (i in by_id and by_id[i] != token):
+            report.special_mismatch[key] = {"config": i, "token": token, "tokenizer": have,
+                                            "id_is": by_id.get(i)}
     rows = embedding_rows if embedding_rows is not None else config_vocab_size
     if rows is None:
         return report
@@ -108,4 +149,5 @@ def check_checkpoint_tokenizer(inv) -> TokenizerReport | None:
     name = f"{layout.prefix}embed_tokens.weight"
     rows = int(ckpt.tensors.at[name, "shape"][0]) if name in ckpt.tensors.index and ckpt.tensors.at[name, "shape"] else None
     vocab_size = inv.config.vocab_size if inv.config is not None else None
-    return check_tokenizer(ckpt.root, rows, name if rows is not None else None, vocab_size)
+    return check_tokenizer(ckpt.root, rows, name if rows is not None else None, vocab_size,
+                           config_token_ids(ckpt.config))

@@ -575,9 +575,10 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     device = torch.device(args.device)
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     eos_id = tok.convert_tokens_to_ids(EOS)
-    thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    thinker = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32,
+                                                                           trust_remote_code=False, use_kernels=False)
     thinker.to(device).eval()
     tc = thinker.config.text_config
     E, K = tc.num_experts, tc.num_experts_per_tok

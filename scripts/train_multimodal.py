@@ -320,7 +320,8 @@ def load_start(init: Path, config, seed: int, towers: bool = False):
 
     model = Qwen3OmniMoeForConditionalGeneration(config)
     init_untrained_parts(model, seed=seed)
-    shipped = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32)
+    shipped = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32,
+                                                                   trust_remote_code=False, use_kernels=False)
     state = {k: v for k, v in shipped.state_dict().items() if towers or not k.startswith(TOWER_PREFIXES)}
     if towers:
         own = model.state_dict()

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from omnilab.outdir import TEMP_TAG, temp_path
 import torch
 
 from omnilab import Checkpoint
@@ -254,7 +256,7 @@ def test_sigkill_mid_way_then_rerun_completes_and_verifies(tiny_omni, tmp_path):
     assert not (out / MANIFEST_NAME).exists() and not is_extraction(out)
     # a half-written file from the killed run, and one completed file that was damaged since
     (out / "experts" / "layer-002").mkdir(parents=True, exist_ok=True)
-    (out / "experts" / "layer-002" / "expert-007.safetensors.tmp").write_bytes(b"\0" * 100)
+    temp_path(out / "experts" / "layer-002" / "expert-007.safetensors").write_bytes(b"\0" * 100)
     first = json.loads((out / JOURNAL_NAME).read_text().splitlines()[0])["file"]
     flip_byte(out / first, (out / first).stat().st_size - 1)
 
@@ -263,7 +265,7 @@ def test_sigkill_mid_way_then_rerun_completes_and_verifies(tiny_omni, tmp_path):
     result = json.loads(rerun.stdout)
     assert result["skipped"] == done - 1  # the damaged one was extracted again
     assert result["written"] + result["skipped"] == result["files"] and result["complete"]
-    assert list(out.rglob("*.tmp")) == [] and not (out / JOURNAL_NAME).exists()
+    assert list(out.rglob(f"*{TEMP_TAG}*")) == [] and not (out / JOURNAL_NAME).exists()
     assert verify_extraction(out, source=tiny_omni) == []
     assert_same_tensors(tiny_omni, out)
 

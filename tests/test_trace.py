@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from omnilab.outdir import TEMP_TAG, temp_path
 from omnilab.cli import main
 from omnilab import trace
 from omnilab.experiments import cache_sim, routing
@@ -283,7 +284,7 @@ def test_resume_skips_finished_batches_and_refuses_another_plan(tiny_omni, corpu
     # a run killed mid-way: one shard never renamed, another never written, no manifest
     (out / "manifest.json").unlink()
     victim = sorted(before)[1]
-    (out / "shards" / victim).rename(out / "shards" / (victim + ".tmp-123"))
+    (out / "shards" / victim).rename(temp_path(out / "shards" / victim))
     with pytest.raises(FileNotFoundError, match="incomplete"):
         trace.TraceDataset(out)
     again = run_trace(tiny_omni, corpus, out)
@@ -291,7 +292,7 @@ def test_resume_skips_finished_batches_and_refuses_another_plan(tiny_omni, corpu
     assert again.traced_tokens == pq.read_metadata(out / "shards" / victim).num_rows // (3 * 2)
     after = _shards(out)
     assert list(after) == list(before) and all(after[n].equals(before[n]) for n in before)
-    assert not list((out / "shards").glob("*.tmp-*"))
+    assert not list((out / "shards").glob(f"*{TEMP_TAG}*"))
     assert run_trace(tiny_omni, corpus, out).traced_batches == 0  # finished: nothing to do
     with pytest.raises(ValueError, match="another corpus or settings .*max_tokens"):
         run_trace(tiny_omni, corpus, out, max_tokens=8)
@@ -311,7 +312,7 @@ def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{oops}\n')
     for argv, message in [
         (["--corpus", str(bad)], "bad.jsonl:2: not JSON"),
-        (["--corpus", str(tmp_path / "none.jsonl")], "none.jsonl: no such corpus file"),
+        (["--corpus", str(tmp_path / "none.jsonl")], "none.jsonl: no such file or folder (--corpus)"),
         (["--corpus", str(corpus), "--max-tokens", "0"], "--max-tokens"),
         (["--corpus", str(corpus), "--max-tokens", "9"], "holds a trace of another corpus"),
     ]:

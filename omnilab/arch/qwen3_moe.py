@@ -16,6 +16,10 @@ from typing import NamedTuple
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+class ConfigInsane(ValueError):
+    """config.json is of the family but its values cannot describe a working model (top-k > experts, NaN eps)."""
+
+
 @dataclass
 class Qwen3MoeConfig:
     """The text decoder's config.json fields (flat for qwen3_moe, thinker_config.text_config for Qwen3-Omni)."""
@@ -41,8 +45,37 @@ class Qwen3MoeConfig:
     max_position_embeddings: int = 32768
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ConfigInsane(f"{name} is {value!r}; it must be a positive integer")
+        for name in ("intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                     "decoder_sparse_step", "max_position_embeddings"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ConfigInsane(f"{name} is {value!r}; it must be a non-negative integer")
+        if self.num_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigInsane(f"num_experts_per_tok is {self.num_experts_per_tok}; it must be between 1 and "
+                               f"num_experts ({self.num_experts})")
+        if self.num_experts > 0 and self.decoder_sparse_step < 1:
+            raise ConfigInsane(f"decoder_sparse_step is {self.decoder_sparse_step}; it must be at least 1")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigInsane(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                               f"num_key_value_heads ({self.num_key_value_heads})")
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:  # NaN fails too
+            raise ConfigInsane(f"rms_norm_eps is {eps!r}; it must be a number in (0, 1)")
+        if not isinstance(self.rope_parameters, dict):
+            raise ConfigInsane(f"rope_parameters is {self.rope_parameters!r}; it must be an object")
+        theta = self.rope_parameters.get("rope_theta", 10000.0)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
+            raise ConfigInsane(f"rope_theta is {theta!r}; it must be a positive number")
+        if not isinstance(self.mlp_only_layers, list) or not all(type(i) is int for i in self.mlp_only_layers):
+            raise ConfigInsane(f"mlp_only_layers is {self.mlp_only_layers!r}; it must be a list of layer numbers")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if type(self.head_dim) is not int or self.head_dim < 1:
+            raise ConfigInsane(f"head_dim is {self.head_dim!r}; it must be a positive integer")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3MoeConfig":
@@ -108,11 +141,15 @@ ALL_COMPONENTS = TEXT_COMPONENTS + TOWERS + ("unrecognised",)
 def read_config(config: dict) -> tuple[Qwen3MoeConfig, Layout]:
     """config.json (as a dict) -> (text config, layout). Raises ValueError for another architecture (the message
     does not name the file: Checkpoint.arch prefixes its path)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"not a JSON object (a {type(config).__name__})")
     model_type = config.get("model_type")
     if model_type == "qwen3_moe":
         return Qwen3MoeConfig.from_dict(config), QWEN3_MOE
     if model_type in ("qwen3_omni_moe", "qwen3_omni_moe_thinker"):
         thinker = config.get("thinker_config", config)
+        if not isinstance(thinker, dict) or not isinstance(thinker.get("text_config") or {}, dict):
+            raise ConfigInsane("thinker_config / text_config is not an object")
         text = dict(thinker.get("text_config") or {})
         if not text:
             raise ValueError("qwen3_omni_moe without thinker_config.text_config")

@@ -40,7 +40,29 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{file}: cannot read ({e.__class__.__name__}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("tensors"), dict):
         raise CheckpointError(f"{file}: not an omnilab extraction manifest ({FORMAT})")
+    _check_names(file, manifest)
     return manifest
+
+
+def _check_names(file: Path, manifest: dict) -> None:
+    """Every file a manifest names is a plain name inside its folder (a hostile manifest must not make verify
+    read /dev/zero or ../../secret): CheckpointError naming the entry otherwise."""
+    from omnilab.checkpoint import member
+
+    extras = manifest.get("extras", {})
+    source = manifest.get("source", {})
+    if not isinstance(extras, dict) or not isinstance(source, dict):
+        raise CheckpointError(f"{file}: 'extras' and 'source' must be objects")
+    for name, entry in manifest["tensors"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise CheckpointError(f"{file}: tensor {name}'s entry has no file name")
+        _, unsafe = member(file.parent, entry["file"])
+        if unsafe is not None:
+            raise CheckpointError(f"{file}: tensor {name}: file {unsafe}")
+    for name, entry in extras.items():
+        _, unsafe = member(file.parent, name)
+        if unsafe is not None or not isinstance(entry, dict):
+            raise CheckpointError(f"{file}: extra file {unsafe or repr(name) + ' has no checksum'}")
 
 
 def manifest_table(path: str | os.PathLike) -> pd.DataFrame:

@@ -70,20 +70,22 @@ def stream_spans(path: Path, spans: list[tuple[str, int, int]], on_bytes, on_don
             for name, begin, end in spans:
                 h = hashlib.new(CHECKSUM)
                 for lo in range(begin, end, block):
-                    piece = view[lo:min(end, lo + block)]
-                    h.update(piece)
-                    if on_bytes:
-                        on_bytes(name, lo - begin, piece)
-                    if bar is not None:
-                        bar.update(len(piece))
-                    piece.release()
+                    with view[lo:min(end, lo + block)] as piece:  # released even when on_bytes raises
+                        h.update(piece)
+                        if on_bytes:
+                            on_bytes(name, lo - begin, piece)
+                        if bar is not None:
+                            bar.update(len(piece))
                 digests[name] = h.hexdigest()
                 if on_done:
                     on_done(name, digests[name])
         finally:
             view.release()
             if size:
-                mapped.close()
+                try:
+                    mapped.close()
+                except BufferError:  # a view still held by an error's traceback: closed when collected,
+                    pass  # and the error that stopped the read (ENOSPC, EACCES) is what the caller sees
     return digests
 
 

@@ -8,7 +8,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from omnilab.checkpoint import Checkpoint, INDEX_NAME, Problem, read_header
+from omnilab.checkpoint import Checkpoint, INDEX_NAME, Problem, read_header, regular_file
+from omnilab.outdir import is_temp
 from omnilab.extraction.manifest import JOURNAL_NAME, MANIFEST_NAME, read_manifest
 from omnilab.extraction.stream import CHECKSUM, source_identity, stream_spans
 
@@ -31,7 +32,7 @@ def verify_extraction(path: str | os.PathLike, source: str | os.PathLike | None 
     if (root / JOURNAL_NAME).exists():
         problems.append(Problem("interrupted", f"{JOURNAL_NAME}: an extraction run into this folder was interrupted; "
                                                f"rerun `omnilab extract` with the same options to finish it", shard=JOURNAL_NAME))
-    for tmp in sorted(root.rglob("*.tmp")):
+    for tmp in sorted(p for p in root.rglob("*") if p.name.endswith(".tmp") or is_temp(p.name)):
         rel = tmp.relative_to(root).as_posix()
         problems.append(Problem("leftover", f"{rel}: half-written temporary file of an interrupted run", shard=rel))
     by_file: dict[str, dict[str, dict]] = {}
@@ -58,6 +59,8 @@ def verify_extraction(path: str | os.PathLike, source: str | os.PathLike | None 
         p = root / name
         if not p.exists():
             problems.append(Problem("missing_file", f"{name}: listed in {MANIFEST_NAME} but missing", shard=name))
+        elif (why := regular_file(p)) is not None:
+            problems.append(Problem("not_a_file", f"{name}: {why}; not read", shard=name))
         elif hashlib.sha256(p.read_bytes()).hexdigest() != extra[CHECKSUM]:
             problems.append(Problem("checksum", f"{name}: bytes differ from {MANIFEST_NAME} (sha256): the file changed",
                                     shard=name))
@@ -65,6 +68,8 @@ def verify_extraction(path: str | os.PathLike, source: str | os.PathLike | None 
     def check_file(rel: str) -> list[Problem]:
         entries = by_file[rel]
         file = root / rel
+        if file.exists() and (why := regular_file(file)) is not None:
+            return [Problem("not_a_file", f"{rel}: {why}; not read", shard=rel)]
         if not file.exists():
             return [Problem("missing_file", f"{rel}: listed in {MANIFEST_NAME} with {len(entries)} tensors but missing",
                             tensor=next(iter(entries)), shard=rel)]

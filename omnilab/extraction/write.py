@@ -19,11 +19,13 @@ loading, one file per (component, layer, expert):
 How it runs: each source shard is memory-mapped and gone through once, front to back (tensors nobody asked for
 are skipped); each tensor's bytes are hashed and written straight to their place in their output file, so an
 output file is written once even when its tensors come from several shards. `workers` threads take the shards
-in segments of about 256 MB, in file order (sha256 and the writes release the GIL). Outputs are written under
-`<name>.tmp` and renamed when complete; each completed file is appended to `.extract-journal.jsonl`. A run
-killed at any point (SIGKILL included) leaves only complete files; a rerun removes stale `.tmp` files, keeps
-each planned output that is already there and re-hashes to the recorded checksums ("skipped"), and extracts
-the rest. Index and manifest are written last, so a folder without them is an unfinished extraction. Reruns
+in segments of about 256 MB, in file order (sha256 and the writes release the GIL). The folder is locked for the
+run (omnilab.outdir: a second extract into it gets one line, exit 2); a folder that is neither empty nor an
+extraction is refused. Outputs are written under unique temporary names (`.NAME.omnilab-tmp-PID-RANDOM`),
+fsynced and renamed when complete; each completed file is appended to `.extract-journal.jsonl`. A run
+killed at any point (SIGKILL included) leaves only complete files; a rerun removes its own stale temporaries
+(no other file), keeps each planned output that is already there and re-hashes to the recorded checksums
+("skipped": a corrupt one is rewritten, never trusted because it exists), and extracts the rest. Index and manifest are written last, so a folder without them is an unfinished extraction. Reruns
 with a different selection into the same folder add to it (the index and manifest then list everything there);
 a folder extracted from a different source is refused.
 
@@ -52,11 +54,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omnilab.arch import classify
-from omnilab.checkpoint import Checkpoint, CheckpointError, INDEX_NAME
+from omnilab.checkpoint import Checkpoint, CheckpointError, INDEX_NAME, member, regular_file
 from omnilab.extraction.manifest import FORMAT, JOURNAL_NAME, MANIFEST_NAME, read_manifest_if_any
 from omnilab.extraction.plan import OutputPlan, parse_components, plan_extraction
 from omnilab.extraction.stream import CHECKSUM, identity_key, source_identity, stream_spans
 from omnilab.jsonio import write_json
+from omnilab.outdir import OutDir, atomic_write, commit, remove_own_temporaries, temp_path
 
 
 SEGMENT_BYTES = 256 * 2**20  # workers take a shard in segments of about this many bytes, in file order
@@ -102,6 +105,7 @@ class _Writer:
         self.remaining = {rel: len(p.rows) for rel, p in plans.items()}
         self.entries: dict[str, dict] = {rel: {} for rel in plans}
         self.fds: dict[str, int] = {}
+        self.tmps: dict[str, Path] = {}
         self.lock = threading.Lock()
         self.written = 0
 
@@ -109,20 +113,17 @@ class _Writer:
         with self.lock:
             fd = self.fds.get(rel)
             if fd is None:
-                tmp = self.out / (rel + ".tmp")
+                tmp = temp_path(self.out / rel)
                 tmp.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.pwrite(fd, self.plans[rel].header, 0)
-                self.fds[rel] = fd
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                self.fds[rel], self.tmps[rel] = fd, tmp
+                _pwrite_all(fd, memoryview(self.plans[rel].header), 0)
             return fd
 
     def write(self, name: str, offset: int, piece: memoryview) -> None:
         rel = self.file_of[name]
         fd = self._fd(rel)
-        at = self.plans[rel].offsets[name] + offset
-        while len(piece):
-            k = os.pwrite(fd, piece, at)
-            piece, at = piece[k:], at + k
+        _pwrite_all(fd, piece, self.plans[rel].offsets[name] + offset)
 
     def done(self, name: str, digest: str, row: tuple) -> None:
         rel = self.file_of[name]
@@ -140,17 +141,24 @@ class _Writer:
         fd = self._fd(rel)  # a file of empty tensors only was never opened by `write`
         with self.lock:
             self.fds.pop(rel)
-        size = os.fstat(fd).st_size
-        os.close(fd)
-        tmp = self.out / (rel + ".tmp")
+        tmp = self.tmps.pop(rel)
+        try:
+            size = os.fstat(fd).st_size
+            if size == plan.size:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         if size != plan.size:
-            raise OSError(f"{tmp}: wrote {size} bytes, expected {plan.size}")
-        tmp.replace(self.out / rel)
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{self.out / rel}: wrote {size} bytes, expected {plan.size}")
+        commit(tmp, self.out / rel, fsync_file=False)
         record = {"source": self.identity_key, "file": rel, "size": plan.size,
                   "tensors": {n: self.entries[rel][n] for n, *_ in plan.rows}}
         with self.lock:
             with open(self.out / JOURNAL_NAME, "a") as j:
                 j.write(json.dumps(record, separators=(",", ":")) + "\n")
+                j.flush()
+                os.fsync(j.fileno())
             self.written += 1
         if self.pause_after_file:
             time.sleep(self.pause_after_file)
@@ -159,8 +167,17 @@ class _Writer:
         """Close files left open by a failed run and remove their temporary names."""
         for rel, fd in self.fds.items():
             os.close(fd)
-            (self.out / (rel + ".tmp")).unlink(missing_ok=True)
+            self.tmps.pop(rel).unlink(missing_ok=True)
         self.fds.clear()
+
+
+def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    """All of `data` at offset `at`; no view of it outlives the call (an ENOSPC must surface as itself, not as a
+    BufferError from the mapped shard the view points into)."""
+    done, n = 0, len(data)
+    while done < n:
+        with data[done:] as rest:
+            done += os.pwrite(fd, rest, at + done)
 
 
 def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=None, layers: list[int] | None = None,
@@ -188,13 +205,20 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=Non
                          f"layers {layers if layers is not None else 'all'}, experts {experts if experts is not None else 'all'})")
     identity = source_identity(ck)
     key = identity_key(identity)
-    out.mkdir(parents=True, exist_ok=True)
+    with OutDir(out, owns=(MANIFEST_NAME, JOURNAL_NAME), what="extract"):
+        return _extract_locked(ck, out, plans, identity, key, layout, components, layers, experts, workers,
+                               progress, pause_after_file, start_time)
+
+
+def _extract_locked(ck, out, plans, identity, key, layout, components, layers, experts, workers, progress,
+                    pause_after_file, start_time) -> ExtractResult:
+    from tqdm.auto import tqdm
+
     old = read_manifest_if_any(out)
     if old is not None and identity_key(old["source"]) != key:
         raise ValueError(f"{out}: holds an extraction of another checkpoint ({old['source'].get('path')}); "
                          f"choose an empty folder or delete it")
-    for tmp in out.rglob("*.tmp"):  # half-written files of an interrupted run
-        tmp.unlink()
+    remove_own_temporaries(out)  # half-written files of an interrupted run of ours (we hold the lock)
 
     # what is already there: files of an earlier manifest and of the journal of an interrupted run
     recorded: dict[str, dict] = {}
@@ -327,16 +351,14 @@ def _copy_extras(src: Path, out: Path) -> dict[str, dict]:
     """Copy config, generation config, tokenizer and processor files beside the shards; return their checksums."""
     extras = {}
     for p in sorted(src.iterdir()):
-        if (not p.is_file() or p.suffix not in EXTRA_SUFFIXES or p.name in (INDEX_NAME, MANIFEST_NAME)
+        if (member(src, p.name)[1] is not None or regular_file(p) is not None or p.suffix not in EXTRA_SUFFIXES or p.name in (INDEX_NAME, MANIFEST_NAME)
                 or p.name.startswith(".") or p.name.endswith(".tmp")):
             continue
         data = p.read_bytes()
         target = out / p.name
         if not target.exists() or target.read_bytes() != data:
-            tmp = out / (p.name + ".tmp")
-            tmp.write_bytes(data)
-            shutil.copystat(p, tmp)
-            tmp.replace(target)
+            atomic_write(target, data)
+            shutil.copystat(p, target)
         extras[p.name] = {"bytes": len(data), CHECKSUM: hashlib.sha256(data).hexdigest()}
     return extras
 

@@ -294,6 +294,12 @@ class ExpertCache:
                              f"({store.expert_bytes:,} bytes in {str(store.dtype).removeprefix('torch.')})")
         self.policy = make_policy(policy)
         self.pinned: set[Key] = {tuple(k) for k in pinned}
+        moe_layers, n = set(store.config.moe_layers), store.config.num_experts
+        for key in self.pinned:
+            if (len(key) != 2 or not all(type(x) is int for x in key) or key[0] not in moe_layers
+                    or not 0 <= key[1] < n):
+                raise ValueError(f"pinned expert {key!r} is not a (MoE layer, expert) of this model "
+                                 f"(layers {min(moe_layers, default=0)}..{max(moe_layers, default=-1)}, experts 0..{n - 1})")
         if len(self.pinned) * store.expert_bytes > self.budget_bytes:
             raise ValueError(f"{len(self.pinned)} pinned experts need {len(self.pinned) * store.expert_bytes:,} bytes, "
                              f"more than the budget of {self.budget_bytes:,}")

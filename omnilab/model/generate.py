@@ -57,7 +57,9 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
     it are never produced ("auto": the tokenizer's length when there is one: embedding rows past the
     tokenizer are padding). use_kv_cache False re-runs the whole sequence at every step (for testing).
     routing: RoutingOptions for every step (default: the model's own)."""
+    check_sampling(max_new_tokens, greedy, temperature, top_k, top_p, seed)
     prompts = as_batch(prompts)
+    check_positions(model.config, max(len(p) for p in prompts), max_new_tokens)
     ids, attn = left_pad(prompts, model.device)  # [B, L] each
     vocab_limit, warpers, generator = sampling_setup(model, vocab_limit, greedy, temperature, top_k, top_p, seed)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=model.device)
@@ -96,6 +98,42 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return Generation(new, [len(p) for p in prompts], seconds, prefill, stopped=[bool(d) for d in done.tolist()])
+
+
+# the Python face's argument names -> the CLI's flags (one message for both)
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+         "top_p": "--top-p", "seed": "--seed"}
+
+
+def check_sampling(max_new_tokens, greedy, temperature, top_k, top_p, seed, *, cli: bool = False) -> None:
+    """ValueError, one line, for sampling arguments generate cannot follow (the CLI's flags named when `cli`)."""
+    import math
+    import numbers
+
+    def name(arg):
+        return FLAGS[arg] if cli else arg
+
+    def number(x):
+        return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+    if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)) or max_new_tokens < 1:
+        raise ValueError(f"{name('max_new_tokens')} must be an integer of at least 1, got {max_new_tokens!r}")
+    if not number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{name('temperature')} must be a positive finite number, got {temperature!r}")
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"{name('top_k')} must be 0 (off) or a positive integer, got {top_k!r}")
+    if seed is not None and (not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+        raise ValueError(f"{name('seed')} must be an integer in 0..2**63-1, got {seed!r}")
+
+
+def check_positions(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """ValueError when prompt and new tokens pass the model's max_position_embeddings (positions it never saw)."""
+    limit = getattr(config, "max_position_embeddings", 0) or 0
+    if limit and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"the prompt's {prompt_tokens} tokens plus {max_new_tokens} new ones pass the model's "
+                         f"max_position_embeddings ({limit}); shorten the prompt or lower max_new_tokens")
 
 
 def as_batch(prompts) -> list[list[int]]:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from omnilab.checkpoint import Checkpoint
 from omnilab.jsonio import write_json
-from omnilab.model.generate import Generation, pick_token, sampling_setup
+from omnilab.model.generate import Generation, check_positions, check_sampling, pick_token, sampling_setup
 from omnilab.model.kv_cache import KVCache
 
 # The tokenizer attributes Qwen3OmniMoeProcessor reads, and Qwen3-Omni's tokens for them.
@@ -186,9 +186,10 @@ def load_processor(folder, tokenizer=None):
                          f"omnilab.model.multimodal.write_processor_files")
     with quiet_transformers():
         if tokenizer is None or not all(getattr(tokenizer, k, None) for k in PLACEHOLDER_TOKENS):
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), extra_special_tokens=PLACEHOLDER_TOKENS)
-        features = WhisperFeatureExtractor.from_pretrained(str(folder))
-        images = Qwen2VLImageProcessorPil.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), extra_special_tokens=PLACEHOLDER_TOKENS,
+                                                      trust_remote_code=False)
+        features = WhisperFeatureExtractor.from_pretrained(str(folder), trust_remote_code=False)
+        images = Qwen2VLImageProcessorPil.from_pretrained(str(folder), trust_remote_code=False)
     unknown = [t for t in PLACEHOLDER_TOKENS.values() if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if unknown:
         raise ValueError(f"{folder}: the tokenizer has no {unknown[0]} token (Qwen3-Omni's placeholder tokens)")
@@ -225,12 +226,26 @@ def process(processor, config, text, audio=None, images=None):
                      n_window=config.audio_config.n_window, **batch)
 
 
-def read_wav(path) -> np.ndarray:
-    """A PCM .wav file -> float32 mono waveform in [-1, 1] (channels averaged). 16 kHz only."""
+MAX_AUDIO_SECONDS = 40 * 60  # Qwen3-Omni's stated limit for one audio input
+AUDIO_TOKENS_PER_S = 12.5  # the audio tower's output rate (one token per 80 ms): a bound on the prompt's length
+
+
+def audio_seconds_limit(config) -> float:
+    """The longest audio whose tokens fit the text model's max_position_embeddings (and MAX_AUDIO_SECONDS)."""
+    limit = getattr(config, "max_position_embeddings", 0) or 0
+    return min(MAX_AUDIO_SECONDS, limit / AUDIO_TOKENS_PER_S) if limit else MAX_AUDIO_SECONDS
+
+
+def read_wav(path, max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """A PCM .wav file -> float32 mono waveform in [-1, 1] (channels averaged). 16 kHz only; a file longer
+    than `max_seconds` is refused before its samples are read."""
     path = Path(path)
     try:
         with wave.open(str(path), "rb") as w:
             rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            if rate == SAMPLING_RATE and n > max_seconds * rate:
+                raise ValueError(f"{path}: {n / rate:.0f} s of audio; the model takes at most {max_seconds:.0f} s "
+                                 f"(its audio tokens must fit max_position_embeddings); cut it first")
             raw = w.readframes(n)
     except (wave.Error, EOFError) as e:
         raise ValueError(f"{path}: not a readable PCM .wav file ({e})") from None
@@ -364,6 +379,8 @@ def generate(model, prompt: MultimodalPrompt, max_new_tokens: int = 32, *, greed
     (as transformers decodes). Returns omnilab.model.generate.Generation."""
     if prompt.input_ids.shape[0] != 1:
         raise ValueError("multimodal generate takes one prompt at a time")
+    check_sampling(max_new_tokens, greedy, temperature, top_k, top_p, seed)
+    check_positions(model.config, prompt.input_ids.shape[1], max_new_tokens)
     vocab_limit, warpers, generator = sampling_setup(model, vocab_limit, greedy, temperature, top_k, top_p, seed)
     stop = set(stop_tokens)
     kv = KVCache(model.config.num_hidden_layers)

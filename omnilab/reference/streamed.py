@@ -55,7 +55,7 @@ class StreamedReference:
         self.device = torch.device(device)
         self.is_omni = self.layout.model_type == "qwen3_omni_moe"
         with quiet_transformers():
-            hf_config = AutoConfig.from_pretrained(str(self.checkpoint.root))
+            hf_config = AutoConfig.from_pretrained(str(self.checkpoint.root), trust_remote_code=False)
         if self.is_omni:
             from transformers import Qwen3OmniMoeThinkerForConditionalGeneration as model_cls
 

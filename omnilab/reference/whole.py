@@ -38,7 +38,8 @@ class Reference:
         else:
             from transformers import AutoModelForCausalLM as model_cls
         with quiet_transformers():
-            hf = model_cls.from_pretrained(str(checkpoint.root), dtype=dtype, attn_implementation=attn_implementation)
+            hf = model_cls.from_pretrained(str(checkpoint.root), dtype=dtype, attn_implementation=attn_implementation,
+                                           trust_remote_code=False, use_kernels=False)
         hf = hf.to(device).eval().requires_grad_(False)
         if layout.model_type == "qwen3_omni_moe" and not hasattr(hf.config, "vision_start_token_id"):
             # transformers 5.23: Qwen3OmniMoeThinkerConfig has no vision_start_token_id, yet the thinker's

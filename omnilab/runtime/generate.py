@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from omnilab.model.generate import Generation, as_batch, generate as eager_generate, sampling_setup
+from omnilab.model.generate import Generation, as_batch, check_sampling, generate as eager_generate, sampling_setup
 from omnilab.runtime.choose import Call, choose
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: built engine}
@@ -21,19 +21,6 @@ _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> 
 def engines(model) -> dict:
     """The engines built for `model` so far (key -> FastDecoder, OffloadDecoder, slot pool, host tier)."""
     return _ENGINES.setdefault(model, {})
-
-
-def check_options(max_new_tokens, greedy, temperature, top_k, top_p) -> None:
-    """One-line ValueErrors naming the option, as the CLI's flags are checked."""
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not greedy:
-        if not temperature > 0 or temperature == float("inf"):
-            raise ValueError(f"temperature must be a positive finite number when sampling, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
 
 
 def max_len_bucket(tokens: int) -> int:
@@ -52,7 +39,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
     """Generate from one prompt (ids) or a batch (lists of ids, left padded) on the fastest engine that takes
     the call (omnilab.runtime.choose); the options are those of omnilab.model.generate.generate. engine: "auto"
     or a name from choose.ENGINES to insist on."""
-    check_options(max_new_tokens, greedy, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, greedy, temperature, top_k, top_p, seed)
     prompts = as_batch(prompts)
     call = Call(batch=len(prompts), ragged=len({len(p) for p in prompts}) > 1, sampling=not greedy,
                 routing=routing, max_len=max(map(len, prompts)) + int(max_new_tokens))

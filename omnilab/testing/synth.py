@@ -97,7 +97,12 @@ def tiny_qwen3_omni(out: str | os.PathLike, *, seed: int = 0, max_shard_size: st
                     dtype: torch.dtype = torch.float32, tokenizer: bool = True, **text) -> Path:
     """A tiny random Qwen3-Omni checkpoint (thinker text + audio + vision + talker + code2wav) written by
     transformers. `text` overrides the thinker text decoder's TINY_TEXT fields."""
-    model = _omni_model(tiny_omni_config(**text), seed, dtype)
+    config = tiny_omni_config(**text)
+    if tokenizer:  # the config's chat token ids are the tokenizer's (verify checks they agree)
+        tok = tiny_tokenizer(min(config["thinker_config"]["text_config"]["vocab_size"] - 16, 256))
+        config.update(im_start_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
+                      im_end_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    model = _omni_model(config, seed, dtype)
     return _save(model, out, max_shard_size, tokenizer, model.config.thinker_config.text_config.vocab_size)
 
 

@@ -131,9 +131,13 @@ def _sha256(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
+MAX_CHARS_PER_TOKEN = 64  # a document is cut to max_tokens x this many characters before it is tokenized
+
+
 def tokenize(tokenizer, texts: list[str], max_tokens: int, vocab_rows: int) -> list[list[int]]:
     """Token ids of each text (the tokenizer's own call, as routing.record_trace makes it), cut to max_tokens."""
-    ids = [list(x)[:max_tokens] for x in tokenizer(list(texts))["input_ids"]] if len(texts) else []
+    texts = [t[:max_tokens * MAX_CHARS_PER_TOKEN] for t in texts]  # cut before tokenizing: bounded memory
+    ids = [list(x)[:max_tokens] for x in tokenizer(texts)["input_ids"]] if len(texts) else []
     for doc, x in enumerate(ids):
         if x and max(x) >= vocab_rows:
             raise ValueError(f"document {doc}: token id {max(x)} is outside the embedding's {vocab_rows} rows")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 import torch
 
 from omnilab.jsonio import write_json
+from omnilab.outdir import OutDir, commit, remove_own_temporaries, temp_path
 from omnilab.runtime.choose import choose_prefill
 from omnilab.runtime.hardware import resolve_device
 from omnilab.runtime.model import load
@@ -108,10 +110,13 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    # the folder is this run's (rank 0 holds its lock; a folder trace did not make is refused unless empty)
+    lock = OutDir(out, owns=(PLAN_NAME,), what="trace") if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
     dist = _Dist(str(resolve_device(device)) if device == "auto" else device, backend)
     try:
-        return _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field,
-                      domain_field, tokenizer, progress, model, prefill)
+        with lock:
+            return _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field,
+                          domain_field, tokenizer, progress, model, prefill)
     finally:
         dist.close()
 
@@ -147,8 +152,11 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
         settings["prefill"] = "grouped_mm"
     fp = fingerprint(ids, docs.documents["domain"], settings)
     plan_path = out / PLAN_NAME
+    for own in (plan_path, out / MANIFEST_NAME):
+        if own.exists() and not isinstance(_read_own_json(own), dict):
+            raise ValueError(f"--out {out}: {own.name} is not a trace's (not a JSON object); use a new folder")
     if plan_path.exists():
-        old = json.loads(plan_path.read_text())
+        old = _read_own_json(plan_path)
         if old.get("fingerprint") != fp:
             before = old.get("settings", {})
             changed = [k for k in {**before, **settings} if before.get(k) != settings.get(k)]
@@ -159,13 +167,14 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     shards = out / SHARDS_DIR
     if dist.rank == 0:
         shards.mkdir(parents=True, exist_ok=True)
-        for stale in shards.glob("*.tmp-*"):  # left by a killed run; nobody writes before the barrier below
-            stale.unlink()
+        remove_own_temporaries(shards)  # left by a killed run of ours; nobody writes before the barrier below
         if not plan_path.exists():
             write_json(plan_path, {"format": FORMAT, "fingerprint": fp, "settings": settings,
                                    "checkpoint": str(path), "corpus": docs.files, "batches": batches})
     dist.barrier()
-    done = {b for b in range(len(batches)) if (shards / shard_name(b)).exists()}
+    k = int(model.config.num_experts_per_tok)
+    done = {b for b in range(len(batches))  # a shard counts as done when it reads back whole, not because it exists
+            if _shard_complete(shards / shard_name(b), int(lengths[batches[b]].sum()) * len(layers) * k)}
     dist.barrier()  # every rank has listed the finished shards before any rank writes a new one
     remaining = [b for b in range(len(batches)) if b not in done]
     mine = remaining[dist.rank::dist.world]
@@ -248,9 +257,32 @@ def _write_documents(out: Path, documents: pd.DataFrame, lengths) -> None:
     table = pa.table({"doc": documents["doc"].to_numpy(np.int32), "domain": documents["domain"].astype(str),
                       "source": documents["source"].astype(str), "row": documents["row"].to_numpy(np.int64),
                       "tokens": np.asarray(lengths, dtype=np.int64)})
-    tmp = out / (DOCUMENTS_NAME + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out / DOCUMENTS_NAME)
+    tmp = temp_path(out / DOCUMENTS_NAME)
+    try:
+        pq.write_table(table, tmp)
+        commit(tmp, out / DOCUMENTS_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_own_json(path: Path):
+    """A JSON file of this trace folder, or None when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _shard_complete(path: Path, rows: int) -> bool:
+    """True when a shard exists, is a readable Parquet file and holds the rows its batch makes."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return False
+    try:
+        return pq.read_metadata(path).num_rows == rows
+    except Exception:  # pyarrow raises several kinds for a damaged file: then it is written again
+        return False
 
 def _write_manifest(out, model, layers, batches, lengths, docs, fp, settings, checkpoint, run) -> None:
     import pyarrow.parquet as pq
@@ -268,7 +300,7 @@ def _write_manifest(out, model, layers, batches, lengths, docs, fp, settings, ch
                        "rows": meta.num_rows})
     traced = np.flatnonzero(lengths > 0)
     previous = out / MANIFEST_NAME
-    runs = json.loads(previous.read_text()).get("runs", []) if previous.exists() else []
+    runs = (_read_own_json(previous) or {}).get("runs", []) if previous.exists() else []
     write_json(out / MANIFEST_NAME, {
         "format": FORMAT, "fingerprint": fp, "checkpoint": checkpoint, "settings": settings,
         "attrs": {"num_experts": int(cfg.num_experts), "top_k": k, "num_layers": len(layers)},

@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from omnilab.outdir import temp_path
+
 TRACE_COLUMNS = ["doc", "domain", "position", "token_id", "layer", "rank", "expert", "weight", "entropy"]
 PLAN_NAME, MANIFEST_NAME, DOCUMENTS_NAME, SHARDS_DIR = "plan.json", "manifest.json", "documents.parquet", "shards"
 FORMAT = "omnilab-trace/1"
@@ -154,7 +156,7 @@ class ShardWriter:
 
     @staticmethod
     def temporary(path: Path) -> Path:
-        return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        return temp_path(path)
 
     def submit(self, path, write: Callable[[Path], None]) -> None:
         if self._closed:
