@@ -380,7 +380,9 @@ def cmd_generate(args) -> int:
     print(f"[{model.placement}; {how}]", file=sys.stderr)
     print(f"[engine {out.engine}" + (f" ({out.refusal})" if out.refusal else "") + "]", file=sys.stderr)
     line = f"[{len(new)} tokens, {out.tokens_per_s:.2f} tokens/s"
-    if out.engine == "eager":
+    if out.engine.endswith("resident"):
+        line += f"; every expert resident ({model.cache.store.total_bytes / 1e9:.2f} GB)"
+    elif out.engine == "eager":
         line += (f"; experts: hit rate {stats.hit_rate:.1%} ({stats.hits:,} hits, {stats.misses:,} misses), "
                  f"{stats.evictions:,} evictions, peak {stats.peak_resident_bytes:,} of {stats.budget_bytes:,} "
                  f"budget bytes")

@@ -53,9 +53,18 @@ def test_stop_ids_none_generates_to_max_new_tokens(capsys, tiny_moe):
 
 
 def test_generate_summary_names_the_hit_rate(capsys, tiny_moe):
-    code, _, err = run(capsys, "generate", str(tiny_moe), "--input-ids", "1,2,3", "--max-new-tokens", "2", "--greedy")
+    """Under a budget (the eager engine with its expert cache) the summary gives the hit rate; with every expert
+    resident it names the engine and says every expert is resident."""
+    import omnilab as ol
+
+    budget = str(ol.load(tiny_moe).cache.store.expert_bytes * 8)
+    code, _, err = run(capsys, "generate", str(tiny_moe), "--input-ids", "1,2,3", "--max-new-tokens", "2", "--greedy",
+                       "--expert-budget", budget)
     summary = err.strip().splitlines()[-1]
     assert code == 0 and "hit rate " in summary and summary.index("hit rate") < summary.index("hits")
+    assert "[engine eager (cpu-resident: the expert budget" in err
+    code, _, err = run(capsys, "generate", str(tiny_moe), "--input-ids", "1,2,3", "--max-new-tokens", "2", "--greedy")
+    assert code == 0 and "[engine cpu-resident]" in err and "every expert resident" in err.strip().splitlines()[-1]
 
 
 def test_extract_refuses_a_foreign_non_empty_folder(capsys, tiny_moe, tmp_path):

@@ -6,7 +6,6 @@ the first error raised as one line). Design: docs/DESIGN.md, "Corpus traces".
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from pathlib import Path
