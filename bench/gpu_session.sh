@@ -1,0 +1,86 @@
+#!/bin/bash
+# One GPU machine session of the wave's measurements, through the device tool, in stages that fit its 10-minute
+# calls (the machine stays warm between calls, /dev/shm with it). Results go to $OUT.
+#   STAGES="tests build48 resident" bash bench/gpu_session.sh
+#   STAGES="offload before-after" bash bench/gpu_session.sh
+#   STAGES="compare plan cpu" bash bench/gpu_session.sh
+# Stages: tests (scripts/gpu_tests.sh), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
+# resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
+# path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
+# fp32), plan (omnilab plan on this machine), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+W=/dev/shm/ol
+C48=$W/omni-thinker-48l
+if [ ! -d /tmp/site/transformers ] && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+log() { echo "[session $(date +%T) +${SECONDS}s] $*"; }
+wait48() { while [ ! -f $W/build48.done ]; do sleep 2; done; }
+
+for stage in ${STAGES:-tests}; do
+  log "stage $stage"
+  case $stage in
+    build48)
+      mkdir -p $W
+      (python3 -c "
+import torch
+from omnilab.testing.synth import real_shape_checkpoint
+real_shape_checkpoint('$C48', layers=48, dtype=torch.bfloat16, device='cuda', towers=False, progress=False)
+" > $OUT/build48.log 2>&1; touch $W/build48.done) &
+      ;;
+    tests)
+      OUT=$OUT timeout 420 bash scripts/gpu_tests.sh -x -q 2>&1 | tail -25
+      ;;
+    resident)
+      wait48
+      timeout 540 python3 bench/faces.py --checkpoint $C48 --device cuda --rows engine-resident,cli-resident,cli-sampling \
+        --new-tokens 64 --repeats 2 --out $OUT/faces_resident.json --markdown $OUT/faces_resident.md 2>&1 | tail -20
+      ;;
+    offload)
+      wait48
+      timeout 400 python3 bench/faces.py --checkpoint $C48 --device cuda --rows engine-offload,cli-offload --budget 8GB \
+        --new-tokens 64 --repeats 2 --out $OUT/faces_offload.json --markdown $OUT/faces_offload.md 2>&1 | tail -20
+      ;;
+    before-after)
+      wait48
+      for tree in old new; do
+        root=$PWD; [ $tree = old ] && root=$PWD/.old
+        (cd "$root" && PYTHONPATH=/tmp/site:$root timeout 200 python3 bench/decode.py --checkpoint $C48 --device cuda \
+          --rows fast-compiled --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 \
+          --workdir /tmp/ba-$tree --out $OUT/decode_$tree.json --markdown $OUT/decode_$tree.md 2>&1 | tail -4)
+      done
+      ;;
+    compare)
+      wait48
+      for dtype in bfloat16 float32; do
+        timeout 270 python3 -m omnilab compare $C48 --input-ids 3,17,42,9,11,5,6,7,8,9,10,11,12,13,14,15 \
+          --device cuda --dtype $dtype --json > $OUT/compare_$dtype.json 2> $OUT/compare_$dtype.err
+        echo "compare $dtype: exit $?"; tail -2 $OUT/compare_$dtype.err
+        python3 -c "
+import json; r = json.load(open('$OUT/compare_$dtype.json'))
+print({k: r[k] for k in ('first_divergence', 'local_first_divergence', 'max_rel_err', 'top1_agreement', 'seconds', 'peak_gpu_bytes', 'peak_rss_bytes', 'engine')})" 2>&1 | tail -1
+      done
+      ;;
+    plan)
+      wait48
+      python3 -m omnilab plan $C48 --device cuda --json > $OUT/plan48.json 2> $OUT/plan48.err; echo "plan: exit $?"
+      python3 -m omnilab plan $C48 --device cuda | tee $OUT/plan48.txt | head -12
+      ;;
+    cpu)
+      mkdir -p /tmp/ol
+      [ -d /tmp/ol/omni-thinker-8l ] || python3 -c "
+import torch
+from omnilab.testing.synth import real_shape_checkpoint
+real_shape_checkpoint('/tmp/ol/omni-thinker-8l', layers=8, dtype=torch.bfloat16, device='cuda', towers=False, progress=False)"
+      CUDA_VISIBLE_DEVICES= timeout 500 python3 bench/faces.py --checkpoint /tmp/ol/omni-thinker-8l --device cpu \
+        --dtype bfloat16 --rows hf,engine-resident,cli-resident --hf-impl grouped_mm,batched_mm --prompt-tokens 16 \
+        --new-tokens 16 --repeats 1 --workdir /tmp/ol --out $OUT/faces_cpu.json --markdown $OUT/faces_cpu.md 2>&1 | tail -12
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+log "done"
