@@ -4,6 +4,7 @@
 - host.py: the host tier of offloaded experts (`HostTier`), its byte spans and the driver copy (`DriverCopy`);
 - slot_cache.py: which experts the slots hold: per-layer LRU, prefetch, statistics (`SlotCache`);
 - phases.py: the offloaded step's phase timer (`PhaseTimer`, `PHASES`);
+- sampling.py: device-side warpers and a hashed Gumbel-max draw (`SamplingParams`, `warp`, `draw`);
 - fast.py: the all-resident decode fast path (`FastDecoder`, `generate`, `fast_path_refusal`);
 - offload.py: offloaded decoding under a GPU budget (`OffloadDecoder`: segment kernels, capture, decode loop);
 - prefill.py: the grouped trace prefill (`TracePrefill`, `prefill_refusal`).
