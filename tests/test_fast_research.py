@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-import omnilab as ol
 from omnilab.gpu import sampling
 from omnilab.gpu.fast import FastDecoder, fast_path_refusal
 from omnilab.model.decoder import SelectiveMoE
@@ -237,31 +236,3 @@ def test_first_token_distribution_matches_the_eager_sampler(model):
     df = int(both.sum()) - 1
     assert df > 10  # the warped distribution is spread over many tokens
     assert stat < chi2_critical(df), stat
-
-
-# -- the runtime ---------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_moe):
-    return ol.load(tiny_moe)
-
-
-def test_runtime_sampling_is_resident_and_reproducible(loaded):
-    options = dict(greedy=False, temperature=0.9, top_k=20, top_p=0.9)
-    a = loaded.generate(RAGGED[1], 10, seed=1, **options)
-    b = loaded.generate(RAGGED[1], 10, seed=1, **options)
-    c = loaded.generate(RAGGED[1], 10, seed=2, **options)
-    assert a.engine == "cpu-resident" and a.refusal is None
-    assert a.new_token_ids == b.new_token_ids != c.new_token_ids
-
-
-def test_runtime_research_calls_are_resident_with_the_eager_tokens(loaded):
-    cases = {"ragged": None, **{k: v for k, v in interventions(loaded.config).items()
-                                if k in ("top-k + 2", "router mask", "salience", "available")}}
-    for what, routing in cases.items():
-        stops = [loaded.generate(RAGGED[0], 10, engine="eager", routing=routing).new_token_ids[1][4]]
-        fast = loaded.generate(RAGGED[0], 10, routing=routing, stop_tokens=stops)
-        eager = loaded.generate(RAGGED[0], 10, routing=routing, stop_tokens=stops, engine="eager")
-        assert fast.engine == "cpu-resident" and fast.refusal is None, what
-        assert fast.new_token_ids == eager.new_token_ids and fast.stopped == eager.stopped, what

@@ -267,7 +267,8 @@ class FastDecoder:
         routing = self.routing[:, :, :P + ran - 1].to(torch.long).cpu()  # [moe layers, B, S, k]
         return FastGeneration(tokens, lengths, seconds, prefill_seconds, stopped=stopped, routing=routing,
                               logits=self.record_logits[:ran].clone() if record_logits else None,
-                              resid=self._record_out("resid", ran), router_logits=self._record_out("router_logits", ran))
+                              resid=self._record_out("resid", ran),
+                              router_logits=self._record_out("router_logits", ran))
 
     def _allocate_records(self, record_logits: bool, record) -> None:
         """(Re)allocate the record buffers a call asks for; a new or dropped buffer drops the captured graphs."""
