@@ -12,7 +12,7 @@ from omnilab.gpu.fast import FastDecoder, FastGeneration, fast_path_refusal, gen
 from omnilab.gpu.slots import SlotPool
 from omnilab.model.routing import RoutingOverride
 from omnilab.model.decoder import SelectiveMoE
-from omnilab.model.faults import RouterMask
+from omnilab.model.faults import Fault, RouterMask
 from omnilab.model.routing import RoutingOptions
 from omnilab.model.hooks import capture
 from omnilab.reference.whole import Reference
@@ -98,9 +98,10 @@ def test_hooked_model_takes_the_eager_path(model):
     assert generate(model, PROMPT, 5).new_token_ids == out.new_token_ids
 
 
-def test_per_call_routing_takes_the_eager_path(model):
-    """Routing options given to one generate call that the fast path cannot follow (another top-k, a router
-    transform, a mask, an override of the call's own) send that call to the eager path, which follows them."""
+def test_per_call_routing_takes_the_fast_path_with_the_eager_tokens(model):
+    """Routing options given to one generate call (another top-k, a router transform, a mask, an override of the
+    call's own) run on the fast path, which follows them: the eager path's tokens; a transform it does not know
+    (no router_op) sends the call to the eager path, which follows it."""
     cfg = model.config
     k, E, first = cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_layers[0]
     ok = torch.ones(E, dtype=torch.bool)
@@ -111,11 +112,23 @@ def test_per_call_routing_takes_the_eager_path(model):
         "masked": RoutingOptions(available={i: ok for i in cfg.moe_layers}),
         "override": RoutingOptions(override=RoutingOverride({first: torch.arange(k).flip(0)})),
     }
+    plain = generate(model, PROMPT, 6, vocab_limit=None).routing
     for what, options in cases.items():
-        assert fast_path_refusal(model, options) is not None, what
+        assert fast_path_refusal(model, options) is None, what
         out = generate(model, PROMPT, 6, vocab_limit=None, routing=options)
-        assert not isinstance(out, FastGeneration), what
-        assert out.new_token_ids == model.generate(PROMPT, 6, vocab_limit=None, routing=options).new_token_ids, what
+        assert isinstance(out, FastGeneration), what
+        eager = model.generate(PROMPT, 6, vocab_limit=None, routing=options).new_token_ids
+        assert out.new_token_ids == eager, what
+        assert out.routing.shape != plain.shape or not torch.equal(out.routing, plain), what  # it acted
+
+    class Doubled(Fault):
+        def on_router_logits(self, layer, logits):
+            return 2 * logits
+
+    unknown = RoutingOptions(transforms=(Doubled(),))
+    assert "router transforms without a router_op (Doubled)" in fast_path_refusal(model, unknown)
+    out = generate(model, PROMPT, 6, vocab_limit=None, routing=unknown)
+    assert not isinstance(out, FastGeneration)
     for same in (None, RoutingOptions(), RoutingOptions(top_k=k)):  # the model's own routing: the fast path
         assert fast_path_refusal(model, same) is None
         assert isinstance(generate(model, PROMPT, 3, routing=same), FastGeneration)

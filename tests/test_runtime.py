@@ -9,7 +9,8 @@ import torch
 import omnilab as ol
 from omnilab import cli
 from omnilab.checkpoint import Checkpoint
-from omnilab.model.faults import DefaultNorms
+from omnilab.model.faults import DefaultNorms, RouterMask, SalienceMix
+from omnilab.model.routing import RoutingOptions
 from omnilab.runtime import hardware
 from omnilab.runtime.choose import Call, choose
 from omnilab.runtime.generate import cut_at_stop, sampling_options
@@ -81,6 +82,31 @@ def test_stop_tokens_cut_each_row_as_the_eager_loop_does(model):
     assert fast.new_token_ids == eager.new_token_ids and fast.stopped == eager.stopped == [True]
     g = cut_at_stop(Generation([[1, 2, 3], [4, 5, 6]], [1, 1], 1.0, 0.1, [False, False]), [2, 9])
     assert g.new_token_ids == [[1, 2], [4, 5, 6]] and g.stopped == [True, False]
+
+
+def test_sampled_generation_is_resident_and_reproducible_for_a_seed(model):
+    prompts, options = [[5], [8, 8, 8, 8, 8, 8], [1, 2, 3, 4]], dict(greedy=False, temperature=0.9, top_k=20, top_p=0.9)
+    a, b, c = (model.generate(prompts, 10, seed=s, **options) for s in (1, 1, 2))
+    assert a.engine == "cpu-resident" and a.refusal is None
+    assert a.new_token_ids == b.new_token_ids != c.new_token_ids
+
+
+def test_ragged_masked_top_k_and_salience_calls_are_resident_with_the_eager_tokens(model):
+    cfg = model.config
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    ok = torch.ones(E, dtype=torch.bool)
+    ok[:2] = False
+    cases = {"ragged": None, "top-k": RoutingOptions(top_k=k + 2),
+             "masked": RoutingOptions(available={i: ok for i in cfg.moe_layers}),
+             "router mask": RoutingOptions(transforms=(RouterMask(tuple(range(2, E))),)),
+             "salience": RoutingOptions(transforms=(SalienceMix(alpha=0.7),))}
+    prompts = [[3, 17, 42, 5, 99, 7, 64, 12], [250, 31, 9]]
+    for what, routing in cases.items():
+        stop = [model.generate(prompts, 10, engine="eager", routing=routing).new_token_ids[1][4]]
+        fast = model.generate(prompts, 10, routing=routing, stop_tokens=stop)
+        eager = model.generate(prompts, 10, routing=routing, stop_tokens=stop, engine="eager")
+        assert fast.engine == "cpu-resident" and fast.refusal is None, what
+        assert fast.new_token_ids == eager.new_token_ids and fast.stopped == eager.stopped, what
 
 
 @pytest.mark.parametrize("bad, match", [(dict(max_new_tokens=0), "max_new_tokens"),

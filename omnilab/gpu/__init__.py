@@ -4,6 +4,7 @@
 - host.py: the host tier of offloaded experts (`HostTier`), its byte spans and the driver copy (`DriverCopy`);
 - slot_cache.py: which experts the slots hold: per-layer LRU, prefetch, statistics (`SlotCache`);
 - phases.py: the offloaded step's phase timer (`PhaseTimer`, `PHASES`);
+- sampling.py: device-side warpers and a hashed Gumbel-max draw (`SamplingParams`, `warp`, `draw`);
 - fast.py: the all-resident decode fast path (`FastDecoder`, `generate`, `fast_path_refusal`);
 - segments.py: the offloaded step's segment kernels, plain tensor functions (`expert_choice`, `mix_sum`, ...);
 - offload_step.py: the offloaded decode step as segments, their CUDA graphs and host loop (`SegmentedStep`);

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from omnilab.gpu.fast import fast_path_refusal
+from omnilab.gpu.fast import plain_routing_refusal
 from omnilab.gpu.slots import SlotPool
 from omnilab.gpu.step import expert_mix, route
 from omnilab.model.rope import rope_cos_sin
@@ -50,7 +50,7 @@ class Routing(NamedTuple):
 def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
     """Why `model` cannot take the grouped trace prefill (None when it can). experts_given: the stacked experts
     are supplied by the caller, so the budget and free-memory checks do not apply."""
-    refusal = fast_path_refusal(model)
+    refusal = plain_routing_refusal(model)
     if refusal:
         return refusal
     if getattr(model, "routing_override", None) is not None:

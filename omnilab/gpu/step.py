@@ -78,7 +78,8 @@ def layer_weights(layer) -> LayerWeights:
 
 
 def attention(h, w: LayerWeights, cos, sin, mask, positions, keys, values, c: Consts):
-    """The residual stream h [B, T, H] -> attention output [B, T, H]; writes keys/values [B, kvh, S_max, hd]."""
+    """The residual stream h [B, T, H] -> attention output [B, T, H]; writes keys/values [B, kvh, S_max, hd] at the
+    cache columns `positions` [T]. cos, sin [T, hd] or per row [B, 1, T, hd]; mask [1 or B, 1, g * T, S_max]."""
     B, T, _ = h.shape
     nh, nkv, hd = c.heads, c.kv_heads, c.head_dim
     g = nh // nkv
@@ -99,15 +100,21 @@ def attention(h, w: LayerWeights, cos, sin, mask, positions, keys, values, c: Co
 
 
 def decoder_layer(h, cos, sin, mask, positions, keys, values, routing, w: LayerWeights, gate_up, down, slot_of,
-                  forced, slot_range, c: Consts, compute: str):
+                  forced, slot_range, c: Consts, compute: str, ops=(), record=None, step=None):
     """One MoE decoder layer on the static cache: h [B, T, H] -> [B, T, H]. Tensors only (no modules), so one
-    torch.compile'd copy serves every layer. routing [B, S_max, k] receives the layer's top-k expert ids."""
+    torch.compile'd copy serves every layer. routing [B, S_max, k] receives the layer's top-k expert ids.
+    forced [B * T, k]: the override's experts (None: the router's top-k). ops: the layer's router-logit transforms
+    (model.routing.LogitOp, the availability mask last), applied in order before the softmax, as the eager route.
+    record [steps, B, E]: receives the last position's raw router logits at row `step` [1] (None: not recorded)."""
     B, T, H = h.shape
     h = h + attention(h, w, cos, sin, mask, positions, keys, values, c)
     x = rms_norm(w.post_norm, h, c.eps).reshape(B * T, H)  # [N, H]
-    if forced is not None:
-        forced = forced.repeat(B, 1)  # [N, k]
-    weights, experts = route(F.linear(x, w.router), c.top_k, c.norm_topk_prob, x.dtype, forced)  # [N, k]
+    logits = F.linear(x, w.router)  # [N, E]
+    if record is not None:
+        record.index_copy_(0, step, logits.view(B, T, -1)[None, :, -1])  # [1, B, E]
+    for op in ops:
+        logits = op.apply(logits)
+    weights, experts = route(logits, c.top_k, c.norm_topk_prob, x.dtype, forced)  # [N, k]
     routing.index_copy_(1, positions, experts.view(B, T, -1).to(routing.dtype))
     slots = experts if slot_of is None else slot_of[experts]  # [N, k]
     return h + expert_mix(x, slots, weights, gate_up, down, slot_range, compute).view(B, T, H)

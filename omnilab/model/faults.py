@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omnilab.model.routing import LogitOp
+
 
 class Fault:
     """Base: every method leaves its input alone."""
@@ -83,6 +85,14 @@ class RouterMask(Fault):
         keep[list(self.experts)] = True
         return logits.masked_fill(~keep, float("-inf"))
 
+    def router_op(self, layer: int, num_experts: int, device, dtype) -> LogitOp | None:
+        """on_router_logits as a LogitOp built once (None: this layer is left alone)."""
+        if self.layer is not None and layer != self.layer:
+            return None
+        keep = torch.zeros(num_experts, dtype=torch.bool, device=device)
+        keep[list(self.experts)] = True
+        return LogitOp(drop=~keep)
+
 
 @dataclass(frozen=True)
 class SalienceMix(Fault):
@@ -103,6 +113,16 @@ class SalienceMix(Fault):
         else:
             score = torch.randn(logits.shape[-1], generator=torch.Generator().manual_seed(self.seed + layer))
         return (1 - self.alpha) * logits + self.alpha * score.to(logits.device, logits.dtype)
+
+    def router_op(self, layer: int, num_experts: int, device, dtype) -> LogitOp | None:
+        """on_router_logits as a LogitOp built once: scale 1 - alpha, shift alpha x score (the same arithmetic)."""
+        if self.layer is not None and layer != self.layer:
+            return None
+        if self.score is not None:
+            score = torch.tensor(self.score, dtype=torch.float32)
+        else:
+            score = torch.randn(num_experts, generator=torch.Generator().manual_seed(self.seed + layer))
+        return LogitOp(1 - self.alpha, self.alpha * score.to(device, dtype))
 
 
 @dataclass(frozen=True)

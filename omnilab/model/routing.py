@@ -8,14 +8,35 @@ into a live model.
 - `available`: layer -> bool [E], the experts present in the checkpoint; the others are masked before the
   softmax (`mask_missing_experts`);
 - `override`: a `RoutingOverride`, forced choices per layer (an intervention; the GPU decoders read it too).
+
+`LogitOp` is a router-logit transform as tensors built once (`transform.router_op(layer, E, device, dtype)`),
+so the resident fast path (omnilab.gpu) applies transforms and the mask inside a captured graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class LogitOp(NamedTuple):
+    """One layer's router-logit transform as tensors: logits -> scale * logits + shift (when shift is given), then
+    -inf where drop [E] is True (when given). `apply` does exactly the arithmetic of the eager transform it stands
+    for (RouterMask, SalienceMix, the availability mask), so fp32 routing is bit for bit the eager one."""
+
+    scale: float = 1.0
+    shift: torch.Tensor | None = None
+    drop: torch.Tensor | None = None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.shift is not None:
+            logits = self.scale * logits + self.shift
+        if self.drop is not None:
+            logits = logits.masked_fill(self.drop, float("-inf"))
+        return logits
 
 
 @dataclass

@@ -21,7 +21,8 @@ from omnilab.units import format_bytes
 
 @dataclass(frozen=True)
 class Call:
-    """What one call asks of an engine. routing: the call's RoutingOptions (None: the model's own)."""
+    """What one call asks of an engine. routing: the call's RoutingOptions (None: the model's own). The resident
+    engines take ragged and sampled calls; the offload engine refuses sampling."""
 
     batch: int = 1
     ragged: bool = False
@@ -73,10 +74,6 @@ def _resident(model, call: Call) -> str | None:
     why = _eager_needs(model, call) or _all_experts_fit(model) or fast_path_refusal(model, call.routing)
     if why:
         return why
-    if call.ragged:
-        return "the prompts have different lengths"
-    if call.sampling:
-        return "sampling"
     if model.device.type == "cuda" and getattr(model, "_runtime_pool", None) is None:
         free, _ = torch.cuda.mem_get_info(model.device)
         need = model.cache.store.total_bytes
@@ -86,9 +83,9 @@ def _resident(model, call: Call) -> str | None:
 
 
 def _offload(model, call: Call) -> str | None:
-    from omnilab.gpu.fast import fast_path_refusal
+    from omnilab.gpu.fast import plain_routing_refusal
 
-    why = _eager_needs(model, call) or fast_path_refusal(model, call.routing)
+    why = _eager_needs(model, call) or plain_routing_refusal(model, call.routing)
     if why:
         return why
     if type(model.cache.policy) is not LRU:

@@ -53,17 +53,23 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
         out = eager_generate(model, prompts, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
                              top_p=top_p, stop_tokens=stop_tokens, vocab_limit=vocab_limit, seed=seed,
                              use_kv_cache=use_kv_cache, progress=progress, routing=routing)
+    elif choice.engine.endswith("resident"):
+        limit = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)[0]
+        out = _resident(model, prompts, call).generate(
+            prompts, int(max_new_tokens), vocab_limit=limit, greedy=greedy, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_tokens=stop_tokens)
     else:
-        limit, _, _ = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)
-        run = _resident if choice.engine.endswith("resident") else _offload
-        out = run(model, prompts, int(max_new_tokens), limit, call)
-        out = cut_at_stop(out, stop_tokens)
+        limit = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)[0]
+        out = cut_at_stop(_offload(model, prompts, int(max_new_tokens), limit, call), stop_tokens)
     out.engine, out.refusal = choice.engine, choice.refusal
     out.peak_gpu_bytes = torch.cuda.max_memory_allocated(model.device) if cuda else None
     return out
 
 
-def _resident(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
+def _resident(model, prompts, call: Call):
+    """The FastDecoder for this call: one per (batch, max_len bucket, top-k, routing), over the model's shared slot
+    pool; one kept at a time (its KV cache is the big part). compile for bf16 on CUDA (bench: 156.8 tok/s
+    against 92.2 on an H200, 48 layers)."""
     from omnilab.gpu.fast import FastDecoder
     from omnilab.gpu.slots import SlotPool
 
@@ -71,12 +77,27 @@ def _resident(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
     if "pool" not in built:
         config, layout = model.checkpoint.arch
         built["pool"] = SlotPool.all_resident(model.checkpoint, config, layout, model.dtype, model.device)
-    key = ("fast", len(prompts), max_len_bucket(call.max_len))
+    routing = model.routing if call.routing is None else call.routing
+    key = ("fast", len(prompts), max_len_bucket(call.max_len), routing.experts_per_token(model.config),
+           routing_key(routing))
     if key not in built:
-        for old in [k for k in built if k[0] == "fast"]:  # one decoder at a time: its KV cache is the big part
+        for old in [k for k in built if k[0] == "fast"]:
             del built[old]
-        built[key] = FastDecoder(model, max_len=key[2], batch=key[1], pool=built["pool"])
-    return built[key].generate(torch.tensor(prompts), n, vocab_limit=vocab_limit)
+        compile = model.device.type == "cuda" and model.dtype == torch.bfloat16
+        built[key] = FastDecoder(model, max_len=key[2], batch=key[1], pool=built["pool"], routing=routing,
+                                 compile=compile)
+    return built[key]
+
+
+def routing_key(routing) -> tuple:
+    """What identifies a decoder's routing: its transforms (by value when hashable, else by object) and the
+    objects of its mask and override (a decoder builds their tensors once)."""
+    def ident(t):
+        try:
+            return hash(t), t
+        except TypeError:
+            return id(t), None
+    return (tuple(ident(t) for t in routing.transforms), id(routing.available), id(routing.override))
 
 
 def _offload(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
@@ -104,8 +125,8 @@ def _offload(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
 
 
 def cut_at_stop(out: Generation, stop_tokens) -> Generation:
-    """Each row's tokens up to and including its first stop token, as the eager loop stops (the engines decode
-    the whole budget without a host sync per token)."""
+    """Each row's tokens up to and including its first stop token, as the eager loop stops (the offload engine
+    decodes the whole budget without a host sync per token; the resident one stops on the device)."""
     stop = set(stop_tokens or ())
     if not stop:
         return out
