@@ -36,6 +36,7 @@ def _engine_row(args, kind: str) -> dict:
     import torch
 
     from omnilab.runtime import generate as rg
+    from omnilab.runtime.choose import Call
     from omnilab.runtime.model import load
 
     with AnonPeak() as anon:
@@ -43,20 +44,24 @@ def _engine_row(args, kind: str) -> dict:
         budget = args.budget if kind == "offload" else "all"
         model = load(args.checkpoint, device=args.device, dtype=args.dtype, expert_budget=budget, tokenizer=False)
         prompt, _ = inputs(args, model.config.vocab_size)
-        ids = [prompt.tolist()]
-        call = rg.Call(batch=1, max_len=len(ids[0]) + args.new_tokens)
-        run = rg.run_resident if kind == "resident" else rg.run_offload
-        options = {"vocab_limit": None}
+        ids = prompt.tolist()
+        call = Call(batch=1, max_len=len(ids) + args.new_tokens)
         load_s = time.perf_counter() - start
         start = time.perf_counter()
-        run(model, ids, args.new_tokens, call, options)  # warm-up: builds the engine, captures, compiles
+        decoder = (rg.resident_decoder(model, [ids], call) if kind == "resident" else rg.offload_decoder(model, call))
+
+        def run():
+            return decoder.generate(ids, args.new_tokens, vocab_limit=None)
+
+        run()  # warm-up: the graphs captured (and compiled)
         build_s = time.perf_counter() - start
-        gens = [run(model, ids, args.new_tokens, call, options) for _ in range(args.repeats)]
+        gens = [run() for _ in range(args.repeats)]
     speeds = [g.decode_tokens_per_s for g in gens]
     return {"row": f"engine-{kind}", "decode_tokens_per_s": statistics.median(speeds), "runs": speeds,
             "tokens": gens[-1].new_token_ids[0], "load_s": load_s, "build_s": build_s,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
-            "peak_anon_bytes": anon.peak, "cache": getattr(gens[-1], "cache", None)}
+            "peak_anon_bytes": anon.peak, "engine": f"{kind} (direct)",
+            "cache": decoder.stats.to_dict() if kind == "offload" else None}
 
 
 def _cli_row(args, name: str, extra: list[str]) -> dict:

@@ -55,7 +55,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
                              use_kv_cache=use_kv_cache, progress=progress, routing=routing)
     elif choice.engine.endswith("resident"):
         limit = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)[0]
-        out = _resident(model, prompts, call).generate(
+        out = resident_decoder(model, prompts, call).generate(
             prompts, int(max_new_tokens), vocab_limit=limit, greedy=greedy, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop_tokens=stop_tokens)
     else:
@@ -66,7 +66,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
     return out
 
 
-def _resident(model, prompts, call: Call):
+def resident_decoder(model, prompts, call: Call):
     """The FastDecoder for this call: one per (batch, max_len bucket, top-k, routing), over the model's shared slot
     pool; one kept at a time (its KV cache is the big part). compile for bf16 on CUDA (bench: 156.8 tok/s
     against 92.2 on an H200, 48 layers)."""
@@ -100,27 +100,44 @@ def routing_key(routing) -> tuple:
     return (tuple(ident(t) for t in routing.transforms), id(routing.available), id(routing.override))
 
 
-def _offload(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
-    """The offload decoder, one prompt at a time (it decodes batch 1); its slots from the model's expert budget."""
+def offload_decoder(model, call: Call):
+    """The OffloadDecoder for the model's expert budget: one per (max_len bucket, budget), over the model's host
+    tier (the shard maps registered page-locked). step="slot" (one graph per layer and slot, the fastest at small
+    pools: bench/results/offload_h200_bf16_slot.md) up to 32 slots a layer, "choice" above; compiled segments for
+    bf16 on CUDA."""
     from omnilab.gpu.host import HostTier
     from omnilab.gpu.offload import OffloadDecoder
 
     built = engines(model)
     if "host" not in built:
         config, layout = model.checkpoint.arch
-        built["host"] = HostTier.mapped(model.checkpoint, config, layout, register=True)
-    key = ("offload", max_len_bucket(call.max_len))
+        built["host"] = HostTier.mapped(model.checkpoint, config, layout, register=model.device.type == "cuda")
+    budget = model.cache.budget_bytes
+    key = ("offload", max_len_bucket(call.max_len), budget)
     if key not in built:
         for old in [k for k in built if k[0] == "offload"]:
             del built[old]
-        built[key] = OffloadDecoder(model, built["host"], expert_budget_bytes=model.cache.budget_bytes,
-                                    max_len=key[1], prefetch=False, step="slot")
-    decoder = built[key]
-    parts = [decoder.generate(p, n, vocab_limit=vocab_limit) for p in prompts]
+        slots = budget // (model.cache.store.expert_bytes * len(model.config.moe_layers))
+        built[key] = OffloadDecoder(model, built["host"], expert_budget_bytes=budget, max_len=key[1], prefetch=False,
+                                    step="slot" if slots <= 32 else "choice",
+                                    compile=model.device.type == "cuda" and model.dtype == torch.bfloat16)
+    return built[key]
+
+
+def _offload(model, prompts, n: int, vocab_limit, call: Call) -> Generation:
+    """The offload decoder, one prompt at a time (it decodes batch 1); `cache` sums its statistics over the
+    prompts (decode steps; the pool's bytes as the peak resident)."""
+    decoder = offload_decoder(model, call)
+    parts, stats = [], []
+    for p in prompts:
+        parts.append(decoder.generate(p, n, vocab_limit=vocab_limit))
+        stats.append(decoder.stats.to_dict())
     out = Generation([t for g in parts for t in g.new_token_ids], [len(p) for p in prompts],
                      sum(g.seconds for g in parts), sum(g.prefill_seconds for g in parts),
                      stopped=[False] * len(prompts))
-    out.cache = decoder.stats.to_dict()
+    out.cache = {k: sum(s[k] for s in stats) for k in ("hits", "misses", "bytes_moved", "copies", "tokens")}
+    out.cache.update(loaded_bytes=out.cache["bytes_moved"], peak_resident_bytes=decoder.pool.nbytes,
+                     hit_rate=out.cache["hits"] / max(1, out.cache["hits"] + out.cache["misses"]))
     return out
 
 
