@@ -489,11 +489,9 @@ def plot_layer_domain(table: pd.DataFrame, load: pd.DataFrame, layer: int, domai
 
 
 def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
-    """An ipywidgets explorer (layer slider, domain dropdown) over plot_layer_domain. Returns the widget; in a
-    headless run (papermill) it renders nothing, so notebooks also draw a static plot_layer_domain."""
+    """An ipywidgets explorer (layer slider, domain dropdown) over plot_layer_domain. Returns the widget; its first
+    figure is drawn at once, so a headless run (papermill) keeps it in the cell's output."""
     import ipywidgets as widgets
-
-    from IPython.display import display
 
     layers = sorted(load.index)
     domains = list(dict.fromkeys(d for _, d in table.index))
@@ -506,13 +504,28 @@ def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
         # inside it (it shows it in the widget), so the first draw's error fails the cell, and a later one
         # reaches the kernel's log, instead of vanishing. display() renders under any backend (plt.show(fig)
         # is wrong under Agg).
-        fig = plot_layer_domain(table, load, slider.value, dropdown.value)
-        try:
-            out.clear_output(wait=True)
-            with out:
-                display(fig)
-        finally:
-            plt.close(fig)
+        _redraw(out, plot_layer_domain(table, load, slider.value, dropdown.value))
+
+    return _explorer(slider, dropdown, out, draw)
+
+
+def _redraw(out, fig, *more) -> None:
+    """Show fig (then `more`) in the ipywidgets Output `out`, replacing what it showed; the figure is closed."""
+    from IPython.display import display
+
+    try:
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+            for item in more:
+                display(item)
+    finally:
+        plt.close(fig)
+
+
+def _explorer(slider, dropdown, out, draw):
+    """The slider and dropdown above `out`, each change redrawn by `draw` (drawn once now)."""
+    import ipywidgets as widgets
 
     draw()
     slider.observe(draw, names="value")
@@ -912,7 +925,6 @@ def token_routing_explorer(trace: pd.DataFrame, tokenizer=None, docs: list[int] 
     """An ipywidgets view over plot_token_routing: a layer slider and a document dropdown; under the figure, the
     table of every token's top-k experts and weights. TOKENIZER decodes the trace's token ids (None: ids)."""
     import ipywidgets as widgets
-    from IPython.display import display
 
     from omnilab.tokenizer import stream_pieces
 
@@ -938,15 +950,6 @@ def token_routing_explorer(trace: pd.DataFrame, tokenizer=None, docs: list[int] 
         fig = plot_token_routing(table, E, slider.value,
                                  title=f"doc {dropdown.value} ({names.get(dropdown.value, '?')}): top expert per token "
                                        f"at layer {slider.value}")
-        try:
-            out.clear_output(wait=True)
-            with out:
-                display(fig)
-                display(table)
-        finally:
-            plt.close(fig)
+        _redraw(out, fig, table)
 
-    draw()
-    slider.observe(draw, names="value")
-    dropdown.observe(draw, names="value")
-    return widgets.VBox([widgets.HBox([slider, dropdown]), out])
+    return _explorer(slider, dropdown, out, draw)
