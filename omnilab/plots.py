@@ -489,8 +489,8 @@ def plot_layer_domain(table: pd.DataFrame, load: pd.DataFrame, layer: int, domai
 
 
 def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
-    """An ipywidgets explorer (layer slider, domain dropdown) over plot_layer_domain. Returns the widget; its first
-    figure is drawn at once, so a headless run (papermill) keeps it in the cell's output."""
+    """An ipywidgets explorer (layer slider, domain dropdown) over plot_layer_domain; returns the widget, its first
+    figure drawn."""
     import ipywidgets as widgets
 
     layers = sorted(load.index)
