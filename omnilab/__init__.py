@@ -13,7 +13,8 @@ The public face, for notebooks and scripts: `import omnilab as ol`, then
   and expert_budget default to "auto", and `generate` runs on the engine `ol.choose(model, ol.Call(...))` picks),
   `ol.RoutingOptions`, `ol.Generation`, `ol.MissingExpertError`; hooks `ol.capture`, `ol.run_with_cache`,
   `ol.compare`, `ol.first_difference`; the modules `ol.hooks`, `ol.faults`, `ol.multimodal`;
-- against transformers: `ol.Reference`, `ol.compare_checkpoints`, `ol.fault_gallery`, `ol.gallery_table`;
+- against transformers: `ol.Reference`, `ol.compare_checkpoints` (streamed, any scale), `ol.reference_continuation`
+  (a greedy continuation checked in one streamed pass), `ol.fault_gallery`, `ol.gallery_table`;
 - experiments, as modules: `ol.eval_data`, `ol.measures`, `ol.masking`, `ol.routing` (routing statistics),
   `ol.cache_sim`, `ol.sweeps`, `ol.modality`; figures `ol.plots`;
 - corpus traces: the room `ol.trace` (`ol.trace.trace_corpus`, `ol.trace.TraceDataset`), and `ol.routing_trace`
@@ -51,7 +52,7 @@ _NAMES = {
     "MissingExpertError": "omnilab.model.experts",
     **dict.fromkeys(("capture", "run_with_cache", "compare", "first_difference"), "omnilab.model.hooks"),
     "Reference": "omnilab.reference.whole",
-    "compare_checkpoints": "omnilab.reference.compare",
+    **dict.fromkeys(("compare_checkpoints", "reference_continuation"), "omnilab.reference.compare"),
     **dict.fromkeys(("fault_gallery", "gallery_table"), "omnilab.experiments.fault_gallery"),
     **dict.fromkeys(("notebook_out_dir", "repo_path", "save_figure", "save_metrics", "say"), "omnilab.notebook"),
 }
