@@ -6,7 +6,7 @@ router picks under a memory budget, and compare it with transformers at every ho
 The public face, for notebooks and scripts: `import omnilab as ol`, then
 
 - checkpoints: `ol.Checkpoint`, `ol.checkpoint_report`, `ol.verify`, `ol.problems_frame`, `ol.format_bytes`,
-  `ol.parse_size`, `ol.stream_pieces`; the module `ol.inventory`;
+  `ol.parse_size`, `ol.stream_pieces`, `ol.load_tokenizer`; the module `ol.inventory`;
 - extraction: `ol.extract`, `ol.verify_extraction`, `ol.read_manifest`, `ol.manifest_table`, `ol.parse_range`,
   `ol.availability`, `ol.component_bytes`, `ol.missing_summary`;
 - the selective model: `ol.SelectiveMoE` (`ol.load(path, ...)` is `SelectiveMoE.from_checkpoint`; device, dtype
@@ -39,7 +39,7 @@ _NAMES = {
     **dict.fromkeys(("Checkpoint", "CheckpointError", "Problem"), "omnilab.checkpoint"),
     **dict.fromkeys(("checkpoint_report", "problems_frame", "verify"), "omnilab.inventory"),
     **dict.fromkeys(("format_bytes", "parse_size"), "omnilab.units"),
-    "stream_pieces": "omnilab.tokenizer",
+    **dict.fromkeys(("stream_pieces", "load_tokenizer"), "omnilab.tokenizer"),
     "extract": "omnilab.extraction.write",
     "verify_extraction": "omnilab.extraction.verify",
     **dict.fromkeys(("read_manifest", "manifest_table"), "omnilab.extraction.manifest"),
