@@ -122,11 +122,11 @@ def _streamed(checkpoint, input_ids, layer: int, dtype, window: int, device, exp
 
 
 def gallery_table(gallery: dict):
-    """fault_gallery's result as a table: one row per fault (kind, layer, first divergence, logits rel_err, top-1
-    agreement, KL)."""
+    """fault_gallery's result as a table: one row per fault (kind, layer, first divergence ("none" for a fault that
+    changed nothing, e.g. norms at their default init on a random checkpoint), logits rel_err, top-1 agreement, KL)."""
     import pandas as pd
 
     return pd.DataFrame([{"fault": name, "kind": type(fault).__name__, "injected at layer": fault.layer,
-                          "first divergence": res.first_divergence, "logits rel_err": res.logits_rel_err,
+                          "first divergence": res.first_divergence or "none", "logits rel_err": res.logits_rel_err,
                           "top-1 agreement": res.top1_agreement, "KL": res.kl}
                          for name, (fault, res) in gallery.items()])
