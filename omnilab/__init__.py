@@ -21,7 +21,7 @@ The public face, for notebooks and scripts: `import omnilab as ol`, then
   (omnilab.trace.record: `record_trace`, `route`, `trace_rows`);
   tiny and broken checkpoints `ol.synth`, `ol.breakage`;
 - what a notebook saves and prints: `ol.notebook_out_dir`, `ol.repo_path`, `ol.save_figure`, `ol.save_metrics`,
-  `ol.say`.
+  `ol.say`; `ol.release_memory` (after dropping a model: garbage collection and malloc_trim).
 
 Every name is imported on first use (PEP 562 `__getattr__`), so `import omnilab` reads neither torch nor pandas.
 No name of the face is also a module directly under omnilab/ (tests/test_face.py checks it), so `ol.X` is one
@@ -55,6 +55,7 @@ _NAMES = {
     **dict.fromkeys(("compare_checkpoints", "reference_continuation"), "omnilab.reference.compare"),
     **dict.fromkeys(("fault_gallery", "gallery_table"), "omnilab.experiments.fault_gallery"),
     **dict.fromkeys(("notebook_out_dir", "repo_path", "save_figure", "save_metrics", "say"), "omnilab.notebook"),
+    "release_memory": "omnilab.memory",
 }
 
 # name -> module, for the modules a notebook calls into

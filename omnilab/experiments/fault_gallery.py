@@ -12,8 +12,6 @@ transformers), since the reference stops after the window.
 
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from omnilab.checkpoint import Checkpoint
@@ -84,7 +82,7 @@ def fault_gallery(checkpoint, reference=None, input_ids=None, layer: int | None 
 @torch.no_grad()
 def _streamed(checkpoint, input_ids, layer: int, dtype, window: int, device, expert_budget) -> FaultGallery:
     from omnilab.dtypes import as_dtype
-    from omnilab.memory import AnonPeak
+    from omnilab.memory import AnonPeak, release_memory
     from omnilab.model.decoder import SelectiveMoE
     from omnilab.model.hooks import DIVERGENCE_RTOL, LOGITS, compare_activations, run_with_cache
     from omnilab.reference.compare import one_layer_budget, window_names
@@ -104,7 +102,7 @@ def _streamed(checkpoint, input_ids, layer: int, dtype, window: int, device, exp
         ids = input_ids.to(model.device)
         _, clean = run_with_cache(model, ids)
         del model
-        gc.collect()
+        release_memory()
         reference = StreamedReference(checkpoint, device=device)
         run = reference.run(input_ids, [dtype], local_inputs=clean, layers=layers)
         ref_acts = {**run.chained[dtype], LOGITS: clean[LOGITS]}  # logits: the clean selective model's
@@ -115,7 +113,7 @@ def _streamed(checkpoint, input_ids, layer: int, dtype, window: int, device, exp
             model = load([fault])
             _, acts = run_with_cache(model, ids, names=names)
             del model
-            gc.collect()
+            release_memory()
             out[label] = (fault, compare_activations(ref_acts, acts, rtol=rtol, names=names))
     out.peak_rss_bytes = peak.peak
     return out

@@ -7,6 +7,7 @@ import torch
 
 from omnilab.experiments.eval_data import EvalSet
 from omnilab.experiments.measures import next_token_logprobs, quality
+from omnilab.memory import release_memory
 
 
 def masking_cost(folder, evalset: EvalSet, reference: list[torch.Tensor], **load_options) -> dict:
@@ -21,6 +22,8 @@ def masking_cost(folder, evalset: EvalSet, reference: list[torch.Tensor], **load
     cfg = model.config
     routed = sum(len(ids) for _, ids in evalset.docs) * cfg.num_experts_per_tok * len(cfg.moe_layers)
     masked = model.cache.stats.masked_choices
+    del model  # freed now, before a sweep loads the next one
+    release_memory()
     return {"kl": q["kl"], "top1_agreement": q["top1_agreement"], "masked_choices": masked,
             "masked_share": masked / routed}
 

@@ -32,6 +32,7 @@ import torch
 
 from omnilab.experiments.eval_data import EvalSet
 from omnilab.experiments.measures import addition_accuracy, backbone_bytes, next_token_logprobs, quality
+from omnilab.memory import release_memory
 from omnilab.model.experts import ExpertCache
 from omnilab.model.faults import RouterMask, SalienceMix, acts_on_weights
 from omnilab.model.routing import RoutingOptions
@@ -136,6 +137,7 @@ def fresh_cache(model, setting: Setting) -> None:
         for key in [k for k in built if isinstance(k, tuple) and k[0] == "offload"]:
             del built[key]
     model.cache = ExpertCache(store, budget, policy=setting.policy)
+    release_memory()  # the old cache's experts, back to the system rather than left in the heap
 
 
 def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int = 24,

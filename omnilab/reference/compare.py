@@ -7,7 +7,6 @@ against transformers' own bf16 noise (NOISE_FACTOR), bf16 near-tie flips set asi
 from __future__ import annotations
 
 import dataclasses
-import gc
 from dataclasses import dataclass
 
 import torch
@@ -187,7 +186,7 @@ def compare_checkpoints(path, input_ids, *, reference=None, dtype="float32", dev
     backbone alone. layers: a run of consecutive decoder layers to stream and compare (StreamedReference.run).
     peak_rss_bytes: the peak anonymous RSS of the call (the process's, a given model included)."""
     from omnilab.checkpoint import Checkpoint
-    from omnilab.memory import AnonPeak
+    from omnilab.memory import AnonPeak, release_memory
     from omnilab.model.decoder import SelectiveMoE
     from omnilab.reference.streamed import StreamedReference
 
@@ -215,7 +214,7 @@ def compare_checkpoints(path, input_ids, *, reference=None, dtype="float32", dev
         else:
             model.cache.clear()  # experts are read again on demand; the backbone stays
             del model
-        gc.collect()
+        release_memory()
         ref = StreamedReference(ref_checkpoint, device=device)
         result = compare_streamed(acts, ref, input_ids, dtype, noise_factor=noise_factor, progress=progress,
                                   layers=layers)
