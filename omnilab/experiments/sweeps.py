@@ -97,9 +97,11 @@ def routing_of(model, setting: Setting) -> RoutingOptions:
 @contextmanager
 def applied(model, setting: Setting):
     """The setting's RoutingOptions (pass them to the model's calls) with a fresh expert cache of its budget and
-    policy in the model; the model's own cache is back on exit."""
+    policy in the model; the model's own cache (emptied: its experts are read again on demand) is back on exit."""
     routing = routing_of(model, setting)
     cache = model.cache
+    own_budget(model)  # recorded before the first swap
+    cache.clear()  # its experts are read again on demand: never two caches' worth of experts at once
     try:
         fresh_cache(model, setting)
         yield routing
