@@ -13,14 +13,15 @@ The public face, for notebooks and scripts: `import omnilab as ol`, then
   and expert_budget default to "auto", and `generate` runs on the engine `ol.choose(model, ol.Call(...))` picks),
   `ol.RoutingOptions`, `ol.Generation`, `ol.MissingExpertError`; hooks `ol.capture`, `ol.run_with_cache`,
   `ol.compare`, `ol.first_difference`; the modules `ol.hooks`, `ol.faults`, `ol.multimodal`;
-- against transformers: `ol.Reference`, `ol.compare_checkpoints`, `ol.fault_gallery`, `ol.gallery_table`;
+- against transformers: `ol.Reference`, `ol.compare_checkpoints` (streamed, any scale), `ol.reference_continuation`
+  (a greedy continuation checked in one streamed pass), `ol.fault_gallery`, `ol.gallery_table`;
 - experiments, as modules: `ol.eval_data`, `ol.measures`, `ol.masking`, `ol.routing` (routing statistics),
   `ol.cache_sim`, `ol.sweeps`, `ol.modality`; figures `ol.plots`;
 - corpus traces: the room `ol.trace` (`ol.trace.trace_corpus`, `ol.trace.TraceDataset`), and `ol.routing_trace`
   (omnilab.trace.record: `record_trace`, `route`, `trace_rows`);
   tiny and broken checkpoints `ol.synth`, `ol.breakage`;
 - what a notebook saves and prints: `ol.notebook_out_dir`, `ol.repo_path`, `ol.save_figure`, `ol.save_metrics`,
-  `ol.say`.
+  `ol.say`; `ol.release_memory` (after dropping a model: garbage collection and malloc_trim).
 
 Every name is imported on first use (PEP 562 `__getattr__`), so `import omnilab` reads neither torch nor pandas.
 No name of the face is also a module directly under omnilab/ (tests/test_face.py checks it), so `ol.X` is one
@@ -51,9 +52,10 @@ _NAMES = {
     "MissingExpertError": "omnilab.model.experts",
     **dict.fromkeys(("capture", "run_with_cache", "compare", "first_difference"), "omnilab.model.hooks"),
     "Reference": "omnilab.reference.whole",
-    "compare_checkpoints": "omnilab.reference.compare",
+    **dict.fromkeys(("compare_checkpoints", "reference_continuation"), "omnilab.reference.compare"),
     **dict.fromkeys(("fault_gallery", "gallery_table"), "omnilab.experiments.fault_gallery"),
     **dict.fromkeys(("notebook_out_dir", "repo_path", "save_figure", "save_metrics", "say"), "omnilab.notebook"),
+    "release_memory": "omnilab.memory",
 }
 
 # name -> module, for the modules a notebook calls into

@@ -480,7 +480,7 @@ def cmd_regress(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     return run_notebooks(out=args.out, only=args.only, update_baselines=args.update_baselines, publish=args.publish,
-                         jobs=args.jobs)
+                         jobs=args.jobs, checkpoint=args.checkpoint, device=args.device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -644,6 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a clean run, copy the executed notebooks (figures inline) to docs/notebooks/")
     p.add_argument("--headline", action="store_true",
                    help="print the README's headline numbers from OUT/metrics.json of a finished run, and exit")
+    p.add_argument("--checkpoint", default=None,
+                   help="run every notebook on this checkpoint (papermill -p checkpoint), one at a time, and write "
+                        "OUT/resources.md (seconds, peak RSS, peak GPU memory, figures); baselines are not checked")
+    p.add_argument("--device", default=None,
+                   help="with --checkpoint: the notebooks' device parameter (auto, cpu, cuda); default auto")
     p.set_defaults(func=cmd_regress)
     return parser
 

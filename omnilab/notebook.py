@@ -5,12 +5,21 @@ whatever the working directory: JupyterLab, papermill and nbval differ) and `out
 run writes under runs/interactive/NN_name/, never the regression run's runs/latest). Figures go to
 OUT_DIR/NAME.png and headline numbers to OUT_DIR/metrics.json, both written atomically; omnilab.regress
 gathers the metrics and holds them to notebooks/baselines.json.
+
+What the notebook's process used, for `omnilab regress`'s table: from `notebook_out_dir` on (every notebook's
+first cell), a daemon thread samples the kernel's own anonymous RSS (omnilab.memory: RssAnon, every 20 ms) and,
+once torch has initialised CUDA, `torch.cuda.max_memory_allocated` (sampled too, since the runtime resets the
+peak at each generate call); every `save_metrics` writes the peaks so far to OUT_DIR/resources.json beside
+metrics.json (kept out of metrics.json, which the baselines hold).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 from omnilab.jsonio import write_json
@@ -31,9 +40,56 @@ def repo_path(path: str | os.PathLike, what: str = "path") -> Path:
     return p
 
 
+class _Peaks:
+    """The process's peak anonymous RSS and peak CUDA memory allocated, sampled by one daemon thread."""
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s, self.rss, self.gpu, self.started = interval_s, 0, None, time.time()
+        threading.Thread(target=self._watch, daemon=True, name="omnilab-peaks").start()
+
+    def sample(self) -> None:
+        from omnilab.memory import status_bytes
+
+        self.rss = max(self.rss, status_bytes("RssAnon"))
+        torch = sys.modules.get("torch")  # never imports torch itself
+        if torch is not None and torch.cuda.is_initialized():
+            peak = max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+            self.gpu = max(self.gpu or 0, peak)
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                self.sample()
+            except Exception:  # a sampler must never disturb the notebook
+                pass
+            time.sleep(self.interval_s)
+
+    def to_dict(self) -> dict:
+        self.sample()
+        return {"peak_rss_anon_bytes": self.rss, "peak_gpu_allocated_bytes": self.gpu,
+                "measured": "inside the kernel: RssAnon of /proc/self/status and torch.cuda.max_memory_allocated, "
+                            f"sampled every {self.interval_s * 1000:.0f} ms from notebook_out_dir on",
+                "seconds_since_first_cell": time.time() - self.started}
+
+
+_peaks: _Peaks | None = None
+
+
+def resource_peaks() -> dict:
+    """The peaks sampled since the notebook's first cell (notebook_out_dir), as written to resources.json."""
+    global _peaks
+    if _peaks is None:
+        _peaks = _Peaks()
+    return _peaks.to_dict()
+
+
 def notebook_out_dir(out_dir: str | os.PathLike | None, notebook: str) -> Path:
     """Where a notebook writes figures and metrics: OUT_DIR (relative from the repository root), or, when None
-    (an interactive run), runs/interactive/NOTEBOOK: never the regression run's runs/latest."""
+    (an interactive run), runs/interactive/NOTEBOOK: never the regression run's runs/latest. Starts the
+    sampling of the process's peak memory (resources.json)."""
+    global _peaks
+    if _peaks is None:
+        _peaks = _Peaks()
     if out_dir is None:
         return INTERACTIVE / notebook
     p = Path(out_dir).expanduser()
@@ -49,6 +105,7 @@ def save_metrics(out_dir: str | os.PathLike, metrics: dict, update: bool = False
     if update and path.exists():
         metrics = {**json.loads(path.read_text()), **metrics}
     write_json(path, metrics)
+    write_json(out / "resources.json", resource_peaks())
     return path
 
 

@@ -13,6 +13,12 @@ the same run: `{"metric": NAME, "times": a, "plus": b}` means a * NAME + b. A sp
 is judged by its bounds alone (its value is a record): that is how bf16 quantities are held, against
 transformers' own bf16 noise measured in the same run, never with a float tolerance meant for fp32.
 
+At scale (`checkpoint`: `omnilab regress --checkpoint PATH [--device cuda]`) every notebook runs on that checkpoint
+(papermill `-p checkpoint PATH`, and `-p device` for the notebooks that load a model), one at a time, torch's
+threads left to each kernel; baselines are not checked (they hold the embedded model's numbers). Every run writes
+OUT/resources.md and OUT/resources.json: per notebook its status, seconds, peak anonymous RSS and peak GPU memory
+(measured inside the kernel: omnilab.notebook's sampler, OUT/NN_name/resources.json) and the figures it wrote.
+
 An error inside a widget callback (captured by an ipywidgets Output) fails the run like an error in a cell, and
 `--publish` copies the executed notebooks, figures included, to `docs/notebooks/` (see tests/test_notebooks.py:
 a published copy whose code differs from its source fails the tests).
@@ -102,46 +108,85 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+def declares(book: Path, name: str) -> bool:
+    """Whether a notebook's parameters cell declares `name` (papermill would inject an unknown one anyway)."""
+    import nbformat
+
+    nb = nbformat.read(book, as_version=4)
+    cell = next((c for c in nb.cells if c.cell_type == "code"
+                 and "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    return cell is not None and any(line.split("=")[0].strip() == name for line in cell.source.splitlines()
+                                    if "=" in line and not line.startswith((" ", "#")))
+
+
 def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None = None,
-                  update_baselines: bool = False, publish: bool = False, jobs: int | None = None) -> int:
+                  update_baselines: bool = False, publish: bool = False, jobs: int | None = None,
+                  checkpoint: str | os.PathLike | None = None, device: str | None = None,
+                  parameters: dict | None = None) -> int:
     """Execute the numbered notebooks with papermill; 0 when all ran and all metrics are within baselines.
     With `publish`, a clean run's executed notebooks are copied to docs/notebooks/. jobs: notebooks run side by
-    side, each kernel on one intra-op thread (None: one per CPU core, at most 4)."""
+    side, each kernel on one intra-op thread (None: one per CPU core, at most 4).
+
+    checkpoint: run every notebook on this checkpoint instead of the embedded model (`-p checkpoint`; `-p device`
+    too where a notebook declares it): one notebook at a time unless `jobs`, torch's threads as each kernel
+    chooses, no baselines (they are the embedded model's), no publishing. parameters: more papermill parameters,
+    given to the notebooks that declare them (e.g. {"expert_budget": "4GiB"}). Every run writes the resources
+    table OUT/resources.md and OUT/resources.json."""
     from concurrent.futures import ThreadPoolExecutor
 
     import nbformat
     import papermill
     from papermill.engines import papermill_engines
 
+    if checkpoint is not None and (update_baselines or publish):
+        raise ValueError("--checkpoint: baselines and published notebooks are the embedded model's; run without "
+                         "--update-baselines / --publish")
+    if device is not None and checkpoint is None:
+        raise ValueError("--device goes with --checkpoint (the embedded model's run is the baselines' own)")
+    extra = dict(parameters or {})
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser().resolve()
+        if not path.exists():
+            raise ValueError(f"--checkpoint {checkpoint}: {path} does not exist")
+        extra = {"checkpoint": str(path), **({"device": device} if device else {}), **extra}
     papermill_engines.register("omnilab-progress", _progress_engine())
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     summary, failures, executed = {}, [], []
     # Figures inline in the executed notebooks (what a reader of runs/ or docs/notebooks sees), whatever
     # MPLBACKEND the caller set (Agg in scripts/main.sh); save_figure writes the PNGs either way.
-    kernel_env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONUNBUFFERED": "1",
-                  # One intra-op thread (unless the caller set OMP_NUM_THREADS): the embedded model's matrices are
-                  # tiny (hidden 256), so a second thread only adds a barrier per op, and on a shared machine a
-                  # descheduled thread stalls every op (generate of 32 tokens: 1.5-2 s on one thread, 22-35 s on
-                  # two, on this 2-core machine under load 12).
-                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    kernel_env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONUNBUFFERED": "1"}
+    if checkpoint is None:
+        # One intra-op thread (unless the caller set OMP_NUM_THREADS): the embedded model's matrices are
+        # tiny (hidden 256), so a second thread only adds a barrier per op, and on a shared machine a
+        # descheduled thread stalls every op (generate of 32 tokens: 1.5-2 s on one thread, 22-35 s on
+        # two, on this 2-core machine under load 12). At scale each kernel chooses (omnilab.threads).
+        kernel_env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     saved = {k: os.environ.get(k) for k in kernel_env}
     os.environ.update(kernel_env)
+    rows: dict[str, dict] = {}
+
     def execute(book: Path) -> tuple[list[str], dict | None]:
         """Run one notebook -> (its failures, its metrics or None when it did not run)."""
         target = out / book.stem
         target.mkdir(parents=True, exist_ok=True)
+        for stale in ("resources.json", "metrics.json"):
+            (target / stale).unlink(missing_ok=True)
         start = time.time()
+        given = {"out_dir": _relative(target), **{k: v for k, v in extra.items()
+                                                  if k == "checkpoint" or declares(book, k)}}
         print(f"[regress] {book.name} started", flush=True)
         try:
             papermill.execute_notebook(str(book), str(target / book.name),
-                                       parameters={"out_dir": _relative(target)}, cwd=str(NOTEBOOKS),
+                                       parameters=given, cwd=str(NOTEBOOKS),
                                        kernel_name="python3", progress_bar=False, engine_name="omnilab-progress",
                                        extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
             last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
             print(f"[regress] {book.name} FAILED ({time.time() - start:.0f} s)", flush=True)
+            rows[book.stem] = resource_row(book, target, time.time() - start, f"failed: {last}"[:200], given)
             return [f"{book.name}: failed to execute: {last}"], None
+        rows[book.stem] = resource_row(book, target, time.time() - start, "ok", given)
         found = [f"{book.name}: a widget callback raised {e}"
                  for e in widget_errors(nbformat.read(target / book.name, as_version=4))]
         metrics_file = target / "metrics.json"
@@ -152,7 +197,7 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
         return found, metrics
 
     books = numbered_notebooks(only)
-    jobs = jobs or min(4, os.cpu_count() or 1)
+    jobs = jobs or (1 if checkpoint is not None else min(4, os.cpu_count() or 1))
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             results = list(pool.map(execute, books))  # in notebook order, whatever order they finish in
@@ -165,7 +210,11 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     write_json(out / "metrics.json", summary)
-    if update_baselines:
+    write_resources(out, [rows[b.stem] for b in books if b.stem in rows], extra)
+    print(f"[regress] resources: {out / 'resources.md'}")
+    if checkpoint is not None:
+        print(f"[regress] at scale ({extra['checkpoint']}): baselines are the embedded model's, not checked here")
+    elif update_baselines:
         write_baselines(summary)
         print(f"[regress] baselines written to {BASELINES}")
     else:
@@ -181,6 +230,40 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
             print(f"[regress] published {len(executed)} executed notebooks to {_relative(PUBLISHED)}/")
     print(f"[regress] {len(summary)} notebooks, {len(failures)} failures")
     return 1 if failures else 0
+
+
+def resource_row(book: Path, target: Path, seconds: float, status: str, given: dict) -> dict:
+    """One notebook's row of the resources table, its peaks read from TARGET/resources.json (written inside
+    the kernel by omnilab.notebook; None where the notebook never reached a save_metrics)."""
+    peaks_file = target / "resources.json"
+    peaks = json.loads(peaks_file.read_text()) if peaks_file.exists() else {}
+    return {"notebook": book.stem, "status": status, "seconds": round(seconds, 1),
+            "peak_rss_anon_bytes": peaks.get("peak_rss_anon_bytes"),
+            "peak_gpu_allocated_bytes": peaks.get("peak_gpu_allocated_bytes"),
+            "figures": len(list(target.glob("*.png"))),
+            "parameters": {k: v for k, v in given.items() if k != "out_dir"}}
+
+
+def write_resources(out: Path, rows: list[dict], parameters: dict) -> None:
+    """OUT/resources.json and OUT/resources.md: per notebook its status, seconds, peak anonymous RSS, peak GPU
+    memory and figures, with how they were measured."""
+    from omnilab.units import format_bytes
+
+    how = ("seconds: papermill's execution of the notebook, kernel start included; peak RSS: the kernel's peak "
+           "anonymous RSS (RssAnon of /proc/self/status, sampled every 20 ms inside the kernel by omnilab.notebook "
+           "from the first cell to the last save_metrics; page cache of memory-mapped shards not counted); peak GPU: "
+           "torch.cuda.max_memory_allocated inside the kernel, sampled the same way (- : CUDA never initialised)")
+    write_json(out / "resources.json", {"parameters": parameters, "measured": how, "notebooks": rows})
+    size = lambda b: "-" if b is None else format_bytes(b)  # noqa: E731
+    lines = [f"Parameters: {', '.join(f'`{k}={v}`' for k, v in parameters.items()) or 'the notebooks defaults'}.",
+             "", f"Measured: {how}.", "",
+             "| notebook | status | seconds | peak RSS (anon, kernel) | peak GPU (allocated) | figures |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['notebook']} | {r['status']} | {r['seconds']:.0f} | {size(r['peak_rss_anon_bytes'])} | "
+              f"{size(r['peak_gpu_allocated_bytes'])} | {r['figures']} |" for r in rows]
+    tmp = out / ".resources.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "resources.md")
 
 
 def publish_notebooks(executed: list[Path], folder: Path | None = None) -> list[Path]:

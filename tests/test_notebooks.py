@@ -165,3 +165,27 @@ def test_installing_the_filter_outside_git_does_not_fail(tmp_path):
     out = subprocess.run(["python3", str(notebook.REPO / "scripts" / "nbclean.py"), "--install", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "not a git checkout" in out.stdout
+
+
+# -- at the real model's scale: the parameters that switch every notebook to a big checkpoint ---------------------
+
+LOADS_A_MODEL = [b for b in BOOKS if b.name[:2] in ("02", "03", "04", "05", "06")]
+
+
+@pytest.mark.parametrize("book", LOADS_A_MODEL, ids=lambda b: b.stem)
+def test_the_scale_parameters_are_there_documented_and_used(book):
+    """device, dtype and expert_budget default to "auto", each with its comment in the parameters cell, and every
+    model is loaded through ol.load with them and says where it went (placement, threads)."""
+    code = [c.source for c in committed(book).cells if c.cell_type == "code"]
+    params = {line.split("=", 1)[0].strip(): line.split("=", 1)[1] for line in code[0].splitlines()
+              if "=" in line and not line.startswith((" ", "#"))}
+    for name in ("device", "dtype", "expert_budget"):
+        assert name in params, f"{book.name}: no {name} parameter"
+        value, _, comment = params[name].partition("#")
+        assert value.strip() == '"auto"', f"{book.name}: {name} = {value.strip()}"
+        assert "auto" in comment and len(comment.strip()) > 30, f"{book.name}: {name} is not documented"
+    body = "\n".join(code[1:])
+    assert "ol.load(" in body and "device=device" in body and "dtype=dtype" in body and "expert_budget=" in body
+    assert ".placement" in body and ".threads" in body, f"{book.name} does not say where its model went"
+    assert "from_checkpoint(" not in body and "Reference.from_checkpoint" not in body, \
+        f"{book.name} loads a model around ol.load (the runtime) or a whole transformers model"

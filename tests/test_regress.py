@@ -147,3 +147,37 @@ def test_run_notebooks_side_by_side_keeps_each_notebooks_own_results(tmp_path, m
     assert regress.run_notebooks(tmp_path / "out", jobs=2) == 1
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {"02_b": {"x": 2}}
     assert "01_a.ipynb: failed to execute" in capsys.readouterr().err
+
+
+def test_regress_on_a_checkpoint_writes_the_resources_table(tiny_omni, tmp_path):
+    """`omnilab regress --checkpoint PATH --only 01`: the notebook runs on that checkpoint (its metrics are the tiny
+    checkpoint's, not the embedded model's: baselines are not checked), and OUT/resources.md / .json hold its row
+    with the seconds, the kernel's peak anonymous RSS and the figures it wrote."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["regress", "--checkpoint", str(tiny_omni), "--only", "01", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["01_shard_inspection"]
+    assert metrics["tensors"] == len(Checkpoint(tiny_omni).tensors) != 940  # the tiny checkpoint's, not omni-tiny's
+    table = json.loads((out / "resources.json").read_text())
+    assert table["parameters"]["checkpoint"] == str(tiny_omni.resolve())
+    assert "device" not in table["notebooks"][0]["parameters"]  # 01 loads no model and declares no device
+    (row,) = table["notebooks"]
+    assert row["notebook"] == "01_shard_inspection" and row["status"] == "ok" and row["seconds"] > 0
+    assert 50 * 2**20 < row["peak_rss_anon_bytes"] < 8 * 2**30  # measured inside the kernel: a Python process with pandas
+    assert row["peak_gpu_allocated_bytes"] is None and row["figures"] >= 5
+    md = (out / "resources.md").read_text()
+    assert "| 01_shard_inspection | ok |" in md and "RssAnon" in md and "inside the kernel" in md
+
+
+def test_regress_at_scale_refuses_what_belongs_to_the_embedded_model(tmp_path):
+    with pytest.raises(ValueError, match="--update-baselines"):
+        regress.run_notebooks(tmp_path, checkpoint=tmp_path, update_baselines=True)
+    with pytest.raises(ValueError, match="--device goes with --checkpoint"):
+        regress.run_notebooks(tmp_path, device="cuda")
+    with pytest.raises(ValueError, match="does not exist"):
+        regress.run_notebooks(tmp_path, checkpoint=tmp_path / "nope")
+    book = regress.numbered_notebooks(["03"])[0]
+    assert regress.declares(book, "device") and regress.declares(book, "fault_window")
+    assert not regress.declares(regress.numbered_notebooks(["01"])[0], "device")

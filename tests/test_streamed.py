@@ -178,3 +178,60 @@ def test_near_tie_flips_are_set_aside_clear_flips_are_not():
     assert keep["blocks.0.hook_resid_post"].tolist() == [False, True, True]
     assert keep["blocks.1.hook_resid_pre"].tolist() == [True, True, True]
     assert keep["hook_logits"].tolist() == [True, True, True]
+
+
+def test_the_streamed_fault_gallery_streams_only_the_layers_around_the_fault(six_layers, monkeypatch):
+    """notebook 03's gallery at any scale: one streamed pass over the fault's layer and `window` layers on each side
+    (3 of 6 decoder layers here, the final norm and lm_head not at all), shared by the five faults; each fault
+    still diverges at the layer it was injected at, and every hook before it keeps fp32 parity."""
+    from omnilab.experiments.fault_gallery import fault_gallery, gallery_table
+
+    loaded = []
+    real_load = StreamedReference.load
+    monkeypatch.setattr(StreamedReference, "load", lambda self, part: loaded.append(part) or real_load(self, part))
+    gallery = fault_gallery(six_layers, input_ids=IDS, layer=3, window=1)
+    assert [p for p in loaded if isinstance(p, int)] == [2, 3, 4]  # one pass, three decoder layers of six
+    assert "final" not in loaded and loaded.count("embed") == 1
+    assert gallery.layers == [2, 3, 4] and gallery.peak_rss_bytes > 0
+    assert len(gallery) == 5
+    for name, (fault, res) in gallery.items():
+        assert set(res.table.layer.dropna()) == {2, 3, 4}, name
+        assert parse_name(res.first_divergence)[0] == 3, (name, res.first_divergence)
+        assert res.table[res.table.layer == 2].rel_err.max() <= 1e-5, name
+    table = gallery_table(gallery)
+    assert (table["injected at layer"] == 3).all() and table["first divergence"].str.startswith("blocks.3.").all()
+    # the window at the model's edge stays inside it
+    edge = fault_gallery(six_layers, input_ids=IDS, layer=5, window=2)
+    assert edge.layers == [3, 4, 5]
+
+
+def test_a_loaded_model_is_compared_and_its_experts_dropped(six_layers):
+    """compare_checkpoints(selective=model): the notebook's own model is recorded (no second model is loaded),
+    its expert cache emptied before the reference streams; the same numbers as a model of its own."""
+    from omnilab.runtime.model import load
+
+    model = load(six_layers, device="cpu", dtype="float32", expert_budget="all")
+    result = compare_checkpoints(six_layers, IDS, selective=model)
+    own = compare_checkpoints(six_layers, IDS)
+    assert not model.cache.resident and model.cache.stats.misses > 0
+    assert result.chained.table.rel_err.equals(own.chained.table.rel_err)
+    assert result.layers == list(range(6)) and result.first_divergence is None
+    with pytest.raises(ValueError, match="faults"):
+        compare_checkpoints(six_layers, IDS, selective=model, faults=[standard_faults(model.config, 3, 0)[
+            "attention at random init"]])
+
+
+def test_bf16_against_fp32_and_the_reference_continuation(six_layers):
+    """bf16's third curve (selective bf16 against transformers fp32) comes from the same streamed pass; the greedy
+    check reads the selective continuation teacher-forced and counts the leading tokens transformers agrees on."""
+    from omnilab.reference.compare import reference_continuation
+    from omnilab.runtime.model import load
+
+    result = compare_checkpoints(six_layers, IDS, dtype="bfloat16")
+    assert result.against_fp32 is not None and result.against_fp32.logits_rel_err > 0
+    model = load(six_layers, device="cpu", dtype="float32", expert_budget="all")
+    out = model.generate(IDS[0].tolist(), 6, vocab_limit=None)
+    check = reference_continuation(six_layers, IDS, out.new_token_ids[0])
+    assert check["identical"] == 6 and check["reference"] == out.new_token_ids[0]
+    wrong = [(t + 1) % 320 for t in out.new_token_ids[0]]
+    assert reference_continuation(six_layers, IDS, wrong)["identical"] == 0

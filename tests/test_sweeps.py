@@ -156,3 +156,26 @@ def test_resident_cache_stats_count_what_the_eager_cache_counts(tiny_moe):
     assert stats.misses > 0 and stats.hits > 0
     assert (derived["hits"], derived["misses"], derived["loaded_bytes"]) == (stats.hits, stats.misses,
                                                                              stats.loaded_bytes)
+
+
+def test_no_setting_holds_more_experts_than_the_model_was_given(tiny_omni):
+    """At scale the model's own expert budget is the ceiling: a setting without a share keeps it (not every
+    expert), a share above it is capped, and decoding says which engine ran and counts that engine's cache."""
+    from omnilab.runtime.model import load
+
+    probe = load(tiny_omni, device="cpu", dtype="float32", expert_budget="all")
+    store = probe.cache.store
+    own = 4 * store.expert_bytes
+    m = load(tiny_omni, device="cpu", dtype="float32", expert_budget=own)
+    full, half = sweeps.Setting("full", "full"), sweeps.Setting("b", "budget", budget_share=0.5)
+    tiny = sweeps.Setting("t", "budget", budget_share=0.0)
+    assert sweeps.setting_budget(m, full) == own and sweeps.setting_budget(m, half) == own < 0.5 * store.total_bytes
+    assert sweeps.setting_budget(m, tiny) == store.expert_bytes  # at least one expert
+    assert sweeps.setting_budget(probe, full) == store.total_bytes  # a model given every expert keeps them all
+    evalset = eval_data.EvalSet(docs=[], prompts=[("p", [3, 17, 42, 99])])
+    cost = sweeps.decode_cost(m, evalset, half, max_new_tokens=3)
+    assert cost["engine"] == "eager" and m.cache.budget_bytes == own  # under a budget: the eager path's cache
+    assert cost["peak_expert_bytes"] <= own and 0 <= cost["hit_rate"] <= 1
+    resident = sweeps.decode_cost(probe, evalset, full, max_new_tokens=3)
+    assert resident["engine"] == "cpu-resident"  # every expert resident: the cold misses an unbounded cache counts
+    assert 0 < resident["loaded_bytes"] <= store.total_bytes and 0 < resident["hit_rate"] < 1

@@ -86,6 +86,38 @@ class Item:
     split: str = ""
 
 
+def tower_bytes(checkpoint, dtype) -> int:
+    """Bytes of the thinker's audio and vision towers (thinker.audio_tower.*, thinker.visual.*) in `dtype`."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.dtypes import as_dtype
+
+    checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    t = checkpoint.tensors
+    towers = t[t.index.str.startswith(("thinker.audio_tower.", "thinker.visual."))]
+    numel = sum(math.prod(shape) for shape in towers["shape"])
+    return int(numel * torch.empty((), dtype=as_dtype(dtype)).element_size())
+
+
+def budget_beside_towers(checkpoint, expert_budget="auto", device="auto", dtype="auto"):
+    """The expert budget for a thinker whose towers sit beside it (notebook 06): "auto" resolves as omnilab.runtime
+    does (every expert when they fit the free memory, else what fits), with the towers counted as resident beside
+    the backbone, so that towers, backbone and experts fit together; any other value as given. -> (budget for
+    omnilab.runtime's load: bytes, or "all" when every expert fits; the towers' bytes)."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.runtime import hardware
+
+    checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    dev = hardware.resolve_device(device)
+    dt = hardware.resolve_dtype(dtype, checkpoint, dev)
+    towers = tower_bytes(checkpoint, dt)
+    if str(expert_budget) != "auto":
+        return expert_budget, towers
+    sizes = hardware.model_bytes(checkpoint, dt)
+    budget = hardware.resolve_budget("auto", all_experts_bytes=sizes["experts"],
+                                     resident_bytes=sizes["backbone"] + towers, device=dev)
+    return ("all" if budget is None else budget), towers
+
+
 def load_manifest(folder, *, split: str | None = None, per_kind: int | None = None) -> list[Item]:
     """The rows of FOLDER/manifest.jsonl (in file order), the first `per_kind` of each kind, of one `split`
     (None: every row). Errors name the file, the line and what is wrong."""

@@ -20,6 +20,7 @@ resident, and each budgeted setting checks, on one document, that its log-probab
 from __future__ import annotations
 
 import dataclasses
+import weakref
 import re
 import time
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ import torch
 
 from omnilab.experiments.eval_data import EvalSet
 from omnilab.experiments.measures import addition_accuracy, backbone_bytes, next_token_logprobs, quality
+from omnilab.memory import release_memory
 from omnilab.model.experts import ExpertCache
 from omnilab.model.faults import RouterMask, SalienceMix, acts_on_weights
 from omnilab.model.routing import RoutingOptions
@@ -59,11 +61,12 @@ def salience_faults(load: pd.DataFrame, alpha: float, floor: float = 1e-3) -> tu
                              layer=int(layer)) for layer in load.index)
 
 
-def default_settings(config, load: pd.DataFrame | None = None, *, constrained_share: float = 0.25) -> list[Setting]:
+def default_settings(config, load: pd.DataFrame | None = None, *, constrained_share: float = 0.25,
+                     budget_shares=(0.125, 0.25, 0.5), policies=("lru", "lfu", "trust")) -> list[Setting]:
     """The sweep of notebook 05: full model; top-k 1 .. k-1 and twice k (more experts than trained); router
     masked to the first 8 experts (as hand extractions did); a salience-weighted router (with `load`, alpha
-    0.5) at the constrained budget under LRU; cache budget 1/8, 1/4, 1/2 of the expert bytes under LRU, LFU
-    and trust-weighted eviction."""
+    0.5) at the constrained budget under LRU; cache budget `budget_shares` (1/8, 1/4, 1/2) of the expert bytes
+    under each of `policies` (LRU, LFU and trust-weighted eviction)."""
     k, E = config.num_experts_per_tok, config.num_experts
     settings = [Setting("full", "full", value=k)]
     for kk in sorted({*range(1, k), min(E, 2 * k)} - {k}):
@@ -74,8 +77,8 @@ def default_settings(config, load: pd.DataFrame | None = None, *, constrained_sh
         for alpha in (0.5,):
             settings.append(Setting(f"salience a={alpha} @{constrained_share:.0%} lru", "salience", value=alpha,
                                     faults=salience_faults(load, alpha), budget_share=constrained_share))
-    for policy in ("lru", "lfu", "trust"):
-        for share in (0.125, 0.25, 0.5):
+    for policy in policies:
+        for share in budget_shares:
             settings.append(Setting(f"budget {share:.1%} {policy}", "budget", value=share, budget_share=share,
                                     policy=policy))
     return settings
@@ -94,9 +97,11 @@ def routing_of(model, setting: Setting) -> RoutingOptions:
 @contextmanager
 def applied(model, setting: Setting):
     """The setting's RoutingOptions (pass them to the model's calls) with a fresh expert cache of its budget and
-    policy in the model; the model's own cache is back on exit."""
+    policy in the model; the model's own cache (emptied: its experts are read again on demand) is back on exit."""
     routing = routing_of(model, setting)
     cache = model.cache
+    own_budget(model)  # recorded before the first swap
+    cache.clear()  # its experts are read again on demand: never two caches' worth of experts at once
     try:
         fresh_cache(model, setting)
         yield routing
@@ -104,12 +109,37 @@ def applied(model, setting: Setting):
         model.cache = cache
 
 
+_OWN_BUDGET: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the budget it was loaded with
+
+
+def own_budget(model) -> int | None:
+    """The expert budget the model was loaded with (None: every expert), recorded the first time a sweep sees it:
+    the ceiling of every setting's cache, so a sweep never holds more experts than the model was given."""
+    return _OWN_BUDGET.setdefault(model, model.cache.budget_bytes)
+
+
+def setting_budget(model, setting: Setting) -> int | None:
+    """A setting's budget in bytes: its share of all expert bytes (at least one expert), at most the model's own
+    budget; no share: the model's own budget (None: every expert)."""
+    store, own = model.cache.store, own_budget(model)
+    if setting.budget_share is None:
+        return own
+    budget = max(store.expert_bytes, int(setting.budget_share * store.total_bytes))
+    return budget if own is None else min(budget, own)
+
+
 def fresh_cache(model, setting: Setting) -> None:
-    """Give the model an empty ExpertCache with the setting's budget and policy (the old one is dropped)."""
-    store = model.cache.store
-    budget = None if setting.budget_share is None else max(store.expert_bytes,
-                                                           int(setting.budget_share * store.total_bytes))
+    """Give the model an empty ExpertCache with the setting's budget and policy (the old one is dropped), and
+    drop any offload engine the runtime built for another budget (omnilab.runtime.generate.engines)."""
+    from omnilab.runtime.generate import engines
+
+    store, budget = model.cache.store, setting_budget(model, setting)
+    if budget != model.cache.budget_bytes:
+        built = engines(model)
+        for key in [k for k in built if isinstance(k, tuple) and k[0] == "offload"]:
+            del built[key]
     model.cache = ExpertCache(store, budget, policy=setting.policy)
+    release_memory()  # the old cache's experts, back to the system rather than left in the heap
 
 
 def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int = 24,
@@ -122,7 +152,7 @@ def decode_cost(model, evalset: EvalSet, setting: Setting, max_new_tokens: int =
     fresh_cache(model, setting)
     new, seconds, engines, offloaded, routings = 0, 0.0, set(), [], []
     for _, ids in evalset.prompts:
-        gen = model.generate(ids, max_new_tokens=max_new_tokens, greedy=True, routing=routing)
+        gen = model.generate(ids, max_new_tokens=max_new_tokens, greedy=True, routing=routing)  # the runtime's engine
         new, seconds = new + gen.num_new_tokens, seconds + gen.seconds
         engines.add(gen.engine)
         if gen.engine.endswith("resident"):
@@ -174,9 +204,10 @@ def run_sweep(model, settings: list[Setting], evalset: EvalSet, *, max_new_token
     log-probabilities under that budget equal those with every expert resident, bit for bit. Cost is
     measured while decoding under the setting's budget from a cold cache.
 
-    One row per setting: name, group, value, budget_share, policy, kl, top1_agreement, ppl_<domain>...,
+    One row per setting: name, group, value, budget_share, policy, budget_bytes (the share's bytes, at most the
+    model's own budget: `setting_budget`), kl, top1_agreement, ppl_<domain>...,
     addition_accuracy, cache_exact, tokens_per_s, hit_rate, peak_expert_bytes, peak_expert_share,
-    loaded_bytes, loaded_bytes_per_token, peak_resident_bytes, seconds."""
+    loaded_bytes, loaded_bytes_per_token, engine (the runtime's, of the decoding), peak_resident_bytes, seconds."""
     from tqdm.auto import tqdm
 
     if not settings or settings[0].group != "full":
@@ -186,7 +217,8 @@ def run_sweep(model, settings: list[Setting], evalset: EvalSet, *, max_new_token
     for setting in tqdm(settings, desc="settings", disable=not progress):
         start = time.perf_counter()
         row = {"name": setting.name, "group": setting.group, "value": setting.value,
-               "budget_share": setting.budget_share, "policy": setting.policy}
+               "budget_share": setting.budget_share, "policy": setting.policy,
+               "budget_bytes": setting_budget(model, setting)}
         if reference is not None and setting.top_k is None and not setting.faults:
             logprobs = reference  # routing and weights as in the full model: the same computation
             row.update({k: v for k, v in rows[0].items() if k in ("kl", "top1_agreement", "addition_accuracy")

@@ -7,7 +7,6 @@ against transformers' own bf16 noise (NOISE_FACTOR), bf16 near-tie flips set asi
 from __future__ import annotations
 
 import dataclasses
-import gc
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,8 @@ class StreamedComparison:
     expert_budget_bytes: int | None = None
     peak_rss_bytes: int | None = None
     near_tie_flips: dict = dataclasses.field(default_factory=dict)  # view -> layer -> tokens set aside (bf16)
+    against_fp32: Comparison | None = None  # bf16: the selective model against transformers fp32, chained
+    layers: list | None = None  # the decoder layers the reference streamed
 
     @property
     def first_divergence(self) -> str | None:
@@ -86,21 +87,32 @@ def one_layer_budget(config, dtype) -> int:
     return config.num_experts * 3 * config.moe_intermediate_size * config.hidden_size * itemsize
 
 
+def window_names(config, layers) -> list[str]:
+    """The hook names of a run of decoder layers, in forward order."""
+    from omnilab.model.hooks import hook_names
+
+    keep = {int(i) for i in layers}
+    return [n for n in hook_names(config) if parse_name(n)[0] in keep]
+
+
 @torch.no_grad()
 def compare_streamed(selective_acts: dict, reference, input_ids, dtype, *, noise_factor: float = NOISE_FACTOR,
-                     progress: bool = False, media: dict | None = None) -> StreamedComparison:
+                     progress: bool = False, media: dict | None = None, layers=None) -> StreamedComparison:
     """Compare a capture of the selective model (hook name -> tensor, `run_with_cache`) with a
     StreamedReference on the same input_ids [1, T], both views; in bf16 with transformers' fp32 beside it.
-    media: a multimodal prompt's processor tensors (StreamedReference.run)."""
+    media: a multimodal prompt's processor tensors (StreamedReference.run). layers: a run of consecutive decoder
+    layers to stream and compare instead of the whole model (StreamedReference.run)."""
     dtype = as_dtype(dtype)
-    names = reference.hook_names()
+    names = reference.hook_names() if layers is None else window_names(reference.config, layers)
     dtypes = [dtype] if dtype == torch.float32 else [dtype, torch.float32]
-    run = reference.run(input_ids, dtypes, local_inputs=selective_acts, progress=progress, media=media)
-    noise = local_noise = None
+    run = reference.run(input_ids, dtypes, local_inputs=selective_acts, progress=progress, media=media,
+                        layers=layers)
+    noise = local_noise = against_fp32 = None
     thresholds = local_thresholds = keep = local_keep = None
     flips: dict = {}
     if dtype != torch.float32:
         noise = compare_activations(run.chained[torch.float32], run.chained[dtype], names=names)
+        against_fp32 = compare_activations(run.chained[torch.float32], selective_acts, names=names)
         local_noise = compare_activations(run.local[torch.float32], run.local[dtype], names=names)
         thresholds = noise_thresholds(noise, noise_factor)
         local_thresholds = noise_thresholds(local_noise, noise_factor)
@@ -114,7 +126,8 @@ def compare_streamed(selective_acts: dict, reference, input_ids, dtype, *, noise
                                   keep=keep)
     local = compare_activations(run.local[dtype], selective_acts, rtol=rtol, names=names,
                                 thresholds=local_thresholds, keep=local_keep)
-    return StreamedComparison(dtype, chained, local, noise, local_noise, noise_factor, near_tie_flips=flips)
+    return StreamedComparison(dtype, chained, local, noise, local_noise, noise_factor, near_tie_flips=flips,
+                              against_fp32=against_fp32, layers=list(reference.streamed_layers))
 
 
 def near_tie_flips(ref32_logits, ref16_logits, ref_idx, sel_idx, factor: float = NOISE_FACTOR) -> torch.Tensor:
@@ -162,15 +175,25 @@ def check_same_text_model(config, ref_config, path, ref_path) -> None:
 
 def compare_checkpoints(path, input_ids, *, reference=None, dtype="float32", device="cpu",
                         expert_budget: int | None = None, faults=(), noise_factor: float = NOISE_FACTOR,
-                        progress: bool = False) -> StreamedComparison:
+                        progress: bool = False, selective=None, layers=None) -> StreamedComparison:
     """The selective model on `path` against the streamed transformers reference on `reference` (default:
     `path`). expert_budget: bytes of experts the selective side holds (default: one layer's worth).
-    The selective model is dropped once its activations are recorded, before the reference streams."""
+    The selective model is dropped once its activations are recorded, before the reference streams.
+
+    selective: an already loaded selective model of `path` to record instead of loading one (a notebook's
+    model: its dtype and device are used, `expert_budget` and `faults` are its own); its expert cache is
+    emptied once the activations are recorded (the backbone stays), so the reference streams beside the
+    backbone alone. layers: a run of consecutive decoder layers to stream and compare (StreamedReference.run).
+    peak_rss_bytes: the peak anonymous RSS of the call (the process's, a given model included)."""
     from omnilab.checkpoint import Checkpoint
-    from omnilab.memory import AnonPeak
+    from omnilab.memory import AnonPeak, release_memory
     from omnilab.model.decoder import SelectiveMoE
     from omnilab.reference.streamed import StreamedReference
 
+    if selective is not None:
+        if faults:
+            raise ValueError("faults are options of the model: load `selective` with them, or pass no model")
+        dtype, device = selective.dtype, selective.device
     dtype = as_dtype(dtype)
     with AnonPeak() as peak:
         checkpoint = path if isinstance(path, Checkpoint) else Checkpoint(path)
@@ -178,15 +201,51 @@ def compare_checkpoints(path, input_ids, *, reference=None, dtype="float32", dev
         config, _ = checkpoint.arch
         ref_config, _ = ref_checkpoint.arch
         check_same_text_model(config, ref_config, checkpoint.path, ref_checkpoint.path)
-        budget = one_layer_budget(config, dtype) if expert_budget is None else expert_budget
         input_ids = torch.as_tensor(input_ids).reshape(1, -1)
-        selective = SelectiveMoE.from_checkpoint(checkpoint, dtype=dtype, device=device, expert_budget=budget,
+        if selective is None:
+            budget = one_layer_budget(config, dtype) if expert_budget is None else expert_budget
+            model = SelectiveMoE.from_checkpoint(checkpoint, dtype=dtype, device=device, expert_budget=budget,
                                                  faults=faults, tokenizer=False)
-        _, acts = run_with_cache(selective, input_ids.to(selective.device))
-        del selective  # its backbone and experts are not needed while the reference streams
-        gc.collect()
+        else:
+            model, budget = selective, selective.cache.budget_bytes
+        _, acts = run_with_cache(model, input_ids.to(model.device))
+        if selective is None:
+            del model  # its backbone and experts are not needed while the reference streams
+        else:
+            model.cache.clear()  # experts are read again on demand; the backbone stays
+            del model
+        release_memory()
         ref = StreamedReference(ref_checkpoint, device=device)
-        result = compare_streamed(acts, ref, input_ids, dtype, noise_factor=noise_factor, progress=progress)
+        result = compare_streamed(acts, ref, input_ids, dtype, noise_factor=noise_factor, progress=progress,
+                                  layers=layers)
     result.expert_budget_bytes = budget
     result.peak_rss_bytes = peak.peak
     return result
+
+
+@torch.no_grad()
+def reference_continuation(path, input_ids, new_token_ids, *, dtype="float32", device="cpu",
+                           vocab_limit: int | None = None) -> dict:
+    """Would transformers write the same greedy continuation? The reference streamed once over the prompt and
+    the selective model's continuation (teacher-forced): at each new position its argmax given the same prefix.
+    Greedy decoding is a function of the prefix, so where every earlier token agrees, transformers' own greedy
+    run would write this token too: `identical` counts the leading tokens that agree, which is the length of
+    the common prefix of the two greedy continuations (up to near-ties between KV-cached and full-sequence
+    logits). -> {"identical", "reference" (the reference's argmax at each new position), "peak_rss_bytes"}."""
+    from omnilab.checkpoint import Checkpoint
+    from omnilab.memory import AnonPeak
+    from omnilab.model.hooks import LOGITS
+    from omnilab.reference.streamed import StreamedReference
+
+    dtype = as_dtype(dtype)
+    prompt = [int(t) for t in torch.as_tensor(input_ids).reshape(-1).tolist()]
+    new = [int(t) for t in new_token_ids]
+    with AnonPeak() as peak:
+        ref = StreamedReference(path if isinstance(path, Checkpoint) else Checkpoint(path), device=device)
+        run = ref.run(torch.tensor([prompt + new]), [dtype])
+        logits = run.chained[dtype][LOGITS][0, len(prompt) - 1:len(prompt) - 1 + len(new)]  # [n, V]
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
+        theirs = logits.argmax(-1).tolist()
+    identical = next((i for i, (a, b) in enumerate(zip(new, theirs)) if a != b), len(new))
+    return {"identical": identical, "reference": theirs, "peak_rss_bytes": peak.peak}

@@ -161,12 +161,19 @@ class StreamedReference:
     # -- running ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, input_ids, dtypes=(torch.float32,), local_inputs: dict | None = None,
-            progress: bool = False, media: dict | None = None) -> StreamedRun:
+            progress: bool = False, media: dict | None = None, layers=None) -> StreamedRun:
         """One pass over the parts. input_ids [B, T] (or [T]). local_inputs: the selective model's activations
         (hook name -> tensor), of which hook_embed, every blocks.{i}.hook_resid_pre and the last layer's
         hook_resid_post are used; None: chained view only. media: the processor's other tensors of a multimodal
         prompt (attention_mask, input_features, feature_attention_mask, pixel_values, image_grid_thw, ...),
-        passed to the thinker's forward with the towers loaded."""
+        passed to the thinker's forward with the towers loaded.
+
+        layers: a run of consecutive decoder layers to stream instead of all of them (None: every layer). The
+        chained view then starts at the first of them from the selective model's input there
+        (local_inputs[blocks.{first}.hook_resid_pre]: what the reference computes up to that layer, when the
+        layers before it agree); the embedding still runs (it gives the layers their mask, positions and
+        rotary tables), the final norm and lm_head only when the run reaches the last layer. The layers
+        streamed are in `self.streamed_layers`."""
         media = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in (media or {}).items()
                  if k not in ("input_ids", "num_audio_tokens")}
         if media and not self.is_omni:
@@ -181,11 +188,20 @@ class StreamedReference:
             raise ValueError("a streamed pass runs at most two dtypes (each part is cast once from its dtype on disk)")
         out = StreamedRun({d: {} for d in dtypes}, {d: {} for d in dtypes} if local_inputs is not None else {})
         n_layers = self.config.num_hidden_layers
+        window = list(range(n_layers)) if layers is None else sorted({int(i) for i in layers})
+        if layers is not None:
+            if not window or window[0] < 0 or window[-1] >= n_layers or window != list(range(window[0], window[-1] + 1)):
+                raise ValueError(f"layers {window}: a run of consecutive layers in 0..{n_layers - 1}")
+            if window[0] > 0 and (local_inputs is None or layer_hook(window[0], RESID_PRE) not in local_inputs):
+                raise ValueError(f"layers from {window[0]}: the chained view starts from local_inputs"
+                                 f"[{layer_hook(window[0], RESID_PRE)!r}], which was not given")
+        final = not window or window[-1] == n_layers - 1
+        self.streamed_layers = window
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n_layers + 2, desc="reference", unit="part")
+            bar = tqdm(total=len(window) + 1 + final, desc="reference", unit="part")
 
         # embedding, and what the text model hands its first layer (mask, positions, rotary), per dtype
         h, kwargs, deepstack = {}, {}, {}
@@ -210,7 +226,10 @@ class StreamedReference:
             self.free("towers")
         _tick(bar)
 
-        for i in range(n_layers):
+        if window and window[0] > 0:  # the chain starts at the window from the selective model's input there
+            for d in dtypes:
+                h[d] = local_inputs[layer_hook(window[0], RESID_PRE)].to(self.device, d)
+        for i in window:
             load_dtype = self.load(i)
             layer = self.text.layers[i]
             for d in _load_first(dtypes, load_dtype):
@@ -225,16 +244,17 @@ class StreamedReference:
             self.free(i)
             _tick(bar)
 
-        load_dtype = self.load("final")
-        last = layer_hook(n_layers - 1, RESID_POST) if n_layers else EMBED
-        for d in _load_first(dtypes, load_dtype):
-            self.text.norm.to(d)
-            self.hf.lm_head.to(d)
-            self._run_final(h[d], out.chained[d])
-            if local_inputs is not None:
-                self._run_final(local_inputs[last].to(self.device, d), out.local[d])
-        self.free("final")
-        _tick(bar)
+        if final:
+            load_dtype = self.load("final")
+            last = layer_hook(n_layers - 1, RESID_POST) if n_layers else EMBED
+            for d in _load_first(dtypes, load_dtype):
+                self.text.norm.to(d)
+                self.hf.lm_head.to(d)
+                self._run_final(h[d], out.chained[d])
+                if local_inputs is not None:
+                    self._run_final(local_inputs[last].to(self.device, d), out.local[d])
+            self.free("final")
+            _tick(bar)
         if bar is not None:
             bar.close()
         return out
