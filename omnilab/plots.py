@@ -6,6 +6,8 @@ Sections follow the notebooks; `save_figure` (omnilab.regress) writes a figure b
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "nbagg", "qt", "tk", "macosx")) else None
@@ -490,42 +492,49 @@ def plot_layer_domain(table: pd.DataFrame, load: pd.DataFrame, layer: int, domai
 
 def router_explorer(table: pd.DataFrame, load: pd.DataFrame):
     """An ipywidgets explorer (layer slider, domain dropdown) over plot_layer_domain; returns the widget, its first
-    figure drawn."""
-    import ipywidgets as widgets
-
+    figure drawn (unattended runs: the first figure alone, see _explorer)."""
     layers = sorted(load.index)
     domains = list(dict.fromkeys(d for _, d in table.index))
-    out = widgets.Output()
-    slider = widgets.SelectionSlider(options=layers, value=layers[0], description="layer")
-    dropdown = widgets.Dropdown(options=domains, value=domains[0], description="domain")
-
-    def draw(change=None):
-        # The figure is drawn outside the Output's context: an ipywidgets Output swallows an exception raised
-        # inside it (it shows it in the widget), so the first draw's error fails the cell, and a later one
-        # reaches the kernel's log, instead of vanishing. display() renders under any backend (plt.show(fig)
-        # is wrong under Agg).
-        _redraw(out, plot_layer_domain(table, load, slider.value, dropdown.value))
-
-    return _explorer(slider, dropdown, out, draw)
+    return _explorer(layers, [(d, d) for d in domains], ("layer", "domain"),
+                     lambda layer, domain: (plot_layer_domain(table, load, layer, domain),))
 
 
-def _redraw(out, fig, *more) -> None:
-    """Show fig (then `more`) in the ipywidgets Output `out`, replacing what it showed; the figure is closed."""
+def headless() -> bool:
+    """True in an unattended run (`omnilab regress`, the nbval tests: OMNILAB_HEADLESS=1), where no one can move a
+    slider: explorers then draw their first view into the cell's output and open no widget."""
+    return bool(os.environ.get("OMNILAB_HEADLESS"))
+
+
+def _explorer(layers, choices, labels, view):
+    """A layer slider and a dropdown of (label, value) choices above an Output that shows view(layer, value) ->
+    (figure, more objects to display...), redrawn on every change and drawn once now. The figure is drawn outside
+    the Output's context: an ipywidgets Output swallows an exception raised inside it (it shows it in the widget),
+    so the first draw's error fails the cell, and a later one reaches the kernel's log, instead of vanishing.
+    display() renders under any backend (plt.show(fig) is wrong under Agg)."""
     from IPython.display import display
 
-    try:
-        out.clear_output(wait=True)
-        with out:
+    def show(fig, *more) -> None:
+        try:
             display(fig)
             for item in more:
                 display(item)
-    finally:
-        plt.close(fig)
+        finally:
+            plt.close(fig)
 
-
-def _explorer(slider, dropdown, out, draw):
-    """The slider and dropdown above `out`, each change redrawn by `draw` (drawn once now)."""
+    if headless():
+        show(*view(layers[0], choices[0][1]))
+        return None
     import ipywidgets as widgets
+
+    out = widgets.Output()
+    slider = widgets.SelectionSlider(options=layers, value=layers[0], description=labels[0])
+    dropdown = widgets.Dropdown(options=choices, value=choices[0][1], description=labels[1])
+
+    def draw(change=None):
+        shown = view(slider.value, dropdown.value)
+        out.clear_output(wait=True)
+        with out:
+            show(*shown)
 
     draw()
     slider.observe(draw, names="value")
@@ -924,18 +933,12 @@ def plot_token_routing(table: pd.DataFrame, num_experts: int, layer: int, title:
 def token_routing_explorer(trace: pd.DataFrame, tokenizer=None, docs: list[int] | None = None):
     """An ipywidgets view over plot_token_routing: a layer slider and a document dropdown; under the figure, the
     table of every token's top-k experts and weights. TOKENIZER decodes the trace's token ids (None: ids)."""
-    import ipywidgets as widgets
-
     from omnilab.tokenizer import stream_pieces
 
     E = int(trace.attrs["num_experts"])
     layers = sorted(int(v) for v in trace["layer"].unique())
     docs = docs if docs is not None else sorted(int(v) for v in trace["doc"].unique())
     names = trace.drop_duplicates("doc").set_index("doc")["domain"].astype(str)
-    out = widgets.Output()
-    slider = widgets.SelectionSlider(options=layers, value=layers[0], description="layer")
-    dropdown = widgets.Dropdown(options=[(f"doc {d} ({names.get(d, '?')})", d) for d in docs], value=docs[0],
-                                description="document")
     cache: dict[int, list[str] | None] = {}
 
     def pieces(doc: int):
@@ -945,11 +948,9 @@ def token_routing_explorer(trace: pd.DataFrame, tokenizer=None, docs: list[int] 
             cache[doc] = stream_pieces(tokenizer, ids) if tokenizer is not None else None
         return cache[doc]
 
-    def draw(change=None):  # drawn outside the Output's context, so an error fails the cell (see router_explorer)
-        table = token_routing_table(trace, dropdown.value, slider.value, pieces(dropdown.value))
-        fig = plot_token_routing(table, E, slider.value,
-                                 title=f"doc {dropdown.value} ({names.get(dropdown.value, '?')}): top expert per token "
-                                       f"at layer {slider.value}")
-        _redraw(out, fig, table)
+    def view(layer: int, doc: int):
+        table = token_routing_table(trace, doc, layer, pieces(doc))
+        return plot_token_routing(table, E, layer, title=f"doc {doc} ({names.get(doc, '?')}): top expert per token "
+                                                         f"at layer {layer}"), table
 
-    return _explorer(slider, dropdown, out, draw)
+    return _explorer(layers, [(f"doc {d} ({names.get(d, '?')})", d) for d in docs], ("layer", "document"), view)

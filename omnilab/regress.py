@@ -155,7 +155,10 @@ def run_notebooks(out: str | os.PathLike = "runs/latest", only: list[str] | None
     summary, failures, executed = {}, [], []
     # Figures inline in the executed notebooks (what a reader of runs/ or docs/notebooks sees), whatever
     # MPLBACKEND the caller set (Agg in scripts/main.sh); save_figure writes the PNGs either way.
-    kernel_env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONUNBUFFERED": "1"}
+    # OMNILAB_HEADLESS: no one moves a slider in an unattended run, so explorers draw their first view and open no
+    # widget (omnilab.plots.headless; a token-routing explorer's widget once left nbclient waiting for good).
+    kernel_env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONUNBUFFERED": "1",
+                  "OMNILAB_HEADLESS": "1"}
     if checkpoint is None:
         # One intra-op thread (unless the caller set OMP_NUM_THREADS): the embedded model's matrices are
         # tiny (hidden 256), so a second thread only adds a barrier per op, and on a shared machine a

@@ -30,6 +30,7 @@ phase() {  # phase N NAME REPORT PYTEST-ARGS...: one pytest run, named and timed
 }
 phase 1 "unit tests (tests/)" unit tests
 n=1
+export OMNILAB_HEADLESS=1  # unattended: explorers draw their first view and open no widget (omnilab.plots.headless)
 for book in "${books[@]}"; do
   n=$((n + 1))
   phase "$n" "notebook $(basename "$book") through nbval" "nb$n" --nbval-lax "$book"

@@ -205,14 +205,33 @@ def test_router_figures(trace):
     assert_labelled(plots.plot_layer_domain(table, load, 1, "fr"))
 
 
-def test_router_explorer_draws_and_its_errors_are_raised(trace):
+def test_router_explorer_draws_and_its_errors_are_raised(trace, monkeypatch):
     import ipywidgets
 
+    monkeypatch.delenv("OMNILAB_HEADLESS", raising=False)
     load = routing.expert_load(trace)
     table = routing.domain_expert(trace)
     assert isinstance(plots.router_explorer(table, load), ipywidgets.VBox)
     with pytest.raises(KeyError):  # a callback that fails is an error of the cell, not text inside a widget
         plots.router_explorer(table.drop(index=0, level=0), load)
+    plt.close("all")
+
+
+def test_explorers_in_an_unattended_run_draw_their_first_view_and_open_no_widget(trace, monkeypatch):
+    import IPython.display
+    import ipywidgets
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: shown.append(obj))
+    monkeypatch.setattr(ipywidgets.Widget, "__init__", lambda *a, **k: pytest.fail("a widget was opened"))
+    monkeypatch.setenv("OMNILAB_HEADLESS", "1")
+    load, table = routing.expert_load(trace), routing.domain_expert(trace)
+    assert plots.router_explorer(table, load) is None
+    assert len(shown) == 1 and isinstance(shown[0], plt.Figure)
+    assert shown[0].axes[0].get_title() == plots.plot_layer_domain(table, load, min(load.index),
+                                                                    table.index[0][1]).axes[0].get_title()
+    assert plots.token_routing_explorer(trace) is None
+    assert isinstance(shown[1], plt.Figure) and isinstance(shown[2], pd.DataFrame)  # the figure, then its table
     plt.close("all")
 
 
@@ -240,9 +259,10 @@ def test_every_figure_function_is_tested():
     assert [n for n in drawn if f"plots.{n}(" not in source] == []
 
 
-def test_token_routing_reads_the_trace(trace):
+def test_token_routing_reads_the_trace(trace, monkeypatch):
     import ipywidgets
 
+    monkeypatch.delenv("OMNILAB_HEADLESS", raising=False)
     table = plots.token_routing_table(trace, 1, 2, pieces=[f"t{i}" for i in range(40)])
     rows = trace[(trace["doc"] == 1) & (trace["layer"] == 2)].sort_values(["position", "rank"])
     assert len(table) == 40 and table.loc[3, "text"] == "t3"
