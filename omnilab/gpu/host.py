@@ -19,10 +19,15 @@ def register_host(tensor: torch.Tensor) -> bool:
     """Register a CPU tensor's memory as page-locked with CUDA (cudaHostRegister); False when that fails."""
     if not torch.cuda.is_available():
         return False
+    cudart = torch.cuda.cudart()
     try:
-        err = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
+        err = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
     except Exception:  # noqa: BLE001 - any failure leaves the memory pageable, reported by the caller
         return False
+    if err != 0:  # the failed call leaves CUDA's last error set; torch's next launch check would raise it
+        clear = getattr(cudart, "cudaGetLastError", None)
+        if clear is not None:
+            clear()
     return err == 0
 
 

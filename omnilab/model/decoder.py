@@ -290,7 +290,7 @@ class SelectiveMoE(nn.Module):
         for transform in routing.transforms:
             routed = transform.on_router_logits(i, routed)
         if routing.available is not None:
-            ok = routing.available[i]
+            ok = routing.available[i].to(routed.device)  # [E] bool (a mask given on the CPU for a GPU model)
             # differs from transformers: experts missing from the checkpoint are masked before the softmax
             wanted = torch.topk(routed, k, dim=-1).indices  # [N, k]
             self.cache.stats.masked_choices += int((~ok[wanted]).sum())

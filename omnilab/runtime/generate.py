@@ -102,7 +102,7 @@ def routing_key(routing) -> tuple:
 
 def offload_decoder(model, call: Call):
     """The OffloadDecoder for the model's expert budget: one per (max_len bucket, budget), over the model's host
-    tier (the shard maps registered page-locked). step="slot" (one graph per layer and slot, the fastest at small
+    tier (the shard maps registered page-locked for a checkpoint in /dev/shm, else a pinned host copy). step="slot" (one graph per layer and slot, the fastest at small
     pools: bench/results/offload_h200_bf16_slot.md) up to 32 slots a layer, "choice" above; compiled segments for
     bf16 on CUDA."""
     from omnilab.gpu.host import HostTier
@@ -111,7 +111,11 @@ def offload_decoder(model, call: Call):
     built = engines(model)
     if "host" not in built:
         config, layout = model.checkpoint.arch
-        built["host"] = HostTier.mapped(model.checkpoint, config, layout, register=model.device.type == "cuda")
+        if str(model.checkpoint.root.resolve()).startswith("/dev/shm/"):  # in RAM already: register its maps
+            built["host"] = HostTier.mapped(model.checkpoint, config, layout, register=model.device.type == "cuda")
+        else:  # on disk: one pinned copy in host memory (registering a file's maps can fail, and pages from disk)
+            built["host"] = HostTier.copy(model.checkpoint, config, layout, model.dtype,
+                                          pin=model.device.type == "cuda")
     budget = model.cache.budget_bytes
     key = ("offload", max_len_bucket(call.max_len), budget)
     if key not in built:

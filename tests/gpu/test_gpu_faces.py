@@ -54,7 +54,7 @@ def test_compare_on_cuda_agrees_with_the_cpu_verdict(capsys, tiny_moe, tmp_path,
     edited = breakage.copy_checkpoint(tiny_moe, tmp_path / "edited")
     name = "model.layers.1.post_attention_layernorm.weight"
     weight = ol.Checkpoint(edited).read(name)
-    breakage.replace_tensor(edited, name, torch.ones_like(weight))  # a norm never loaded: ones
+    breakage.replace_tensor(edited, name, weight * 3 + 0.5)  # a norm that is not the checkpoint's
     verdicts = {}
     for device in ("cpu", "cuda"):
         out = run_json(capsys, "compare", str(edited), "--reference", str(tiny_moe), "--input-ids",
