@@ -578,3 +578,29 @@ def test_trace_folder_held_by_another_writer(capsys, tiny_moe, tmp_path):
         code, _, err = run(capsys, "trace", tiny_moe, "--corpus", corpus, "--out", out)
     assert code == 2
     one_line(err, "another omnilab process")
+
+
+def test_a_binary_jsonl_corpus_is_named(capsys, tiny_moe, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(b'{"text": "one"}\n' + bytes(range(128, 256)) * 4)
+    code, _, err = run(capsys, "trace", tiny_moe, "--corpus", corpus, "--out", tmp_path / "t")
+    assert code == 2
+    one_line(err, str(corpus), "not UTF-8")
+
+
+def test_a_damaged_shard_of_our_own_trace_is_written_again_on_resume(capsys, tiny_moe, tmp_path):
+    """A 5-byte shard left in a trace's own folder is not trusted because it exists: the resumed run rewrites it,
+    and the finished trace reads back whole."""
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} one two three four"}) + "\n" for i in range(4)))
+    out = tmp_path / "t"
+    assert run(capsys, "trace", tiny_moe, "--corpus", corpus, "--out", out, "--json")[0] == 0
+    shards = sorted((out / "shards").glob("*.parquet"))
+    rows = [pq.read_metadata(s).num_rows for s in shards]
+    shards[0].write_bytes(b"PAR1x")  # 5 bytes: the run was cut while writing it
+    code, stdout, err = run(capsys, "trace", tiny_moe, "--corpus", corpus, "--out", out, "--json")
+    assert code == 0, err
+    assert [pq.read_metadata(s).num_rows for s in shards] == rows
+    assert json.loads(stdout)["rows"] == sum(rows)

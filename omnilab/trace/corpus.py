@@ -82,15 +82,19 @@ def _expand(p: Path) -> list[tuple[Path, str]]:
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: not a JSON object")
-                rows.append(row)
+        try:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}:{n}: not a JSON object")
+                    rows.append(row)
+        except UnicodeDecodeError as e:  # a binary file: say which, not only the codec's complaint
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); a .jsonl corpus is one JSON "
+                             f"object per line") from None
     return rows
 
 def _table_rows(path: Path, kind: str) -> list[dict]:
