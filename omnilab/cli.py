@@ -286,6 +286,7 @@ def cmd_compare(args) -> int:
     """The selective model on PATH against transformers on --reference (default PATH), streamed one layer at a
     time; chained and local views, in bf16 beside transformers' own bf16 noise (omnilab.reference.compare; DESIGN.md's JSON)."""
     from omnilab.checkpoint import Checkpoint
+    from omnilab.model.generate import check_positions
     from omnilab.reference.compare import compare_checkpoints
     from omnilab.runtime.choose import capture_choice
     from omnilab.runtime.hardware import resolve_device, resolve_dtype
@@ -303,6 +304,7 @@ def cmd_compare(args) -> int:
     else:
         config, _ = checkpoint.arch
         ids = _prompt_ids(args, load_tokenizer(checkpoint.root) if args.prompt is not None else None, config.vocab_size)
+        check_positions(config, len(ids), 0)  # positions past max_position_embeddings: garbage on both sides
         result = compare_checkpoints(checkpoint, ids, reference=args.reference, dtype=args.dtype, device=args.device,
                                      expert_budget=args.expert_budget, progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start

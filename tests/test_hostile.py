@@ -369,6 +369,9 @@ def test_prompt_past_the_position_limit(capsys, tiny_moe, copy_checkpoint):
     code, _, err = run(capsys, "generate", path, "--input-ids", ",".join(["1"] * 10), "--max-new-tokens", "2")
     assert code == 2
     one_line(err, "max_position_embeddings")
+    code, _, err = run(capsys, "compare", path, "--input-ids", ",".join(["1"] * 10))
+    assert code == 2
+    one_line(err, "max_position_embeddings")
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_them(capsys, tiny_moe, monkeypatch):
@@ -604,3 +607,29 @@ def test_a_damaged_shard_of_our_own_trace_is_written_again_on_resume(capsys, tin
     assert code == 0, err
     assert [pq.read_metadata(s).num_rows for s in shards] == rows
     assert json.loads(stdout)["rows"] == sum(rows)
+
+
+def test_two_trace_processes_into_one_folder_leave_one_trace_or_a_refusal(tiny_moe, tmp_path):
+    """Two `omnilab trace` processes started together on one --out: each exits 0 or refuses in one line (exit 2),
+    at least one finishes, and the folder then holds one whole trace that a third run resumes without work."""
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 40}) + "\n" for i in range(12)))
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "omnilab", "trace", str(tiny_moe), "--corpus", str(corpus), "--out", str(out),
+           "--batch-tokens", "64", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert all(code in (0, 2) for code, _, _ in results), results
+    assert any(code == 0 for code, _, _ in results), results
+    for code, _, err in results:
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = sum(pq.read_metadata(out / s["file"]).num_rows for s in manifest["shards"])
+    assert rows == manifest["rows"] > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout)["rows"] == manifest["rows"]
