@@ -612,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("trace", help="record every layer's routing over a corpus into Parquet (resumable; torchrun)")
     p.add_argument("path", help=PATH_HELP)
     p.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
-                   help="JSONL / text / Parquet files or folders, or a local datasets folder (save_to_disk)")
+                   help="JSONL (one document a line) / text (.txt, .md: each file is one document) / Parquet files "
+                        "or folders, or a local datasets folder (save_to_disk)")
     p.add_argument("--out", required=True, help="trace folder; a rerun with the same arguments resumes it")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per document (its first ones; default 512)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
