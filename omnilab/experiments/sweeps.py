@@ -129,15 +129,9 @@ def setting_budget(model, setting: Setting) -> int | None:
 
 
 def fresh_cache(model, setting: Setting) -> None:
-    """Give the model an empty ExpertCache with the setting's budget and policy (the old one is dropped), and
-    drop any offload engine the runtime built for another budget (omnilab.runtime.generate.engines)."""
-    from omnilab.runtime.generate import engines
-
+    """Give the model an empty ExpertCache with the setting's budget and policy (the old one is dropped; the
+    runtime keys its offload engine by the budget, so a new budget gets a new one)."""
     store, budget = model.cache.store, setting_budget(model, setting)
-    if budget != model.cache.budget_bytes:
-        built = engines(model)
-        for key in [k for k in built if isinstance(k, tuple) and k[0] == "offload"]:
-            del built[key]
     model.cache = ExpertCache(store, budget, policy=setting.policy)
     release_memory()  # the old cache's experts, back to the system rather than left in the heap
 

@@ -9,6 +9,7 @@ engine that accepts the call, with every faster engine's refusal, so a result ca
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,14 @@ class Choice:
         return f"engine {self.engine}" + (f" ({self.refusal})" if self.refusal else "")
 
 
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: built engine}
+
+
+def engines(model) -> dict:
+    """The engines built for `model` so far (key -> FastDecoder, OffloadDecoder, slot pool, host tier)."""
+    return _ENGINES.setdefault(model, {})
+
+
 def _eager_needs(model, call: Call) -> str | None:
     """What only the eager path does: Python hooks, faults on weights, multimodal prefill."""
     if model.hooks:
@@ -74,7 +83,7 @@ def _resident(model, call: Call) -> str | None:
     why = _eager_needs(model, call) or _all_experts_fit(model) or fast_path_refusal(model, call.routing)
     if why:
         return why
-    if model.device.type == "cuda" and getattr(model, "_runtime_pool", None) is None:
+    if model.device.type == "cuda" and "pool" not in engines(model):  # once built, the pool is what uses the memory
         free, _ = torch.cuda.mem_get_info(model.device)
         need = model.cache.store.total_bytes
         if need > free:

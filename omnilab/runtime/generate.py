@@ -8,20 +8,10 @@ model in `engines(model)`, so a sweep or a notebook that generates many times pa
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from omnilab.model.generate import Generation, as_batch, check_sampling, generate as eager_generate, sampling_setup
-from omnilab.runtime.choose import Call, choose
-
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: built engine}
-
-
-def engines(model) -> dict:
-    """The engines built for `model` so far (key -> FastDecoder, OffloadDecoder, slot pool, host tier)."""
-    return _ENGINES.setdefault(model, {})
-
+from omnilab.runtime.choose import Call, choose, engines
 
 def max_len_bucket(tokens: int) -> int:
     """Static KV length for prompt + new tokens: a power of two from 256, so calls of nearby lengths share one
@@ -49,17 +39,16 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
+    limit = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)[0]  # ids at or past it never produced
     if choice.engine == "eager":
         out = eager_generate(model, prompts, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
                              top_p=top_p, stop_tokens=stop_tokens, vocab_limit=vocab_limit, seed=seed,
                              use_kv_cache=use_kv_cache, progress=progress, routing=routing)
     elif choice.engine.endswith("resident"):
-        limit = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)[0]
         out = resident_decoder(model, prompts, call).generate(
             prompts, int(max_new_tokens), vocab_limit=limit, greedy=greedy, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, stop_tokens=stop_tokens)
     else:
-        limit = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)[0]
         out = cut_at_stop(_offload(model, prompts, int(max_new_tokens), limit, call), stop_tokens)
     out.engine, out.refusal = choice.engine, choice.refusal
     out.peak_gpu_bytes = torch.cuda.max_memory_allocated(model.device) if cuda else None

@@ -126,7 +126,7 @@ def test_runtime_bf16_compiled_research_calls(tiny_moe):
     runs = [model.generate(RAGGED[0], 12, greedy=False, seed=3, routing=routing, stop_tokens=[5]) for _ in range(2)]
     assert runs[0].engine == "gpu-resident"
     assert runs[0].new_token_ids == runs[1].new_token_ids
-    from omnilab.runtime.generate import engines
+    from omnilab.runtime.choose import engines
 
     decoder = next(v for k, v in engines(model).items() if k[0] == "fast")
     assert decoder._compiled is not None and decoder._graphs
