@@ -2,6 +2,7 @@
 and the engines it picks give the eager path's tokens (fp32, CPU here; tests/gpu/ runs the GPU engines)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from omnilab.runtime.plan import PRESETS, machine_described, machine_here, plan,
 from omnilab.testing.synth import sparse_from_config
 from omnilab.model.generate import Generation
 
-REAL_CONFIG = "data/reference/qwen3-omni-30b-a3b-instruct.config.json"
+REAL_CONFIG = Path(__file__).resolve().parent.parent / "data/reference/qwen3-omni-30b-a3b-instruct.config.json"
 
 
 @pytest.fixture(scope="module")
