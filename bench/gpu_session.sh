@@ -7,7 +7,7 @@
 # Stages: tests (scripts/gpu_tests.sh), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
-# fp32), plan (omnilab plan on this machine), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
+# fp32), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -29,8 +29,10 @@ for stage in ${STAGES:-tests}; do
       (python3 -c "
 import torch
 from omnilab.testing.synth import real_shape_checkpoint
+from omnilab.testing.synth import attach_tokenizer
 real_shape_checkpoint('$C48', layers=48, dtype=torch.bfloat16, device='cuda', towers=False, progress=False)
-" > $OUT/build48.log 2>&1; touch $W/build48.done) &
+attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts elsewhere are ids
+" > $OUT/build48.log 2>&1; touch $W/build48.done; df -h /dev/shm >> $OUT/build48.log) &
       ;;
     tests)
       OUT=$OUT timeout 420 bash scripts/gpu_tests.sh -x -q 2>&1 | tail -25
@@ -69,6 +71,14 @@ print({k: r[k] for k in ('first_divergence', 'local_first_divergence', 'max_rel_
       wait48
       python3 -m omnilab plan $C48 --device cuda --json > $OUT/plan48.json 2> $OUT/plan48.err; echo "plan: exit $?"
       python3 -m omnilab plan $C48 --device cuda | tee $OUT/plan48.txt | head -12
+      ;;
+    notebooks)  # NB="03 05": the notebooks on the 48-layer checkpoint, work sized to minutes (bench/results/notebooks_gpu_48l.md)
+      wait48
+      timeout ${NB_TIMEOUT:-560} python3 -c "
+from omnilab.regress import run_notebooks
+run_notebooks(out='$OUT/nb48', only='${NB:-03 05}'.split(), checkpoint='$C48', device='cuda',
+              parameters={'per_domain': 2, 'max_tokens': 64, 'n_addition': 10, 'max_new_tokens': 16, 'text_per_domain': 1})
+" 2>&1 | grep -v "cell .*/" | tail -15; cat $OUT/nb48/resources.md 2>/dev/null | tail -8
       ;;
     cpu)
       mkdir -p /tmp/ol

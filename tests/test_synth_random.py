@@ -1,6 +1,7 @@
 """synth.real_shape_checkpoint: the benchmarks' random-weight stand-in, checked on a tiny config's layout."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,24 @@ def test_without_towers(tmp_path):
     names = Checkpoint(out).tensors.index
     assert not any(n.startswith(("thinker.audio_tower.", "thinker.visual.")) for n in names)
     assert "thinker.lm_head.weight" in names
+
+
+def test_attach_tokenizer_points_the_config_at_its_ids(tmp_path):
+    import shutil
+
+    from omnilab.testing.synth import attach_tokenizer
+    from omnilab.vocab import check_tokenizer, config_token_ids
+
+    config = _tiny_thinker_config()
+    config["thinker_config"].update(audio_token_id=151646, image_token_id=151655, video_token_id=151656)
+    out = real_shape_checkpoint(tmp_path / "ck", config=config, towers=False, progress=False)
+    tiny = Path(__file__).parents[1] / "data" / "omni-tiny"
+    shutil.copyfile(tiny / "tokenizer.json", out / "tokenizer.json")  # the files alone: the ids contradict
+    shutil.copyfile(tiny / "tokenizer_config.json", out / "tokenizer_config.json")
+    assert check_tokenizer(out, config_ids=config_token_ids(config)).special_mismatch
+
+    changed = attach_tokenizer(out, tiny)
+    written = json.loads((out / "config.json").read_text())
+    assert {"audio_token_id", "image_token_id", "video_token_id"} <= set(changed)
+    assert not check_tokenizer(out, config_ids=config_token_ids(written)).special_mismatch
+    assert (out / "generation_config.json").is_file() and (out / "preprocessor_config.json").is_file()

@@ -331,3 +331,39 @@ def real_shape_checkpoint(out: str | os.PathLike, *, layers: int = 24, dtype: to
     write_json(tmp / "omnilab-random.json", params)
     tmp.rename(out)
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json")
+ROLE_TOKEN_IDS = {"user_token_id": "user", "assistant_token_id": "assistant", "system_token_id": "system"}
+
+
+def attach_tokenizer(checkpoint: str | os.PathLike, source: str | os.PathLike) -> dict[str, int]:
+    """Copy the tokenizer and processor files of `source` (e.g. data/omni-tiny) beside a real-shape checkpoint and
+    point config.json's special-token ids (audio/image/video placeholders, vision and audio start/end, chat roles)
+    at that tokenizer's own ids, so the notebooks can tokenize, chat and build multimodal prompts on a random
+    checkpoint of any size. Returns the ids changed {key: new id}. The config is rewritten atomically."""
+    import shutil
+
+    from omnilab.jsonio import write_json
+    from omnilab.vocab import CONFIG_TOKEN_IDS, open_tokenizer
+
+    checkpoint, source = Path(checkpoint), Path(source)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, checkpoint / name)
+    vocab = open_tokenizer(source).get_vocab()
+    wanted = {**CONFIG_TOKEN_IDS, **ROLE_TOKEN_IDS}
+    config = json.loads((checkpoint / "config.json").read_text())
+    changed = {}
+    for d in (config, config.get("thinker_config")):
+        if not isinstance(d, dict):
+            continue
+        for key, token in wanted.items():
+            if key in d and token in vocab and d[key] != vocab[token]:
+                d[key] = changed[key] = vocab[token]
+    thinker = config.get("thinker_config")
+    if isinstance(thinker, dict) and "<|vision_start|>" in vocab:
+        # transformers' thinker reads vision_start_token_id for its rope index though its config class lacks it
+        thinker["vision_start_token_id"] = changed["vision_start_token_id"] = vocab["<|vision_start|>"]
+    write_json(checkpoint / "config.json", config)
+    return changed
