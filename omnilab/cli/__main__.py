@@ -1,0 +1,5 @@
+"""`python -m omnilab.cli`, as `python -m omnilab`."""
+
+from omnilab.cli import main
+
+raise SystemExit(main())
