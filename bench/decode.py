@@ -5,6 +5,7 @@ experts implementations (eager / grouped_mm / batched_mm), in one run, on one ra
     python bench/decode.py --device cuda --layers 4 --dtype float32    # exactness: greedy tokens in fp32
     python bench/decode.py --suite budgets                             # the selective model at expert budgets
     python bench/decode.py --checkpoint DIR ...                        # any Qwen3-Omni / Qwen3-MoE checkpoint
+    python bench/decode.py --device cuda --layers 48 --rows fast-compiled,fast-triton   # the fused Triton experts
 
 The checkpoint (unless --checkpoint) is `omnilab.testing.synth.real_shape_checkpoint`: the real Qwen3-Omni thinker
 layout, real shapes and vocabulary (152,064 rows), `--layers` decoder layers, random N(0, 0.02) weights filled in
@@ -211,8 +212,9 @@ def row_omnilab_eager(args) -> list[dict]:
                        peak_anon_bytes=anon.peak, hits=model.cache.stats.hits, misses=model.cache.stats.misses)]
 
 
-def row_fast(args, compile: bool) -> list[dict]:
-    """omnilab.gpu.fast.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph."""
+def row_fast(args, compile: bool, compute: str | None = None) -> list[dict]:
+    """omnilab.gpu.fast.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph;
+    compute: its expert mix (None: the decoder's default; "triton": omnilab.gpu.fused_moe)."""
     import torch
 
     from omnilab.gpu.fast import FastDecoder
@@ -222,7 +224,7 @@ def row_fast(args, compile: bool) -> list[dict]:
     with AnonPeak() as anon:
         start = time.perf_counter()
         model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=dev, tokenizer=False)
-        decoder = FastDecoder(model, max_len=args.prompt_tokens + args.new_tokens, compile=compile)
+        decoder = FastDecoder(model, max_len=args.prompt_tokens + args.new_tokens, compile=compile, compute=compute)
         load_s = time.perf_counter() - start
         prompt, forced = inputs(args, model.config.vocab_size)
         start = time.perf_counter()
@@ -244,10 +246,10 @@ def row_fast(args, compile: bool) -> list[dict]:
         decoder.graph_enabled, decoder._graph = False, None  # the same steps without the CUDA graph
         plain = decoder.generate(prompt, args.new_tokens, forced=forced).decode_tokens_per_s
         decoder.graph_enabled = graphed
-        path = Path(args.scratch) / f"logits-fast{'-compiled' * compile}.pt"
+        path = Path(args.scratch) / f"logits-fast{'-compiled' * compile}{'-' + compute if compute else ''}.pt"
         torch.save(check.logits[:, 0].cpu(), path)
         routing_seen = int((gens[-1].routing >= 0).all())
-    name = "omnilab fast path" + (" (compiled layer)" if compile else "")
+    name = "omnilab fast path" + (" (compiled layer)" if compile else "") + (f" [{compute}]" if compute else "")
     row = _speed_row(name, runs, args.prompt_tokens, args.new_tokens, argmax=check.new_token_ids[0],
                      argmax_long=gens[-1].new_token_ids[0], free=free, logits_file=str(path), load_s=load_s,
                      capture_s=capture_s, peak_gpu_bytes=_gpu_peak(), peak_anon_bytes=anon.peak,
@@ -285,7 +287,8 @@ def row_budget(args) -> list[dict]:
 
 
 ROWS = {"hf": row_transformers, "eager": row_omnilab_eager, "fast": lambda a: row_fast(a, False),
-        "fast-compiled": lambda a: row_fast(a, True), "budget": row_budget}
+        "fast-compiled": lambda a: row_fast(a, True), "fast-triton": lambda a: row_fast(a, True, "triton"),
+        "budget": row_budget}
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -312,7 +315,8 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--suite", choices=("fast", "budgets"), default="fast")
-    p.add_argument("--rows", default="hf,eager,fast,fast-compiled", help="fast suite: rows to run, comma-separated")
+    p.add_argument("--rows", default="hf,eager,fast,fast-compiled", help="fast suite: rows to run, comma-separated "
+                   "(also fast-triton: fast-compiled with the fused Triton expert kernels, omnilab.gpu.fused_moe)")
     p.add_argument("--hf-impl", default=",".join(HF_IMPLEMENTATIONS), help="transformers experts implementations")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128, help="teacher-forced decode steps of the fast path")

@@ -17,7 +17,8 @@ from omnilab.gpu.offload_step import SegmentedStep
 from omnilab.gpu.phases import PhaseTimer
 from omnilab.gpu.slot_cache import SlotCache
 from omnilab.gpu.slots import SlabPool
-from omnilab.gpu.step import Consts, StaticKV, attention, dense_layer, expert_mix, layer_weights, rms_norm, route
+from omnilab.gpu.step import (Consts, StaticKV, attention, compute_refusal, dense_layer, expert_mix, layer_weights,
+                              rms_norm, route)
 from omnilab.model.rope import rope_inv_freq
 from omnilab.model.generate import Generation
 from omnilab.model.routing import RoutingOverride
@@ -29,8 +30,10 @@ class OffloadDecoder:
     slots: experts held per MoE layer (>= top-k); or give expert_budget_bytes (split evenly over the layers).
     prefetch: speculative next-layer prefetch. override: a RoutingOverride (defaults to model.routing_override).
     issue: "driver" (cuMemcpyHtoDAsync through ctypes; the CUDA default) or "torch" (copy_; elsewhere).
-    compile: the segments' arithmetic through torch.compile before capture (CUDA). The embedding may live on the
-    host (model.model.embed_tokens moved to the CPU to save its GPU memory): each step copies one row."""
+    compute: the expert mix of prefill and the unsegmented step (step.expert_mix: grouped_mm, gather or triton;
+    the graphed segments compute per slot). compile: the segments' arithmetic through torch.compile before capture
+    (CUDA). The embedding may live on the host (model.model.embed_tokens moved to the CPU to save its GPU memory):
+    each step copies one row."""
 
     def __init__(self, model, host: HostTier, *, slots: int | None = None, expert_budget_bytes: int | None = None,
                  max_len: int = 512, prefetch: bool = True, override: RoutingOverride | None = None,
@@ -60,6 +63,9 @@ class OffloadDecoder:
         self.override = override if override is not None else getattr(model, "routing_override", None)
         self.compute = compute or ("grouped_mm" if self.dtype == torch.bfloat16 or self.device.type == "cpu"
                                    else "gather")
+        refusal = compute_refusal(self.compute, self.device)
+        if refusal:
+            raise ValueError(f"offload: {refusal}")
         dev = self.device
         cuda = dev.type == "cuda"
         inv_freq = rope_inv_freq(cfg).to(dev)

@@ -10,6 +10,8 @@ summed in one reduction (as transformers' grouped_mm path does) rather than by i
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import NamedTuple
 
 import torch
@@ -129,11 +131,32 @@ def dense_layer(layer, h, cos, sin, mask, positions, keys, values, c: Consts):
     return h + layer.mlp(rms_norm(w.post_norm, h, c.eps))
 
 
+COMPUTES = ("grouped_mm", "gather", "triton")  # expert_mix's ways
+
+
+def compute_refusal(compute: str, device) -> str | None:
+    """Why `compute` cannot run expert_mix on `device` (None when it can): a decoder checks this when built."""
+    if compute not in COMPUTES:
+        return f"expert compute {compute!r}: use {', '.join(COMPUTES)}"
+    if compute == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "compute='triton' needs Triton (pip install triton)"
+        if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "compute='triton' runs on CUDA (on the CPU only under TRITON_INTERPRET=1)"
+    return None
+
+
 def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
     """x [N, H], slots [N, k] (slot ids), weights [N, k] -> sum over k of weight * expert(x), [N, H]. No host sync.
 
     grouped_mm: choices sorted by slot, one grouped GEMM per projection over all slots (empty groups cost
-    nothing). gather: each choice's expert weights gathered and batch-multiplied (any dtype, any device)."""
+    nothing). gather: each choice's expert weights gathered and batch-multiplied (any dtype, any device).
+    triton: fused Triton kernels (fused_moe.py: each routed expert read once, SiLU and the weighted sum over k
+    fused, fp32 accumulation; CUDA, or CPU tensors under TRITON_INTERPRET=1; needs Triton)."""
+    if compute == "triton":
+        from omnilab.gpu.fused_moe import fused_expert_mix  # imports Triton: only when asked for
+
+        return fused_expert_mix(x, slots, weights, gate_up, down)
     N, k = slots.shape
     I = down.shape[-1]
     flat = slots.reshape(-1)  # [N * k]
@@ -153,7 +176,7 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
         y = torch.bmm(down[flat], (F.silu(gu[:, :I]) * gu[:, I:])[:, :, None])[..., 0]  # [N * k, H]
         out = y * weights.reshape(-1)[:, None]
     else:
-        raise ValueError(f"expert compute {compute!r}: use grouped_mm or gather")
+        raise ValueError(f"expert compute {compute!r}: use grouped_mm, gather or triton")
     # differs from eager: the k outputs of a token are summed in one reduction, as transformers' grouped_mm does
     return out.view(N, k, -1).sum(dim=1)  # [N, H]
 
