@@ -4,7 +4,7 @@
 #   STAGES="tests build48 resident" bash bench/gpu_session.sh
 #   STAGES="offload before-after" bash bench/gpu_session.sh
 #   STAGES="compare plan cpu" bash bench/gpu_session.sh
-# Stages: tests (scripts/gpu_tests.sh), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
+# Stages: tests (scripts/gpu_tests.sh), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
 # fp32), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
@@ -35,7 +35,18 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
 " > $OUT/build48.log 2>&1; touch $W/build48.done; df -h /dev/shm >> $OUT/build48.log) &
       ;;
     tests)
-      OUT=$OUT timeout 420 bash scripts/gpu_tests.sh -x -q 2>&1 | tail -25
+      OUT=$OUT timeout ${TESTS_TIMEOUT:-300} bash scripts/gpu_tests.sh -q 2>&1 | grep -E 'FAILED|ERROR|passed|failed|Error' | tail -30
+      ;;
+    mix)  # one layer's expert mix per compute way and batch (bench/expert_mix.py), the fused Triton kernel beside
+      hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
+      timeout 150 python3 bench/expert_mix.py --hbm-tb-s $hbm 2>&1 | tee $OUT/expert_mix.txt | tail -30
+      ;;
+    triton)  # bench/decode.py's compiled fast path with grouped_mm and with the fused Triton expert mix, 48 layers
+      wait48
+      hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
+      timeout 400 python3 bench/decode.py --checkpoint $C48 --device cuda --rows fast-compiled,fast-triton \
+        --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 --hbm-tb-s $hbm \
+        --workdir /tmp/tri --out $OUT/decode_triton.json --markdown $OUT/decode_triton.md 2>&1 | tail -8
       ;;
     resident)
       wait48
