@@ -544,30 +544,48 @@ def _explorer(layers, choices, labels, view):
 
 # -- 05 generation experiments -------------------------------------------------------------------------
 
-def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7):
-    """Label points right of them without overlap: points of about the same x (within 30 pt) are labelled in
-    y order, each label pushed up until it is GAP_PT above the previous one, with a thin leader when moved.
-    Call once the axes' scales and limits are final."""
+def _text_box(text, renderer):
+    """The box of a text's letters in pixels; an annotation's own extent also holds its leader to the point."""
+    text.get_window_extent(renderer)  # an annotation places its text here
+    return matplotlib.text.Text.get_window_extent(text, renderer)
+
+
+def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7, lay_out: bool = True):
+    """Label points beside them, apart and inside the axes: in y order, each label is tried level with its point,
+    then GAP_PT / 2 up, as far down, a step further up, ... and kept at the first place where it overlaps no text
+    already drawn and stays inside the axes (a label only pushed up left the axes at the top), with a thin leader
+    when moved. Points right of 70% of the width are labelled on their left. Call once the axes' scales and
+    limits are final: this lays the figure out first (LAY_OUT False: the caller just did, and added nothing to
+    the layout since), and the labels are kept out of the layout (axes moved after would move labels placed apart
+    onto each other)."""
     ax.autoscale_view()
-    to_pt = 72.0 / ax.figure.dpi
-    px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])) * to_pt
-    right = ax.transAxes.transform((0.7, 0))[0] * to_pt  # points right of this are labelled on their left
-    order = sorted(range(len(px)), key=lambda i: px[i, 1])
+    if lay_out:
+        ax.figure.draw_without_rendering()
     renderer = ax.figure.canvas.get_renderer()
-    placed = []
-    for i in order:
-        left = px[i, 0] > right
-        shift = 0.0
-        while True:
-            note = ax.annotate(names[i], (xs[i], ys[i]), xytext=(-6 if left else 6, shift - 2), textcoords="offset points",
-                               fontsize=fontsize, ha="right" if left else "left",
-                               arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
-            box = note.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed) or shift > 40 * gap_pt:
-                placed.append(box)
+    frame = ax.get_window_extent(renderer)
+    pad = gap_pt / 9 * ax.figure.dpi / 72  # pixels kept free around a label
+    px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    placed = [_text_box(t, renderer) for t in ax.texts if t.get_visible() and t.get_text().strip()]
+    shifts = [0.0] + [sign * k * gap_pt / 2 for k in range(1, 81) for sign in (1, -1)]
+
+    def place(i, shift, left):
+        return ax.annotate(names[i], (xs[i], ys[i]), xytext=(-6 if left else 6, shift - 2), textcoords="offset points",
+                           fontsize=fontsize, ha="right" if left else "left",
+                           arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if abs(shift) > 1 else None,
+                           in_layout=False)
+
+    for i in sorted(range(len(px)), key=lambda i: px[i, 1]):
+        left = px[i, 0] > frame.x0 + 0.7 * frame.width
+        for shift in shifts:
+            note = place(i, shift, left)
+            box = _text_box(note, renderer).padded(pad)
+            if box.y0 >= frame.y0 and box.y1 <= frame.y1 and not any(box.overlaps(b) for b in placed):
                 break
             note.remove()
-            shift += gap_pt / 2
+        else:  # no free place within 40 gaps: level with the point
+            note = place(i, 0.0, left)
+            box = _text_box(note, renderer).padded(pad)
+        placed.append(box)
 
 
 _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "salience": ("C4", "D"),
@@ -593,14 +611,14 @@ def plot_quality_memory(table: pd.DataFrame):
     _mark_floor(b, floor, bool((table["kl"] <= 0).any()))
     b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats (log)",
           title="Divergence from the full model", xlim=(0, 105))
-    named = table[~table["group"].isin(["budget", "full"])]
-    fig.canvas.draw()  # constrained layout settles the axes before labels are placed
-    for ax, col in ((a, "top1_agreement"), (b, "kl")):
-        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(_at_floor(named[col], floor) if col == "kl"
-                                                                        else named[col]), list(named["name"]))
     a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, frameon=False)
     for ax in (a, b):
         ax.grid(alpha=0.3)
+    named = table[~table["group"].isin(["budget", "full"])]
+    for ax, col in ((a, "top1_agreement"), (b, "kl")):  # the figure laid out once: labels are not in the layout
+        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(_at_floor(named[col], floor) if col == "kl"
+                                                                        else named[col]), list(named["name"]),
+                       lay_out=ax is a)
     return fig
 
 
@@ -654,12 +672,12 @@ def plot_cache_budget(table: pd.DataFrame):
           title="Cache hit rate while decoding")
     b.set(xlabel="expert cache budget (% of expert bytes)", ylabel="MiB of experts read per token",
           title="Expert reads while decoding")
-    if len(sal):
-        _spread_labels(a, list(100 * sal["budget_share"]), list(sal["hit_rate"]),
-                       [f"salience alpha {v:g}" for v in sal["value"]])
     for ax in (a, b):
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
         ax.grid(alpha=0.3)
+    if len(sal):
+        _spread_labels(a, list(100 * sal["budget_share"]), list(sal["hit_rate"]),
+                       [f"salience alpha {v:g}" for v in sal["value"]])
     return fig
 
 
@@ -701,7 +719,7 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
     _mark_floor(ax, floor, any(bool((t[t.point.isin(points)].rel_err <= 0).any()) for t in tables[:2]))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer (chained left of it, local right)")
-    ax.set_ylabel("rel_err vs transformers (log; exact zeros on the dotted line)")
+    ax.set_ylabel("rel_err vs transformers (log)")  # the floor line says "exact 0"; a longer label ran off the figure
     ax.set_title(title or f"Chained against local ({str(result.dtype).removeprefix('torch.')})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)
     if bf16:
