@@ -7,6 +7,7 @@ Sections follow the notebooks; `save_figure` (omnilab.regress) writes a figure b
 from __future__ import annotations
 
 import os
+import textwrap
 
 import matplotlib
 
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from omnilab.model.generate import until_stop  # noqa: E402
 from omnilab.model.hooks import LAYER_POINTS  # noqa: E402
 from omnilab.units import format_bytes  # noqa: E402
 
@@ -243,18 +245,18 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
     """Two rows of generated tokens, cell by cell; green where the selective model matches the reference. Each cell
     shows `pieces` (per position: the text each token adds when the sequence is decoded as it streams), else `labels` (id ->
     text), else the id; spaces as '·', newlines as '⏎'. When the reference settles into a loop, as greedy decoding of
-    a small model does, the title says where and how long. `stop`: token ids that end a text (e.g. the
-    tokenizer's `<|endoftext|>`): each row is drawn up to and including its first one, as a reader's generation
-    would stop there."""
-    stop = set(stop or ())
-    cut = [next((j + 1 for j, tok in enumerate(seq) if tok in stop), len(seq)) for seq in (reference, selective)]
-    stopped = cut[0] < len(reference) or cut[1] < len(selective)
-    full_len = len(reference)
-    reference, selective = list(reference)[:cut[0]], list(selective)[:cut[1]]
+    a small model does, the title says where and how long. `stop`: token ids that end a text (e.g.
+    `model.stop_tokens`, the tokenizer's `<|endoftext|>`): each row is drawn up to and including its first one, where
+    a reader's generation ends (what follows is the model starting another text); the title's count of identical
+    tokens still covers everything generated."""
+    generated = len(reference)
+    same = next((j for j, (a, b) in enumerate(zip(reference, selective)) if a != b), min(len(reference), len(selective)))
+    reference, selective = until_stop(reference, stop), until_stop(selective, stop)
+    stopped = len(reference) < generated or len(selective) < generated
     if pieces is not None:
-        pieces = (list(pieces[0])[:cut[0]], list(pieces[1])[:cut[1]])
+        pieces = (list(pieces[0])[:len(reference)], list(pieces[1])[:len(selective)])
     n = max(len(reference), len(selective), 1)
-    fig, ax = plt.subplots(figsize=(min(0.55 * n + 1.8, 20), 2.6))
+    fig, ax = plt.subplots(figsize=(min(max(0.55 * n + 1.8, 7), 20), 3.0))  # a cell holds 13 characters at 8 pt
     for row, seq in enumerate((reference, selective)):
         for j in range(n):
             tok = seq[j] if j < len(seq) else None
@@ -272,17 +274,20 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
     loop = _loop(list(reference))
     if loop:
         ax.axvspan(loop[0], n, ymin=0.5, ymax=1.0, fill=False, ec="0.3", ls="--", lw=1)
-    same = next((j for j, (a, b) in enumerate(zip(reference, selective)) if a != b), min(len(reference), len(selective)))
     ax.set_xlim(0, n)
     ax.set_ylim(0, 2)
     ax.set_yticks([1.5, 0.5], ["reference\n(transformers)", "selective"])
     ax.set_xlabel("generated token (the text it adds)" if pieces is not None or labels else "generated token id")
-    head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {len(reference)} tokens"
+    head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {generated} tokens"
     if stopped:
-        head += f" (drawn up to the end-of-text token; {full_len} generated)"
+        ends = ", ".join(f"{name} at token {len(seq)}" for name, seq in (("reference", reference),
+                                                                            ("selective", selective)))
+        head += f"\ndrawn up to the end-of-text token, where the text ends ({ends} of {generated} generated)"
     tail = (f"\nfrom token {loop[0]} the reference repeats a {loop[1]}-token loop (dashed)"
             " — greedy decoding of a small model" if loop else "")
-    ax.set_title(head + tail, fontsize=9)
+    width = int((fig.get_figwidth() - 1.5) * 72 / (0.62 * 9))  # characters of a 9 pt line across the axes
+    ax.set_title("\n".join(textwrap.fill(line, width) for line in (head + tail).split("\n")), fontsize=9)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()

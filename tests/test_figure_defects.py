@@ -163,7 +163,8 @@ def test_continuation_text_is_readable():
 
 def test_continuation_stops_at_the_end_of_text_token():
     """Each row is drawn up to and including its first stop token (<|endoftext|>): what follows is the model starting
-    another document, not the continuation; the title says how many were generated."""
+    another document, not the continuation; the title says how many were generated, and its count of identical
+    tokens covers them all."""
     eot = 0
     reference, selective = [5, 6, eot, 7, 8, 9], [5, 6, 3, eot, 8, 9]
     labels = {eot: "<|endoftext|>"} | {i: f" w{i}" for i in range(3, 10)}
@@ -173,7 +174,8 @@ def test_continuation_stops_at_the_end_of_text_token():
     cut = (reference.index(eot) + 1, selective.index(eot) + 1)
     assert len(drawn) == sum(cut) and ax.get_xlim()[1] == max(cut)
     assert drawn.count("<|endoftext|>") == 2 and not {"·w7", "·w9"} & set(drawn)
-    assert str(len(reference)) in ax.get_title() and "end-of-text" in ax.get_title()
+    same = next(j for j, (a, b) in enumerate(zip(reference, selective)) if a != b)
+    assert f"identical for {same} of {len(reference)} tokens" in ax.get_title() and "end-of-text" in ax.get_title()
     check_figure(fig)
 
 
