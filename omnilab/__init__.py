@@ -11,7 +11,8 @@ The public face, for notebooks and scripts: `import omnilab as ol`, then
   `ol.availability`, `ol.component_bytes`, `ol.missing_summary`;
 - the selective model: `ol.SelectiveMoE` (`ol.load(path, ...)` is `SelectiveMoE.from_checkpoint`; device, dtype
   and expert_budget default to "auto", and `generate` runs on the engine `ol.choose(model, ol.Call(...))` picks),
-  `ol.RoutingOptions`, `ol.Generation`, `ol.MissingExpertError`; hooks `ol.capture`, `ol.run_with_cache`,
+  `ol.RoutingOptions`, `ol.Generation`, `ol.until_stop` (a continuation up to its end-of-text token, e.g.
+  `model.stop_tokens`), `ol.MissingExpertError`; hooks `ol.capture`, `ol.run_with_cache`,
   `ol.compare`, `ol.first_difference`; the modules `ol.hooks`, `ol.faults`, `ol.multimodal`;
 - against transformers: `ol.Reference`, `ol.compare_checkpoints` (streamed, any scale), `ol.reference_continuation`
   (a greedy continuation checked in one streamed pass), `ol.fault_gallery`, `ol.gallery_table`;
@@ -47,7 +48,7 @@ _NAMES = {
     **dict.fromkeys(("availability", "component_bytes", "missing_summary"), "omnilab.extraction.availability"),
     **dict.fromkeys(("SelectiveMoE", "load"), "omnilab.runtime.model"),
     **dict.fromkeys(("choose", "Call"), "omnilab.runtime.choose"),
-    "Generation": "omnilab.model.generate",
+    **dict.fromkeys(("Generation", "until_stop"), "omnilab.model.generate"),
     "RoutingOptions": "omnilab.model.routing",
     "MissingExpertError": "omnilab.model.experts",
     **dict.fromkeys(("capture", "run_with_cache", "compare", "first_difference"), "omnilab.model.hooks"),

@@ -7,6 +7,7 @@ Sections follow the notebooks; `save_figure` (omnilab.regress) writes a figure b
 from __future__ import annotations
 
 import os
+import textwrap
 
 import matplotlib
 
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from omnilab.model.generate import until_stop  # noqa: E402
 from omnilab.model.hooks import LAYER_POINTS  # noqa: E402
 from omnilab.units import format_bytes  # noqa: E402
 
@@ -243,18 +245,18 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
     """Two rows of generated tokens, cell by cell; green where the selective model matches the reference. Each cell
     shows `pieces` (per position: the text each token adds when the sequence is decoded as it streams), else `labels` (id ->
     text), else the id; spaces as '·', newlines as '⏎'. When the reference settles into a loop, as greedy decoding of
-    a small model does, the title says where and how long. `stop`: token ids that end a text (e.g. the
-    tokenizer's `<|endoftext|>`): each row is drawn up to and including its first one, as a reader's generation
-    would stop there."""
-    stop = set(stop or ())
-    cut = [next((j + 1 for j, tok in enumerate(seq) if tok in stop), len(seq)) for seq in (reference, selective)]
-    stopped = cut[0] < len(reference) or cut[1] < len(selective)
-    full_len = len(reference)
-    reference, selective = list(reference)[:cut[0]], list(selective)[:cut[1]]
+    a small model does, the title says where and how long. `stop`: token ids that end a text (e.g.
+    `model.stop_tokens`, the tokenizer's `<|endoftext|>`): each row is drawn up to and including its first one, where
+    a reader's generation ends (what follows is the model starting another text); the title's count of identical
+    tokens still covers everything generated."""
+    generated = len(reference)
+    same = next((j for j, (a, b) in enumerate(zip(reference, selective)) if a != b), min(len(reference), len(selective)))
+    reference, selective = until_stop(reference, stop), until_stop(selective, stop)
+    stopped = len(reference) < generated or len(selective) < generated
     if pieces is not None:
-        pieces = (list(pieces[0])[:cut[0]], list(pieces[1])[:cut[1]])
+        pieces = (list(pieces[0])[:len(reference)], list(pieces[1])[:len(selective)])
     n = max(len(reference), len(selective), 1)
-    fig, ax = plt.subplots(figsize=(min(0.55 * n + 1.8, 20), 2.6))
+    fig, ax = plt.subplots(figsize=(min(max(0.55 * n + 1.8, 7), 20), 3.0))  # a cell holds 13 characters at 8 pt
     for row, seq in enumerate((reference, selective)):
         for j in range(n):
             tok = seq[j] if j < len(seq) else None
@@ -272,17 +274,20 @@ def plot_continuations(reference: list[int], selective: list[int], labels: dict[
     loop = _loop(list(reference))
     if loop:
         ax.axvspan(loop[0], n, ymin=0.5, ymax=1.0, fill=False, ec="0.3", ls="--", lw=1)
-    same = next((j for j, (a, b) in enumerate(zip(reference, selective)) if a != b), min(len(reference), len(selective)))
     ax.set_xlim(0, n)
     ax.set_ylim(0, 2)
     ax.set_yticks([1.5, 0.5], ["reference\n(transformers)", "selective"])
     ax.set_xlabel("generated token (the text it adds)" if pieces is not None or labels else "generated token id")
-    head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {len(reference)} tokens"
+    head = f"{title}{f' of {prompt!r}' if prompt else ''}: identical for {same} of {generated} tokens"
     if stopped:
-        head += f" (drawn up to the end-of-text token; {full_len} generated)"
+        ends = ", ".join(f"{name} at token {len(seq)}" for name, seq in (("reference", reference),
+                                                                            ("selective", selective)))
+        head += f"\ndrawn up to the end-of-text token, where the text ends ({ends} of {generated} generated)"
     tail = (f"\nfrom token {loop[0]} the reference repeats a {loop[1]}-token loop (dashed)"
             " — greedy decoding of a small model" if loop else "")
-    ax.set_title(head + tail, fontsize=9)
+    width = int((fig.get_figwidth() - 1.5) * 72 / (0.62 * 9))  # characters of a 9 pt line across the axes
+    ax.set_title("\n".join(textwrap.fill(line, width) for line in (head + tail).split("\n")), fontsize=9)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
@@ -544,30 +549,48 @@ def _explorer(layers, choices, labels, view):
 
 # -- 05 generation experiments -------------------------------------------------------------------------
 
-def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7):
-    """Label points right of them without overlap: points of about the same x (within 30 pt) are labelled in
-    y order, each label pushed up until it is GAP_PT above the previous one, with a thin leader when moved.
-    Call once the axes' scales and limits are final."""
+def _text_box(text, renderer):
+    """The box of a text's letters in pixels; an annotation's own extent also holds its leader to the point."""
+    text.get_window_extent(renderer)  # an annotation places its text here
+    return matplotlib.text.Text.get_window_extent(text, renderer)
+
+
+def _spread_labels(ax, xs, ys, names, gap_pt: float = 9.0, fontsize: float = 7, lay_out: bool = True):
+    """Label points beside them, apart and inside the axes: in y order, each label is tried level with its point,
+    then GAP_PT / 2 up, as far down, a step further up, ... and kept at the first place where it overlaps no text
+    already drawn and stays inside the axes (a label only pushed up left the axes at the top), with a thin leader
+    when moved. Points right of 70% of the width are labelled on their left. Call once the axes' scales and
+    limits are final: this lays the figure out first (LAY_OUT False: the caller just did, and added nothing to
+    the layout since), and the labels are kept out of the layout (axes moved after would move labels placed apart
+    onto each other)."""
     ax.autoscale_view()
-    to_pt = 72.0 / ax.figure.dpi
-    px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])) * to_pt
-    right = ax.transAxes.transform((0.7, 0))[0] * to_pt  # points right of this are labelled on their left
-    order = sorted(range(len(px)), key=lambda i: px[i, 1])
+    if lay_out:
+        ax.figure.draw_without_rendering()
     renderer = ax.figure.canvas.get_renderer()
-    placed = []
-    for i in order:
-        left = px[i, 0] > right
-        shift = 0.0
-        while True:
-            note = ax.annotate(names[i], (xs[i], ys[i]), xytext=(-6 if left else 6, shift - 2), textcoords="offset points",
-                               fontsize=fontsize, ha="right" if left else "left",
-                               arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if shift > 1 else None)
-            box = note.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed) or shift > 40 * gap_pt:
-                placed.append(box)
+    frame = ax.get_window_extent(renderer)
+    pad = gap_pt / 9 * ax.figure.dpi / 72  # pixels kept free around a label
+    px = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    placed = [_text_box(t, renderer) for t in ax.texts if t.get_visible() and t.get_text().strip()]
+    shifts = [0.0] + [sign * k * gap_pt / 2 for k in range(1, 81) for sign in (1, -1)]
+
+    def place(i, shift, left):
+        return ax.annotate(names[i], (xs[i], ys[i]), xytext=(-6 if left else 6, shift - 2), textcoords="offset points",
+                           fontsize=fontsize, ha="right" if left else "left",
+                           arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5) if abs(shift) > 1 else None,
+                           in_layout=False)
+
+    for i in sorted(range(len(px)), key=lambda i: px[i, 1]):
+        left = px[i, 0] > frame.x0 + 0.7 * frame.width
+        for shift in shifts:
+            note = place(i, shift, left)
+            box = _text_box(note, renderer).padded(pad)
+            if box.y0 >= frame.y0 and box.y1 <= frame.y1 and not any(box.overlaps(b) for b in placed):
                 break
             note.remove()
-            shift += gap_pt / 2
+        else:  # no free place within 40 gaps: level with the point
+            note = place(i, 0.0, left)
+            box = _text_box(note, renderer).padded(pad)
+        placed.append(box)
 
 
 _GROUP_STYLE = {"full": ("k", "*"), "top_k": ("C0", "o"), "mask": ("C3", "s"), "salience": ("C4", "D"),
@@ -593,14 +616,14 @@ def plot_quality_memory(table: pd.DataFrame):
     _mark_floor(b, floor, bool((table["kl"] <= 0).any()))
     b.set(xlabel="peak resident experts (% of all expert bytes)", ylabel="next-token KL(full || setting), nats (log)",
           title="Divergence from the full model", xlim=(0, 105))
-    named = table[~table["group"].isin(["budget", "full"])]
-    fig.canvas.draw()  # constrained layout settles the axes before labels are placed
-    for ax, col in ((a, "top1_agreement"), (b, "kl")):
-        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(_at_floor(named[col], floor) if col == "kl"
-                                                                        else named[col]), list(named["name"]))
     a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=5, frameon=False)
     for ax in (a, b):
         ax.grid(alpha=0.3)
+    named = table[~table["group"].isin(["budget", "full"])]
+    for ax, col in ((a, "top1_agreement"), (b, "kl")):  # the figure laid out once: labels are not in the layout
+        _spread_labels(ax, list(100 * named["peak_expert_share"]), list(_at_floor(named[col], floor) if col == "kl"
+                                                                        else named[col]), list(named["name"]),
+                       lay_out=ax is a)
     return fig
 
 
@@ -654,12 +677,12 @@ def plot_cache_budget(table: pd.DataFrame):
           title="Cache hit rate while decoding")
     b.set(xlabel="expert cache budget (% of expert bytes)", ylabel="MiB of experts read per token",
           title="Expert reads while decoding")
-    if len(sal):
-        _spread_labels(a, list(100 * sal["budget_share"]), list(sal["hit_rate"]),
-                       [f"salience alpha {v:g}" for v in sal["value"]])
     for ax in (a, b):
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
         ax.grid(alpha=0.3)
+    if len(sal):
+        _spread_labels(a, list(100 * sal["budget_share"]), list(sal["hit_rate"]),
+                       [f"salience alpha {v:g}" for v in sal["value"]])
     return fig
 
 
@@ -701,7 +724,7 @@ def plot_local_vs_chained(result, points=("hook_mlp_out", "hook_resid_post"), in
     _mark_floor(ax, floor, any(bool((t[t.point.isin(points)].rel_err <= 0).any()) for t in tables[:2]))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer (chained left of it, local right)")
-    ax.set_ylabel("rel_err vs transformers (log; exact zeros on the dotted line)")
+    ax.set_ylabel("rel_err vs transformers (log)")  # the floor line says "exact 0"; a longer label ran off the figure
     ax.set_title(title or f"Chained against local ({str(result.dtype).removeprefix('torch.')})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15), ncol=2)
     if bf16:

@@ -9,6 +9,8 @@
 - a legend inside the axes covers no data point;
 - no two texts of the same axes overlap, nor two tick labels of the same axis.
 Each check can be turned off by name for a figure whose design needs it (`skip={"texts_inside"}`).
+`legend_covers(ax)` and `overlapping_texts(ax)` answer two of those questions for one axes, for a test that asks
+them directly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.collections import PathCollection
 from matplotlib.patches import Rectangle
+from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 TOL_PX = 2.0
@@ -50,6 +53,17 @@ def _bbox(artist, renderer) -> Bbox | None:
         box = artist.get_window_extent(renderer)
     except Exception:  # noqa: BLE001 - an artist without extent
         return None
+    return _bbox_of(box)
+
+
+def _text_bbox(text, renderer) -> Bbox | None:
+    """The box of a text's letters (an annotation's own extent also holds its leader line to the point)."""
+    if _bbox(text, renderer) is None:  # also places an annotation's text
+        return None
+    return _bbox_of(Text.get_window_extent(text, renderer))
+
+
+def _bbox_of(box) -> Bbox | None:
     return box if box.width > 0 and box.height > 0 else None
 
 
@@ -62,10 +76,41 @@ def _inside(inner: Bbox, outer: Bbox, tol: float = TOL_PX) -> bool:
             and inner.y1 <= outer.y1 + tol)
 
 
+def overlapping_texts(ax, renderer=None) -> list[tuple[str, str]]:
+    """The pairs of visible texts of AX (annotations, labels on bars) whose drawn boxes overlap."""
+    renderer = renderer or _renderer(ax.figure)
+    boxes = [(t.get_text(), _text_bbox(t, renderer)) for t in ax.texts if t.get_visible() and t.get_text().strip()]
+    boxes = [(s, b) for s, b in boxes if b is not None]
+    return [(boxes[i][0], boxes[j][0]) for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+            if _overlap(boxes[i][1], boxes[j][1])]
+
+
+def legend_covers(ax, renderer=None) -> int:
+    """How many of AX's data points (see _points) its legend's box covers, in display coordinates (0 without one)."""
+    renderer = renderer or _renderer(ax.figure)
+    legend = ax.get_legend()
+    if legend is None or not legend.get_visible():
+        return 0
+    pts = _points(ax)
+    if not len(pts):
+        return 0
+    lb = legend.get_window_extent(renderer)
+    disp = ax.transData.transform(pts)
+    return int(((disp[:, 0] > lb.x0) & (disp[:, 0] < lb.x1) & (disp[:, 1] > lb.y0) & (disp[:, 1] < lb.y1)).sum())
+
+
+def _renderer(fig):
+    """The figure drawn once, for every question asked of it (ask them of a finished figure): drawing sets an
+    annotation's leader, which marks the figure stale again, so `stale` cannot tell."""
+    if not getattr(fig, "_figure_checks_drawn", False):
+        fig.canvas.draw()
+        fig._figure_checks_drawn = True
+    return fig.canvas.get_renderer()
+
+
 def check_figure(fig, skip: set[str] | frozenset = frozenset(), max_log_pad: float = 1.5,
                  max_log_gap: float = 4.0, close: bool = True) -> None:
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    renderer = _renderer(fig)
     try:
         for ax in _data_axes(fig):
             name = ax.get_title() or (fig._suptitle.get_text() if fig._suptitle else "")
@@ -94,16 +139,14 @@ def check_figure(fig, skip: set[str] | frozenset = frozenset(), max_log_pad: flo
                         assert hi <= 100 * 1.1, f"{name!r}: the x axis runs to {hi:g} with ticks to 100"
             ax_box = ax.get_window_extent(renderer)
             texts = [t for t in ax.texts if t.get_visible() and t.get_text().strip()]
-            boxes = [(t.get_text(), _bbox(t, renderer)) for t in texts]
+            boxes = [(t.get_text(), _text_bbox(t, renderer)) for t in texts]
             boxes = [(s, b) for s, b in boxes if b is not None]
             if "texts_inside" not in skip:
                 for s, b in boxes:
                     assert _inside(b, ax_box), f"{name!r}: text {s!r} is drawn outside the axes"
             if "texts_overlap" not in skip:
-                for i in range(len(boxes)):
-                    for j in range(i + 1, len(boxes)):
-                        assert not _overlap(boxes[i][1], boxes[j][1]), \
-                            f"{name!r}: texts {boxes[i][0]!r} and {boxes[j][0]!r} overlap"
+                pairs = overlapping_texts(ax, renderer)
+                assert not pairs, f"{name!r}: texts {pairs[0][0]!r} and {pairs[0][1]!r} overlap"
             if "ticks_overlap" not in skip:
                 for axis in (ax.xaxis, ax.yaxis):
                     tb = [(t.get_text(), _bbox(t, renderer)) for t in axis.get_ticklabels() if t.get_visible()
@@ -111,16 +154,12 @@ def check_figure(fig, skip: set[str] | frozenset = frozenset(), max_log_pad: flo
                     tb = [(s, b) for s, b in tb if b is not None]
                     for (s1, b1), (s2, b2) in zip(tb, tb[1:]):
                         assert not _overlap(b1, b2), f"{name!r}: tick labels {s1!r} and {s2!r} overlap"
-            legend = ax.get_legend()
-            if legend is not None and legend.get_visible() and "legend" not in skip:
-                lb = legend.get_window_extent(renderer)
-                if len(pts) and _overlap(lb, ax_box):
-                    disp = ax.transData.transform(pts)
-                    covered = disp[(disp[:, 0] > lb.x0) & (disp[:, 0] < lb.x1) & (disp[:, 1] > lb.y0) & (disp[:, 1] < lb.y1)]
-                    assert not len(covered), f"{name!r}: the legend covers {len(covered)} data points"
+            if "legend" not in skip:
+                covered = legend_covers(ax, renderer)
+                assert not covered, f"{name!r}: the legend covers {covered} data points"
     finally:
         if close:
             plt.close(fig)
 
 
-__all__ = ["check_figure"]
+__all__ = ["check_figure", "legend_covers", "overlapping_texts"]

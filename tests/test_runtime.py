@@ -85,6 +85,21 @@ def test_stop_tokens_cut_each_row_as_the_eager_loop_does(model):
     assert g.new_token_ids == [[1, 2], [4, 5, 6]] and g.stopped == [True, False]
 
 
+def test_the_checkpoints_stop_tokens_end_a_text(model, monkeypatch):
+    """model.stop_tokens: generation_config.json's eos_token_id, one id or a list (none: []); generating with them
+    stops at the first, which is where until_stop cuts the same continuation generated past it."""
+    prompts = [[3, 17, 42, 9]]
+    free = model.generate(prompts, 10, engine="eager").new_token_ids[0]
+    monkeypatch.setattr(model, "generation_config", {})
+    assert model.stop_tokens == []
+    monkeypatch.setattr(model, "generation_config", {"eos_token_id": free[3]})
+    assert model.stop_tokens == [free[3]]
+    monkeypatch.setattr(model, "generation_config", {"eos_token_id": [free[6], free[3]]})
+    stopped = model.generate(prompts, 10, stop_tokens=model.stop_tokens).new_token_ids[0]
+    assert stopped == ol.until_stop(free, model.stop_tokens) == free[:free.index(free[3]) + 1]
+    assert ol.until_stop(free, []) == free
+
+
 def test_sampled_generation_is_resident_and_reproducible_for_a_seed(model):
     prompts, options = [[5], [8, 8, 8, 8, 8, 8], [1, 2, 3, 4]], dict(greedy=False, temperature=0.9, top_k=20, top_p=0.9)
     a, b, c = (model.generate(prompts, 10, seed=s, **options) for s in (1, 1, 2))

@@ -321,6 +321,20 @@ def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_cli_trace_progress_bar_only_on_a_terminal(tiny_omni, corpus, tmp_path, capsys, monkeypatch, terminal):
+    """`omnilab trace` draws tqdm's bar on stderr when stderr is a terminal, and none when it is a file or a pipe
+    (a log would fill with bar redraws)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert main(["trace", str(tiny_omni), "--corpus", str(corpus), "--out", str(tmp_path / "t"), "--max-tokens", "8"]) == 0
+    err = capsys.readouterr().err
+    bar = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("trace (1 process)")]
+    if terminal:
+        assert bar and "100%" in bar[-1] and "tok" in bar[-1], err
+    else:
+        assert not bar and "%|" not in err, err
+
+
 # ------------------------------------------------------------------------------------------------ lazy statistics
 
 

@@ -133,6 +133,14 @@ class SelectiveMoE(nn.Module):
         self.tokenizer = None
         self.generation_config: dict = {}
 
+    @property
+    def stop_tokens(self) -> list[int]:
+        """The ids that end a text: generation_config.json's eos_token_id, where transformers' generate stops (also
+        `omnilab generate`'s default --stop-ids); [] when the checkpoint names none. For generate(stop_tokens=...)
+        and omnilab.model.generate.until_stop."""
+        eos = self.generation_config.get("eos_token_id")
+        return [eos] if isinstance(eos, int) else [int(t) for t in eos or []]
+
     @classmethod
     def from_checkpoint(cls, path, **options) -> "SelectiveMoE":
         """Open a checkpoint folder and load the backbone, the experts behind a cache: omnilab.model.loading.load_model

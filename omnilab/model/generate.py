@@ -46,6 +46,14 @@ class Generation:
         return n / decode if decode > 0 and n > 0 else float("nan")
 
 
+def until_stop(ids, stop_tokens) -> list[int]:
+    """IDS up to and including the first of STOP_TOKENS (all of IDS when none is there): a text where a reader's
+    generation ends it, e.g. at `model.stop_tokens` (the end-of-text token)."""
+    stop = set(stop_tokens or ())
+    ids = [int(t) for t in ids]
+    return ids[:next((j + 1 for j, t in enumerate(ids) if t in stop), len(ids))]
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_tokens=(), vocab_limit="auto", seed: int | None = 0,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from omnilab.model.generate import Generation, as_batch, check_sampling, generate as eager_generate, sampling_setup
+from omnilab.model.generate import (Generation, as_batch, check_sampling, generate as eager_generate, sampling_setup,
+                                    until_stop)
 from omnilab.runtime.choose import Call, choose, engines
 
 def max_len_bucket(tokens: int) -> int:
@@ -141,10 +142,8 @@ def cut_at_stop(out: Generation, stop_tokens) -> Generation:
     if not stop:
         return out
     for b, row in enumerate(out.new_token_ids):
-        hit = next((j for j, t in enumerate(row) if t in stop), None)
-        if hit is not None:
-            out.new_token_ids[b] = row[:hit + 1]
-        out.stopped[b] = hit is not None
+        out.new_token_ids[b] = until_stop(row, stop)
+        out.stopped[b] = bool(out.new_token_ids[b]) and out.new_token_ids[b][-1] in stop
     return out
 
 
