@@ -167,10 +167,7 @@ def cmd_generate(args) -> int:
     media = _multimodal_inputs(args, model)
     ids = media[1]["input_ids"][0].tolist() if media else _prompt_ids(args, model.tokenizer, model.config.vocab_size)
     check_positions(model.config, len(ids), args.max_new_tokens)
-    stop = args.stop_ids
-    if stop is None:
-        eos = model.generation_config.get("eos_token_id")
-        stop = [eos] if isinstance(eos, int) else list(eos or [])
+    stop = model.stop_tokens if args.stop_ids is None else args.stop_ids
     sampling, how = sampling_options(model.generation_config, greedy=args.greedy, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p)
     sampling.update(stop_tokens=stop, seed=args.seed)
