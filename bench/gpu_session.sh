@@ -19,6 +19,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 log() { echo "[session $(date +%T) +${SECONDS}s] $*"; }
+left() { echo $(( ${DEADLINE:-100000} - SECONDS )); }  # seconds to DEADLINE (the call's limit less a margin)
 wait48() { while [ ! -f $W/build48.done ]; do sleep 2; done; }
 
 for stage in ${STAGES:-tests}; do
@@ -50,12 +51,12 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       ;;
     resident)
       wait48
-      timeout 540 python3 bench/faces.py --checkpoint $C48 --device cuda --rows engine-resident,cli-resident,cli-sampling \
+      timeout $(left) python3 bench/faces.py --checkpoint $C48 --device cuda --rows engine-resident,cli-resident,cli-sampling \
         --new-tokens 64 --repeats 2 --out $OUT/faces_resident.json --markdown $OUT/faces_resident.md 2>&1 | tail -20
       ;;
     offload)
       wait48
-      timeout 400 python3 bench/faces.py --checkpoint $C48 --device cuda --rows engine-offload,cli-offload --budget 8GB \
+      timeout $(left) python3 bench/faces.py --checkpoint $C48 --device cuda --rows engine-offload,cli-offload --budget 8GB \
         --new-tokens 64 --repeats 2 --out $OUT/faces_offload.json --markdown $OUT/faces_offload.md 2>&1 | tail -20
       ;;
     before-after)
