@@ -98,12 +98,13 @@ def _hf_rows(args) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).parent / "decode.py"), "--row", "hf", "--checkpoint", args.checkpoint,
            "--scratch", str(Path(args.workdir) / "scratch"), "--dtype", args.dtype, "--device", args.device,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--slow-tokens",
-           str(min(args.new_tokens, 32)), "--free-tokens", "0", "--repeats", "1", "--hf-impl", args.hf_impl]
+           str(min(args.new_tokens, 32)), "--free-tokens", str(args.new_tokens), "--repeats", "1", "--hf-impl", args.hf_impl]
     (Path(args.workdir) / "scratch").mkdir(parents=True, exist_ok=True)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
     if done.returncode != 0:
         raise RuntimeError((done.stderr.strip().splitlines() or ["(no output)"])[-1])
-    return [{"row": r["row"], "decode_tokens_per_s": r["decode_tokens_per_s"], "peak_gpu_bytes": r.get("peak_gpu_bytes")}
+    return [{"row": r["row"], "decode_tokens_per_s": r["decode_tokens_per_s"], "peak_gpu_bytes": r.get("peak_gpu_bytes"),
+             "greedy_tokens": r["free"]}  # transformers' own free greedy decoding from the same prompt
             for r in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
@@ -126,17 +127,20 @@ def table(rows, errors, args) -> str:
              f"prompt {args.prompt_tokens} random ids, {args.new_tokens} new tokens, free decoding"
              + (f"; HBM floor {floor:.0f} tok/s at {args.hbm_tb_s} TB/s" if gpu else ""), "",
              "| row | engine | decode tok/s | x engine row | x transformers best | x HBM floor | same tokens as engine row "
-             "| peak GPU memory |", "|---|---|---:|---:|---:|---:|---|---:|"]
+             "| same tokens as transformers | peak GPU memory |", "|---|---|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         kind = "offload" if "offload" in r["row"] else "resident"
         base = by.get(f"engine-{kind}")
         ratio = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x" if base and "tokens" in r else ""
         vs_hf = f"{r['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.2f}x" if hf else ""
         same = ("yes" if r["tokens"] == base["tokens"] else "no") if base and "tokens" in r and "sampling" not in r["row"] else ""
+        as_hf = ("yes" if r["tokens"] == hf["greedy_tokens"] else "no") \
+            if hf and hf.get("greedy_tokens") and "tokens" in r and "sampling" not in r["row"] else ""
         mem = f"{r['peak_gpu_bytes'] / 1e9:.2f} GB" if r.get("peak_gpu_bytes") else ""
         lines.append(f"| {r['row']} | {r.get('engine', '')} | {r['decode_tokens_per_s']:.2f} | {ratio} | {vs_hf} | "
-                     f"{r['decode_tokens_per_s'] / floor:.1%} | {same} | {mem} |" if gpu else
-                     f"| {r['row']} | {r.get('engine', '')} | {r['decode_tokens_per_s']:.2f} | {ratio} | {vs_hf} | | {same} | |")
+                     f"{r['decode_tokens_per_s'] / floor:.1%} | {same} | {as_hf} | {mem} |" if gpu else
+                     f"| {r['row']} | {r.get('engine', '')} | {r['decode_tokens_per_s']:.2f} | {ratio} | {vs_hf} | | {same} "
+                     f"| {as_hf} | |")
     return "\n".join(lines + [f"- failed: {e}" for e in errors])
 
 
