@@ -42,7 +42,7 @@ def _engine_row(args, kind: str) -> dict:
     with AnonPeak() as anon:
         start = time.perf_counter()
         budget = args.budget if kind == "offload" else "all"
-        model = load(args.checkpoint, device=args.device, dtype=args.dtype, expert_budget=budget, tokenizer=False)
+        model = load(args.checkpoint, device=args.device, dtype=args.dtype, expert_budget=budget)
         prompt, _ = inputs(args, model.config.vocab_size)
         ids = prompt.tolist()
         call = Call(batch=1, max_len=len(ids) + args.new_tokens)
@@ -50,8 +50,14 @@ def _engine_row(args, kind: str) -> dict:
         start = time.perf_counter()
         decoder = (rg.resident_decoder(model, [ids], call) if kind == "resident" else rg.offload_decoder(model, call))
 
+        # the vocabulary the CLI's generate samples from (ids past the tokenizer's are never produced), so both
+        # rows decode the same tokens and route the same way
+        from omnilab.model.generate import sampling_setup
+
+        limit = sampling_setup(model, "auto", True, 1.0, 0, 1.0, None)[0]
+
         def run():
-            return decoder.generate(ids, args.new_tokens, vocab_limit=None)
+            return decoder.generate(ids, args.new_tokens, vocab_limit=limit)
 
         run()  # warm-up: the graphs captured (and compiled)
         build_s = time.perf_counter() - start

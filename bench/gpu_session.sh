@@ -92,6 +92,10 @@ run_notebooks(out='$OUT/nb48', only='${NB:-03 05}'.split(), checkpoint='$C48', d
               parameters={'per_domain': 2, 'max_tokens': 64, 'n_addition': 10, 'max_new_tokens': 16, 'text_per_domain': 1})
 " 2>&1 | grep -v "cell .*/" | tail -15; cat $OUT/nb48/resources.md 2>/dev/null | tail -8
       ;;
+    sweep05)  # notebook 05's sweep without Jupyter (bench/sweep05.py), where papermill is not installed
+      wait48
+      timeout $(left) python3 bench/sweep05.py $C48 --device cuda --out $OUT 2>&1 | grep -v "it/s\]" | tail -40
+      ;;
     cpu)
       mkdir -p /tmp/ol
       [ -d /tmp/ol/omni-thinker-8l ] || python3 -c "
