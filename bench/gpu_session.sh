@@ -68,6 +68,15 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
           --workdir /tmp/ba-$tree --out $OUT/decode_$tree.json --markdown $OUT/decode_$tree.md 2>&1 | tail -4)
       done
       ;;
+    before-after-offload)  # bench/offload.py before the re-rooming (.old/) and now: one 8 GB uniform row each
+      wait48
+      for tree in old new; do
+        root=$PWD; [ $tree = old ] && root=$PWD/.old
+        (cd "$root" && PYTHONPATH=/tmp/site:$root timeout $(( $(left) / 2 )) python3 bench/offload.py --checkpoint $C48 \
+          --device cuda --plan 8/uniform/compile+slot --rows omnilab --prompt-tokens 16 --new-tokens 32 \
+          --out $OUT/offload_$tree.json --markdown $OUT/offload_$tree.md 2>&1 | tail -3)
+      done
+      ;;
     compare)
       wait48
       for dtype in bfloat16 float32; do
