@@ -103,7 +103,7 @@ run_notebooks(out='$OUT/nb48', only='${NB:-03 05}'.split(), checkpoint='$C48', d
       ;;
     sweep05)  # notebook 05's sweep without Jupyter (bench/sweep05.py), where papermill is not installed
       wait48
-      timeout $(left) python3 bench/sweep05.py $C48 --device cuda --out $OUT 2>&1 | grep -v "it/s\]" | tail -40
+      timeout $(left) python3 bench/sweep05.py $C48 --device cuda --out $OUT --budget-shares ${SHARES:-0.125,0.25,0.5} 2>&1 | grep -v "it/s\]" | tail -40
       ;;
     cpu)
       mkdir -p /tmp/ol
