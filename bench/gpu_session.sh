@@ -95,6 +95,9 @@ print({k: r[k] for k in ('first_divergence', 'local_first_divergence', 'max_rel_
       ;;
     notebooks)  # NB="03 05": the notebooks on the 48-layer checkpoint, work sized to minutes (bench/results/notebooks_gpu_48l.md)
       wait48
+      # the device's python has no Jupyter stack: carry papermill, nbclient, nbformat, jupyter_client, ipykernel
+      # and their wheels in .whl (pip download --only-binary=:all: ...), or use the sweep05 stage
+      python3 -c "import papermill, ipykernel" 2>/dev/null || { echo "notebooks: papermill / ipykernel missing here"; continue; }
       timeout ${NB_TIMEOUT:-560} python3 -c "
 from omnilab.regress import run_notebooks
 run_notebooks(out='$OUT/nb48', only='${NB:-03 05}'.split(), checkpoint='$C48', device='cuda',
