@@ -95,14 +95,19 @@ print({k: r[k] for k in ('first_divergence', 'local_first_divergence', 'max_rel_
       ;;
     notebooks)  # NB="03 05": the notebooks on the 48-layer checkpoint, work sized to minutes (bench/results/notebooks_gpu_48l.md)
       wait48
-      # the device's python has no Jupyter stack: carry papermill, nbclient, nbformat, jupyter_client, ipykernel
-      # and their wheels in .whl (pip download --only-binary=:all: ...), or use the sweep05 stage
-      python3 -c "import papermill, ipykernel" 2>/dev/null || { echo "notebooks: papermill / ipykernel missing here"; continue; }
-      timeout ${NB_TIMEOUT:-560} python3 -c "
+      # papermill where the machine has the Jupyter stack, else bench/notebooks_plain.py (the cells in a plain process)
+      if python3 -c "import papermill, ipykernel" 2>/dev/null; then
+        timeout ${NB_TIMEOUT:-560} python3 -c "
 from omnilab.regress import run_notebooks
 run_notebooks(out='$OUT/nb48', only='${NB:-03 05}'.split(), checkpoint='$C48', device='cuda',
               parameters={'per_domain': 2, 'max_tokens': 64, 'n_addition': 10, 'max_new_tokens': 16, 'text_per_domain': 1})
-" 2>&1 | grep -v "cell .*/" | tail -15; cat $OUT/nb48/resources.md 2>/dev/null | tail -8
+" 2>&1 | grep -v "cell .*/" | tail -15
+      else
+        timeout ${NB_TIMEOUT:-560} python3 bench/notebooks_plain.py --checkpoint $C48 --device cuda --out $OUT/nb48 \
+          --only ${NB:-03 05} --timeout 560 -p per_domain=2 -p max_tokens=64 -p n_addition=10 -p max_new_tokens=16 \
+          -p text_per_domain=1 2>&1 | tee $OUT/nb48.log | grep -v "cell .*/" | tail -15
+      fi
+      cat $OUT/nb48/resources.md 2>/dev/null | tail -8
       ;;
     sweep05)  # notebook 05's sweep without Jupyter (bench/sweep05.py), where papermill is not installed
       wait48
