@@ -1,23 +1,9 @@
 """The expert mix as fused Triton kernels (step.expert_mix's compute="triton"): each routed expert's gate|up and
-down weights read once per step (once per choice in the batch-1 mode), SiLU * up and the routing-weighted sum over
-the k choices fused, fp32 accumulation, no host sync and no data-dependent shape (CUDA-graph capturable): a batch-1
-decode step is two launches, larger steps two kernels and the sum over k (prefill-sized ones a sort first). One opaque
-torch.library.custom_op with a fake impl: torch.compile keeps it whole in the graph (no graph break, no tracing
-into Triton) and a CUDA graph captures its launches.
-
-Follows vLLM's fused_moe (vllm/model_executor/layers/fused_moe/fused_moe.py, adapted by SGLang): the choices of a
-step grouped by expert, a program per (expert, output block) loading the expert's tile once for up to BLOCK_M
-rows with tl.dot, fp32 accumulators, the routing weight applied in the second GEMM, a grid sized by shapes alone
-with empty programs returning at once. differs from vLLM:
-- no moe_align_block_size pass and no padded sorted_token_ids: the grid is (slot, block) and a program finds its
-  slot's choices itself, scanning the step's N*k slot ids (mode "scan", decode-sized steps) or reading them from a
-  sort of the choices (mode "sorted", prefill-sized steps: torch.sort + searchsorted, as step.py's grouped_mm);
-- gate and up in one kernel (two accumulators), writing silu(gate) * up, no separate silu_and_mul;
-- mode "token" (a batch-1 decode step, whose k choices are distinct experts): GEMV programs per (choice, I block)
-  with tl.sum instead of tl.dot (which needs M >= 16), and the down kernel per (token, H block) reads the tiles of
-  the token's k choices together and sums them, so [N, H] is written directly (no intermediate, no moe_sum);
-- fp32 inputs multiply with input_precision="ieee" (not tf32): fp32 results match the eager path to ~1e-6.
-Needs torch >= 2.4 (custom_op) and Triton; step.py imports this module only for compute="triton".
+down read once per step, SiLU * up and the routing-weighted sum over the k choices fused, fp32 accumulation, no
+host sync (CUDA-graph capturable); one torch.library.custom_op with a fake impl, so torch.compile keeps it whole.
+Follows vLLM's fused_moe (vllm/model_executor/layers/fused_moe/fused_moe.py). differs from vLLM: no
+moe_align_block_size (a program finds its slot's choices itself), gate and up in one kernel, a GEMV "token" mode
+for batch-1 steps, ieee fp32 dots; the three modes and why are in docs/DESIGN.md ("The fused expert mix").
 """
 
 from __future__ import annotations
