@@ -7,6 +7,9 @@ import torch
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
+# safetensors' names of the float dtypes a checkpoint stores, and their torch dtypes (readers that view raw bytes)
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
 
 def as_dtype(dtype) -> torch.dtype:
     """A torch dtype from a name or a dtype; ValueError naming the value when it is none of DTYPES."""

@@ -11,6 +11,7 @@ import ctypes
 import numpy as np
 import torch
 
+from omnilab.dtypes import STORED_DTYPES
 from omnilab.gpu.slots import SLOT_ORDER
 from omnilab.model.experts import ExpertWeights, read_expert
 
@@ -29,9 +30,6 @@ def register_host(tensor: torch.Tensor) -> bool:
         if clear is not None:
             clear()
     return err == 0
-
-
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # safetensors dtype names
 
 
 class HostTier:
@@ -101,7 +99,7 @@ class HostTier:
                 maps[shard] = np.memmap(checkpoint.root / shard, dtype=np.uint8, mode="r+")
             raw = torch.from_numpy(maps[shard][int(row["begin"]):int(row["end"])])
             nbytes += int(row["end"] - row["begin"])
-            return raw.view(TORCH_DTYPES[row["dtype"]]).view(*row["shape"])
+            return raw.view(STORED_DTYPES[row["dtype"]]).view(*row["shape"])
 
         for layer in config.moe_layers:
             for e in range(config.num_experts):
@@ -138,7 +136,6 @@ def split_spans(spans, down_bytes: int):
         else:
             first.append((src, n, off))
     return first, second
-
 
 
 # -- issuing copies --------------------------------------------------------------------------------------------------

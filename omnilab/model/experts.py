@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from omnilab.arch import EXPERT_PROJECTIONS, expert_tensor
+from omnilab.dtypes import STORED_DTYPES
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -44,9 +45,6 @@ def read_expert(checkpoint, layout, layer: int, expert: int, read=None) -> Exper
     (ExpertStore.load, gpu.slots.SlotPool, gpu.host.HostTier) comes through here."""
     read = checkpoint.read if read is None else read
     return ExpertWeights(*(read(expert_tensor(layout, layer, expert, p)) for p in EXPERT_PROJECTIONS))
-
-
-_STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # safetensors dtype -> torch
 
 
 class MissingExpertError(KeyError):
@@ -92,7 +90,7 @@ class ExpertStore:
     def _read(self, name: str) -> torch.Tensor:
         """One stored tensor by name: its bytes read from its shard (Checkpoint.read_raw), viewed as its dtype."""
         row = self.checkpoint.tensors.loc[name]
-        dtype = _STORED.get(row["dtype"])
+        dtype = STORED_DTYPES.get(row["dtype"])
         if dtype is None:  # a dtype this reader does not map: safetensors decodes it
             return self.checkpoint.read(name)
         data = bytearray(self.checkpoint.read_raw(name))

@@ -13,11 +13,9 @@ import torch
 
 from omnilab.arch import expected_tensors
 from omnilab.checkpoint import Checkpoint
-from omnilab.dtypes import as_dtype
+from omnilab.dtypes import STORED_DTYPES, as_dtype
 from omnilab.model.hooks import EMBED, FINAL_NORM, LOGITS, RESID_POST, RESID_PRE, hook_names, layer_hook, layer_points
 from omnilab.reference.whole import attach
-
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class _Caught(Exception):
@@ -114,7 +112,7 @@ class StreamedReference:
     def _disk_dtype(self, names: list[str]) -> torch.dtype:
         """The part's dtype on disk when its tensors share one float dtype, else float32."""
         dtypes = set(self.checkpoint.tensors.loc[names, "dtype"])
-        return _TORCH_DTYPES.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
+        return STORED_DTYPES.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
 
     def load(self, part) -> torch.dtype:
         """Fill one part's modules from the shards through transformers' loader, in the dtype on disk.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnilab.dtypes import as_dtype
+from omnilab.dtypes import STORED_DTYPES, as_dtype
 from omnilab.units import format_bytes, parse_size
 
 # the share of free memory an "auto" budget may fill (the rest: activations, KV cache, the allocator's slack)
@@ -90,8 +90,7 @@ def checkpoint_dtype(checkpoint) -> torch.dtype:
     if layer is None:
         return torch.float32
     name = expert_tensor(layout, layer, 0, "gate_proj")
-    stored = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    return stored.get(str(checkpoint.tensors.at[name, "dtype"]), torch.float32) if name in checkpoint else torch.float32
+    return STORED_DTYPES.get(str(checkpoint.tensors.at[name, "dtype"]), torch.float32) if name in checkpoint else torch.float32
 
 
 def resolve_dtype(dtype, checkpoint, device: torch.device) -> torch.dtype:
