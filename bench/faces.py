@@ -52,9 +52,9 @@ def _engine_row(args, kind: str) -> dict:
 
         # the vocabulary the CLI's generate samples from (ids past the tokenizer's are never produced), so both
         # rows decode the same tokens and route the same way
-        from omnilab.model.generate import sampling_setup
+        from omnilab.model.generate import resolve_vocab_limit
 
-        limit = sampling_setup(model, "auto", True, 1.0, 0, 1.0, None)[0]
+        limit = resolve_vocab_limit(model)
 
         def run():
             return decoder.generate(ids, args.new_tokens, vocab_limit=limit)

@@ -23,7 +23,7 @@ from omnilab.gpu.slots import SlotPool
 from omnilab.gpu.step import Consts, StaticKV, compute_refusal, decoder_layer, dense_layer, layer_weights, rms_norm
 from omnilab.model.decoder import rope_inv_freq
 from omnilab.model.faults import acts_on_weights
-from omnilab.model.generate import Generation, as_batch, left_pad, sampling_setup
+from omnilab.model.generate import Generation, as_batch, left_pad, resolve_vocab_limit
 from omnilab.model.routing import LogitOp, RoutingOptions, RoutingOverride
 
 RECORDABLE = ("resid", "router_logits")  # what generate(record=...) can keep
@@ -370,7 +370,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, decoder: FastDecoder |
     if decoder is None:
         decoder = FastDecoder(model, max_len=max(map(len, batch)) + max_new_tokens, batch=len(batch),
                               routing=routing)
-    limit, _, _ = sampling_setup(model, kwargs.get("vocab_limit", "auto"), True, 1.0, 0, 1.0, None)
+    limit = resolve_vocab_limit(model, kwargs.get("vocab_limit", "auto"))
     options = {k: kwargs[k] for k in ("greedy", "temperature", "top_k", "top_p", "seed", "stop_tokens")
                if k in kwargs}
     return decoder.generate(batch, max_new_tokens, vocab_limit=limit, **options)

@@ -177,13 +177,17 @@ def pick_token(logits: torch.Tensor, seq: torch.Tensor, vocab_limit, greedy: boo
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]  # [B]
 
 
-def sampling_setup(model, vocab_limit, greedy, temperature, top_k, top_p, seed):
-    """(vocab_limit, logits warpers, random generator) of one generate call; vocab_limit "auto" is the
-    tokenizer's length, None when it covers the whole embedding."""
+def resolve_vocab_limit(model, vocab_limit="auto") -> int | None:
+    """The first id a generate call never produces: "auto" is the tokenizer's length (the embedding's rows past
+    it are padding, not tokens); None when the limit covers the whole embedding."""
     if vocab_limit == "auto":
         vocab_limit = len(model.tokenizer) if model.tokenizer is not None else None
-    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
-        vocab_limit = None
+    return None if vocab_limit is not None and vocab_limit >= model.config.vocab_size else vocab_limit
+
+
+def sampling_setup(model, vocab_limit, greedy, temperature, top_k, top_p, seed):
+    """(vocab_limit, logits warpers, random generator) of one generate call (resolve_vocab_limit)."""
+    vocab_limit = resolve_vocab_limit(model, vocab_limit)
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     return vocab_limit, logits_warpers(greedy, temperature, top_k, top_p), generator
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from omnilab.model.generate import (Generation, as_batch, check_sampling, generate as eager_generate, sampling_setup,
-                                    until_stop)
+from omnilab.model.generate import (Generation, as_batch, check_sampling, generate as eager_generate,
+                                    resolve_vocab_limit, until_stop)
 from omnilab.runtime.choose import Call, choose, engines
+
 
 def max_len_bucket(tokens: int) -> int:
     """Static KV length for prompt + new tokens: a power of two from 256, so calls of nearby lengths share one
@@ -40,7 +41,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
-    limit = sampling_setup(model, vocab_limit, True, 1.0, 0, 1.0, None)[0]  # ids at or past it never produced
+    limit = resolve_vocab_limit(model, vocab_limit)  # ids at or past it never produced
     if choice.engine == "eager":
         out = eager_generate(model, prompts, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
                              top_p=top_p, stop_tokens=stop_tokens, vocab_limit=vocab_limit, seed=seed,
@@ -92,9 +93,9 @@ def routing_key(routing) -> tuple:
 
 def offload_decoder(model, call: Call):
     """The OffloadDecoder for the model's expert budget: one per (max_len bucket, budget), over the model's host
-    tier (the shard maps registered page-locked for a checkpoint in /dev/shm, else a pinned host copy). step="slot" (one graph per layer and slot, the fastest at small
-    pools: bench/results/offload_h200_bf16_slot.md) up to 32 slots a layer, "choice" above; compiled segments for
-    bf16 on CUDA."""
+    tier (the shard maps registered page-locked for a checkpoint in /dev/shm, else a pinned host copy).
+    step="slot" (one graph per layer and slot, the fastest at small pools: bench/results/offload_h200_bf16_slot.md)
+    up to 32 slots a layer, "choice" above; compiled segments for bf16 on CUDA."""
     from omnilab.gpu.host import HostTier
     from omnilab.gpu.offload import OffloadDecoder
 
