@@ -103,8 +103,8 @@ def main() -> int:
         given = {"out_dir": str(target), **{k: v for k, v in extra.items() if k == "checkpoint" or declares(book, k)}}
         print(f"[plain] {book.name} started", flush=True)
         start = time.time()
-        cmd = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--out", args.out, "--run-one", str(book),
-               "--params", json.dumps(given)] + (["--no-ipython"] if args.no_ipython else [])
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--checkpoint", args.checkpoint, "--out", args.out,
+               "--run-one", str(book), "--params", json.dumps(given)] + (["--no-ipython"] if args.no_ipython else [])
         try:
             rc = subprocess.run(cmd, cwd=book.parent, env=env, timeout=args.timeout).returncode
         except subprocess.TimeoutExpired:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from omnilab.jsonio import write_json
+from omnilab.outdir import atomic_write
 from omnilab.notebook import REPO
 
 NOTEBOOKS = REPO / "notebooks"
@@ -109,13 +110,12 @@ def _relative(path: Path) -> str:
 
 
 def declares(book: Path, name: str) -> bool:
-    """Whether a notebook's parameters cell declares `name` (papermill would inject an unknown one anyway)."""
-    import nbformat
-
-    nb = nbformat.read(book, as_version=4)
-    cell = next((c for c in nb.cells if c.cell_type == "code"
+    """Whether a notebook's parameters cell declares `name` (papermill would inject an unknown one anyway). Reads
+    the .ipynb as JSON, so it needs no Jupyter package (bench/notebooks_plain.py runs where there is none)."""
+    cell = next((c for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code"
                  and "parameters" in c.get("metadata", {}).get("tags", [])), None)
-    return cell is not None and any(line.split("=")[0].strip() == name for line in cell.source.splitlines()
+    source = "" if cell is None else "".join(cell["source"])  # a list of lines, or one string
+    return cell is not None and any(line.split("=")[0].strip() == name for line in source.splitlines()
                                     if "=" in line and not line.startswith((" ", "#")))
 
 
@@ -252,7 +252,8 @@ def write_resources(out: Path, rows: list[dict], parameters: dict) -> None:
     memory and figures, with how they were measured."""
     from omnilab.units import format_bytes
 
-    how = ("seconds: papermill's execution of the notebook, kernel start included; peak RSS: the kernel's peak "
+    how = ("seconds: the notebook's execution in its own process (papermill's kernel, or bench/notebooks_plain.py's "
+           "python), its start included; peak RSS: the kernel's peak "
            "anonymous RSS (RssAnon of /proc/self/status, sampled every 20 ms inside the kernel by omnilab.notebook "
            "from the first cell to the last save_metrics; page cache of memory-mapped shards not counted); peak GPU: "
            "torch.cuda.max_memory_allocated inside the kernel, sampled the same way (- : CUDA never initialised)")
@@ -264,9 +265,7 @@ def write_resources(out: Path, rows: list[dict], parameters: dict) -> None:
              "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['notebook']} | {r['status']} | {r['seconds']:.0f} | {size(r['peak_rss_anon_bytes'])} | "
               f"{size(r['peak_gpu_allocated_bytes'])} | {r['figures']} |" for r in rows]
-    tmp = out / ".resources.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "resources.md")
+    atomic_write(out / "resources.md", "\n".join(lines) + "\n")
 
 
 def publish_notebooks(executed: list[Path], folder: Path | None = None) -> list[Path]:
