@@ -75,21 +75,24 @@ class _Peaks:
 _peaks: _Peaks | None = None
 
 
-def resource_peaks() -> dict:
-    """The peaks sampled since the notebook's first cell (notebook_out_dir), as written to resources.json."""
+def _sampler() -> _Peaks:
+    """The process's one sampler, started on first use."""
     global _peaks
     if _peaks is None:
         _peaks = _Peaks()
-    return _peaks.to_dict()
+    return _peaks
+
+
+def resource_peaks() -> dict:
+    """The peaks sampled since the notebook's first cell (notebook_out_dir), as written to resources.json."""
+    return _sampler().to_dict()
 
 
 def notebook_out_dir(out_dir: str | os.PathLike | None, notebook: str) -> Path:
     """Where a notebook writes figures and metrics: OUT_DIR (relative from the repository root), or, when None
     (an interactive run), runs/interactive/NOTEBOOK: never the regression run's runs/latest. Starts the
     sampling of the process's peak memory (resources.json)."""
-    global _peaks
-    if _peaks is None:
-        _peaks = _Peaks()
+    _sampler()
     if out_dir is None:
         return INTERACTIVE / notebook
     p = Path(out_dir).expanduser()

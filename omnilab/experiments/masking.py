@@ -43,5 +43,6 @@ def masking_sweep(checkpoint, evalset: EvalSet, reference: list[torch.Tensor], c
             continue
         extract(checkpoint, scratch, components="backbone,experts", experts=list(range(n)), workers=workers,
                 progress=False)
-        rows.append({"experts": n, "experts_share": n / cfg.num_experts, **masking_cost(scratch, evalset, reference, **load_options)})
+        rows.append({"experts": n, "experts_share": n / cfg.num_experts,
+                     **masking_cost(scratch, evalset, reference, **load_options)})
     return pd.DataFrame(rows)

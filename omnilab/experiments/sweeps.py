@@ -20,9 +20,9 @@ resident, and each budgeted setting checks, on one document, that its log-probab
 from __future__ import annotations
 
 import dataclasses
-import weakref
 import re
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 

@@ -176,7 +176,7 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
         y = torch.bmm(down[flat], (F.silu(gu[:, :I]) * gu[:, I:])[:, :, None])[..., 0]  # [N * k, H]
         out = y * weights.reshape(-1)[:, None]
     else:
-        raise ValueError(f"expert compute {compute!r}: use grouped_mm, gather or triton")
+        raise ValueError(compute_refusal(compute, x.device))
     # differs from eager: the k outputs of a token are summed in one reduction, as transformers' grouped_mm does
     return out.view(N, k, -1).sum(dim=1)  # [N, H]
 

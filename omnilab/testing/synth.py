@@ -362,8 +362,9 @@ def attach_tokenizer(checkpoint: str | os.PathLike, source: str | os.PathLike) -
             if key in d and token in vocab and d[key] != vocab[token]:
                 d[key] = changed[key] = vocab[token]
     thinker = config.get("thinker_config")
-    if isinstance(thinker, dict) and "<|vision_start|>" in vocab:
+    vision_start = vocab.get("<|vision_start|>")
+    if isinstance(thinker, dict) and vision_start is not None and thinker.get("vision_start_token_id") != vision_start:
         # transformers' thinker reads vision_start_token_id for its rope index though its config class lacks it
-        thinker["vision_start_token_id"] = changed["vision_start_token_id"] = vocab["<|vision_start|>"]
+        thinker["vision_start_token_id"] = changed["vision_start_token_id"] = vision_start
     write_json(checkpoint / "config.json", config)
     return changed
