@@ -1,4 +1,5 @@
-"""Compute dtypes by name: the one parser of `--dtype` / `dtype=` values ("float32", "bf16", torch.bfloat16)."""
+"""Dtypes by name: the one parser of `--dtype` / `dtype=` values ("float32", "bf16", torch.bfloat16), and the
+safetensors names of the float dtypes a checkpoint stores."""
 
 from __future__ import annotations
 
