@@ -234,7 +234,7 @@ def row_fast(args, compile: bool, compute: str | None = None) -> list[dict]:
             if not decoder.graph_enabled:
                 raise
             print(f"[bench] CUDA graph capture failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            decoder.graph_enabled, decoder._graph = False, None
+            decoder.graph_enabled = False
             torch.cuda.synchronize()
             decoder.generate(prompt, args.new_tokens, forced=forced)
         capture_s = time.perf_counter() - start
@@ -243,7 +243,7 @@ def row_fast(args, compile: bool, compute: str | None = None) -> list[dict]:
         check = decoder.generate(prompt, args.slow_tokens, forced=forced, record_logits=True)
         free = decoder.generate(prompt, args.free_tokens).new_token_ids[0] if args.free_tokens else []
         graphed = decoder.graph_enabled
-        decoder.graph_enabled, decoder._graph = False, None  # the same steps without the CUDA graph
+        decoder.graph_enabled = False  # the same steps without the CUDA graph (the captured one is kept)
         plain = decoder.generate(prompt, args.new_tokens, forced=forced).decode_tokens_per_s
         decoder.graph_enabled = graphed
         path = Path(args.scratch) / f"logits-fast{'-compiled' * compile}{'-' + compute if compute else ''}.pt"

@@ -5,6 +5,7 @@
 #   STAGES="offload before-after" bash bench/gpu_session.sh
 #   STAGES="compare plan cpu" bash bench/gpu_session.sh
 # Stages: tests (scripts/gpu_tests.sh), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
+# tune (bench/tune_token_mix.py), profile (bench/step_profile.py),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
 # fp32), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
@@ -27,11 +28,15 @@ for stage in ${STAGES:-tests}; do
   case $stage in
     build48)
       mkdir -p $W
+      # the audio and vision towers (2.4 GB bf16) when /dev/shm has room beside the 61 GB thinker (notebook 06)
+      towers=False; [ "$(df --output=avail -B1G /dev/shm | tail -1)" -ge 68 ] && towers=True
+      [ -n "${TOWERS:-}" ] && towers=$TOWERS
+      log "build48: towers=$towers, $(df -h --output=size,avail /dev/shm | tail -1)"
       (python3 -c "
 import torch
 from omnilab.testing.synth import real_shape_checkpoint
 from omnilab.testing.synth import attach_tokenizer
-real_shape_checkpoint('$C48', layers=48, dtype=torch.bfloat16, device='cuda', towers=False, progress=False)
+real_shape_checkpoint('$C48', layers=48, dtype=torch.bfloat16, device='cuda', towers=$towers, progress=False)
 attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts elsewhere are ids
 " > $OUT/build48.log 2>&1; touch $W/build48.done; df -h /dev/shm >> $OUT/build48.log) &
       ;;
@@ -48,6 +53,15 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       timeout 400 python3 bench/decode.py --checkpoint $C48 --device cuda --rows fast-compiled,fast-triton \
         --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 --hbm-tb-s $hbm \
         --workdir /tmp/tri --out $OUT/decode_triton.json --markdown $OUT/decode_triton.md 2>&1 | tail -8
+      ;;
+    tune)  # block sizes of the fused mix's batch-1 token mode (bench/tune_token_mix.py), distinct layers cycled
+      wait48
+      hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
+      timeout 300 python3 bench/tune_token_mix.py --hbm-tb-s $hbm --seconds ${TUNE_SECONDS:-150} 2>&1 | tee $OUT/tune_token_mix.txt | grep -v "^  {" | tail -30
+      ;;
+    profile)  # where the compiled step's GPU time goes, per expert compute (bench/step_profile.py, 4 layers)
+      wait48
+      timeout 300 python3 bench/step_profile.py --layers 4 --computes ${COMPUTES:-grouped_mm,triton} 2>&1 | tee $OUT/step_profile.txt | tail -45
       ;;
     resident)
       wait48

@@ -257,7 +257,7 @@ class FastDecoder:
         self.pos.fill_(P)
         sync()
         prefill_seconds = time.perf_counter() - start
-        graph, ran = self._graphs.get(self._sample), n
+        graph, ran = self._graphs.get(self._sample) if self.graph_enabled else None, n  # graph_enabled off: uncaptured
         for j in range(1, n):
             graph.replay() if graph is not None else self._decode_step()
             if stops and (j + 1) % CHECK_EVERY == 0 and bool(self.done.all()):  # one sync per chunk

@@ -1,0 +1,77 @@
+"""Where a decode step's GPU time goes: the compiled FastDecoder step (one token, batch 1) under torch.profiler,
+per expert compute way, kernels grouped by name with microseconds per layer, beside the CUDA-graph speed.
+
+    python bench/step_profile.py --layers 4 --computes grouped_mm,triton     # a real-shape checkpoint in /dev/shm
+    python bench/step_profile.py --checkpoint CKPT --computes triton
+
+The step runs without the CUDA graph under the profiler (the kernels are the ones the graph replays); the
+table's "us/layer" is a kernel's GPU time per token divided by the layers. Real shapes, random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--workdir", default="/dev/shm/step-profile")
+    p.add_argument("--computes", default="grouped_mm,triton")
+    p.add_argument("--tokens", type=int, default=16, help="decode steps under the profiler")
+    p.add_argument("--top", type=int, default=18)
+    args = p.parse_args()
+    from omnilab.gpu.fast import FastDecoder
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.testing.synth import real_shape_checkpoint
+
+    ckpt = args.checkpoint or real_shape_checkpoint(Path(args.workdir) / f"thinker-{args.layers}l",
+                                                    layers=args.layers, device="cuda", towers=False, progress=False)
+    model = SelectiveMoE.from_checkpoint(ckpt, dtype="bfloat16", device="cuda", tokenizer=False)
+    layers = sum(1 for layer in model.model.layers if layer.is_moe)
+    prompt = torch.arange(3, 19)
+    pool = None
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {layers} MoE layers, bf16, batch 1")
+    for compute in args.computes.split(","):
+        dec = FastDecoder(model, max_len=128, compile=True, compute=compute, pool=pool)
+        pool = dec.pool
+        dec.generate(prompt, 8)  # compile and capture
+        graphed = dec.generate(prompt, 64)
+        dec.graph_enabled = False
+        dec.generate(prompt, 4)  # the uncaptured step warmed
+        plain = dec.generate(prompt, 64)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            dec.generate(prompt[:1], args.tokens)  # a one-token prompt: its prefill is one more decode-sized step
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        dec.graph_enabled = True
+        kernels = collections.Counter()
+        counts = collections.Counter()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[e.name] += e.device_time
+                counts[e.name] += 1
+        steps = args.tokens  # the one-token prefill and tokens - 1 decode steps
+        total = sum(kernels.values())
+        print(f"\n## {compute}: graph {graphed.decode_tokens_per_s:.1f} tok/s ({1e3 / graphed.decode_tokens_per_s:.2f} "
+              f"ms/token), without the graph {plain.decode_tokens_per_s:.1f} tok/s; profiled {args.tokens} tokens in "
+              f"{wall:.2f} s wall, GPU kernel time {total / 1e3:.1f} ms ({total / steps / layers:.1f} us/layer/token)")
+        print("| kernel | calls/token/layer | us/layer/token | share |")
+        print("|---|---:|---:|---:|")
+        for name, us in kernels.most_common(args.top):
+            print(f"| {name[:90]} | {counts[name] / steps / layers:.2f} | {us / steps / layers:.2f} | "
+                  f"{us / total:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
