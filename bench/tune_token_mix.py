@@ -84,8 +84,11 @@ def main() -> int:
             print(f"  {gu} {dn}: {type(e).__name__}: {str(e)[:80]}")
             return None
 
-    grid = lambda ns, ks: [dict(BLOCK_N=n, BLOCK_K=kk, num_warps=w, num_stages=st)  # noqa: E731
-                           for n, kk, w, st in itertools.product(ns, ks, (2, 4, 8), (2, 4))]
+    for acc in (False, True):  # the defaults with the per-tile reduction and with the 2-D accumulator
+        us = trial(dict(base_gu, ACC2D=acc), dict(base_dn, ACC2D=acc))
+        print(f"defaults, ACC2D={acc}: {us} us" + (f" ({us / floor_us:.2f}x floor)" if us else ""), flush=True)
+    grid = lambda ns, ks: [dict(BLOCK_N=n, BLOCK_K=kk, num_warps=w, num_stages=st, ACC2D=acc)  # noqa: E731
+                           for acc, n, kk, w, st in itertools.product((True, False), ns, ks, (4, 8, 2), (3, 2, 4))]
     results = {}
     for name, configs in (("gate_up", grid((4, 8, 16, 32), (128, 256, 512))),
                           ("down", grid((2, 4, 8, 16), (64, 128, 256)))):

@@ -99,6 +99,19 @@ def run_cases(checkpoint: str) -> dict:
         slots[:9, 1:] = 2
         got = fused_expert_mix(x, slots, w, gu, dn, mode=mode)
         out[f"blocks-N{n}-{mode}"] = rel(got, expert_mix(x, slots, w, gu, dn, torch.arange(6), "gather"))
+    # the token mode's other accumulation (fused_moe.TOKEN_*["ACC2D"] flipped): the same sums in another order
+    import omnilab.gpu.fused_moe as fm
+    saved = fm.TOKEN_GATE_UP, fm.TOKEN_DOWN
+    fm.TOKEN_GATE_UP, fm.TOKEN_DOWN = (dict(c, ACC2D=not c["ACC2D"]) for c in saved)
+    for dtype in ("float32", "bfloat16"):
+        for n, k in ((1, 1), (1, 4), (2, 4)):
+            x, slots, w, gu, dn = problem(n, k, getattr(torch, dtype))
+            got = fused_expert_mix(x, slots, w, gu, dn, mode="token")
+            out[f"other-acc-{dtype}-N{n}-k{k}"] = rel(got, expert_mix(x, slots, w, gu, dn, torch.arange(S), "gather"))
+    x, slots, w, gu, dn = problem(2, 4, torch.float32, seed=1, S=6, H=320, I=96)
+    got = fused_expert_mix(x, slots, w, gu, dn, mode="token")
+    out["other-acc-blocks"] = rel(got, expert_mix(x, slots, w, gu, dn, torch.arange(6), "gather"))
+    fm.TOKEN_GATE_UP, fm.TOKEN_DOWN = saved
     # the offload pool's strided views (step.expert_mix reads them as they are): bit-equal to contiguous copies
     x, slots, w, _, _ = problem(3, 3, torch.float32, seed=2)
     slab = torch.randn(S, 3 * I * H) / H ** 0.5
@@ -165,6 +178,13 @@ def test_kernels_equal_gather(results, case):
 def test_kernels_over_several_blocks_equal_gather(results):
     for name in ("blocks-N2-token", "blocks-N20-scan", "blocks-N20-sorted"):
         assert results[name] < 1e-5, name
+
+
+def test_token_mode_other_accumulation_equals_gather(results):
+    cases = {k: v for k, v in results.items() if k.startswith("other-acc-")}
+    assert len(cases) == 7
+    for name, r in cases.items():
+        assert r < (1.5e-2 if "bfloat16" in name else 1e-5), name
 
 
 def test_strided_slab_views_equal_contiguous(results):
