@@ -5,7 +5,7 @@
 #   STAGES="offload before-after" bash bench/gpu_session.sh
 #   STAGES="compare plan cpu" bash bench/gpu_session.sh
 # Stages: tests (scripts/gpu_tests.sh), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
-# tune (bench/tune_token_mix.py), profile (bench/step_profile.py),
+# tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
 # fp32), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
@@ -62,6 +62,12 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
     profile)  # where the compiled step's GPU time goes, per expert compute (bench/step_profile.py, 4 layers)
       wait48
       timeout 300 python3 bench/step_profile.py --layers 4 --computes ${COMPUTES:-grouped_mm,triton} 2>&1 | tee $OUT/step_profile.txt | tail -45
+      ;;
+    batched)  # batched decode per compute way against each batch's HBM floor (bench/batched.py, 48 layers)
+      wait48
+      hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
+      timeout $(left) python3 bench/batched.py --checkpoint $C48 --batches ${BATCHES:-1,8,32,64} --hbm-tb-s $hbm \
+        --out $OUT/batched.json --markdown $OUT/batched.md 2>&1 | tail -12
       ;;
     resident)
       wait48
