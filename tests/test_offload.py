@@ -221,3 +221,32 @@ def test_split_spans_cut_at_the_down_projection():
         def host_at(off):
             return next(src + off - o for src, n, o in spans if o <= off < o + n)
         assert all(src == host_at(off) for src, _, off in first + second)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0, "auto"])
+def test_hybrid_host_compute_gives_the_resident_tokens(model, tiers, share):
+    """Misses computed on the host's cores (host_share) instead of copied: the resident path's tokens, free and
+    teacher-forced; every routed choice counted once as a hit, a miss or a host-computed choice."""
+    cfg = model.config
+    k, L = cfg.num_experts_per_tok, len(cfg.moe_layers)
+    forced = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(1))
+    want = FastDecoder(model, max_len=64).generate(PROMPT, N, forced=forced).new_token_ids
+    decoder = OffloadDecoder(model, tiers["copy"], slots=k, max_len=64, prefetch=False, host_share=share)
+    assert 0.0 < decoder.host_share <= 1.0
+    assert decoder.generate(PROMPT, N, forced=forced).new_token_ids == want
+    st = decoder.stats
+    assert st.hits + st.prefetch_hits + st.misses + st.host_computed == (N - 1) * L * k
+    assert st.host_computed > 0
+    assert st.bytes_moved == st.misses * decoder.pool.expert_bytes  # the host-computed experts were not copied
+    if share == 1.0:
+        assert st.misses == 0 and st.bytes_moved == 0
+    assert "host_computed" in st.to_dict()
+
+
+def test_hybrid_host_share_refusals(model, tiers):
+    cfg = model.config
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="host_share"):
+            OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, host_share=bad)
+    with pytest.raises(ValueError, match="host_share needs step='choice'"):
+        OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, step="slot", prefetch=False, host_share=0.5)

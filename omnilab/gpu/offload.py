@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omnilab.gpu.host import DriverCopy, HostTier, split_spans
 from omnilab.gpu.offload_step import SegmentedStep
 from omnilab.gpu.phases import PhaseTimer
+from omnilab.gpu.segments import expert_on_host
 from omnilab.gpu.slot_cache import SlotCache
 from omnilab.gpu.slots import SlabPool
 from omnilab.gpu.step import (Consts, StaticKV, attention, compute_refusal, dense_layer, expert_mix, layer_weights,
@@ -30,6 +31,8 @@ class OffloadDecoder:
     slots: experts held per MoE layer (>= top-k); or give expert_budget_bytes (split evenly over the layers).
     prefetch: speculative next-layer prefetch. override: a RoutingOverride (defaults to model.routing_override).
     issue: "driver" (cuMemcpyHtoDAsync through ctypes; the CUDA default) or "torch" (copy_; elsewhere).
+    host_share: hybrid offload, the share of each decode step's misses computed on the host's cores (from the
+    host tier, while the other misses copy) instead of copied; "auto": measured (measure_host_share); 0: none.
     compute: the expert mix of prefill and the unsegmented step (step.expert_mix: grouped_mm, gather or triton;
     the graphed segments compute per slot). compile: the segments' arithmetic through torch.compile before capture
     (CUDA). The embedding may live on the host (model.model.embed_tokens moved to the CPU to save its GPU memory):
@@ -38,10 +41,14 @@ class OffloadDecoder:
     def __init__(self, model, host: HostTier, *, slots: int | None = None, expert_budget_bytes: int | None = None,
                  max_len: int = 512, prefetch: bool = True, override: RoutingOverride | None = None,
                  compute: str | None = None, graphs: bool | None = None, issue: str | None = None,
-                 compile: bool = False, step: str = "choice"):
+                 compile: bool = False, step: str = "choice", host_share: float | str = 0.0):
         cfg = self.config = model.config
         if step not in ("choice", "slot"):
             raise ValueError(f"offload: step={step!r}, use 'choice' or 'slot'")
+        if host_share != "auto" and not (isinstance(host_share, (int, float)) and 0.0 <= host_share <= 1.0):
+            raise ValueError(f"offload: host_share={host_share!r}, use a share in [0, 1] or 'auto'")
+        if step == "slot" and host_share:
+            raise ValueError("offload: step='slot' copies every miss (host_share needs step='choice')")
         if step == "slot" and prefetch:
             raise ValueError("offload: step='slot' runs without prefetch (pass prefetch=False)")
         self.step = step
@@ -105,6 +112,9 @@ class OffloadDecoder:
         self.graphs = (cuda if graphs is None else graphs) and self.segmented
         self.compiled = bool(compile) and cuda
         self.copied_gate_up = torch.cuda.Event() if cuda else None  # the layer's last miss: gate|up landed
+        # hybrid: this share of each layer's misses computed on the host's cores while the rest copy ("auto": the
+        # share that ends both at once, from an expert's copy and host compute times measured here)
+        self.host_share = self.measure_host_share()["share"] if host_share == "auto" else float(host_share)
         self.segmented_step = SegmentedStep(self)  # the decode step's buffers and segments
         self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
@@ -181,16 +191,54 @@ class OffloadDecoder:
             for e in fetched:
                 self.cache.ready[layer, e] = done
 
-    def route_step(self, layer: int, experts: list[int], split_last: bool = False) -> tuple[list[int], list]:
+    def measure_host_share(self, repeats: int = 3) -> dict:
+        """Seconds to copy one expert into a slot and to compute one on the host's cores (expert_on_host), and
+        the share of misses to compute on the host so that both finish together: copy / (copy + host). Uses the
+        first MoE layer's slot 0 (before any step: nothing is resident yet)."""
+        layer = self.config.moe_layers[0]
+        if self.cache.lru[layer]:
+            raise RuntimeError("offload: measure_host_share before any step (it overwrites slot 0)")
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        x = torch.randn(1, self.config.hidden_size).to(self.dtype)
+        gate, up, down = self.host.expert(layer, 0)
+        times = {"copy": [], "host": []}
+        for r in range(repeats + 1):  # the first of each is a warm-up
+            sync()
+            start = time.perf_counter()
+            self._issue_copy(layer, 0, 0)
+            sync()
+            copy_s = time.perf_counter() - start
+            start = time.perf_counter()
+            expert_on_host(x, gate, up, down)
+            host_s = time.perf_counter() - start
+            if r:
+                times["copy"].append(copy_s)
+                times["host"].append(host_s)
+        copy_s, host_s = min(times["copy"]), min(times["host"])
+        self.cache.stats.copies = 0
+        return {"copy_s": copy_s, "host_s": host_s, "share": copy_s / (copy_s + host_s)}
+
+    def route_step(self, layer: int, experts: list[int], split_last: bool = False) -> tuple[list[int], list, list]:
         """The decode step's slots for the routed experts, misses copied in (one copy per span, one event per
         choice on the copy stream); returns (slots, [(choice, event)] for the choices to wait for, in copy
-        order; the event is None off CUDA). split_last: the last miss copies gate|up before down (_copy_in).
-        The compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
+        order; the event is None off CUDA, [choices the host computes]). split_last: the last miss copies
+        gate|up before down (_copy_in). host_share: the last round(share * misses) misses are not copied but
+        left to the host (no slot: theirs reads 0). The compute stream is idle here (the caller synchronised),
+        so no copy can hit a slot in use."""
         lru = self.cache.lru[layer]
         want = set(experts)
+        host = []
+        if self.host_share:
+            misses = [c for c, e in enumerate(experts) if e not in lru]
+            n_host = round(len(misses) * self.host_share)
+            host = misses[len(misses) - n_host:] if n_host else []
         last = next((c for c in range(len(experts) - 1, -1, -1) if experts[c] not in lru), None) if split_last else None
         slots, waits = [], []
         for c, e in enumerate(experts):
+            if c in host:
+                self.cache.host(layer, e)
+                slots.append(0)
+                continue
             slot, missed = self.cache.use(layer, e, want, ordered=True, split=c == last)
             if not missed:
                 ev = self.cache.ready.pop((layer, e), None)  # a prefetch copy, maybe still in flight
@@ -203,7 +251,7 @@ class OffloadDecoder:
                     ev.record(self.copy_stream)
                 waits.append((c, ev))
             slots.append(slot)
-        return slots, waits
+        return slots, waits, host
 
     # -- the eager step (prefill, and models with dense layers) --------------------------------------------------
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from omnilab.gpu.segments import (attention_router, expert_choice, expert_down, expert_gate_up, expert_on_slot,
-                                  mix_sum, sum_attention_router)
+from omnilab.gpu.segments import (attention_router, expert_choice, expert_down, expert_gate_up, expert_on_host,
+                                  expert_on_slot, mix_sum, sum_attention_router)
 from omnilab.gpu.step import rms_norm
 
 
@@ -59,6 +59,10 @@ class SegmentedStep:
         self.h_experts = torch.zeros(L, k, dtype=torch.long, pin_memory=pin)  # the routed ids, per layer
         self.h_slots = torch.zeros(L, 1, k, dtype=torch.long, pin_memory=pin)  # their slots, written by the host
         self.h_token = torch.zeros(1, dtype=torch.long, pin_memory=pin)
+        # hybrid offload (decoder.host_share): the layer's x and weights for the host, its outputs back
+        self.h_x = torch.zeros(1, H, dtype=d.dtype, pin_memory=pin)
+        self.h_w = torch.zeros(1, k, dtype=d.dtype, pin_memory=pin)
+        self.h_y = torch.zeros(k, H, dtype=d.dtype, pin_memory=pin)
         self._np_step, self._np_experts = self.h_step.numpy(), self.h_experts.numpy()
         self._np_slots = self.h_slots.numpy()
         self.captured = None  # after capture(): segment name -> its CUDA graph
@@ -88,6 +92,9 @@ class SegmentedStep:
         self.s_x.copy_(x)
         self.s_w.copy_(weights)
         self.h_experts[d.moe_index[i]].copy_(experts[0], non_blocking=True)  # to the pinned host buffer
+        if d.host_share:  # the host computes some misses: it needs x and the weights
+            self.h_x.copy_(x, non_blocking=True)
+            self.h_w.copy_(weights, non_blocking=True)
 
     def _seg_slots(self, i: int) -> None:
         j = self.decoder.moe_index[i]
@@ -234,9 +241,10 @@ class SegmentedStep:
         run(("pre", None), self._seg_pre)
         for i in d.config.moe_layers:
             j = d.moe_index[i]
-            flat, slots, waits = self._attend_and_route(i, ("a", i), lambda: self._seg_a(i), step_routing, timer)
+            flat, slots, waits, host = self._attend_and_route(i, ("a", i), lambda: self._seg_a(i), step_routing,
+                                                              timer)
             run(("slots", i), lambda: self._seg_slots(i))
-            later = {c for c, _ in waits}
+            later = {c for c, _ in waits} | set(host)
             for c in range(k):  # resident experts first: they compute while the copies run
                 if c not in later:
                     run(("choice", i, c), lambda: self._seg_choice(i, c))
@@ -244,6 +252,8 @@ class SegmentedStep:
                 if ev is not None:
                     compute.wait_event(ev)  # the device waits, the host goes on
                 run(("choice", i, c), lambda: self._seg_choice(i, c))
+            if host:  # hybrid: the rest of the misses on the host's cores while the device works through the above
+                self._host_choices(i, flat, host)
             if d.prefetch_enabled and i in d.next_moe:
                 # guess the next layer's experts from this layer's state (one more small sync), copy them behind
                 nxt = d.next_moe[i]
@@ -255,6 +265,16 @@ class SegmentedStep:
             if timer:
                 timer.mark("b1")
         return self._finish_step(("final", None), self._seg_final, step_routing, timer)
+
+    def _host_choices(self, i: int, flat: list[int], host: list[int]) -> None:
+        """Hybrid offload: the choices `host` of layer i computed on the host's cores from the host tier (h_x and
+        h_w arrived with segment a, before the sync that read the routing), each weighted output copied into its
+        row of s_y for the sum (on the compute stream, after the queued segments)."""
+        d = self.decoder
+        for c in host:
+            y = expert_on_host(self.h_x, *d.host.expert(i, flat[c]))  # [1, H]
+            self.h_y[c].copy_((y * self.h_w[:, c:c + 1].to(y.dtype))[0])
+            self.s_y[c].copy_(self.h_y[c], non_blocking=True)
 
     def _attend_and_route(self, i: int, key, segment, step_routing: list, timer, split_last: bool = False):
         """Layer i's attention and router (graph `key`), its routed ids read on the host (one sync), the misses'
@@ -273,11 +293,11 @@ class SegmentedStep:
         step_routing.append([flat])
         if timer:
             timer.mark("c0", stream=d.copy_stream)
-        slots, waits = d.route_step(i, flat, split_last=split_last)
+        slots, waits, host = d.route_step(i, flat, split_last=split_last)
         if timer:
             timer.mark("c1", stream=d.copy_stream)
         self._np_slots[j, 0] = slots
-        return flat, slots, waits
+        return flat, slots, waits, host
 
     def _finish_step(self, key, segment, step_routing: list, timer) -> int:
         """The last graph (final norm, lm_head, argmax), one sync, the step's routing kept; the produced token."""
@@ -304,8 +324,8 @@ class SegmentedStep:
         layers = d.config.moe_layers
         for n, i in enumerate(layers):
             j = d.moe_index[i]
-            flat, slots, waits = self._attend_and_route(i, ("A", i), lambda: self._seg_a_slot(i), step_routing,
-                                                        timer, split_last=True)  # _np_slots: read by the next A (or F)
+            flat, slots, waits, _ = self._attend_and_route(i, ("A", i), lambda: self._seg_a_slot(i), step_routing,
+                                                           timer, split_last=True)  # _np_slots: read by the next A (or F)
             later = {c for c, _ in waits}
             for c in range(len(flat)):  # resident experts first: they compute while the copies run
                 if c not in later:

@@ -1,6 +1,7 @@
 """The arithmetic of the offloaded decode step's segments (offload_step.py), on plain tensors (no modules), so one
 torch.compile'd copy serves every layer: segment a (`attention_router`), one routed choice (`expert_choice`), and
 step="slot"'s expert on its slot's own views (`expert_on_slot`, or its halves `expert_gate_up`, `expert_down`),
+a missed expert on the host's cores (`expert_on_host`, hybrid offload),
 the layer's sum (`mix_sum`) and the sum folded into the next layer's segment a (`sum_attention_router`).
 Follows the fast path's step (step.py). differs from transformers: as step.py; and one routed choice at a time
 (`expert_choice`, two plain GEMMs on the slot gathered from the slab) instead of the grouped GEMM, so each starts
@@ -39,6 +40,14 @@ def expert_on_slot(x, gate_up, down, I: int):
     slot's 9.4 MB as in expert_choice (its arithmetic otherwise: the same two GEMMs, silu(gate) * up between)."""
     gu = F.linear(x, gate_up)  # [1, 2I]
     return F.linear(F.silu(gu[:, :I]) * gu[:, I:], down)  # [1, H]
+
+
+def expert_on_host(x, gate, up, down):
+    """One expert on the host's cores (hybrid offload: a miss computed where its weights lie instead of copied):
+    x [1, H] (host), the host tier's gate [I, H], up [I, H], down [H, I] -> [1, H], unweighted. differs from
+    expert_choice: gate and up as two GEMMs on the CPU (its own accumulation order: within the dtype's noise)."""
+    x = x.to(gate.dtype)
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # [1, H]
 
 
 def expert_gate_up(x, gate_up, I: int):

@@ -77,6 +77,12 @@ class SlotCache:
         lru.move_to_end(e)
         return slot, missed
 
+    def host(self, layer: int, e: int) -> None:
+        """A routed choice of expert e, not resident, computed on the host (hybrid offload): counted, nothing moves."""
+        if e in self.lru[layer]:
+            raise RuntimeError(f"offload: layer {layer} expert {e} is resident; the host computes only misses")
+        self.stats.host_computed += 1
+
     def prefetch(self, layer: int, guessed: list[int], **how) -> list[int]:
         """Copy in the experts guessed for `layer` that are not resident, until no slot can be freed (the
         guesses themselves are kept); returns those copied."""

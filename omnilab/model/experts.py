@@ -233,7 +233,7 @@ def make_policy(policy):
 # what each path reports (to_dict keys, in this order): the eager cache and the offloaded decoder
 EAGER_REPORT = ("budget_bytes", "hits", "misses", "loaded_bytes", "evictions", "resident_bytes", "peak_resident_bytes",
                 "load_seconds", "masked_choices", "per_layer_misses", "hit_rate")
-OFFLOAD_REPORT = ("hits", "misses", "prefetch_hits", "prefetched", "prefetch_wasted", "bytes_moved", "copies", "tokens",
+OFFLOAD_REPORT = ("hits", "misses", "host_computed", "prefetch_hits", "prefetched", "prefetch_wasted", "bytes_moved", "copies", "tokens",
                   "hit_rate", "prefetch_precision", "prefetch_recall", "bytes_per_token")
 
 
@@ -258,12 +258,13 @@ class CacheStats:
     prefetched: int = 0  # experts copied in speculatively
     prefetch_wasted: int = 0  # prefetched experts evicted unused
     copies: int = 0  # host->device copy calls issued
+    host_computed: int = 0  # routed choices not resident, computed on the host's cores instead of copied (hybrid)
     tokens: int = 0  # decode steps counted
     report: tuple = field(default=EAGER_REPORT, repr=False, compare=False)
 
     @property
     def hit_rate(self) -> float:
-        n = self.hits + self.misses
+        n = self.hits + self.misses + self.host_computed
         return self.hits / n if n else 0.0
 
     @property
