@@ -17,7 +17,9 @@ copy_, as before; default: straight through the CUDA driver), compile (the segme
 prefetch (speculative next-layer prefetch; under a forced trace the router's guess is unrelated to the trace,
 so its precision is chance, k / E), devembed (the embedding table on the GPU), slot (OffloadDecoder(step="slot"):
 one graph per (layer, slot) instead of per routed choice, the layer's sum folded into the next layer's attention
-graph, the layer's last miss copied gate|up first and computed in two halves). Every row also runs one profiled
+graph, the layer's last miss copied gate|up first and computed in two halves), host (hybrid: OffloadDecoder(
+host_share="auto"), a share of each layer's misses computed on the host's cores while the rest copy; its floor
+column is still the all-misses-copied PCIe floor). Every row also runs one profiled
 pass (CUDA events around every phase of every layer: the breakdown table) after its timed pass.
 
 The PCIe floor is the row's measured bytes per token at the measured pinned host-to-device bandwidth (a 1 GB
@@ -45,7 +47,7 @@ from omnilab.memory import AnonPeak  # noqa: E402
 
 DEFAULT_PLAN = ("8/uniform/torch,8/uniform,8/locality,8/uniform/compile,8/locality/compile,8/uniform/compile+prefetch,"
                 "16/uniform/compile,16/locality/compile")
-OPTIONS = {"torch", "compile", "prefetch", "devembed", "slot"}
+OPTIONS = {"torch", "compile", "prefetch", "devembed", "slot", "host"}
 
 
 TOWERS = ("thinker.audio_tower.", "thinker.visual.")  # left out: the text decoder runs without them
@@ -274,7 +276,8 @@ def row_omnilab(args) -> list[dict]:
             try:
                 decoder = OffloadDecoder(model, host, slots=slots, max_len=S, prefetch="prefetch" in opts,
                                          override=override, issue="torch" if "torch" in opts or not cuda else "driver",
-                                         compile="compile" in opts, step="slot" if "slot" in opts else "choice")
+                                         compile="compile" in opts, step="slot" if "slot" in opts else "choice",
+                                         host_share="auto" if "host" in opts else 0.0)
                 decoder.generate(prompt, 4, forced=forced)  # warm-up (graphs, kernels, slots filled)
                 gc.collect()
                 gc.freeze()  # the objects made so far never get scanned again: no long collection mid-step
@@ -288,10 +291,13 @@ def row_omnilab(args) -> list[dict]:
                 print(f"[offload] {label}: {rows[-1]['error']}", file=sys.stderr, flush=True)
                 decoder = None
                 continue
-            key = ("compile" in opts, "slot" in opts)  # rows of one arithmetic: their tokens must agree
+            key = ("compile" in opts, "slot" in opts, "host" in opts)  # rows of one arithmetic: the same tokens
             tokens = out.new_token_ids[0]
             reference.setdefault((name, key), (label, tokens))
-            floor = bandwidth * 1e9 / st["bytes_per_token"] if st["bytes_per_token"] else float("inf")
+            # the PCIe floor with every miss copied (a hybrid row's host-computed choices counted as copies)
+            copied = st["bytes_per_token"] + st.get("host_computed", 0) / max(st["tokens"], 1) * per_expert
+            floor = bandwidth * 1e9 / copied if copied else float("inf")
+            copy_twin = reference.get((name, key[:2] + (False,)))  # the same row without the host's share
             rows.append({"row": label, "cap_gb": cap_gb, "slots_per_layer": slots, "trace_stats": reuse_stats(traces[name]),
                          "decode_tokens_per_s": out.decode_tokens_per_s,
                          "prefill_tokens_per_s": args.prompt_tokens / out.prefill_seconds, **st,
@@ -300,7 +306,10 @@ def row_omnilab(args) -> list[dict]:
                          "embedding": "host" if host_embed else "gpu", "issue": decoder.issue,
                          "compiled": decoder.compiled, "step": decoder.step, "slab_check": getattr(decoder, "slab_check", "not run"),
                          "load_s": load_s, "profile": profile, "tokens": tokens,
-                         "same_tokens_as": reference[name, key][0], "same_tokens": tokens == reference[name, key][1]})
+                         "same_tokens_as": reference[name, key][0], "same_tokens": tokens == reference[name, key][1],
+                         "host_share": decoder.host_share,
+                         "same_tokens_as_copied": None if copy_twin is None or "host" not in opts
+                         else tokens == copy_twin[1]})
             if os.environ.get("OFFLOAD_PARTIAL"):  # a run cut short keeps the configurations it measured
                 Path(os.environ["OFFLOAD_PARTIAL"]).write_text(json.dumps(rows, indent=2) + "\n")
             print(f"[offload] {label} cap {cap_gb} GB: {out.decode_tokens_per_s:.1f} tok/s (floor {floor:.1f}), "
@@ -476,6 +485,9 @@ def table(rows, errors, ckpt, args) -> str:
         pf = f"{r['prefetch_precision']:.0%} / {r['prefetch_recall']:.0%}" if r["prefetched"] else "off"
         tier = f"{r['tier_h2d_gb_s']:.1f}" if "tier_h2d_gb_s" in r else ""
         same = "yes" if r["same_tokens"] else f"no (vs {r['same_tokens_as']})"
+        if r.get("same_tokens_as_copied") is not None:  # a hybrid row against its all-copied twin
+            same += f"; {'=' if r['same_tokens_as_copied'] else '!='} copied row (host share {r['host_share']:.2f}, " \
+                    f"{r['host_computed'] / max(len(r['tokens']) - 1, 1):.1f} choices/token on the host)"
         lines.append(f"| {r['row']} | {r['cap_gb']:g} GB | {r['slots_per_layer']} | {d:.1f} | {floor:.1f} | "
                      f"{d / floor:.0%} | {vs_acc} | {r['hit_rate']:.1%} | {pf} | {r['bytes_per_token'] / gb:.2f} | "
                      f"{r['pinned_h2d_gb_s']:.1f} | {tier} | {gpu} | {same} |")

@@ -250,3 +250,17 @@ def test_hybrid_host_share_refusals(model, tiers):
             OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, host_share=bad)
     with pytest.raises(ValueError, match="host_share needs step='choice'"):
         OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, step="slot", prefetch=False, host_share=0.5)
+
+
+def test_hybrid_from_a_tier_in_another_dtype_computes_in_the_models(model):
+    """A host tier in bf16 under an fp32 model (the copies cast on the way): the host's experts are computed in
+    fp32 too (expert_on_host casts the weights), so the tokens are the all-copied decoder's from the same tier."""
+    cfg = model.config
+    config, layout = model.checkpoint.arch
+    tier = HostTier.copy(model.checkpoint, config, layout, torch.bfloat16, pin=False)
+    assert {t.dtype for t in tier.expert(cfg.moe_layers[0], 0)} == {torch.bfloat16} != {model.dtype}
+    run = {share: OffloadDecoder(model, tier, slots=cfg.num_experts_per_tok, max_len=64, prefetch=False,
+                                 host_share=share) for share in (0.0, 1.0)}
+    tokens = {share: d.generate(PROMPT, N).new_token_ids for share, d in run.items()}
+    assert tokens[1.0] == tokens[0.0]
+    assert run[1.0].stats.host_computed > 0 and run[0.0].stats.host_computed == 0

@@ -273,7 +273,7 @@ class SegmentedStep:
         d = self.decoder
         for c in host:
             y = expert_on_host(self.h_x, *d.host.expert(i, flat[c]))  # [1, H]
-            self.h_y[c].copy_((y * self.h_w[:, c:c + 1].to(y.dtype))[0])
+            self.h_y[c].copy_((y * self.h_w[:, c:c + 1])[0])
             self.s_y[c].copy_(self.h_y[c], non_blocking=True)
 
     def _attend_and_route(self, i: int, key, segment, step_routing: list, timer, split_last: bool = False):

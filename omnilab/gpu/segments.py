@@ -45,8 +45,9 @@ def expert_on_slot(x, gate_up, down, I: int):
 def expert_on_host(x, gate, up, down):
     """One expert on the host's cores (hybrid offload: a miss computed where its weights lie instead of copied):
     x [1, H] (host), the host tier's gate [I, H], up [I, H], down [H, I] -> [1, H], unweighted. differs from
-    expert_choice: gate and up as two GEMMs on the CPU (its own accumulation order: within the dtype's noise)."""
-    x = x.to(gate.dtype)
+    expert_choice: gate and up as two GEMMs on the CPU (its own accumulation order: within the dtype's noise).
+    The weights are cast to x's dtype (the model's) when the tier holds another (a copy each call: slow)."""
+    gate, up, down = (w.to(x.dtype) for w in (gate, up, down))
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # [1, H]
 
 
