@@ -254,7 +254,7 @@ def test_hybrid_host_share_refusals(model, tiers):
 
 def test_hybrid_from_a_tier_in_another_dtype_computes_in_the_models(model):
     """A host tier in bf16 under an fp32 model (the copies cast on the way): the host's experts are computed in
-    fp32 too (expert_on_host casts the weights), so the tokens are the all-copied decoder's from the same tier."""
+    fp32 too (expert_on_host casts the weights): the all-copied decoder's tokens, and the slot's arithmetic."""
     cfg = model.config
     config, layout = model.checkpoint.arch
     tier = HostTier.copy(model.checkpoint, config, layout, torch.bfloat16, pin=False)
@@ -264,3 +264,14 @@ def test_hybrid_from_a_tier_in_another_dtype_computes_in_the_models(model):
     tokens = {share: d.generate(PROMPT, N).new_token_ids for share, d in run.items()}
     assert tokens[1.0] == tokens[0.0]
     assert run[1.0].stats.host_computed > 0 and run[0.0].stats.host_computed == 0
+    # the arithmetic itself: in x's dtype, equal to the slot's (the bf16 weights cast, as the copy casts them)
+    from omnilab.gpu.segments import expert_choice, expert_on_host
+
+    gate, up, down = tier.expert(cfg.moe_layers[0], 1)
+    x = torch.randn(1, cfg.hidden_size)
+    slab = torch.cat([down.float().flatten(), gate.float().flatten(), up.float().flatten()])[None]  # down | gate | up
+    I, H = cfg.moe_intermediate_size, cfg.hidden_size
+    want = expert_choice(x, torch.tensor([0]), torch.ones(1, 1), slab, H, I)
+    got = expert_on_host(x, gate, up, down)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
