@@ -5,7 +5,7 @@
 #   STAGES="offload before-after" bash bench/gpu_session.sh
 #   STAGES="compare plan cpu" bash bench/gpu_session.sh
 # Stages: tests (scripts/gpu_tests.sh), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
-# tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py),
+# tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py), hybrid (bench/offload.py with host),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
 # fp32), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
@@ -87,6 +87,13 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
           --rows fast-compiled --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 \
           --workdir /tmp/ba-$tree --out $OUT/decode_$tree.json --markdown $OUT/decode_$tree.md 2>&1 | tail -4)
       done
+      ;;
+    hybrid)  # bench/offload.py at an 8 GB cap: every miss copied, and hybrid (a share of misses on the host's cores)
+      wait48
+      timeout $(left) python3 bench/offload.py --checkpoint $C48 --device cuda --rows omnilab --prompt-tokens 16 \
+        --new-tokens 32 --plan ${HYBRID_PLAN:-8/uniform/compile,8/uniform/compile+host,8/locality/compile,8/locality/compile+host} \
+        --out $OUT/offload_hybrid.json --markdown $OUT/offload_hybrid.md 2>&1 | grep -v "^\[offload\] .*phases" | tail -8
+      cat $OUT/offload_hybrid.md 2>/dev/null | head -12
       ;;
     before-after-offload)  # bench/offload.py before the re-rooming (.old/) and now: one 8 GB uniform row each
       wait48
