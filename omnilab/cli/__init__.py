@@ -28,10 +28,10 @@ __all__ = ["main", "build_parser", "one_line", "cmd_inspect", "cmd_verify", "cmd
 
 def _check_paths(args) -> None:
     """Input paths exist before anything heavy is imported (a typo is refused in a fraction of a second)."""
-    for flag in ("path", "reference", "source", "tokenizer", "audio", "image", "config"):
+    for flag in ("path", "reference", "source", "tokenizer", "audio", "image", "config", "link_from"):
         value = getattr(args, flag, None)
         if isinstance(value, str) and not os.path.exists(value):
-            name = "PATH" if flag == "path" else f"--{flag}"
+            name = "PATH" if flag == "path" else f"--{flag.replace('_', '-')}"
             raise ValueError(f"{value}: no such file or folder ({name})")
     for value in getattr(args, "corpus", None) or ():
         if not os.path.exists(value):

@@ -165,9 +165,11 @@ def cmd_extract(args) -> int:
     result = extract(args.path, args.out, components=args.components,
                      layers=parse_range(args.layers) if args.layers else None,
                      experts=parse_range(args.experts) if args.experts else None,
-                     workers=args.workers, progress=not args.json, pause_after_file=args.pause_after_file)
+                     workers=args.workers, progress=not args.json, pause_after_file=args.pause_after_file,
+                     link_from=args.link_from)
     if args.json:
-        print_json({**asdict(result), "out": str(result.out), "mb_per_s": result.mb_per_s})
+        print_json({**asdict(result), "out": str(result.out), "mb_per_s": result.mb_per_s,
+                    "link_from": str(result.link_from) if result.link_from else None})
     else:
         print(result.summary())
     return 0

@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="text-decoder layers, e.g. 0-3,10 (default: all)")
     p.add_argument("--experts", default=None, help="experts of each layer, e.g. 0-7 (default: all)")
     p.add_argument("--workers", type=int, default=2, help="threads reading the source (shards in ~256 MB segments, each front to back; default: 2)")
+    p.add_argument("--link-from", default=None, metavar="DIR",
+                   help="an earlier extraction of the same source: hard-link its verified files instead of copying")
     p.add_argument("--json", action="store_true")
     p.add_argument("--pause-after-file", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: kill mid-way
     p.set_defaults(func=cmd_extract)

@@ -29,10 +29,11 @@ def masking_cost(folder, evalset: EvalSet, reference: list[torch.Tensor], **load
 
 
 def masking_sweep(checkpoint, evalset: EvalSet, reference: list[torch.Tensor], counts, scratch, *,
-                  workers: int = 2, **load_options) -> pd.DataFrame:
+                  workers: int = 2, link_from=None, **load_options) -> pd.DataFrame:
     """masking_cost of extractions keeping the first n experts of every layer, for each n in `counts` (at least
     top-k; each extracted into SCRATCH in turn, resumably, and each model freed before the next): one row per n
-    (experts, experts_share, kl, ...)."""
+    (experts, experts_share, kl, ...). `link_from`: an extraction of the same checkpoint whose verified files are
+    hard-linked instead of copied (omnilab.extraction.write.extract)."""
     from omnilab.checkpoint import Checkpoint
     from omnilab.extraction.write import extract
 
@@ -42,7 +43,7 @@ def masking_sweep(checkpoint, evalset: EvalSet, reference: list[torch.Tensor], c
         if n < cfg.num_experts_per_tok:
             continue
         extract(checkpoint, scratch, components="backbone,experts", experts=list(range(n)), workers=workers,
-                progress=False)
+                progress=False, link_from=link_from)
         rows.append({"experts": n, "experts_share": n / cfg.num_experts,
                      **masking_cost(scratch, evalset, reference, **load_options)})
     return pd.DataFrame(rows)

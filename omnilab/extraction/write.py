@@ -29,6 +29,15 @@ killed at any point (SIGKILL included) leaves only complete files; a rerun remov
 with a different selection into the same folder add to it (the index and manifest then list everything there);
 a folder extracted from a different source is refused.
 
+`link_from=DIR` (CLI `--link-from DIR`): an earlier extraction of the same source (its manifest's identity)
+gives its files instead of the source shards. Each planned file that DIR's manifest records with exactly the
+planned tensors is hard-linked (`os.link`) to a temporary name in OUT, re-hashed there as a skipped file is
+(size, header, every tensor's sha256 against DIR's manifest) and renamed into place, then journaled like a
+written file; one that fails the check, or a link the file system refuses (EXDEV across file systems, EPERM),
+is copied from the source shards as usual. A linked file shares its inode with DIR's: editing either in place
+edits both. Extractions are read-only by design; to break a file in a test, copy the folder with
+`omnilab.testing.breakage.linked_copy(..., private=[that file])`.
+
 Bytes are never decoded: the stored bytes are copied verbatim (bf16 included) and the files are written by
 this module in the safetensors format (8-byte little-endian header length, JSON header padded with spaces to 8
 bytes, tensors laid out contiguously, larger element sizes first so every tensor stays aligned).
@@ -47,6 +56,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +65,8 @@ from pathlib import Path
 
 from omnilab.arch import classify
 from omnilab.checkpoint import Checkpoint, CheckpointError, INDEX_NAME, member, regular_file
-from omnilab.extraction.manifest import FORMAT, JOURNAL_NAME, MANIFEST_NAME, read_manifest_if_any
+from omnilab.extraction.manifest import (FORMAT, JOURNAL_NAME, MANIFEST_NAME, is_extraction, read_manifest,
+                                        read_manifest_if_any)
 from omnilab.extraction.plan import OutputPlan, parse_components, plan_extraction
 from omnilab.extraction.stream import CHECKSUM, identity_key, source_identity, stream_spans
 from omnilab.jsonio import write_json
@@ -83,6 +94,9 @@ class ExtractResult:
     complete: bool  # every source tensor is in the extraction
     files: int  # output files in the extraction after this run
     missing: int  # source tensors not extracted
+    linked: int = 0  # output files hard-linked from `link_from`'s verified files instead of copied
+    linked_bytes: int = 0
+    link_from: Path | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -92,7 +106,9 @@ class ExtractResult:
         state = "complete" if self.complete else f"partial ({self.missing} source tensors not extracted)"
         return (f"{self.out}: wrote {self.written} files ({self.written_bytes / 1e6:,.1f} MB, {self.mb_per_s:,.0f} MB/s), "
                 f"skipped {self.skipped} files already extracted and verified ({self.skipped_bytes / 1e6:,.1f} MB); "
-                f"{self.files} files, {state}")
+                + (f"linked {self.linked} files ({self.linked_bytes / 1e6:,.1f} MB) from {self.link_from}; "
+                   if self.linked else "")
+                + f"{self.files} files, {state}")
 
 
 class _Writer:
@@ -152,13 +168,8 @@ class _Writer:
             tmp.unlink(missing_ok=True)
             raise OSError(f"{self.out / rel}: wrote {size} bytes, expected {plan.size}")
         commit(tmp, self.out / rel, fsync_file=False)
-        record = {"source": self.identity_key, "file": rel, "size": plan.size,
-                  "tensors": {n: self.entries[rel][n] for n, *_ in plan.rows}}
         with self.lock:
-            with open(self.out / JOURNAL_NAME, "a") as j:
-                j.write(json.dumps(record, separators=(",", ":")) + "\n")
-                j.flush()
-                os.fsync(j.fileno())
+            _journal(self.out, self.identity_key, rel, plan, self.entries[rel])
             self.written += 1
         if self.pause_after_file:
             time.sleep(self.pause_after_file)
@@ -169,6 +180,16 @@ class _Writer:
             os.close(fd)
             self.tmps.pop(rel).unlink(missing_ok=True)
         self.fds.clear()
+
+
+def _journal(out: Path, key: str, rel: str, plan: OutputPlan, entries: dict) -> None:
+    """Record the completed (renamed) file `rel` in the journal, durably: a rerun after a crash trusts it once
+    re-hashed. Callers serialise the appends."""
+    record = {"source": key, "file": rel, "size": plan.size, "tensors": {n: entries[n] for n, *_ in plan.rows}}
+    with open(out / JOURNAL_NAME, "a") as j:
+        j.write(json.dumps(record, separators=(",", ":")) + "\n")
+        j.flush()
+        os.fsync(j.fileno())
 
 
 def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
@@ -182,12 +203,14 @@ def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
 
 def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=None, layers: list[int] | None = None,
             experts: list[int] | None = None, workers: int = 2, progress: bool = True,
-            pause_after_file: float = 0.0) -> ExtractResult:
+            pause_after_file: float = 0.0, link_from: str | os.PathLike | None = None) -> ExtractResult:
     """Extract `components` (names or groups; default all) of the checkpoint at `source` into `out`.
 
     `layers` limits per-layer text components, `experts` limits experts; both None = all. `workers` source
     shards are read at once (each front to back). Resumes an interrupted run; adds to an earlier extraction of
-    the same source. Raises CheckpointError / ValueError with a one-line message for bad input."""
+    the same source. `link_from`: an earlier extraction of the same source whose verified files are hard-linked
+    instead of copied (see the module's header). Raises CheckpointError / ValueError with a one-line message for
+    bad input."""
     from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
@@ -205,13 +228,32 @@ def extract(source: str | os.PathLike, out: str | os.PathLike, *, components=Non
                          f"layers {layers if layers is not None else 'all'}, experts {experts if experts is not None else 'all'})")
     identity = source_identity(ck)
     key = identity_key(identity)
+    donor = _donor(Path(link_from), out, key) if link_from is not None else None
     with OutDir(out, owns=(MANIFEST_NAME, JOURNAL_NAME), what="extract"):
         return _extract_locked(ck, out, plans, identity, key, layout, components, layers, experts, workers,
-                               progress, pause_after_file, start_time)
+                               progress, pause_after_file, start_time, donor)
+
+
+def _donor(folder: Path, out: Path, key: str) -> tuple[Path, dict[str, dict]]:
+    """`link_from`'s folder and its recorded tensors by file; ValueError (one line) unless it is an extraction of
+    the source with key `key`, other than `out`."""
+    if not is_extraction(folder):
+        raise ValueError(f"{folder}: not an extraction (no {MANIFEST_NAME}); link_from must be an earlier "
+                         f"extraction of the same source")
+    if out.exists() and folder.resolve() == out.resolve():
+        raise ValueError(f"{folder}: link_from is the output folder itself; give another extraction")
+    manifest = read_manifest(folder)  # CheckpointError, one line, when unreadable
+    if identity_key(manifest["source"]) != key:
+        raise ValueError(f"{folder}: an extraction of another checkpoint ({manifest['source'].get('path')}); "
+                         f"link_from must extract the same source")
+    by_file: dict[str, dict] = {}
+    for name, entry in manifest["tensors"].items():
+        by_file.setdefault(entry["file"], {})[name] = entry
+    return folder, by_file
 
 
 def _extract_locked(ck, out, plans, identity, key, layout, components, layers, experts, workers, progress,
-                    pause_after_file, start_time) -> ExtractResult:
+                    pause_after_file, start_time, donor) -> ExtractResult:
     from tqdm.auto import tqdm
 
     old = read_manifest_if_any(out)
@@ -238,6 +280,10 @@ def _extract_locked(ck, out, plans, identity, key, layout, components, layers, e
             ok = pool.map(lambda rel: _already_extracted(out / rel, plans[rel], recorded[rel], bar), candidates)
             skipped = {rel for rel, good in zip(candidates, ok) if good}
     todo = {rel: p for rel, p in plans.items() if rel not in skipped}
+    linked: dict[str, dict] = {}
+    if donor is not None:
+        linked = _link_files(out, donor, todo, key, workers, bar_kw)
+        todo = {rel: p for rel, p in todo.items() if rel not in linked}
 
     # read every source shard front to back, writing each tensor to its place in its output file
     writer = _Writer(out, todo, key, pause_after_file)
@@ -277,6 +323,8 @@ def _extract_locked(ck, out, plans, identity, key, layout, components, layers, e
         tensors.update(recorded[rel])
     for rel in todo:
         tensors.update(writer.entries[rel])
+    for entries in linked.values():
+        tensors.update(entries)
     for name, entry in tensors.items():
         spec = classify(name, layout)
         entry.update(component=spec.component, layer=spec.layer, expert=spec.expert)
@@ -309,7 +357,56 @@ def _extract_locked(ck, out, plans, identity, key, layout, components, layers, e
     write_json(out / MANIFEST_NAME, manifest, indent=1)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
     return ExtractResult(out, writer.written, len(skipped), total, sum(plans[r].data_bytes for r in skipped),
-                         time.perf_counter() - start_time, not missing, len(files), len(missing))
+                         time.perf_counter() - start_time, not missing, len(files), len(missing),
+                         len(linked), sum(plans[r].data_bytes for r in linked), donor[0] if donor else None)
+
+
+def _link_files(out: Path, donor: tuple[Path, dict[str, dict]], todo: dict[str, OutputPlan], key: str,
+                workers: int, bar_kw: dict) -> dict[str, dict]:
+    """Hard-link into OUT each file of `todo` that the donor extraction holds with exactly its planned tensors
+    and that re-hashes to the donor's checksums; return the manifest entries of the linked files by file. A file
+    that fails either step is left in `todo`'s hands (copied from the source): never an error."""
+    from tqdm.auto import tqdm
+
+    folder, recorded = donor
+    candidates = [rel for rel, plan in todo.items() if set(recorded.get(rel, ())) == set(plan.offsets)]
+    lock = threading.Lock()
+
+    def link(rel: str, bar) -> dict | None:
+        plan, source = todo[rel], folder / rel
+        try:
+            if not stat.S_ISREG(os.lstat(source).st_mode):  # a symlink or stranger is not linked: copied instead
+                return None
+        except OSError:
+            return None
+        tmp = temp_path(out / rel)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, tmp, follow_symlinks=False)
+        except OSError:  # EXDEV (another file system), EPERM (protected_hardlinks), no hard links at all
+            return None
+        try:
+            # the link, not the donor's name, is checked: what is renamed into place is what was verified
+            if not _already_extracted(tmp, plan, recorded[rel], bar):
+                tmp.unlink(missing_ok=True)
+                return None
+            commit(tmp, out / rel)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        entries = {name: {"file": rel, "source_shard": shard, "dtype": dtype, "shape": list(shape), "bytes": nbytes,
+                          CHECKSUM: recorded[rel][name][CHECKSUM]}
+                   for name, shard, dtype, shape, nbytes, _, _ in plan.rows}
+        with lock:
+            _journal(out, key, rel, plan, entries)
+        return entries
+
+    if not candidates:
+        return {}
+    total = sum(todo[rel].data_bytes for rel in candidates)
+    with tqdm(total=total, desc=f"link from {folder}", **bar_kw) as bar, ThreadPoolExecutor(max(1, workers)) as pool:
+        done = pool.map(lambda rel: link(rel, bar), candidates)
+        return {rel: entries for rel, entries in zip(candidates, done) if entries is not None}
 
 
 def _segments(shards: list[str], by_shard: dict[str, list[tuple]]) -> list[tuple[str, list[tuple]]]:
