@@ -221,6 +221,11 @@ def row_fast(args, compile: bool, compute: str | None = None) -> list[dict]:
     from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device
+    if compute == "triton" and args.token_config:  # tuned block sizes for the batch-1 token mode
+        import omnilab.gpu.fused_moe as fm
+
+        tuned = json.loads(Path(args.token_config).read_text())
+        fm.TOKEN_GATE_UP, fm.TOKEN_DOWN = tuned["TOKEN_GATE_UP"], tuned["TOKEN_DOWN"]
     with AnonPeak() as anon:
         start = time.perf_counter()
         model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=dev, tokenizer=False)
@@ -328,6 +333,8 @@ def main() -> int:
     p.add_argument("--row-timeout", type=int, default=900, help="seconds a row may take")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--markdown", default=None, help="write the table (with command and hardware) here")
+    p.add_argument("--token-config", default=None, help="the fast-triton row's token-mode block sizes: a JSON file "
+                   "{\"TOKEN_GATE_UP\": {...}, \"TOKEN_DOWN\": {...}} (bench/tune_token_mix.py --save writes one)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -348,6 +355,7 @@ def main() -> int:
         for flag in ("dtype", "device", "prompt_tokens", "new_tokens", "slow_tokens", "free_tokens", "repeats"):
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         cmd += ["--hf-impl", ",".join(args.hf_impl)] + (["--budget", budget] if budget else [])
+        cmd += ["--token-config", args.token_config] if args.token_config else []
         start = time.perf_counter()
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)

@@ -52,12 +52,13 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
       timeout 400 python3 bench/decode.py --checkpoint $C48 --device cuda --rows fast-compiled,fast-triton \
         --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 --hbm-tb-s $hbm \
-        --workdir /tmp/tri --out $OUT/decode_triton.json --markdown $OUT/decode_triton.md 2>&1 | tail -8
+        --workdir /tmp/tri --out $OUT/decode_triton.json --markdown $OUT/decode_triton.md \
+        $([ -f $OUT/token_config.json ] && echo --token-config $OUT/token_config.json) 2>&1 | tail -8
       ;;
     tune)  # block sizes of the fused mix's batch-1 token mode (bench/tune_token_mix.py), distinct layers cycled
       wait48
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
-      timeout 300 python3 bench/tune_token_mix.py --hbm-tb-s $hbm --seconds ${TUNE_SECONDS:-150} 2>&1 | tee $OUT/tune_token_mix.txt | grep -v "^  {" | tail -30
+      timeout 300 python3 bench/tune_token_mix.py --hbm-tb-s $hbm --seconds ${TUNE_SECONDS:-150} --save $OUT/token_config.json 2>&1 | tee $OUT/tune_token_mix.txt | grep -v "^  {" | tail -30
       ;;
     profile)  # where the compiled step's GPU time goes, per expert compute (bench/step_profile.py, 4 layers)
       wait48

@@ -50,6 +50,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8, help="distinct layers of experts cycled (>= 2 defeats L2)")
     p.add_argument("--hbm-tb-s", type=float, default=3.35)
     p.add_argument("--seconds", type=float, default=150, help="the search's time limit (half per kernel)")
+    p.add_argument("--save", default=None, help="write the best pair as JSON (bench/decode.py --token-config)")
     args = p.parse_args()
     S, k, H, I, L = 128, 8, 2048, 768, args.layers
     dt = torch.bfloat16
@@ -109,6 +110,11 @@ def main() -> int:
             results[name] = rows[0][1]
     gu, dn = results.get("gate_up", base_gu), results.get("down", base_dn)
     us = trial(gu, dn)
+    if args.save and us:
+        import json
+
+        with open(args.save, "w") as f:
+            json.dump({"TOKEN_GATE_UP": gu, "TOKEN_DOWN": dn, "us": us, "floor_us": floor_us}, f, indent=1)
     print(f"\nbest pair: {us} us ({us / floor_us:.2f}x floor): TOKEN_GATE_UP = {gu}, TOKEN_DOWN = {dn}" if us else
           "\nbest pair failed")
     return 0
