@@ -125,14 +125,14 @@ print({k: r[k] for k in ('first_divergence', 'local_first_divergence', 'max_rel_
       wait48
       # papermill where the machine has the Jupyter stack, else bench/notebooks_plain.py (the cells in a plain process)
       if python3 -c "import papermill, ipykernel" 2>/dev/null; then
-        timeout ${NB_TIMEOUT:-560} python3 -c "
+        timeout ${NB_TIMEOUT:-$(left)} python3 -c "
 from omnilab.regress import run_notebooks
 run_notebooks(out='$OUT/nb48', only='${NB:-03 05}'.split(), checkpoint='$C48', device='cuda',
               parameters={'per_domain': 2, 'max_tokens': 64, 'n_addition': 10, 'max_new_tokens': 16, 'text_per_domain': 1,
                           'per_kind': 3, 'masking_counts': '8,32', 'partial_experts': '0-7'})
 " 2>&1 | grep -v "cell .*/" | tail -15
       else
-        timeout ${NB_TIMEOUT:-560} python3 bench/notebooks_plain.py --checkpoint $C48 --device cuda --out $OUT/nb48 \
+        timeout ${NB_TIMEOUT:-$(left)} python3 bench/notebooks_plain.py --checkpoint $C48 --device cuda --out $OUT/nb48 \
           --only ${NB:-03 05} --timeout 560 -p per_domain=2 -p max_tokens=64 -p n_addition=10 -p max_new_tokens=16 \
           -p text_per_domain=1 -p per_kind=3 -p 'masking_counts="8,32"' -p partial_experts=0-7 \
           ${NB_EXTRA:-} 2>&1 | tee $OUT/nb48.log | grep -v "cell .*/" | tail -15
