@@ -199,7 +199,7 @@ class OffloadDecoder:
         if self.cache.lru[layer]:
             raise RuntimeError("offload: measure_host_share before any step (it overwrites slot 0)")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        x = torch.randn(1, self.config.hidden_size).to(self.dtype)
+        x = torch.randn(1, self.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(self.dtype)
         gate, up, down = self.host.expert(layer, 0)
         times = {"copy": [], "host": []}
         for r in range(repeats + 1):  # the first of each is a warm-up
