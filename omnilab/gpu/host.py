@@ -32,6 +32,14 @@ def register_host(tensor: torch.Tensor) -> bool:
     return err == 0
 
 
+def unregister_host(ptr: int) -> None:
+    """Undo register_host for the memory at `ptr` (cudaHostUnregister), before that memory is freed: a range
+    left registered makes a later registration of memory reusing its addresses fail ("already mapped")."""
+    fn = getattr(torch.cuda.cudart(), "cudaHostUnregister", None)
+    if fn is not None:
+        fn(ptr)
+
+
 class HostTier:
     """Every expert's projections on the host: `expert(layer, e) -> (gate [I, H], up [I, H], down [H, I])`."""
 
@@ -42,6 +50,19 @@ class HostTier:
 
     def expert(self, layer: int, e: int):
         return self.views[layer, e]
+
+    def close(self) -> None:
+        """Unregister the page-locked host memory (it stays readable, pageable); also when the tier is freed."""
+        registered, self._registered = self._registered, []
+        for ptr in registered:
+            unregister_host(ptr)
+        self.pinned = False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone already
+            pass
 
     def spans(self, layer: int, e: int) -> list[tuple[int, int, int]]:
         """The host byte spans of one expert as (host address, bytes, offset in a slot's down | gate | up bytes);
@@ -77,9 +98,11 @@ class HostTier:
         tier = cls(views, nbytes, False, "copy")
         tier._keep = blocks
         if pin:
-            pinned = all(register_host(b) for b in blocks)
-            if pinned:
-                tier._registered = [b.data_ptr() for b in blocks]
+            for b in blocks:  # each registered block recorded, so close() undoes a partial registration too
+                if not register_host(b):
+                    pinned = False
+                    break
+                tier._registered.append(b.data_ptr())
         tier.pinned = pinned
         tier.how = "host copy, registered page-locked" if pinned else "host copy (pageable)"
         return tier
