@@ -221,3 +221,19 @@ def test_cli_generate_json_names_the_engine(capsys, tiny_moe):
     assert cli.main(["generate", str(tiny_moe), "--input-ids", "1,2,3", "--max-new-tokens", "4", "--json",
                      "--expert-budget", "1B"]) == 2  # below one expert: one line
     assert "expert budget" in capsys.readouterr().err
+
+
+def test_only_the_models_own_routing_compiles_the_resident_step():
+    """bf16 on CUDA compiles the step for plain routing only: an intervention would recompile per setting and past
+    dynamo's recompile limit run uncompiled (notebook 05's sweep on the H200); CPU and fp32 never compile."""
+    from types import SimpleNamespace
+
+    from omnilab.runtime.generate import compiles
+
+    gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert compiles(gpu, RoutingOptions())
+    for routing in (RoutingOptions(top_k=4), RoutingOptions(transforms=(RouterMask((0, 1)),)),
+                    RoutingOptions(available={0: torch.ones(8, dtype=torch.bool)})):
+        assert not compiles(gpu, routing), routing
+    assert not compiles(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32), RoutingOptions())
+    assert not compiles(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16), RoutingOptions())

@@ -59,8 +59,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, greedy: bool = True, t
 
 def resident_decoder(model, prompts, call: Call):
     """The FastDecoder for this call: one per (batch, max_len bucket, top-k, routing), over the model's shared slot
-    pool; one kept at a time (its KV cache is the big part). compile for bf16 on CUDA (bench: 156.8 tok/s
-    against 92.2 on an H200, 48 layers)."""
+    pool; one kept at a time (its KV cache is the big part). Compiled when `compiles` says so."""
     from omnilab.gpu.fast import FastDecoder
     from omnilab.gpu.slots import SlotPool
 
@@ -74,10 +73,18 @@ def resident_decoder(model, prompts, call: Call):
     if key not in built:
         for old in [k for k in built if k[0] == "fast"]:
             del built[old]
-        compile = model.device.type == "cuda" and model.dtype == torch.bfloat16
         built[key] = FastDecoder(model, max_len=key[2], batch=key[1], pool=built["pool"], routing=routing,
-                                 compile=compile)
+                                 compile=compiles(model, routing))
     return built[key]
+
+
+def compiles(model, routing) -> bool:
+    """Whether the resident decoder compiles its step: bf16 on CUDA (bench: 156.8 tok/s against 92.2 on an H200,
+    48 layers) with the model's own routing. An intervention (a transform, a mask, an override, another top-k)
+    is part of what the compiled step guards on, so each new one recompiles (about 20 s) and past dynamo's
+    recompile limit (8) the step silently runs uncompiled: notebook 05's sweep hit it on the H200 at its 9th
+    setting. Intervened decoders capture the uncompiled step instead (its CUDA graph, no compile)."""
+    return model.device.type == "cuda" and model.dtype == torch.bfloat16 and routing.is_plain
 
 
 def routing_key(routing) -> tuple:
