@@ -14,7 +14,8 @@ import triton.language as tl
 
 TOKEN_MAX_N = 2  # steps of at most this many tokens take mode "token" (the experts of a token are distinct)
 SCAN_MAX_CHOICES = 512  # steps of at most this many choices (N * k) scan the slot ids in-kernel ("scan")
-# block sizes for H100 / H200 in bf16, first choices (not yet tuned on a GPU; bench/expert_mix.py measures them):
+# block sizes for H100 / H200 in bf16, first choices (not yet tuned on a GPU; bench/expert_mix.py measures them,
+# bench/tune_token_mix.py searches the token mode's):
 # the GEMV programs read [BLOCK_N, BLOCK_K] weight tiles along contiguous rows, 2-4 MB in flight over the grid
 TOKEN_GATE_UP = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, ACC2D=False)  # over I x H
 TOKEN_DOWN = dict(BLOCK_N=8, BLOCK_K=128, num_warps=4, ACC2D=False)  # over H x I, times the k choices
@@ -120,25 +121,26 @@ def _gate_up_by_choice(x, slots, w, act, I, H, sx, sws, swr, swc, sa, TOP_K: tl.
     s = tl.load(slots + c).to(tl.int64)
     wg = w + s * sws + n[:, None] * swr  # [BLOCK_N, 1]
     xr = x + (c // TOP_K).to(tl.int64) * sx
+    g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    g2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # ACC2D's accumulators (unused otherwise)
+    u2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_K):
+        h = h0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        wm = (n[:, None] < I) & (h[None, :] < H)
+        a = tl.load(xr + h, mask=h < H, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
+        gw = tl.load(wg + h[None, :] * swc, mask=wm, other=0.0).to(tl.float32) * a  # [BLOCK_N, BLOCK_K]
+        if ACC2D:  # compile-time branches: one of the two accumulations exists in the kernel
+            g2 += gw
+        else:
+            g += tl.sum(gw, 1)
+        uw = tl.load(wg + I * swr + h[None, :] * swc, mask=wm, other=0.0).to(tl.float32) * a
+        if ACC2D:
+            u2 += uw
+        else:
+            u += tl.sum(uw, 1)
     if ACC2D:
-        g2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        u2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_K):
-            h = h0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-            wm = (n[:, None] < I) & (h[None, :] < H)
-            a = tl.load(xr + h, mask=h < H, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
-            g2 += tl.load(wg + h[None, :] * swc, mask=wm, other=0.0).to(tl.float32) * a
-            u2 += tl.load(wg + I * swr + h[None, :] * swc, mask=wm, other=0.0).to(tl.float32) * a
         g, u = tl.sum(g2, 1), tl.sum(u2, 1)  # [BLOCK_N]
-    else:
-        g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_K):
-            h = h0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-            wm = (n[:, None] < I) & (h[None, :] < H)
-            a = tl.load(xr + h, mask=h < H, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
-            g += tl.sum(tl.load(wg + h[None, :] * swc, mask=wm, other=0.0).to(tl.float32) * a, 1)
-            u += tl.sum(tl.load(wg + I * swr + h[None, :] * swc, mask=wm, other=0.0).to(tl.float32) * a, 1)
     tl.store(act + c.to(tl.int64) * sa + n, (g * tl.sigmoid(g) * u).to(act.dtype.element_ty), mask=n < I)
 
 
@@ -154,23 +156,20 @@ def _down_by_token(act, slots, weights, w, out, I, H, sa, sws, swr, swc, so, TOP
     c = (t * TOP_K + j).to(tl.int64)  # [KP]
     s = tl.load(slots + c, mask=j < TOP_K, other=0).to(tl.int64)  # [KP]
     wd = w + s[:, None, None] * sws + n[None, :, None] * swr  # [KP, BLOCK_N, 1]
+    part = tl.zeros((KP, BLOCK_N), dtype=tl.float32)
+    part3 = tl.zeros((KP, BLOCK_N, BLOCK_K), dtype=tl.float32)  # ACC2D's accumulator (unused otherwise)
+    for i0 in range(0, I, BLOCK_K):
+        i = i0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        a = tl.load(act + c[:, None] * sa + i[None, :], mask=(j[:, None] < TOP_K) & (i[None, :] < I), other=0.0)
+        m = (j[:, None, None] < TOP_K) & (n[None, :, None] < H) & (i[None, None, :] < I)
+        d = tl.load(wd + i[None, None, :] * swc, mask=m, other=0.0)  # [KP, BLOCK_N, BLOCK_K]
+        prod = d.to(tl.float32) * a.to(tl.float32)[:, None, :]  # [KP, BLOCK_N, BLOCK_K]
+        if ACC2D:  # a compile-time branch, as in _gate_up_by_choice
+            part3 += prod
+        else:
+            part += tl.sum(prod, 2)
     if ACC2D:
-        part3 = tl.zeros((KP, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_K):
-            i = i0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-            a = tl.load(act + c[:, None] * sa + i[None, :], mask=(j[:, None] < TOP_K) & (i[None, :] < I), other=0.0)
-            m = (j[:, None, None] < TOP_K) & (n[None, :, None] < H) & (i[None, None, :] < I)
-            d = tl.load(wd + i[None, None, :] * swc, mask=m, other=0.0)  # [KP, BLOCK_N, BLOCK_K]
-            part3 += d.to(tl.float32) * a.to(tl.float32)[:, None, :]
         part = tl.sum(part3, 2)  # [KP, BLOCK_N]
-    else:
-        part = tl.zeros((KP, BLOCK_N), dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_K):
-            i = i0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-            a = tl.load(act + c[:, None] * sa + i[None, :], mask=(j[:, None] < TOP_K) & (i[None, :] < I), other=0.0)
-            m = (j[:, None, None] < TOP_K) & (n[None, :, None] < H) & (i[None, None, :] < I)
-            d = tl.load(wd + i[None, None, :] * swc, mask=m, other=0.0)  # [KP, BLOCK_N, BLOCK_K]
-            part += tl.sum(d.to(tl.float32) * a.to(tl.float32)[:, None, :], 2)
     rw = tl.load(weights + c, mask=j < TOP_K, other=0.0).to(tl.float32)  # [KP]
     tl.store(out + t.to(tl.int64) * so + n, tl.sum(part * rw[:, None], 0).to(out.dtype.element_ty), mask=n < H)
 
