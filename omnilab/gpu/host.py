@@ -16,13 +16,14 @@ from omnilab.gpu.slots import SLOT_ORDER
 from omnilab.model.experts import ExpertWeights, read_expert
 
 
-def register_host(tensor: torch.Tensor) -> bool:
-    """Register a CPU tensor's memory as page-locked with CUDA (cudaHostRegister); False when that fails."""
+def register_host(ptr: int, nbytes: int) -> bool:
+    """Register `nbytes` of host memory at `ptr` as page-locked with CUDA (cudaHostRegister); False when that
+    fails."""
     if not torch.cuda.is_available():
         return False
     cudart = torch.cuda.cudart()
     try:
-        err = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0))
+        err = int(cudart.cudaHostRegister(ptr, nbytes, 0))
     except Exception:  # noqa: BLE001 - any failure leaves the memory pageable, reported by the caller
         return False
     if err != 0:  # the failed call leaves CUDA's last error set; torch's next launch check would raise it
@@ -50,6 +51,15 @@ class HostTier:
 
     def expert(self, layer: int, e: int):
         return self.views[layer, e]
+
+    def _register(self, ranges) -> bool:
+        """register_host each (address, bytes) range, recording each so that close() undoes a partial
+        registration too; False at the first that fails."""
+        for ptr, nbytes in ranges:
+            if not register_host(ptr, nbytes):
+                return False
+            self._registered.append(ptr)
+        return True
 
     def close(self) -> None:
         """Unregister the page-locked host memory (it stays readable, pageable); also when the tier is freed."""
@@ -85,7 +95,7 @@ class HostTier:
         """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's down, gate and
         up one after the other as in a slot (page-locked when pin and CUDA is there)."""
         I, H = config.moe_intermediate_size, config.hidden_size
-        views, nbytes, blocks, pinned = {}, 0, [], bool(pin)
+        views, nbytes, blocks = {}, 0, []
         for layer in config.moe_layers:
             block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: down | gate | up
             for e in range(config.num_experts):
@@ -97,14 +107,8 @@ class HostTier:
             blocks.append(block)
         tier = cls(views, nbytes, False, "copy")
         tier._keep = blocks
-        if pin:
-            for b in blocks:  # each registered block recorded, so close() undoes a partial registration too
-                if not register_host(b):
-                    pinned = False
-                    break
-                tier._registered.append(b.data_ptr())
-        tier.pinned = pinned
-        tier.how = "host copy, registered page-locked" if pinned else "host copy (pageable)"
+        tier.pinned = bool(pin) and tier._register([(b.data_ptr(), b.numel() * b.element_size()) for b in blocks])
+        tier.how = "host copy, registered page-locked" if tier.pinned else "host copy (pageable)"
         return tier
 
     @classmethod
@@ -130,18 +134,7 @@ class HostTier:
         tier = cls(views, nbytes, False, "shard maps")
         tier._maps = maps
         if register and torch.cuda.is_available():
-            cudart = torch.cuda.cudart()
-            ok = True
-            for m in maps.values():
-                ptr = m.ctypes.data
-                try:
-                    err = int(cudart.cudaHostRegister(ptr, m.nbytes, 0))
-                except Exception:  # noqa: BLE001 - any failure leaves the maps pageable, reported in `how`
-                    err = -1
-                if err != 0:
-                    ok = False
-                    break
-                tier._registered.append(ptr)
+            ok = tier._register([(m.ctypes.data, m.nbytes) for m in maps.values()])
             tier.pinned, tier.how = ok, "shard maps, registered page-locked" if ok else "shard maps (pageable)"
         return tier
 
