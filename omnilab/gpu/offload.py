@@ -227,12 +227,10 @@ class OffloadDecoder:
         so no copy can hit a slot in use."""
         lru = self.cache.lru[layer]
         want = set(experts)
-        host = []
-        if self.host_share:
-            misses = [c for c, e in enumerate(experts) if e not in lru]
-            n_host = round(len(misses) * self.host_share)
-            host = misses[len(misses) - n_host:] if n_host else []
-        last = next((c for c in range(len(experts) - 1, -1, -1) if experts[c] not in lru), None) if split_last else None
+        misses = [c for c, e in enumerate(experts) if e not in lru]  # choices, before this step's copies
+        n_host = round(len(misses) * self.host_share)
+        host = misses[len(misses) - n_host:] if n_host else []
+        last = misses[-1] if split_last and misses else None
         slots, waits = [], []
         for c, e in enumerate(experts):
             if c in host:

@@ -82,7 +82,7 @@ def compiles(model, routing) -> bool:
     """Whether the resident decoder compiles its step: bf16 on CUDA (bench: 156.8 tok/s against 92.2 on an H200,
     48 layers) with the model's own routing. An intervention (a transform, a mask, an override, another top-k)
     is part of what the compiled step guards on, so each new one recompiles (about 20 s) and past dynamo's
-    recompile limit (8) the step silently runs uncompiled: notebook 05's sweep hit it on the H200 at its 9th
+    recompile limit (8) the step silently runs uncompiled: notebook 05's sweep hit it on the H200 at its fifth
     setting. Intervened decoders capture the uncompiled step instead (its CUDA graph, no compile)."""
     return model.device.type == "cuda" and model.dtype == torch.bfloat16 and routing.is_plain
 
