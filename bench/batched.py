@@ -20,19 +20,6 @@ import time
 import torch
 
 
-def floor_bytes(config, distinct: float, batch: int, context: int, itemsize: int) -> float:
-    """Bytes one batched decode step reads: attention, router and norm weights of every layer, lm_head and the
-    final norm once; `distinct` experts per MoE layer; each row's KV cache up to `context`."""
-    H, hd = config.hidden_size, config.head_dim
-    nh, nkv = config.num_attention_heads, config.num_key_value_heads
-    attn = H * nh * hd * 2 + H * nkv * hd * 2 + 2 * H + 2 * hd
-    moe = len(config.moe_layers)
-    expert = 3 * H * config.moe_intermediate_size
-    backbone = config.num_hidden_layers * attn + moe * config.num_experts * H + config.vocab_size * H + H
-    kv = config.num_hidden_layers * 2 * nkv * hd * context * batch
-    return (backbone + moe * distinct * expert + kv) * itemsize
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
@@ -48,10 +35,13 @@ def main() -> int:
     args = p.parse_args()
     from omnilab.gpu.fast import FastDecoder
     from omnilab.model.decoder import SelectiveMoE
+    from omnilab.runtime.hardware import model_bytes
+    from omnilab.runtime.plan import token_bytes
 
     cuda = args.device.startswith("cuda")
     model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype="bfloat16", device=args.device, tokenizer=False)
     cfg = model.config
+    sizes = model_bytes(model.checkpoint, torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     P, n = args.prompt_tokens, args.new_tokens
     pool, rows = None, []
@@ -82,7 +72,8 @@ def main() -> int:
             routing = runs[-1].routing[:, :, P:P + n - 1]  # [moe, B, steps, k]: the decode steps' experts
             distinct = statistics.mean(len(set(routing[layer, :, s].flatten().tolist()))
                                        for layer in range(routing.shape[0]) for s in range(routing.shape[2]))
-            fb = floor_bytes(cfg, distinct, B, P + n // 2, 2)
+            # a step reads the backbone once, each distinct routed expert once and every row's KV cache
+            fb = token_bytes(cfg, sizes, P + n // 2, experts_per_layer=distinct, batch=B)["total"]
             floor = B * args.hbm_tb_s * 1e12 / fb
             same = runs[0].new_token_ids == runs[-1].new_token_ids
             row = {"batch": B, "compute": compute, "decode_tokens_per_s": tok_s, "step_ms": decode_s / (n - 1) * 1e3,

@@ -96,14 +96,17 @@ def machine_described(gpu: str | None, gpu_memory: float | None, host_memory: fl
                    f"host link {preset['h2d'] / 1e9:.0f} GB/s)")
 
 
-def token_bytes(config, sizes: dict, context: int = 512) -> dict:
-    """Bytes one decoded token reads: the backbone less the embedding (one row of it), the routed experts and the
-    KV cache at `context` positions."""
+def token_bytes(config, sizes: dict, context: int = 512, *, experts_per_layer: float | None = None,
+                batch: int = 1) -> dict:
+    """Bytes one decode step reads: the backbone less the embedding (one row of it), the routed experts (top-k per
+    MoE layer, or `experts_per_layer`: the distinct experts of a batched step) and the KV cache of `batch` rows
+    at `context` positions."""
     itemsize = sizes["expert"] // (3 * config.hidden_size * config.moe_intermediate_size)
     embed = config.vocab_size * config.hidden_size * itemsize
     backbone = sizes["backbone"] - (0 if config.tie_word_embeddings else embed)
-    experts = config.num_experts_per_tok * len(config.moe_layers) * sizes["expert"]
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context * itemsize
+    per_layer = config.num_experts_per_tok if experts_per_layer is None else experts_per_layer
+    experts = per_layer * len(config.moe_layers) * sizes["expert"]
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context * itemsize * batch
     return {"backbone": backbone, "experts": experts, "kv": kv, "total": backbone + experts + kv}
 
 
