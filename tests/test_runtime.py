@@ -201,9 +201,11 @@ def test_plan_of_the_real_model_on_described_gpus(real_layout):
     assert "exceed the GPU" in rows["gpu-resident"]["why"]
     assert token_bytes(config, {"backbone": 0, "expert": 2, "experts": 0}, 0)["experts"] == 2 * 8 * 48
     # a batched step (bench/batched.py): its distinct experts per layer, every row's KV cache
-    one, four = (token_bytes(config, {"backbone": 0, "expert": 2, "experts": 0}, 100, experts_per_layer=30.5,
-                             batch=b) for b in (1, 4))
-    assert one["experts"] == 2 * 30.5 * 48 and four["kv"] == 4 * one["kv"] > 0
+    expert = 3 * config.hidden_size * config.moe_intermediate_size * 2  # bf16
+    one, four = (token_bytes(config, {"backbone": config.vocab_size * config.hidden_size * 2, "expert": expert,
+                                      "experts": 0}, 100, experts_per_layer=30.5, batch=b) for b in (1, 4))
+    assert one["experts"] == expert * 30.5 * 48 and four["experts"] == one["experts"]
+    assert four["kv"] == 4 * one["kv"] == 4 * 2 * 48 * config.num_key_value_heads * config.head_dim * 100 * 2
 
 
 def test_plan_cli_here_and_described(capsys, real_layout):
