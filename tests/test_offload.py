@@ -275,3 +275,25 @@ def test_hybrid_from_a_tier_in_another_dtype_computes_in_the_models(model):
     got = expert_on_host(x, gate, up, down)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_host_copy_blocks_own_whole_pages():
+    """cudaHostRegister pins whole pages, so two registered blocks must never share one (small heap blocks did, and
+    the second tier of the GPU hybrid tests failed with "already mapped"): each block starts on a page boundary
+    and owns the pages up to its padded end."""
+    import mmap
+
+    from omnilab.gpu.host import page_aligned_empty
+
+    page = mmap.PAGESIZE
+    spans = []
+    for shape, dtype in (((3, 5, 7), torch.float32), ((1,), torch.bfloat16), ((8, 3, 96), torch.float16)):
+        block, ptr, span = page_aligned_empty(shape, dtype)
+        assert block.shape == shape and block.dtype == dtype and block.is_contiguous()
+        assert ptr % page == 0 and span % page == 0 and block.data_ptr() == ptr
+        assert block.numel() * block.element_size() <= span
+        block.fill_(1)
+        spans.append((ptr, ptr + span, block))
+    for i, (a0, a1, _) in enumerate(spans):
+        for b0, b1, _ in spans[i + 1:]:
+            assert a1 <= b0 or b1 <= a0  # no page shared

@@ -243,3 +243,48 @@ def test_only_the_models_own_routing_compiles_the_resident_step():
         assert not compiles(gpu, routing), routing
     assert not compiles(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32), RoutingOptions())
     assert not compiles(SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16), RoutingOptions())
+
+
+def test_one_copy_of_the_experts_serves_the_resident_engine_and_the_eager_path(tiny_moe):
+    """Once the runtime holds every expert in its pool, the eager path's cache serves views into that pool (its
+    own copies dropped first) with the same logits; drop_resident frees the pool and the eager path reads the
+    shards again. Two copies of the 48-layer thinker do not fit an 80 GB card (notebook 05 on an H100)."""
+    from omnilab.runtime.choose import engines
+    from omnilab.runtime.generate import drop_resident, resident_pool
+
+    model = ol.load(tiny_moe)
+    ids = torch.tensor([[3, 17, 42, 9, 5]])
+    before = model(ids)  # the eager cache loads its own copies
+    assert model.cache.stats.resident_bytes > 0
+    own = {key: w.gate_proj.data_ptr() for key, w in model.cache.resident.items()}
+    assert model.generate([3, 17, 42], 4).engine == "cpu-resident"
+    pool = engines(model)["pool"]
+    assert model.cache.store.resident is pool and set(model.cache.resident) == set(own)  # the same keys, as views
+    assert torch.equal(model(ids), before)
+    I = model.config.moe_intermediate_size
+    (layer, e), weights = next(iter(model.cache.resident.items()))
+    assert weights.gate_proj.data_ptr() == pool.gate_up[layer][e].data_ptr()  # a view, not a copy
+    assert weights.up_proj.data_ptr() == pool.gate_up[layer][e, I:].data_ptr()
+    assert weights.down_proj.data_ptr() == pool.down[layer][e].data_ptr()
+    assert resident_pool(model) is pool  # built once
+    drop_resident(model)
+    assert "pool" not in engines(model) and model.cache.store.resident is None and not model.cache.resident
+    assert not any(isinstance(k, tuple) and k[0] == "fast" for k in engines(model))
+    assert torch.equal(model(ids), before)
+    (layer, e), weights = next(iter(model.cache.resident.items()))
+    assert weights.gate_proj.data_ptr() != pool.gate_up[layer][e].data_ptr() and own
+
+
+def test_a_weight_transform_never_reads_the_shared_pool(tiny_moe):
+    """A store that alters experts as they load (faults) copies them: altering a view would alter the pool."""
+    from omnilab.runtime.generate import resident_pool
+
+    model = ol.load(tiny_moe)
+    pool = resident_pool(model)
+    store = model.cache.store
+    store.transform = lambda layer, e, w: w
+    try:
+        layer = model.config.moe_layers[0]
+        assert store.load(layer, 0).gate_proj.data_ptr() != pool.gate_up[layer][0].data_ptr()
+    finally:
+        store.transform = None

@@ -7,6 +7,8 @@ Follows mixtral-offloading (dvmazur/mixtral-offloading): pinned host copies of e
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 
 import numpy as np
 import torch
@@ -27,10 +29,31 @@ def register_host(ptr: int, nbytes: int) -> bool:
     except Exception:  # noqa: BLE001 - any failure leaves the memory pageable, reported by the caller
         return False
     if err != 0:  # the failed call leaves CUDA's last error set; torch's next launch check would raise it
-        clear = getattr(cudart, "cudaGetLastError", None)
-        if clear is not None:
-            clear()
+        clear_last_error()
     return err == 0
+
+
+def clear_last_error() -> None:
+    """Reset CUDA's last error (left by a failed runtime call such as cudaHostRegister). torch's cudart binding has
+    no cudaGetLastError, but its check after every kernel launch calls it, which reads and resets the error: one
+    launch whose raised error is dropped."""
+    try:
+        torch.zeros(1, device="cuda")
+    except Exception:  # noqa: BLE001 - the stale error, now reset
+        pass
+
+
+def page_aligned_empty(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+    """A host tensor of `shape` starting on a page boundary, and the (address, bytes) of the whole pages it owns.
+    cudaHostRegister pins whole pages: a block sharing a page with another registered block fails ("already
+    mapped"), which small blocks from the heap do (the GPU tests' tiny models)."""
+    page = mmap.PAGESIZE
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    span = -(-nbytes // page) * page  # whole pages
+    raw = torch.empty(span + page, dtype=torch.uint8)
+    start = -raw.data_ptr() % page
+    owned = raw[start:start + span]
+    return owned[:nbytes].view(dtype).view(shape), owned.data_ptr(), span
 
 
 def unregister_host(ptr: int) -> None:
@@ -95,9 +118,10 @@ class HostTier:
         """Read every expert once into host memory: per MoE layer one block [E, 3 * I * H], expert e's down, gate and
         up one after the other as in a slot (page-locked when pin and CUDA is there)."""
         I, H = config.moe_intermediate_size, config.hidden_size
-        views, nbytes, blocks = {}, 0, []
+        views, nbytes, blocks, pages = {}, 0, [], []
         for layer in config.moe_layers:
-            block = torch.empty(config.num_experts, 3, I * H, dtype=dtype)  # [E, 3, I * H]: down | gate | up
+            block, ptr, span = page_aligned_empty((config.num_experts, 3, I * H), dtype)  # [E, 3, I*H]: down|gate|up
+            pages.append((ptr, span))
             for e in range(config.num_experts):
                 stored = read_expert(checkpoint, layout, layer, e)  # gate, up, down
                 for row, j in enumerate(SLOT_ORDER):
@@ -107,7 +131,7 @@ class HostTier:
             blocks.append(block)
         tier = cls(views, nbytes, False, "copy")
         tier._keep = blocks
-        tier.pinned = bool(pin) and tier._register([(b.data_ptr(), b.numel() * b.element_size()) for b in blocks])
+        tier.pinned = bool(pin) and tier._register(pages)
         tier.how = "host copy, registered page-locked" if tier.pinned else "host copy (pageable)"
         return tier
 

@@ -66,6 +66,7 @@ def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
                 f"({store.total_bytes:,} bytes); the grouped prefill keeps every expert resident")
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
+        free += model.cache.stats.resident_bytes  # the eager cache's copies, dropped for the pool
         if free < store.total_bytes * 1.05:
             return (f"{free / 1e9:.1f} GB free on {model.device}, the resident experts need "
                     f"{store.total_bytes / 1e9:.1f} GB")

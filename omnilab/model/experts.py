@@ -57,13 +57,18 @@ class MissingExpertError(KeyError):
 class ExpertStore:
     """Expert weights by (layer, expert), read from a Checkpoint by tensor name, in `dtype` on `device`.
 
-    `transform(layer, expert, weights) -> weights` lets fault injection alter an expert as it is loaded."""
+    `transform(layer, expert, weights) -> weights` lets fault injection alter an expert as it is loaded.
+    `resident`: a pool holding every expert on this store's device in its dtype, slot = expert (the runtime's
+    SlotPool.all_resident; gate_up[layer] [E, 2I, H], down[layer] [E, H, I]), or None: while it is set, load()
+    returns views into it instead of copies, so the eager path and the fast engines share one copy of the experts
+    (set and cleared by omnilab.runtime.generate.resident_pool / drop_resident)."""
 
     def __init__(self, checkpoint, config, layout, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  transform=None):
         self.checkpoint, self.config, self.layout = checkpoint, config, layout
         self.dtype, self.device = dtype, torch.device(device)
         self.transform = transform
+        self.resident = None
         I, H = config.moe_intermediate_size, config.hidden_size
         self.expert_bytes = 3 * I * H * torch.empty((), dtype=dtype).element_size()
         present = set(checkpoint.tensors.index)
@@ -103,6 +108,10 @@ class ExpertStore:
             if name not in self.checkpoint.tensors.index:
                 raise MissingExpertError(f"expert {expert} of layer {layer} is not in the checkpoint: "
                                          f"tensor {name} is missing")
+        if self.resident is not None and self.transform is None:  # views: the same values, no second copy
+            I = self.config.moe_intermediate_size
+            gate_up = self.resident.gate_up[layer][expert]  # [2I, H]: gate rows then up rows
+            return ExpertWeights(gate_up[:I], gate_up[I:], self.resident.down[layer][expert])
         # Read as stored bytes (one pread per projection), not through a kept safetensors handle: on an extraction
         # (a file per expert) every handle opened stayed in anonymous memory, 10 GB for an 8-layer real-shape model
         # whose budget was 4 GiB. copy=True: the cache holds its own memory in the compute dtype.
@@ -363,6 +372,16 @@ class ExpertCache:
         self.policy.remove(key)
         self.stats.resident_bytes -= weights.nbytes
         self.stats.evictions += 1
+
+    def reread(self, change_source) -> None:
+        """Call `change_source()` (which changes where the store reads experts from) and read every resident
+        expert again from the store; keys, policy and statistics are kept. The old weights are let go before
+        change_source runs, so the two copies never coexist."""
+        keys = list(self.resident)
+        self.resident.clear()
+        change_source()
+        for key in keys:
+            self.resident[key] = self.store.load(*key)
 
     def clear(self) -> None:
         """Drop every expert (pinned ones too); statistics are kept."""

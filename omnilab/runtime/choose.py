@@ -85,6 +85,7 @@ def _resident(model, call: Call) -> str | None:
         return why
     if model.device.type == "cuda" and "pool" not in engines(model):  # once built, the pool is what uses the memory
         free, _ = torch.cuda.mem_get_info(model.device)
+        free += model.cache.stats.resident_bytes  # the eager cache's copies: dropped when the pool is built
         need = model.cache.store.total_bytes
         if need > free:
             return f"all experts need {format_bytes(need)}, the GPU has {format_bytes(free)} free"
@@ -151,7 +152,7 @@ def choose_prefill(model, prefill: str = "auto") -> Choice:
 
     if prefill == "eager":
         return Choice("eager", {"grouped_mm": "--prefill eager asks for the eager path"})
-    refusal = prefill_refusal(model)
+    refusal = prefill_refusal(model, experts_given="pool" in engines(model))  # the runtime's pool: no new copy
     if refusal is None and prefill == "auto" and model.device.type != "cuda":
         refusal = ("taken by auto on CUDA only: on a CPU the eager prefill keeps a trace identical to the "
                    "notebooks' (ask for the grouped one with --prefill grouped_mm)")

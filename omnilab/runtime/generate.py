@@ -61,21 +61,62 @@ def resident_decoder(model, prompts, call: Call):
     """The FastDecoder for this call: one per (batch, max_len bucket, top-k, routing), over the model's shared slot
     pool; one kept at a time (its KV cache is the big part). Compiled when `compiles` says so."""
     from omnilab.gpu.fast import FastDecoder
-    from omnilab.gpu.slots import SlotPool
 
     built = engines(model)
-    if "pool" not in built:
-        config, layout = model.checkpoint.arch
-        built["pool"] = SlotPool.all_resident(model.checkpoint, config, layout, model.dtype, model.device)
+    pool = resident_pool(model)
     routing = model.routing if call.routing is None else call.routing
     key = ("fast", len(prompts), max_len_bucket(call.max_len), routing.experts_per_token(model.config),
            routing_key(routing))
     if key not in built:
         for old in [k for k in built if k[0] == "fast"]:
             del built[old]
-        built[key] = FastDecoder(model, max_len=key[2], batch=key[1], pool=built["pool"], routing=routing,
+        built[key] = FastDecoder(model, max_len=key[2], batch=key[1], pool=pool, routing=routing,
                                  compile=compiles(model, routing))
     return built[key]
+
+
+def resident_pool(model):
+    """The model's every-expert SlotPool on its device (built once, kept in engines(model)["pool"]): the resident
+    fast path and the trace prefill read it, and the eager path's ExpertStore serves views into it, so the device
+    holds one copy of the experts (the eager cache's own copies are dropped first: on an 80 GB card two copies of
+    the 48-layer thinker's 58 GB do not fit, and notebook 05's trace ran out of memory that way on an H100)."""
+    from omnilab.gpu.slots import SlotPool
+
+    built = engines(model)
+    store = model.cache.store
+
+    def build():  # the eager cache's copies are let go first, then re-read as views (its statistics kept)
+        release_device(model)
+        config, layout = model.checkpoint.arch
+        built["pool"] = SlotPool.all_resident(model.checkpoint, config, layout, model.dtype, model.device)
+        store.resident = built["pool"]
+
+    if "pool" not in built:
+        model.cache.reread(build)
+    store.resident = built["pool"]
+    return built["pool"]
+
+
+def drop_resident(model) -> None:
+    """Free the resident pool and the fast decoders over it (the offload engine needs the room): the eager
+    path's store reads the shards again and its cache, whose experts were views into the pool, starts empty."""
+    built = engines(model)
+    if "pool" not in built:
+        return
+    for key in [k for k in built if k == "pool" or (isinstance(k, tuple) and k[0] == "fast")]:
+        del built[key]
+    model.cache.store.resident = None
+    model.cache.clear()
+    release_device(model)
+
+
+def release_device(model) -> None:
+    """Collect dropped engines (modules hold reference cycles) and give their blocks back to the device."""
+    import gc
+
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def compiles(model, routing) -> bool:
@@ -96,6 +137,9 @@ def routing_key(routing) -> tuple:
         except TypeError:
             return id(t), None
     return (tuple(ident(t) for t in routing.transforms), id(routing.available), id(routing.override))
+
+
+OFFLOAD_MARGIN = 2 << 30  # bytes an offload decoder needs beyond its slots (KV cache, graphs, activations)
 
 
 def offload_decoder(model, call: Call):
@@ -119,6 +163,10 @@ def offload_decoder(model, call: Call):
     if key not in built:
         for old in [k for k in built if k[0] == "offload"]:
             del built[old]
+        if model.device.type == "cuda" and "pool" in built:
+            free, _ = torch.cuda.mem_get_info(model.device)
+            if free < budget + OFFLOAD_MARGIN:  # the slots beside every resident expert do not fit: free those
+                drop_resident(model)
         slots = budget // (model.cache.store.expert_bytes * len(model.config.moe_layers))
         built[key] = OffloadDecoder(model, built["host"], expert_budget_bytes=budget, max_len=key[1], prefetch=False,
                                     step="slot" if slots <= 32 else "choice",

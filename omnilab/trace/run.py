@@ -190,9 +190,14 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     pad = pad if 0 <= pad < cfg.vocab_size else 0
     recorder = None
     if grouped and mine:
-        from omnilab.gpu.prefill import TracePrefill
+        from omnilab.gpu.prefill import ResidentExperts, TracePrefill
+        from omnilab.runtime.generate import resident_pool
 
-        recorder = prefill if isinstance(prefill, TracePrefill) else TracePrefill(model)  # every expert resident
+        if isinstance(prefill, TracePrefill):
+            recorder = prefill
+        else:  # every expert resident: the runtime's pool, shared with generate and the eager path
+            pool = resident_pool(model)
+            recorder = TracePrefill(model, ResidentExperts(pool.gate_up, pool.down))
         record = getattr(recorder, "record_async", recorder.record)
     start = time.perf_counter()
     # the shards are written by background threads (omnilab.trace.shards: numpy and pyarrow release

@@ -64,3 +64,31 @@ def test_compare_on_cuda_agrees_with_the_cpu_verdict(capsys, tiny_moe, tmp_path,
             assert out["peak_gpu_bytes"] > 0 and out["seconds"] > 0
     assert verdicts["cuda"] == verdicts["cpu"]
     assert verdicts["cpu"][1] is not None and ".1." in verdicts["cpu"][1]
+
+
+def test_one_copy_of_the_experts_on_the_gpu_for_generate_eager_forwards_and_the_trace(tiny_moe, monkeypatch):
+    """Notebook 05 on an H100: generate built the resident pool, then the eager trace filled a second copy of every
+    expert and ran out of memory. Now the eager path reads views into the pool (no device memory added), and an
+    offload budget that does not fit beside the pool frees it (the sweep's budget settings)."""
+    from omnilab.experiments.sweeps import Setting, fresh_cache
+    from omnilab.runtime import generate as runtime_generate
+    from omnilab.runtime.choose import engines
+
+    model = ol.load(tiny_moe, device="cuda", dtype="float32")
+    total = model.cache.store.total_bytes
+    assert model.generate([3, 17, 42, 9], 6).engine == "gpu-resident"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    ids = torch.tensor([[3, 17, 42, 9, 11, 5, 6]], device="cuda")
+    logits = model(ids)  # the eager path: every routed expert through the cache
+    assert model.cache.stats.misses > 0
+    assert torch.cuda.memory_allocated() - before < total // 4  # activations only, no copy of the experts
+    pool = engines(model)["pool"]
+    fresh_cache(model, Setting("half", "budget", value=0.5, budget_share=0.5))
+    monkeypatch.setattr(runtime_generate, "OFFLOAD_MARGIN", 1 << 50)  # "does not fit": as on a full card
+    out = model.generate([3, 17, 42, 9], 6)
+    assert out.engine == "gpu-offload"
+    assert "pool" not in engines(model) and model.cache.store.resident is None
+    del pool
+    model.cache = type(model.cache)(model.cache.store, None)
+    assert torch.equal(model(ids), logits)  # from the shards again: the same logits
