@@ -161,8 +161,11 @@ def offload_decoder(model, call: Call):
     budget = model.cache.budget_bytes
     key = ("offload", max_len_bucket(call.max_len), budget)
     if key not in built:
-        for old in [k for k in built if k[0] == "offload"]:
+        stale = [k for k in built if k[0] == "offload"]
+        for old in stale:
             del built[old]
+        if stale:  # its slots go back before the new budget's are allocated (both at once may not fit)
+            release_device(model)
         if model.device.type == "cuda" and "pool" in built:
             free, _ = torch.cuda.mem_get_info(model.device)
             if free < budget + OFFLOAD_MARGIN:  # the slots beside every resident expert do not fit: free those
