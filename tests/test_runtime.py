@@ -272,7 +272,7 @@ def test_one_copy_of_the_experts_serves_the_resident_engine_and_the_eager_path(t
     assert not any(isinstance(k, tuple) and k[0] == "fast" for k in engines(model))
     assert torch.equal(model(ids), before)
     (layer, e), weights = next(iter(model.cache.resident.items()))
-    assert weights.gate_proj.data_ptr() != pool.gate_up[layer][e].data_ptr() and own
+    assert weights.gate_proj.data_ptr() != pool.gate_up[layer][e].data_ptr()
 
 
 def test_a_weight_transform_never_reads_the_shared_pool(tiny_moe):

@@ -83,17 +83,15 @@ def resident_pool(model):
     from omnilab.gpu.slots import SlotPool
 
     built = engines(model)
-    store = model.cache.store
 
     def build():  # the eager cache's copies are let go first, then re-read as views (its statistics kept)
         release_device(model)
         config, layout = model.checkpoint.arch
         built["pool"] = SlotPool.all_resident(model.checkpoint, config, layout, model.dtype, model.device)
-        store.resident = built["pool"]
+        model.cache.store.resident = built["pool"]  # the model's one store (a sweep's caches share it)
 
     if "pool" not in built:
         model.cache.reread(build)
-    store.resident = built["pool"]
     return built["pool"]
 
 
