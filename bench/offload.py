@@ -290,6 +290,8 @@ def row_omnilab(args) -> list[dict]:
                              f"{(str(err).splitlines() or [''])[0][:200]}"})
                 print(f"[offload] {label}: {rows[-1]['error']}", file=sys.stderr, flush=True)
                 decoder = None
+                gc.unfreeze()
+                gc.collect()
                 continue
             key = ("compile" in opts, "slot" in opts, "host" in opts)  # rows of one arithmetic: the same tokens
             tokens = out.new_token_ids[0]
@@ -317,6 +319,10 @@ def row_omnilab(args) -> list[dict]:
                   f" host {json.dumps({k: round(v, 2) for k, v in profile['host_ms'].items()})}",
                   file=sys.stderr, flush=True)
             decoder = None
+            if cuda:  # the row's frozen objects (slots, graphs) back into collection, then freed before the next cap
+                gc.unfreeze()
+                gc.collect()
+                torch.cuda.empty_cache()
     for r in rows:
         r["peak_anon_bytes"] = anon.peak
     return rows

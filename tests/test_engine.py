@@ -165,3 +165,33 @@ def test_routing_override_on_both_paths(model):
     plain = FastDecoder(model, max_len=32).generate(PROMPT, 12)
     assert plain.new_token_ids == free.new_token_ids
     assert not torch.equal(plain.routing[0], fast.routing[0])
+
+
+def test_default_compute_follows_dtype_device_and_triton(monkeypatch):
+    import importlib.util
+
+    from omnilab.gpu import step
+
+    assert step.default_compute(torch.bfloat16, "cpu") == "grouped_mm"
+    assert step.default_compute(torch.float32, "cpu") == "grouped_mm"
+    assert step.default_compute(torch.float32, "cuda") == "gather"
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert step.default_compute(torch.bfloat16, "cuda") == ("triton" if has_triton else "grouped_mm")
+    monkeypatch.setattr(step.importlib.util, "find_spec", lambda name: None)  # a machine without Triton
+    assert step.default_compute(torch.bfloat16, "cuda") == "grouped_mm"
+
+
+def test_triton_compute_hands_prefill_sized_bf16_steps_to_grouped_mm(monkeypatch):
+    from omnilab.gpu import step
+
+    S, H, I, k = 6, 16, 8, 2
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(S, 2 * I, H, generator=gen).to(torch.bfloat16)
+    down = torch.randn(S, H, I, generator=gen).to(torch.bfloat16)
+    N = step.TRITON_MAX_CHOICES // k + 1  # one choice past the limit
+    x = torch.randn(N, H, generator=gen).to(torch.bfloat16)
+    slots = torch.randint(0, S, (N, k), generator=gen)
+    weights = torch.rand(N, k, generator=gen).to(torch.bfloat16)
+    slot_range = torch.arange(S)
+    out = step.expert_mix(x, slots, weights, gate_up, down, slot_range, "triton")  # never reaches Triton here
+    assert torch.equal(out, step.expert_mix(x, slots, weights, gate_up, down, slot_range, "grouped_mm"))

@@ -20,7 +20,8 @@ import torch
 
 from omnilab.gpu import sampling
 from omnilab.gpu.slots import SlotPool
-from omnilab.gpu.step import Consts, StaticKV, compute_refusal, decoder_layer, dense_layer, layer_weights, rms_norm
+from omnilab.gpu.step import (Consts, StaticKV, compute_refusal, decoder_layer, default_compute, dense_layer,
+                              layer_weights, rms_norm)
 from omnilab.model.decoder import rope_inv_freq
 from omnilab.model.faults import acts_on_weights
 from omnilab.model.generate import Generation, as_batch, left_pad, resolve_vocab_limit
@@ -39,8 +40,8 @@ class FastDecoder:
     the model's own; `override` replaces its override): top-k (a shape: one decoder per k), router transforms
     that have a `router_op` (RouterMask, SalienceMix), the availability mask and the override, all applied in the
     captured step from tensors built here.
-    compute: "grouped_mm" (default; bf16 on CUDA, any dtype on CPU), "gather" (the default for fp32 on CUDA) or
-    "triton" (fused Triton kernels, fused_moe.py; CUDA, needs Triton);
+    compute: "triton" (fused Triton kernels, fused_moe.py; the default for bf16 on CUDA where Triton is installed),
+    "grouped_mm" (bf16 on CUDA otherwise, any dtype on CPU) or "gather" (the default for fp32 on CUDA);
     graph: capture the decode step as a CUDA graph (CUDA only, default there; one graph for greedy, one for
     sampling); compile: the decode step's layer function through torch.compile first (bf16; one compiled graph
     serves every layer; H200, 48 layers: 156.8 tok/s against 92.2 without, bench/results/decode_h200_bf16.md)."""
@@ -60,7 +61,7 @@ class FastDecoder:
         self.max_len = -(-max_len // 64) * 64  # a multiple of 64: the attention kernels' preferred key length
         self.batch = batch
         if compute is None:
-            compute = "grouped_mm" if self.dtype == torch.bfloat16 or self.device.type == "cpu" else "gather"
+            compute = default_compute(self.dtype, self.device)
         refusal = compute_refusal(compute, self.device)
         if refusal:
             raise ValueError(f"fast path: {refusal}")

@@ -14,11 +14,12 @@ import triton.language as tl
 
 TOKEN_MAX_N = 2  # steps of at most this many tokens take mode "token" (the experts of a token are distinct)
 SCAN_MAX_CHOICES = 512  # steps of at most this many choices (N * k) scan the slot ids in-kernel ("scan")
-# block sizes for H100 / H200 in bf16, first choices (not yet tuned on a GPU; bench/expert_mix.py measures them,
-# bench/tune_token_mix.py searches the token mode's):
-# the GEMV programs read [BLOCK_N, BLOCK_K] weight tiles along contiguous rows, 2-4 MB in flight over the grid
-TOKEN_GATE_UP = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, ACC2D=False)  # over I x H
-TOKEN_DOWN = dict(BLOCK_N=8, BLOCK_K=128, num_warps=4, ACC2D=False)  # over H x I, times the k choices
+# block sizes for H100 / H200 in bf16; bench/expert_mix.py measures them. The token mode's are the best pair of
+# bench/tune_token_mix.py on an H100 (bench/results/tune_token_mix_h100.txt: the whole batch-1 mix 31.4 us, 1.39x
+# its HBM floor, against 72.8 us for the first choices, 32/128 and 8/128 at 4 warps); the slot modes' first choices.
+# the GEMV programs read [BLOCK_N, BLOCK_K] weight tiles along contiguous rows
+TOKEN_GATE_UP = dict(BLOCK_N=8, BLOCK_K=256, num_warps=8, num_stages=4, ACC2D=False)  # over I x H
+TOKEN_DOWN = dict(BLOCK_N=2, BLOCK_K=256, num_warps=2, num_stages=2, ACC2D=False)  # over H x I, times the k choices
 SLOT_GATE_UP = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
 SLOT_DOWN = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
 SORTED_BLOCK_M = 64  # prefill-sized steps: more rows per read of a slot's tile

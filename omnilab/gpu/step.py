@@ -132,6 +132,19 @@ def dense_layer(layer, h, cos, sin, mask, positions, keys, values, c: Consts):
 
 
 COMPUTES = ("grouped_mm", "gather", "triton")  # expert_mix's ways
+# steps of more choices than this (prefill) take grouped_mm under compute="triton" in bf16: on an H100 a 128-token
+# prefill ran at 2,677 tok/s with grouped_mm and 2,156 with the fused kernels' sorted mode (decode_triton_h100.md)
+TRITON_MAX_CHOICES = 512
+
+
+def default_compute(dtype, device) -> str:
+    """The expert mix a decoder takes when not told: the fused Triton kernels for bf16 on CUDA where Triton is
+    installed (H100, 48 layers, batch 1: 187.8 tok/s against grouped_mm's 151.3; batches 8 and 32 faster too,
+    bench/results/batched_h100.md), grouped_mm for bf16 otherwise and on the CPU, gather for fp32 on CUDA."""
+    device = torch.device(device)
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        return "triton" if compute_refusal("triton", device) is None else "grouped_mm"
+    return "grouped_mm" if device.type == "cpu" or dtype == torch.bfloat16 else "gather"
 
 
 def compute_refusal(compute: str, device) -> str | None:
@@ -152,12 +165,15 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
     grouped_mm: choices sorted by slot, one grouped GEMM per projection over all slots (empty groups cost
     nothing). gather: each choice's expert weights gathered and batch-multiplied (any dtype, any device).
     triton: fused Triton kernels (fused_moe.py: each routed expert read once, SiLU and the weighted sum over k
-    fused, fp32 accumulation; CUDA, or CPU tensors under TRITON_INTERPRET=1; needs Triton)."""
-    if compute == "triton":
+    fused, fp32 accumulation; CUDA, or CPU tensors under TRITON_INTERPRET=1; needs Triton); prefill-sized bf16
+    steps (more than TRITON_MAX_CHOICES choices) take grouped_mm."""
+    N, k = slots.shape
+    if compute == "triton" and (N * k <= TRITON_MAX_CHOICES or x.dtype != torch.bfloat16):
         from omnilab.gpu.fused_moe import fused_expert_mix  # imports Triton: only when asked for
 
         return fused_expert_mix(x, slots, weights, gate_up, down)
-    N, k = slots.shape
+    if compute == "triton":
+        compute = "grouped_mm"  # a prefill-sized step in bf16 (TRITON_MAX_CHOICES)
     I = down.shape[-1]
     flat = slots.reshape(-1)  # [N * k]
     if compute == "grouped_mm":
