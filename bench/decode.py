@@ -293,6 +293,7 @@ def row_budget(args) -> list[dict]:
 
 ROWS = {"hf": row_transformers, "eager": row_omnilab_eager, "fast": lambda a: row_fast(a, False),
         "fast-compiled": lambda a: row_fast(a, True), "fast-triton": lambda a: row_fast(a, True, "triton"),
+        "fast-grouped": lambda a: row_fast(a, True, "grouped_mm"),  # the bf16 default before compute="triton"
         "budget": row_budget}
 
 

@@ -4,7 +4,7 @@
 #   STAGES="tests build48 resident" bash bench/gpu_session.sh
 #   STAGES="offload before-after" bash bench/gpu_session.sh
 #   STAGES="compare plan cpu" bash bench/gpu_session.sh
-# Stages: tests (scripts/gpu_tests.sh), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
+# Stages: tests (scripts/gpu_tests.sh), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), step (decode.py eager, grouped_mm, the default), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
 # tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py), hybrid (bench/offload.py with host),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
@@ -54,6 +54,14 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 --hbm-tb-s $hbm \
         --workdir /tmp/tri --out $OUT/decode_triton.json --markdown $OUT/decode_triton.md \
         $([ -f $OUT/token_config.json ] && echo --token-config $OUT/token_config.json) 2>&1 | tail -8
+      ;;
+    step)  # issue 28's resident row: the default compiled step (bf16 on CUDA: Triton mix and step kernels) beside
+      # grouped_mm and the eager path (exactness columns), 48 layers
+      wait48
+      hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
+      timeout $(left) python3 bench/decode.py --checkpoint $C48 --device cuda --rows ${STEP_ROWS:-eager,fast-grouped,fast-compiled} \
+        --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 --hbm-tb-s $hbm \
+        --workdir /tmp/step --out $OUT/decode_step.json --markdown $OUT/decode_step.md 2>&1 | tail -8
       ;;
     tune)  # block sizes of the fused mix's batch-1 token mode (bench/tune_token_mix.py), distinct layers cycled
       wait48
