@@ -1,9 +1,14 @@
 """Offloaded decoding (omnilab.gpu.offload) on CPU, fp32, tiny checkpoints: every slot budget, with and without
-prefetch, from either host tier, yields the all-resident path's tokens, with routing forced by a trace too; the
-statistics add up. (Copies on a side stream and the per-layer CUDA graphs need a GPU: bench/offload.py; on CPU
-the same segmented step runs uncaptured.)"""
+prefetch, from either host tier, under every eviction policy, yields the all-resident path's tokens, with routing
+forced by a trace too; the statistics add up; the slots evict as the eager cache's policies would per layer, and
+TrustWeighted sees the routing weights. (Copies on a side stream and the per-layer CUDA graphs need a GPU:
+bench/offload.py, tests/gpu/; on CPU the same segmented step runs uncaptured.)"""
 
 from __future__ import annotations
+
+import random
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ import torch
 from omnilab.gpu.fast import FastDecoder
 from omnilab.gpu.host import HostTier
 from omnilab.gpu.offload import OffloadDecoder
+from omnilab.gpu.slot_cache import SlotCache
+from omnilab.model.experts import LFU, LRU, POLICIES, ExpertCache, ExpertWeights, TrustWeighted
 from omnilab.model.routing import RoutingOverride
 from omnilab.testing.traces import locality_trace
 from omnilab.model.decoder import SelectiveMoE
@@ -297,3 +304,145 @@ def test_host_copy_blocks_own_whole_pages():
     for i, (a0, a1, _) in enumerate(spans):
         for b0, b1, _ in spans[i + 1:]:
             assert a1 <= b0 or b1 <= a0  # no page shared
+
+
+# -- eviction policies --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["lfu", "trust"])
+def test_every_policy_at_every_budget_gives_the_resident_tokens(model, tiers, policy):
+    """A policy decides only which expert a slot holds, never the arithmetic: under LFU and trust-weighted
+    eviction every budget and step mode gives the all-resident tokens, free and teacher-forced."""
+    cfg = model.config
+    k, E, L = cfg.num_experts_per_tok, cfg.num_experts, len(cfg.moe_layers)
+    forced = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(2))
+    want = FastDecoder(model, max_len=64).generate(PROMPT, N).new_token_ids
+    want_forced = FastDecoder(model, max_len=64).generate(PROMPT, N, forced=forced).new_token_ids
+    for step, prefetch in (("choice", True), ("choice", False), ("slot", False)):
+        for slots in sorted({k, (k + E) // 2, E}):
+            decoder = OffloadDecoder(model, tiers["copy"], slots=slots, max_len=64, prefetch=prefetch, step=step,
+                                     policy=policy)
+            assert {type(p) for p in decoder.cache.policy.values()} == {POLICIES[policy]}
+            assert decoder.generate(PROMPT, N).new_token_ids == want, (step, slots)
+            st = decoder.stats
+            assert st.hits + st.prefetch_hits + st.misses == (N - 1) * L * k
+            assert st.bytes_moved == (st.misses + st.prefetched) * decoder.pool.expert_bytes
+            if slots < E:
+                assert st.misses > 0  # the policy evicted (at slots == k it has no choice: the step wants them all)
+            assert decoder.generate(PROMPT, N, forced=forced).new_token_ids == want_forced, (step, slots)
+
+
+def eager_cache(slots: int, policy, num_experts: int):
+    """An eager ExpertCache holding `slots` experts of one layer (a store of 12-byte experts, nothing read)."""
+    store = SimpleNamespace(expert_bytes=12, total_bytes=12 * num_experts, dtype=torch.float32,
+                            config=SimpleNamespace(moe_layers=[0, 1], num_experts=num_experts),
+                            load=lambda layer, e: ExpertWeights(*torch.zeros(3, 1)))  # three [1] fp32: 12 bytes
+    return ExpertCache(store, slots * 12, policy=policy)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_slots_evict_as_the_eager_cache_would_per_layer(policy):
+    """Each layer's slots are an eager ExpertCache of `slots` experts of that layer under the same policy: routed
+    one choice at a time (so the slots' never-evict-what-this-step-routes rule does not apply), with random
+    routing weights observed first, both hold the same experts after every choice. The policies differ from LRU
+    on this sequence, so a slot cache that ignored its policy fails here."""
+    E, slots, layers = 8, 3, [0, 1]
+    rng = random.Random(0)
+    routed = [(rng.choice(layers), rng.choices(range(E), weights=[8, 6, 1, 4, 1, 3, 1, 2])[0], rng.random())
+              for _ in range(400)]  # (layer, expert, routing weight), skewed so that counts and trust matter
+
+    def history(name):
+        cache = SlotCache(layers, slots, 12, lambda *a, **how: None, policy=name)
+        eager = {i: eager_cache(slots, name, E) for i in layers}
+        held = []
+        for layer, e, w in routed:
+            experts, weights = torch.tensor([[e]]), torch.tensor([[w]])  # [N, k] with N = k = 1
+            eager[layer].observe(layer, experts, weights)
+            eager[layer].get(layer, e)
+            cache.observe(layer, experts, weights)
+            cache.use(layer, e, {e})
+            now = {i: {(i, x) for x in cache.where[i]} for i in layers}
+            assert now == {i: set(eager[i].resident) for i in layers}, (name, len(held))
+            held.append(now)
+        assert cache.stats.misses == sum(c.stats.misses for c in eager.values())
+        return held
+
+    got = history(policy)
+    if policy != "lru":
+        assert got != history("lru")
+
+
+def test_lfu_and_trust_victims_by_hand():
+    """One layer of 3 slots. LFU: expert 1 used three times, 2 and 3 once: a new expert 4 evicts 2 (the least used,
+    used longest ago), where LRU evicts 1; then a step routing to [5, 3] evicts 4, not 3, the least used but
+    routed now. Trust (decay 0.9): routed 2 (weight .9), 1 (.1), 3 (.5), one pass each: a new expert evicts 1,
+    the least trusted, where LRU evicts 2."""
+    copied = []
+    lfu = SlotCache([0], 3, 12, lambda layer, e, slot, **how: copied.append(e), policy=LFU)
+    lru = SlotCache([0], 3, 12, lambda *a, **how: None)
+    for e in (1, 1, 1, 2, 3, 4):
+        lfu.use(0, e, {e})
+        lru.use(0, e, {e})
+    assert set(lfu.where[0]) == {1, 3, 4} and set(lru.where[0]) == {2, 3, 4}
+    for e in (5, 3):
+        lfu.use(0, e, {5, 3})
+    assert set(lfu.where[0]) == {1, 3, 5} and copied == [1, 2, 3, 4, 5]
+
+    trust = SlotCache([0], 3, 12, lambda *a, **how: None, policy="trust")
+    lru = SlotCache([0], 3, 12, lambda *a, **how: None)
+    for e, w in ((2, 0.9), (1, 0.1), (3, 0.5), (4, 0.6)):
+        trust.observe(0, torch.tensor([[e]]), torch.tensor([[w]]))
+        trust.use(0, e, {e})
+        lru.use(0, e, {e})
+    assert set(trust.where[0]) == {2, 3, 4} and set(lru.where[0]) == {1, 3, 4}
+    p = trust.policy[0]
+    assert p.step == 4 and p.value((0, 2)) == pytest.approx(0.9 * 0.9 ** 3)
+
+
+def test_slot_policy_arguments():
+    cache = SlotCache([0, 2], 2, 12, lambda *a, **how: None, policy=partial(TrustWeighted, decay=0.5))
+    assert cache.observes and cache.policy[0] is not cache.policy[2] and cache.policy[2].decay == 0.5
+    assert not SlotCache([0], 2, 12, None, policy=LFU).observes
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
+        SlotCache([0], 2, 12, None, policy="mru")
+    with pytest.raises(ValueError, match="give its name or class"):
+        SlotCache([0], 2, 12, None, policy=LRU())
+
+
+def eager_trust(model, ids) -> TrustWeighted:
+    """The trust an eager forward over `ids` gives each (layer, expert), undecayed: the routing weights summed."""
+    trust, own = TrustWeighted(decay=1.0), model.cache
+    model.cache = ExpertCache(own.store, None, policy=trust)
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        model.cache = own
+    return trust
+
+
+@pytest.mark.parametrize("how", ["choice", "prefetch", "slot", "hybrid", "dense layer"])
+def test_trust_sees_the_routing_weights(model, tiers, make_checkpoint, how):
+    """Every routing weight of every layer reaches the slots' TrustWeighted, once: with no decay, each (layer,
+    expert)'s trust after a generation is the sum of its routing weights over the prompt and the decoded inputs,
+    as an eager forward over them observes (the prefill through OffloadDecoder.forward, the decode steps through
+    the segments' h_w, or through forward again for a model with a dense layer)."""
+    if how == "dense layer":
+        model = SelectiveMoE.from_checkpoint(make_checkpoint("moe", mlp_only_layers=[1]), tokenizer=False)
+        config, layout = model.checkpoint.arch
+        tier = HostTier.copy(model.checkpoint, config, layout, model.dtype, pin=False)
+    else:
+        tier = tiers["copy"]
+    cfg = model.config
+    options = {"choice": dict(prefetch=False), "prefetch": dict(prefetch=True), "hybrid": dict(prefetch=False,
+               host_share=0.5), "slot": dict(prefetch=False, step="slot"), "dense layer": dict(prefetch=False)}[how]
+    decoder = OffloadDecoder(model, tier, slots=cfg.num_experts_per_tok, max_len=64,
+                             policy=partial(TrustWeighted, decay=1.0), **options)
+    assert decoder.segmented == (how != "dense layer")
+    tokens = decoder.generate(PROMPT, N).new_token_ids[0]
+    want = eager_trust(model, PROMPT + tokens[:-1])
+    for i in cfg.moe_layers:
+        got = decoder.cache.policy[i]
+        assert got.step == N  # the prefill and N - 1 decode steps, one observation each
+        assert set(got.trust) == {key for key in want.trust if key[0] == i}
+        for key, (v, _) in got.trust.items():
+            assert v == pytest.approx(want.trust[key][0], rel=1e-5), (how, key)

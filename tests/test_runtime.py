@@ -288,3 +288,48 @@ def test_a_weight_transform_never_reads_the_shared_pool(tiny_moe):
         assert store.load(layer, 0).gate_proj.data_ptr() != pool.gate_up[layer][0].data_ptr()
     finally:
         store.transform = None
+
+
+def test_the_offload_engine_evicts_by_every_policy_of_the_cache(tiny_moe, monkeypatch):
+    """Under a budget below all experts a CUDA model takes the offload engine whatever its cache's eviction policy
+    (asked here with the model's device reported as cuda); only a policy outside POLICIES is refused. The engine
+    the runtime builds (run here on the CPU) evicts by the cache's policy, one per MoE layer, TrustWeighted's decay
+    kept, gives the eager tokens and reports hit statistics; a new policy gets a new engine."""
+    from omnilab.model.experts import LRU, POLICIES, ExpertCache, TrustWeighted
+    from omnilab.runtime import generate as runtime_generate
+    from omnilab.model.generate import resolve_vocab_limit
+
+    store = ol.load(tiny_moe).cache.store
+    cfg = store.config
+    k, L = cfg.num_experts_per_tok, len(cfg.moe_layers)
+    budget = store.expert_bytes * L * k  # top-k slots a layer: every step evicts
+    prompt, n = [3, 17, 42, 9, 11, 5], 12
+    call = Call(max_len=len(prompt) + n)
+    for name, policy in POLICIES.items():
+        small = ol.load(tiny_moe, expert_budget=budget, policy=name)
+        with monkeypatch.context() as m:
+            m.setattr(type(small), "device", property(lambda self: torch.device("cuda")))
+            choice = choose(small, call)
+        assert choice.engine == "gpu-offload", (name, choice.refused)
+        assert choice.refusal.startswith("gpu-resident: the expert budget")
+        eager = small.generate(prompt, n, engine="eager").new_token_ids
+        out = runtime_generate._offload(small, [prompt], n, resolve_vocab_limit(small, "auto"), call)
+        assert out.new_token_ids == eager, name
+        decoder = runtime_generate.offload_decoder(small, call)  # the one just run
+        assert {type(p) for p in decoder.cache.policy.values()} == {policy}
+        assert out.cache["hits"] + out.cache["misses"] == (n - 1) * L * k and out.cache["misses"] > 0
+        assert out.cache["hit_rate"] == out.cache["hits"] / ((n - 1) * L * k)
+    small.cache = ExpertCache(small.cache.store, budget, policy=TrustWeighted(decay=0.5))
+    again = runtime_generate.offload_decoder(small, call)
+    assert again is not decoder and {p.decay for p in again.cache.policy.values()} == {0.5}
+
+    class MostRecentlyUsed(LRU):
+        def victim(self, pinned):
+            return next((k for k in reversed(self.order) if k not in pinned), None)
+
+    small.cache = ExpertCache(small.cache.store, budget, policy=MostRecentlyUsed())
+    with monkeypatch.context() as m:
+        m.setattr(type(small), "device", property(lambda self: torch.device("cuda")))
+        choice = choose(small, call)
+    assert choice.engine == "eager"
+    assert choice.refused["gpu-offload"].startswith("the expert cache's policy is MostRecentlyUsed, not one of lru")

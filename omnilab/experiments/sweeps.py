@@ -130,7 +130,8 @@ def setting_budget(model, setting: Setting) -> int | None:
 
 def fresh_cache(model, setting: Setting) -> None:
     """Give the model an empty ExpertCache with the setting's budget and policy (the old one is dropped; the
-    runtime keys its offload engine by the budget, so a new budget gets a new one)."""
+    runtime keys its offload engine by the budget and policy, so a new setting gets a new one, evicting by the
+    setting's policy per MoE layer)."""
     store, budget = model.cache.store, setting_budget(model, setting)
     model.cache = ExpertCache(store, budget, policy=setting.policy)
     release_memory()  # the old cache's experts, back to the system rather than left in the heap

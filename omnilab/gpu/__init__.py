@@ -3,7 +3,7 @@
 - step.py: the tensor-only decode step (static KV cache, attention, router, grouped expert mix);
 - slots.py: pools of expert slots on the device (`SlotPool` stacked, `SlabPool` one slab per layer);
 - host.py: the host tier of offloaded experts (`HostTier`), its byte spans and the driver copy (`DriverCopy`);
-- slot_cache.py: which experts the slots hold: per-layer LRU, prefetch, statistics (`SlotCache`);
+- slot_cache.py: which experts the slots hold: a per-layer eviction policy, prefetch, statistics (`SlotCache`);
 - phases.py: the offloaded step's phase timer (`PhaseTimer`, `PHASES`);
 - sampling.py: device-side warpers and a hashed Gumbel-max draw (`SamplingParams`, `warp`, `draw`);
 - fast.py: the all-resident decode fast path (`FastDecoder`, `generate`, `fast_path_refusal`);

@@ -33,6 +33,9 @@ class OffloadDecoder:
     issue: "driver" (cuMemcpyHtoDAsync through ctypes; the CUDA default) or "torch" (copy_; elsewhere).
     host_share: hybrid offload, the share of each decode step's misses computed on the host's cores (from the
     host tier, while the other misses copy) instead of copied; "auto": measured (measure_host_share); 0: none.
+    policy: which expert a full layer evicts: "lru", "lfu", "trust" or a class from omnilab.model.experts.POLICIES,
+    one per MoE layer (SlotCache: per-layer slots, where the eager cache's budget is global); TrustWeighted sees
+    each layer's routing weights (brought to the host with the routed ids only for a policy that observes them).
     compute: the expert mix of prefill and the unsegmented step (step.expert_mix: grouped_mm, gather or triton;
     the graphed segments compute per slot). compile: the segments' arithmetic through torch.compile before capture
     (CUDA). The embedding may live on the host (model.model.embed_tokens moved to the CPU to save its GPU memory):
@@ -41,7 +44,7 @@ class OffloadDecoder:
     def __init__(self, model, host: HostTier, *, slots: int | None = None, expert_budget_bytes: int | None = None,
                  max_len: int = 512, prefetch: bool = True, override: RoutingOverride | None = None,
                  compute: str | None = None, graphs: bool | None = None, issue: str | None = None,
-                 compile: bool = False, step: str = "choice", host_share: float | str = 0.0):
+                 compile: bool = False, step: str = "choice", host_share: float | str = 0.0, policy="lru"):
         cfg = self.config = model.config
         if step not in ("choice", "slot"):
             raise ValueError(f"offload: step={step!r}, use 'choice' or 'slot'")
@@ -86,7 +89,7 @@ class OffloadDecoder:
         self.weights = {i: layer_weights(layer) for i, layer in enumerate(model.model.layers) if layer.is_moe}
         self.moe_index = {layer: j for j, layer in enumerate(layers)}
         self.next_moe = {a: b for a, b in zip(layers, layers[1:])}
-        self.cache = SlotCache(layers, slots, self.pool.expert_bytes, self._issue_copy)
+        self.cache = SlotCache(layers, slots, self.pool.expert_bytes, self._issue_copy, policy=policy)
         self.copy_stream = torch.cuda.Stream(dev) if cuda else None
         if issue is None:
             same = not layers or {t.dtype for t in host.expert(layers[0], 0)} == {self.dtype}
@@ -180,7 +183,7 @@ class OffloadDecoder:
                 ev = self.cache.ready.pop((layer, e), None)  # earlier (prefetch) copies of the experts routed now
                 if ev is not None:
                     stream.wait_event(ev)
-        return [self.cache.lru[layer][e] for e in experts]
+        return [self.cache.where[layer][e] for e in experts]
 
     def prefetch(self, layer: int, guessed: list[int]) -> None:
         """Start copying the experts guessed for `layer` (not yet resident) on the copy stream; one event."""
@@ -196,7 +199,7 @@ class OffloadDecoder:
         the share of misses to compute on the host so that both finish together: copy / (copy + host). Uses the
         first MoE layer's slot 0 (before any step: nothing is resident yet)."""
         layer = self.config.moe_layers[0]
-        if self.cache.lru[layer]:
+        if self.cache.where[layer]:
             raise RuntimeError("offload: measure_host_share before any step (it overwrites slot 0)")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         x = torch.randn(1, self.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(self.dtype)
@@ -225,9 +228,9 @@ class OffloadDecoder:
         gate|up before down (_copy_in). host_share: the last round(share * misses) misses are not copied but
         left to the host (no slot: theirs reads 0). The compute stream is idle here (the caller synchronised),
         so no copy can hit a slot in use."""
-        lru = self.cache.lru[layer]
+        where = self.cache.where[layer]
         want = set(experts)
-        misses = [c for c, e in enumerate(experts) if e not in lru]  # choices, before this step's copies
+        misses = [c for c, e in enumerate(experts) if e not in where]  # choices, before this step's copies
         n_host = round(len(misses) * self.host_share)
         host = misses[len(misses) - n_host:] if n_host else []
         last = misses[-1] if split_last and misses else None
@@ -284,6 +287,8 @@ class OffloadDecoder:
             both = both.tolist()  # the layer's one sync: routed experts (and the guess) to the host
             routed, guessed = both[:B * T], both[B * T:]
             step_routing.append(routed)
+            if self.cache.observes:  # a policy weighing by routing (TrustWeighted): the weights too, [N, k]
+                self.cache.observe(i, torch.tensor(routed), weights.cpu())
             flat = [e for row in routed for e in row]
             distinct = list(dict.fromkeys(flat))
             if len(distinct) <= self.pool.slots:

@@ -59,7 +59,8 @@ class SegmentedStep:
         self.h_experts = torch.zeros(L, k, dtype=torch.long, pin_memory=pin)  # the routed ids, per layer
         self.h_slots = torch.zeros(L, 1, k, dtype=torch.long, pin_memory=pin)  # their slots, written by the host
         self.h_token = torch.zeros(1, dtype=torch.long, pin_memory=pin)
-        # hybrid offload (decoder.host_share): the layer's x and weights for the host, its outputs back
+        # hybrid offload (decoder.host_share): the layer's x and weights for the host, its outputs back; the
+        # weights also for a slot policy that weighs by routing (TrustWeighted)
         self.h_x = torch.zeros(1, H, dtype=d.dtype, pin_memory=pin)
         self.h_w = torch.zeros(1, k, dtype=d.dtype, pin_memory=pin)
         self.h_y = torch.zeros(k, H, dtype=d.dtype, pin_memory=pin)
@@ -92,8 +93,9 @@ class SegmentedStep:
         self.s_x.copy_(x)
         self.s_w.copy_(weights)
         self.h_experts[d.moe_index[i]].copy_(experts[0], non_blocking=True)  # to the pinned host buffer
-        if d.host_share:  # the host computes some misses: it needs x and the weights
+        if d.host_share:  # the host computes some misses: it needs x
             self.h_x.copy_(x, non_blocking=True)
+        if d.host_share or d.cache.observes:  # ... and the weights, as does a policy weighing by routing
             self.h_w.copy_(weights, non_blocking=True)
 
     def _seg_slots(self, i: int) -> None:
@@ -139,6 +141,8 @@ class SegmentedStep:
         self.s_x.copy_(x)
         self.s_w.copy_(weights)
         self.h_experts[d.moe_index[i]].copy_(experts[0], non_blocking=True)  # to the pinned host buffer
+        if d.cache.observes:  # a policy weighing by routing (TrustWeighted): the weights too
+            self.h_w.copy_(weights, non_blocking=True)
 
     def _seg_expert(self, i: int, s: int) -> None:
         d = self.decoder
@@ -277,9 +281,9 @@ class SegmentedStep:
             self.s_y[c].copy_(self.h_y[c], non_blocking=True)
 
     def _attend_and_route(self, i: int, key, segment, step_routing: list, timer, split_last: bool = False):
-        """Layer i's attention and router (graph `key`), its routed ids read on the host (one sync), the misses'
-        copies issued; the slots of its choices land in _np_slots. Returns (the routed ids, their slots,
-        [(choice, copy event)] of the misses)."""
+        """Layer i's attention and router (graph `key`), its routed ids read on the host (one sync; their weights
+        with them for a slot policy that observes them), the misses' copies issued; the slots of its choices land
+        in _np_slots. Returns (the routed ids, their slots, [(choice, copy event)] of the misses)."""
         d = self.decoder
         j = d.moe_index[i]
         if timer:
@@ -291,6 +295,8 @@ class SegmentedStep:
             torch.cuda.current_stream(d.device).synchronize()  # the ids are in h_experts[j]; earlier compute done
         flat = self._np_experts[j].tolist()
         step_routing.append([flat])
+        if d.cache.observes:  # h_w arrived with the ids (segment a): [1, k]
+            d.cache.observe(i, torch.tensor([flat]), self.h_w)
         if timer:
             timer.mark("c0", stream=d.copy_stream)
         slots, waits, host = d.route_step(i, flat, split_last=split_last)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omnilab.model.experts import LRU
+from omnilab.model.experts import POLICIES
 from omnilab.model.faults import acts_on_weights
 from omnilab.model.routing import RoutingOptions
 from omnilab.units import format_bytes
@@ -98,8 +98,9 @@ def _offload(model, call: Call) -> str | None:
     why = _eager_needs(model, call) or plain_routing_refusal(model, call.routing)
     if why:
         return why
-    if type(model.cache.policy) is not LRU:
-        return f"the expert cache's policy is {type(model.cache.policy).__name__}; the offload engine's slots are LRU"
+    if type(model.cache.policy) not in POLICIES.values():  # its slots keep a fresh policy of that class per layer
+        return (f"the expert cache's policy is {type(model.cache.policy).__name__}, not one of "
+                f"{', '.join(POLICIES)} (the offload engine makes one of those per MoE layer)")
     if call.sampling:
         return "sampling"
     return None

@@ -8,8 +8,11 @@ model in `engines(model)`, so a sweep or a notebook that generates many times pa
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from omnilab.model.experts import TrustWeighted
 from omnilab.model.generate import (Generation, as_batch, check_sampling, generate as eager_generate,
                                     resolve_vocab_limit, until_stop)
 from omnilab.runtime.choose import Call, choose, engines
@@ -140,9 +143,16 @@ def routing_key(routing) -> tuple:
 OFFLOAD_MARGIN = 2 << 30  # bytes an offload decoder needs beyond its slots (KV cache, graphs, activations)
 
 
+def slot_policy(policy) -> tuple:
+    """How the offload engine makes eviction policies like the eager cache's `policy` (an object of a POLICIES
+    class), one per MoE layer: (its class, its settings as (name, value) pairs; TrustWeighted's decay)."""
+    return type(policy), ((("decay", policy.decay),) if isinstance(policy, TrustWeighted) else ())
+
+
 def offload_decoder(model, call: Call):
-    """The OffloadDecoder for the model's expert budget: one per (max_len bucket, budget), over the model's host
-    tier (the shard maps registered page-locked for a checkpoint in /dev/shm, else a pinned host copy).
+    """The OffloadDecoder for the model's expert budget and policy: one per (max_len bucket, budget, policy), over
+    the model's host tier (the shard maps registered page-locked for a checkpoint in /dev/shm, else a pinned host
+    copy). Its slots evict by the model cache's policy, per MoE layer (the eager cache's budget is global).
     step="slot" (one graph per layer and slot, the fastest at small pools: bench/results/offload_h200_bf16_slot.md)
     up to 32 slots a layer, "choice" above; compiled segments for bf16 on CUDA."""
     from omnilab.gpu.host import HostTier
@@ -157,7 +167,8 @@ def offload_decoder(model, call: Call):
             built["host"] = HostTier.copy(model.checkpoint, config, layout, model.dtype,
                                           pin=model.device.type == "cuda")
     budget = model.cache.budget_bytes
-    key = ("offload", max_len_bucket(call.max_len), budget)
+    policy, settings = slot_policy(model.cache.policy)
+    key = ("offload", max_len_bucket(call.max_len), budget, policy, settings)
     if key not in built:
         stale = [k for k in built if k[0] == "offload"]
         for old in stale:
@@ -171,7 +182,8 @@ def offload_decoder(model, call: Call):
         slots = budget // (model.cache.store.expert_bytes * len(model.config.moe_layers))
         built[key] = OffloadDecoder(model, built["host"], expert_budget_bytes=budget, max_len=key[1], prefetch=False,
                                     step="slot" if slots <= 32 else "choice",
-                                    compile=model.device.type == "cuda" and model.dtype == torch.bfloat16)
+                                    compile=model.device.type == "cuda" and model.dtype == torch.bfloat16,
+                                    policy=partial(policy, **dict(settings)))
     return built[key]
 
 
