@@ -6,6 +6,8 @@ experts implementations (eager / grouped_mm / batched_mm), in one run, on one ra
     python bench/decode.py --suite budgets                             # the selective model at expert budgets
     python bench/decode.py --checkpoint DIR ...                        # any Qwen3-Omni / Qwen3-MoE checkpoint
     python bench/decode.py --device cuda --layers 48 --rows fast-compiled,fast-triton   # the fused Triton experts
+    python bench/decode.py --device cuda --layers 48 --rows fast-triton-mix,fast-triton --hbm-tb-s 3.35
+                                          # the step's Triton GEMVs and top-k (step_kernels.py) against without
 
 The checkpoint (unless --checkpoint) is `omnilab.testing.synth.real_shape_checkpoint`: the real Qwen3-Omni thinker
 layout, real shapes and vocabulary (152,064 rows), `--layers` decoder layers, random N(0, 0.02) weights filled in
@@ -212,9 +214,10 @@ def row_omnilab_eager(args) -> list[dict]:
                        peak_anon_bytes=anon.peak, hits=model.cache.stats.hits, misses=model.cache.stats.misses)]
 
 
-def row_fast(args, compile: bool, compute: str | None = None) -> list[dict]:
+def row_fast(args, compile: bool, compute: str | None = None, step_kernels: bool = True) -> list[dict]:
     """omnilab.gpu.fast.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph;
-    compute: its expert mix (None: the decoder's default; "triton": omnilab.gpu.fused_moe)."""
+    compute: its expert mix (None: the decoder's default; "triton": omnilab.gpu.fused_moe, and for decode-sized
+    bf16 steps omnilab.gpu.step_kernels' GEMVs and top-k unless step_kernels=False)."""
     import torch
 
     from omnilab.gpu.fast import FastDecoder
@@ -223,9 +226,17 @@ def row_fast(args, compile: bool, compute: str | None = None) -> list[dict]:
     dev = args.device
     if compute == "triton" and args.token_config:  # tuned block sizes for the batch-1 token mode
         import omnilab.gpu.fused_moe as fm
+        import omnilab.gpu.step_kernels as sk
 
         tuned = json.loads(Path(args.token_config).read_text())
-        fm.TOKEN_GATE_UP, fm.TOKEN_DOWN = tuned["TOKEN_GATE_UP"], tuned["TOKEN_DOWN"]
+        fm.TOKEN_GATE_UP = tuned.get("TOKEN_GATE_UP", fm.TOKEN_GATE_UP)
+        fm.TOKEN_DOWN = tuned.get("TOKEN_DOWN", fm.TOKEN_DOWN)
+        for name in ("QKV", "WIDE", "NARROW", "ROUTE_WARPS"):  # bench/step_kernels.py --sweep --save
+            setattr(sk, name, tuned.get(name, getattr(sk, name)))
+    if not step_kernels:  # the expert mix alone in Triton: the projections and top-k through torch
+        import omnilab.gpu.step as step
+
+        step.GEMV_MAX_TOKENS = 0
     with AnonPeak() as anon:
         start = time.perf_counter()
         model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=dev, tokenizer=False)
@@ -251,10 +262,12 @@ def row_fast(args, compile: bool, compute: str | None = None) -> list[dict]:
         decoder.graph_enabled = False  # the same steps without the CUDA graph (the captured one is kept)
         plain = decoder.generate(prompt, args.new_tokens, forced=forced).decode_tokens_per_s
         decoder.graph_enabled = graphed
-        path = Path(args.scratch) / f"logits-fast{'-compiled' * compile}{'-' + compute if compute else ''}.pt"
+        tag = f"{'-compiled' * compile}{'-' + compute if compute else ''}{'-mix' * (not step_kernels)}"
+        path = Path(args.scratch) / f"logits-fast{tag}.pt"
         torch.save(check.logits[:, 0].cpu(), path)
         routing_seen = int((gens[-1].routing >= 0).all())
     name = "omnilab fast path" + (" (compiled layer)" if compile else "") + (f" [{compute}]" if compute else "")
+    name += "" if step_kernels else " (expert mix only)"
     row = _speed_row(name, runs, args.prompt_tokens, args.new_tokens, argmax=check.new_token_ids[0],
                      argmax_long=gens[-1].new_token_ids[0], free=free, logits_file=str(path), load_s=load_s,
                      capture_s=capture_s, peak_gpu_bytes=_gpu_peak(), peak_anon_bytes=anon.peak,
@@ -294,6 +307,7 @@ def row_budget(args) -> list[dict]:
 ROWS = {"hf": row_transformers, "eager": row_omnilab_eager, "fast": lambda a: row_fast(a, False),
         "fast-compiled": lambda a: row_fast(a, True), "fast-triton": lambda a: row_fast(a, True, "triton"),
         "fast-grouped": lambda a: row_fast(a, True, "grouped_mm"),  # the bf16 default before compute="triton"
+        "fast-triton-mix": lambda a: row_fast(a, True, "triton", step_kernels=False),
         "budget": row_budget}
 
 
@@ -322,7 +336,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--suite", choices=("fast", "budgets"), default="fast")
     p.add_argument("--rows", default="hf,eager,fast,fast-compiled", help="fast suite: rows to run, comma-separated "
-                   "(also fast-triton: fast-compiled with the fused Triton expert kernels, omnilab.gpu.fused_moe)")
+                   "(also fast-triton: fast-compiled with the fused Triton expert kernels, omnilab.gpu.fused_moe, "
+                   "and the step's Triton GEMVs and top-k, omnilab.gpu.step_kernels; fast-triton-mix: the expert "
+                   "kernels alone)")
     p.add_argument("--hf-impl", default=",".join(HF_IMPLEMENTATIONS), help="transformers experts implementations")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128, help="teacher-forced decode steps of the fast path")
@@ -334,8 +350,9 @@ def main() -> int:
     p.add_argument("--row-timeout", type=int, default=900, help="seconds a row may take")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--markdown", default=None, help="write the table (with command and hardware) here")
-    p.add_argument("--token-config", default=None, help="the fast-triton row's token-mode block sizes: a JSON file "
-                   "{\"TOKEN_GATE_UP\": {...}, \"TOKEN_DOWN\": {...}} (bench/tune_token_mix.py --save writes one)")
+    p.add_argument("--token-config", default=None, help="the fast-triton rows' block sizes: a JSON file "
+                   "{\"TOKEN_GATE_UP\": {...}, \"TOKEN_DOWN\": {...}} (bench/tune_token_mix.py --save writes one) "
+                   "and/or QKV, WIDE, NARROW, ROUTE_WARPS (bench/step_kernels.py --sweep --save)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     p.add_argument("--budget", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)

@@ -1,5 +1,7 @@
 """The GPU paths, one job a module (imports go down this list):
 - fused_moe.py: the expert mix as fused Triton kernels (`fused_expert_mix`; imported by step.py for compute="triton");
+- step_kernels.py: the batch-1 step's GEMVs and top-k as Triton kernels (`linear`, `linear_qkv`, `route_topk`;
+  imported by step.py for decode-sized bf16 steps under compute="triton");
 - step.py: the tensor-only decode step (static KV cache, attention, router, grouped expert mix);
 - slots.py: pools of expert slots on the device (`SlotPool` stacked, `SlabPool` one slab per layer);
 - host.py: the host tier of offloaded experts (`HostTier`), its byte spans and the driver copy (`DriverCopy`);

@@ -40,7 +40,8 @@ class FastDecoder:
     the model's own; `override` replaces its override): top-k (a shape: one decoder per k), router transforms
     that have a `router_op` (RouterMask, SalienceMix), the availability mask and the override, all applied in the
     captured step from tensors built here.
-    compute: "triton" (fused Triton kernels, fused_moe.py; the default for bf16 on CUDA where Triton is installed),
+    compute: "triton" (fused Triton kernels, fused_moe.py, and for bf16 decode steps the projections and top-k as
+    Triton kernels, step_kernels.py; the default for bf16 on CUDA where Triton is installed),
     "grouped_mm" (bf16 on CUDA otherwise, any dtype on CPU) or "gather" (the default for fp32 on CUDA);
     graph: capture the decode step as a CUDA graph (CUDA only, default there; one graph for greedy, one for
     sampling); compile: the decode step's layer function through torch.compile first (bf16; one compiled graph

@@ -5,7 +5,9 @@ torch.compile'd copy serves every layer.
 Follows the eager model (omnilab.model.decoder) in the same order, and transformers' `grouped_mm` experts.
 differs from transformers: attention spans the whole static cache with a boolean mask, the query heads of a kv
 head folded into the query axis (no enable_gqa); gate and up are one GEMM; the k expert outputs of a token are
-summed in one reduction (as transformers' grouped_mm path does) rather than by index_add_ (each labelled inline).
+summed in one reduction (as transformers' grouped_mm path does) rather than by index_add_; under compute="triton"
+a decode-sized bf16 step's projections, router and top-k are Triton kernels (step_kernels.py: `project`,
+`project_qkv`, `route`) (each labelled inline).
 """
 
 from __future__ import annotations
@@ -35,6 +37,41 @@ class StaticKV:
     @property
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
+
+
+# -- the dense projections -----------------------------------------------------------------------------------------
+
+GEMV_MAX_TOKENS = 2  # steps of at most this many tokens are decode-sized (step_kernels.MAX_ROWS)
+ROUTE_MAX_EXPERTS = 256  # step_kernels.route_topk holds a token's E logits in registers
+
+
+def triton_step(tokens: int, dtype, compute: str | None) -> bool:
+    """Whether a step of `tokens` rows takes step_kernels.py's Triton GEMVs and top-k: decode-sized (at most
+    GEMV_MAX_TOKENS), bf16, compute="triton". fp32 and the other computes keep torch's F.linear and topk."""
+    return compute == "triton" and dtype == torch.bfloat16 and tokens <= GEMV_MAX_TOKENS
+
+
+def project(x, w, compute: str | None = None):
+    """x [..., K] @ w.T -> [..., M] (w [M, K], no bias): F.linear, or a Triton GEMV for a decode-sized bf16 step
+    under compute="triton" (triton_step)."""
+    if not triton_step(x.shape[:-1].numel(), x.dtype, compute):
+        return F.linear(x, w)
+    from omnilab.gpu import step_kernels  # imports Triton: only when asked for
+
+    # differs from transformers: a Triton GEMV (fp32 accumulation in its own order) rather than cuBLAS
+    return step_kernels.linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])  # [..., M]
+
+
+def project_qkv(x, w: LayerWeights, compute: str | None = None):
+    """x [B, T, H] -> (q [B, T, nh * hd], k, v [B, T, nkv * hd]): three F.linear, or one Triton launch reading
+    the three weights where they are (no concatenated copy) for a decode-sized bf16 step under compute="triton"."""
+    if not triton_step(x.shape[:-1].numel(), x.dtype, compute):
+        return F.linear(x, w.q_proj), F.linear(x, w.k_proj), F.linear(x, w.v_proj)
+    from omnilab.gpu import step_kernels
+
+    # differs from transformers: q, k and v by one Triton launch of GEMVs (fp32 accumulation in its own order)
+    q, k, v = step_kernels.linear_qkv(x.reshape(-1, x.shape[-1]), w.q_proj, w.k_proj, w.v_proj)  # [B * T, M] each
+    return tuple(t.view(*x.shape[:-1], t.shape[-1]) for t in (q, k, v))  # [B, T, M] each
 
 
 # -- one step ------------------------------------------------------------------------------------------------------
@@ -79,16 +116,18 @@ def layer_weights(layer) -> LayerWeights:
                         layer.mlp.gate.weight)
 
 
-def attention(h, w: LayerWeights, cos, sin, mask, positions, keys, values, c: Consts):
+def attention(h, w: LayerWeights, cos, sin, mask, positions, keys, values, c: Consts, compute: str | None = None):
     """The residual stream h [B, T, H] -> attention output [B, T, H]; writes keys/values [B, kvh, S_max, hd] at the
-    cache columns `positions` [T]. cos, sin [T, hd] or per row [B, 1, T, hd]; mask [1 or B, 1, g * T, S_max]."""
+    cache columns `positions` [T]. cos, sin [T, hd] or per row [B, 1, T, hd]; mask [1 or B, 1, g * T, S_max].
+    compute: the decoder's expert compute; "triton" lets a decode-sized bf16 step project with Triton GEMVs."""
     B, T, _ = h.shape
     nh, nkv, hd = c.heads, c.kv_heads, c.head_dim
     g = nh // nkv
     x = rms_norm(w.input_norm, h, c.eps)
-    q = rms_norm(w.q_norm, F.linear(x, w.q_proj).view(B, T, nh, hd), c.eps).transpose(1, 2)  # [B, nh, T, hd]
-    k = rms_norm(w.k_norm, F.linear(x, w.k_proj).view(B, T, nkv, hd), c.eps).transpose(1, 2)  # [B, nkv, T, hd]
-    v = F.linear(x, w.v_proj).view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+    q, k, v = project_qkv(x, w, compute)  # [B, T, nh * hd], [B, T, nkv * hd] twice
+    q = rms_norm(w.q_norm, q.view(B, T, nh, hd), c.eps).transpose(1, 2)  # [B, nh, T, hd]
+    k = rms_norm(w.k_norm, k.view(B, T, nkv, hd), c.eps).transpose(1, 2)  # [B, nkv, T, hd]
+    v = v.view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     keys.index_copy_(2, positions, k)
@@ -98,7 +137,7 @@ def attention(h, w: LayerWeights, cos, sin, mask, positions, keys, values, c: Co
     qf = q.reshape(B, nkv, g * T, hd)  # [B, nkv, g * T, hd]: heads are kv-head major
     o = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=hd ** -0.5)  # [B, nkv, g * T, hd]
     o = o.view(B, nkv, g, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, nh * hd)  # [B, T, nh * hd]
-    return F.linear(o, w.o_proj)
+    return project(o, w.o_proj, compute)
 
 
 def decoder_layer(h, cos, sin, mask, positions, keys, values, routing, w: LayerWeights, gate_up, down, slot_of,
@@ -107,16 +146,18 @@ def decoder_layer(h, cos, sin, mask, positions, keys, values, routing, w: LayerW
     torch.compile'd copy serves every layer. routing [B, S_max, k] receives the layer's top-k expert ids.
     forced [B * T, k]: the override's experts (None: the router's top-k). ops: the layer's router-logit transforms
     (model.routing.LogitOp, the availability mask last), applied in order before the softmax, as the eager route.
-    record [steps, B, E]: receives the last position's raw router logits at row `step` [1] (None: not recorded)."""
+    record [steps, B, E]: receives the last position's raw router logits at row `step` [1] (None: not recorded).
+    compute: the expert mix's way (expert_mix); "triton" also takes step_kernels.py's GEMVs and top-k for a
+    decode-sized bf16 step (triton_step)."""
     B, T, H = h.shape
-    h = h + attention(h, w, cos, sin, mask, positions, keys, values, c)
+    h = h + attention(h, w, cos, sin, mask, positions, keys, values, c, compute)
     x = rms_norm(w.post_norm, h, c.eps).reshape(B * T, H)  # [N, H]
-    logits = F.linear(x, w.router)  # [N, E]
+    logits = project(x, w.router, compute)  # [N, E]
     if record is not None:
         record.index_copy_(0, step, logits.view(B, T, -1)[None, :, -1])  # [1, B, E]
     for op in ops:
         logits = op.apply(logits)
-    weights, experts = route(logits, c.top_k, c.norm_topk_prob, x.dtype, forced)  # [N, k]
+    weights, experts = route(logits, c.top_k, c.norm_topk_prob, x.dtype, forced, compute)  # [N, k]
     routing.index_copy_(1, positions, experts.view(B, T, -1).to(routing.dtype))
     slots = experts if slot_of is None else slot_of[experts]  # [N, k]
     return h + expert_mix(x, slots, weights, gate_up, down, slot_range, compute).view(B, T, H)
@@ -197,8 +238,18 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
     return out.view(N, k, -1).sum(dim=1)  # [N, H]
 
 
-def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool, dtype, forced: torch.Tensor | None = None):
-    """router logits [N, E] -> (weights [N, k] in dtype, experts [N, k]); transformers' Qwen3-MoE router."""
+def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool, dtype, forced: torch.Tensor | None = None,
+          compute: str | None = None):
+    """router logits [N, E] -> (weights [N, k] in dtype, experts [N, k]); transformers' Qwen3-MoE router.
+    compute="triton" with a decode-sized bf16 step (triton_step) and no override: step_kernels.route_topk, one
+    kernel (the override's gather stays in torch)."""
+    if (forced is None and router_logits.dim() == 2 and router_logits.shape[1] <= ROUTE_MAX_EXPERTS
+            and triton_step(router_logits.shape[0], dtype, compute)):
+        from omnilab.gpu import step_kernels
+
+        # differs from transformers: softmax, top-k and renormalisation in one Triton program per token (sums in
+        # its own order; equal probabilities go to the lower expert id, torch.topk promises no order among ties)
+        return step_kernels.route_topk(router_logits, k, norm_topk_prob, dtype)
     probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [N, E]
     if forced is None:
         weights, experts = torch.topk(probs, k, dim=-1)  # [N, k]

@@ -1,0 +1,183 @@
+"""omnilab.gpu.step_kernels on cuda at the Qwen3-Omni thinker's shapes (hidden 2048; q_proj 4096, k_proj and v_proj
+512, o_proj 2048 x 4096, a router of 128 experts, top 8): linear and linear_qkv equal F.linear (fp32 to 1e-5, bf16
+within one bf16 rounding of the fp32 product), route_topk equals step.route (experts equal, weights to 1e-6
+relative); the four replay from a CUDA graph; FastDecoder(compute="triton") in bf16 takes them in its decode steps
+and, compiled and graphed, gives the forced-input argmax of the torch projections (step.GEMV_MAX_TOKENS = 0) and of
+compute="grouped_mm" within bf16 noise, on the tiny checkpoint and on one of the real attention and router shapes.
+(In Triton's CPU interpreter: tests/test_step_kernels.py.)"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import omnilab.gpu.step as step  # noqa: E402
+import omnilab.gpu.step_kernels as sk  # noqa: E402
+from omnilab.gpu.fast import FastDecoder  # noqa: E402
+from omnilab.model.decoder import SelectiveMoE  # noqa: E402
+from omnilab.testing import synth  # noqa: E402
+
+H, NH, NKV, HD, E, K = 2048, 32, 4, 128, 128, 8  # the Qwen3-Omni thinker's attention and router
+SHAPES = {"q_proj": (NH * HD, H), "k_proj": (NKV * HD, H), "v_proj": (NKV * HD, H), "o_proj": (H, NH * HD),
+          "router": (E, H)}
+PROMPT = [3, 17, 42, 5, 99, 7, 64, 12, 250, 31]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """The F.linear reference multiplies in true fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """Per dtype: name -> weight [M, K] (N(0, 1 / K): unit-variance outputs)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = {name: torch.randn(m, k, device="cuda", generator=gen) / k ** 0.5 for name, (m, k) in SHAPES.items()}
+    return {torch.float32: w, torch.bfloat16: {name: t.bfloat16() for name, t in w.items()}}
+
+
+def activations(N, K, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(N, K, device="cuda", generator=gen).to(dtype)  # [N, K]
+
+
+def assert_gemv(got, x, w):
+    """fp32: F.linear to 1e-5 relative; bf16: every element within one bf16 rounding (2^-8 relative) of the fp32
+    product of the same bf16 inputs, up to fp32 summation noise."""
+    assert got.dtype == x.dtype and got.shape == (x.shape[0], w.shape[0])
+    exact = x.double() @ w.double().T  # [N, M]
+    rel = float((got.double() - exact).norm() / exact.norm())
+    if x.dtype == torch.float32:
+        assert rel < 1e-5 and torch.allclose(got, F.linear(x, w), rtol=1e-4, atol=1e-5)
+    else:
+        assert rel < 4e-3
+        assert bool(((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6 * exact.abs().max()).all())
+
+
+def router_logits(N, dtype, seed=0):
+    """[N, E] logits without ties (bf16: distinct multiples of 1/16, exact; randn values repeat in bf16)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    if dtype == torch.float32:
+        return 2 * torch.randn(N, E, device="cuda", generator=gen)
+    rows = [torch.randperm(E, device="cuda", generator=gen).float() / 16 - E / 32 for _ in range(N)]  # [E] each
+    return torch.stack(rows).to(dtype)  # [N, E]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 2])
+@pytest.mark.parametrize("name", ["o_proj", "router", "q_proj"])
+def test_linear_real_shapes(weights, name, N, dtype):
+    w = weights[dtype][name]
+    x = activations(N, w.shape[1], dtype)
+    assert_gemv(sk.linear(x, w), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 2])
+def test_linear_qkv_real_shapes(weights, N, dtype):
+    ws = [weights[dtype][n] for n in ("q_proj", "k_proj", "v_proj")]
+    x = activations(N, H, dtype)
+    for got, w in zip(sk.linear_qkv(x, *ws), ws):
+        assert_gemv(got, x, w)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 2, 64])
+def test_route_topk_equals_route(N, dtype, norm):
+    logits = router_logits(N, dtype)
+    for out in (torch.float32, torch.bfloat16):
+        weights, experts = sk.route_topk(logits, K, norm, out)
+        want_w, want_e = step.route(logits, K, norm, out)
+        assert torch.equal(experts, want_e) and experts.dtype == torch.int64 and weights.dtype == out
+        rel = ((weights.double() - want_w.double()).abs() / want_w.double()).max()
+        assert rel < (1e-6 if out == torch.float32 else 2 ** -8)  # bf16: the same fp32 weight, or its neighbour
+
+
+def test_step_route_under_triton_equals_torch_and_keeps_the_override():
+    logits = router_logits(2, torch.bfloat16)
+    w, e = step.route(logits, K, True, torch.bfloat16, None, "triton")
+    assert torch.equal(e, step.route(logits, K, True, torch.bfloat16)[1])
+    forced = torch.arange(K, device="cuda").repeat(2, 1)  # the override: a gather in torch, its experts as given
+    assert torch.equal(step.route(logits, K, True, torch.bfloat16, forced, "triton")[1], forced)
+
+
+def test_replays_from_a_cuda_graph(weights):
+    w = weights[torch.bfloat16]
+    x = activations(1, H, torch.bfloat16)
+    o_in = activations(1, NH * HD, torch.bfloat16, seed=1)
+    logits = router_logits(1, torch.bfloat16)
+
+    def run():
+        return (*sk.linear_qkv(x, w["q_proj"], w["k_proj"], w["v_proj"]), sk.linear(o_in, w["o_proj"]),
+                sk.linear(x, w["router"]), *sk.route_topk(logits, K, True, torch.bfloat16))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (Triton compiles) outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for seed in (2, 3):  # new inputs in the captured buffers
+        for buffer, value in ((x, activations(1, H, torch.bfloat16, seed)),
+                              (o_in, activations(1, NH * HD, torch.bfloat16, seed + 10)),
+                              (logits, router_logits(1, torch.bfloat16, seed))):
+            buffer.copy_(value)
+        graph.replay()
+        for got, want in zip(outs, run()):
+            assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module", params=["tiny", "real-attention"])
+def bf16_model(request, make_checkpoint, tmp_path_factory):
+    """The tiny "moe" checkpoint, or two layers of the thinker's attention and router shapes (small experts)."""
+    if request.param == "tiny":
+        path = make_checkpoint("moe")
+    else:
+        path = synth.tiny_qwen3_moe(tmp_path_factory.mktemp("real-attention"), max_shard_size="2GB", tokenizer=False,
+                                    hidden_size=H, num_attention_heads=NH, num_key_value_heads=NKV, head_dim=HD,
+                                    num_experts=E, num_experts_per_tok=K, moe_intermediate_size=32,
+                                    num_hidden_layers=2)
+    return SelectiveMoE.from_checkpoint(path, device="cuda", dtype="bfloat16", tokenizer=False)
+
+
+def test_fast_decoder_bf16_decode_steps_take_the_kernels(bf16_model, monkeypatch):
+    """Uncompiled, ungraphed (Python runs each step): every decode step's layer calls linear_qkv once, linear twice
+    (o_proj, router) and route_topk once; the prefill none."""
+    calls = {"linear": 0, "linear_qkv": 0, "route_topk": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(sk, name), _name=name):
+            calls[_name] += 1
+            return _f(*a)
+        monkeypatch.setattr(sk, name, counted)
+    decoder = FastDecoder(bf16_model, max_len=64, compute="triton", graph=False)
+    decoder.generate(PROMPT, 5)
+    steps = 4 * len(decoder.pool.layers)
+    assert calls == {"linear": 2 * steps, "linear_qkv": steps, "route_topk": steps}
+
+
+def test_fast_decoder_bf16_compiled_argmax_equals_torch_projections(bf16_model, monkeypatch):
+    """bf16, compile=True, CUDA graph: the forced-input argmax of every step equals the run with torch's projections
+    and top-k (step.GEMV_MAX_TOKENS = 0: only the expert mix in Triton) and grouped_mm's, except where that run's
+    top two logits are within bf16 noise of each other."""
+    forced = torch.randint(0, bf16_model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for name, compute, limit in (("kernels", "triton", 2), ("torch", "triton", 0), ("grouped_mm", "grouped_mm", 2)):
+        monkeypatch.setattr(step, "GEMV_MAX_TOKENS", limit)
+        decoder = FastDecoder(bf16_model, max_len=64, compute=compute, compile=True)
+        runs[name] = decoder.generate(PROMPT, 24, forced=forced, record_logits=True).logits[:, 0]  # [n, V]
+        assert decoder._compiled is not None and decoder._graphs
+    got = runs["kernels"]
+    for name in ("torch", "grouped_mm"):
+        want = runs[name]
+        assert float((got - want).norm() / want.norm()) < 3e-2, name
+        for j in torch.nonzero(got.argmax(-1) != want.argmax(-1)).flatten().tolist():
+            row = want[j]
+            assert row.max() - row[got[j].argmax()] <= 2e-2 * (row.max() - row.min()), (name, j)
