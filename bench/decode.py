@@ -224,7 +224,7 @@ def row_fast(args, compile: bool, compute: str | None = None, step_kernels: bool
     from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device
-    if compute == "triton" and args.token_config:  # tuned block sizes for the batch-1 token mode
+    if args.token_config:  # tuned block sizes (the token mode's, the step kernels'): the Triton rows, the default one included
         import omnilab.gpu.fused_moe as fm
         import omnilab.gpu.step_kernels as sk
 

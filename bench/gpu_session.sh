@@ -59,9 +59,15 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       # grouped_mm and the eager path (exactness columns), 48 layers
       wait48
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
-      timeout $(left) python3 bench/decode.py --checkpoint $C48 --device cuda --rows ${STEP_ROWS:-eager,fast-grouped,fast-compiled} \
+      timeout $(left) python3 bench/decode.py --checkpoint $C48 --device cuda --rows ${STEP_ROWS:-eager,fast-grouped,fast-triton-mix,fast-compiled} \
         --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 --hbm-tb-s $hbm \
-        --workdir /tmp/step --out $OUT/decode_step.json --markdown $OUT/decode_step.md 2>&1 | tail -8
+        --workdir /tmp/step --out $OUT/decode_step.json --markdown $OUT/decode_step.md \
+        $([ -f $OUT/step_config.json ] && echo --token-config $OUT/step_config.json) 2>&1 | tail -8
+      ;;
+    kernels)  # the step's Triton GEMVs and top-k against torch at the real shapes (bench/step_kernels.py), SWEEP=1 tries block sizes
+      hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
+      timeout 200 python3 bench/step_kernels.py --hbm-tb-s $hbm $([ -n "${SWEEP:-}" ] && echo --sweep --seconds ${SWEEP_SECONDS:-90} --save $OUT/step_config.json) \
+        2>&1 | tee $OUT/step_kernels.txt | tail -30
       ;;
     tune)  # block sizes of the fused mix's batch-1 token mode (bench/tune_token_mix.py), distinct layers cycled
       wait48
