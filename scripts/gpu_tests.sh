@@ -20,12 +20,15 @@ start=$SECONDS
 "$PY" -m pytest -q -p no:cacheprovider -rA tests/gpu "$@" 2>&1 | tee "$out/gpu_tests.log"
 rc=${PIPESTATUS[0]}
 {
-  echo "GPU test suite, $(date -u +%Y-%m-%d), ${gpu:-no GPU}; $versions; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "GPU test suite, $(date -u +%Y-%m-%d), ${gpu:-no GPU}; $versions; commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
   echo
   echo "\`bash scripts/gpu_tests.sh $*\` (pytest -q -rA tests/gpu), exit $rc, $((SECONDS - start)) s"
   echo
+  # counted from -rA's lines (with -q given twice pytest prints no 'N passed' line)
+  for outcome in PASSED FAILED ERROR SKIPPED; do echo "$outcome: $(grep -c "^$outcome" "$out/gpu_tests.log")"; done
+  echo
   echo '```'
-  grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$out/gpu_tests.log" | tail -80
+  grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$out/gpu_tests.log"
   echo '```'
 } > "$out/gpu_tests.md"
 exit "$rc"

@@ -2,10 +2,11 @@
 expect, without loading a weight.
 
 The speed model is the one the engines follow (bench/results/): a resident decode step reads the backbone and
-the routed experts from GPU memory and pays a fixed latency per layer (kernel launches inside the CUDA graph:
-about 100 us a layer on an H100 and on an H200, from the 48-layer benchmarks: 150 and 156.8 tok/s against
-1.82 and 1.27 ms of HBM reading); an offload step adds the misses copied over the host link; the CPU path reads
-everything from host memory. Bandwidths are measured here in a few seconds, or taken from `--gpu` presets for a
+the routed experts from GPU memory and pays a fixed latency per layer (the kernels inside the CUDA graph beyond
+their reading: about 40 us a layer in bf16 with the Triton step, from the H100's 251.8 tok/s at 48 layers,
+decode_step_h100.md: 3.97 ms a token against 2.07 ms of reading at the 2.96 TB/s `plan` measured there; about
+100 us with torch's kernels alone, fp32 or grouped_mm: 150 and 156.8 tok/s on an H100 and an H200); an offload
+step adds the misses copied over the host link; the CPU path reads everything from host memory. Bandwidths are measured here in a few seconds, or taken from `--gpu` presets for a
 described machine.
 """
 
@@ -19,7 +20,8 @@ import torch
 from omnilab.runtime import hardware
 from omnilab.units import format_bytes
 
-LAYER_LATENCY_S = {"gpu-resident": 100e-6, "gpu-offload": 250e-6, "cpu-resident": 400e-6, "eager": 2e-3}
+LAYER_LATENCY_S = {"gpu-resident": 40e-6, "gpu-offload": 250e-6, "cpu-resident": 400e-6, "eager": 2e-3}
+TORCH_RESIDENT_LATENCY_S = 100e-6  # the resident step without the Triton kernels (fp32: gather and cuBLAS)
 OFFLOAD_LINK_EFFICIENCY = 0.85  # the offload engine's share of the link under uniform routing (bench/results)
 
 # described GPU machines: memory and bandwidths (bytes, bytes/s) when no GPU is here to measure
@@ -124,7 +126,9 @@ def plan(checkpoint, machine: Machine, dtype="auto", context: int = 512) -> dict
     if machine.has_gpu:
         room = machine.gpu_bytes * hardware.GPU_SHARE - sizes["backbone"] - kv_bytes
         resident = room >= sizes["experts"]
-        t = per_token["total"] / machine.hbm + L * LAYER_LATENCY_S["gpu-resident"]
+        # bf16 on CUDA takes the Triton step (step.default_compute; Triton ships with torch's CUDA wheels)
+        latency = LAYER_LATENCY_S["gpu-resident"] if dt == torch.bfloat16 else TORCH_RESIDENT_LATENCY_S
+        t = per_token["total"] / machine.hbm + L * latency
         rows.append({"engine": "gpu-resident", "fits": resident, "tokens_per_s": 1 / t,
                      "why": "every expert fits the GPU" if resident else
                      f"the experts ({format_bytes(sizes['experts'])}) exceed the GPU's room "
