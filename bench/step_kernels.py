@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import time
 
 import torch
@@ -26,32 +25,9 @@ import torch.nn.functional as F
 
 import omnilab.gpu.step_kernels as sk
 from omnilab.gpu.step import route
+from tune_token_mix import timed  # (bench/tune_token_mix.py: a graph of one call per layer, replayed)
 
 H, Q, KV, E, TOP_K = 2048, 4096, 512, 128, 8  # hidden, q_proj rows, k_proj / v_proj rows, experts, top-k
-
-
-def timed(run, layers: int, repeats: int = 7) -> float:
-    """Median microseconds of one call, replaying a graph of one call per layer (as bench/tune_token_mix.py)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(layers):
-            run(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(layers):
-            run(i)
-    graph.replay()  # warm
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / layers)
-    return statistics.median(times)
 
 
 def rel(a, b) -> float:

@@ -34,6 +34,7 @@ def timed(run, layers: int, repeats: int = 7) -> float:
     with torch.cuda.graph(graph):
         for i in range(layers):
             run(i)
+    graph.replay()  # warm
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

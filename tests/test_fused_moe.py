@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.interpreted import interpreted_results
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (not in CI)")
 
@@ -154,14 +154,7 @@ def decoder_cases(checkpoint: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tiny_moe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fused") / "results.json"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, __file__, str(tiny_moe), str(out)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out.read_text())
+    return interpreted_results(__file__, tiny_moe, tmp_path_factory.mktemp("fused") / "results.json")
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)

@@ -22,13 +22,7 @@ PROMPT = [3, 17, 42, 5, 99, 7, 64, 12, 250, 31]
 RAGGED = [PROMPT, PROMPT[:6], PROMPT[3:]]
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """The gather reference multiplies in true fp32."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/gpu/conftest.py: fp32 references without tf32
 
 
 @pytest.fixture(scope="module")

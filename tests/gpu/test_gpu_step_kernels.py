@@ -24,13 +24,7 @@ SHAPES = {"q_proj": (NH * HD, H), "k_proj": (NKV * HD, H), "v_proj": (NKV * HD, 
 PROMPT = [3, 17, 42, 5, 99, 7, 64, 12, 250, 31]
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """The F.linear reference multiplies in true fp32."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("no_tf32")  # tests/gpu/conftest.py: fp32 references without tf32
 
 
 @pytest.fixture(scope="module")
