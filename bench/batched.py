@@ -30,6 +30,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hbm-tb-s", type=float, default=3.35)
     p.add_argument("--device", default="cuda", help="cuda (cpu: a check of the script, uncompiled)")
+    p.add_argument("--token-config", default=None, help="tuned block sizes, JSON (bench/tune_token_mix.py --save, "
+                   "bench/step_kernels.py --sweep --save)")
     p.add_argument("--out", default=None)
     p.add_argument("--markdown", default=None)
     args = p.parse_args()
@@ -38,6 +40,10 @@ def main() -> int:
     from omnilab.runtime.hardware import model_bytes
     from omnilab.runtime.plan import token_bytes
 
+    if args.token_config:
+        from decode import apply_tuned  # bench/decode.py
+
+        apply_tuned(args.token_config)
     cuda = args.device.startswith("cuda")
     model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype="bfloat16", device=args.device, tokenizer=False)
     cfg = model.config

@@ -214,6 +214,20 @@ def row_omnilab_eager(args) -> list[dict]:
                        peak_anon_bytes=anon.peak, hits=model.cache.stats.hits, misses=model.cache.stats.misses)]
 
 
+def apply_tuned(path) -> None:
+    """Set the Triton kernels' block tables from a JSON file of bench/tune_token_mix.py --save (TOKEN_GATE_UP /
+    TOKEN_DOWN, or with --batch > 1 SLOT_GATE_UP / SLOT_DOWN) or bench/step_kernels.py --sweep --save (QKV, WIDE,
+    NARROW, ROUTE_WARPS); the tables a file does not name keep their defaults."""
+    import omnilab.gpu.fused_moe as fm
+    import omnilab.gpu.step_kernels as sk
+
+    tuned = json.loads(Path(path).read_text())
+    for module, names in ((fm, ("TOKEN_GATE_UP", "TOKEN_DOWN", "SLOT_GATE_UP", "SLOT_DOWN")),
+                          (sk, ("QKV", "WIDE", "NARROW", "ROUTE_WARPS"))):
+        for name in names:
+            setattr(module, name, tuned.get(name, getattr(module, name)))
+
+
 def row_fast(args, compile: bool, compute: str | None = None, step_kernels: bool = True) -> list[dict]:
     """omnilab.gpu.fast.FastDecoder: slot pool of every expert, static KV, the decode step as a CUDA graph;
     compute: its expert mix (None: the decoder's default; "triton": omnilab.gpu.fused_moe, and for decode-sized
@@ -224,15 +238,8 @@ def row_fast(args, compile: bool, compute: str | None = None, step_kernels: bool
     from omnilab.model.decoder import SelectiveMoE
 
     dev = args.device
-    if args.token_config:  # tuned block sizes (the token mode's, the step kernels'): the Triton rows, the default one included
-        import omnilab.gpu.fused_moe as fm
-        import omnilab.gpu.step_kernels as sk
-
-        tuned = json.loads(Path(args.token_config).read_text())
-        fm.TOKEN_GATE_UP = tuned.get("TOKEN_GATE_UP", fm.TOKEN_GATE_UP)
-        fm.TOKEN_DOWN = tuned.get("TOKEN_DOWN", fm.TOKEN_DOWN)
-        for name in ("QKV", "WIDE", "NARROW", "ROUTE_WARPS"):  # bench/step_kernels.py --sweep --save
-            setattr(sk, name, tuned.get(name, getattr(sk, name)))
+    if args.token_config:  # tuned block sizes: the Triton rows, the default one included
+        apply_tuned(args.token_config)
     if not step_kernels:  # the expert mix alone in Triton: the projections and top-k through torch
         import omnilab.gpu.step as step
 

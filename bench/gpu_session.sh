@@ -72,7 +72,8 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
     tune)  # block sizes of the fused mix's batch-1 token mode (bench/tune_token_mix.py), distinct layers cycled
       wait48
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
-      timeout 300 python3 bench/tune_token_mix.py --hbm-tb-s $hbm --seconds ${TUNE_SECONDS:-150} --save $OUT/token_config.json 2>&1 | tee $OUT/tune_token_mix.txt | grep -v "^  {" | tail -30
+      # TUNE_BATCH=8: the scan mode of batched decode (then STAGES=batched with TOKEN_CONFIG=$OUT/token_config.json)
+      timeout 300 python3 bench/tune_token_mix.py --hbm-tb-s $hbm --batch ${TUNE_BATCH:-1} --seconds ${TUNE_SECONDS:-150} --save $OUT/token_config.json 2>&1 | tee $OUT/tune_token_mix.txt | grep -v "^  {" | tail -30
       ;;
     profile)  # where the compiled step's GPU time goes, per expert compute (bench/step_profile.py, 4 layers)
       wait48
@@ -82,6 +83,7 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       wait48
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
       timeout $(left) python3 bench/batched.py --checkpoint $C48 --batches ${BATCHES:-1,8,32,64} --hbm-tb-s $hbm \
+        $([ -n "${TOKEN_CONFIG:-}" ] && echo --token-config $TOKEN_CONFIG) \
         --out $OUT/batched.json --markdown $OUT/batched.md 2>&1 | tail -12
       ;;
     resident)
