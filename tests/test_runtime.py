@@ -339,3 +339,25 @@ def test_the_offload_engine_evicts_by_every_policy_of_the_cache(tiny_moe, monkey
         choice = choose(small, call)
     assert choice.engine == "eager"
     assert choice.refused["gpu-offload"].startswith("the expert cache's policy is MostRecentlyUsed, not one of lru")
+
+
+def test_one_room_check_for_every_expert_on_the_gpu(tiny_moe, monkeypatch):
+    """The resident fast path and the trace prefill ask one check (gpu.slots.all_experts_room_refusal): the device's
+    free memory plus the eager cache's copies (let go when the pool is built) against all experts, the prefill with
+    5% beside them. Asked here with the model's device reported as cuda and the free memory set."""
+    from omnilab.gpu import prefill, slots
+
+    model = ol.load(tiny_moe, dtype="bfloat16")
+    need = model.cache.store.total_bytes
+    assert slots.all_experts_room_refusal(model) is None  # the CPU: no device memory to check
+    free = {"bytes": need - 1}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    refusal = slots.all_experts_room_refusal(model)
+    assert refusal is not None and "all experts need" in refusal and "free" in refusal
+    assert choose(model, Call()).refused["gpu-resident"] == refusal  # the runtime's resident refusal is this one
+    model.cache.stats.resident_bytes = 1  # one byte of eager copies counts as free: they go when the pool comes
+    assert slots.all_experts_room_refusal(model) is None and "gpu-resident" not in choose(model, Call()).refused
+    assert "5% beside them" in prefill.prefill_refusal(model)  # the prefill wants room for a batch's activations
+    free["bytes"] = int(need * 1.05) + 1
+    assert prefill.prefill_refusal(model) is None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from omnilab.gpu.fast import plain_routing_refusal
-from omnilab.gpu.slots import SlotPool
+from omnilab.gpu.slots import SlotPool, all_experts_room_refusal
 from omnilab.gpu.step import expert_mix, route
 from omnilab.model.rope import rope_cos_sin
 
@@ -64,13 +64,7 @@ def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
     if model.cache.budget_bytes < store.total_bytes:
         return (f"the expert budget ({model.cache.budget_bytes:,} bytes) holds fewer than all experts "
                 f"({store.total_bytes:,} bytes); the grouped prefill keeps every expert resident")
-    if model.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.device)
-        free += model.cache.stats.resident_bytes  # the eager cache's copies, dropped for the pool
-        if free < store.total_bytes * 1.05:
-            return (f"{free / 1e9:.1f} GB free on {model.device}, the resident experts need "
-                    f"{store.total_bytes / 1e9:.1f} GB")
-    return None
+    return all_experts_room_refusal(model, margin=1.05)  # 5% for a batch's activations beside the experts
 
 
 class TracePrefill:

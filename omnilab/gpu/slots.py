@@ -8,6 +8,23 @@ from __future__ import annotations
 import torch
 
 from omnilab.model.experts import read_expert
+from omnilab.units import format_bytes
+
+
+def all_experts_room_refusal(model, margin: float = 1.0) -> str | None:
+    """Why a pool of every expert does not fit `model`'s CUDA device now (None when it fits, and on the CPU): its
+    free memory plus the eager cache's copies (let go when the pool is built: runtime.generate.resident_pool)
+    against all the experts' bytes times `margin` (room for what runs beside them). The one check of the resident
+    fast path (runtime.choose) and of the trace prefill (gpu.prefill)."""
+    if model.device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(model.device)
+    free += model.cache.stats.resident_bytes
+    need = model.cache.store.total_bytes
+    if free < need * margin:
+        extra = f" (and {margin - 1:.0%} beside them)" if margin > 1 else ""
+        return f"all experts need {format_bytes(need)}{extra}, {model.device} has {format_bytes(free)} free"
+    return None
 
 
 class ExpertSlots:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 
-import torch
-
 from omnilab.model.experts import POLICIES
 from omnilab.model.faults import acts_on_weights
 from omnilab.model.routing import RoutingOptions
@@ -79,16 +77,13 @@ def _all_experts_fit(model) -> str | None:
 
 def _resident(model, call: Call) -> str | None:
     from omnilab.gpu.fast import fast_path_refusal
+    from omnilab.gpu.slots import all_experts_room_refusal
 
     why = _eager_needs(model, call) or _all_experts_fit(model) or fast_path_refusal(model, call.routing)
     if why:
         return why
-    if model.device.type == "cuda" and "pool" not in engines(model):  # once built, the pool is what uses the memory
-        free, _ = torch.cuda.mem_get_info(model.device)
-        free += model.cache.stats.resident_bytes  # the eager cache's copies: dropped when the pool is built
-        need = model.cache.store.total_bytes
-        if need > free:
-            return f"all experts need {format_bytes(need)}, the GPU has {format_bytes(free)} free"
+    if "pool" not in engines(model):  # once built, the pool is what uses the memory
+        return all_experts_room_refusal(model)
     return None
 
 
