@@ -446,3 +446,17 @@ def test_trust_sees_the_routing_weights(model, tiers, make_checkpoint, how):
         assert set(got.trust) == {key for key in want.trust if key[0] == i}
         for key, (v, _) in got.trust.items():
             assert v == pytest.approx(want.trust[key][0], rel=1e-5), (how, key)
+
+
+def test_a_failed_unregister_resets_cudas_last_error(monkeypatch):
+    """cudaHostUnregister's failure, like cudaHostRegister's, leaves CUDA's last error for torch's next launch
+    check to raise: unregister_host resets it, and only when the call failed (the driver faked here)."""
+    from omnilab.gpu import host
+
+    resets, results = [], iter([0, 1])
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: SimpleNamespace(cudaHostUnregister=lambda ptr: next(results)))
+    monkeypatch.setattr(host, "clear_last_error", lambda: resets.append(1))
+    host.unregister_host(4096)  # succeeds: nothing to reset
+    assert resets == []
+    host.unregister_host(4096)  # fails
+    assert resets == [1]

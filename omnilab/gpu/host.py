@@ -60,8 +60,8 @@ def unregister_host(ptr: int) -> None:
     """Undo register_host for the memory at `ptr` (cudaHostUnregister), before that memory is freed: a range
     left registered makes a later registration of memory reusing its addresses fail ("already mapped")."""
     fn = getattr(torch.cuda.cudart(), "cudaHostUnregister", None)
-    if fn is not None:
-        fn(ptr)
+    if fn is not None and int(fn(ptr)) != 0:  # a failed call leaves CUDA's last error set, as register_host's does
+        clear_last_error()
 
 
 class HostTier:
