@@ -258,6 +258,8 @@ def row_omnilab(args) -> list[dict]:
             if table.device != where:  # moved, not copied: the other copy is freed
                 model.model.embed_tokens.weight = torch.nn.Parameter(table.detach().to(where), requires_grad=False)
                 del table
+            gc.unfreeze()  # the last row's decoder (frozen below: slots, graphs) collected before this cap's
+            gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
@@ -290,8 +292,6 @@ def row_omnilab(args) -> list[dict]:
                              f"{(str(err).splitlines() or [''])[0][:200]}"})
                 print(f"[offload] {label}: {rows[-1]['error']}", file=sys.stderr, flush=True)
                 decoder = None
-                gc.unfreeze()
-                gc.collect()
                 continue
             key = ("compile" in opts, "slot" in opts, "host" in opts)  # rows of one arithmetic: the same tokens
             tokens = out.new_token_ids[0]
@@ -319,10 +319,6 @@ def row_omnilab(args) -> list[dict]:
                   f" host {json.dumps({k: round(v, 2) for k, v in profile['host_ms'].items()})}",
                   file=sys.stderr, flush=True)
             decoder = None
-            if cuda:  # the row's frozen objects (slots, graphs) back into collection, then freed before the next cap
-                gc.unfreeze()
-                gc.collect()
-                torch.cuda.empty_cache()
     for r in rows:
         r["peak_anon_bytes"] = anon.peak
     return rows

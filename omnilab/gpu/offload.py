@@ -19,7 +19,7 @@ from omnilab.gpu.segments import expert_on_host
 from omnilab.gpu.slot_cache import SlotCache
 from omnilab.gpu.slots import SlabPool
 from omnilab.gpu.step import (Consts, StaticKV, attention, compute_refusal, dense_layer, expert_mix, layer_weights,
-                              rms_norm, route)
+                              rms_norm, route, torch_compute)
 from omnilab.model.rope import rope_inv_freq
 from omnilab.model.generate import Generation
 from omnilab.model.routing import RoutingOverride
@@ -71,8 +71,7 @@ class OffloadDecoder:
         self.kv = StaticKV(cfg, 1, self.max_len, self.dtype, self.device)
         self.prefetch_enabled = prefetch
         self.override = override if override is not None else getattr(model, "routing_override", None)
-        self.compute = compute or ("grouped_mm" if self.dtype == torch.bfloat16 or self.device.type == "cpu"
-                                   else "gather")
+        self.compute = compute or torch_compute(self.dtype, self.device)
         refusal = compute_refusal(self.compute, self.device)
         if refusal:
             raise ValueError(f"offload: {refusal}")

@@ -183,9 +183,15 @@ def default_compute(dtype, device) -> str:
     installed (H100, 48 layers, batch 1: 187.8 tok/s against grouped_mm's 151.3; batches 8 and 32 faster too,
     bench/results/batched_h100.md), grouped_mm for bf16 otherwise and on the CPU, gather for fp32 on CUDA."""
     device = torch.device(device)
-    if dtype == torch.bfloat16 and device.type == "cuda":
-        return "triton" if compute_refusal("triton", device) is None else "grouped_mm"
-    return "grouped_mm" if device.type == "cpu" or dtype == torch.bfloat16 else "gather"
+    if dtype == torch.bfloat16 and device.type == "cuda" and compute_refusal("triton", device) is None:
+        return "triton"
+    return torch_compute(dtype, device)
+
+
+def torch_compute(dtype, device) -> str:
+    """The expert mix through torch's kernels alone: grouped_mm for bf16 and on the CPU, gather for fp32 on CUDA
+    (the default of a decoder without Triton, and the offload engine's: its segments compute per slot)."""
+    return "grouped_mm" if torch.device(device).type == "cpu" or dtype == torch.bfloat16 else "gather"
 
 
 def compute_refusal(compute: str, device) -> str | None:
@@ -209,12 +215,12 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
     fused, fp32 accumulation; CUDA, or CPU tensors under TRITON_INTERPRET=1; needs Triton); prefill-sized bf16
     steps (more than TRITON_MAX_CHOICES choices) take grouped_mm."""
     N, k = slots.shape
-    if compute == "triton" and (N * k <= TRITON_MAX_CHOICES or x.dtype != torch.bfloat16):
+    if compute == "triton" and N * k > TRITON_MAX_CHOICES and x.dtype == torch.bfloat16:
+        compute = "grouped_mm"  # a prefill-sized step in bf16 (TRITON_MAX_CHOICES)
+    if compute == "triton":
         from omnilab.gpu.fused_moe import fused_expert_mix  # imports Triton: only when asked for
 
         return fused_expert_mix(x, slots, weights, gate_up, down)
-    if compute == "triton":
-        compute = "grouped_mm"  # a prefill-sized step in bf16 (TRITON_MAX_CHOICES)
     I = down.shape[-1]
     flat = slots.reshape(-1)  # [N * k]
     if compute == "grouped_mm":

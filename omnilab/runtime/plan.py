@@ -6,8 +6,8 @@ the routed experts from GPU memory and pays a fixed latency per layer (the kerne
 their reading: about 40 us a layer in bf16 with the Triton step, from the H100's 251.8 tok/s at 48 layers,
 decode_step_h100.md: 3.97 ms a token against 2.07 ms of reading at the 2.96 TB/s `plan` measured there; about
 100 us with torch's kernels alone, fp32 or grouped_mm: 150 and 156.8 tok/s on an H100 and an H200); an offload
-step adds the misses copied over the host link; the CPU path reads everything from host memory. Bandwidths are measured here in a few seconds, or taken from `--gpu` presets for a
-described machine.
+step adds the misses copied over the host link; the CPU path reads everything from host memory. Bandwidths are
+measured here in a few seconds, or taken from `--gpu` presets for a described machine.
 """
 
 from __future__ import annotations
