@@ -478,7 +478,25 @@ def table(rows, errors, ckpt, args) -> str:
              + (f"; rel err vs transformers {r['rel_err_vs_hf']:.2e}" if "rel_err_vs_hf" in r else "")
              + f"; decode runs {', '.join(f'{x:.1f}' for x in r['decode_runs'])} tok/s"
              + f"; peak anon RSS {r['peak_anon_bytes'] / gb:.1f} GB" for r in rows]
-    return "\n".join(lines + [""] + extra + [f"- failed: {e}" for e in errors])
+    return "\n".join(lines + [""] + extra + noise_lines(rows) + [f"- failed: {e}" for e in errors])
+
+
+def noise_lines(rows) -> list[str]:
+    """transformers' own bf16 noise: its experts implementations' logits against each other over the same steps
+    (two orders of the same arithmetic), the scale the other rows' "rel err" columns are read against."""
+    import torch
+
+    hf = [r for r in rows if r["row"].startswith("transformers") and "logits_file" in r]
+    out = []
+    for i, a in enumerate(hf):
+        for b in hf[i + 1:]:
+            x, y = torch.load(a["logits_file"]), torch.load(b["logits_file"])
+            n = min(len(x), len(y))
+            rel = float((x[:n] - y[:n]).norm() / y[:n].norm())
+            same = sum(p == q for p, q in zip(a["argmax"][:n], b["argmax"][:n]))
+            out.append(f"- transformers' own noise: {a['row']} against {b['row']}, logits rel err {rel:.2e} over "
+                       f"{n} steps, forced argmax equal at {same} / {n}")
+    return out
 
 
 if __name__ == "__main__":

@@ -56,10 +56,11 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         $([ -f $OUT/token_config.json ] && echo --token-config $OUT/token_config.json) 2>&1 | tail -8
       ;;
     step)  # issue 28's resident row: the default compiled step (bf16 on CUDA: Triton mix and step kernels) beside
-      # grouped_mm and the eager path (exactness columns), 48 layers
+      # grouped_mm and the eager path (exactness columns), 48 layers; STEP_ROWS=hf,...: transformers' experts
+      # implementations (HF_IMPL) too, their logits against each other being transformers' own bf16 noise
       wait48
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
-      timeout $(left) python3 bench/decode.py --checkpoint $C48 --device cuda --rows ${STEP_ROWS:-eager,fast-grouped,fast-triton-mix,fast-compiled} \
+      timeout $(left) python3 bench/decode.py --checkpoint $C48 --device cuda --rows ${STEP_ROWS:-eager,fast-grouped,fast-triton-mix,fast-compiled} --hf-impl ${HF_IMPL:-grouped_mm,eager} \
         --prompt-tokens 128 --new-tokens 128 --slow-tokens 16 --free-tokens 8 --repeats 3 --hbm-tb-s $hbm \
         --workdir /tmp/step --out $OUT/decode_step.json --markdown $OUT/decode_step.md \
         $([ -f $OUT/step_config.json ] && echo --token-config $OUT/step_config.json) 2>&1 | tail -8
@@ -72,12 +73,16 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
     tune)  # block sizes of the fused mix's batch-1 token mode (bench/tune_token_mix.py), distinct layers cycled
       wait48
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
-      # TUNE_BATCH=8: the scan mode of batched decode (then STAGES=batched with TOKEN_CONFIG=$OUT/token_config.json)
-      timeout 300 python3 bench/tune_token_mix.py --hbm-tb-s $hbm --batch ${TUNE_BATCH:-1} --seconds ${TUNE_SECONDS:-150} --save $OUT/token_config.json 2>&1 | tee $OUT/tune_token_mix.txt | grep -v "^  {" | tail -30
+      # TUNE_BATCH=8: the scan mode of batched decode (then STAGES=batched with TOKEN_CONFIG=$OUT/token_config_b8.json)
+      # TUNE_BATCH="8 32": one search per batch, each saved as $OUT/token_config_b<batch>.json
+      for b in ${TUNE_BATCH:-1}; do
+        timeout 300 python3 bench/tune_token_mix.py --hbm-tb-s $hbm --batch $b --seconds ${TUNE_SECONDS:-150} --save $OUT/token_config_b$b.json 2>&1 | tee $OUT/tune_token_mix_b$b.txt | grep -v "^  {" | tail -30
+      done
       ;;
     profile)  # where the compiled step's GPU time goes, per expert compute (bench/step_profile.py, 4 layers)
       wait48
-      timeout 300 python3 bench/step_profile.py --layers 4 --computes ${COMPUTES:-grouped_mm,triton} 2>&1 | tee $OUT/step_profile.txt | tail -45
+      # PROFILE_BATCH=8: the batched step (bench/batched.py's)
+      timeout 300 python3 bench/step_profile.py --layers 4 --batch ${PROFILE_BATCH:-1} --computes ${COMPUTES:-grouped_mm,triton} 2>&1 | tee $OUT/step_profile_b${PROFILE_BATCH:-1}.txt | tail -45
       ;;
     batched)  # batched decode per compute way against each batch's HBM floor (bench/batched.py, 48 layers)
       wait48
