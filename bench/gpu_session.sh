@@ -8,7 +8,7 @@
 # tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py), hybrid (bench/offload.py with host),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
-# fp32), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
+# fp32), host (bench/host_rate.py), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -116,6 +116,9 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         --new-tokens 32 --plan ${HYBRID_PLAN:-8/uniform/compile,8/uniform/compile+host,8/locality/compile,8/locality/compile+host} \
         --out $OUT/offload_hybrid.json --markdown $OUT/offload_hybrid.md 2>&1 | grep -v "^\[offload\] .*phases" | tail -8
       cat $OUT/offload_hybrid.md 2>/dev/null | head -12
+      ;;
+    host)  # hybrid offload's host side: experts computed on the host's cores, cold, per thread count, with and without copies beside (bench/host_rate.py)
+      timeout 120 python3 bench/host_rate.py --threads 1,4,8,16 --experts 64 --out $OUT/host_rate.json 2>&1 | tee $OUT/host_rate.txt | tail -12
       ;;
     before-after-offload)  # bench/offload.py before the re-rooming (.old/) and now: one 8 GB uniform row each
       wait48

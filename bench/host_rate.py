@@ -1,0 +1,132 @@
+"""The host side of hybrid offload (omnilab.gpu.offload, host_share): how fast the host's cores compute missed
+experts (segments.expert_on_host) from memory, cold (distinct experts, as in a decode step, not one expert again
+from the CPU caches as OffloadDecoder.measure_host_share times it), per torch thread count, alone and while the
+GPU copies pinned host memory to the device as fast as it can (the copies a hybrid step runs beside).
+
+    python bench/host_rate.py                       # real expert shapes, bf16, 64 distinct experts (600 MB)
+    python bench/host_rate.py --threads 1,4,8,16 --experts 128 --out host_rate.json
+
+Prints one row per (thread count, copies running or not): experts/s, GB/s of expert weights read, and the
+warm rate (the same expert again) beside it; with CUDA also the copy rate alone and under host compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+from omnilab.gpu.segments import expert_on_host
+
+
+def cold_rate(experts, x, repeats: int) -> float:
+    """Seconds per expert over the distinct experts (each read once per pass), best pass of `repeats`."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for gate, up, down in experts:
+            expert_on_host(x, gate, up, down)
+        best = min(best, (time.perf_counter() - start) / len(experts))
+    return best
+
+
+def warm_rate(expert, x, repeats: int = 20) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        expert_on_host(x, *expert)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+class Copier:
+    """Pinned host -> device copies of `nbytes` in a loop on their own stream (a background thread) until stopped."""
+
+    def __init__(self, nbytes: int):
+        self.src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        self.stream = torch.cuda.Stream()
+        self.stop, self.bytes, self.seconds = threading.Event(), 0, 0.0
+
+    def run(self):
+        start = time.perf_counter()
+        with torch.cuda.stream(self.stream):
+            while not self.stop.is_set():
+                self.dst.copy_(self.src, non_blocking=True)
+                self.stream.synchronize()
+                self.bytes += self.src.numel()
+        self.seconds = time.perf_counter() - start
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def gb_s(self) -> float:
+        return self.bytes / self.seconds / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default=f"1,4,8,{os.cpu_count()}")
+    p.add_argument("--experts", type=int, default=64, help="distinct experts per pass")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    H, I = 2048, 768  # the real thinker's hidden and expert sizes
+    dt = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(0)
+    block = (torch.randn(args.experts, 3, I * H, generator=gen) * 0.02).to(dt)  # [E, 3, I*H]: down|gate|up as HostTier
+    experts = [(block[e, 1].view(I, H), block[e, 2].view(I, H), block[e, 0].view(H, I)) for e in range(args.experts)]
+    x = torch.randn(1, H, generator=gen).to(dt)
+    expert_gb = 3 * I * H * block.element_size() / 1e9
+    cuda = torch.cuda.is_available()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    print(f"{cpu}; {os.cpu_count()} cpus; bf16/amx flags: {sorted(f for f in flags if 'bf16' in f or 'amx' in f)}; "
+          f"torch {torch.__version__}; {args.dtype}; {args.experts} distinct experts x {expert_gb * 1e3:.1f} MB")
+    rows = []
+    copy_alone = None
+    if cuda:
+        with Copier(64 << 20) as c:
+            time.sleep(1.0)
+        copy_alone = c.gb_s
+        print(f"pinned -> device copies alone: {copy_alone:.1f} GB/s")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        cold_rate(experts[:4], x, 1)  # warm the kernels
+        for copies in ((False, True) if cuda else (False,)):
+            if copies:
+                with Copier(64 << 20) as c:
+                    s = cold_rate(experts, x, args.repeats)
+                copy_gb_s = c.gb_s
+            else:
+                s, copy_gb_s = cold_rate(experts, x, args.repeats), None
+            row = {"threads": threads, "copies": copies, "expert_ms": s * 1e3, "experts_per_s": 1 / s,
+                   "gb_s": expert_gb / s, "warm_expert_ms": warm_rate(experts[0], x) * 1e3, "copy_gb_s": copy_gb_s}
+            rows.append(row)
+            print(f"threads {threads:2d}, copies {'on ' if copies else 'off'}: {row['expert_ms']:.3f} ms/expert cold "
+                  f"({row['gb_s']:.1f} GB/s), warm {row['warm_expert_ms']:.3f} ms"
+                  + (f"; copies meanwhile {copy_gb_s:.1f} GB/s (alone {copy_alone:.1f})" if copies else ""), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"cpu": cpu, "rows": rows, "copy_alone_gb_s": copy_alone}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
