@@ -193,30 +193,33 @@ class OffloadDecoder:
             for e in fetched:
                 self.cache.ready[layer, e] = done
 
-    def measure_host_share(self, repeats: int = 3) -> dict:
+    def measure_host_share(self, repeats: int = 3, experts: int = 16) -> dict:
         """Seconds to copy one expert into a slot and to compute one on the host's cores (expert_on_host), and
-        the share of misses to compute on the host so that both finish together: copy / (copy + host). Uses the
-        first MoE layer's slot 0 (before any step: nothing is resident yet)."""
+        the share of misses to compute on the host so that both finish together: copy / (copy + host). The copy
+        is timed into the first MoE layer's slot 0 (before any step: nothing is resident yet), best of `repeats`;
+        the host over `experts` distinct experts, each read once from memory as a decode step reads its misses
+        (one expert again and again is served from the CPU's caches: bench/host_rate.py measured that warm rate
+        above the cold one)."""
         layer = self.config.moe_layers[0]
         if self.cache.where[layer]:
             raise RuntimeError("offload: measure_host_share before any step (it overwrites slot 0)")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         x = torch.randn(1, self.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(self.dtype)
-        gate, up, down = self.host.expert(layer, 0)
-        times = {"copy": [], "host": []}
-        for r in range(repeats + 1):  # the first of each is a warm-up
+        copies = []
+        for r in range(repeats + 1):  # the first is a warm-up
             sync()
             start = time.perf_counter()
             self._issue_copy(layer, 0, 0)
             sync()
-            copy_s = time.perf_counter() - start
-            start = time.perf_counter()
-            expert_on_host(x, gate, up, down)
-            host_s = time.perf_counter() - start
-            if r:
-                times["copy"].append(copy_s)
-                times["host"].append(host_s)
-        copy_s, host_s = min(times["copy"]), min(times["host"])
+            copies.append(time.perf_counter() - start)
+        layers, E = list(self.config.moe_layers), self.config.num_experts
+        cold = [(layers[j % len(layers)], 1 + j // len(layers)) for j in range(min(experts, len(layers) * (E - 1)))]
+        cold = cold or [(layer, 0)]  # one expert per layer: that one
+        expert_on_host(x, *self.host.expert(layer, 0))  # warm-up: the kernels, not the weights timed below
+        start = time.perf_counter()
+        for where in cold:  # distinct experts, across layers: none of them in the CPU's caches from the one before
+            expert_on_host(x, *self.host.expert(*where))
+        copy_s, host_s = min(copies[1:]), (time.perf_counter() - start) / len(cold)
         self.cache.stats.copies = 0
         return {"copy_s": copy_s, "host_s": host_s, "share": copy_s / (copy_s + host_s)}
 
