@@ -84,10 +84,20 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       # PROFILE_BATCH=8: the batched step (bench/batched.py's)
       timeout 300 python3 bench/step_profile.py --layers 4 --batch ${PROFILE_BATCH:-1} --computes ${COMPUTES:-grouped_mm,triton} 2>&1 | tee $OUT/step_profile_b${PROFILE_BATCH:-1}.txt | tail -45
       ;;
-    batched)  # batched decode per compute way against each batch's HBM floor (bench/batched.py, 48 layers)
+    batched)  # batched decode per compute way against each batch's HBM floor (bench/batched.py, 48 layers); a batch
+      # with its own tuned block sizes ($OUT/token_config_b<batch>.json of STAGES=tune) runs alone with them
       wait48
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
-      timeout $(left) python3 bench/batched.py --checkpoint $C48 --batches ${BATCHES:-1,8,32,64} --hbm-tb-s $hbm \
+      plain=""
+      for b in $(echo ${BATCHES:-1,8,32,64} | tr , ' '); do
+        if [ -z "${TOKEN_CONFIG:-}" ] && [ -f $OUT/token_config_b$b.json ]; then
+          timeout $(left) python3 bench/batched.py --checkpoint $C48 --batches $b --hbm-tb-s $hbm --computes ${BATCHED_COMPUTES:-triton} \
+            --token-config $OUT/token_config_b$b.json --out $OUT/batched_b$b.json --markdown $OUT/batched_b$b.md 2>&1 | tail -3
+        else
+          plain=$plain${plain:+,}$b
+        fi
+      done
+      [ -n "$plain" ] && timeout $(left) python3 bench/batched.py --checkpoint $C48 --batches $plain --hbm-tb-s $hbm \
         $([ -n "${TOKEN_CONFIG:-}" ] && echo --token-config $TOKEN_CONFIG) \
         --out $OUT/batched.json --markdown $OUT/batched.md 2>&1 | tail -12
       ;;
