@@ -2,7 +2,8 @@
 interpreter: each kernel against the torch ops it replaces (fp32 to 1e-6, bf16 equal but for rare one-ulp flips of
 an fp32 sum's order), with and without padding rows, sizes off the blocks; and TracePrefill.record's routing with
 the Triton glue equal to the torch glue's on a tiny checkpoint, padded and whole batches, fp32 and bf16. Skipped
-without Triton (CI). The glue's choice and refusals run without the interpreter.
+without Triton (CI). The glue's choice and refusals run without the interpreter, and each kernel is compiled for
+sm_90 (Triton's compiler and its ptxas, no GPU needed): what the interpreter accepts and the compiler would not.
 
 The cases run in one subprocess with TRITON_INTERPRET=1 (tests/interpreted.py). (The GPU: tests/gpu/
 test_gpu_prefill_kernels.py.)
@@ -201,6 +202,31 @@ def test_glue_choice_and_refusals(tiny_omni, monkeypatch):
         TracePrefill(model, glue="triton")
     with pytest.raises(ValueError, match="glue 'cuda', use torch, triton"):
         TracePrefill(model, glue="cuda")
+
+
+def test_kernels_compile_for_sm90():
+    """Each kernel (each compile-time branch) through Triton's compiler to PTX for an H100 / H200, no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from omnilab.gpu import prefill_kernels as pk
+
+    def types(pointers: str, ints: str, **more) -> dict:
+        return {**{n: "*bf16" for n in pointers.split()}, **{n: "i32" for n in ints.split()}, **more}
+
+    builds = [(pk._rms_norm, types("x a w out", "R D sx sa so", eps="fp32"), dict(RESID=resid, BLOCK_R=2, BLOCK_D=2048))
+              for resid in (False, True)]
+    builds.append((pk._norm_rope, types("x w cos sin out", "R HEADS HALF sx sc so", eps="fp32"),
+                   dict(BLOCK_R=64, BLOCK_D=64)))
+    builds.append((pk._silu_mul, types("gu act", "M I sg sa"), dict(BLOCK_M=16, BLOCK_N=256)))
+    builds += [(pk._combine, {**types("y", ""), "inv": "*i64", **types("w h", ""), "rows": "*i64",
+                              **types("", "H sy sw sh")},
+                dict(TOP_K=8, KP=8, BLOCK_H=pk.COMBINE_BLOCK_H, ROWS=rows)) for rows in (False, True)]
+    for fn, types, consts in builds:
+        src = ASTSource(fn=fn, signature={**types, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert ".entry" in ptx, fn
 
 
 if __name__ == "__main__":  # the subprocess: python tests/test_prefill_kernels.py CHECKPOINT OUT.json
