@@ -1,8 +1,8 @@
 """The trace prefill's glue as Triton kernels (prefill.py's glue="triton", bf16 on CUDA): the elementwise work
 around the grouped expert GEMMs and the dense projections, each one pass over its tensors where torch's eager
 modules take several kernels (and strided views, index_put and dtype copies) per op:
-- `rms_norm`: omnilab.model.decoder.RMSNorm (normalised in fp32, cast, scaled in the input dtype), one row a
-  program row; `add_rms_norm`: the residual add h += a (in place) and the norm of the sum, in one pass;
+- `rms_norm`: omnilab.model.decoder.RMSNorm (normalised in fp32, cast, scaled in the input dtype), a block of
+  rows per program; `add_rms_norm`: the residual add h += a (in place) and the norm of the sum, in one pass;
 - `norm_rope`: q_norm / k_norm and the rotary embedding of one projection's heads (q * cos + rotate_half(q) * sin);
 - `silu_mul`: F.silu(gate) * up of the fused gate|up grouped GEMM's [M, 2I] output into a contiguous [M, I];
 - `combine_into`: the down grouped GEMM's rows (slot-sorted) weighted, gathered back to their tokens, summed over
