@@ -21,7 +21,10 @@ Measured, on the corpus the bench writes (eval-split documents repeated up to --
   (top-k ids, weights, entropy) copied to pinned host memory without the host waiting, Parquet shards written
   (zstd) by background writer threads row group by row group as the layers arrive, the manifest;
 - the same prefill alone: TracePrefill.record_async over the plan's batches (routing to the host, no Parquet),
-  to separate the device's part from the writing;
+  to separate the device's part from the writing; with its default glue (prefill_kernels.py's Triton kernels for
+  bf16 on CUDA) and, where that is not the torch glue, once more with glue="torch" (the eager modules and
+  step.expert_mix around the same GEMMs), the before and after of the fused glue in one run, and how often the two
+  glues' expert ids agree;
 - the Parquet writing alone: the same shards written from that routing in host memory by the same writer threads;
 - `omnilab trace`, eager path (`--prefill eager`): the selective model's prefill through its hooks (eager
   expert loop, one host sync per layer; stops after the last router), the same writing;
@@ -209,7 +212,9 @@ def main() -> int:
         text = hf.model.language_model
         experts = ResidentExperts({i: text.layers[i].mlp.experts.gate_up_proj for i in cfg.moe_layers},
                                   {i: text.layers[i].mlp.experts.down_proj for i in cfg.moe_layers})
-        recorder = TracePrefill(model, experts)  # transformers' fused expert tensors: no copy
+        recorder = TracePrefill(model, experts)  # transformers' fused expert tensors: no copy; its default glue
+        # the torch glue beside the default one, for the before / after (on the CPU the default is the torch glue)
+        recorders = [recorder] + ([TracePrefill(model, experts, glue="torch")] if recorder.glue != "torch" else [])
         print(f"[bench] built {cfg.num_hidden_layers} layers x {cfg.num_experts} experts on {device} in "
               f"{build_s:.0f} s; experts {model.cache.store.total_bytes / 1e9:.1f} GB", file=sys.stderr, flush=True)
         kw = dict(max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, progress=False, model=model,
@@ -230,17 +235,24 @@ def main() -> int:
         ids = trace.tokenize(tokenizer, docs["text"].tolist(), args.max_tokens, cfg.vocab_size)
         pad = tokenizer.pad_token_id
         k = cfg.num_experts_per_tok
-        reset_gpu()
-        prefill_speed, routings = prefill_rows(recorder, plan["batches"], ids, device, pad)
-        prefill_gpu = peak_gpu()
-        print(f"[bench] grouped prefill alone: {prefill_speed:,.0f} tokens/s", file=sys.stderr, flush=True)
+        alone = {}  # glue -> (tokens/s, peak GPU bytes, routings)
+        for r in recorders:
+            prefill_rows(r, plan["batches"][:1], ids, device, pad)  # warm-up (the Triton glue compiles)
+            reset_gpu()
+            speed, routed = prefill_rows(r, plan["batches"], ids, device, pad)
+            alone[r.glue] = (speed, peak_gpu(), routed)
+            print(f"[bench] grouped prefill alone, {r.glue} glue: {speed:,.0f} tokens/s", file=sys.stderr, flush=True)
+        routings = alone[recorder.glue][2]
+        glues_agree = glue_agreement(alone["torch"][2], routings) if len(alone) > 1 else None
         write_speed, writers = writing_rows(routings, plan["batches"], ids, docs["domain"].tolist(),
                                             [int(i) for i in cfg.moe_layers], work / "write-only")
         del routings
         print(f"[bench] Parquet writing alone ({writers} writer threads): {write_speed:,.0f} tokens/s", file=sys.stderr,
               flush=True)
+        for glue in alone:
+            alone[glue] = alone[glue][:2]  # the routings are no longer needed
         if args.profile:
-            profile(recorder, hf, plan["batches"][0], ids, device, pad, k, Path(args.profile))
+            profile(recorders, hf, plan["batches"][0], ids, device, pad, k, Path(args.profile))
         rows = []
         for impl in ("default", "eager"):
             if impl == "eager":
@@ -263,18 +275,19 @@ def main() -> int:
            "corpus_tokens": corpus_tokens, "documents": results["grouped"].documents,
            "batches": results["grouped"].batches,
            "omnilab": [
-               {"setting": "omnilab trace, grouped prefill (default on CUDA; Parquet written in the background)",
+               {"setting": f"omnilab trace, grouped prefill ({recorder.glue} glue; default on CUDA; Parquet written "
+                           f"in the background)",
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
                 "peak_gpu_bytes": gpu["grouped"]},
-               {"setting": "  the grouped prefill alone (routing to host, no Parquet)", "tokens_per_s": prefill_speed,
-                "peak_gpu_bytes": prefill_gpu},
+               *({"setting": f"  the grouped prefill alone, {glue} glue (routing to host, no Parquet)",
+                  "tokens_per_s": speed, "peak_gpu_bytes": peak} for glue, (speed, peak) in alone.items()),
                {"setting": f"  the Parquet writing alone (the same shards from host memory, {writers} thread{'s' * (writers > 1)})",
                 "tokens_per_s": write_speed, "peak_gpu_bytes": None},
                *([{"setting": "omnilab trace, eager path (--prefill eager; Parquet written)",
                    "tokens_per_s": results["eager"].tokens_per_s, "seconds": results["eager"].seconds,
                    "peak_gpu_bytes": gpu["eager"]}] if "eager" in results else [])],
            "transformers": [{k_: v for k_, v in r.items() if k_ != "first"} for r in rows],
-           "topk_agreement_first_batch": agreement, "grouped_vs_eager": paths,
+           "topk_agreement_first_batch": agreement, "grouped_vs_eager": paths, "glues_agree": glues_agree,
            "active_params": active, "compute_floor_tokens_per_s": floor, "peak_anon_bytes": anon.peak,
            "args": vars(args)}
     if args.out:
@@ -299,6 +312,18 @@ def prefill_rows(recorder, batches, ids, device, pad: int) -> tuple[float, list]
     return tokens / (time.perf_counter() - start), routings
 
 
+def glue_agreement(a, b) -> dict:
+    """Two glues' routings of the same batches: expert ids equal per (token, layer, rank), top-k sets equal per
+    (token, layer), and the largest weight difference."""
+    import numpy as np
+
+    ea = np.concatenate([r.experts for r in a], axis=1)  # [L, tokens, k]
+    eb = np.concatenate([r.experts for r in b], axis=1)
+    weight = max(float(np.abs(x.weights - y.weights).max()) for x, y in zip(a, b))
+    return {"expert_ids_equal": float((ea == eb).mean()),
+            "topk_sets_equal": float((np.sort(ea, -1) == np.sort(eb, -1)).all(-1).mean()), "max_weight_diff": weight}
+
+
 def writing_rows(routings, batches, ids, domains, layers, folder: Path) -> tuple[float, int]:
     """tokens/s of writing the plan's shards alone, from routings in host memory, with the trace's writer threads
     (omnilab.trace.shards.ShardWriter, the same count as trace_corpus takes)."""
@@ -320,18 +345,19 @@ def writing_rows(routings, batches, ids, domains, layers, folder: Path) -> tuple
     return tokens / (time.perf_counter() - start), writers
 
 
-def profile(recorder, hf, batch, ids, device, pad: int, k: int, path: Path) -> None:
-    """torch.profiler over one batch: the grouped prefill, then transformers' forward + router top-k (its default
-    experts); the operators by device time, written to `path`."""
+def profile(recorders, hf, batch, ids, device, pad: int, k: int, path: Path) -> None:
+    """torch.profiler over one batch: the grouped prefill with each glue, then transformers' forward + router top-k
+    (its default experts); the operators by device time, written to `path`."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     tables = []
-    for name in ("omnilab grouped prefill", "transformers forward + router logits"):
+    runs = [(f"omnilab grouped prefill, {r.glue} glue", r) for r in recorders]
+    for name, recorder in runs + [("transformers forward + router logits", None)]:
         sync(device)
         with torch_profile(activities=activities) as prof:
-            if name.startswith("omnilab"):
+            if recorder is not None:
                 recorder.record([ids[d] for d in batch], batch, pad_id=pad)
             else:
                 transformers_rows(hf, [batch], ids, k, device, pad, 1)
@@ -427,6 +453,10 @@ def table(r: dict, command: str) -> str:
               f"{c['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {c['topk_sets_equal']:.4f}, "
               f"top-k set overlap {c['topk_set_overlap']:.4f}, largest weight difference "
               f"{c['max_weight_diff']:.2g} ({r['dtype']}). ") if c else ""
+    g = r.get("glues_agree")
+    versus += (f"Grouped prefill alone, Triton glue against torch glue ({r['dtype']}): expert id equal per row "
+               f"{g['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {g['topk_sets_equal']:.4f}, largest "
+               f"weight difference {g['max_weight_diff']:.2g}. ") if g else ""
     lines += ["", versus + f"Top-k set agreement with transformers' "
                   f"({tf[0]['setting'].split('(')[1].split()[0]}) router on the first batch: "
                   + ", ".join(f"{name} {v:.4f}" for name, v in a.items())

@@ -170,6 +170,7 @@ def test_grouped_prefill_equals_eager_path_and_hooks(tiny_omni, corpus, tmp_path
     assert (eager.prefill, grouped.prefill) == ("eager", "grouped_mm") and grouped.batches == eager.batches > 2
     a, b = trace.TraceDataset(tmp_path / "eager"), trace.TraceDataset(tmp_path / "grouped")
     assert a.manifest["run"]["prefill"] == "eager" and b.manifest["run"]["prefill"] == "grouped_mm"
+    assert a.manifest["run"]["prefill_glue"] is None and b.manifest["run"]["prefill_glue"] == "torch"  # CPU
     assert b.manifest["settings"]["prefill"] == "grouped_mm" and "prefill" not in a.manifest["settings"]
     assert a.manifest["shards"] == b.manifest["shards"]  # same batches, tokens and rows per shard
     sa, sb = _shards(tmp_path / "eager"), _shards(tmp_path / "grouped")

@@ -12,5 +12,7 @@
 - segments.py: the offloaded step's segment kernels, plain tensor functions (`expert_choice`, `mix_sum`, ...);
 - offload_step.py: the offloaded decode step as segments, their CUDA graphs and host loop (`SegmentedStep`);
 - offload.py: offloaded decoding under a GPU budget (`OffloadDecoder`: slots and copies, eager step, generate);
-- prefill.py: the grouped trace prefill (`TracePrefill`, `prefill_refusal`).
+- prefill_kernels.py: the trace prefill's glue as Triton kernels (`rms_norm`, `add_rms_norm`, `norm_rope`, `silu_mul`,
+  `combine_into`; imported by prefill.py for glue="triton");
+- prefill.py: the grouped trace prefill (`TracePrefill`, `prefill_refusal`, `prefill_glue`).
 """

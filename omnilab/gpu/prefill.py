@@ -1,7 +1,9 @@
 """The trace prefill: a batch of documents through the selective model with every expert resident, one grouped
-GEMM per projection per MoE layer (step.expert_mix), and every layer's routing recorded into pinned host buffers
-(one CUDA event per layer) read as the layers arrive (docs/DESIGN.md, omnilab/gpu/). Follows transformers'
-`grouped_mm` experts implementation; the rest of each layer is the eager model's own modules.
+GEMM per projection per MoE layer, and every layer's routing recorded into pinned host buffers (one CUDA event per
+layer) read as the layers arrive (docs/DESIGN.md, omnilab/gpu/). Follows transformers' `grouped_mm` experts
+implementation. The work around the GEMMs (the glue) is one of two, chosen once per TracePrefill (`prefill_glue`):
+"torch", the eager model's own modules and step.expert_mix (CPU, fp32, no Triton); "triton", prefill_kernels.py's
+fused norms, rotary, SiLU * up and combine into the residual stream (bf16 on CUDA with Triton installed).
 differs from transformers: padding rows skip the router and the experts; the k expert outputs of a token are
 summed in one reduction; the forward stops after the last MoE layer's router (each labelled inline).
 """
@@ -12,10 +14,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from omnilab.gpu.fast import plain_routing_refusal
 from omnilab.gpu.slots import SlotPool, all_experts_room_refusal
-from omnilab.gpu.step import expert_mix, route
+from omnilab.gpu.step import compute_refusal, expert_mix, route
 from omnilab.model.rope import rope_cos_sin
 
 
@@ -67,18 +70,107 @@ def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
     return all_experts_room_refusal(model, margin=1.05)  # 5% for a batch's activations beside the experts
 
 
+GLUES = ("torch", "triton")  # the work around the GEMMs (TracePrefill's glue)
+
+
+def prefill_glue(dtype, device) -> str:
+    """The glue a TracePrefill takes when not told: "triton" (prefill_kernels.py) for bf16 on CUDA where Triton is
+    installed (as step.default_compute chooses the Triton expert mix), "torch" otherwise."""
+    device = torch.device(device)
+    if dtype == torch.bfloat16 and device.type == "cuda" and compute_refusal("triton", device) is None:
+        return "triton"
+    return "torch"
+
+
+class TorchGlue:
+    """The eager model's own modules around the GEMMs, and step.expert_mix's grouped_mm (the fallback)."""
+
+    name = "torch"
+
+    def attend(self, layer, h, cos, sin, i: int):
+        """h [B, T, H] -> (h + attention, the post-attention norm of it), as the eager block computes them."""
+        h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, None, None, i)  # causal SDPA, [B, T, H]
+        return h, layer.post_attention_layernorm(h)
+
+    def add_mix(self, h, x, experts, weights, gate_up, down, slot_range, rows):
+        """h [B, T, H] with the expert mix of x [n, H] (experts, weights [n, k]) added to its rows `rows` [n] of
+        h.view(B * T, H) (None: every row, in order); returns h."""
+        # differs from eager: one grouped GEMM per projection; a token's k outputs summed in one reduction
+        mix = expert_mix(x, experts, weights, gate_up, down, slot_range, "grouped_mm")  # [n, H]
+        if rows is None:
+            return h + mix.view(h.shape)  # [B, T, H]
+        flat = h.view(-1, h.shape[-1])  # [B * T, H]; h is this layer's own residual sum: updated in place
+        flat[rows] = flat[rows] + mix  # padding rows keep h (one rounding, as an index_add would, without atomics)
+        return h
+
+
+class TritonGlue:
+    """prefill_kernels.py's kernels around the same GEMMs (torch's grouped_mm and the modules' linear layers):
+    each norm one pass (the post-attention one with the residual add), q / k norm and RoPE one pass each, SiLU *
+    up one pass, and the weighted sum over k gathered and added into the residual rows in place. The eager ops'
+    arithmetic and roundings (prefill_kernels.py's header); the residual stream h is updated in place."""
+
+    name = "triton"
+
+    def __init__(self):
+        from omnilab.gpu import prefill_kernels  # imports Triton: only for this glue
+
+        self.k = prefill_kernels
+
+    def attend(self, layer, h, cos, sin, i: int):
+        """As TorchGlue.attend (the eager Attention.forward's ops, in its order), h updated in place."""
+        pk, a = self.k, layer.self_attn
+        B, T, _ = h.shape
+        nh, nkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
+        norm = layer.input_layernorm
+        x = pk.rms_norm(h, norm.weight, norm.eps)  # [B, T, H]
+        # differs from eager: q_norm / k_norm and RoPE in one kernel per projection (the same roundings)
+        q = pk.norm_rope(a.q_proj(x).view(B, T, nh, hd), a.q_norm.weight, cos, sin, a.q_norm.eps)  # [B, T, nh, hd]
+        k = pk.norm_rope(a.k_proj(x).view(B, T, nkv, hd), a.k_norm.weight, cos, sin, a.k_norm.eps)  # [B, T, nkv, hd]
+        v = a.v_proj(x).view(B, T, nkv, hd)  # [B, T, nkv, hd]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=T > 1,
+                                           scale=hd ** -0.5, enable_gqa=nh != nkv)  # [B, nh, T, hd]
+        o = a.o_proj(o.transpose(1, 2).reshape(B, T, nh * hd))  # [B, T, H]
+        norm = layer.post_attention_layernorm
+        # differs from eager: h + o in place (one rounding, as h + o) and the norm of the sum, one kernel
+        return h, pk.add_rms_norm(h, o, norm.weight, norm.eps)
+
+    def add_mix(self, h, x, experts, weights, gate_up, down, slot_range, rows):
+        """As TorchGlue.add_mix (step.expert_mix's grouped_mm), the elementwise work in two kernels; h in place."""
+        pk = self.k
+        n, k = experts.shape
+        I = down.shape[-1]
+        sorted_slots, perm = torch.sort(experts.reshape(-1), stable=True)  # [n * k]: choices grouped by expert
+        offs = torch.searchsorted(sorted_slots, slot_range, right=True).to(torch.int32)  # [E]: group ends
+        gu = torch._grouped_mm(x[perm // k], gate_up.transpose(1, 2), offs=offs)  # [n * k, 2I], sorted order
+        y = torch._grouped_mm(pk.silu_mul(gu, I), down.transpose(1, 2), offs=offs)  # [n * k, H], sorted order
+        inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(n * k, device=perm.device))  # [n * k]
+        # differs from TorchGlue: y * w, the scatter back to (token, choice) order, the sum over k and the residual
+        # add in one kernel reading each row of y once (the same roundings; no index_put)
+        pk.combine_into(h.view(-1, h.shape[-1]), y, inv, weights, rows)
+        return h
+
+
 class TracePrefill:
     """Routing of batches of documents through `model` (a SelectiveMoE) with every expert resident.
 
-    experts: the stacked experts (ResidentExperts; default: read from the model's checkpoint). `record(...)`
-    takes one batch and returns its Routing."""
+    experts: the stacked experts (ResidentExperts; default: read from the model's checkpoint). glue: "torch" or
+    "triton" (GLUES; default prefill_glue's choice), the work around the GEMMs; `glue` names the one taken.
+    `record(...)` takes one batch and returns its Routing."""
 
     name = "grouped_mm"
 
-    def __init__(self, model, experts: ResidentExperts | None = None):
+    def __init__(self, model, experts: ResidentExperts | None = None, glue: str | None = None):
         refusal = prefill_refusal(model, experts_given=experts is not None)
         if refusal:
             raise ValueError(f"grouped prefill unavailable: {refusal}")
+        glue = glue or prefill_glue(model.dtype, model.device)
+        if glue not in GLUES:
+            raise ValueError(f"grouped prefill: glue {glue!r}, use {', '.join(GLUES)}")
+        if glue == "triton" and compute_refusal("triton", model.device):
+            raise ValueError(f"grouped prefill: glue 'triton': {compute_refusal('triton', model.device)}")
+        self.glue = glue
+        self._glue = TritonGlue() if glue == "triton" else TorchGlue()
         self.model, self.config = model, model.config
         self.layers = [int(i) for i in self.config.moe_layers]
         self.experts = experts if experts is not None else ResidentExperts.from_checkpoint(model)
@@ -128,10 +220,11 @@ class TracePrefill:
         cos, sin = rope_cos_sin(positions, m.inv_freq, dtype)  # [B, T, hd]
         h = m.model.embed_tokens(ids)  # [B, T, H]
         last = self.layers[-1]
+        glue = self._glue
+        rows = None if whole else keep  # the real rows of h.view(B * T, H), in the trace's order
         j = 0  # MoE layers so far
         for i, layer in enumerate(m.model.layers):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, None, None, i)  # causal SDPA, [B, T, H]
-            x = layer.post_attention_layernorm(h)  # [B, T, H]
+            h, x = glue.attend(layer, h, cos, sin, i)  # h + attention, its post-attention norm [B, T, H]
             if not layer.is_moe:
                 h = h + layer.mlp(x)
                 continue
@@ -151,14 +244,8 @@ class TracePrefill:
             j += 1
             if i == last:
                 break  # nothing after the last router is part of the trace
-            # differs from eager: one grouped GEMM per projection; a token's k outputs summed in one reduction
-            mix = expert_mix(x, experts, weights, self.experts.gate_up[i], self.experts.down[i], self.slot_range,
-                             "grouped_mm")  # [n, H]
-            if whole:
-                h = h + mix.view(B, T, H)  # [B, T, H]
-            else:  # real rows h + mix (one rounding, as an index_add would), without its atomics
-                flat = h.view(B * T, H)  # [B * T, H]; h is this layer's own residual sum: updated in place
-                flat[keep] = flat[keep] + mix  # padding rows keep h
+            h = glue.add_mix(h, x, experts, weights, self.experts.gate_up[i], self.experts.down[i], self.slot_range,
+                             rows)  # [B, T, H]: the mix added to the real rows
         return pending
 
 

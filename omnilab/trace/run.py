@@ -234,7 +234,9 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
                         {"world_size": dist.world, "traced_batches": sum(s["batches"] for s in stats),
                          "traced_tokens": traced_tokens, "seconds": wall,
                          "tokens_per_s": traced_tokens / wall if wall > 0 else None,
-                         "prefill": "grouped_mm" if grouped else "eager", "prefill_refusal": refusal})
+                         "prefill": "grouped_mm" if grouped else "eager", "prefill_refusal": refusal,
+                         # the grouped prefill's glue (omnilab.gpu.prefill.GLUES) on rank 0; None: eager, or no batch
+                         "prefill_glue": getattr(recorder, "glue", None)})
     dist.barrier()
     return TraceResult(out, len(docs.documents), int(lengths.sum()), len(batches),
                        sum(s["batches"] for s in stats), traced_tokens, wall, dist.world,

@@ -1,0 +1,120 @@
+"""The trace prefill's Triton glue (omnilab.gpu.prefill_kernels) on cuda in bf16, the real thinker's shapes (hidden
+2048, 32 / 4 heads of 128, expert 768, top-8): each kernel against the torch ops it replaces (equal but for rare
+one-step flips: on the GPU exp and rsqrt are not torch's to the last fp32 ulp, and fp32 sums run in another order),
+padded and whole; TracePrefill takes the Triton glue by default for a bf16 cuda model and records the torch glue's
+routing, padded and whole batches. (In Triton's CPU interpreter: tests/test_prefill_kernels.py.)"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from omnilab.gpu import prefill_kernels as pk  # noqa: E402
+from omnilab.gpu.prefill import TracePrefill  # noqa: E402
+from omnilab.model.decoder import RMSNorm, SelectiveMoE  # noqa: E402
+from omnilab.model.rope import rotate_half  # noqa: E402
+
+H, NH, NKV, HD, I, K = 2048, 32, 4, 128, 768, 8
+BF16 = torch.bfloat16
+
+
+def close(got, want, equal: float = 0.99) -> None:
+    """bf16: at least `equal` of the elements bit-equal to the torch ops', the rest within bf16 noise."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    same = float((got == want).float().mean())
+    rel = float((got.float() - want.float()).norm() / want.float().norm())
+    assert same >= equal and rel < 2e-3, (same, rel)
+
+
+def norm(D, gen):
+    n = RMSNorm(D, 1e-6).cuda().requires_grad_(False)
+    n.weight.data = (torch.rand(D, device="cuda", generator=gen) + 0.5).to(BF16)
+    return n
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator(device="cuda").manual_seed(0)
+
+
+@pytest.mark.parametrize("rows", [1, 4099])
+def test_rms_norm_and_add_rms_norm(gen, rows):
+    n = norm(H, gen)
+    x = (torch.randn(rows, H, device="cuda", generator=gen) * 3).to(BF16)
+    close(pk.rms_norm(x, n.weight, n.eps), n(x))
+    a = torch.randn(rows, H, device="cuda", generator=gen).to(BF16)
+    h = x.clone()
+    out = pk.add_rms_norm(h, a, n.weight, n.eps)
+    assert torch.equal(h, x + a)  # the residual sum, rounded once, in place
+    close(out, n(x + a))
+
+
+@pytest.mark.parametrize("heads", [NH, NKV])
+def test_norm_rope(gen, heads):
+    B, T = 3, 517
+    n = norm(HD, gen)
+    q = torch.randn(B, T, heads, HD, device="cuda", generator=gen).to(BF16)
+    angle = torch.arange(T, device="cuda")[:, None] * 10000.0 ** (-torch.arange(0, HD, 2, device="cuda") / HD)
+    angle = torch.cat((angle, angle), -1).expand(B, T, HD)  # [B, T, hd], rope_cos_sin's
+    cos, sin = angle.cos().to(BF16), angle.sin().to(BF16)
+    want = n(q).transpose(1, 2)
+    want = want * cos[:, None] + rotate_half(want) * sin[:, None]
+    close(pk.norm_rope(q, n.weight, cos, sin, n.eps).transpose(1, 2), want)
+
+
+def test_silu_mul(gen):
+    gu = (torch.randn(8 * 1237, 2 * I, device="cuda", generator=gen) * 2).to(BF16)
+    close(pk.silu_mul(gu, I), F.silu(gu[:, :I]) * gu[:, I:])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_combine_into(gen, padded):
+    N = 1237
+    M = N * K
+    y = torch.randn(M, H, device="cuda", generator=gen).to(BF16)
+    perm = torch.randperm(M, device="cuda", generator=gen)
+    inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(M, device="cuda"))
+    w = torch.rand(N, K, device="cuda", generator=gen).softmax(-1).to(BF16)
+    R = 2 * N if padded else N
+    h = torch.randn(R, H, device="cuda", generator=gen).to(BF16)
+    rows = torch.randperm(R, device="cuda", generator=gen)[:N] if padded else None
+    yw = y * w.reshape(-1)[perm][:, None]  # step.expert_mix's grouped_mm, then h + mix at the real rows
+    out = torch.empty_like(yw)
+    out[perm] = yw
+    mix = out.view(N, K, H).sum(dim=1)
+    want = h.clone()
+    if padded:
+        want[rows] = want[rows] + mix
+    else:
+        want += mix
+    got = h.clone()
+    pk.combine_into(got, y, inv, w, rows)
+    close(got, want)
+    if padded:
+        other = torch.ones(R, dtype=torch.bool, device="cuda")
+        other[rows] = False
+        assert torch.equal(got[other], h[other])
+
+
+@pytest.fixture(scope="module")
+def prefills(make_checkpoint):
+    model = SelectiveMoE.from_checkpoint(make_checkpoint("omni"), device="cuda", dtype=BF16, tokenizer=False)
+    default = TracePrefill(model)
+    return default, TracePrefill(model, default.experts, glue="torch")
+
+
+@pytest.mark.parametrize("batch", ["padded", "whole"])
+def test_record_triton_glue_equals_torch_glue(prefills, batch):
+    triton_glue, torch_glue = prefills
+    assert (triton_glue.glue, torch_glue.glue) == ("triton", "torch")  # bf16 on cuda: the Triton glue by default
+    gen = np.random.default_rng(0)
+    lengths = gen.integers(1, 200, 24) if batch == "padded" else np.full(24, 64)
+    vocab = triton_glue.config.vocab_size
+    ids = [gen.integers(0, vocab, int(n)).tolist() for n in lengths]
+    docs = gen.permutation(24).tolist() if batch == "padded" else list(range(24))
+    a, b = (p.record(ids, docs, pad_id=0) for p in (torch_glue, triton_glue))
+    assert a.experts.shape == b.experts.shape == (len(triton_glue.layers), int(lengths.sum()), a.experts.shape[2])
+    assert (a.experts == b.experts).mean() > 0.995, (a.experts == b.experts).mean()
+    assert abs(a.weights - b.weights).mean() < 1e-3 and abs(a.entropy - b.entropy).mean() < 1e-3
