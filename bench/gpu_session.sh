@@ -8,7 +8,7 @@
 # tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py), hybrid (bench/offload.py with host),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
-# fp32), host (bench/host_rate.py), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
+# fp32), host (bench/host_rate.py), trace (bench/trace.py on 131k tokens), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -126,6 +126,13 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         --new-tokens 32 --plan ${HYBRID_PLAN:-8/uniform/compile,8/uniform/compile+host,8/locality/compile,8/locality/compile+host} \
         --out $OUT/offload_hybrid.json --markdown $OUT/offload_hybrid.md 2>&1 | grep -v "^\[offload\] .*phases" | tail -8
       cat $OUT/offload_hybrid.md 2>/dev/null | head -12
+      ;;
+    trace)  # issue 28's trace row (bench/trace.py): omnilab trace end to end, the grouped prefill alone per glue (Triton, torch),
+      # transformers' grouped_mm and eager experts, TRACE_TOKENS (>= 100k) tokens, the real 48-layer shapes built on the GPU
+      wait48  # the build's GPU work first: the trace's model is another 61 GB
+      timeout $(left) python3 bench/trace.py --device cuda --real --layers 48 --tokens ${TRACE_TOKENS:-131072} --max-tokens 512 \
+        --batch-tokens ${TRACE_BATCH_TOKENS:-16384} --peak-tflops 989 --no-eager-trace \
+        $([ -n "${TRACE_PROFILE:-}" ] && echo --profile $OUT/trace_profile.txt) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
       ;;
     host)  # hybrid offload's host side: experts computed on the host's cores, cold, per thread count, with and without copies beside (bench/host_rate.py)
       timeout 120 python3 bench/host_rate.py --threads 1,4,8,16 --experts 64 --out $OUT/host_rate.json 2>&1 | tee $OUT/host_rate.txt | tail -12
