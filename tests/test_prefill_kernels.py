@@ -225,8 +225,9 @@ def test_kernels_compile_for_sm90():
                 dict(TOP_K=8, KP=8, BLOCK_H=pk.COMBINE_BLOCK_H, ROWS=rows)) for rows in (False, True)]
     for fn, types, consts in builds:
         src = ASTSource(fn=fn, signature={**types, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=pk.EXACT).asm["ptx"]
         assert ".entry" in ptx, fn
+        assert "fma.rn" not in ptx, fn  # no contraction: every rounding of the eager ops stays (pk.EXACT)
 
 
 if __name__ == "__main__":  # the subprocess: python tests/test_prefill_kernels.py CHECKPOINT OUT.json

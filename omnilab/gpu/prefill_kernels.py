@@ -27,6 +27,11 @@ import triton.language as tl
 ROWS_BLOCK_ELEMENTS = 4096  # rms_norm / norm_rope: rows per program so that a program holds ~4K elements
 SILU_BLOCK = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)  # silu_mul: [16, 256] tiles of act
 COMBINE_BLOCK_H = 512  # combine_into: columns of H per program, the k rows of y loaded together ([KP, 512])
+# Every launch compiles without floating-point contraction: with it, LLVM turns a rounded product followed by a sum
+# (`_round(n * cos) - _round(n2 * sin)`) into one fma.rn.bf16, a single rounding where the eager ops round twice (on
+# an H100 norm_rope then matched the eager ops in 78% of elements; the PTX of tests/test_prefill_kernels.py's sm_90
+# build shows the fma). The kernels are memory-bound: contraction buys them nothing.
+EXACT = dict(enable_fp_fusion=False)
 
 
 @triton.jit
@@ -149,7 +154,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     R = flat.shape[0]
     br, bd = _rows_block(D)
     _rms_norm[(triton.cdiv(R, br),)](flat, flat, weight, out, R, D, flat.stride(0), flat.stride(0), out.stride(0),
-                                     float(eps), RESID=False, BLOCK_R=br, BLOCK_D=bd)
+                                     float(eps), RESID=False, BLOCK_R=br, BLOCK_D=bd, **EXACT)
     return out.view(x.shape)
 
 
@@ -165,7 +170,7 @@ def add_rms_norm(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: fl
     R = flat.shape[0]
     br, bd = _rows_block(D)
     _rms_norm[(triton.cdiv(R, br),)](flat, af, weight, out, R, D, flat.stride(0), af.stride(0), out.stride(0),
-                                     float(eps), RESID=True, BLOCK_R=br, BLOCK_D=bd)
+                                     float(eps), RESID=True, BLOCK_R=br, BLOCK_D=bd, **EXACT)
     return out.view(h.shape)
 
 
@@ -186,7 +191,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     R = flat.shape[0]
     br, bd = _rows_block(hd // 2)
     _norm_rope[(triton.cdiv(R, br),)](flat, weight, c, s, out, R, heads, hd // 2, flat.stride(0), c.stride(0),
-                                      out.stride(0), float(eps), BLOCK_R=br, BLOCK_D=bd)
+                                      out.stride(0), float(eps), BLOCK_R=br, BLOCK_D=bd, **EXACT)
     return out.view(B, T, heads, hd)
 
 
@@ -199,7 +204,7 @@ def silu_mul(gu: torch.Tensor, I: int) -> torch.Tensor:
     act = torch.empty(M, I, dtype=gu.dtype, device=gu.device)  # [M, I]
     c = SILU_BLOCK
     _silu_mul[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(I, c["BLOCK_N"]))](gu, act, M, I, gu.stride(0),
-                                                                            act.stride(0), **c)
+                                                                            act.stride(0), **c, **EXACT)
     return act
 
 
@@ -222,4 +227,4 @@ def combine_into(h: torch.Tensor, y: torch.Tensor, inv: torch.Tensor, weights: t
     grid = (N, triton.cdiv(H, COMBINE_BLOCK_H))
     _combine[grid](y, inv, weights, h, inv if rows is None else rows, H, y.stride(0), weights.stride(0),
                    h.stride(0), TOP_K=k, KP=triton.next_power_of_2(k), BLOCK_H=COMBINE_BLOCK_H,
-                   ROWS=rows is not None)
+                   ROWS=rows is not None, **EXACT)
