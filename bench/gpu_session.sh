@@ -132,7 +132,7 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       wait48  # the build's GPU work first: the trace's model is another 61 GB
       timeout $(left) python3 bench/trace.py --device cuda --real --layers 48 --tokens ${TRACE_TOKENS:-131072} --max-tokens 512 \
         --batch-tokens ${TRACE_BATCH_TOKENS:-16384} --peak-tflops 989 --no-eager-trace \
-        $([ -n "${TRACE_PROFILE:-}" ] && echo --profile $OUT/trace_profile.txt) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
+        $([ -n "${TRACE_PROFILE:-}" ] && echo --profile $OUT/trace_profile.txt) $([ -n "${TRACE_WRITERS:-}" ] && echo --writers $TRACE_WRITERS) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
       ;;
     host)  # hybrid offload's host side: experts computed on the host's cores, cold, per thread count, with and without copies beside (bench/host_rate.py)
       timeout 120 python3 bench/host_rate.py --threads 1,4,8,16 --experts 64 --out $OUT/host_rate.json 2>&1 | tee $OUT/host_rate.txt | tail -12

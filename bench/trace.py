@@ -184,6 +184,8 @@ def main() -> int:
     p.add_argument("--profile", default=None, help="write a torch.profiler table of one batch here")
     p.add_argument("--no-eager-trace", action="store_true", help="leave out the omnilab eager-path row (and the "
                                                                   "grouped-against-eager comparison)")
+    p.add_argument("--writers", default="", help="comma-separated writer-thread counts: one more end-to-end "
+                   "row each (the default count is trace_corpus's)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
@@ -230,6 +232,14 @@ def main() -> int:
             gpu[name] = peak_gpu()
             print(f"[bench] trace ({name}): {results[name].summary()}", file=sys.stderr, flush=True)
 
+        for w in (int(x) for x in args.writers.split(",") if x):  # the same trace, other writer-thread counts
+            reset_gpu()
+            results[f"grouped-w{w}"] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"],
+                                                          work / f"trace-grouped-w{w}", prefill=recorder, writers=w,
+                                                          **kw)
+            gpu[f"grouped-w{w}"] = peak_gpu()
+            print(f"[bench] trace (grouped, {w} writers): {results[f'grouped-w{w}'].summary()}", file=sys.stderr,
+                  flush=True)
         plan = json.loads((work / "trace-grouped" / "plan.json").read_text())
         docs = trace.read_corpus([work / "corpus.jsonl"]).documents
         ids = trace.tokenize(tokenizer, docs["text"].tolist(), args.max_tokens, cfg.vocab_size)
@@ -279,6 +289,9 @@ def main() -> int:
                            f"in the background)",
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
                 "peak_gpu_bytes": gpu["grouped"]},
+               *({"setting": f"  the same, {name.split('-w')[1]} writer threads", "tokens_per_s": r.tokens_per_s,
+                  "seconds": r.seconds, "peak_gpu_bytes": gpu[name]}
+                 for name, r in results.items() if name.startswith("grouped-w")),
                *({"setting": f"  the grouped prefill alone, {glue} glue (routing to host, no Parquet)",
                   "tokens_per_s": speed, "peak_gpu_bytes": peak} for glue, (speed, peak) in alone.items()),
                {"setting": f"  the Parquet writing alone (the same shards from host memory, {writers} thread{'s' * (writers > 1)})",

@@ -275,6 +275,17 @@ def test_expert_budget_changes_nothing(tiny_omni, corpus, tmp_path):
     assert list(a) == list(b) and all(a[n].equals(b[n]) for n in a)
 
 
+def test_writer_threads_change_nothing(tiny_omni, corpus, tmp_path):
+    """One writer thread or three: the same shards, byte for byte in content (batches run the most tokens first,
+    in any order, each to its own shard); a writer count below one is refused."""
+    run_trace(tiny_omni, corpus, tmp_path / "one", writers=1)
+    run_trace(tiny_omni, corpus, tmp_path / "three", writers=3)
+    a, b = _shards(tmp_path / "one"), _shards(tmp_path / "three")
+    assert len(a) > 1 and list(a) == list(b) and all(a[n].equals(b[n]) for n in a)
+    with pytest.raises(ValueError, match="writers must be >= 1"):
+        run_trace(tiny_omni, corpus, tmp_path / "none", writers=0)
+
+
 # ------------------------------------------------------------------------------------------------ resume and errors
 
 

@@ -96,7 +96,7 @@ class _Dist:
 def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int = 4096, dtype: str = "auto",
                  device: str = "auto", expert_budget="auto", text_field: str | None = None,
                  domain_field: str = "domain", tokenizer=None, backend: str | None = None,
-                 progress: bool = True, model=None, prefill="auto") -> TraceResult:
+                 progress: bool = True, model=None, prefill="auto", writers: int | None = None) -> TraceResult:
     """Trace the routing of every document of `corpus` (files / folders, see read_corpus) into the folder `out`.
 
     max_tokens: each document's first tokens; batch_tokens: padded tokens per batch. A folder that already
@@ -104,7 +104,10 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     calls this with the same arguments. `model`: an already-built SelectiveMoE (its checkpoint is `path`).
 
     prefill: "auto" (the grouped prefill of omnilab.gpu.prefill on CUDA when nothing refuses it, else the eager
-    model), "eager", "grouped_mm" (an error when refused), or a built omnilab.gpu.prefill.TracePrefill."""
+    model), "eager", "grouped_mm" (an error when refused), or a built omnilab.gpu.prefill.TracePrefill.
+    writers: threads writing the Parquet shards (default: half the cores, at most 8)."""
+    if writers is not None and writers < 1:
+        raise ValueError(f"writers must be >= 1 (got {writers})")
     if max_tokens < 1 or batch_tokens < 1:
         raise ValueError(f"--max-tokens and --batch-tokens must be positive (got {max_tokens}, {batch_tokens})")
     out = Path(out)
@@ -116,12 +119,12 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     try:
         with lock:
             return _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field,
-                          domain_field, tokenizer, progress, model, prefill)
+                          domain_field, tokenizer, progress, model, prefill, writers)
     finally:
         dist.close()
 
 def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budget, text_field, domain_field,
-           tokenizer, progress, model, prefill) -> TraceResult:
+           tokenizer, progress, model, prefill, writers) -> TraceResult:
     if not (isinstance(prefill, str) and prefill in PREFILLS) and not hasattr(prefill, "record"):
         raise ValueError(f"--prefill {prefill!r}: use {', '.join(PREFILLS)}")
     docs = read_corpus(corpus, text_field=text_field, domain_field=domain_field)
@@ -177,7 +180,9 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
             if _shard_complete(shards / shard_name(b), int(lengths[batches[b]].sum()) * len(layers) * k)}
     dist.barrier()  # every rank has listed the finished shards before any rank writes a new one
     remaining = [b for b in range(len(batches)) if b not in done]
-    mine = remaining[dist.rank::dist.world]
+    # the rank's batches, the most tokens first: the last batch's shard is written after its forward, with nothing
+    # left to overlap, so the smallest goes last (the shards' names and contents do not depend on the order)
+    mine = sorted(remaining[dist.rank::dist.world], key=lambda b: -int(lengths[batches[b]].sum()))
     domains = docs.documents["domain"].tolist()
     my_tokens = int(sum(lengths[batches[b]].sum() for b in mine))
     bar = None
@@ -203,7 +208,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     # the shards are written by background threads (omnilab.trace.shards: numpy and pyarrow release
     # the GIL) while this thread queues the next batches' forwards; the grouped prefill's routing reaches the host
     # layer by layer without the host waiting, and its shard is written row group by row group as it arrives
-    writers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    writers = writers or max(1, min(8, (os.cpu_count() or 2) // 2))
     with ShardWriter(workers=writers, depth=writers + 1) as writer:  # at most writers + 1 batches on the host
         for b in mine:
             batch = batches[b]
