@@ -340,13 +340,12 @@ def glue_agreement(a, b) -> dict:
 def writing_rows(routings, batches, ids, domains, layers, folder: Path) -> tuple[float, int]:
     """tokens/s of writing the plan's shards alone, from routings in host memory, with the trace's writer threads
     (omnilab.trace.shards.ShardWriter, the same count as trace_corpus takes)."""
-    import os
     from functools import partial
 
-    from omnilab.trace.shards import ShardWriter, shard_name, write_routing_shard
+    from omnilab.trace.shards import ShardWriter, default_writers, shard_name, write_routing_shard
 
     folder.mkdir(parents=True, exist_ok=True)
-    writers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    writers = default_writers()
     tokens = sum(len(ids[d]) for b in batches for d in b)
     start = time.perf_counter()
     with ShardWriter(workers=writers, depth=writers + 1) as writer:

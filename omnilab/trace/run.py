@@ -27,7 +27,8 @@ from omnilab.runtime.model import load
 from omnilab.trace.corpus import fingerprint, plan_batches, read_corpus, tokenize
 from omnilab.trace.record import record_batch
 from omnilab.trace.shards import (DOCUMENTS_NAME, FORMAT, MANIFEST_NAME, PLAN_NAME, SHARDS_DIR, TRACE_COLUMNS,
-                                  ShardWriter, shard_name, write_batch_shard, write_routing_shard)
+                                  ShardWriter, default_writers, shard_name, write_batch_shard,
+                                  write_routing_shard)
 
 PREFILLS = ("auto", "eager", "grouped_mm")
 
@@ -105,7 +106,7 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
 
     prefill: "auto" (the grouped prefill of omnilab.gpu.prefill on CUDA when nothing refuses it, else the eager
     model), "eager", "grouped_mm" (an error when refused), or a built omnilab.gpu.prefill.TracePrefill.
-    writers: threads writing the Parquet shards (default: half the cores, at most 8)."""
+    writers: threads writing the Parquet shards (default: a quarter of the cores, at most 4)."""
     if writers is not None and writers < 1:
         raise ValueError(f"writers must be >= 1 (got {writers})")
     if max_tokens < 1 or batch_tokens < 1:
@@ -208,7 +209,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     # the shards are written by background threads (omnilab.trace.shards: numpy and pyarrow release
     # the GIL) while this thread queues the next batches' forwards; the grouped prefill's routing reaches the host
     # layer by layer without the host waiting, and its shard is written row group by row group as it arrives
-    writers = writers or max(1, min(8, (os.cpu_count() or 2) // 2))
+    writers = writers or default_writers()
     with ShardWriter(workers=writers, depth=writers + 1) as writer:  # at most writers + 1 batches on the host
         for b in mine:
             batch = batches[b]

@@ -6,6 +6,7 @@ the first error raised as one line). Design: docs/DESIGN.md, "Corpus traces".
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from pathlib import Path
@@ -130,6 +131,13 @@ def write_routing_shard(path: Path, docs: list[int], domains: list[str], token_i
                        "entropy": np.repeat(np.asarray(entropy, dtype=np.float32), k)}  # one per rank
             writer.write_table(pa.table({c: columns[c] for c in schema.names}, schema=schema),
                                row_group_size=max(1, rows))
+
+def default_writers() -> int:
+    """Writer threads for a trace: a quarter of the cores, at most 4. More take the GIL (their Python between numpy's
+    and pyarrow's GIL-free parts) from the thread that launches the prefill's kernels: 48 layers, 131k tokens on an
+    H100 (bench/results/trace_h100_bf16.md), 29.4k tokens/s end to end with 8 writers, 53.5k with 4, 42.6k with 2."""
+    return max(1, min(4, (os.cpu_count() or 2) // 4))
+
 
 class ShardWriteError(OSError):
     """A shard could not be written; the message names it. The original error is the __cause__."""
