@@ -150,12 +150,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     D = x.shape[-1]
     _check_weight(x, weight, D, "rms_norm")
     flat = x.reshape(-1, D)  # [R, D]
-    out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)  # [R, D]
-    R = flat.shape[0]
-    br, bd = _rows_block(D)
-    _rms_norm[(triton.cdiv(R, br),)](flat, flat, weight, out, R, D, flat.stride(0), flat.stride(0), out.stride(0),
-                                     float(eps), RESID=False, BLOCK_R=br, BLOCK_D=bd, **EXACT)
-    return out.view(x.shape)
+    return _norm_rows(flat, flat, weight, eps, resid=False).view(x.shape)
 
 
 def add_rms_norm(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,12 +161,17 @@ def add_rms_norm(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: fl
     if not h.is_contiguous() or a.shape != h.shape or a.dtype != h.dtype:
         raise ValueError(f"add_rms_norm: h {tuple(h.shape)} {h.dtype} (contiguous), a {tuple(a.shape)} {a.dtype}")
     flat, af = h.view(-1, D), a.reshape(-1, D)  # [R, D] each
-    out = torch.empty(flat.shape, dtype=h.dtype, device=h.device)  # [R, D]
-    R = flat.shape[0]
+    return _norm_rows(flat, af, weight, eps, resid=True).view(h.shape)
+
+
+def _norm_rows(flat: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float, resid: bool) -> torch.Tensor:
+    """The _rms_norm launch over rows flat [R, D] (resid: flat += a first, in place) -> the norm [R, D], new."""
+    out = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device)  # [R, D]
+    R, D = flat.shape
     br, bd = _rows_block(D)
-    _rms_norm[(triton.cdiv(R, br),)](flat, af, weight, out, R, D, flat.stride(0), af.stride(0), out.stride(0),
-                                     float(eps), RESID=True, BLOCK_R=br, BLOCK_D=bd, **EXACT)
-    return out.view(h.shape)
+    _rms_norm[(triton.cdiv(R, br),)](flat, a, weight, out, R, D, flat.stride(0), a.stride(0), out.stride(0),
+                                     float(eps), RESID=resid, BLOCK_R=br, BLOCK_D=bd, **EXACT)
+    return out
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
