@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from omnilab.gpu.fast import plain_routing_refusal
 from omnilab.gpu.slots import SlotPool, all_experts_room_refusal
-from omnilab.gpu.step import compute_refusal, expert_mix, route
+from omnilab.gpu.step import compute_refusal, default_compute, expert_mix, grouped_expert_rows, route
 from omnilab.model.rope import rope_cos_sin
 
 
@@ -76,10 +76,7 @@ GLUES = ("torch", "triton")  # the work around the GEMMs (TracePrefill's glue)
 def prefill_glue(dtype, device) -> str:
     """The glue a TracePrefill takes when not told: "triton" (prefill_kernels.py) for bf16 on CUDA where Triton is
     installed (as step.default_compute chooses the Triton expert mix), "torch" otherwise."""
-    device = torch.device(device)
-    if dtype == torch.bfloat16 and device.type == "cuda" and compute_refusal("triton", device) is None:
-        return "triton"
-    return "torch"
+    return "triton" if default_compute(dtype, device) == "triton" else "torch"
 
 
 class TorchGlue:
@@ -140,10 +137,8 @@ class TritonGlue:
         pk = self.k
         n, k = experts.shape
         I = down.shape[-1]
-        sorted_slots, perm = torch.sort(experts.reshape(-1), stable=True)  # [n * k]: choices grouped by expert
-        offs = torch.searchsorted(sorted_slots, slot_range, right=True).to(torch.int32)  # [E]: group ends
-        gu = torch._grouped_mm(x[perm // k], gate_up.transpose(1, 2), offs=offs)  # [n * k, 2I], sorted order
-        y = torch._grouped_mm(pk.silu_mul(gu, I), down.transpose(1, 2), offs=offs)  # [n * k, H], sorted order
+        y, perm = grouped_expert_rows(x, experts, gate_up, down, slot_range,
+                                      lambda gu: pk.silu_mul(gu, I))  # [n * k, H], sorted by expert
         inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(n * k, device=perm.device))  # [n * k]
         # differs from TorchGlue: y * w, the scatter back to (token, choice) order, the sum over k and the residual
         # add in one kernel reading each row of y once (the same roundings; no index_put)
@@ -167,8 +162,9 @@ class TracePrefill:
         glue = glue or prefill_glue(model.dtype, model.device)
         if glue not in GLUES:
             raise ValueError(f"grouped prefill: glue {glue!r}, use {', '.join(GLUES)}")
-        if glue == "triton" and compute_refusal("triton", model.device):
-            raise ValueError(f"grouped prefill: glue 'triton': {compute_refusal('triton', model.device)}")
+        refusal = compute_refusal("triton", model.device) if glue == "triton" else None
+        if refusal:
+            raise ValueError(f"grouped prefill: glue 'triton': {refusal}")
         self.glue = glue
         self._glue = TritonGlue() if glue == "triton" else TorchGlue()
         self.model, self.config = model, model.config

@@ -206,6 +206,20 @@ def compute_refusal(compute: str, device) -> str | None:
     return None
 
 
+def grouped_expert_rows(x, slots, gate_up, down, slot_range, act):
+    """x [N, H], slots [N, k] -> (y [N * k, H], perm [N * k]): each choice's unweighted expert output, in slot-sorted
+    order (row r is choice perm[r] = token * k + j), one grouped GEMM per projection over all slots (empty groups
+    cost nothing); act maps the gate|up output [N * k, 2I] to [N * k, I] (expert_mix's SiLU * up, or the trace
+    prefill's Triton silu_mul)."""
+    k = slots.shape[1]
+    sorted_slots, perm = torch.sort(slots.reshape(-1), stable=True)  # [N * k]: choices grouped by slot
+    rows = x[perm // k]  # [N * k, H]
+    offs = torch.searchsorted(sorted_slots, slot_range, right=True).to(torch.int32)  # [S]: group ends
+    # differs from eager: gate and up are one GEMM (transformers' fused gate_up_proj)
+    gu = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)  # [N * k, 2I]
+    return torch._grouped_mm(act(gu), down.transpose(1, 2), offs=offs), perm  # [N * k, H]
+
+
 def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
     """x [N, H], slots [N, k] (slot ids), weights [N, k] -> sum over k of weight * expert(x), [N, H]. No host sync.
 
@@ -224,12 +238,8 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
     I = down.shape[-1]
     flat = slots.reshape(-1)  # [N * k]
     if compute == "grouped_mm":
-        sorted_slots, perm = torch.sort(flat, stable=True)  # choices grouped by slot
-        rows = x[perm // k]  # [N * k, H]
-        offs = torch.searchsorted(sorted_slots, slot_range, right=True).to(torch.int32)  # [S]: group ends
-        gu = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)  # [N * k, 2I]
-        # differs from eager: gate and up are one GEMM (transformers' fused gate_up_proj)
-        y = torch._grouped_mm(F.silu(gu[:, :I]) * gu[:, I:], down.transpose(1, 2), offs=offs)  # [N * k, H]
+        y, perm = grouped_expert_rows(x, slots, gate_up, down, slot_range,
+                                      lambda gu: F.silu(gu[:, :I]) * gu[:, I:])  # [N * k, H], slot-sorted
         y = y * weights.reshape(-1)[perm][:, None]
         out = torch.empty_like(y)
         out[perm] = y  # back to (token, choice) order
