@@ -243,7 +243,9 @@ def test_hybrid_host_compute_gives_the_resident_tokens(model, tiers, share):
     assert decoder.generate(PROMPT, N, forced=forced).new_token_ids == want
     st = decoder.stats
     assert st.hits + st.prefetch_hits + st.misses + st.host_computed == (N - 1) * L * k
-    assert st.host_computed > 0
+    # a cold step misses all k choices of a layer: the host computes round(k * share) of them. "auto" measures
+    # the share on this machine (small where copies are fast, as a CPU's memcpy is), so it may round to none
+    assert (st.host_computed > 0) == (round(k * decoder.host_share) > 0)
     assert st.bytes_moved == st.misses * decoder.pool.expert_bytes  # the host-computed experts were not copied
     if share == 1.0:
         assert st.misses == 0 and st.bytes_moved == 0
