@@ -186,6 +186,8 @@ def main() -> int:
                                                                   "grouped-against-eager comparison)")
     p.add_argument("--writers", default="", help="comma-separated writer-thread counts: one more end-to-end "
                    "row each (the default count is trace_corpus's)")
+    p.add_argument("--spin", default="", help="comma-separated writer-thread counts: one more end-to-end row each "
+                   "with the writers spinning on the layers' events (torch's default events) instead of sleeping")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
@@ -232,14 +234,16 @@ def main() -> int:
             gpu[name] = peak_gpu()
             print(f"[bench] trace ({name}): {results[name].summary()}", file=sys.stderr, flush=True)
 
-        for w in (int(x) for x in args.writers.split(",") if x):  # the same trace, other writer-thread counts
+        spinning = TracePrefill(model, experts, spin=True) if args.spin else None
+        more = [(int(x), "") for x in args.writers.split(",") if x] + [(int(x), "-spin") for x in args.spin.split(",") if x]
+        for w, spin in more:  # the same trace, other writer-thread counts; writers spinning on the events
+            key = f"grouped-w{w}{spin}"
             reset_gpu()
-            results[f"grouped-w{w}"] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"],
-                                                          work / f"trace-grouped-w{w}", prefill=recorder, writers=w,
-                                                          **kw)
-            gpu[f"grouped-w{w}"] = peak_gpu()
-            print(f"[bench] trace (grouped, {w} writers): {results[f'grouped-w{w}'].summary()}", file=sys.stderr,
-                  flush=True)
+            results[key] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{key}",
+                                              prefill=spinning if spin else recorder, writers=w, **kw)
+            gpu[key] = peak_gpu()
+            print(f"[bench] trace (grouped, {w} writers{', spinning' if spin else ''}): {results[key].summary()}",
+                  file=sys.stderr, flush=True)
         plan = json.loads((work / "trace-grouped" / "plan.json").read_text())
         docs = trace.read_corpus([work / "corpus.jsonl"]).documents
         ids = trace.tokenize(tokenizer, docs["text"].tolist(), args.max_tokens, cfg.vocab_size)
@@ -289,7 +293,9 @@ def main() -> int:
                            f"in the background)",
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
                 "peak_gpu_bytes": gpu["grouped"]},
-               *({"setting": f"  the same, {name.split('-w')[1]} writer threads", "tokens_per_s": r.tokens_per_s,
+               *({"setting": f"  the same, {name.split('-w')[1].replace('-spin', '')} writer threads"
+                             f"{' spinning on the events (torch default events)' if name.endswith('-spin') else ''}",
+                  "tokens_per_s": r.tokens_per_s,
                   "seconds": r.seconds, "peak_gpu_bytes": gpu[name]}
                  for name, r in results.items() if name.startswith("grouped-w")),
                *({"setting": f"  the grouped prefill alone, {glue} glue (routing to host, no Parquet)",

@@ -151,11 +151,14 @@ class TracePrefill:
 
     experts: the stacked experts (ResidentExperts; default: read from the model's checkpoint). glue: "torch" or
     "triton" (GLUES; default prefill_glue's choice), the work around the GEMMs; `glue` names the one taken.
+    spin: how a writer thread waits for a layer's routing (PendingRouting.layer). False (default): it sleeps in the
+    driver (events with cudaEventBlockingSync); True: it spins, as torch's default events do, a core
+    each, polling the driver beside the thread that launches the kernels (kept to measure: bench/trace.py --spin).
     `record(...)` takes one batch and returns its Routing."""
 
     name = "grouped_mm"
 
-    def __init__(self, model, experts: ResidentExperts | None = None, glue: str | None = None):
+    def __init__(self, model, experts: ResidentExperts | None = None, glue: str | None = None, spin: bool = False):
         refusal = prefill_refusal(model, experts_given=experts is not None)
         if refusal:
             raise ValueError(f"grouped prefill unavailable: {refusal}")
@@ -165,7 +168,7 @@ class TracePrefill:
         refusal = compute_refusal("triton", model.device) if glue == "triton" else None
         if refusal:
             raise ValueError(f"grouped prefill: glue 'triton': {refusal}")
-        self.glue = glue
+        self.glue, self.spin = glue, spin
         self._glue = TritonGlue() if glue == "triton" else TorchGlue()
         self.model, self.config = model, model.config
         self.layers = [int(i) for i in self.config.moe_layers]
@@ -235,7 +238,7 @@ class TracePrefill:
             host.weights[j].copy_(weights.float(), non_blocking=cuda)
             host.entropy[j].copy_(entropy, non_blocking=cuda)
             if cuda:
-                pending.events.append(torch.cuda.Event())
+                pending.events.append(torch.cuda.Event(blocking=not self.spin))  # blocking: waiters sleep
                 pending.events[-1].record()
             j += 1
             if i == last:
