@@ -136,7 +136,10 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         $([ -n "${TRACE_SPIN:-}" ] && echo --spin $TRACE_SPIN) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
       ;;
     host)  # hybrid offload's host side: experts computed on the host's cores, cold, per thread count, with and without copies beside (bench/host_rate.py)
-      timeout 120 python3 bench/host_rate.py --threads 1,4,8,16 --experts 64 --out $OUT/host_rate.json 2>&1 | tee $OUT/host_rate.txt | tail -12
+      # --gap-ms: the experts in groups of 4 (a layer's host choices) with the thread spinning between groups, as in a
+      # hybrid step; then the same with torch's OpenMP threads kept spinning (do sleeping threads cost the step?)
+      timeout 150 python3 bench/host_rate.py --threads ${HOST_THREADS:-1,8,15,16} --experts 64 --gap-ms 0,1,3 --out $OUT/host_rate.json 2>&1 | tee $OUT/host_rate.txt | tail -16
+      OMP_WAIT_POLICY=ACTIVE timeout 90 python3 bench/host_rate.py --threads 15,16 --experts 64 --gap-ms 0,1,3 --out $OUT/host_rate_active.json 2>&1 | tee $OUT/host_rate_active.txt | tail -9
       ;;
     before-after-offload)  # bench/offload.py before the re-rooming (.old/) and now: one 8 GB uniform row each
       wait48

@@ -36,6 +36,23 @@ def cold_rate(experts, x, repeats: int) -> float:
     return best
 
 
+def gapped_rate(experts, x, group: int, gap_s: float) -> float:
+    """Seconds per expert when they come in groups of `group` (a layer's host choices) with the host's thread busy
+    elsewhere for `gap_s` between groups (spinning, as the decode step's thread spins in its stream synchronize
+    while the GPU runs the layer's attention): the threads torch's ops run on sit idle between groups, as they do
+    in a hybrid step, and may have gone to sleep when the next group comes."""
+    total = 0.0
+    for g in range(0, len(experts), group):
+        until = time.perf_counter() + gap_s
+        while time.perf_counter() < until:
+            pass
+        start = time.perf_counter()
+        for gate, up, down in experts[g:g + group]:
+            expert_on_host(x, gate, up, down)
+        total += time.perf_counter() - start
+    return total / len(experts)
+
+
 def warm_rate(expert, x, repeats: int = 20) -> float:
     times = []
     for _ in range(repeats):
@@ -84,6 +101,9 @@ def main() -> int:
     p.add_argument("--experts", type=int, default=64, help="distinct experts per pass")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gap-ms", default="", help="comma-separated gaps: per thread count also the cold rate with "
+                   "the experts in groups of --group and the host's thread spinning this long between groups")
+    p.add_argument("--group", type=int, default=4, help="experts per group for --gap-ms (a layer's host choices)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     H, I = 2048, 768  # the real thinker's hidden and expert sizes
@@ -97,7 +117,8 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    print(f"{cpu}; {os.cpu_count()} cpus; bf16/amx flags: {sorted(f for f in flags if 'bf16' in f or 'amx' in f)}; "
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    print(f"{cpu}; {os.cpu_count()} cpus; OpenMP settings {omp or 'default'}; bf16/amx flags: {sorted(f for f in flags if 'bf16' in f or 'amx' in f)}; "
           f"torch {torch.__version__}; {args.dtype}; {args.experts} distinct experts x {expert_gb * 1e3:.1f} MB")
     rows = []
     copy_alone = None
@@ -122,9 +143,15 @@ def main() -> int:
             print(f"threads {threads:2d}, copies {'on ' if copies else 'off'}: {row['expert_ms']:.3f} ms/expert cold "
                   f"({row['gb_s']:.1f} GB/s), warm {row['warm_expert_ms']:.3f} ms"
                   + (f"; copies meanwhile {copy_gb_s:.1f} GB/s (alone {copy_alone:.1f})" if copies else ""), flush=True)
+        for gap in (float(g) for g in args.gap_ms.split(",") if g):
+            s = gapped_rate(experts, x, args.group, gap / 1e3)
+            rows.append({"threads": threads, "copies": False, "gap_ms": gap, "group": args.group,
+                         "expert_ms": s * 1e3, "experts_per_s": 1 / s, "gb_s": expert_gb / s})
+            print(f"threads {threads:2d}, groups of {args.group} after {gap:g} ms idle: {s * 1e3:.3f} ms/expert cold "
+                  f"({expert_gb / s:.1f} GB/s)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"cpu": cpu, "rows": rows, "copy_alone_gb_s": copy_alone}, f, indent=1)
+            json.dump({"cpu": cpu, "omp_env": omp, "rows": rows, "copy_alone_gb_s": copy_alone}, f, indent=1)
     return 0
 
 
