@@ -313,6 +313,30 @@ def test_resume_skips_finished_batches_and_refuses_another_plan(tiny_omni, corpu
         run_trace(tiny_omni, corpus, out)
 
 
+def test_a_trace_is_resumed_only_with_its_own_glue(tiny_omni, corpus, tmp_path):
+    """The prefill's glues round differently (bf16), so a trace's settings name a glue other than the torch one, and
+    a resume that would take another glue (a machine without Triton, say) is refused with the reason; a torch-glue
+    trace keeps the fingerprint it had before glues were recorded."""
+    from omnilab.gpu.prefill import TracePrefill
+    from omnilab.model.decoder import SelectiveMoE
+
+    model = SelectiveMoE.from_checkpoint(tiny_omni, dtype=torch.float32)
+    plain = run_trace(tiny_omni, corpus, tmp_path / "plain", model=model, prefill="grouped_mm")
+    assert "prefill_glue" not in json.loads((tmp_path / "plain" / "plan.json").read_text())["settings"]
+    assert plain.prefill == "grouped_mm"
+    recorder = TracePrefill(model)
+    recorder.glue = "triton"  # as a CUDA machine's would be named (this CPU computes with the torch glue)
+    out = tmp_path / "t"
+    run_trace(tiny_omni, corpus, out, model=model, prefill=recorder)
+    assert json.loads((out / "plan.json").read_text())["settings"]["prefill_glue"] == "triton"
+    (out / "manifest.json").unlink()
+    (out / "shards" / sorted(p.name for p in (out / "shards").iterdir())[0]).unlink()  # an unfinished run
+    with pytest.raises(ValueError, match="changed: prefill_glue; its shards were computed with the triton glue .*"
+                                         "this run would take the torch glue"):
+        run_trace(tiny_omni, corpus, out, model=model, prefill="grouped_mm")
+    assert run_trace(tiny_omni, corpus, out, model=model, prefill=recorder).traced_batches == 1
+
+
 def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["trace", str(tiny_omni), "--corpus", str(corpus), "--out", str(out), "--max-tokens", "8",

@@ -154,6 +154,9 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
                 "config": _config_hash(model), "text_field": text_field, "domain_field": domain_field}
     if grouped:  # its numbers differ from the eager path's by rounding: a trace is made by one path or the other
         settings["prefill"] = "grouped_mm"
+        glue = _prefill_glue(model, prefill)
+        if glue != "torch":  # and so do the glues' (a trace of the torch glue keeps its fingerprint)
+            settings["prefill_glue"] = glue
     fp = fingerprint(ids, docs.documents["domain"], settings)
     plan_path = out / PLAN_NAME
     for own in (plan_path, out / MANIFEST_NAME):
@@ -165,6 +168,10 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
             before = old.get("settings", {})
             changed = [k for k in {**before, **settings} if before.get(k) != settings.get(k)]
             why = f"; the grouped prefill was not taken: {refusal}" if "prefill" in changed and refusal else ""
+            if "prefill_glue" in changed and "prefill" not in changed:
+                why = (f"; its shards were computed with the {before.get('prefill_glue', 'torch')} glue around the "
+                       f"grouped GEMMs, this run would take the {settings.get('prefill_glue', 'torch')} glue: "
+                       f"another bf16 rounding")
             raise ValueError(f"--out {out}: holds a trace of another corpus or settings "
                              f"({'changed: ' + ', '.join(changed) if changed else 'the token ids differ'}{why}); "
                              f"use a new folder")
@@ -258,6 +265,14 @@ def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
     if refusal and prefill == "grouped_mm":
         raise ValueError(f"--prefill grouped_mm: {refusal}")
     return refusal is None, refusal
+
+def _prefill_glue(model, prefill) -> str:
+    """The glue the grouped prefill will take: a built TracePrefill's own, else prefill_glue's choice."""
+    if not isinstance(prefill, str):
+        return getattr(prefill, "glue", "torch")
+    from omnilab.gpu.prefill import prefill_glue
+
+    return prefill_glue(model.dtype, model.device)
 
 def _config_hash(model) -> str:
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else vars(model.config)
