@@ -139,6 +139,8 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       # --gap-ms: the experts in groups of 4 (a layer's host choices) with the thread spinning between groups, as in a
       # hybrid step; then the same with torch's OpenMP threads kept spinning (do sleeping threads cost the step?)
       timeout 150 python3 bench/host_rate.py --threads ${HOST_THREADS:-1,8,15,16} --experts 64 --gap-ms 0,1,3 --out $OUT/host_rate.json 2>&1 | tee $OUT/host_rate.txt | tail -16
+      # the experts read through a registered memory map of a file in /dev/shm, as the shard-mapped host tier reads them
+      timeout 120 python3 bench/host_rate.py --threads 8,16 --experts 64 --gap-ms 1 --mapped /dev/shm/host_rate.bin --out $OUT/host_rate_mapped.json 2>&1 | tee $OUT/host_rate_mapped.txt | tail -8
       OMP_WAIT_POLICY=ACTIVE timeout 90 python3 bench/host_rate.py --threads 15,16 --experts 64 --gap-ms 0,1,3 --out $OUT/host_rate_active.json 2>&1 | tee $OUT/host_rate_active.txt | tail -9
       ;;
     before-after-offload)  # bench/offload.py before the re-rooming (.old/) and now: one 8 GB uniform row each

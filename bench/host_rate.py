@@ -7,7 +7,8 @@ GPU copies pinned host memory to the device as fast as it can (the copies a hybr
     python bench/host_rate.py --threads 1,4,8,16 --experts 128 --out host_rate.json
 
 Prints one row per (thread count, copies running or not): experts/s, GB/s of expert weights read, and the
-warm rate (the same expert again) beside it; with CUDA also the copy rate alone and under host compute.
+warm rate (the same expert again) beside it; with CUDA also the copy rate alone and under host compute; --gap-ms: the
+experts in a layer's groups with the thread idle between them; --mapped: the experts read through a memory map.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 import threading
 import time
 
+import numpy as np
 import torch
 
 from omnilab.gpu.segments import expert_on_host
@@ -104,12 +106,23 @@ def main() -> int:
     p.add_argument("--gap-ms", default="", help="comma-separated gaps: per thread count also the cold rate with "
                    "the experts in groups of --group and the host's thread spinning this long between groups")
     p.add_argument("--group", type=int, default=4, help="experts per group for --gap-ms (a layer's host choices)")
+    p.add_argument("--mapped", default=None, help="a file to write the experts to and read them back from through "
+                   "a memory map, as HostTier.mapped reads the shards (page cache, 4 KiB pages), instead of the "
+                   "process's own memory; e.g. /dev/shm/host_rate.bin (removed at the end)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     H, I = 2048, 768  # the real thinker's hidden and expert sizes
     dt = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     block = (torch.randn(args.experts, 3, I * H, generator=gen) * 0.02).to(dt)  # [E, 3, I*H]: down|gate|up as HostTier
+    if args.mapped:  # the same bytes through a memory map of a file, as the shard-mapped host tier reads them
+        block.view(torch.uint8).numpy().tofile(args.mapped)
+        raw = np.memmap(args.mapped, dtype=np.uint8, mode="r+")
+        block = torch.from_numpy(raw).view(dt).view(args.experts, 3, I * H)  # [E, 3, I*H]
+        if torch.cuda.is_available():  # page-locked with CUDA, as HostTier.mapped registers each shard's map
+            from omnilab.gpu.host import register_host
+
+            print(f"memory map registered page-locked: {register_host(raw.ctypes.data, raw.nbytes)}")
     experts = [(block[e, 1].view(I, H), block[e, 2].view(I, H), block[e, 0].view(H, I)) for e in range(args.experts)]
     x = torch.randn(1, H, generator=gen).to(dt)
     expert_gb = 3 * I * H * block.element_size() / 1e9
@@ -119,7 +132,8 @@ def main() -> int:
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}
     print(f"{cpu}; {os.cpu_count()} cpus; OpenMP settings {omp or 'default'}; bf16/amx flags: {sorted(f for f in flags if 'bf16' in f or 'amx' in f)}; "
-          f"torch {torch.__version__}; {args.dtype}; {args.experts} distinct experts x {expert_gb * 1e3:.1f} MB")
+          f"torch {torch.__version__}; {args.dtype}; {args.experts} distinct experts x {expert_gb * 1e3:.1f} MB, "
+          f"{'memory-mapped from ' + args.mapped if args.mapped else 'in process memory'}")
     rows = []
     copy_alone = None
     if cuda:
@@ -127,6 +141,12 @@ def main() -> int:
             time.sleep(1.0)
         copy_alone = c.gb_s
         print(f"pinned -> device copies alone: {copy_alone:.1f} GB/s")
+    first = [int(t) for t in args.threads.split(",")][0]
+    torch.set_num_threads(first)
+    cold_rate(experts[:4], x, 1)  # warm the kernels
+    s = cold_rate(experts[4:], x, 1)  # the first time this process reads these pages (faults them in if mapped)
+    print(f"threads {first:2d}, first touch: {s * 1e3:.3f} ms/expert ({expert_gb / s:.1f} GB/s)", flush=True)
+    rows.append({"threads": first, "first_touch": True, "expert_ms": s * 1e3, "gb_s": expert_gb / s})
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         cold_rate(experts[:4], x, 1)  # warm the kernels
@@ -151,7 +171,10 @@ def main() -> int:
                   f"({expert_gb / s:.1f} GB/s)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"cpu": cpu, "omp_env": omp, "rows": rows, "copy_alone_gb_s": copy_alone}, f, indent=1)
+            json.dump({"cpu": cpu, "omp_env": omp, "mapped": args.mapped, "rows": rows, "copy_alone_gb_s": copy_alone}, f, indent=1)
+    if args.mapped:
+        del experts, block, raw
+        os.remove(args.mapped)
     return 0
 
 
