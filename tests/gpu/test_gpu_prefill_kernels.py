@@ -118,3 +118,34 @@ def test_record_triton_glue_equals_torch_glue(prefills, batch):
     assert a.experts.shape == b.experts.shape == (len(triton_glue.layers), int(lengths.sum()), a.experts.shape[2])
     assert (a.experts == b.experts).mean() > 0.995, (a.experts == b.experts).mean()
     assert abs(a.weights - b.weights).mean() < 1e-3 and abs(a.entropy - b.entropy).mean() < 1e-3
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_layers_read_as_they_arrive_equal_the_whole_routing(prefills, spin):
+    """A writer thread reads each layer's routing the moment its event says it is on the host (PendingRouting.layer,
+    events blocking by default, spinning with spin=True) while the next batch's kernels queue: every layer equals the
+    routing of the same batch waited for whole."""
+    import threading
+
+    default = prefills[0]
+    recorder = TracePrefill(default.model, default.experts, spin=spin)
+    gen = np.random.default_rng(1)
+    vocab = recorder.config.vocab_size
+    batches = [[gen.integers(0, vocab, int(n)).tolist() for n in gen.integers(16, 256, 32)] for _ in range(3)]
+    want = [recorder.record(ids, list(range(len(ids)))) for ids in batches]
+    got = {}
+
+    def read(b, pending):
+        got[b] = [tuple(x.copy() for x in pending.layer(j)) for j in range(len(recorder.layers))]
+
+    threads = []
+    for b, ids in enumerate(batches):  # each batch's layers read in a thread while this one queues the next batch
+        threads.append(threading.Thread(target=read, args=(b, recorder.record_async(ids, list(range(len(ids)))))))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    for b, w in enumerate(want):
+        for j in range(len(recorder.layers)):
+            experts, weights, entropy = got[b][j]
+            assert np.array_equal(experts, w.experts[j]) and np.array_equal(weights, w.weights[j]), (b, j)
+            assert np.array_equal(entropy, w.entropy[j]), (b, j)
