@@ -122,10 +122,10 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       ;;
     hybrid)  # bench/offload.py at an 8 GB cap: every miss copied, and hybrid (a share of misses on the host's cores)
       wait48
-      timeout $(left) python3 bench/offload.py --checkpoint $C48 --device cuda --rows omnilab --prompt-tokens 16 \
+      timeout $(left) python3 bench/offload.py --checkpoint $C48 --device cuda --rows ${HYBRID_ROWS:-omnilab,noise} --prompt-tokens 16 \
         --new-tokens 32 --plan ${HYBRID_PLAN:-8/uniform/compile,8/uniform/compile+host,8/locality/compile,8/locality/compile+host} \
         --out $OUT/offload_hybrid.json --markdown $OUT/offload_hybrid.md 2>&1 | grep -v "^\[offload\] .*phases" | tail -8
-      cat $OUT/offload_hybrid.md 2>/dev/null | head -12
+      cat $OUT/offload_hybrid.md 2>/dev/null | head -12; grep -A60 "noise floor, per MoE" $OUT/offload_hybrid.md | head -8
       ;;
     trace)  # issue 28's trace row (bench/trace.py): omnilab trace end to end, the grouped prefill alone per glue (Triton, torch),
       # transformers' grouped_mm and eager experts, TRACE_TOKENS (>= 100k) tokens, the real 48-layer shapes built on the GPU

@@ -22,6 +22,10 @@ host_share="auto"), a share of each layer's misses computed on the host's cores 
 column is still the all-misses-copied PCIe floor). Every row also runs one profiled
 pass (CUDA events around every phase of every layer: the breakdown table) after its timed pass.
 
+--rows noise adds issue 28's noise-floor report for the hybrid (row_noise): per MoE layer, decode steps with the
+router's own choices (copied, and with the auto host share) against transformers' fp32 beside transformers' own
+bf16-vs-fp32 error, and the hybrid against the all-copied steps under the uniform trace.
+
 The PCIe floor is the row's measured bytes per token at the measured pinned host-to-device bandwidth (a 1 GB
 pinned buffer); the host tier's own bandwidth (experts copied back to back from it) is reported beside it.
 Rows of one trace and compile setting compute the same arithmetic whatever the budget (a choice's expert output
@@ -324,6 +328,58 @@ def row_omnilab(args) -> list[dict]:
     return rows
 
 
+def row_noise(args) -> list[dict]:
+    """Issue 28's noise-floor report for hybrid offload, per MoE layer (omnilab.reference.compare.compare_decode):
+    teacher-forced decode steps with the router's own choices, every miss copied and with the auto host share, each
+    against transformers' fp32 (StreamedReference over the same ids) beside transformers' own bf16-vs-fp32 error;
+    then, under the uniform trace (the most misses, so the most host-computed choices), the hybrid steps against
+    the all-copied steps of the same routing."""
+    import torch
+
+    from omnilab.gpu.host import HostTier
+    from omnilab.gpu.offload import OffloadDecoder
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.model.hooks import compare_activations
+    from omnilab.model.routing import RoutingOverride
+    from omnilab.reference.compare import compare_decode
+    from omnilab.reference.streamed import StreamedReference
+    from omnilab.testing.traces import uniform_trace
+
+    cuda = args.device.startswith("cuda")
+    model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=False)
+    config, layout = model.checkpoint.arch
+    host = HostTier.mapped(model.checkpoint, config, layout, register=cuda)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=gen)
+    forced = torch.randint(0, cfg.vocab_size, (args.new_tokens,), generator=gen)
+    S, k = args.prompt_tokens + args.new_tokens, cfg.num_experts_per_tok
+    slots = args.slots or k  # the fewest slots: the most misses, so the most host-computed choices
+    override = RoutingOverride.from_trace(uniform_trace(len(cfg.moe_layers), S, cfg.num_experts, k, seed=2),
+                                          cfg.moe_layers)
+    decoded, host_choices = {}, {}
+    for routing in ("router", "uniform"):
+        for label, share in (("copied", 0.0), ("hybrid", "auto")):
+            decoder = OffloadDecoder(model, host, slots=slots, max_len=S, prefetch=False, host_share=share,
+                                     override=override if routing == "uniform" else None)
+            decoder.generate(prompt, args.new_tokens, forced=forced, record_residuals=True)
+            decoded[routing, label] = decoder.residuals
+            host_choices[routing, label] = decoder.stats.host_computed
+            decoder = None
+            gc.collect()
+    ids = torch.cat([prompt, forced[:args.new_tokens - 1]]).tolist()  # the decode steps' inputs after the prompt
+    start = time.perf_counter()
+    table = compare_decode({"copied": decoded["router", "copied"], "hybrid": decoded["router", "hybrid"]},
+                           StreamedReference(args.checkpoint, device=args.device), ids, args.prompt_tokens, args.dtype)
+    reference_s = time.perf_counter() - start
+    versus = compare_activations(decoded["uniform", "copied"], decoded["uniform", "hybrid"]).table.set_index("name")
+    table["hybrid vs copied, uniform trace"] = [float(versus.rel_err[n]) for n in table.hook]
+    table["uniform within"] = table["hybrid vs copied, uniform trace"] <= table["threshold"]
+    return [{"row": "noise report", "noise_report": table.to_dict(orient="records"), "slots_per_layer_noise": slots,
+             "host_choices": {f"{r}/{lab}": n for (r, lab), n in host_choices.items()}, "reference_s": reference_s,
+             "decode_steps": args.new_tokens - 1}]
+
+
 def row_accelerate(args) -> list[dict]:
     """transformers' thinker with accelerate's offload (device_map="auto", max_memory = the cap): prefill, then
     teacher-forced decode steps until --accelerate-tokens or --accelerate-seconds."""
@@ -396,7 +452,8 @@ def main() -> int:
     p.add_argument("--accelerate-tokens", type=int, default=3)
     p.add_argument("--accelerate-seconds", type=float, default=40.0, help="stop accelerate's decode after this")
     p.add_argument("--slots", type=int, default=0, help="expert slots per layer (default: sized from the cap)")
-    p.add_argument("--rows", default="omnilab,accelerate")
+    p.add_argument("--rows", default="omnilab,accelerate", help="comma-separated: omnilab (the plan's rows), "
+                   "accelerate, noise (the hybrid's per-layer noise-floor report: row_noise)")
     p.add_argument("--row-timeout", type=int, default=400)
     p.add_argument("--accelerate-timeout", type=int, default=200, help="seconds the accelerate row may take")
     p.add_argument("--out", default=None)
@@ -405,7 +462,7 @@ def main() -> int:
     args = p.parse_args()
     parse_plan(args.plan)  # a bad plan fails here, before any work
     if args.row:
-        print(json.dumps({"omnilab": row_omnilab, "accelerate": row_accelerate}[args.row](args)))
+        print(json.dumps({"omnilab": row_omnilab, "accelerate": row_accelerate, "noise": row_noise}[args.row](args)))
         return 0
     if args.checkpoint:
         ckpt = Path(args.checkpoint)
@@ -472,6 +529,10 @@ def table(rows, errors, ckpt, args) -> str:
              "| prefetch precision / recall | GB moved / token | pinned H2D GB/s | tier H2D GB/s | peak GPU memory "
              "| same tokens |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    report = next((r for r in rows if "noise_report" in r), None)
+    rows = [r for r in rows if "noise_report" not in r]
+    if not rows:  # the noise report alone
+        lines = lines[:1]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['row']} | {r['cap_gb']:g} GB | {r['error']} |")
@@ -516,7 +577,30 @@ def table(rows, errors, ckpt, args) -> str:
         lines.append(f"- accelerate: loaded in {acc['load_s']:.0f} s, prefill {acc['prefill_s']:.1f} s, "
                      f"{acc['decode_steps']} decode steps, peak anon RSS {acc['peak_anon_bytes'] / 2**30:.1f} GiB")
     lines += [f"- failed: {e}" for e in errors]
+    if report:
+        lines += noise_lines(report)
     return "\n".join(lines)
+
+
+def noise_lines(report: dict) -> list[str]:
+    """The noise-floor report (row_noise) as a per-layer table."""
+    hc = report["host_choices"]
+    steps = report["decode_steps"]
+    lines = ["", f"Hybrid offload against transformers' bf16 noise floor, per MoE layer (bench/offload.py row_noise, "
+             f"omnilab.reference.compare.compare_decode): {steps} teacher-forced decode steps, "
+             f"{report['slots_per_layer_noise']} slots a layer; relative error of the residual stream after each layer "
+             f"at the decoded positions. With the router's own choices the host computed {hc['router/hybrid']} choices "
+             f"({hc['router/hybrid'] / max(steps, 1):.1f} a step); under the uniform trace {hc['uniform/hybrid']} "
+             f"({hc['uniform/hybrid'] / max(steps, 1):.1f} a step). Within: at most 4x transformers' own bf16-vs-fp32 "
+             f"error there, as omnilab compare judges bf16 (streamed reference: {report['reference_s']:.0f} s).", "",
+             "| layer | transformers bf16 vs fp32 (the floor) | copied vs transformers fp32 | hybrid vs transformers fp32 "
+             "| hybrid vs copied, uniform trace | within |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for r in report["noise_report"]:
+        within = all(r[c] for c in ("copied within", "hybrid within", "uniform within"))
+        lines.append(f"| {r['layer']} | {r['noise']:.2e} | {r['copied']:.2e} | {r['hybrid']:.2e} | "
+                     f"{r['hybrid vs copied, uniform trace']:.2e} | {'yes' if within else 'no'} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -252,6 +252,65 @@ def test_hybrid_host_compute_gives_the_resident_tokens(model, tiers, share):
     assert "host_computed" in st.to_dict()
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_recorded_residuals_are_the_eager_paths_at_the_decoded_positions(model, tiers, share):
+    """record_residuals: each decode step's residual after each MoE layer, copied or host-computed, equals the
+    eager model's blocks.{i}.hook_resid_post over the whole teacher-forced sequence at that position (fp32)."""
+    from omnilab.model.hooks import RESID_POST, layer_hook, run_with_cache
+
+    cfg = model.config
+    forced = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(3))
+    decoder = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False,
+                             host_share=share)
+    decoder.generate(PROMPT, N, forced=forced, record_residuals=True)
+    assert (decoder.stats.host_computed > 0) == (share > 0)
+    ids = torch.tensor([PROMPT + forced[:N - 1].tolist()])  # [1, P + N - 1]: the decode steps' inputs after the prompt
+    names = [layer_hook(i, RESID_POST) for i in cfg.moe_layers]
+    with torch.no_grad():
+        _, acts = run_with_cache(model, ids, names=names)
+    assert sorted(decoder.residuals) == sorted(names)
+    for name in names:
+        got, want = decoder.residuals[name], acts[name][:, len(PROMPT):]  # [1, N - 1, H]
+        assert got.shape == want.shape == (1, N - 1, cfg.hidden_size)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="record_residuals needs the segmented step='choice'"):
+        OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts, step="slot", prefetch=False).generate(
+            PROMPT, 3, record_residuals=True)
+
+
+def test_compare_decode_puts_each_layer_beside_transformers_bf16_noise(tiny_omni, tiers):
+    """compare_decode on a bf16 model: the hybrid decode's residuals (a share of the misses on the host) and the
+    copied decode's sit within 4x transformers' own bf16-vs-fp32 error at every layer; a residual stream bent by 5%
+    at one layer is caught there; a run of another length is refused."""
+    from omnilab.reference.compare import compare_decode
+    from omnilab.reference.streamed import StreamedReference
+
+    bf16 = SelectiveMoE.from_checkpoint(tiny_omni, tokenizer=False, dtype=torch.bfloat16)
+    cfg = bf16.config
+    config, layout = bf16.checkpoint.arch
+    tier = HostTier.copy(bf16.checkpoint, config, layout, torch.bfloat16, pin=False)
+    forced = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(4))
+    decoded = {}
+    for label, share in (("copied", 0.0), ("hybrid", 0.5)):
+        decoder = OffloadDecoder(bf16, tier, slots=cfg.num_experts_per_tok, max_len=64, prefetch=False,
+                                 host_share=share)
+        decoder.generate(PROMPT, N, forced=forced, record_residuals=True)
+        decoded[label] = decoder.residuals
+    layer = cfg.moe_layers[len(cfg.moe_layers) // 2]
+    bent = dict(decoded["hybrid"])
+    name = f"blocks.{layer}.hook_resid_post"
+    bent[name] = bent[name] * 1.05
+    decoded["bent"] = bent
+    ids = PROMPT + forced[:N - 1].tolist()
+    table = compare_decode(decoded, StreamedReference(tiny_omni), ids, len(PROMPT), torch.bfloat16)
+    assert list(table.layer) == list(cfg.moe_layers)
+    assert (table.noise > 0).all() and (table.threshold >= 4 * table.noise).all()
+    assert table["copied within"].all() and table["hybrid within"].all(), table
+    assert not table.set_index("layer").loc[layer, "bent within"] and table["bent within"].sum() == len(table) - 1
+    with pytest.raises(ValueError, match="outside input_ids"):
+        compare_decode(decoded, StreamedReference(tiny_omni), ids[:-1], len(PROMPT), torch.bfloat16)
+
+
 def test_hybrid_host_share_refusals(model, tiers):
     cfg = model.config
     for bad in (-0.1, 1.5, "half"):

@@ -22,6 +22,7 @@ from omnilab.gpu.step import (Consts, StaticKV, attention, compute_refusal, dens
                               rms_norm, route, torch_compute)
 from omnilab.model.rope import rope_inv_freq
 from omnilab.model.generate import Generation
+from omnilab.model.hooks import RESID_POST, layer_hook
 from omnilab.model.routing import RoutingOverride
 
 
@@ -360,14 +361,19 @@ class OffloadDecoder:
     # -- generate ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens: int = 32, *, forced=None, vocab_limit=None,
-                 profile: bool = False) -> Generation:
+                 profile: bool = False, record_residuals: bool = False) -> Generation:
         """Greedy tokens for one prompt [P]; forced [n - 1] teacher-forces the decode inputs (see FastDecoder).
         profile: time every phase of the decode steps (CUDA events; perturbs the speed a little), into
-        `self.profile`."""
+        `self.profile`. record_residuals: every decode step's residual stream after each MoE layer, into
+        `self.residuals` (hook name blocks.{i}.hook_resid_post -> [1, n - 1, H], positions P .. P + n - 2, whose
+        inputs are the prompt's last token's successors: omnilab.reference.compare.compare_decode's input)."""
         prompt = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
         P, n = prompt.shape[1], int(max_new_tokens)
         if P + n > self.max_len:
             raise ValueError(f"prompt {P} + {n} new tokens exceed the offload decoder's max_len {self.max_len}")
+        if record_residuals and not (self.segmented and self.step == "choice"):
+            raise ValueError("offload: record_residuals needs the segmented step='choice' (step='slot' adds a layer's "
+                             "experts inside the next layer's segment)")
         if forced is not None:
             forced = torch.as_tensor(forced, dtype=torch.long).reshape(-1)
             if forced.numel() < n - 1:
@@ -382,6 +388,7 @@ class OffloadDecoder:
         if self.graphs and seg.captured is None:
             self._capture()
         timer = PhaseTimer(self.device) if profile and self.segmented else None
+        seg.record = {} if record_residuals else None
         sync()
         start = time.perf_counter()
         tokens = []
@@ -411,6 +418,10 @@ class OffloadDecoder:
         seconds = time.perf_counter() - start
         if timer:
             self.profile = timer.summary(n - 1)
+        if record_residuals:
+            self.residuals = {layer_hook(i, RESID_POST): torch.stack(rows).reshape(1, len(rows), -1)  # [1, n - 1, H]
+                              for i, rows in seg.record.items()}
+            seg.record = None
         return Generation([tokens], [P], seconds, prefill, stopped=[False])
 
     def reset_stats(self) -> None:

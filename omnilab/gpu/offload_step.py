@@ -51,6 +51,7 @@ class SegmentedStep:
         self.s_out = torch.zeros(slots, H, dtype=d.dtype, device=dev)
         self.s_act = torch.zeros(slots, I, dtype=d.dtype, device=dev)
         self.s_token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.record: dict | None = None  # MoE layer -> [H] residuals after it, one per step (step="choice")
         self.s_vocab_mask = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev)
         # pinned host buffers the graphs copy from / into (a graph's memcpy node reads them when it runs)
         pin = cuda
@@ -266,6 +267,8 @@ class SegmentedStep:
                 guess = torch.topk(F.linear(xn, wn.router), k, dim=-1).indices[0].tolist()
                 d.prefetch(nxt, guess)
             run(("sum", i), lambda: self._seg_sum(i))
+            if self.record is not None:  # the residual after the layer, queued behind its sum (no sync)
+                self.record.setdefault(i, []).append(self.s_h[0, 0].clone())
             if timer:
                 timer.mark("b1")
         return self._finish_step(("final", None), self._seg_final, step_routing, timer)

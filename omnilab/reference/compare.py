@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 
 from omnilab.dtypes import as_dtype
@@ -128,6 +129,43 @@ def compare_streamed(selective_acts: dict, reference, input_ids, dtype, *, noise
                                 thresholds=local_thresholds, keep=local_keep)
     return StreamedComparison(dtype, chained, local, noise, local_noise, noise_factor, near_tie_flips=flips,
                               against_fp32=against_fp32, layers=list(reference.streamed_layers))
+
+
+@torch.no_grad()
+def compare_decode(decoded: dict, reference, input_ids, start: int, dtype,
+                   noise_factor: float = NOISE_FACTOR) -> pd.DataFrame:
+    """Decode steps against transformers, layer by layer: `decoded` maps a label to a decoder's recorded residual
+    stream (hook name -> [1, n, H], the positions start .. start + n - 1 of input_ids [T]; OffloadDecoder.generate's
+    record_residuals), `reference` a StreamedReference run once over the whole of input_ids, chained.
+
+    One row per hook (layer) with, per label, its relative error against transformers' fp32 (`<label>`) and, in
+    bf16, transformers' own bf16-vs-fp32 error at the same positions (`noise`: the floor omnilab compare judges bf16
+    by), the threshold (noise_factor x noise, at least the fp32 tolerance) and `<label> within` (error <= threshold)."""
+    dtype = as_dtype(dtype)
+    names = sorted({n for acts in decoded.values() for n in acts}, key=lambda n: parse_name(n)[0])
+    steps = {acts[n].shape[1] for acts in decoded.values() for n in acts}
+    if len(steps) != 1:
+        raise ValueError(f"decoded residuals of {sorted(steps)} steps: compare one run's steps at a time")
+    n = steps.pop()
+    if start < 0 or start + n > torch.as_tensor(input_ids).reshape(-1).numel():
+        raise ValueError(f"positions {start} .. {start + n - 1} lie outside input_ids")
+    run = reference.run(input_ids, [dtype, torch.float32])
+    at = lambda acts: {k: v[:, start:start + n] for k, v in acts.items() if k in names}  # noqa: E731  [1, n, H]
+    fp32 = at(run.chained[torch.float32])
+    table = pd.DataFrame({"hook": names, "layer": [parse_name(n)[0] for n in names]})
+    floor = DIVERGENCE_RTOL[torch.float32]
+    if dtype == torch.float32:
+        table["noise"] = float("nan")
+        table["threshold"] = floor
+    else:
+        noise = compare_activations(fp32, at(run.chained[dtype]), names=names).table.set_index("name").rel_err
+        table["noise"] = [float(noise[n]) for n in names]
+        table["threshold"] = [max(noise_factor * v, floor) for v in table["noise"]]
+    for label, acts in decoded.items():
+        err = compare_activations(fp32, acts, names=names).table.set_index("name").rel_err
+        table[label] = [float(err.get(n, float("nan"))) for n in names]
+        table[f"{label} within"] = table[label] <= table["threshold"]
+    return table
 
 
 def near_tie_flips(ref32_logits, ref16_logits, ref_idx, sel_idx, factor: float = NOISE_FACTOR) -> torch.Tensor:
