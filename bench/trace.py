@@ -19,7 +19,9 @@ Measured, on the corpus the bench writes (eval-split documents repeated up to --
 - `omnilab trace`, grouped prefill (omnilab.gpu.prefill.TracePrefill, the default on CUDA): trace_corpus end to end:
   length batching, every expert resident and one grouped GEMM per projection per layer, each layer's routing
   (top-k ids, weights, entropy) copied to pinned host memory without the host waiting, Parquet shards written
-  (zstd) by background writer threads row group by row group as the layers arrive, the manifest;
+  (zstd) by background writer threads, each shard whole once its batch's last layer is on the host, the manifest;
+  with --writers / --spin / --by-layer, more such rows: other writer counts, writers spinning on the layers'
+  events, writers writing row group by row group as the layers arrive (the way before: bench/gil_writer.py);
 - the same prefill alone: TracePrefill.record_async over the plan's batches (routing to the host, no Parquet),
   to separate the device's part from the writing; with its default glue (prefill_kernels.py's Triton kernels for
   bf16 on CUDA) and, where that is not the torch glue, once more with glue="torch" (the eager modules and
@@ -40,12 +42,14 @@ device's peak bf16 FLOP/s (--peak-tflops; H200 SXM dense bf16: 989).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -188,6 +192,9 @@ def main() -> int:
                    "row each (the default count is trace_corpus's)")
     p.add_argument("--spin", default="", help="comma-separated writer-thread counts: one more end-to-end row each "
                    "with the writers spinning on the layers' events (torch's default events) instead of sleeping")
+    p.add_argument("--by-layer", default="", help="comma-separated writer-thread counts: one more end-to-end row "
+                   "each with the shards written row group by row group as the layers arrive (write_routing_shard's "
+                   "by_layer)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
@@ -235,15 +242,23 @@ def main() -> int:
             print(f"[bench] trace ({name}): {results[name].summary()}", file=sys.stderr, flush=True)
 
         spinning = TracePrefill(model, experts, spin=True) if args.spin else None
-        more = [(int(x), "") for x in args.writers.split(",") if x] + [(int(x), "-spin") for x in args.spin.split(",") if x]
-        for w, spin in more:  # the same trace, other writer-thread counts; writers spinning on the events
-            key = f"grouped-w{w}{spin}"
+        more = [(int(x), "") for x in args.writers.split(",") if x] + \
+            [(int(x), "-spin") for x in args.spin.split(",") if x] + \
+            [(int(x), "-by-layer") for x in args.by_layer.split(",") if x]
+        trace_run = importlib.import_module("omnilab.trace.run")
+        whole = trace_run.write_routing_shard
+        for w, how in more:  # the same trace: other writer-thread counts, spinning writers, writing by layer
+            key = f"grouped-w{w}{how}"
             reset_gpu()
-            results[key] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{key}",
-                                              prefill=spinning if spin else recorder, writers=w, **kw)
+            trace_run.write_routing_shard = partial(whole, by_layer=True) if how == "-by-layer" else whole
+            try:
+                results[key] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{key}",
+                                                  prefill=spinning if how == "-spin" else recorder, writers=w, **kw)
+            finally:
+                trace_run.write_routing_shard = whole
             gpu[key] = peak_gpu()
-            print(f"[bench] trace (grouped, {w} writers{', spinning' if spin else ''}): {results[key].summary()}",
-                  file=sys.stderr, flush=True)
+            print(f"[bench] trace (grouped, {w} writers{how.replace('-', ', ', 1).replace('-', ' ')}): "
+                  f"{results[key].summary()}", file=sys.stderr, flush=True)
         plan = json.loads((work / "trace-grouped" / "plan.json").read_text())
         docs = trace.read_corpus([work / "corpus.jsonl"]).documents
         ids = trace.tokenize(tokenizer, docs["text"].tolist(), args.max_tokens, cfg.vocab_size)
@@ -293,8 +308,9 @@ def main() -> int:
                            f"in the background)",
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
                 "peak_gpu_bytes": gpu["grouped"]},
-               *({"setting": f"  the same, {name.split('-w')[1].replace('-spin', '')} writer threads"
-                             f"{' spinning on the events (torch default events)' if name.endswith('-spin') else ''}",
+               *({"setting": f"  the same, {name.split('-w')[1].split('-')[0]} writer threads"
+                             f"{' spinning on the events (torch default events)' if name.endswith('-spin') else ''}"
+                             f"{', each shard written by layer as the layers arrive' if name.endswith('-by-layer') else ''}",
                   "tokens_per_s": r.tokens_per_s,
                   "seconds": r.seconds, "peak_gpu_bytes": gpu[name]}
                  for name, r in results.items() if name.startswith("grouped-w")),
@@ -346,7 +362,6 @@ def glue_agreement(a, b) -> dict:
 def writing_rows(routings, batches, ids, domains, layers, folder: Path) -> tuple[float, int]:
     """tokens/s of writing the plan's shards alone, from routings in host memory, with the trace's writer threads
     (omnilab.trace.shards.ShardWriter, the same count as trace_corpus takes)."""
-    from functools import partial
 
     from omnilab.trace.shards import ShardWriter, default_writers, shard_name, write_routing_shard
 

@@ -37,9 +37,10 @@ def corpus(tmp_path) -> Path:
 
 
 def test_streamed_shard_has_the_bytes_of_the_one_table_writer(tiny_omni, tmp_path):
-    """write_routing_shard over the grouped prefill's PendingRouting (row group by row group, as the layers arrive)
-    writes byte for byte the file routing_table + write_shard write from the finished routing; for a padded batch
-    out of document order (the gather path) and for an unpadded one in order (no gather)."""
+    """write_routing_shard over the grouped prefill's PendingRouting, whole (the default) and row group by row group
+    as the layers arrive (by_layer), writes byte for byte the file routing_table + write_shard write from the
+    finished routing; for a padded batch out of document order (the gather path) and for an unpadded one in order
+    (no gather)."""
     from omnilab.gpu.prefill import PendingRouting, TracePrefill
     from omnilab.model.decoder import SelectiveMoE
 
@@ -50,12 +51,17 @@ def test_streamed_shard_has_the_bytes_of_the_one_table_writer(tiny_omni, tmp_pat
     padded = ([7, 3, 5], [list(rng.integers(1, 200, n)) for n in (9, 4, 6)], ["fr", "en", "fr"])
     whole = ([2, 4], [list(rng.integers(1, 200, 8)) for _ in range(2)], ["arith", "en"])
     for docs, ids, domains in (padded, whole):
-        pending = prefill.record_async(ids, docs)
-        assert isinstance(pending, PendingRouting)
-        trace.write_routing_shard(tmp_path / "streamed.parquet", docs, domains, ids, layers, pending)
         table, rows = trace.routing_table(docs, domains, ids, layers, *prefill.record(ids, docs))
         trace.write_shard(tmp_path / "table.parquet", table, rows)
-        assert (tmp_path / "streamed.parquet").read_bytes() == (tmp_path / "table.parquet").read_bytes()
+        for by_layer in (False, True):
+            pending = prefill.record_async(ids, docs)
+            assert isinstance(pending, PendingRouting)
+            trace.write_routing_shard(tmp_path / "streamed.parquet", docs, domains, ids, layers, pending,
+                                      by_layer=by_layer)
+            assert (tmp_path / "streamed.parquet").read_bytes() == (tmp_path / "table.parquet").read_bytes()
+        # and from a finished Routing (TracePrefill.record's)
+        trace.write_routing_shard(tmp_path / "done.parquet", docs, domains, ids, layers, prefill.record(ids, docs))
+        assert (tmp_path / "done.parquet").read_bytes() == (tmp_path / "table.parquet").read_bytes()
         assert table.num_rows == sum(map(len, ids)) * len(layers) * model.config.num_experts_per_tok
     # the two gather choices route alike: the same documents in the other order through the gather path
     a = prefill.record(whole[1], whole[0])

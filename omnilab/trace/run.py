@@ -215,7 +215,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     start = time.perf_counter()
     # the shards are written by background threads (omnilab.trace.shards: numpy and pyarrow release
     # the GIL) while this thread queues the next batches' forwards; the grouped prefill's routing reaches the host
-    # layer by layer without the host waiting, and its shard is written row group by row group as it arrives
+    # without the host waiting, and a writer writes its shard whole in one pyarrow call once the last layer is there
     writers = writers or default_writers()
     with ShardWriter(workers=writers, depth=writers + 1) as writer:  # at most writers + 1 batches on the host
         for b in mine:

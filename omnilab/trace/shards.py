@@ -1,6 +1,6 @@
 """A trace on disk: the folder's names, the Parquet schema of its rows (TRACE_COLUMNS), one batch's rows as a table
-(`routing_table`), shards written whole or row group by row group as the routing arrives (`write_shard`,
-`write_routing_shard`), and the background writer threads (`ShardWriter`: bounded, temporary name then rename,
+(`routing_table`), shards written whole (`write_shard`, `write_routing_shard`; or row group by row group as the
+routing arrives), and the background writer threads (`ShardWriter`: bounded, temporary name then rename,
 the first error raised as one line). Design: docs/DESIGN.md, "Corpus traces".
 """
 
@@ -107,13 +107,22 @@ def _write_table(path: Path, table, rows_per_layer: int) -> None:
         writer.write_table(table, row_group_size=max(1, rows_per_layer))
 
 def write_routing_shard(path: Path, docs: list[int], domains: list[str], token_ids: list[list[int]],
-                        layers: list[int], routing) -> None:
-    """The shard routing_table + write_shard write (the same bytes: tests/test_trace.py), written to `path` as
-    the routing arrives: one row group per layer, each as soon as that layer's routing is on the host.
+                        layers: list[int], routing, by_layer: bool = False) -> None:
+    """The shard routing_table + write_shard write (the same bytes: tests/test_trace_writer.py) from a batch's
+    routing: an omnilab.gpu.prefill.Routing, or a PendingRouting still on its way to the host.
 
-    routing: anything with `.layer(j)` -> (experts [n, k], weights [n, k], entropy [n]) of MoE layer j: an
-    omnilab.gpu.prefill.Routing, or a PendingRouting, whose `layer(j)` waits for layer j. The columns that do not
-    depend on the layer (doc, domain, position, token_id, rank) are built once for the batch, not once per layer."""
+    Written whole once the last layer is on the host (PendingRouting.wait): routing_table, then one pyarrow call
+    that writes the 48 row groups without the GIL. by_layer: one row group at a time as each layer arrives
+    (routing.layer(j)), the columns that do not depend on the layer built once. That way takes the GIL back some ten
+    times a layer, and each time waits up to the interpreter's switch interval (5 ms) while the thread that
+    launches the prefill's kernels holds it: on 2 cores beside a thread that holds the GIL, a 16,384-token,
+    48-layer shard took 5.2 s by layer against 0.6 s alone, and 0.8 s whole either way
+    (bench/results/gil_writer_cpu.md)."""
+    if not by_layer:
+        whole = routing.wait() if hasattr(routing, "wait") else routing  # [L, n, k], [L, n, k], [L, n]
+        table, rows = routing_table(docs, domains, token_ids, layers, *whole)
+        _write_table(path, table, rows)
+        return
     import pyarrow as pa
 
     first = routing.layer(0)[0]  # [n_tok, k]

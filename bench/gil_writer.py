@@ -1,0 +1,96 @@
+"""A trace shard's writing beside a thread that holds the GIL (omnilab.trace.shards.write_routing_shard), on the CPU.
+
+`omnilab trace` writes its Parquet shards in writer threads while the main thread launches the grouped prefill's
+kernels: Python that holds the GIL nearly all the time (a launch does not release it). A writer that gives the GIL
+up inside numpy / pyarrow and takes it back waits each time for the holder to hit the interpreter's switch interval
+(sys.getswitchinterval(), 5 ms). This bench measures one shard (random routing of --tokens tokens x --layers
+layers, top-8) written into a temporary folder, whole and by layer, alone and beside a thread that spins in a
+Python loop (the stand-in for the launching thread).
+
+    python bench/gil_writer.py                      # 16,384 tokens x 48 layers, 3 repeats, medians
+    python bench/gil_writer.py --switch-ms 0.5      # the same at another switch interval
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from omnilab.gpu.prefill import PendingRouting, Routing  # noqa: E402
+from omnilab.trace.shards import write_routing_shard  # noqa: E402
+
+
+def spin(stop: threading.Event, out: list) -> None:
+    """Python that holds the GIL until stopped: counts loop turns."""
+    turns = 0
+    while not stop.is_set():
+        turns += 1
+    out.append(turns)
+
+
+def beside_spinner(work) -> float:
+    """Seconds `work` took with the spinner running beside it."""
+    stop, out = threading.Event(), []
+    thread = threading.Thread(target=spin, args=(stop, out))
+    thread.start()
+    start = time.perf_counter()
+    work()
+    took = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    return took
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--switch-ms", type=float, default=None, help="sys.setswitchinterval (default: the interpreter's)")
+    args = p.parse_args()
+    if args.switch_ms is not None:
+        sys.setswitchinterval(args.switch_ms / 1e3)
+    L, n, k = args.layers, args.tokens, 8
+    rng = np.random.default_rng(0)
+    routing = Routing(torch.from_numpy(rng.integers(0, 128, (L, n, k), dtype=np.int32)),
+                      torch.from_numpy(rng.random((L, n, k), dtype=np.float32)),
+                      torch.from_numpy(rng.random((L, n), dtype=np.float32)))
+    docs = list(range(n // 512))
+    ids = [rng.integers(0, 150000, 512).tolist() for _ in docs]
+    domains = [("en", "fr", "code")[d % 3] for d in docs]
+    folder = Path(tempfile.mkdtemp(prefix="omnilab-gil-"))
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
+          f"switch interval {sys.getswitchinterval() * 1e3:g} ms; one shard of {n:,} tokens x {L} layers x top-{k}; "
+          f"medians of {args.repeats}")
+    print("| writing | alone (s) | beside a GIL-holding thread (s) |")
+    print("|---|---:|---:|")
+    for name, by_layer in (("whole (the default)", False), ("by layer", True)):
+        write = partial(write_routing_shard, folder / "shard.parquet", docs, domains, ids, list(range(L)),
+                        PendingRouting(routing, None), by_layer=by_layer)
+        alone, beside = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            write()
+            alone.append(time.perf_counter() - start)
+            beside.append(beside_spinner(write))
+        print(f"| {name} | {statistics.median(alone):.2f} | {statistics.median(beside):.2f} |", flush=True)
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
