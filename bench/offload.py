@@ -284,6 +284,7 @@ def row_omnilab(args) -> list[dict]:
                                          override=override, issue="torch" if "torch" in opts or not cuda else "driver",
                                          compile="compile" in opts, step="slot" if "slot" in opts else "choice",
                                          host_share="auto" if "host" in opts else 0.0)
+                measured_share = decoder.host_share  # "auto": measured before decoding; then observe_host's
                 decoder.generate(prompt, 4, forced=forced)  # warm-up (graphs, kernels, slots filled)
                 gc.collect()
                 gc.freeze()  # the objects made so far never get scanned again: no long collection mid-step
@@ -313,7 +314,8 @@ def row_omnilab(args) -> list[dict]:
                          "compiled": decoder.compiled, "step": decoder.step, "slab_check": getattr(decoder, "slab_check", "not run"),
                          "load_s": load_s, "profile": profile, "tokens": tokens,
                          "same_tokens_as": reference[name, key][0], "same_tokens": tokens == reference[name, key][1],
-                         "host_share": decoder.host_share,
+                         "host_share": decoder.host_share, "host_share_measured": measured_share,
+                         "host_rates": decoder.host_rates,
                          "same_tokens_as_copied": None if copy_twin is None or "host" not in opts
                          else tokens == copy_twin[1]})
             if os.environ.get("OFFLOAD_PARTIAL"):  # a run cut short keeps the configurations it measured
@@ -549,7 +551,9 @@ def table(rows, errors, ckpt, args) -> str:
         tier = f"{r['tier_h2d_gb_s']:.1f}" if "tier_h2d_gb_s" in r else ""
         same = "yes" if r["same_tokens"] else f"no (vs {r['same_tokens_as']})"
         if r.get("same_tokens_as_copied") is not None:  # a hybrid row against its all-copied twin
-            same += f"; {'=' if r['same_tokens_as_copied'] else '!='} copied row (host share {r['host_share']:.2f}, " \
+            share = f"{r['host_share']:.2f}" if r.get("host_share_measured") in (None, r["host_share"]) else \
+                f"{r['host_share_measured']:.2f} measured, {r['host_share']:.2f} after the steps"
+            same += f"; {'=' if r['same_tokens_as_copied'] else '!='} copied row (host share {share}, " \
                     f"{r['host_computed'] / max(len(r['tokens']) - 1, 1):.1f} choices/token on the host)"
         lines.append(f"| {r['row']} | {r['cap_gb']:g} GB | {r['slots_per_layer']} | {d:.1f} | {floor:.1f} | "
                      f"{d / floor:.0%} | {vs_acc} | {r['hit_rate']:.1%} | {pf} | {r['bytes_per_token'] / gb:.2f} | "

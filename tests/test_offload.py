@@ -239,13 +239,15 @@ def test_hybrid_host_compute_gives_the_resident_tokens(model, tiers, share):
     forced = torch.randint(0, cfg.vocab_size, (N,), generator=torch.Generator().manual_seed(1))
     want = FastDecoder(model, max_len=64).generate(PROMPT, N, forced=forced).new_token_ids
     decoder = OffloadDecoder(model, tiers["copy"], slots=k, max_len=64, prefetch=False, host_share=share)
-    assert 0.0 < decoder.host_share <= 1.0
+    first = decoder.host_share
+    assert 0.0 < first <= 1.0
     assert decoder.generate(PROMPT, N, forced=forced).new_token_ids == want
     st = decoder.stats
     assert st.hits + st.prefetch_hits + st.misses + st.host_computed == (N - 1) * L * k
     # a cold step misses all k choices of a layer: the host computes round(k * share) of them. "auto" measures
     # the share on this machine (small where copies are fast, as a CPU's memcpy is), so it may round to none
-    assert (st.host_computed > 0) == (round(k * decoder.host_share) > 0)
+    assert (st.host_computed > 0) == (round(k * first) > 0)
+    assert (decoder.host_share != first) == (share == "auto" and st.host_computed > 0)  # observe_host: auto only
     assert st.bytes_moved == st.misses * decoder.pool.expert_bytes  # the host-computed experts were not copied
     if share == 1.0:
         assert st.misses == 0 and st.bytes_moved == 0
@@ -309,6 +311,23 @@ def test_compare_decode_puts_each_layer_beside_transformers_bf16_noise(tiny_omni
     assert not table.set_index("layer").loc[layer, "bent within"] and table["bent within"].sum() == len(table) - 1
     with pytest.raises(ValueError, match="outside input_ids"):
         compare_decode(decoded, StreamedReference(tiny_omni), ids[:-1], len(PROMPT), torch.bfloat16)
+
+
+def test_auto_host_share_follows_the_steps_own_host_time(model, tiers):
+    """observe_host: with host_share="auto" a step's host seconds per host-computed choice are averaged into the
+    host's time per expert and the share becomes copy / (copy + host); a fixed share stays as given."""
+    cfg = model.config
+    auto = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False,
+                          host_share="auto")
+    auto.host_rates.update(copy_s=1.0, host_s=1.0, share=0.5)
+    auto.observe_host(6.0, 2)  # 3 s a choice in the step: the host's time becomes (1 + 3) / 2
+    assert auto.host_rates["host_s"] == 2.0 and auto.host_share == pytest.approx(1 / 3)
+    auto.observe_host(0.0, 0)  # a step with no host choice changes nothing
+    assert auto.host_share == pytest.approx(1 / 3)
+    fixed = OffloadDecoder(model, tiers["copy"], slots=cfg.num_experts_per_tok, max_len=64, prefetch=False,
+                           host_share=0.5)
+    fixed.observe_host(6.0, 2)
+    assert fixed.host_share == 0.5 and fixed.host_rates is None
 
 
 def test_hybrid_host_share_refusals(model, tiers):

@@ -33,7 +33,8 @@ class OffloadDecoder:
     prefetch: speculative next-layer prefetch. override: a RoutingOverride (defaults to model.routing_override).
     issue: "driver" (cuMemcpyHtoDAsync through ctypes; the CUDA default) or "torch" (copy_; elsewhere).
     host_share: hybrid offload, the share of each decode step's misses computed on the host's cores (from the
-    host tier, while the other misses copy) instead of copied; "auto": measured (measure_host_share); 0: none.
+    host tier, while the other misses copy) instead of copied; "auto": measured (measure_host_share), then
+    following each decode step's own host time (observe_host); 0: none.
     policy: which expert a full layer evicts: "lru", "lfu", "trust" or a class from omnilab.model.experts.POLICIES,
     one per MoE layer (SlotCache: per-layer slots, where the eager cache's budget is global); TrustWeighted sees
     each layer's routing weights (brought to the host with the routed ids only for a policy that observes them).
@@ -116,8 +117,10 @@ class OffloadDecoder:
         self.compiled = bool(compile) and cuda
         self.copied_gate_up = torch.cuda.Event() if cuda else None  # the layer's last miss: gate|up landed
         # hybrid: this share of each layer's misses computed on the host's cores while the rest copy ("auto": the
-        # share that ends both at once, from an expert's copy and host compute times measured here)
-        self.host_share = self.measure_host_share()["share"] if host_share == "auto" else float(host_share)
+        # share that ends both at once, from an expert's copy and host compute times measured here, then the host
+        # time of each decode step's own host-computed choices: observe_host)
+        self.host_rates = self.measure_host_share() if host_share == "auto" else None
+        self.host_share = self.host_rates["share"] if self.host_rates else float(host_share)
         self.segmented_step = SegmentedStep(self)  # the decode step's buffers and segments
         self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
@@ -223,6 +226,18 @@ class OffloadDecoder:
         copy_s, host_s = min(copies[1:]), (time.perf_counter() - start) / len(cold)
         self.cache.stats.copies = 0
         return {"copy_s": copy_s, "host_s": host_s, "share": copy_s / (copy_s + host_s)}
+
+    def observe_host(self, seconds: float, choices: int) -> None:
+        """host_share="auto": a decode step's own host seconds for its `choices` host-computed choices (each expert
+        read from the host tier, computed, its output sent on; between the step's launches) averaged into the host
+        time of one expert, and the share recomputed: in a step the host ran at about 0.4 of the rate measured
+        before decoding (bench/results/offload_hybrid_h100.md), which left it finishing long after the copies."""
+        if self.host_rates is None or choices == 0:
+            return
+        r = self.host_rates
+        r["host_s"] = 0.5 * (r["host_s"] + seconds / choices)
+        r["share"] = r["copy_s"] / (r["copy_s"] + r["host_s"])
+        self.host_share = r["share"]
 
     def route_step(self, layer: int, experts: list[int], split_last: bool = False) -> tuple[list[int], list, list]:
         """The decode step's slots for the routed experts, misses copied in (one copy per span, one event per

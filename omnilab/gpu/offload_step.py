@@ -8,6 +8,7 @@ the slots and their copies are the decoder's (`route_step`, `prefetch`, `copied_
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +245,7 @@ class SegmentedStep:
         if timer:
             timer.mark("step")
         run(("pre", None), self._seg_pre)
+        host_s, host_n = 0.0, 0  # the step's host-computed choices and the host's time for them (observe_host)
         for i in d.config.moe_layers:
             j = d.moe_index[i]
             flat, slots, waits, host = self._attend_and_route(i, ("a", i), lambda: self._seg_a(i), step_routing,
@@ -258,7 +260,9 @@ class SegmentedStep:
                     compute.wait_event(ev)  # the device waits, the host goes on
                 run(("choice", i, c), lambda: self._seg_choice(i, c))
             if host:  # hybrid: the rest of the misses on the host's cores while the device works through the above
+                start = time.perf_counter()
                 self._host_choices(i, flat, host)
+                host_s, host_n = host_s + time.perf_counter() - start, host_n + len(host)
             if d.prefetch_enabled and i in d.next_moe:
                 # guess the next layer's experts from this layer's state (one more small sync), copy them behind
                 nxt = d.next_moe[i]
@@ -271,6 +275,7 @@ class SegmentedStep:
                 self.record.setdefault(i, []).append(self.s_h[0, 0].clone())
             if timer:
                 timer.mark("b1")
+        d.observe_host(host_s, host_n)
         return self._finish_step(("final", None), self._seg_final, step_routing, timer)
 
     def _host_choices(self, i: int, flat: list[int], host: list[int]) -> None:
