@@ -151,9 +151,9 @@ class TracePrefill:
 
     experts: the stacked experts (ResidentExperts; default: read from the model's checkpoint). glue: "torch" or
     "triton" (GLUES; default prefill_glue's choice), the work around the GEMMs; `glue` names the one taken.
-    spin: how a writer thread waits for a layer's routing (PendingRouting.layer). False (default): it sleeps in the
-    driver (events with cudaEventBlockingSync); True: it spins, as torch's default events do, a core
-    each, polling the driver beside the thread that launches the kernels (kept to measure: bench/trace.py --spin).
+    spin: how a writer thread waits for the routing (PendingRouting.wait, .layer). False (default): it sleeps in the
+    driver (events with cudaEventBlockingSync); True: it spins, as torch's default events do, a core each, polling
+    the driver beside the thread that launches the kernels (kept to measure: bench/trace.py --spin).
     `record(...)` takes one batch and returns its Routing."""
 
     name = "grouped_mm"
