@@ -216,14 +216,39 @@ def tier_h2d(host, config, device, experts: int = 96) -> dict:
             "issue_us_per_copy": issue_s / len(spans) * 1e6}
 
 
+def load_offload(args):
+    """The selective model (its experts left on disk) and the host tier of shard maps, registered on CUDA."""
+    from omnilab.gpu.host import HostTier
+    from omnilab.model.decoder import SelectiveMoE
+
+    model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=False)
+    config, layout = model.checkpoint.arch
+    return model, HostTier.mapped(model.checkpoint, config, layout, register=args.device.startswith("cuda"))
+
+
+def decode_inputs(cfg, args):
+    """Every row's prompt [P] and teacher-forced decode inputs [n] (random ids, seeded), and the routing traces
+    (uniform, locality) [L, P + n, k] that force the routers' choice."""
+    import torch
+
+    from omnilab.testing.traces import locality_trace, uniform_trace
+
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=gen)
+    forced = torch.randint(0, cfg.vocab_size, (args.new_tokens,), generator=gen)
+    S = args.prompt_tokens + args.new_tokens
+    L, E, k = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
+    traces = {"uniform": uniform_trace(L, S, E, k, seed=2),
+              "locality": locality_trace(L, S, E, k, next=0.45, within8=0.80, seed=2)}
+    return prompt, forced, traces
+
+
 def row_omnilab(args) -> list[dict]:
     import torch
 
-    from omnilab.gpu.host import HostTier
     from omnilab.gpu.offload import OffloadDecoder
     from omnilab.model.routing import RoutingOverride
-    from omnilab.testing.traces import locality_trace, reuse_stats, uniform_trace
-    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.testing.traces import reuse_stats
 
     dev = args.device
     cuda = dev.startswith("cuda")
@@ -231,18 +256,12 @@ def row_omnilab(args) -> list[dict]:
     rows = []
     with AnonPeak() as anon:
         start = time.perf_counter()
-        model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=dev, tokenizer=False)
-        config, layout = model.checkpoint.arch
-        host = HostTier.mapped(model.checkpoint, config, layout, register=cuda)
+        model, host = load_offload(args)
         load_s = time.perf_counter() - start
         cfg = model.config
-        gen = torch.Generator().manual_seed(1)
-        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=gen)
-        forced = torch.randint(0, cfg.vocab_size, (args.new_tokens,), generator=gen)
+        prompt, forced, traces = decode_inputs(cfg, args)
         S = args.prompt_tokens + args.new_tokens
         L, E, k = len(cfg.moe_layers), cfg.num_experts, cfg.num_experts_per_tok
-        traces = {"uniform": uniform_trace(L, S, E, k, seed=2),
-                  "locality": locality_trace(L, S, E, k, next=0.45, within8=0.80, seed=2)}
         bandwidth = pinned_h2d_gb_s(dev) if cuda else float("nan")
         try:
             tier = tier_h2d(host, cfg, dev) if cuda else {}
@@ -338,27 +357,18 @@ def row_noise(args) -> list[dict]:
     the all-copied steps of the same routing."""
     import torch
 
-    from omnilab.gpu.host import HostTier
     from omnilab.gpu.offload import OffloadDecoder
-    from omnilab.model.decoder import SelectiveMoE
     from omnilab.model.hooks import compare_activations
     from omnilab.model.routing import RoutingOverride
     from omnilab.reference.compare import compare_decode
     from omnilab.reference.streamed import StreamedReference
-    from omnilab.testing.traces import uniform_trace
 
-    cuda = args.device.startswith("cuda")
-    model = SelectiveMoE.from_checkpoint(args.checkpoint, dtype=args.dtype, device=args.device, tokenizer=False)
-    config, layout = model.checkpoint.arch
-    host = HostTier.mapped(model.checkpoint, config, layout, register=cuda)
+    model, host = load_offload(args)
     cfg = model.config
-    gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=gen)
-    forced = torch.randint(0, cfg.vocab_size, (args.new_tokens,), generator=gen)
-    S, k = args.prompt_tokens + args.new_tokens, cfg.num_experts_per_tok
-    slots = args.slots or k  # the fewest slots: the most misses, so the most host-computed choices
-    override = RoutingOverride.from_trace(uniform_trace(len(cfg.moe_layers), S, cfg.num_experts, k, seed=2),
-                                          cfg.moe_layers)
+    prompt, forced, traces = decode_inputs(cfg, args)
+    S = args.prompt_tokens + args.new_tokens
+    slots = args.slots or cfg.num_experts_per_tok  # the fewest slots: the most misses, the most host choices
+    override = RoutingOverride.from_trace(traces["uniform"], cfg.moe_layers)
     decoded, host_choices = {}, {}
     for routing in ("router", "uniform"):
         for label, share in (("copied", 0.0), ("hybrid", "auto")):
