@@ -49,6 +49,10 @@ class Routing(NamedTuple):
         """MoE layer j's (experts [n, k], weights [n, k], entropy [n]), as PendingRouting.layer gives them."""
         return self.experts[j], self.weights[j], self.entropy[j]
 
+    def wait(self) -> "Routing":
+        """Itself: already on the host (as PendingRouting.wait gives it)."""
+        return self
+
 
 def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
     """Why `model` cannot take the grouped trace prefill (None when it can). experts_given: the stacked experts

@@ -119,8 +119,7 @@ def write_routing_shard(path: Path, docs: list[int], domains: list[str], token_i
     48-layer shard took 5.2 s by layer against 0.6 s alone, and 0.8 s whole either way
     (bench/results/gil_writer_cpu.md)."""
     if not by_layer:
-        whole = routing.wait() if hasattr(routing, "wait") else routing  # [L, n, k], [L, n, k], [L, n]
-        table, rows = routing_table(docs, domains, token_ids, layers, *whole)
+        table, rows = routing_table(docs, domains, token_ids, layers, *routing.wait())  # [L, n, k], [L, n, k], [L, n]
         _write_table(path, table, rows)
         return
     import pyarrow as pa
