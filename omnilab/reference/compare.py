@@ -153,14 +153,14 @@ def compare_decode(decoded: dict, reference, input_ids, start: int, dtype,
     at = lambda acts: {k: v[:, start:start + n] for k, v in acts.items() if k in names}  # noqa: E731  [1, n, H]
     fp32 = at(run.chained[torch.float32])
     table = pd.DataFrame({"hook": names, "layer": [parse_name(n)[0] for n in names]})
-    floor = DIVERGENCE_RTOL[torch.float32]
     if dtype == torch.float32:
         table["noise"] = float("nan")
-        table["threshold"] = floor
+        table["threshold"] = DIVERGENCE_RTOL[torch.float32]
     else:
-        noise = compare_activations(fp32, at(run.chained[dtype]), names=names).table.set_index("name").rel_err
-        table["noise"] = [float(noise[n]) for n in names]
-        table["threshold"] = [max(noise_factor * v, floor) for v in table["noise"]]
+        noise = compare_activations(fp32, at(run.chained[dtype]), names=names)
+        table["noise"] = [float(v) for v in noise.table.set_index("name").rel_err[names]]
+        thresholds = noise_thresholds(noise, noise_factor)
+        table["threshold"] = [thresholds[n] for n in names]
     for label, acts in decoded.items():
         err = compare_activations(fp32, acts, names=names).table.set_index("name").rel_err
         table[label] = [float(err.get(n, float("nan"))) for n in names]
