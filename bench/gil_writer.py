@@ -5,7 +5,8 @@ kernels: Python that holds the GIL nearly all the time (a launch does not releas
 up inside numpy / pyarrow and takes it back waits each time for the holder to hit the interpreter's switch interval
 (sys.getswitchinterval(), 5 ms). This bench measures one shard (random routing of --tokens tokens x --layers
 layers, top-8) written into a temporary folder, whole and by layer, alone and beside a thread that spins in a
-Python loop (the stand-in for the launching thread).
+Python loop (the stand-in for the launching thread), and what the writer costs that thread: its loop turns per second
+while the shard is written against its turns per second alone.
 
     python bench/gil_writer.py                      # 16,384 tokens x 48 layers, 3 repeats, medians
     python bench/gil_writer.py --switch-ms 0.5      # the same at another switch interval
@@ -40,8 +41,8 @@ def spin(stop: threading.Event, out: list) -> None:
     out.append(turns)
 
 
-def beside_spinner(work) -> float:
-    """Seconds `work` took with the spinner running beside it."""
+def beside_spinner(work) -> tuple[float, float]:
+    """Seconds `work` took with the spinner running beside it, and the spinner's loop turns per second meanwhile."""
     stop, out = threading.Event(), []
     thread = threading.Thread(target=spin, args=(stop, out))
     thread.start()
@@ -50,7 +51,7 @@ def beside_spinner(work) -> float:
     took = time.perf_counter() - start
     stop.set()
     thread.join()
-    return took
+    return took, out[0] / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -74,18 +75,22 @@ def main() -> int:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"switch interval {sys.getswitchinterval() * 1e3:g} ms; one shard of {n:,} tokens x {L} layers x top-{k}; "
           f"medians of {args.repeats}")
-    print("| writing | alone (s) | beside a GIL-holding thread (s) |")
-    print("|---|---:|---:|")
+    alone_rate = beside_spinner(lambda: time.sleep(1.0))[1]  # the spinner's turns per second with no writer
+    print("| writing | alone (s) | beside a GIL-holding thread (s) | that thread's speed meanwhile (x alone) |")
+    print("|---|---:|---:|---:|")
     for name, by_layer in (("whole (the default)", False), ("by layer", True)):
         write = partial(write_routing_shard, folder / "shard.parquet", docs, domains, ids, list(range(L)),
                         PendingRouting(routing, None), by_layer=by_layer)
-        alone, beside = [], []
+        alone, beside, rates = [], [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
             write()
             alone.append(time.perf_counter() - start)
-            beside.append(beside_spinner(write))
-        print(f"| {name} | {statistics.median(alone):.2f} | {statistics.median(beside):.2f} |", flush=True)
+            took, rate = beside_spinner(write)
+            beside.append(took)
+            rates.append(rate / alone_rate)
+        print(f"| {name} | {statistics.median(alone):.2f} | {statistics.median(beside):.2f} | "
+              f"{statistics.median(rates):.2f} |", flush=True)
     for f in folder.iterdir():
         f.unlink()
     folder.rmdir()

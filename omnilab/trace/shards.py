@@ -36,20 +36,30 @@ def routing_table(docs: list[int], domains: list[str], token_ids: list[list[int]
                   experts, weights, entropy):
     """One batch's rows as a pyarrow Table with one slice per layer, rows in (layer, doc, position, rank) order;
     returns (table, rows per layer). experts/weights [L, n_tok, k], entropy [L, n_tok]: the routing of the
-    batch's real tokens in (doc ascending, position) order. Vectorised over layers: no Python loop over rows."""
+    batch's real tokens in (doc ascending, position) order. Each column is chunked by layer: the columns that do
+    not depend on the layer are built once and shared by every chunk, the others are sliced without a copy; no
+    Python loop over rows. (Tiled per layer, a 16,384-token, 48-layer table took 0.28 s on 2 cores against 0.06 s;
+    built with a call per layer, 1.8 s beside a GIL-holding thread against 0.19 s: bench/gil_writer.py.)"""
     import pyarrow as pa
 
     L, n_tok, k = experts.shape
     same, names = _token_columns(docs, domains, token_ids, k, n_tok)
-    columns = {c: np.tile(v, L) for c, v in same.items()}  # one layer's rows -> (layer, token, rank) rows
-    columns["domain"] = _domain_array(columns["domain"], names)
-    columns.update({
-        "layer": np.repeat(np.asarray(layers, dtype=np.int32), n_tok * k),
-        "expert": np.asarray(experts, dtype=np.int32).reshape(-1),  # [L, n_tok, k] -> [L * n_tok * k]
-        "weight": np.asarray(weights, dtype=np.float32).reshape(-1),
-        "entropy": np.repeat(np.asarray(entropy, dtype=np.float32).reshape(-1), k),  # [L, n_tok] -> one per rank
+    same["domain"] = _domain_array(same["domain"], names)
+    # one numpy and one pyarrow call per column, then zero-copy slices: a writer thread gives the GIL up inside
+    # each large numpy or pyarrow call and waits up to the 5 ms switch interval to take it back (bench/gil_writer.py)
+    rows = n_tok * k
+    flat = {c: pa.array(v) if isinstance(v, np.ndarray) else v for c, v in same.items()}  # one layer's rows
+    flat.update({
+        "layer": pa.array(np.repeat(np.asarray(layers, dtype=np.int32), rows)),  # [L * rows]
+        "expert": pa.array(np.asarray(experts, dtype=np.int32).reshape(-1)),  # [L, n_tok, k] -> [L * n_tok * k]
+        "weight": pa.array(np.asarray(weights, dtype=np.float32).reshape(-1)),
+        "entropy": pa.array(np.repeat(np.asarray(entropy, dtype=np.float32).reshape(-1), k)),  # one per rank
     })
-    return pa.table(columns, schema=trace_schema()), n_tok * k
+    schema = trace_schema()
+    chunks = {c: [a] * L if c in same else [a.slice(j * rows, rows) for j in range(L)]
+              for c, a in flat.items()}  # L chunks a column: one per layer
+    return pa.table({c: pa.chunked_array(chunks[c], type=schema.field(c).type) for c in schema.names},
+                    schema=schema), rows
 
 def _token_columns(docs, domains, token_ids, k: int, n_tok: int):
     """The columns that do not depend on the layer, for one layer's n_tok * k rows in (doc ascending, position,
