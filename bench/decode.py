@@ -112,7 +112,8 @@ def row_transformers(args) -> list[dict]:
         start = time.perf_counter()
         with quiet_transformers():
             hf = model_cls.from_pretrained(str(checkpoint.root), dtype=as_dtype(args.dtype), device_map=dev,
-                                           attn_implementation="sdpa", experts_implementation="eager")
+                                           attn_implementation="sdpa", experts_implementation="eager",
+                                           trust_remote_code=False, use_kernels=False)  # offline: no hub kernels
         hf.eval().requires_grad_(False)
         if layout.model_type == "qwen3_omni_moe" and not hasattr(hf.config, "vision_start_token_id"):
             hf.config.vision_start_token_id = 151652  # as omnilab.reference.whole: read by get_rope_index, never matched
