@@ -22,6 +22,7 @@ Measured, on the corpus the bench writes (eval-split documents repeated up to --
   (zstd) by background writer threads, each shard whole once its batch's last layer is on the host, the manifest;
   with --writers / --spin / --by-layer, more such rows: other writer counts, writers spinning on the layers'
   events, writers writing row group by row group as the layers arrive (the way before: bench/gil_writer.py);
+  with --batch-rows, the same at other padded-token counts per batch (omnilab trace's own default is 4096);
 - the same prefill alone: TracePrefill.record_async over the plan's batches (routing to the host, no Parquet),
   to separate the device's part from the writing; with its default glue (prefill_kernels.py's Triton kernels for
   bf16 on CUDA) and, where that is not the torch glue, once more with glue="torch" (the eager modules and
@@ -195,6 +196,8 @@ def main() -> int:
     p.add_argument("--by-layer", default="", help="comma-separated writer-thread counts: one more end-to-end row "
                    "each with the shards written row group by row group as the layers arrive (write_routing_shard's "
                    "by_layer)")
+    p.add_argument("--batch-rows", default="", help="comma-separated padded-token counts per batch: one more "
+                   "end-to-end row each at that --batch-tokens (omnilab trace's own default is 4096)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
@@ -247,20 +250,25 @@ def main() -> int:
         spinning = TracePrefill(model, experts, spin=True) if args.spin else None
         more = [(int(x), "") for x in args.writers.split(",") if x] + \
             [(int(x), "-spin") for x in args.spin.split(",") if x] + \
-            [(int(x), "-by-layer") for x in args.by_layer.split(",") if x]
+            [(int(x), "-by-layer") for x in args.by_layer.split(",") if x] + \
+            [(int(x), "-batch") for x in args.batch_rows.split(",") if x]
         trace_run = importlib.import_module("omnilab.trace.run")
         whole = trace_run.write_routing_shard
-        for w, how in more:  # the same trace: other writer-thread counts, spinning writers, writing by layer
-            key = f"grouped-w{w}{how}"
+        for w, how in more:  # the same trace: other writer-thread counts, spinning writers, writing by layer,
+            key = f"grouped-w{w}{how}" if how != "-batch" else f"grouped-b{w}"  # other batch sizes
+            batch_kw = {**kw, "batch_tokens": w} if how == "-batch" else kw
             reset_gpu()
             trace_run.write_routing_shard = partial(whole, by_layer=True) if how == "-by-layer" else whole
             try:
                 results[key] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{key}",
-                                                  prefill=spinning if how == "-spin" else recorder, writers=w, **kw)
+                                                  prefill=spinning if how == "-spin" else recorder,
+                                                  writers=None if how == "-batch" else w, **batch_kw)
             finally:
                 trace_run.write_routing_shard = whole
             gpu[key] = peak_gpu()
-            print(f"[bench] trace (grouped, {w} writers{how.replace('-', ', ', 1).replace('-', ' ')}): "
+            what = f"{w} padded tokens a batch" if how == "-batch" else \
+                f"{w} writers{how.replace('-', ', ', 1).replace('-', ' ')}"
+            print(f"[bench] trace (grouped, {what}): "
                   f"{results[key].summary()}", file=sys.stderr, flush=True)
         plan = json.loads((work / "trace-grouped" / "plan.json").read_text())
         docs = trace.read_corpus([work / "corpus.jsonl"]).documents
@@ -317,6 +325,9 @@ def main() -> int:
                   "tokens_per_s": r.tokens_per_s,
                   "seconds": r.seconds, "peak_gpu_bytes": gpu[name]}
                  for name, r in results.items() if name.startswith("grouped-w")),
+               *({"setting": f"  the same, batches of at most {name.removeprefix('grouped-b')} padded tokens "
+                             f"({r.batches} batches)", "tokens_per_s": r.tokens_per_s, "seconds": r.seconds,
+                  "peak_gpu_bytes": gpu[name]} for name, r in results.items() if name.startswith("grouped-b")),
                *({"setting": f"  the grouped prefill alone, {glue} glue (routing to host, no Parquet)",
                   "tokens_per_s": speed, "peak_gpu_bytes": peak} for glue, (speed, peak) in alone.items()),
                {"setting": f"  the Parquet writing alone (the same shards from host memory, {writers} thread{'s' * (writers > 1)})",
