@@ -248,28 +248,27 @@ def main() -> int:
             print(f"[bench] trace ({name}): {results[name].summary()}", file=sys.stderr, flush=True)
 
         spinning = TracePrefill(model, experts, spin=True) if args.spin else None
-        more = [(int(x), "") for x in args.writers.split(",") if x] + \
-            [(int(x), "-spin") for x in args.spin.split(",") if x] + \
-            [(int(x), "-by-layer") for x in args.by_layer.split(",") if x] + \
-            [(int(x), "-batch") for x in args.batch_rows.split(",") if x]
+        counts = lambda arg: [int(x) for x in arg.split(",") if x]  # noqa: E731
+        # the same trace, one setting changed: (key, what, trace_corpus arguments, shards written by layer)
+        more = [(f"grouped-w{w}", f"{w} writers", {"writers": w}, False) for w in counts(args.writers)] + \
+            [(f"grouped-w{w}-spin", f"{w} writers, spin", {"writers": w, "prefill": spinning}, False)
+             for w in counts(args.spin)] + \
+            [(f"grouped-w{w}-by-layer", f"{w} writers, by layer", {"writers": w}, True)
+             for w in counts(args.by_layer)] + \
+            [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, False)
+             for b in counts(args.batch_rows)]
         trace_run = importlib.import_module("omnilab.trace.run")
         whole = trace_run.write_routing_shard
-        for w, how in more:  # the same trace: other writer-thread counts, spinning writers, writing by layer,
-            key = f"grouped-w{w}{how}" if how != "-batch" else f"grouped-b{w}"  # other batch sizes
-            batch_kw = {**kw, "batch_tokens": w} if how == "-batch" else kw
+        for key, what, setting, by_layer in more:
             reset_gpu()
-            trace_run.write_routing_shard = partial(whole, by_layer=True) if how == "-by-layer" else whole
+            trace_run.write_routing_shard = partial(whole, by_layer=True) if by_layer else whole
             try:
                 results[key] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{key}",
-                                                  prefill=spinning if how == "-spin" else recorder,
-                                                  writers=None if how == "-batch" else w, **batch_kw)
+                                                  **{**kw, "prefill": recorder, **setting})
             finally:
                 trace_run.write_routing_shard = whole
             gpu[key] = peak_gpu()
-            what = f"{w} padded tokens a batch" if how == "-batch" else \
-                f"{w} writers{how.replace('-', ', ', 1).replace('-', ' ')}"
-            print(f"[bench] trace (grouped, {what}): "
-                  f"{results[key].summary()}", file=sys.stderr, flush=True)
+            print(f"[bench] trace (grouped, {what}): {results[key].summary()}", file=sys.stderr, flush=True)
         plan = json.loads((work / "trace-grouped" / "plan.json").read_text())
         docs = trace.read_corpus([work / "corpus.jsonl"]).documents
         ids = trace.tokenize(tokenizer, docs["text"].tolist(), args.max_tokens, cfg.vocab_size)

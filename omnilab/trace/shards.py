@@ -126,7 +126,7 @@ def write_routing_shard(path: Path, docs: list[int], domains: list[str], token_i
     (routing.layer(j)), the columns that do not depend on the layer built once. That way takes the GIL back some ten
     times a layer, and each time waits up to the interpreter's switch interval (5 ms) while the thread that
     launches the prefill's kernels holds it: on 2 cores beside a thread that holds the GIL, a 16,384-token,
-    48-layer shard took 5.2 s by layer against 0.6 s alone, and 0.8 s whole either way
+    48-layer shard took 5.1 s by layer against 0.7 s alone, and 0.6-0.7 s whole either way
     (bench/results/gil_writer_cpu.md)."""
     if not by_layer:
         table, rows = routing_table(docs, domains, token_ids, layers, *routing.wait())  # [L, n, k], [L, n, k], [L, n]
