@@ -181,7 +181,9 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tokens", type=int, default=4096, help="corpus size in tokens")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--batch-tokens", type=lambda v: v if v == "auto" else int(v), default=2048,
+                   help="padded tokens per batch, or auto: what omnilab trace's default takes here "
+                        "(omnilab.gpu.prefill.batch_tokens_for, once the experts are resident)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes of each transformers row (median)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the compute floor "
                                                                    "(H200 bf16 dense: 989)")
@@ -198,13 +200,16 @@ def main() -> int:
                    "by_layer)")
     p.add_argument("--batch-rows", default="", help="comma-separated padded-token counts per batch: one more "
                    "end-to-end row each at that --batch-tokens (omnilab trace's own default is 4096)")
+    p.add_argument("--torch-attention", action="store_true", help="one more end-to-end row: the prefill's attention "
+                   "as torch's SDPA chooses it (cuDNN first on an H100) instead of FlashAttention")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
     from omnilab import trace
     from omnilab.dtypes import as_dtype
-    from omnilab.gpu.prefill import ResidentExperts, TracePrefill
+    from omnilab.gpu.prefill import ResidentExperts, TracePrefill, batch_tokens_for
     from omnilab.testing.synth import tiny_tokenizer
+    from omnilab.trace.shards import default_writers
 
     dtype, device = as_dtype(args.dtype), torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="omnilab-bench-trace-"))
@@ -212,10 +217,6 @@ def main() -> int:
     config = build_config(args.real, args.layers)
     tokenizer = tiny_tokenizer(256)
     corpus_tokens = write_corpus(work / "corpus.jsonl", args.tokens, args.max_tokens, tokenizer)
-    # the warm-up: documents for a few full batches, not 8 documents (so warmed, the first end-to-end row on an H100
-    # ran at half the speed of the rows after it, each of which differed from it in one setting only)
-    lines = (work / "corpus.jsonl").read_text().splitlines()
-    (work / "warm.jsonl").write_text("\n".join(lines[:2 * args.batch_tokens // max(1, args.max_tokens // 2)]) + "\n")
     is_cuda = device.type == "cuda"
     peak_gpu = lambda: torch.cuda.max_memory_allocated() if is_cuda else None  # noqa: E731
     reset_gpu = lambda: torch.cuda.reset_peak_memory_stats() if is_cuda else None  # noqa: E731
@@ -234,6 +235,14 @@ def main() -> int:
         recorders = [recorder] + ([TracePrefill(model, experts, glue="torch")] if recorder.glue != "torch" else [])
         print(f"[bench] built {cfg.num_hidden_layers} layers x {cfg.num_experts} experts on {device} in "
               f"{build_s:.0f} s; experts {model.cache.store.total_bytes / 1e9:.1f} GB", file=sys.stderr, flush=True)
+        if args.batch_tokens == "auto":  # as trace_corpus's default decides it, the experts resident
+            args.batch_tokens = batch_tokens_for(model)
+            print(f"[bench] --batch-tokens auto: {args.batch_tokens}", file=sys.stderr, flush=True)
+        # the warm-up: documents for a few full batches, not 8 documents (so warmed, the first end-to-end row on an
+        # H100 ran at half the speed of the rows after it, each of which differed from it in one setting only)
+        lines = (work / "corpus.jsonl").read_text().splitlines()
+        (work / "warm.jsonl").write_text("\n".join(lines[:2 * args.batch_tokens // max(1, args.max_tokens // 2)])
+                                         + "\n")
         kw = dict(max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, progress=False, model=model,
                   tokenizer=tokenizer)
         results, gpu = {}, {}
@@ -248,6 +257,7 @@ def main() -> int:
             print(f"[bench] trace ({name}): {results[name].summary()}", file=sys.stderr, flush=True)
 
         spinning = TracePrefill(model, experts, spin=True) if args.spin else None
+        torch_attention = TracePrefill(model, experts, attention="torch") if args.torch_attention else None
         counts = lambda arg: [int(x) for x in arg.split(",") if x]  # noqa: E731
         # the same trace, one setting changed: (key, what, trace_corpus arguments, shards written by layer)
         more = [(f"grouped-w{w}", f"{w} writers", {"writers": w}, False) for w in counts(args.writers)] + \
@@ -256,7 +266,9 @@ def main() -> int:
             [(f"grouped-w{w}-by-layer", f"{w} writers, by layer", {"writers": w}, True)
              for w in counts(args.by_layer)] + \
             [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, False)
-             for b in counts(args.batch_rows)]
+             for b in counts(args.batch_rows)] + \
+            [("grouped-torch-attention", "torch's SDPA choice", {"prefill": torch_attention}, False)
+             for _ in range(bool(torch_attention))]
         trace_run = importlib.import_module("omnilab.trace.run")
         whole = trace_run.write_routing_shard
         for key, what, setting, by_layer in more:
@@ -314,8 +326,10 @@ def main() -> int:
            "corpus_tokens": corpus_tokens, "documents": results["grouped"].documents,
            "batches": results["grouped"].batches,
            "omnilab": [
-               {"setting": f"omnilab trace, grouped prefill ({recorder.glue} glue; default on CUDA; Parquet written "
-                           f"in the background)",
+               {"setting": f"omnilab trace, grouped prefill ({recorder.glue} glue, "
+                           f"{recorder.attention + ' attention, ' if is_cuda else ''}"
+                           f"{default_writers()} writer threads: the defaults on CUDA; Parquet written in the "
+                           f"background)",
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
                 "peak_gpu_bytes": gpu["grouped"]},
                *({"setting": f"  the same, {name.split('-w')[1].split('-')[0]} writer threads"
@@ -327,6 +341,9 @@ def main() -> int:
                *({"setting": f"  the same, batches of at most {name.removeprefix('grouped-b')} padded tokens "
                              f"({r.batches} batches)", "tokens_per_s": r.tokens_per_s, "seconds": r.seconds,
                   "peak_gpu_bytes": gpu[name]} for name, r in results.items() if name.startswith("grouped-b")),
+               *({"setting": "  the same, the attention as torch's SDPA chooses it (cuDNN first on an H100)",
+                  "tokens_per_s": r.tokens_per_s, "seconds": r.seconds, "peak_gpu_bytes": gpu[name]}
+                 for name, r in results.items() if name == "grouped-torch-attention"),
                *({"setting": f"  the grouped prefill alone, {glue} glue (routing to host, no Parquet)",
                   "tokens_per_s": speed, "peak_gpu_bytes": peak} for glue, (speed, peak) in alone.items()),
                {"setting": f"  the Parquet writing alone (the same shards from host memory, {writers} thread{'s' * (writers > 1)})",

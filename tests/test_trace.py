@@ -331,10 +331,29 @@ def test_a_trace_is_resumed_only_with_its_own_glue(tiny_omni, corpus, tmp_path):
     assert json.loads((out / "plan.json").read_text())["settings"]["prefill_glue"] == "triton"
     (out / "manifest.json").unlink()
     (out / "shards" / sorted(p.name for p in (out / "shards").iterdir())[0]).unlink()  # an unfinished run
-    with pytest.raises(ValueError, match="changed: prefill_glue; its shards were computed with the triton glue .*"
-                                         "this run would take the torch glue"):
+    with pytest.raises(ValueError, match=r"changed: prefill_glue; its shards were computed with other kernels "
+                                         r"around the grouped GEMMs \(glue triton, this run torch\)"):
         run_trace(tiny_omni, corpus, out, model=model, prefill="grouped_mm")
     assert run_trace(tiny_omni, corpus, out, model=model, prefill=recorder).traced_batches == 1
+
+
+def test_auto_batch_tokens_resumes_with_the_folders_own(tiny_omni, corpus, tmp_path):
+    """--batch-tokens auto takes the batch size of the trace the folder already holds (a resume, on any machine,
+    keeps its plan); a number that differs from it is refused."""
+    out = tmp_path / "t"
+    first = run_trace(tiny_omni, corpus, out, batch_tokens=24)
+    assert first.batches > 2
+    (out / "manifest.json").unlink()
+    shards = sorted((out / "shards").iterdir())
+    for shard in shards[:2]:
+        shard.unlink()  # an unfinished run
+    again = run_trace(tiny_omni, corpus, out, batch_tokens="auto")
+    assert (again.batches, again.traced_batches) == (first.batches, 2)
+    assert json.loads((out / "plan.json").read_text())["settings"]["batch_tokens"] == 24
+    with pytest.raises(ValueError, match="changed: batch_tokens"):
+        run_trace(tiny_omni, corpus, out, batch_tokens=40)
+    with pytest.raises(ValueError, match="--batch-tokens must be a positive number of tokens or auto"):
+        run_trace(tiny_omni, corpus, tmp_path / "u", batch_tokens="big")
 
 
 def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
@@ -344,6 +363,8 @@ def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["traced_documents"] == len(DOCS) - 1 and report["domains"] == ["arith", "en", "fr", "python"]
     assert report["rows"] == report["tokens"] * 3 * 2
+    # --batch-tokens auto (the default) on a CPU: 4096, recorded in the plan
+    assert json.loads((out / "plan.json").read_text())["settings"]["batch_tokens"] == 4096
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops}\n')
     for argv, message in [
@@ -351,10 +372,18 @@ def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
         (["--corpus", str(tmp_path / "none.jsonl")], "none.jsonl: no such file or folder (--corpus)"),
         (["--corpus", str(corpus), "--max-tokens", "0"], "--max-tokens"),
         (["--corpus", str(corpus), "--max-tokens", "9"], "holds a trace of another corpus"),
+        (["--corpus", str(corpus), "--max-tokens", "8", "--batch-tokens", "24"],
+         "holds a trace of another corpus or settings (changed: batch_tokens)"),
     ]:
         assert main(["trace", str(tiny_omni), "--out", str(out), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    for value, message in [("0", "--batch-tokens must be positive, got 0"),
+                           ("many", "--batch-tokens takes auto or a number of tokens, got 'many'")]:
+        with pytest.raises(SystemExit) as e:  # argparse's own refusal: exit 2, the flag named
+            main(["trace", str(tiny_omni), "--out", str(out), "--corpus", str(corpus), "--batch-tokens", value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("terminal", [True, False])

@@ -50,6 +50,19 @@ def parse_budget(text: str):
     return text if text in ("auto", "all") else parse_size(text)
 
 
+def parse_batch_tokens(text: str):
+    """--batch-tokens: auto, or a positive number of padded tokens."""
+    if text == "auto":
+        return text
+    try:
+        tokens = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-tokens takes auto or a number of tokens, got {text!r}") from None
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"--batch-tokens must be positive, got {text}")
+    return tokens
+
+
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, default=jsonable)
     sys.stdout.write("\n")

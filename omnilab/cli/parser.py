@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from omnilab.cli.checkpoint_verbs import cmd_extract, cmd_inspect, cmd_synth, cmd_verify
-from omnilab.cli.flags import parse_budget, parse_ids, parse_seed, parse_stop_ids, parse_text
+from omnilab.cli.flags import parse_batch_tokens, parse_budget, parse_ids, parse_seed, parse_stop_ids, parse_text
 from omnilab.cli.model_verbs import cmd_compare, cmd_generate, cmd_plan, cmd_regress, cmd_trace
 from omnilab.units import parse_size
 
@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or folders, or a local datasets folder (save_to_disk)")
     p.add_argument("--out", required=True, help="trace folder; a rerun with the same arguments resumes it")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per document (its first ones; default 512)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
+    p.add_argument("--batch-tokens", type=parse_batch_tokens, default="auto", metavar="N",
+                   help="padded tokens per batch; default auto: a resumed trace's own, else on a GPU the largest of "
+                        "16384, 8192, 4096 that fits beside the experts, else 4096")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: the checkpoint's own dtype on a GPU, float32 on a CPU")
     p.add_argument("--device", default="auto",

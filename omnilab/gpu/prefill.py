@@ -5,16 +5,19 @@ implementation. The work around the GEMMs (the glue) is one of two, chosen once 
 "torch", the eager model's own modules and step.expert_mix (CPU, fp32, no Triton); "triton", prefill_kernels.py's
 fused norms, rotary, SiLU * up and combine into the residual stream (bf16 on CUDA with Triton installed).
 differs from transformers: padding rows skip the router and the experts; the k expert outputs of a token are
-summed in one reduction; the forward stops after the last MoE layer's router (each labelled inline).
+summed in one reduction; the forward stops after the last MoE layer's router; on CUDA the attention is
+FlashAttention, not cuDNN's (ATTENTIONS; each labelled inline).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnilab.gpu.fast import plain_routing_refusal
 from omnilab.gpu.slots import SlotPool, all_experts_room_refusal
@@ -75,6 +78,32 @@ def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
 
 
 GLUES = ("torch", "triton")  # the work around the GEMMs (TracePrefill's glue)
+AUTO_BATCH_TOKENS = (16384, 8192, 4096)  # batch_tokens_for's choices, largest first (16,384: the measured row)
+
+
+def activation_bytes_per_token(config, dtype) -> int:
+    """GPU bytes a batch takes per padded token in the grouped prefill, twice the largest tensors alive in a MoE
+    layer (each token's k gathered rows, gate|up, SiLU * up and expert outputs; h, x and the attention's; the
+    router's float64 log-softmax): the allocator's headroom. Real shapes, bf16: 278 KB, against 262 KB measured
+    (65.3 GB peak at 16,384 tokens beside 61.0 GB of weights, bench/results/trace_h100_bf16.md)."""
+    k, H, I, E = config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size, config.num_experts
+    return 2 * ((k * (2 * H + 3 * I) + 8 * H) * torch.empty((), dtype=dtype).element_size() + 4 * 8 * E)
+
+
+def batch_tokens_for(model, fraction: float = 0.8) -> int:
+    """`omnilab trace --batch-tokens auto` on CUDA: the largest of AUTO_BATCH_TOKENS whose activations
+    (activation_bytes_per_token) fit in `fraction` of the GPU memory free now, the experts already resident (else
+    the smallest); 4096 off CUDA."""
+    if model.device.type != "cuda":
+        return AUTO_BATCH_TOKENS[-1]
+    free, _ = torch.cuda.mem_get_info(model.device)
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)  # torch's cache
+    per_token = activation_bytes_per_token(model.config, model.dtype)
+    return next((b for b in AUTO_BATCH_TOKENS if b * per_token <= fraction * free), AUTO_BATCH_TOKENS[-1])
+# the attention kernels a TracePrefill lets torch's SDPA take on CUDA: "flash" (the default) leaves cuDNN's out:
+# cuDNN builds an execution plan for each new (batch, length) shape, and a trace's batches nearly all differ in
+# shape (bench/results/trace_h100_bf16.md, run 5); "torch" is torch's own order, cuDNN first on an H100
+ATTENTIONS = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "torch": None}
 
 
 def prefill_glue(dtype, device) -> str:
@@ -158,11 +187,13 @@ class TracePrefill:
     spin: how a writer thread waits for the routing (PendingRouting.wait, .layer). False (default): it sleeps in the
     driver (events with cudaEventBlockingSync); True: it spins, as torch's default events do, a core each, polling
     the driver beside the thread that launches the kernels (kept to measure: bench/trace.py --spin).
+    attention: the SDPA kernels allowed on CUDA (ATTENTIONS: "flash", the default, or "torch").
     `record(...)` takes one batch and returns its Routing."""
 
     name = "grouped_mm"
 
-    def __init__(self, model, experts: ResidentExperts | None = None, glue: str | None = None, spin: bool = False):
+    def __init__(self, model, experts: ResidentExperts | None = None, glue: str | None = None, spin: bool = False,
+                 attention: str = "flash"):
         refusal = prefill_refusal(model, experts_given=experts is not None)
         if refusal:
             raise ValueError(f"grouped prefill unavailable: {refusal}")
@@ -172,7 +203,9 @@ class TracePrefill:
         refusal = compute_refusal("triton", model.device) if glue == "triton" else None
         if refusal:
             raise ValueError(f"grouped prefill: glue 'triton': {refusal}")
-        self.glue, self.spin = glue, spin
+        if attention not in ATTENTIONS:
+            raise ValueError(f"grouped prefill: attention {attention!r}, use {', '.join(ATTENTIONS)}")
+        self.glue, self.spin, self.attention = glue, spin, attention
         self._glue = TritonGlue() if glue == "triton" else TorchGlue()
         self.model, self.config = model, model.config
         self.layers = [int(i) for i in self.config.moe_layers]
@@ -187,12 +220,17 @@ class TracePrefill:
         Returns the routing of every real token, documents ascending, positions ascending (waits for it)."""
         return self.record_async(token_ids, docs, pad_id=pad_id).wait()
 
-    @torch.no_grad()
     def record_async(self, token_ids: list[list[int]], docs: list[int], *, pad_id: int = 0) -> "PendingRouting":
         """As record, without waiting: the batch's kernels are queued, each MoE layer's routing is copied to
         pinned host memory as soon as it is computed (one event per layer), and the host never waits for the
         device, so the next batch's kernels queue behind this one's while writer threads read its layers
         (PendingRouting.layer) as they arrive."""
+        backends = ATTENTIONS[self.attention] if self.model.device.type == "cuda" else None
+        # differs from transformers: no cuDNN attention (its plan for each new shape costs more than the kernel)
+        with torch.no_grad(), sdpa_kernel(backends) if backends else nullcontext():
+            return self._record_async(token_ids, docs, pad_id)
+
+    def _record_async(self, token_ids, docs, pad_id) -> "PendingRouting":
         m, cfg = self.model, self.config
         dev, dtype = m.device, m.dtype
         cuda = dev.type == "cuda"

@@ -94,14 +94,16 @@ class _Dist:
         if self.dist is not None and self.dist.is_initialized():
             self.dist.destroy_process_group()
 
-def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int = 4096, dtype: str = "auto",
+def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int | str = "auto", dtype: str = "auto",
                  device: str = "auto", expert_budget="auto", text_field: str | None = None,
                  domain_field: str = "domain", tokenizer=None, backend: str | None = None,
                  progress: bool = True, model=None, prefill="auto", writers: int | None = None) -> TraceResult:
     """Trace the routing of every document of `corpus` (files / folders, see read_corpus) into the folder `out`.
 
-    max_tokens: each document's first tokens; batch_tokens: padded tokens per batch. A folder that already
-    holds this trace (same plan) is resumed; one that holds another is refused. Under torchrun every rank
+    max_tokens: each document's first tokens; batch_tokens: padded tokens per batch, or "auto" (the default): the
+    folder's own when it already holds a trace, else on CUDA with the grouped prefill the largest of
+    omnilab.gpu.prefill.AUTO_BATCH_TOKENS whose activations fit in the free GPU memory, else 4096. A folder that
+    already holds this trace (same plan) is resumed; one that holds another is refused. Under torchrun every rank
     calls this with the same arguments. `model`: an already-built SelectiveMoE (its checkpoint is `path`).
 
     prefill: "auto" (the grouped prefill of omnilab.gpu.prefill on CUDA when nothing refuses it, else the eager
@@ -109,8 +111,10 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     writers: threads writing the Parquet shards (default: a quarter of the cores, at most 4)."""
     if writers is not None and writers < 1:
         raise ValueError(f"writers must be >= 1 (got {writers})")
-    if max_tokens < 1 or batch_tokens < 1:
-        raise ValueError(f"--max-tokens and --batch-tokens must be positive (got {max_tokens}, {batch_tokens})")
+    if batch_tokens != "auto" and not (isinstance(batch_tokens, int) and batch_tokens >= 1):
+        raise ValueError(f"--batch-tokens must be a positive number of tokens or auto (got {batch_tokens!r})")
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be positive (got {max_tokens})")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
@@ -147,31 +151,38 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     if not lengths.any():
         raise ValueError("--corpus: no document has any tokens")
-    batches = plan_batches(lengths, batch_tokens)
     grouped, refusal = _choose_prefill(dist, model, prefill)
+    plan_path = out / PLAN_NAME
+    for own in (plan_path, out / MANIFEST_NAME):
+        if own.exists() and not isinstance(_read_own_json(own), dict):
+            raise ValueError(f"--out {out}: {own.name} is not a trace's (not a JSON object); use a new folder")
+    old = _read_own_json(plan_path) if plan_path.exists() else None
+    recorder = None  # the grouped prefill, built when there is a batch to trace (or to size one)
+    if batch_tokens == "auto":  # a resume keeps the folder's; a new trace asks the prefill what fits
+        recorder = _recorder(model, prefill) if grouped and _kept_batch_tokens(old) is None else None
+        batch_tokens = _auto_batch_tokens(dist, old, model if recorder is not None else None)
+    batches = plan_batches(lengths, batch_tokens)
     settings = {"format": FORMAT, "max_tokens": max_tokens, "batch_tokens": batch_tokens,
                 "dtype": str(model.dtype).removeprefix("torch."), "device_type": model.device.type,
                 "config": _config_hash(model), "text_field": text_field, "domain_field": domain_field}
     if grouped:  # its numbers differ from the eager path's by rounding: a trace is made by one path or the other
         settings["prefill"] = "grouped_mm"
-        glue = _prefill_glue(model, prefill)
+        glue, attention = _prefill_kernels(model, prefill)
         if glue != "torch":  # and so do the glues' (a trace of the torch glue keeps its fingerprint)
             settings["prefill_glue"] = glue
+        if model.device.type == "cuda":  # and the attention kernels'
+            settings["prefill_attention"] = attention
     fp = fingerprint(ids, docs.documents["domain"], settings)
-    plan_path = out / PLAN_NAME
-    for own in (plan_path, out / MANIFEST_NAME):
-        if own.exists() and not isinstance(_read_own_json(own), dict):
-            raise ValueError(f"--out {out}: {own.name} is not a trace's (not a JSON object); use a new folder")
-    if plan_path.exists():
-        old = _read_own_json(plan_path)
+    if old is not None:
         if old.get("fingerprint") != fp:
             before = old.get("settings", {})
             changed = [k for k in {**before, **settings} if before.get(k) != settings.get(k)]
             why = f"; the grouped prefill was not taken: {refusal}" if "prefill" in changed and refusal else ""
-            if "prefill_glue" in changed and "prefill" not in changed:
-                why = (f"; its shards were computed with the {before.get('prefill_glue', 'torch')} glue around the "
-                       f"grouped GEMMs, this run would take the {settings.get('prefill_glue', 'torch')} glue: "
-                       f"another bf16 rounding")
+            kernels = [k for k in ("prefill_glue", "prefill_attention") if k in changed]
+            if kernels and "prefill" not in changed:
+                why = (f"; its shards were computed with other kernels around the grouped GEMMs ("
+                       + ", ".join(f"{k.removeprefix('prefill_')} {before.get(k, 'torch')}, this run "
+                                   f"{settings.get(k, 'torch')}" for k in kernels) + "): another bf16 rounding")
             raise ValueError(f"--out {out}: holds a trace of another corpus or settings "
                              f"({'changed: ' + ', '.join(changed) if changed else 'the token ids differ'}{why}); "
                              f"use a new folder")
@@ -201,16 +212,8 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
                    desc=f"trace ({dist.world} process{'es' * (dist.world > 1)})")
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     pad = pad if 0 <= pad < cfg.vocab_size else 0
-    recorder = None
     if grouped and mine:
-        from omnilab.gpu.prefill import ResidentExperts, TracePrefill
-        from omnilab.runtime.generate import resident_pool
-
-        if isinstance(prefill, TracePrefill):
-            recorder = prefill
-        else:  # every expert resident: the runtime's pool, shared with generate and the eager path
-            pool = resident_pool(model)
-            recorder = TracePrefill(model, ResidentExperts(pool.gate_up, pool.down))
+        recorder = recorder or _recorder(model, prefill)
         record = getattr(recorder, "record_async", recorder.record)
     start = time.perf_counter()
     # the shards are written by background threads (omnilab.trace.shards: numpy and pyarrow release
@@ -266,13 +269,41 @@ def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
         raise ValueError(f"--prefill grouped_mm: {refusal}")
     return refusal is None, refusal
 
-def _prefill_glue(model, prefill) -> str:
-    """The glue the grouped prefill will take: a built TracePrefill's own, else prefill_glue's choice."""
+def _recorder(model, prefill):
+    """The grouped prefill: a built TracePrefill as given, else one over every expert resident (the runtime's
+    pool, shared with generate and the eager path: built once per model)."""
     if not isinstance(prefill, str):
-        return getattr(prefill, "glue", "torch")
+        return prefill
+    from omnilab.gpu.prefill import ResidentExperts, TracePrefill
+    from omnilab.runtime.generate import resident_pool
+
+    pool = resident_pool(model)
+    return TracePrefill(model, ResidentExperts(pool.gate_up, pool.down))
+
+def _prefill_kernels(model, prefill) -> tuple[str, str]:
+    """(glue, attention) the grouped prefill takes: a built TracePrefill's own, else its defaults here."""
+    if not isinstance(prefill, str):
+        return getattr(prefill, "glue", "torch"), getattr(prefill, "attention", "torch")
     from omnilab.gpu.prefill import prefill_glue
 
-    return prefill_glue(model.dtype, model.device)
+    return prefill_glue(model.dtype, model.device), "flash"
+
+def _kept_batch_tokens(old) -> int | None:
+    """The batch size of the trace a folder holds (its plan.json's settings), None when there is none."""
+    settings = old.get("settings") if isinstance(old, dict) else None
+    kept = settings.get("batch_tokens") if isinstance(settings, dict) else None
+    return kept if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 1 else None
+
+def _auto_batch_tokens(dist, old, grouped_model) -> int:
+    """--batch-tokens auto: the trace folder's own (a resume keeps its batches), else the grouped prefill's
+    batch_tokens_for (what fits beside its resident experts on the GPU), else 4096 (the eager path). The smallest
+    over the ranks: every rank plans the same batches."""
+    kept = _kept_batch_tokens(old)
+    if kept is not None:
+        return kept
+    from omnilab.gpu.prefill import batch_tokens_for
+
+    return min(dist.gather(batch_tokens_for(grouped_model) if grouped_model is not None else 4096))
 
 def _config_hash(model) -> str:
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else vars(model.config)

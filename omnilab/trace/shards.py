@@ -6,7 +6,6 @@ the first error raised as one line). Design: docs/DESIGN.md, "Corpus traces".
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from omnilab.outdir import temp_path
+from omnilab.threads import available_cores
 
 TRACE_COLUMNS = ["doc", "domain", "position", "token_id", "layer", "rank", "expert", "weight", "entropy"]
 PLAN_NAME, MANIFEST_NAME, DOCUMENTS_NAME, SHARDS_DIR = "plan.json", "manifest.json", "documents.parquet", "shards"
@@ -151,11 +151,12 @@ def write_routing_shard(path: Path, docs: list[int], domains: list[str], token_i
                                row_group_size=max(1, rows))
 
 def default_writers() -> int:
-    """Writer threads for a trace: a quarter of the cores, at most 4. 48 layers, 131k tokens on an H100
-    (bench/results/trace_h100_bf16.md): with shards written by layer (each row group as its layer arrives), 8
-    writers took the GIL from the thread that launches the prefill's kernels (29.4k tokens/s end to end, 53.5k with
-    4, 42.6k with 2); with whole shards, each table built once per column, 4, 8 and 12 writers all ran at 58k."""
-    return max(1, min(4, (os.cpu_count() or 2) // 4))
+    """Writer threads for a trace: half the cores, at most 8. 48 layers, 131k tokens on H100 machines
+    (bench/results/trace_h100_bf16.md): on one host 4 threads wrote the shards alone at 103k tokens/s and 4, 8 or 12
+    writers ran the trace end to end at 58k; on another 4 wrote at 58k alone, slower than the prefill (69k), and the
+    trace ran at 42k. (Shards written by layer, each row group as its layer arrives, were another matter: there 8
+    writers took the GIL from the thread that launches the prefill's kernels, 29.4k tokens/s against 53.5k with 4.)"""
+    return max(1, min(8, available_cores() // 2))
 
 
 class ShardWriteError(OSError):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from omnilab.gpu import prefill_kernels as pk  # noqa: E402
-from omnilab.gpu.prefill import TracePrefill  # noqa: E402
+from omnilab.gpu.prefill import (AUTO_BATCH_TOKENS, TracePrefill, activation_bytes_per_token,  # noqa: E402
+                                  batch_tokens_for)
 from omnilab.model.decoder import RMSNorm, SelectiveMoE  # noqa: E402
 from omnilab.model.rope import rotate_half  # noqa: E402
 
@@ -149,3 +150,39 @@ def test_layers_read_as_they_arrive_equal_the_whole_routing(prefills, spin):
             experts, weights, entropy = got[b][j]
             assert np.array_equal(experts, w.experts[j]) and np.array_equal(weights, w.weights[j]), (b, j)
             assert np.array_equal(entropy, w.entropy[j]), (b, j)
+
+
+def test_flash_attention_no_cudnn_and_the_same_routing(prefills):
+    """The prefill's attention is FlashAttention by default (cuDNN's plans one shape at a time: no cuDNN kernel
+    runs), and routes as torch's own SDPA choice does but for bf16 rounding."""
+    default = prefills[0]
+    assert default.attention == "flash"
+    other = TracePrefill(default.model, default.experts, attention="torch")
+    gen = np.random.default_rng(2)
+    lengths = gen.integers(1, 300, 16)
+    ids = [gen.integers(0, default.config.vocab_size, int(n)).tolist() for n in lengths]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        a = default.record(ids, list(range(16)))
+    names = [e.name for e in prof.events()]
+    assert any("flash" in n.lower() for n in names) and not any("cudnn" in n.lower() for n in names), \
+        sorted({n for n in names if "attention" in n.lower() or "sdpa" in n.lower()})
+    b = other.record(ids, list(range(16)))
+    assert (a.experts == b.experts).mean() > 0.99 and abs(a.weights - b.weights).mean() < 2e-3
+
+
+def test_batch_tokens_for_bounds_a_batchs_peak(prefills):
+    """--batch-tokens auto sizes batches by activation_bytes_per_token: a batch's peak GPU memory beyond the
+    weights stays under it, and not far under (the estimate is not a blanket margin)."""
+    default = prefills[0]
+    m = default.model
+    per_token = activation_bytes_per_token(m.config, m.dtype)
+    gen = np.random.default_rng(3)
+    ids = [gen.integers(0, default.config.vocab_size, 256).tolist() for _ in range(16)]  # 4096 tokens, no padding
+    default.record(ids, list(range(16)))  # warm: kernels compiled, workspaces made
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    default.record(ids, list(range(16)))
+    peak = torch.cuda.max_memory_allocated() - base
+    assert per_token * 4096 / 8 < peak <= per_token * 4096, (peak, per_token * 4096)
+    assert batch_tokens_for(m) in AUTO_BATCH_TOKENS
