@@ -131,7 +131,7 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
       # transformers' grouped_mm and eager experts, TRACE_TOKENS (>= 100k) tokens, the real 48-layer shapes built on the GPU
       wait48  # the build's GPU work first: the trace's model is another 61 GB
       timeout $(left) python3 bench/trace.py --device cuda --real --layers 48 --tokens ${TRACE_TOKENS:-131072} --max-tokens 512 \
-        --batch-tokens ${TRACE_BATCH_TOKENS:-auto} --peak-tflops 989 --no-eager-trace $([ -n "${TRACE_TORCH_ATTENTION:-}" ] && echo --torch-attention) \
+        --batch-tokens ${TRACE_BATCH_TOKENS:-auto} --peak-tflops 989 --no-eager-trace $([ -n "${TRACE_TORCH_ATTENTION:-}" ] && echo --torch-attention) $([ -n "${TRACE_NO_HF_EAGER:-}" ] && echo --no-hf-eager) \
         $([ -n "${TRACE_PROFILE:-}" ] && echo --profile $OUT/trace_profile.txt) $([ -n "${TRACE_WRITERS:-}" ] && echo --writers $TRACE_WRITERS) \
         $([ -n "${TRACE_SPIN:-}" ] && echo --spin $TRACE_SPIN) $([ -n "${TRACE_BY_LAYER:-}" ] && echo --by-layer $TRACE_BY_LAYER) \
         $([ -n "${TRACE_BATCH_ROWS:-}" ] && echo --batch-rows $TRACE_BATCH_ROWS) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30

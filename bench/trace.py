@@ -200,6 +200,8 @@ def main() -> int:
                    "by_layer)")
     p.add_argument("--batch-rows", default="", help="comma-separated padded-token counts per batch: one more "
                    "end-to-end row each at that --batch-tokens (omnilab trace's own default is 4096)")
+    p.add_argument("--no-hf-eager", action="store_true", help="leave out transformers' eager-experts row (40 s at 131k "
+                   "tokens on an H100)")
     p.add_argument("--torch-attention", action="store_true", help="one more end-to-end row: the prefill's attention "
                    "as torch's SDPA chooses it (cuDNN first on an H100) instead of FlashAttention")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -305,7 +307,7 @@ def main() -> int:
         if args.profile:
             profile(recorders, hf, plan["batches"][0], ids, device, pad, k, Path(args.profile))
         rows = []
-        for impl in ("default", "eager"):
+        for impl in ("default",) + (() if args.no_hf_eager else ("eager",)):
             if impl == "eager":
                 hf.set_experts_implementation("eager")
             name = hf.model.language_model.config._experts_implementation
