@@ -121,6 +121,7 @@ class OffloadDecoder:
         # time of each decode step's own host-computed choices: observe_host)
         self.host_rates = self.measure_host_share() if host_share == "auto" else None
         self.host_share = self.host_rates["share"] if self.host_rates else float(host_share)
+        self._host_carry = 0.0  # the fraction of a host choice route_step owes (its share of misses, carried)
         self.segmented_step = SegmentedStep(self)  # the decode step's buffers and segments
         self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
@@ -243,13 +244,16 @@ class OffloadDecoder:
         """The decode step's slots for the routed experts, misses copied in (one copy per span, one event per
         choice on the copy stream); returns (slots, [(choice, event)] for the choices to wait for, in copy
         order; the event is None off CUDA, [choices the host computes]). split_last: the last miss copies
-        gate|up before down (_copy_in). host_share: the last round(share * misses) misses are not copied but
-        left to the host (no slot: theirs reads 0). The compute stream is idle here (the caller synchronised),
-        so no copy can hit a slot in use."""
+        gate|up before down (_copy_in). host_share: the last misses, share * misses of them with the fraction left
+        over carried to the next layer's (so a share that rounds to none a layer still reaches the host, and
+        observe_host still sees its time), are not copied but left to the host (no slot: theirs reads 0). The
+        compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
         where = self.cache.where[layer]
         want = set(experts)
         misses = [c for c, e in enumerate(experts) if e not in where]  # choices, before this step's copies
-        n_host = round(len(misses) * self.host_share)
+        owed = len(misses) * self.host_share + self._host_carry if misses else self._host_carry
+        n_host = min(len(misses), int(owed + 1e-9))
+        self._host_carry = owed - n_host
         host = misses[len(misses) - n_host:] if n_host else []
         last = misses[-1] if split_last and misses else None
         slots, waits = [], []
@@ -394,6 +398,7 @@ class OffloadDecoder:
             if forced.numel() < n - 1:
                 raise ValueError(f"forced holds {forced.numel()} ids, need {n - 1}")
         self.routing = []
+        self._host_carry = 0.0  # each call splits its misses alike: the same prompt, the same host choices
         cuda = self.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         seg = self.segmented_step
