@@ -356,6 +356,24 @@ def test_auto_batch_tokens_resumes_with_the_folders_own(tiny_omni, corpus, tmp_p
         run_trace(tiny_omni, corpus, tmp_path / "u", batch_tokens="big")
 
 
+def test_auto_batch_tokens_off_cuda_and_the_activation_estimate(tiny_omni):
+    """--batch-tokens auto: 4096 off CUDA; the per-token activation estimate at the real thinker's shapes in bf16 is
+    within 10% of the 262 KB measured on an H100 (4.3 GB beyond the weights at 16,384 tokens), so 16,384 tokens
+    need about 4.5 GB beside the resident experts."""
+    from types import SimpleNamespace
+
+    from omnilab.gpu.prefill import AUTO_BATCH_TOKENS, activation_bytes_per_token, batch_tokens_for
+    from omnilab.model.decoder import SelectiveMoE
+    from omnilab.testing.synth import real_shape_config
+
+    model = SelectiveMoE.from_checkpoint(tiny_omni, dtype=torch.float32, tokenizer=False)
+    assert batch_tokens_for(model) == AUTO_BATCH_TOKENS[-1] == 4096
+    text = SimpleNamespace(**real_shape_config(2)["thinker_config"]["text_config"])
+    per_token = activation_bytes_per_token(text, torch.bfloat16)
+    assert abs(per_token / 262e3 - 1) < 0.1, per_token
+    assert activation_bytes_per_token(text, torch.float32) > 1.9 * per_token - 2 * 4 * 8 * text.num_experts
+
+
 def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["trace", str(tiny_omni), "--corpus", str(corpus), "--out", str(out), "--max-tokens", "8",

@@ -78,6 +78,10 @@ def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
 
 
 GLUES = ("torch", "triton")  # the work around the GEMMs (TracePrefill's glue)
+# the attention kernels a TracePrefill lets torch's SDPA take on CUDA: "flash" (the default) leaves cuDNN's out:
+# cuDNN builds an execution plan for each new (batch, length) shape, and a trace's batches nearly all differ in
+# shape (bench/results/trace_h100_bf16.md, run 5); "torch" is torch's own order, cuDNN first on an H100
+ATTENTIONS = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "torch": None}
 AUTO_BATCH_TOKENS = (16384, 8192, 4096)  # batch_tokens_for's choices, largest first (16,384: the measured row)
 
 
@@ -100,10 +104,6 @@ def batch_tokens_for(model, fraction: float = 0.8) -> int:
     free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)  # torch's cache
     per_token = activation_bytes_per_token(model.config, model.dtype)
     return next((b for b in AUTO_BATCH_TOKENS if b * per_token <= fraction * free), AUTO_BATCH_TOKENS[-1])
-# the attention kernels a TracePrefill lets torch's SDPA take on CUDA: "flash" (the default) leaves cuDNN's out:
-# cuDNN builds an execution plan for each new (batch, length) shape, and a trace's batches nearly all differ in
-# shape (bench/results/trace_h100_bf16.md, run 5); "torch" is torch's own order, cuDNN first on an H100
-ATTENTIONS = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "torch": None}
 
 
 def prefill_glue(dtype, device) -> str:

@@ -108,10 +108,10 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
 
     prefill: "auto" (the grouped prefill of omnilab.gpu.prefill on CUDA when nothing refuses it, else the eager
     model), "eager", "grouped_mm" (an error when refused), or a built omnilab.gpu.prefill.TracePrefill.
-    writers: threads writing the Parquet shards (default: a quarter of the cores, at most 4)."""
+    writers: threads writing the Parquet shards (default: half the cores, at most 8)."""
     if writers is not None and writers < 1:
         raise ValueError(f"writers must be >= 1 (got {writers})")
-    if batch_tokens != "auto" and not (isinstance(batch_tokens, int) and batch_tokens >= 1):
+    if batch_tokens != "auto" and not (type(batch_tokens) is int and batch_tokens >= 1):
         raise ValueError(f"--batch-tokens must be a positive number of tokens or auto (got {batch_tokens!r})")
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be positive (got {max_tokens})")
