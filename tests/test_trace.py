@@ -350,6 +350,7 @@ def test_auto_batch_tokens_resumes_with_the_folders_own(tiny_omni, corpus, tmp_p
     again = run_trace(tiny_omni, corpus, out, batch_tokens="auto")
     assert (again.batches, again.traced_batches) == (first.batches, 2)
     assert json.loads((out / "plan.json").read_text())["settings"]["batch_tokens"] == 24
+    assert again.batch_tokens == 24 and "shards of at most 24 padded tokens" in again.summary()
     with pytest.raises(ValueError, match="changed: batch_tokens"):
         run_trace(tiny_omni, corpus, out, batch_tokens=40)
     with pytest.raises(ValueError, match="--batch-tokens must be a positive number of tokens or auto"):

@@ -44,6 +44,7 @@ class TraceResult:
     world_size: int
     prefill: str = "eager"  # "grouped_mm" (omnilab.gpu.prefill) or "eager" (the selective model through its hooks)
     prefill_refusal: str | None = None  # why the grouped prefill was not taken, when it was not
+    batch_tokens: int | None = None  # padded tokens a batch (what --batch-tokens auto chose, or was given)
 
     @property
     def tokens_per_s(self) -> float:
@@ -51,7 +52,8 @@ class TraceResult:
 
     def summary(self) -> str:
         skipped = self.batches - self.traced_batches
-        return (f"{self.out}: {self.documents:,} documents, {self.tokens:,} tokens in {self.batches} shards"
+        size = f" of at most {self.batch_tokens:,} padded tokens" if self.batch_tokens else ""
+        return (f"{self.out}: {self.documents:,} documents, {self.tokens:,} tokens in {self.batches} shards{size}"
                 f"{f' ({skipped} already traced)' if skipped else ''}; traced {self.traced_tokens:,} tokens in "
                 f"{self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s, {self.world_size} "
                 f"process{'es' * (self.world_size > 1)}, {self.prefill} prefill"
@@ -256,7 +258,7 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     dist.barrier()
     return TraceResult(out, len(docs.documents), int(lengths.sum()), len(batches),
                        sum(s["batches"] for s in stats), traced_tokens, wall, dist.world,
-                       "grouped_mm" if grouped else "eager", refusal)
+                       "grouped_mm" if grouped else "eager", refusal, batch_tokens)
 
 def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
     """(take the grouped prefill?, why not), as omnilab.runtime.choose.choose_prefill decides. Every rank takes
