@@ -66,7 +66,8 @@ def main() -> int:
     L, n, k = args.layers, args.tokens, 8
     rng = np.random.default_rng(0)
     routing = Routing(torch.from_numpy(rng.integers(0, 128, (L, n, k), dtype=np.int32)),
-                      torch.from_numpy(rng.random((L, n, k), dtype=np.float32)),
+                      # bf16 values, as the grouped prefill's bf16 router gives them (then .float())
+                      torch.from_numpy(rng.random((L, n, k), dtype=np.float32)).bfloat16().float(),
                       torch.from_numpy(rng.random((L, n), dtype=np.float32)))
     docs = list(range(n // 512))
     ids = [rng.integers(0, 150000, 512).tolist() for _ in docs]

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from omnilab import trace
@@ -138,3 +139,26 @@ def test_trace_whose_writing_fails_is_one_line_then_resumes(tiny_omni, corpus, t
     again = trace.trace_corpus(tiny_omni, [corpus], out, **kw)
     assert again.traced_batches == 1 and victim.read_bytes() == before
     assert trace.TraceDataset(out).manifest["rows"] == first.tokens * 3 * 2
+
+
+def test_a_trace_resumed_over_older_nullable_shards_reads_whole(tiny_omni, corpus, tmp_path):
+    """Shards of an older version (every field nullable) and this one's (none nullable: trace_schema) in one
+    folder, as a trace resumed after an upgrade has them: the trace reads back whole, equal to a fresh one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kw = dict(max_tokens=12, batch_tokens=24, progress=False, prefill="grouped_mm")
+    fresh = trace.trace_corpus(tiny_omni, [corpus], tmp_path / "fresh", **kw)
+    out = tmp_path / "t"
+    trace.trace_corpus(tiny_omni, [corpus], out, **kw)
+    shards = sorted((out / "shards").iterdir())
+    old = pq.read_table(shards[0])
+    assert not any(f.nullable for f in old.schema)
+    pq.write_table(old.cast(pa.schema([f.with_nullable(True) for f in old.schema])), shards[0])  # as written before
+    shards[1].unlink()
+    (out / "manifest.json").unlink()
+    assert trace.trace_corpus(tiny_omni, [corpus], out, **kw).traced_batches == 1
+    assert pq.read_schema(shards[0]).field("weight").nullable and not pq.read_schema(shards[1]).field("weight").nullable
+    got, want = trace.TraceDataset(out).to_pandas(), trace.TraceDataset(tmp_path / "fresh").to_pandas()
+    assert len(want) == fresh.tokens * 3 * 2
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
