@@ -333,19 +333,21 @@ def main() -> int:
                            f"{default_writers()} writer threads: the defaults on CUDA; Parquet written in the "
                            f"background)",
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
+                "writing_tail_s": results["grouped"].writing_tail_s,
                 "peak_gpu_bytes": gpu["grouped"]},
                *({"setting": f"  the same, {name.split('-w')[1].split('-')[0]} writer threads"
                              f"{' spinning on the events (torch default events)' if name.endswith('-spin') else ''}"
                              f"{', each shard written by layer as the layers arrive' if name.endswith('-by-layer') else ''}",
                   "tokens_per_s": r.tokens_per_s,
-                  "seconds": r.seconds, "peak_gpu_bytes": gpu[name]}
+                  "seconds": r.seconds, "writing_tail_s": r.writing_tail_s, "peak_gpu_bytes": gpu[name]}
                  for name, r in results.items() if name.startswith("grouped-w")),
                *({"setting": f"  the same, batches of at most {name.removeprefix('grouped-b')} padded tokens "
                              f"({r.batches} batches)", "tokens_per_s": r.tokens_per_s, "seconds": r.seconds,
-                  "peak_gpu_bytes": gpu[name]} for name, r in results.items() if name.startswith("grouped-b")),
+                  "writing_tail_s": r.writing_tail_s, "peak_gpu_bytes": gpu[name]}
+                 for name, r in results.items() if name.startswith("grouped-b")),
                *({"setting": "  the same, the attention as torch's SDPA chooses it (cuDNN first on an H100)",
-                  "tokens_per_s": r.tokens_per_s, "seconds": r.seconds, "peak_gpu_bytes": gpu[name]}
-                 for name, r in results.items() if name == "grouped-torch-attention"),
+                  "tokens_per_s": r.tokens_per_s, "seconds": r.seconds, "writing_tail_s": r.writing_tail_s,
+                  "peak_gpu_bytes": gpu[name]} for name, r in results.items() if name == "grouped-torch-attention"),
                *({"setting": f"  the grouped prefill alone, {glue} glue (routing to host, no Parquet)",
                   "tokens_per_s": speed, "peak_gpu_bytes": peak} for glue, (speed, peak) in alone.items()),
                {"setting": f"  the Parquet writing alone (the same shards from host memory, {writers} thread{'s' * (writers > 1)})",
@@ -526,6 +528,11 @@ def table(r: dict, command: str) -> str:
                   f"({tf[0]['setting'].split('(')[1].split()[0]}) router on the first batch: "
                   + ", ".join(f"{name} {v:.4f}" for name, v in a.items())
                   + f". Peak anon RSS {r['peak_anon_bytes'] / gb:.2f} GB."]
+    tails = [row for row in r["omnilab"] if row.get("writing_tail_s") is not None]
+    if tails:  # where an end-to-end row's seconds went: the last shards' writing after the last forward
+        lines += ["", "End to end, seconds (of which the last shards' writing after the last forward): "
+                  + "; ".join(f"{row['setting'].strip().split(' (')[0]}: {row['seconds']:.2f} "
+                              f"({row['writing_tail_s']:.2f})" for row in tails) + "."]
     return "\n".join(lines)
 
 

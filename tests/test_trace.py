@@ -382,6 +382,7 @@ def test_cli_trace_and_its_errors(tiny_omni, corpus, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["traced_documents"] == len(DOCS) - 1 and report["domains"] == ["arith", "en", "fr", "python"]
     assert report["rows"] == report["tokens"] * 3 * 2
+    assert 0 <= report["run"]["writing_tail_s"] <= report["run"]["seconds"]  # the shards' writing after the last forward
     # --batch-tokens auto (the default) on a CPU: 4096, recorded in the plan
     assert json.loads((out / "plan.json").read_text())["settings"]["batch_tokens"] == 4096
     bad = tmp_path / "bad.jsonl"

@@ -45,6 +45,7 @@ class TraceResult:
     prefill: str = "eager"  # "grouped_mm" (omnilab.gpu.prefill) or "eager" (the selective model through its hooks)
     prefill_refusal: str | None = None  # why the grouped prefill was not taken, when it was not
     batch_tokens: int | None = None  # padded tokens a batch (what --batch-tokens auto chose, or was given)
+    writing_tail_s: float = 0.0  # of `seconds`: the last shards' writing after the last forward (slowest rank)
 
     @property
     def tokens_per_s(self) -> float:
@@ -237,12 +238,13 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
             writer.submit(shards / shard_name(b), write)
             if bar is not None:
                 bar.update(int(lengths[batch].sum()) * dist.world)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()  # the last forward is done: what the writers take after it is the tail
+        forwards = time.perf_counter() - start
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    stats = dist.gather({"batches": len(mine), "tokens": my_tokens, "seconds": seconds})
+    stats = dist.gather({"batches": len(mine), "tokens": my_tokens, "seconds": seconds, "tail": seconds - forwards})
     dist.barrier()
     traced_tokens = sum(s["tokens"] for s in stats)
     wall = max(s["seconds"] for s in stats)
@@ -252,13 +254,16 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
                         {"world_size": dist.world, "traced_batches": sum(s["batches"] for s in stats),
                          "traced_tokens": traced_tokens, "seconds": wall,
                          "tokens_per_s": traced_tokens / wall if wall > 0 else None,
+                         # the last shards' writing after the last forward (the slowest rank's), nothing left to overlap
+                         "writing_tail_s": max(st["tail"] for st in stats),
                          "prefill": "grouped_mm" if grouped else "eager", "prefill_refusal": refusal,
                          # the grouped prefill's glue (omnilab.gpu.prefill.GLUES) on rank 0; None: eager, or no batch
                          "prefill_glue": getattr(recorder, "glue", None)})
     dist.barrier()
     return TraceResult(out, len(docs.documents), int(lengths.sum()), len(batches),
                        sum(s["batches"] for s in stats), traced_tokens, wall, dist.world,
-                       "grouped_mm" if grouped else "eager", refusal, batch_tokens)
+                       "grouped_mm" if grouped else "eager", refusal, batch_tokens,
+                       max(st["tail"] for st in stats))
 
 def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
     """(take the grouped prefill?, why not), as omnilab.runtime.choose.choose_prefill decides. Every rank takes
