@@ -261,19 +261,26 @@ def main() -> int:
         spinning = TracePrefill(model, experts, spin=True) if args.spin else None
         torch_attention = TracePrefill(model, experts, attention="torch") if args.torch_attention else None
         counts = lambda arg: [int(x) for x in arg.split(",") if x]  # noqa: E731
-        # the same trace, one setting changed: (key, what, trace_corpus arguments, shards written by layer)
-        more = [(f"grouped-w{w}", f"{w} writers", {"writers": w}, False) for w in counts(args.writers)] + \
-            [(f"grouped-w{w}-spin", f"{w} writers, spin", {"writers": w, "prefill": spinning}, False)
+        # the same trace, one setting changed: (key, what, trace_corpus arguments, shards written by layer, the
+        # table's row; {batches}: the trace's batch count)
+        more = [(f"grouped-w{w}", f"{w} writers", {"writers": w}, False, f"  the same, {w} writer threads")
+                for w in counts(args.writers)] + \
+            [(f"grouped-w{w}-spin", f"{w} writers, spin", {"writers": w, "prefill": spinning}, False,
+              f"  the same, {w} writer threads spinning on the events (torch default events)")
              for w in counts(args.spin)] + \
-            [(f"grouped-w{w}-by-layer", f"{w} writers, by layer", {"writers": w}, True)
+            [(f"grouped-w{w}-by-layer", f"{w} writers, by layer", {"writers": w}, True,
+              f"  the same, {w} writer threads, each shard written by layer as the layers arrive")
              for w in counts(args.by_layer)] + \
-            [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, False)
+            [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, False,
+              f"  the same, batches of at most {b} padded tokens ({{batches}} batches)")
              for b in counts(args.batch_rows)] + \
-            [("grouped-torch-attention", "torch's SDPA choice", {"prefill": torch_attention}, False)
+            [("grouped-torch-attention", "torch's SDPA choice", {"prefill": torch_attention}, False,
+              "  the same, the attention as torch's SDPA chooses it (cuDNN first on an H100)")
              for _ in range(bool(torch_attention))]
+        labels = {key: label for key, *_, label in more}  # the rows of the table, in this order
         trace_run = importlib.import_module("omnilab.trace.run")
         whole = trace_run.write_routing_shard
-        for key, what, setting, by_layer in more:
+        for key, what, setting, by_layer, _ in more:
             reset_gpu()
             trace_run.write_routing_shard = partial(whole, by_layer=True) if by_layer else whole
             try:
@@ -335,19 +342,9 @@ def main() -> int:
                 "tokens_per_s": results["grouped"].tokens_per_s, "seconds": results["grouped"].seconds,
                 "writing_tail_s": results["grouped"].writing_tail_s,
                 "peak_gpu_bytes": gpu["grouped"]},
-               *({"setting": f"  the same, {name.split('-w')[1].split('-')[0]} writer threads"
-                             f"{' spinning on the events (torch default events)' if name.endswith('-spin') else ''}"
-                             f"{', each shard written by layer as the layers arrive' if name.endswith('-by-layer') else ''}",
-                  "tokens_per_s": r.tokens_per_s,
-                  "seconds": r.seconds, "writing_tail_s": r.writing_tail_s, "peak_gpu_bytes": gpu[name]}
-                 for name, r in results.items() if name.startswith("grouped-w")),
-               *({"setting": f"  the same, batches of at most {name.removeprefix('grouped-b')} padded tokens "
-                             f"({r.batches} batches)", "tokens_per_s": r.tokens_per_s, "seconds": r.seconds,
-                  "writing_tail_s": r.writing_tail_s, "peak_gpu_bytes": gpu[name]}
-                 for name, r in results.items() if name.startswith("grouped-b")),
-               *({"setting": "  the same, the attention as torch's SDPA chooses it (cuDNN first on an H100)",
-                  "tokens_per_s": r.tokens_per_s, "seconds": r.seconds, "writing_tail_s": r.writing_tail_s,
-                  "peak_gpu_bytes": gpu[name]} for name, r in results.items() if name == "grouped-torch-attention"),
+               *({"setting": label.format(batches=results[key].batches), "tokens_per_s": results[key].tokens_per_s,
+                  "seconds": results[key].seconds, "writing_tail_s": results[key].writing_tail_s,
+                  "peak_gpu_bytes": gpu[key]} for key, label in labels.items()),
                *({"setting": f"  the grouped prefill alone, {glue} glue (routing to host, no Parquet)",
                   "tokens_per_s": speed, "peak_gpu_bytes": peak} for glue, (speed, peak) in alone.items()),
                {"setting": f"  the Parquet writing alone (the same shards from host memory, {writers} thread{'s' * (writers > 1)})",

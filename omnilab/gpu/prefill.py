@@ -82,6 +82,7 @@ GLUES = ("torch", "triton")  # the work around the GEMMs (TracePrefill's glue)
 # cuDNN builds an execution plan for each new (batch, length) shape, and a trace's batches nearly all differ in
 # shape (bench/results/trace_h100_bf16.md, run 5); "torch" is torch's own order, cuDNN first on an H100
 ATTENTIONS = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "torch": None}
+DEFAULT_ATTENTION = "flash"
 AUTO_BATCH_TOKENS = (16384, 8192, 4096)  # batch_tokens_for's choices, largest first (16,384: the measured row)
 
 
@@ -193,7 +194,7 @@ class TracePrefill:
     name = "grouped_mm"
 
     def __init__(self, model, experts: ResidentExperts | None = None, glue: str | None = None, spin: bool = False,
-                 attention: str = "flash"):
+                 attention: str = DEFAULT_ATTENTION):
         refusal = prefill_refusal(model, experts_given=experts is not None)
         if refusal:
             raise ValueError(f"grouped prefill unavailable: {refusal}")

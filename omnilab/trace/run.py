@@ -162,8 +162,10 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     old = _read_own_json(plan_path) if plan_path.exists() else None
     recorder = None  # the grouped prefill, built when there is a batch to trace (or to size one)
     if batch_tokens == "auto":  # a resume keeps the folder's; a new trace asks the prefill what fits
-        recorder = _recorder(model, prefill) if grouped and _kept_batch_tokens(old) is None else None
-        batch_tokens = _auto_batch_tokens(dist, old, model if recorder is not None else None)
+        batch_tokens = _kept_batch_tokens(old)
+        if batch_tokens is None:
+            recorder = _recorder(model, prefill) if grouped else None  # its experts resident before measuring
+            batch_tokens = _auto_batch_tokens(dist, model if grouped else None)
     batches = plan_batches(lengths, batch_tokens)
     settings = {"format": FORMAT, "max_tokens": max_tokens, "batch_tokens": batch_tokens,
                 "dtype": str(model.dtype).removeprefix("torch."), "device_type": model.device.type,
@@ -248,22 +250,21 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     dist.barrier()
     traced_tokens = sum(s["tokens"] for s in stats)
     wall = max(s["seconds"] for s in stats)
+    tail = max(s["tail"] for s in stats)  # the last shards' writing after the last forward (the slowest rank's)
     if dist.rank == 0:
         _write_documents(out, docs.documents, lengths)
         _write_manifest(out, model, layers, batches, lengths, docs, fp, settings, str(path),
                         {"world_size": dist.world, "traced_batches": sum(s["batches"] for s in stats),
                          "traced_tokens": traced_tokens, "seconds": wall,
                          "tokens_per_s": traced_tokens / wall if wall > 0 else None,
-                         # the last shards' writing after the last forward (the slowest rank's), nothing left to overlap
-                         "writing_tail_s": max(st["tail"] for st in stats),
+                         "writing_tail_s": tail,  # nothing left to overlap it
                          "prefill": "grouped_mm" if grouped else "eager", "prefill_refusal": refusal,
                          # the grouped prefill's glue (omnilab.gpu.prefill.GLUES) on rank 0; None: eager, or no batch
                          "prefill_glue": getattr(recorder, "glue", None)})
     dist.barrier()
     return TraceResult(out, len(docs.documents), int(lengths.sum()), len(batches),
                        sum(s["batches"] for s in stats), traced_tokens, wall, dist.world,
-                       "grouped_mm" if grouped else "eager", refusal, batch_tokens,
-                       max(st["tail"] for st in stats))
+                       "grouped_mm" if grouped else "eager", refusal, batch_tokens, tail)
 
 def _choose_prefill(dist, model, prefill) -> tuple[bool, str | None]:
     """(take the grouped prefill?, why not), as omnilab.runtime.choose.choose_prefill decides. Every rank takes
@@ -291,9 +292,9 @@ def _prefill_kernels(model, prefill) -> tuple[str, str]:
     """(glue, attention) the grouped prefill takes: a built TracePrefill's own, else its defaults here."""
     if not isinstance(prefill, str):
         return getattr(prefill, "glue", "torch"), getattr(prefill, "attention", "torch")
-    from omnilab.gpu.prefill import prefill_glue
+    from omnilab.gpu.prefill import DEFAULT_ATTENTION, prefill_glue
 
-    return prefill_glue(model.dtype, model.device), "flash"
+    return prefill_glue(model.dtype, model.device), DEFAULT_ATTENTION
 
 def _kept_batch_tokens(old) -> int | None:
     """The batch size of the trace a folder holds (its plan.json's settings), None when there is none."""
@@ -301,13 +302,10 @@ def _kept_batch_tokens(old) -> int | None:
     kept = settings.get("batch_tokens") if isinstance(settings, dict) else None
     return kept if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 1 else None
 
-def _auto_batch_tokens(dist, old, grouped_model) -> int:
-    """--batch-tokens auto: the trace folder's own (a resume keeps its batches), else the grouped prefill's
-    batch_tokens_for (what fits beside its resident experts on the GPU), else 4096 (the eager path). The smallest
-    over the ranks: every rank plans the same batches."""
-    kept = _kept_batch_tokens(old)
-    if kept is not None:
-        return kept
+def _auto_batch_tokens(dist, grouped_model) -> int:
+    """--batch-tokens auto for a new trace: the grouped prefill's batch_tokens_for (what fits beside its resident
+    experts on the GPU), else 4096 (the eager path). The smallest over the ranks: every rank plans the same
+    batches. (A resumed trace keeps its folder's: _kept_batch_tokens.)"""
     from omnilab.gpu.prefill import batch_tokens_for
 
     return min(dist.gather(batch_tokens_for(grouped_model) if grouped_model is not None else 4096))
