@@ -33,6 +33,20 @@ from omnilab.gpu.prefill import PendingRouting, Routing  # noqa: E402
 from omnilab.trace.shards import write_routing_shard  # noqa: E402
 
 
+def random_batch(tokens: int, layers: int, k: int = 8, seed: int = 0):
+    """A batch's random routing as the grouped prefill gives it (Routing: experts [L, n, k] int32, weights [L, n, k]
+    bf16 values in float32, entropy [L, n]) over documents of 512 tokens; returns (routing, docs, domains, ids)."""
+    rng = np.random.default_rng(seed)
+    routing = Routing(torch.from_numpy(rng.integers(0, 128, (layers, tokens, k), dtype=np.int32)),
+                      # bf16 values, as the grouped prefill's bf16 router gives them (then .float())
+                      torch.from_numpy(rng.random((layers, tokens, k), dtype=np.float32)).bfloat16().float(),
+                      torch.from_numpy(rng.random((layers, tokens), dtype=np.float32)))
+    docs = list(range(tokens // 512))
+    ids = [rng.integers(0, 150000, 512).tolist() for _ in docs]
+    domains = [("en", "fr", "code")[d % 3] for d in docs]
+    return routing, docs, domains, ids
+
+
 def spin(stop: threading.Event, out: list) -> None:
     """Python that holds the GIL until stopped: counts loop turns."""
     turns = 0
@@ -64,14 +78,7 @@ def main() -> int:
     if args.switch_ms is not None:
         sys.setswitchinterval(args.switch_ms / 1e3)
     L, n, k = args.layers, args.tokens, 8
-    rng = np.random.default_rng(0)
-    routing = Routing(torch.from_numpy(rng.integers(0, 128, (L, n, k), dtype=np.int32)),
-                      # bf16 values, as the grouped prefill's bf16 router gives them (then .float())
-                      torch.from_numpy(rng.random((L, n, k), dtype=np.float32)).bfloat16().float(),
-                      torch.from_numpy(rng.random((L, n), dtype=np.float32)))
-    docs = list(range(n // 512))
-    ids = [rng.integers(0, 150000, 512).tolist() for _ in docs]
-    domains = [("en", "fr", "code")[d % 3] for d in docs]
+    routing, docs, domains, ids = random_batch(n, L, k)
     folder = Path(tempfile.mkdtemp(prefix="omnilab-gil-"))
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"switch interval {sys.getswitchinterval() * 1e3:g} ms; one shard of {n:,} tokens x {L} layers x top-{k}; "

@@ -106,16 +106,18 @@ def write_batch_shard(path, docs, domains, token_ids, layers, routing) -> None:
     table, rows = batch_table(docs, domains, token_ids, layers, *routing)
     _write_table(path, table, rows)
 
+# dictionary pages only where values repeat across the file (domain, expert); statistics where readers filter
+# (layer: a layer's row groups; doc, rank): encoding the rest plainly halves the write time. zstd at level -1, the
+# weights' bytes split into streams (bf16 values in float32: two of the four bytes are zero): a 16,384-token,
+# 48-layer shard in 0.18 s against 0.25 s, 20.6 MB against 22.9, read in 0.053 s against 0.075 (2 AMD EPYC cores;
+# bench/results/gil_writer_cpu.md; other codecs and encodings: bench/results/shard_encodings_cpu.md)
+WRITER_OPTIONS = {"compression": "zstd", "compression_level": -1, "use_byte_stream_split": ["weight"],
+                  "use_dictionary": ["domain", "expert"], "write_statistics": ["layer", "doc", "rank"]}
+
 def _shard_writer(path: Path, schema):
     import pyarrow.parquet as pq
 
-    # dictionary pages only where values repeat across the file (domain, expert); statistics where readers
-    # filter (layer: a layer's row groups; doc, rank): encoding the rest plainly halves the write time. zstd at
-    # level -1, the weights' bytes split into streams (bf16 values in float32: two of the four bytes are zero):
-    # a 16,384-token, 48-layer shard in 0.18 s against 0.25 s, 20.6 MB against 22.9, read in 0.053 s against 0.075
-    # (2 AMD EPYC cores; bench/results/gil_writer_cpu.md)
-    return pq.ParquetWriter(path, schema, compression="zstd", compression_level=-1, use_byte_stream_split=["weight"],
-                            use_dictionary=["domain", "expert"], write_statistics=["layer", "doc", "rank"])
+    return pq.ParquetWriter(path, schema, **WRITER_OPTIONS)
 
 def _write_table(path: Path, table, rows_per_layer: int) -> None:
     with _shard_writer(path, table.schema) as writer:
