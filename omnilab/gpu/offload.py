@@ -251,7 +251,7 @@ class OffloadDecoder:
         where = self.cache.where[layer]
         want = set(experts)
         misses = [c for c, e in enumerate(experts) if e not in where]  # choices, before this step's copies
-        owed = len(misses) * self.host_share + self._host_carry if misses else self._host_carry
+        owed = len(misses) * self.host_share + self._host_carry
         n_host = min(len(misses), int(owed + 1e-9))
         self._host_carry = owed - n_host
         host = misses[len(misses) - n_host:] if n_host else []

@@ -114,7 +114,7 @@ def trace_corpus(path, corpus, out, *, max_tokens: int = 512, batch_tokens: int 
     writers: threads writing the Parquet shards (default: half the cores, at most 8)."""
     if writers is not None and writers < 1:
         raise ValueError(f"writers must be >= 1 (got {writers})")
-    if batch_tokens != "auto" and not (type(batch_tokens) is int and batch_tokens >= 1):
+    if batch_tokens != "auto" and not _is_token_count(batch_tokens):
         raise ValueError(f"--batch-tokens must be a positive number of tokens or auto (got {batch_tokens!r})")
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be positive (got {max_tokens})")
@@ -300,15 +300,19 @@ def _kept_batch_tokens(old) -> int | None:
     """The batch size of the trace a folder holds (its plan.json's settings), None when there is none."""
     settings = old.get("settings") if isinstance(old, dict) else None
     kept = settings.get("batch_tokens") if isinstance(settings, dict) else None
-    return kept if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 1 else None
+    return kept if _is_token_count(kept) else None
+
+def _is_token_count(value) -> bool:
+    """A batch size: a positive int (not a bool, not a float, not a string)."""
+    return type(value) is int and value >= 1
 
 def _auto_batch_tokens(dist, grouped_model) -> int:
     """--batch-tokens auto for a new trace: the grouped prefill's batch_tokens_for (what fits beside its resident
     experts on the GPU), else 4096 (the eager path). The smallest over the ranks: every rank plans the same
     batches. (A resumed trace keeps its folder's: _kept_batch_tokens.)"""
-    from omnilab.gpu.prefill import batch_tokens_for
+    from omnilab.gpu.prefill import AUTO_BATCH_TOKENS, batch_tokens_for
 
-    return min(dist.gather(batch_tokens_for(grouped_model) if grouped_model is not None else 4096))
+    return min(dist.gather(batch_tokens_for(grouped_model) if grouped_model is not None else AUTO_BATCH_TOKENS[-1]))
 
 def _config_hash(model) -> str:
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else vars(model.config)
