@@ -4,7 +4,7 @@
 #   STAGES="tests build48 resident" bash bench/gpu_session.sh
 #   STAGES="offload before-after" bash bench/gpu_session.sh
 #   STAGES="compare plan cpu" bash bench/gpu_session.sh
-# Stages: tests (scripts/gpu_tests.sh), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), step (decode.py eager, grouped_mm, the default), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
+# Stages: tests (scripts/gpu_tests.sh), gemm (bench/prefill_gemm.py: the fused glue's gate|up GEMM, then TRACE_GLUES=fused), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), step (decode.py eager, grouped_mm, the default), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
 # tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py), hybrid (bench/offload.py with host),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
@@ -21,13 +21,13 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 log() { echo "[session $(date +%T) +${SECONDS}s] $*"; }
 left() { echo $(( ${DEADLINE:-100000} - SECONDS )); }  # seconds to DEADLINE (the call's limit less a margin)
-wait48() { while [ ! -f $W/build48.done ]; do sleep 2; done; }
+wait48() { [ -f $W/build48.started ] || return 0; while [ ! -f $W/build48.done ]; do sleep 2; done; }  # if begun here
 
 for stage in ${STAGES:-tests}; do
   log "stage $stage"
   case $stage in
     build48)
-      mkdir -p $W
+      mkdir -p $W; touch $W/build48.started
       # the audio and vision towers (2.4 GB bf16) when /dev/shm has room beside the 61 GB thinker (notebook 06)
       towers=False; [ "$(df --output=avail -B1G /dev/shm | tail -1)" -ge 68 ] && towers=True
       [ -n "${TOWERS:-}" ] && towers=$TOWERS
@@ -127,6 +127,10 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         --out $OUT/offload_hybrid.json --markdown $OUT/offload_hybrid.md 2>&1 | grep -v "^\[offload\] .*phases" | tail -8
       cat $OUT/offload_hybrid.md 2>/dev/null | head -12; grep -A60 "noise floor, per MoE" $OUT/offload_hybrid.md | head -8
       ;;
+    gemm)  # the fused glue's gate|up GEMM against the Triton glue's gather + grouped_mm + silu_mul (bench/prefill_gemm.py);
+      # its fastest block sizes go to $OUT/gate_up.json, which the trace stage then takes for the fused glue
+      timeout 240 python3 bench/prefill_gemm.py --tokens 16384 --save $OUT/gate_up.json 2>&1 | tee $OUT/prefill_gemm.txt | tail -22
+      ;;
     trace)  # issue 28's trace row (bench/trace.py): omnilab trace end to end, the grouped prefill alone per glue (Triton, torch),
       # transformers' grouped_mm and eager experts, TRACE_TOKENS (>= 100k) tokens, the real 48-layer shapes built on the GPU
       wait48  # the build's GPU work first: the trace's model is another 61 GB
@@ -134,7 +138,8 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         --batch-tokens ${TRACE_BATCH_TOKENS:-auto} --peak-tflops 989 --no-eager-trace $([ -n "${TRACE_TORCH_ATTENTION:-}" ] && echo --torch-attention) $([ -n "${TRACE_NO_HF_EAGER:-}" ] && echo --no-hf-eager) \
         $([ -n "${TRACE_PROFILE:-}" ] && echo --profile $OUT/trace_profile.txt) $([ -n "${TRACE_WRITERS:-}" ] && echo --writers $TRACE_WRITERS) \
         $([ -n "${TRACE_SPIN:-}" ] && echo --spin $TRACE_SPIN) $([ -n "${TRACE_BY_LAYER:-}" ] && echo --by-layer $TRACE_BY_LAYER) \
-        $([ -n "${TRACE_BATCH_ROWS:-}" ] && echo --batch-rows $TRACE_BATCH_ROWS) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
+        $([ -n "${TRACE_BATCH_ROWS:-}" ] && echo --batch-rows $TRACE_BATCH_ROWS) \
+        $([ -n "${TRACE_GLUES:-}" ] && echo --glues $TRACE_GLUES) $([ -f $OUT/gate_up.json ] && echo --gate-up-config $OUT/gate_up.json) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
       ;;
     host)  # hybrid offload's host side: experts computed on the host's cores, cold, per thread count, with and without copies beside (bench/host_rate.py)
       # --gap-ms: the experts in groups of 4 (a layer's host choices) with the thread spinning between groups, as in a

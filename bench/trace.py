@@ -28,6 +28,8 @@ Measured, on the corpus the bench writes (eval-split documents repeated up to --
   bf16 on CUDA) and, where that is not the torch glue, once more with glue="torch" (the eager modules and
   step.expert_mix around the same GEMMs), the before and after of the fused glue in one run, and how often the two
   glues' expert ids agree;
+  with --glues fused, the same for the fused glue (gate|up's row gather and SiLU inside one Triton GEMM), alone and
+  end to end;
 - the Parquet writing alone: the same shards written from that routing in host memory by the same writer threads;
 - `omnilab trace`, eager path (`--prefill eager`): the selective model's prefill through its hooks (eager
   expert loop, one host sync per layer; stops after the last router), the same writing;
@@ -204,6 +206,10 @@ def main() -> int:
                    "tokens on an H100)")
     p.add_argument("--torch-attention", action="store_true", help="one more end-to-end row: the prefill's attention "
                    "as torch's SDPA chooses it (cuDNN first on an H100) instead of FlashAttention")
+    p.add_argument("--glues", default="", help="comma-separated glues beyond the default and torch (fused): a "
+                   "prefill-alone row and an end-to-end row each")
+    p.add_argument("--gate-up-config", default=None, help="a JSON of prefill_kernels.GATE_UP_ROWS (the fused glue's "
+                   "block sizes; bench/prefill_gemm.py --save)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = p.parse_args()
 
@@ -213,6 +219,10 @@ def main() -> int:
     from omnilab.testing.synth import tiny_tokenizer
     from omnilab.trace.shards import default_writers
 
+    if args.gate_up_config:
+        from omnilab.gpu import prefill_kernels
+
+        prefill_kernels.GATE_UP_ROWS = json.loads(Path(args.gate_up_config).read_text())["GATE_UP_ROWS"]
     dtype, device = as_dtype(args.dtype), torch.device(args.device)
     work = Path(args.work or tempfile.mkdtemp(prefix="omnilab-bench-trace-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -235,6 +245,8 @@ def main() -> int:
         recorder = TracePrefill(model, experts)  # transformers' fused expert tensors: no copy; its default glue
         # the torch glue beside the default one, for the before / after (on the CPU the default is the torch glue)
         recorders = [recorder] + ([TracePrefill(model, experts, glue="torch")] if recorder.glue != "torch" else [])
+        extra = [TracePrefill(model, experts, glue=g) for g in args.glues.split(",") if g not in ("", recorder.glue)]
+        recorders += extra
         print(f"[bench] built {cfg.num_hidden_layers} layers x {cfg.num_experts} experts on {device} in "
               f"{build_s:.0f} s; experts {model.cache.store.total_bytes / 1e9:.1f} GB", file=sys.stderr, flush=True)
         if args.batch_tokens == "auto":  # as trace_corpus's default decides it, the experts resident
@@ -276,7 +288,9 @@ def main() -> int:
              for b in counts(args.batch_rows)] + \
             [("grouped-torch-attention", "torch's SDPA choice", {"prefill": torch_attention}, False,
               "  the same, the attention as torch's SDPA chooses it (cuDNN first on an H100)")
-             for _ in range(bool(torch_attention))]
+             for _ in range(bool(torch_attention))] + \
+            [(f"grouped-{r.glue}", f"{r.glue} glue", {"prefill": r}, False, f"  the same, {r.glue} glue")
+             for r in extra]
         labels = {key: label for key, *_, label in more}  # the rows of the table, in this order
         trace_run = importlib.import_module("omnilab.trace.run")
         whole = trace_run.write_routing_shard
@@ -304,6 +318,7 @@ def main() -> int:
             print(f"[bench] grouped prefill alone, {r.glue} glue: {speed:,.0f} tokens/s", file=sys.stderr, flush=True)
         routings = alone[recorder.glue][2]
         glues_agree = glue_agreement(alone["torch"][2], routings) if len(alone) > 1 else None
+        more_agree = {r.glue: glue_agreement(alone["torch"][2], alone[r.glue][2]) for r in extra}
         write_speed, writers = writing_rows(routings, plan["batches"], ids, docs["domain"].tolist(),
                                             [int(i) for i in cfg.moe_layers], work / "write-only")
         del routings
@@ -354,6 +369,7 @@ def main() -> int:
                    "peak_gpu_bytes": gpu["eager"]}] if "eager" in results else [])],
            "transformers": [{k_: v for k_, v in r.items() if k_ != "first"} for r in rows],
            "topk_agreement_first_batch": agreement, "grouped_vs_eager": paths, "glues_agree": glues_agree,
+           "glues_agree_more": more_agree,
            "active_params": active, "compute_floor_tokens_per_s": floor, "peak_anon_bytes": anon.peak,
            "args": vars(args)}
     if args.out:
@@ -521,6 +537,10 @@ def table(r: dict, command: str) -> str:
     versus += (f"Grouped prefill alone, Triton glue against torch glue ({r['dtype']}): expert id equal per row "
                f"{g['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {g['topk_sets_equal']:.4f}, largest "
                f"weight difference {g['max_weight_diff']:.2g}. ") if g else ""
+    for glue, g in r.get("glues_agree_more", {}).items():
+        versus += (f"The {glue} glue against the torch glue: expert id equal per row {g['expert_ids_equal']:.4f}, "
+                   f"top-k set equal {g['topk_sets_equal']:.4f}, largest weight difference "
+                   f"{g['max_weight_diff']:.2g}. ")
     lines += ["", versus + f"Top-k set agreement with transformers' "
                   f"({tf[0]['setting'].split('(')[1].split()[0]}) router on the first batch: "
                   + ", ".join(f"{name} {v:.4f}" for name, v in a.items())

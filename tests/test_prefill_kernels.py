@@ -28,13 +28,16 @@ NORM_SHAPES = [(1, 64), (37, 40), (130, 200)]  # (rows, D): rows off BLOCK_R, D 
 ROPE_SHAPES = [(1, 1, 1, 8), (2, 5, 3, 24), (3, 9, 2, 20), (2, 33, 4, 128)]  # (B, T, heads, hd); hd / 2 = 12, 10
 SILU_SHAPES = [(1, 8), (37, 20), (70, 300)]  # (M, I): M off BLOCK_M, I past one BLOCK_N
 COMBINE_SHAPES = [(1, 1, 16), (5, 2, 64), (7, 3, 40), (33, 8, 700)]  # (N, k, H): k not a power of two, H past a block
+# (N, k, S, H, I): sizes off the blocks, an empty slot (S > choices), a slot with more rows than BLOCK_M (100 x 2 on 3)
+GATE_UP_SHAPES = [(1, 1, 4, 16, 8), (7, 3, 40, 40, 20), (100, 2, 3, 96, 72), (33, 8, 16, 130, 66)]
 KERNEL_CASES = ([f"rms_norm-{d}-{r}x{D}" for d in DTYPES for r, D in NORM_SHAPES]
                 + [f"add_rms_norm-{d}-{r}x{D}" for d in DTYPES for r, D in NORM_SHAPES]
                 + [f"norm_rope-{d}-{'x'.join(map(str, s))}" for d in DTYPES for s in ROPE_SHAPES]
                 + [f"silu_mul-{d}-{m}x{i}" for d in DTYPES for m, i in SILU_SHAPES]
                 + [f"combine-{d}-{n}x{k}x{h}-{rows}" for d in DTYPES for n, k, h in COMBINE_SHAPES
-                   for rows in ("whole", "padded")])
-RECORD_CASES = [f"{d}-{b}" for d in DTYPES for b in ("padded", "whole")]
+                   for rows in ("whole", "padded")]
+                + [f"gate_up_rows-{d}-{'x'.join(map(str, s))}" for d in DTYPES for s in GATE_UP_SHAPES])
+RECORD_CASES = [f"{d}-{b}-{glue}" for d in DTYPES for b in ("padded", "whole") for glue in ("triton", "fused")]
 DOCS = [[3, 17, 42, 5, 99, 7, 64, 12, 250, 31, 8], [9, 1, 2], [44, 45, 46, 47, 48, 49], [200, 100]]  # ragged
 
 
@@ -92,6 +95,21 @@ def kernel_case(case: str) -> dict:
         M, I = dims
         gu = (torch.randn(M, 2 * I, generator=gen) * 3).to(dt)
         return compare(pk.silu_mul(gu, I), F.silu(gu[:, :I]) * gu[:, I:])
+    if what == "gate_up_rows":  # the torch glue's x[perm // k], grouped GEMM (fp32 sums, rounded), silu * up
+        from omnilab.gpu.step import sort_choices
+
+        N, k, S, H, I = dims
+        x = torch.randn(N, H, generator=gen).to(dt)
+        gate_up = (torch.randn(S, 2 * I, H, generator=gen) / H ** 0.5).to(dt)
+        slots = torch.stack([torch.randperm(S, generator=gen)[:k] for _ in range(N)])  # [N, k], distinct per token
+        perm, offs = sort_choices(slots, torch.arange(S))
+        rows = x[perm // k].float()  # [M, H]
+        slot_of = slots.reshape(-1)[perm]  # [M]
+        gu = torch.einsum("mh,mih->mi", rows, gate_up.float()[slot_of]).to(dt)  # [M, 2I]
+        got = pk.gate_up_rows(x, (perm // k).to(torch.int32), offs, gate_up)
+        return {**compare(got, F.silu(gu[:, :I]) * gu[:, I:]),
+                "empty_slots": int((torch.bincount(slots.reshape(-1), minlength=S) == 0).sum()),
+                "largest_slot": int(torch.bincount(slots.reshape(-1), minlength=S).max())}
     N, k, H = dims  # combine: the torch glue's y * w, out[perm] = y, sum over k, h + mix at the real rows
     padded = case.endswith("padded")
     M = N * k
@@ -122,14 +140,14 @@ def record_case(checkpoint: str, case: str) -> dict:
     from omnilab.gpu.prefill import TracePrefill
     from omnilab.model.decoder import SelectiveMoE
 
-    dtype, batch = case.split("-")
+    dtype, batch, glue = case.split("-")
     model = SelectiveMoE.from_checkpoint(checkpoint, dtype=getattr(torch, dtype), tokenizer=False)
     docs = [2, 0, 3, 1]  # rows out of document order: the padded path gathers the real rows
     ids = DOCS if batch == "padded" else [d[:2] for d in DOCS]  # equal lengths, in order: the whole path
     if batch == "whole":
         docs = [0, 1, 2, 3]
     torch_glue = TracePrefill(model, glue="torch")
-    triton_glue = TracePrefill(model, glue="triton", experts=torch_glue.experts)
+    triton_glue = TracePrefill(model, glue=glue, experts=torch_glue.experts)
     a = torch_glue.record(ids, docs, pad_id=0)
     b = triton_glue.record(ids, docs, pad_id=0)
     return {"glues": [torch_glue.glue, triton_glue.glue], "rows": int(a.experts.shape[1]),
@@ -175,11 +193,19 @@ def test_kernel_equals_the_torch_ops(results, case):
         assert r["others_untouched"]  # padding rows (and the rows of other tokens) keep h bit for bit
 
 
+def test_gate_up_rows_cases_reach_an_empty_slot_and_a_slot_of_several_blocks(results):
+    from omnilab.gpu.prefill_kernels import GATE_UP_ROWS
+
+    cases = [results[c] for c in KERNEL_CASES if c.startswith("gate_up_rows")]
+    assert any(r["empty_slots"] for r in cases)
+    assert any(r["largest_slot"] > GATE_UP_ROWS["BLOCK_M"] for r in cases)
+
+
 @pytest.mark.parametrize("case", RECORD_CASES)
 def test_record_with_triton_glue_equals_torch_glue(results, case):
     r = results[f"record-{case}"]
-    assert r["glues"] == ["torch", "triton"]
-    assert r["rows"] == (sum(map(len, DOCS)) if case.endswith("padded") else 8)
+    assert r["glues"] == ["torch", case.split("-")[2]]
+    assert r["rows"] == (sum(map(len, DOCS)) if "-padded" in case else 8)
     assert r["experts_equal"] == 1.0
     if case.startswith("float32"):
         assert r["weights_diff"] < 1e-5 and r["entropy_diff"] < 1e-5
@@ -188,8 +214,8 @@ def test_record_with_triton_glue_equals_torch_glue(results, case):
 
 
 def test_glue_choice_and_refusals(tiny_omni, monkeypatch):
-    """triton for bf16 on CUDA with Triton installed, torch otherwise; glue="triton" on the CPU refused without
-    the interpreter, an unknown glue refused; the default on the CPU is the torch glue."""
+    """triton for bf16 on CUDA with Triton installed, torch otherwise; glue="triton" or "fused" on the CPU refused
+    without the interpreter, an unknown glue refused; the default on the CPU is the torch glue."""
     from omnilab.gpu.prefill import TracePrefill, prefill_glue
     from omnilab.model.decoder import SelectiveMoE
 
@@ -200,7 +226,9 @@ def test_glue_choice_and_refusals(tiny_omni, monkeypatch):
     assert TracePrefill(model).glue == "torch"
     with pytest.raises(ValueError, match="glue 'triton': compute='triton' runs on CUDA"):
         TracePrefill(model, glue="triton")
-    with pytest.raises(ValueError, match="glue 'cuda', use torch, triton"):
+    with pytest.raises(ValueError, match="glue 'fused': compute='triton' runs on CUDA"):
+        TracePrefill(model, glue="fused")
+    with pytest.raises(ValueError, match="glue 'cuda', use torch, triton, fused"):
         TracePrefill(model, glue="cuda")
 
 
@@ -223,6 +251,9 @@ def test_kernels_compile_for_sm90():
     builds += [(pk._combine, {**types("y", ""), "inv": "*i64", **types("w h", ""), "rows": "*i64",
                               **types("", "H sy sw sh")},
                 dict(TOP_K=8, KP=8, BLOCK_H=pk.COMBINE_BLOCK_H, ROWS=rows)) for rows in (False, True)]
+    block = {c: v for c, v in pk.GATE_UP_ROWS.items() if c.startswith("BLOCK")}
+    tables = {n: "*i32" for n in ("tok", "ends", "block_slot", "block_start")}
+    builds.append((pk._gate_up_rows, {**types("x", ""), **tables, **types("w act", "I H sx sws swr swc sa")}, block))
     for fn, types, consts in builds:
         src = ASTSource(fn=fn, signature={**types, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=pk.EXACT).asm["ptx"]

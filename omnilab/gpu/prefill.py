@@ -1,9 +1,10 @@
 """The trace prefill: a batch of documents through the selective model with every expert resident, one grouped
 GEMM per projection per MoE layer, and every layer's routing recorded into pinned host buffers (one CUDA event per
 layer) read as the layers arrive (docs/DESIGN.md, omnilab/gpu/). Follows transformers' `grouped_mm` experts
-implementation. The work around the GEMMs (the glue) is one of two, chosen once per TracePrefill (`prefill_glue`):
+implementation. The work around the GEMMs (the glue) is one of three, chosen once per TracePrefill (`prefill_glue`):
 "torch", the eager model's own modules and step.expert_mix (CPU, fp32, no Triton); "triton", prefill_kernels.py's
-fused norms, rotary, SiLU * up and combine into the residual stream (bf16 on CUDA with Triton installed).
+fused norms, rotary, SiLU * up and combine into the residual stream (bf16 on CUDA with Triton installed); "fused",
+the Triton glue with gate|up's row gather and SiLU * up inside one Triton GEMM (measured beside, not the default).
 differs from transformers: padding rows skip the router and the experts; the k expert outputs of a token are
 summed in one reduction; the forward stops after the last MoE layer's router; on CUDA the attention is
 FlashAttention, not cuDNN's (ATTENTIONS; each labelled inline).
@@ -21,7 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnilab.gpu.fast import plain_routing_refusal
 from omnilab.gpu.slots import SlotPool, all_experts_room_refusal
-from omnilab.gpu.step import compute_refusal, default_compute, expert_mix, grouped_expert_rows, route
+from omnilab.gpu.step import (compute_refusal, default_compute, expert_mix, grouped_expert_rows, route,
+                              sort_choices)
 from omnilab.model.rope import rope_cos_sin
 
 
@@ -77,7 +79,7 @@ def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
     return all_experts_room_refusal(model, margin=1.05)  # 5% for a batch's activations beside the experts
 
 
-GLUES = ("torch", "triton")  # the work around the GEMMs (TracePrefill's glue)
+GLUES = ("torch", "triton", "fused")  # the work around the GEMMs (TracePrefill's glue)
 # the attention kernels a TracePrefill lets torch's SDPA take on CUDA: "flash" (the default) leaves cuDNN's out:
 # cuDNN builds an execution plan for each new (batch, length) shape, and a trace's batches nearly all differ in
 # shape (bench/results/trace_h100_bf16.md, run 5); "torch" is torch's own order, cuDNN first on an H100
@@ -168,23 +170,40 @@ class TritonGlue:
 
     def add_mix(self, h, x, experts, weights, gate_up, down, slot_range, rows):
         """As TorchGlue.add_mix (step.expert_mix's grouped_mm), the elementwise work in two kernels; h in place."""
-        pk = self.k
         n, k = experts.shape
-        I = down.shape[-1]
-        y, perm = grouped_expert_rows(x, experts, gate_up, down, slot_range,
-                                      lambda gu: pk.silu_mul(gu, I))  # [n * k, H], sorted by expert
+        y, perm = self.expert_rows(x, experts, gate_up, down, slot_range)  # [n * k, H], sorted by expert
         inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(n * k, device=perm.device))  # [n * k]
         # differs from TorchGlue: y * w, the scatter back to (token, choice) order, the sum over k and the residual
         # add in one kernel reading each row of y once (the same roundings; no index_put)
-        pk.combine_into(h.view(-1, h.shape[-1]), y, inv, weights, rows)
+        self.k.combine_into(h.view(-1, h.shape[-1]), y, inv, weights, rows)
         return h
+
+
+    def expert_rows(self, x, experts, gate_up, down, slot_range):
+        """Each choice's unweighted expert output [n * k, H], slot-sorted, and its perm (step.grouped_expert_rows)."""
+        I = down.shape[-1]
+        return grouped_expert_rows(x, experts, gate_up, down, slot_range, lambda gu: self.k.silu_mul(gu, I))
+
+
+class FusedGlue(TritonGlue):
+    """TritonGlue with gate|up's grouped GEMM and SiLU * up as one Triton kernel (prefill_kernels.gate_up_rows):
+    each sorted row reads its token's row of x inside the GEMM, so neither the [n * k, H] gathered rows nor the
+    [n * k, 2I] gate|up output is written; down stays torch's grouped_mm."""
+
+    name = "fused"
+
+    def expert_rows(self, x, experts, gate_up, down, slot_range):
+        k = experts.shape[1]
+        perm, offs = sort_choices(experts, slot_range)  # [n * k], [S]
+        act = self.k.gate_up_rows(x, (perm // k).to(torch.int32), offs, gate_up)  # [n * k, I], sorted
+        return torch._grouped_mm(act, down.transpose(1, 2), offs=offs), perm  # [n * k, H]
 
 
 class TracePrefill:
     """Routing of batches of documents through `model` (a SelectiveMoE) with every expert resident.
 
-    experts: the stacked experts (ResidentExperts; default: read from the model's checkpoint). glue: "torch" or
-    "triton" (GLUES; default prefill_glue's choice), the work around the GEMMs; `glue` names the one taken.
+    experts: the stacked experts (ResidentExperts; default: read from the model's checkpoint). glue: "torch",
+    "triton" or "fused" (GLUES; default prefill_glue's choice), the work around the GEMMs; `glue` names the one taken.
     spin: how a writer thread waits for the routing (PendingRouting.wait, .layer). False (default): it sleeps in the
     driver (events with cudaEventBlockingSync); True: it spins, as torch's default events do, a core each, polling
     the driver beside the thread that launches the kernels (kept to measure: bench/trace.py --spin).
@@ -201,13 +220,13 @@ class TracePrefill:
         glue = glue or prefill_glue(model.dtype, model.device)
         if glue not in GLUES:
             raise ValueError(f"grouped prefill: glue {glue!r}, use {', '.join(GLUES)}")
-        refusal = compute_refusal("triton", model.device) if glue == "triton" else None
+        refusal = compute_refusal("triton", model.device) if glue != "torch" else None
         if refusal:
-            raise ValueError(f"grouped prefill: glue 'triton': {refusal}")
+            raise ValueError(f"grouped prefill: glue {glue!r}: {refusal}")
         if attention not in ATTENTIONS:
             raise ValueError(f"grouped prefill: attention {attention!r}, use {', '.join(ATTENTIONS)}")
         self.glue, self.spin, self.attention = glue, spin, attention
-        self._glue = TritonGlue() if glue == "triton" else TorchGlue()
+        self._glue = {"torch": TorchGlue, "triton": TritonGlue, "fused": FusedGlue}[glue]()
         self.model, self.config = model, model.config
         self.layers = [int(i) for i in self.config.moe_layers]
         self.experts = experts if experts is not None else ResidentExperts.from_checkpoint(model)

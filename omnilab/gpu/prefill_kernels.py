@@ -5,11 +5,14 @@ modules take several kernels (and strided views, index_put and dtype copies) per
   rows per program; `add_rms_norm`: the residual add h += a (in place) and the norm of the sum, in one pass;
 - `norm_rope`: q_norm / k_norm and the rotary embedding of one projection's heads (q * cos + rotate_half(q) * sin);
 - `silu_mul`: F.silu(gate) * up of the fused gate|up grouped GEMM's [M, 2I] output into a contiguous [M, I];
+- `gate_up_rows`: that grouped GEMM and silu_mul in one kernel (glue "fused"): each slot-sorted row reads its
+  token's row of x where the GEMM loads it (no [M, H] gathered copy) and SiLU * up is its epilogue (no [M, 2I]);
 - `combine_into`: the down grouped GEMM's rows (slot-sorted) weighted, gathered back to their tokens, summed over
   the k choices and added into the residual stream's rows, in place (no y * w, no index_put, no scatter).
 
-Follows vLLM's fused_add_rms_norm and silu_and_mul (csrc/layernorm_kernels.cu, csrc/activation_kernels.cu) and its
-moe_sum, and liger-kernel's Triton RMSNorm / RoPE (one program per block of rows, fp32 arithmetic in registers).
+Follows vLLM's fused_add_rms_norm and silu_and_mul (csrc/layernorm_kernels.cu, csrc/activation_kernels.cu), its
+moe_sum and its fused_moe kernel's row gather (a block of one expert's sorted rows, each loading its token's row),
+and liger-kernel's Triton RMSNorm / RoPE (one program per block of rows, fp32 arithmetic in registers).
 differs from vLLM: every intermediate the eager modules round to the model's dtype is rounded here too, at the same
 point (`_round`: RMSNorm's cast before the weight, silu before the product, q * cos and rotate_half(q) * sin
 before their sum, each choice's weighted output before the sum over k, the mix before the residual add), so a
@@ -26,6 +29,9 @@ import triton.language as tl
 
 ROWS_BLOCK_ELEMENTS = 4096  # rms_norm / norm_rope: rows per program so that a program holds ~4K elements
 SILU_BLOCK = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)  # silu_mul: [16, 256] tiles of act
+# gate_up_rows: [BLOCK_M rows of one slot, BLOCK_N columns of I] per program, gate and up accumulated side by side
+# (first guess; bench/prefill_gemm.py measures others at the real shapes against the grouped_mm it replaces)
+GATE_UP_ROWS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
 COMBINE_BLOCK_H = 512  # combine_into: columns of H per program, the k rows of y loaded together ([KP, 512])
 # Every launch compiles without floating-point contraction: with it, LLVM turns a rounded product followed by a sum
 # (`_round(n * cos) - _round(n2 * sin)`) into one fma.rn.bf16, a single rounding where the eager ops round twice (on
@@ -105,6 +111,38 @@ def _silu_mul(gu, act, M, I, sg, sa, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     u = tl.load(gp + I, mask=m, other=0.0).to(tl.float32)  # the up columns
     s = _round(g / (1.0 + tl.exp(-g)), DT)  # F.silu: x / (1 + exp(-x)) in fp32, rounded to the dtype
     tl.store(act + r[:, None] * sa + n[None, :], (s * u).to(DT), mask=m)
+
+
+@triton.jit
+def _gate_up_rows(x, tok, ends, block_slot, block_start, w, act, I, H, sx, sws, swr, swc, sa,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (I block, row block b): act[r, n] = silu(gate_s[n] . x[tok[r]]) * (up_s[n] . x[tok[r]]) for the
+    rows r of block b, all routed to slot s = block_slot[b] (-1: past the last block, nothing to do). The two
+    dot products accumulate in fp32 and are rounded to the dtype as the grouped GEMM's [M, 2I] output is, then
+    _silu_mul's arithmetic."""
+    DT: tl.constexpr = act.dtype.element_ty
+    b = tl.program_id(1)
+    s = tl.load(block_slot + b)
+    if s < 0:
+        return
+    r = tl.load(block_start + b) + tl.arange(0, BLOCK_M)  # [BLOCK_M]: sorted rows
+    valid = r < tl.load(ends + s)
+    t = tl.load(tok + r, mask=valid, other=0).to(tl.int64)  # [BLOCK_M]: each row's token
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]: columns of I
+    xr = x + t[:, None] * sx  # [BLOCK_M, 1]
+    wg = w + s.to(tl.int64) * sws + n[None, :] * swr  # [1, BLOCK_N]: the gate rows; the up rows are I further
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_K):
+        h = h0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        a = tl.load(xr + h[None, :], mask=valid[:, None] & (h < H)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        wm = (h < H)[:, None] & (n < I)[None, :]  # [BLOCK_K, BLOCK_N]
+        g = tl.dot(a, tl.load(wg + h[:, None] * swc, mask=wm, other=0.0), g)
+        u = tl.dot(a, tl.load(wg + I * swr + h[:, None] * swc, mask=wm, other=0.0), u)
+    # differs from TritonGlue: the products' fp32 sums in tl.dot's order (grouped_mm: CUTLASS's), then rounded alike
+    g, u = _round(g, DT), _round(u, DT)
+    out = _round(g / (1.0 + tl.exp(-g)), DT) * u  # F.silu in fp32 rounded to the dtype, then the product
+    tl.store(act + r.to(tl.int64)[:, None] * sa + n[None, :], out.to(DT), mask=valid[:, None] & (n < I)[None, :])
 
 
 @triton.jit
@@ -205,6 +243,38 @@ def silu_mul(gu: torch.Tensor, I: int) -> torch.Tensor:
     c = SILU_BLOCK
     _silu_mul[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(I, c["BLOCK_N"]))](gu, act, M, I, gu.stride(0),
                                                                             act.stride(0), **c, **EXACT)
+    return act
+
+
+def gate_up_rows(x: torch.Tensor, tok: torch.Tensor, ends: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """x [N, H] (rows with a unit last stride), tok [M] (the token of each slot-sorted row), ends [S] (int32: slot
+    s holds rows [ends[s - 1], ends[s]), as torch._grouped_mm's offs), gate_up [S, 2I, H] (gate rows first) ->
+    silu_mul(grouped_mm(x[tok], gate_up.transpose(1, 2), offs=ends), I), [M, I] contiguous in x's dtype."""
+    M, (S, I2, H) = tok.shape[0], gate_up.shape
+    I = I2 // 2
+    if (x.dim() != 2 or x.shape[1] != H or x.stride(1) != 1 or ends.shape != (S,) or ends.dtype != torch.int32
+            or gate_up.dtype != x.dtype or tok.dim() != 1):
+        raise ValueError(f"gate_up_rows: x {tuple(x.shape)} {x.dtype}, tok {tuple(tok.shape)}, ends "
+                         f"{tuple(ends.shape)} {ends.dtype}, gate_up {tuple(gate_up.shape)} {gate_up.dtype}")
+    act = torch.empty(M, I, dtype=x.dtype, device=x.device)  # [M, I]
+    if M == 0:
+        return act
+    c = GATE_UP_ROWS
+    BM = c["BLOCK_M"]
+    # each slot's rows cut into blocks of BM: block b's slot and first row, without a host sync (the grid is the
+    # most blocks there can be, cdiv(M, BM) + S; the blocks past the last have slot -1)
+    starts = torch.cat((ends.new_zeros(1), ends[:-1]))  # [S]
+    blocks = (ends - starts + BM - 1) // BM  # [S]
+    last = torch.cumsum(blocks, 0)  # [S]: one past each slot's last block
+    nb = triton.cdiv(M, BM) + S
+    b = torch.arange(nb, device=x.device, dtype=last.dtype)  # [nb]
+    slot = torch.searchsorted(last, b, right=True)  # [nb]: S past the last block
+    known = slot.clamp_max(S - 1)
+    block_start = (starts[known] + (b - (last - blocks)[known]) * BM).to(torch.int32)  # [nb]
+    block_slot = torch.where(slot < S, slot, -1).to(torch.int32)  # [nb]
+    grid = (triton.cdiv(I, c["BLOCK_N"]), nb)
+    _gate_up_rows[grid](x, tok, ends, block_slot, block_start, gate_up, act, I, H, x.stride(0), *gate_up.stride(),
+                        act.stride(0), **c, **EXACT)
     return act
 
 

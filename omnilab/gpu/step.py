@@ -206,15 +206,21 @@ def compute_refusal(compute: str, device) -> str | None:
     return None
 
 
+def sort_choices(slots, slot_range):
+    """slots [N, k] -> (perm [N * k], offs [S]): the choices grouped by slot (row r of the grouped GEMMs is choice
+    perm[r] = token * k + j) and each group's end (int32, torch._grouped_mm's offs)."""
+    sorted_slots, perm = torch.sort(slots.reshape(-1), stable=True)  # [N * k]: choices grouped by slot
+    return perm, torch.searchsorted(sorted_slots, slot_range, right=True).to(torch.int32)  # [S]: group ends
+
+
 def grouped_expert_rows(x, slots, gate_up, down, slot_range, act):
     """x [N, H], slots [N, k] -> (y [N * k, H], perm [N * k]): each choice's unweighted expert output, in slot-sorted
     order (row r is choice perm[r] = token * k + j), one grouped GEMM per projection over all slots (empty groups
     cost nothing); act maps the gate|up output [N * k, 2I] to [N * k, I] (expert_mix's SiLU * up, or the trace
     prefill's Triton silu_mul)."""
     k = slots.shape[1]
-    sorted_slots, perm = torch.sort(slots.reshape(-1), stable=True)  # [N * k]: choices grouped by slot
+    perm, offs = sort_choices(slots, slot_range)
     rows = x[perm // k]  # [N * k, H]
-    offs = torch.searchsorted(sorted_slots, slot_range, right=True).to(torch.int32)  # [S]: group ends
     # differs from eager: gate and up are one GEMM (transformers' fused gate_up_proj)
     gu = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)  # [N * k, 2I]
     return torch._grouped_mm(act(gu), down.transpose(1, 2), offs=offs), perm  # [N * k, H]

@@ -2,7 +2,8 @@
 2048, 32 / 4 heads of 128, expert 768, top-8): each kernel against the torch ops it replaces (equal but for rare
 one-step flips: on the GPU exp and rsqrt are not torch's to the last fp32 ulp, and fp32 sums run in another order),
 padded and whole; TracePrefill takes the Triton glue by default for a bf16 cuda model and records the torch glue's
-routing, padded and whole batches. (In Triton's CPU interpreter: tests/test_prefill_kernels.py.)"""
+routing, padded and whole batches, as does the fused glue (gate|up's gather and SiLU inside one Triton GEMM); and
+gate_up_rows, that glue's GEMM. (In Triton's CPU interpreter: tests/test_prefill_kernels.py.)"""
 
 import numpy as np
 import pytest
@@ -70,6 +71,20 @@ def test_silu_mul(gen):
     close(pk.silu_mul(gu, I), F.silu(gu[:, :I]) * gu[:, I:])
 
 
+def test_gate_up_rows(gen):
+    """The fused glue's gate|up: one Triton GEMM reading each sorted row's token from x, SiLU * up in its epilogue,
+    against the Triton glue's x[perm // k], torch._grouped_mm and silu_mul's torch ops; 128 slots, one empty."""
+    from omnilab.gpu.step import sort_choices
+
+    N, S = 1237, 128
+    x = torch.randn(N, H, device="cuda", generator=gen).to(BF16)
+    gate_up = (torch.randn(S, 2 * I, H, device="cuda", generator=gen) / H ** 0.5).to(BF16)
+    slots = torch.rand(N, S - 1, device="cuda", generator=gen).topk(K, dim=-1).indices  # [N, K]: slot 127 empty
+    perm, offs = sort_choices(slots, torch.arange(S, device="cuda"))
+    gu = torch._grouped_mm(x[perm // K], gate_up.transpose(1, 2), offs=offs)  # [N * K, 2I]
+    close(pk.gate_up_rows(x, (perm // K).to(torch.int32), offs, gate_up), F.silu(gu[:, :I]) * gu[:, I:])
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_combine_into(gen, padded):
     N = 1237
@@ -106,10 +121,12 @@ def prefills(make_checkpoint):
     return default, TracePrefill(model, default.experts, glue="torch")
 
 
+@pytest.mark.parametrize("glue", ["triton", "fused"])
 @pytest.mark.parametrize("batch", ["padded", "whole"])
-def test_record_triton_glue_equals_torch_glue(prefills, batch):
-    triton_glue, torch_glue = prefills
-    assert (triton_glue.glue, torch_glue.glue) == ("triton", "torch")  # bf16 on cuda: the Triton glue by default
+def test_record_triton_glue_equals_torch_glue(prefills, batch, glue):
+    default, torch_glue = prefills
+    assert (default.glue, torch_glue.glue) == ("triton", "torch")  # bf16 on cuda: the Triton glue by default
+    triton_glue = default if glue == "triton" else TracePrefill(default.model, default.experts, glue=glue)
     gen = np.random.default_rng(0)
     lengths = gen.integers(1, 200, 24) if batch == "padded" else np.full(24, 64)
     vocab = triton_glue.config.vocab_size
