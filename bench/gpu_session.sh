@@ -8,7 +8,7 @@
 # tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py), hybrid (bench/offload.py with host),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
-# fp32), host (bench/host_rate.py), trace (bench/trace.py on 131k tokens, batches as omnilab trace's default sizes them; TRACE_TORCH_ATTENTION=1: a row with cuDNN's attention; TRACE_WRITERS, TRACE_SPIN, TRACE_BY_LAYER, TRACE_BATCH_ROWS: more end-to-end rows per writer count: other counts, writers spinning on the events, shards written by layer; per batch size), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
+# fp32), host (bench/host_rate.py), trace (bench/trace.py on 131k tokens, batches as omnilab trace's default sizes them; TRACE_TORCH_ATTENTION=1: a row with cuDNN's attention; TRACE_WRITERS, TRACE_SPIN, TRACE_BY_LAYER, TRACE_WHOLE_TAIL, TRACE_BATCH_ROWS: more end-to-end rows per writer count: other counts, writers spinning on the events, shards written by layer, every shard whole; per batch size; TRACE_GLUES=fused: the fused glue's rows), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -139,7 +139,7 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         $([ -n "${TRACE_PROFILE:-}" ] && echo --profile $OUT/trace_profile.txt) $([ -n "${TRACE_WRITERS:-}" ] && echo --writers $TRACE_WRITERS) \
         $([ -n "${TRACE_SPIN:-}" ] && echo --spin $TRACE_SPIN) $([ -n "${TRACE_BY_LAYER:-}" ] && echo --by-layer $TRACE_BY_LAYER) \
         $([ -n "${TRACE_BATCH_ROWS:-}" ] && echo --batch-rows $TRACE_BATCH_ROWS) \
-        $([ -n "${TRACE_GLUES:-}" ] && echo --glues $TRACE_GLUES) $([ -f $OUT/gate_up.json ] && echo --gate-up-config $OUT/gate_up.json) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
+        $([ -n "${TRACE_GLUES:-}" ] && echo --glues $TRACE_GLUES) $([ -n "${TRACE_WHOLE_TAIL:-}" ] && echo --whole-tail $TRACE_WHOLE_TAIL) $([ -f $OUT/gate_up.json ] && echo --gate-up-config $OUT/gate_up.json) --out $OUT/trace.json 2>&1 | tee $OUT/trace.txt | tail -30
       ;;
     host)  # hybrid offload's host side: experts computed on the host's cores, cold, per thread count, with and without copies beside (bench/host_rate.py)
       # --gap-ms: the experts in groups of 4 (a layer's host choices) with the thread spinning between groups, as in a

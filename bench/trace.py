@@ -22,7 +22,8 @@ Measured, on the corpus the bench writes (eval-split documents repeated up to --
   (zstd) by background writer threads, each shard whole once its batch's last layer is on the host, the manifest;
   with --writers / --spin / --by-layer, more such rows: other writer counts, writers spinning on the layers'
   events, writers writing row group by row group as the layers arrive (the way before: bench/gil_writer.py);
-  with --batch-rows, the same at other padded-token counts per batch (omnilab trace's own default is 4096);
+  with --batch-rows, the same at other padded-token counts per batch; with --whole-tail, the same with the last
+  shards written whole too (trace_corpus writes its last TAIL_BY_LAYER by layer);
 - the same prefill alone: TracePrefill.record_async over the plan's batches (routing to the host, no Parquet),
   to separate the device's part from the writing; with its default glue (prefill_kernels.py's Triton kernels for
   bf16 on CUDA) and, where that is not the torch glue, once more with glue="torch" (the eager modules and
@@ -206,6 +207,8 @@ def main() -> int:
                    "tokens on an H100)")
     p.add_argument("--torch-attention", action="store_true", help="one more end-to-end row: the prefill's attention "
                    "as torch's SDPA chooses it (cuDNN first on an H100) instead of FlashAttention")
+    p.add_argument("--whole-tail", default="", help="comma-separated writer-thread counts: one more end-to-end "
+                   "row each with every shard written whole (before, the last TAIL_BY_LAYER were written by layer)")
     p.add_argument("--glues", default="", help="comma-separated glues beyond the default and torch (fused): a "
                    "prefill-alone row and an end-to-end row each")
     p.add_argument("--gate-up-config", default=None, help="a JSON of prefill_kernels.GATE_UP_ROWS (the fused glue's "
@@ -283,6 +286,9 @@ def main() -> int:
             [(f"grouped-w{w}-by-layer", f"{w} writers, by layer", {"writers": w}, True,
               f"  the same, {w} writer threads, each shard written by layer as the layers arrive")
              for w in counts(args.by_layer)] + \
+            [(f"grouped-w{w}-whole", f"{w} writers, every shard whole", {"writers": w}, False,
+              f"  the same, {w} writer threads, the last shards written whole too (the way before)")
+             for w in counts(args.whole_tail)] + \
             [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, False,
               f"  the same, batches of at most {b} padded tokens ({{batches}} batches)")
              for b in counts(args.batch_rows)] + \
@@ -296,7 +302,8 @@ def main() -> int:
         whole = trace_run.write_routing_shard
         for key, what, setting, by_layer, _ in more:
             reset_gpu()
-            trace_run.write_routing_shard = partial(whole, by_layer=True) if by_layer else whole
+            if by_layer or key.endswith("-whole"):  # every shard one way, whatever trace_corpus asks
+                trace_run.write_routing_shard = every_shard(whole, by_layer)
             try:
                 results[key] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{key}",
                                                   **{**kw, "prefill": recorder, **setting})
@@ -376,6 +383,11 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(table(out, " ".join(sys.argv)))
     return 0
+
+
+def every_shard(write, by_layer: bool):
+    """write_routing_shard writing every shard whole (by_layer False) or by layer, whatever its caller asks."""
+    return lambda *args, **kw: write(*args, **{**kw, "by_layer": by_layer})
 
 
 def prefill_rows(recorder, batches, ids, device, pad: int) -> tuple[float, list]:
