@@ -41,7 +41,8 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
 " > $OUT/build48.log 2>&1; touch $W/build48.done; df -h /dev/shm >> $OUT/build48.log) &
       ;;
     tests)
-      OUT=$OUT timeout ${TESTS_TIMEOUT:-300} bash scripts/gpu_tests.sh -q 2>&1 | grep -E 'FAILED|ERROR|passed|failed|Error' | tail -30
+      t=${TESTS_TIMEOUT:-300}; [ $(left) -lt $t ] && t=$(left)  # within the call's DEADLINE when one is set
+      OUT=$OUT timeout $t bash scripts/gpu_tests.sh -q 2>&1 | grep -E 'FAILED|ERROR|passed|failed|Error' | tail -30
       ;;
     mix)  # one layer's expert mix per compute way and batch (bench/expert_mix.py), the fused Triton kernel beside
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
