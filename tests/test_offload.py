@@ -257,6 +257,25 @@ def test_hybrid_host_compute_gives_the_resident_tokens(model, tiers, share):
     assert "host_computed" in st.to_dict()
 
 
+def test_hybrid_host_takes_the_misses_routed_longest_ago(model, tiers):
+    """The host computes the misses whose experts the layer routed to longest ago (never routed first, then the
+    later choices), so the copies, which stay in the slots, are the ones a locality of routing routes to again."""
+    cfg = model.config
+    k, E, layer = cfg.num_experts_per_tok, cfg.num_experts, int(cfg.moe_layers[0])
+    assert k % 2 == 0 and E >= 2 * k
+    decoder = OffloadDecoder(model, tiers["copy"], slots=k, max_len=64, prefetch=False, host_share=0.5)
+    half = k // 2
+    _, _, host = decoder.route_step(layer, list(range(k)))  # k misses, none routed before: the later half
+    assert host == list(range(half, k))
+    # the host's experts of that step (routed, not resident) again, behind as many never routed: the new ones go to
+    # the host, the ones routed a step ago are copied into slots
+    again = list(range(half, k))
+    new = list(range(k, k + half))
+    _, _, host = decoder.route_step(layer, new + again)
+    assert host == list(range(half))
+    assert set(again) <= set(decoder.cache.where[layer]) and not set(new) & set(decoder.cache.where[layer])
+
+
 @pytest.mark.parametrize("share", [0.0, 0.5])
 def test_recorded_residuals_are_the_eager_paths_at_the_decoded_positions(model, tiers, share):
     """record_residuals: each decode step's residual after each MoE layer, copied or host-computed, equals the

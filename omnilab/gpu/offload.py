@@ -122,6 +122,8 @@ class OffloadDecoder:
         self.host_rates = self.measure_host_share() if host_share == "auto" else None
         self.host_share = self.host_rates["share"] if self.host_rates else float(host_share)
         self._host_carry = 0.0  # the fraction of a host choice route_step owes (its share of misses, carried)
+        self._routed_at = {i: {} for i in layers}  # per layer: expert -> the route_step call that last routed it
+        self._clock = 0
         self.segmented_step = SegmentedStep(self)  # the decode step's buffers and segments
         self.profile = None  # after generate(profile=True): {"phase_ms": {phase: ms per token}, ...}
 
@@ -244,9 +246,11 @@ class OffloadDecoder:
         """The decode step's slots for the routed experts, misses copied in (one copy per span, one event per
         choice on the copy stream); returns (slots, [(choice, event)] for the choices to wait for, in copy
         order; the event is None off CUDA, [choices the host computes]). split_last: the last miss copies
-        gate|up before down (_copy_in). host_share: the last misses, share * misses of them with the fraction left
-        over carried to the next layer's (so a share that rounds to none a layer still reaches the host, and
-        observe_host still sees its time), are not copied but left to the host (no slot: theirs reads 0). The
+        gate|up before down (_copy_in). host_share: share * misses of them, with the fraction left over carried to
+        the next layer's (so a share that rounds to none a layer still reaches the host, and observe_host still
+        sees its time), are not copied but left to the host (no slot: theirs reads 0): the misses whose experts
+        this layer routed to longest ago (never first; then the later choices), so the copies, which stay in the
+        slots, are the misses a locality of routing is likeliest to route to again. The
         compute stream is idle here (the caller synchronised), so no copy can hit a slot in use."""
         where = self.cache.where[layer]
         want = set(experts)
@@ -254,7 +258,12 @@ class OffloadDecoder:
         owed = len(misses) * self.host_share + self._host_carry
         n_host = min(len(misses), int(owed + 1e-9))
         self._host_carry = owed - n_host
-        host = misses[len(misses) - n_host:] if n_host else []
+        routed_at = self._routed_at[layer]
+        # differs from the copy-only step's order of misses: the host's are the least recently routed (-1: never)
+        host = sorted(sorted(misses, key=lambda c: (routed_at.get(experts[c], -1), -c))[:n_host])
+        for e in experts:
+            routed_at[e] = self._clock
+        self._clock += 1
         last = misses[-1] if split_last and misses else None
         slots, waits = [], []
         for c, e in enumerate(experts):
