@@ -162,8 +162,8 @@ def compiled_cases() -> dict:
 
 def decoder_cases(checkpoint: str) -> dict:
     """FastDecoder(compute="triton"): bf16 forced-input logits with step_kernels against the torch projections
-    (step.GEMV_MAX_TOKENS = 0: only the fused expert mix is Triton) and compute="gather"; how often each kernel
-    ran (bf16 decode steps only: not the prefill, not fp32)."""
+    (step.GEMV_MAX_TOKENS = step.ROUTE_MAX_TOKENS = 0: only the fused expert mix is Triton) and compute="gather";
+    how often each kernel ran (bf16 only: the GEMVs in decode steps, the top-k in the prefill too; not fp32)."""
     import torch
 
     import omnilab.gpu.step as step
@@ -191,11 +191,12 @@ def decoder_cases(checkpoint: str) -> dict:
         runs = {}
         for name, compute, limit in (("kernels", "triton", 2), ("torch", "triton", 0), ("gather", "gather", 2)):
             step.GEMV_MAX_TOKENS = limit
+            step.ROUTE_MAX_TOKENS = 64 if limit else 0
             before = dict(calls)
             decoder = FastDecoder(model, max_len=32, batch=rows, compute=compute)
             runs[name] = decoder.generate(prompts, n, forced=teacher, record_logits=True).logits  # [n, B, V]
             out[f"calls-{name}-B{rows}"] = {c: calls[c] - before[c] for c in calls}
-        step.GEMV_MAX_TOKENS = 2
+        step.GEMV_MAX_TOKENS, step.ROUTE_MAX_TOKENS = 2, 64
         ref = runs["torch"]
         out[f"decoder-B{rows}"] = {
             "rel_vs_torch": rel(runs["kernels"], ref), "rel_gather_vs_torch": rel(runs["gather"], ref),
@@ -270,11 +271,12 @@ def test_compile_keeps_the_ops_whole(results):
 
 
 def test_fast_decoder_takes_the_kernels_in_bf16_decode_steps_only(results):
-    per_step = results["layers"] * (results["steps"] - 1)  # decode steps (the prefill's N > 2 takes torch)
+    per_step = results["layers"] * (results["steps"] - 1)  # decode steps (the prefill's N > 2 takes torch's GEMMs)
     for rows in (1, 2):
-        # a step: q|k|v one launch, o_proj and the router two GEMVs, one top-k
+        # a step: q|k|v one launch, o_proj and the router two GEMVs, one top-k; the prefill (at most
+        # ROUTE_MAX_TOKENS tokens) its top-k too
         assert results[f"calls-kernels-B{rows}"] == {"linear": 2 * per_step, "linear_qkv": per_step,
-                                                     "route_topk": per_step}
+                                                     "route_topk": per_step + results["layers"]}
         for other in ("torch", "gather"):
             assert results[f"calls-{other}-B{rows}"] == {"linear": 0, "linear_qkv": 0, "route_topk": 0}
     assert results["calls-fp32"] == {"linear": 0, "linear_qkv": 0, "route_topk": 0}

@@ -43,6 +43,9 @@ class StaticKV:
 
 GEMV_MAX_TOKENS = 2  # steps of at most this many tokens are decode-sized (step_kernels.MAX_ROWS)
 ROUTE_MAX_EXPERTS = 256  # step_kernels.route_topk holds a token's E logits in registers
+# steps of at most this many tokens take step_kernels.route_topk (a program per token) whatever the GEMVs take: in a
+# B = 8 decode step torch's softmax, topk and its sort took 13 us a layer (bench/results/batched_h100_run2.md)
+ROUTE_MAX_TOKENS = 64
 
 
 def triton_step(tokens: int, dtype, compute: str | None) -> bool:
@@ -263,10 +266,10 @@ def expert_mix(x, slots, weights, gate_up, down, slot_range, compute: str):
 def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool, dtype, forced: torch.Tensor | None = None,
           compute: str | None = None):
     """router logits [N, E] -> (weights [N, k] in dtype, experts [N, k]); transformers' Qwen3-MoE router.
-    compute="triton" with a decode-sized bf16 step (triton_step) and no override: step_kernels.route_topk, one
-    kernel (the override's gather stays in torch)."""
+    compute="triton" with a bf16 step of at most ROUTE_MAX_TOKENS tokens and no override: step_kernels.route_topk,
+    one kernel (the override's gather stays in torch)."""
     if (forced is None and router_logits.dim() == 2 and router_logits.shape[1] <= ROUTE_MAX_EXPERTS
-            and triton_step(router_logits.shape[0], dtype, compute)):
+            and compute == "triton" and dtype == torch.bfloat16 and router_logits.shape[0] <= ROUTE_MAX_TOKENS):
         from omnilab.gpu import step_kernels
 
         # differs from transformers: softmax, top-k and renormalisation in one Triton program per token (sums in
