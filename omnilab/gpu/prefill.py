@@ -178,7 +178,6 @@ class TritonGlue:
         self.k.combine_into(h.view(-1, h.shape[-1]), y, inv, weights, rows)
         return h
 
-
     def expert_rows(self, x, experts, gate_up, down, slot_range):
         """Each choice's unweighted expert output [n * k, H], slot-sorted, and its perm (step.grouped_expert_rows)."""
         I = down.shape[-1]
