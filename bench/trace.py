@@ -276,11 +276,11 @@ def main() -> int:
         spinning = TracePrefill(model, experts, spin=True) if args.spin else None
         torch_attention = TracePrefill(model, experts, attention="torch") if args.torch_attention else None
         counts = lambda arg: [int(x) for x in arg.split(",") if x]  # noqa: E731
-        # the same trace, one setting changed: (key, what, trace_corpus arguments, shards written by layer, the
-        # table's row; {batches}: the trace's batch count)
-        more = [(f"grouped-w{w}", f"{w} writers", {"writers": w}, False, f"  the same, {w} writer threads")
+        # the same trace, one setting changed: (key, what, trace_corpus arguments, every shard written by layer
+        # (True), whole (False) or as trace_corpus asks (None), the table's row; {batches}: the trace's batch count)
+        more = [(f"grouped-w{w}", f"{w} writers", {"writers": w}, None, f"  the same, {w} writer threads")
                 for w in counts(args.writers)] + \
-            [(f"grouped-w{w}-spin", f"{w} writers, spin", {"writers": w, "prefill": spinning}, False,
+            [(f"grouped-w{w}-spin", f"{w} writers, spin", {"writers": w, "prefill": spinning}, None,
               f"  the same, {w} writer threads spinning on the events (torch default events)")
              for w in counts(args.spin)] + \
             [(f"grouped-w{w}-by-layer", f"{w} writers, by layer", {"writers": w}, True,
@@ -289,20 +289,20 @@ def main() -> int:
             [(f"grouped-w{w}-whole", f"{w} writers, every shard whole", {"writers": w}, False,
               f"  the same, {w} writer threads, the last shards written whole too (the way before)")
              for w in counts(args.whole_tail)] + \
-            [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, False,
+            [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, None,
               f"  the same, batches of at most {b} padded tokens ({{batches}} batches)")
              for b in counts(args.batch_rows)] + \
-            [("grouped-torch-attention", "torch's SDPA choice", {"prefill": torch_attention}, False,
+            [("grouped-torch-attention", "torch's SDPA choice", {"prefill": torch_attention}, None,
               "  the same, the attention as torch's SDPA chooses it (cuDNN first on an H100)")
              for _ in range(bool(torch_attention))] + \
-            [(f"grouped-{r.glue}", f"{r.glue} glue", {"prefill": r}, False, f"  the same, {r.glue} glue")
+            [(f"grouped-{r.glue}", f"{r.glue} glue", {"prefill": r}, None, f"  the same, {r.glue} glue")
              for r in extra]
         labels = {key: label for key, *_, label in more}  # the rows of the table, in this order
         trace_run = importlib.import_module("omnilab.trace.run")
         whole = trace_run.write_routing_shard
         for key, what, setting, by_layer, _ in more:
             reset_gpu()
-            if by_layer or key.endswith("-whole"):  # every shard one way, whatever trace_corpus asks
+            if by_layer is not None:  # every shard one way, whatever trace_corpus asks
                 trace_run.write_routing_shard = every_shard(whole, by_layer)
             try:
                 results[key] = trace.trace_corpus(work / "layout", [work / "corpus.jsonl"], work / f"trace-{key}",
@@ -324,8 +324,7 @@ def main() -> int:
             alone[r.glue] = (speed, peak_gpu(), routed)
             print(f"[bench] grouped prefill alone, {r.glue} glue: {speed:,.0f} tokens/s", file=sys.stderr, flush=True)
         routings = alone[recorder.glue][2]
-        glues_agree = glue_agreement(alone["torch"][2], routings) if len(alone) > 1 else None
-        more_agree = {r.glue: glue_agreement(alone["torch"][2], alone[r.glue][2]) for r in extra}
+        glues_agree = {g: glue_agreement(alone["torch"][2], alone[g][2]) for g in alone if g != "torch"}
         write_speed, writers = writing_rows(routings, plan["batches"], ids, docs["domain"].tolist(),
                                             [int(i) for i in cfg.moe_layers], work / "write-only")
         del routings
@@ -376,7 +375,6 @@ def main() -> int:
                    "peak_gpu_bytes": gpu["eager"]}] if "eager" in results else [])],
            "transformers": [{k_: v for k_, v in r.items() if k_ != "first"} for r in rows],
            "topk_agreement_first_batch": agreement, "grouped_vs_eager": paths, "glues_agree": glues_agree,
-           "glues_agree_more": more_agree,
            "active_params": active, "compute_floor_tokens_per_s": floor, "peak_anon_bytes": anon.peak,
            "args": vars(args)}
     if args.out:
@@ -545,14 +543,10 @@ def table(r: dict, command: str) -> str:
               f"{c['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {c['topk_sets_equal']:.4f}, "
               f"top-k set overlap {c['topk_set_overlap']:.4f}, largest weight difference "
               f"{c['max_weight_diff']:.2g} ({r['dtype']}). ") if c else ""
-    g = r.get("glues_agree")
-    versus += (f"Grouped prefill alone, Triton glue against torch glue ({r['dtype']}): expert id equal per row "
-               f"{g['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {g['topk_sets_equal']:.4f}, largest "
-               f"weight difference {g['max_weight_diff']:.2g}. ") if g else ""
-    for glue, g in r.get("glues_agree_more", {}).items():
-        versus += (f"The {glue} glue against the torch glue: expert id equal per row {g['expert_ids_equal']:.4f}, "
-                   f"top-k set equal {g['topk_sets_equal']:.4f}, largest weight difference "
-                   f"{g['max_weight_diff']:.2g}. ")
+    for glue, g in r["glues_agree"].items():
+        versus += (f"Grouped prefill alone, {glue} glue against torch glue ({r['dtype']}): expert id equal per row "
+                   f"{g['expert_ids_equal']:.4f}, top-k set equal per (token, layer) {g['topk_sets_equal']:.4f}, "
+                   f"largest weight difference {g['max_weight_diff']:.2g}. ")
     lines += ["", versus + f"Top-k set agreement with transformers' "
                   f"({tf[0]['setting'].split('(')[1].split()[0]}) router on the first batch: "
                   + ", ".join(f"{name} {v:.4f}" for name, v in a.items())

@@ -79,7 +79,6 @@ def prefill_refusal(model, *, experts_given: bool = False) -> str | None:
     return all_experts_room_refusal(model, margin=1.05)  # 5% for a batch's activations beside the experts
 
 
-GLUES = ("torch", "triton", "fused")  # the work around the GEMMs (TracePrefill's glue)
 # the attention kernels a TracePrefill lets torch's SDPA take on CUDA: "flash" (the default) leaves cuDNN's out:
 # cuDNN builds an execution plan for each new (batch, length) shape, and a trace's batches nearly all differ in
 # shape (bench/results/trace_h100_bf16.md, run 5); "torch" is torch's own order, cuDNN first on an H100
@@ -198,6 +197,9 @@ class FusedGlue(TritonGlue):
         return torch._grouped_mm(act, down.transpose(1, 2), offs=offs), perm  # [n * k, H]
 
 
+GLUES = {g.name: g for g in (TorchGlue, TritonGlue, FusedGlue)}  # the work around the GEMMs (TracePrefill's glue)
+
+
 class TracePrefill:
     """Routing of batches of documents through `model` (a SelectiveMoE) with every expert resident.
 
@@ -225,7 +227,7 @@ class TracePrefill:
         if attention not in ATTENTIONS:
             raise ValueError(f"grouped prefill: attention {attention!r}, use {', '.join(ATTENTIONS)}")
         self.glue, self.spin, self.attention = glue, spin, attention
-        self._glue = {"torch": TorchGlue, "triton": TritonGlue, "fused": FusedGlue}[glue]()
+        self._glue = GLUES[glue]()
         self.model, self.config = model, model.config
         self.layers = [int(i) for i in self.config.moe_layers]
         self.experts = experts if experts is not None else ResidentExperts.from_checkpoint(model)
