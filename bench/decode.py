@@ -218,13 +218,13 @@ def row_omnilab_eager(args) -> list[dict]:
 def apply_tuned(path) -> None:
     """Set the Triton kernels' block tables from a JSON file of bench/tune_token_mix.py --save (TOKEN_GATE_UP /
     TOKEN_DOWN, or with --batch > 1 SLOT_GATE_UP / SLOT_DOWN) or bench/step_kernels.py --sweep --save (QKV, WIDE,
-    NARROW, ROUTE_WARPS); the tables a file does not name keep their defaults."""
+    NARROW, DOT_QKV, DOT_WIDE, DOT_NARROW, ROUTE_WARPS); the tables a file does not name keep their defaults."""
     import omnilab.gpu.fused_moe as fm
     import omnilab.gpu.step_kernels as sk
 
     tuned = json.loads(Path(path).read_text())
     for module, names in ((fm, ("TOKEN_GATE_UP", "TOKEN_DOWN", "SLOT_GATE_UP", "SLOT_DOWN")),
-                          (sk, ("QKV", "WIDE", "NARROW", "ROUTE_WARPS"))):
+                          (sk, ("QKV", "WIDE", "NARROW", "DOT_QKV", "DOT_WIDE", "DOT_NARROW", "ROUTE_WARPS"))):
         for name in names:
             setattr(module, name, tuned.get(name, getattr(module, name)))
 

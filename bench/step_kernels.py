@@ -7,10 +7,12 @@ as in a real step; the H100's L2 is 50 MB, a layer's weights 38 MB), against the
     python bench/step_kernels.py --hbm-tb-s 3.35                     # H100 SXM: the table
     python bench/step_kernels.py --hbm-tb-s 3.35 --sweep --seconds 240 --save bench/results/step_config_h100.json
     python bench/step_kernels.py --hbm-tb-s 4.8 --rows 2             # H200, a batch-2 decode step
+    python bench/step_kernels.py --hbm-tb-s 3.35 --rows 8 --sweep    # batched decode: the tl.dot tables
 
 --sweep tries a grid of block sizes per table (step_kernels.QKV, WIDE for o_proj, NARROW for the router,
-ROUTE_WARPS), the most likely first, within --seconds; prints the best few and the tables to paste (or --save them
-as JSON: bench/decode.py --token-config reads its QKV / WIDE / NARROW / ROUTE_WARPS keys).
+ROUTE_WARPS; past 2 rows DOT_QKV, DOT_WIDE, DOT_NARROW), the most likely first, within --seconds; prints the best
+few and the tables to paste (or --save them as JSON: bench/decode.py --token-config reads its QKV / WIDE / NARROW /
+ROUTE_WARPS keys).
 """
 
 from __future__ import annotations
@@ -119,10 +121,20 @@ def gemv_grid(block_m, block_k, warps, stages):
             for m, k, w, s, a in itertools.product(block_m, block_k, warps, stages, (False, True))]
 
 
-SWEEPS = {  # table -> (the kernel it times, its grid)
+def dot_grid(block_m, block_k, warps, stages):
+    return [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w, num_stages=s)
+            for m, k, w, s in itertools.product(block_m, block_k, warps, stages)]
+
+
+SWEEPS = {  # table -> (the kernel it times, its grid): 1 or 2 rows
     "QKV": ("q|k|v", gemv_grid((2, 4, 8, 16), (256, 512, 1024), (4, 8), (1, 2))),
     "WIDE": ("o_proj", gemv_grid((2, 4, 8, 16), (512, 1024, 2048), (4, 8), (1, 2))),
     "NARROW": ("router", gemv_grid((1, 2, 4), (512, 1024, 2048), (2, 4, 8), (1,))),
+}
+DOT_SWEEPS = {  # more rows
+    "DOT_QKV": ("q|k|v", dot_grid((16, 32, 64), (64, 128, 256), (4, 8), (3, 4, 5))),
+    "DOT_WIDE": ("o_proj", dot_grid((16, 32, 64), (64, 128, 256), (4, 8), (3, 4, 5))),
+    "DOT_NARROW": ("router", dot_grid((16, 32), (128, 256, 512), (4, 8), (2, 3, 4))),
 }
 
 
@@ -135,8 +147,9 @@ def nearest_first(grid: list[dict], current: dict) -> list[dict]:
 def sweep(p: Problem, layers: int, hbm: float, seconds: float) -> dict:
     fns = kernels(p)
     best = {}
-    budget = seconds / (len(SWEEPS) + 0.2)
-    for table_name, (kernel, grid) in SWEEPS.items():
+    sweeps = SWEEPS if p.x.shape[0] <= sk.SUM_ROWS else DOT_SWEEPS
+    budget = seconds / (len(sweeps) + 0.2)
+    for table_name, (kernel, grid) in sweeps.items():
         ours, _, names = fns[kernel]
         floor = p.bytes(*names) / (hbm * 1e12) * 1e6
         saved = getattr(sk, table_name)
@@ -185,7 +198,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hbm-tb-s", type=float, default=3.35, help="HBM bandwidth for the floor (H100 SXM 3.35)")
     p.add_argument("--layers", type=int, default=4, help="distinct weight copies cycled (4 x 38 MB defeats L2)")
-    p.add_argument("--rows", type=int, default=1, choices=(1, 2), help="tokens in the step (batch 1 or 2)")
+    p.add_argument("--rows", type=int, default=1, choices=range(1, sk.MAX_ROWS + 1), metavar="1..64",
+                   help="tokens in the step (the batch; past 2 the tl.dot tables)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--sweep", action="store_true", help="search the block tables, then print the table with the best")
     p.add_argument("--seconds", type=float, default=240, help="the sweep's time limit")

@@ -1,10 +1,10 @@
 """The decode step's Triton GEMVs and top-k (omnilab.gpu.step_kernels) in Triton's CPU interpreter: route_topk
 equals step.route (experts equal, fp32 weights to 1e-6 relative; E 128 and 60, k 1, 2, 8, renormalised or not,
 fp32 and bf16 logits; ties to the lower id); linear and linear_qkv equal F.linear (fp32 to 1e-5, bf16 within one
-rounding of the fp32 product) over ragged M and K and every accumulation; torch.compile keeps the ops whole
-(fullgraph, aot_eager); FastDecoder(compute="triton") in bf16 takes them in its decode steps (and only there: not
-in fp32, not in the prefill) with the forced-input logits of the torch projections within bf16 noise. Skipped
-without Triton (CI).
+rounding of the fp32 product) over ragged M and K, 1 to 64 rows (tl.sum up to 2, tl.dot past) and every
+accumulation; torch.compile keeps the ops whole (fullgraph, aot_eager); FastDecoder(compute="triton") in bf16 takes
+them in every step of at most 64 tokens (batch 1, 2 and 5; prefills of 10 to 50 tokens; not in fp32) with the
+forced-input logits of the torch projections within bf16 noise. Skipped without Triton (CI).
 
 The cases run in one subprocess with TRITON_INTERPRET=1, as tests/test_fused_moe.py's (whose bf16 fixes of the
 interpreter they reuse). (The GPU itself: tests/gpu/test_gpu_step_kernels.py.)
@@ -26,14 +26,20 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 ROUTE_CASES = [f"{d}-E{e}-k{k}-{'norm' if n else 'raw'}" for d in ("float32", "bfloat16") for e in (128, 60)
                for k in (1, 2, 8) for n in (True, False)]
 # (N, M, K): ragged M and K (not multiples of the blocks), a K of whole blocks (EVEN_K), NARROW and WIDE row counts
-GEMV_SHAPES = [(1, 37, 300), (2, 37, 300), (1, 300, 520), (2, 300, 520), (1, 64, 512), (2, 257, 64)]
+GEMV_SHAPES = [(1, 37, 300), (2, 37, 300), (1, 300, 520), (2, 300, 520), (1, 64, 512), (2, 257, 64),
+               # 3 to 64 rows: tl.dot, x padded to 16, 32 and 64 rows; DOT_NARROW and DOT_WIDE, ragged and whole K
+               (3, 37, 300), (8, 300, 520), (17, 64, 512), (33, 257, 64), (64, 40, 300)]
 GEMV_CASES = [f"{d}-N{n}-M{m}-K{k}" for d in ("float32", "bfloat16") for n, m, k in GEMV_SHAPES]
-QKV_SHAPES = [(1, (72, 24, 24), 600), (2, (72, 24, 24), 600), (1, (50, 13, 13), 300), (2, (96, 48, 48), 64)]
+QKV_SHAPES = [(1, (72, 24, 24), 600), (2, (72, 24, 24), 600), (1, (50, 13, 13), 300), (2, (96, 48, 48), 64),
+              (5, (72, 24, 24), 600), (40, (96, 48, 48), 256)]
 QKV_CASES = [f"{d}-N{n}-M{'x'.join(map(str, ms))}-K{k}" for d in ("float32", "bfloat16") for n, ms, k in QKV_SHAPES]
 # other block tables (the sweep's kind): one row a program, several K blocks, the 2-D accumulator
 OTHER_BLOCKS = {"acc2d": dict(BLOCK_M=8, BLOCK_K=64, num_warps=4, num_stages=2, ACC2D=True),
                 "one-row": dict(BLOCK_M=1, BLOCK_K=128, num_warps=1, num_stages=1, ACC2D=False),
                 "wide-rows": dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=3, ACC2D=False)}
+# the tl.dot tables of the same kind (the sweep's): tl.dot's least tile, several K blocks, rows past M clamped
+OTHER_DOT_BLOCKS = {"dot-least": dict(BLOCK_M=16, BLOCK_K=16, num_warps=1, num_stages=1),
+                    "dot-wide": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)}
 PROMPT = [3, 17, 42, 5, 99, 7, 64, 12, 250, 31]
 
 
@@ -121,6 +127,16 @@ def run_cases(checkpoint: str) -> dict:
                 [gemv_check(g, x, w) for g, w in zip(sk.linear_qkv(x, *ws), ws)]
                 + [gemv_check(sk.linear(x[:1], w), x[:1], w) for w in ws])
     sk.QKV, sk.WIDE, sk.NARROW = saved
+    saved = sk.DOT_QKV, sk.DOT_WIDE, sk.DOT_NARROW
+    for name, blocks in OTHER_DOT_BLOCKS.items():
+        sk.DOT_QKV = sk.DOT_WIDE = sk.DOT_NARROW = blocks
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(9, 300, generator=gen).to(dtype)
+            ws = [(torch.randn(m, 300, generator=gen) / 300 ** 0.5).to(dtype) for m in (50, 13, 13)]
+            out[f"blocks-{name}-{dtype}".replace("torch.", "")] = (
+                [gemv_check(g, x, w) for g, w in zip(sk.linear_qkv(x, *ws), ws)]
+                + [gemv_check(sk.linear(x[:3], w), x[:3], w) for w in ws])
+    sk.DOT_QKV, sk.DOT_WIDE, sk.DOT_NARROW = saved
     out["compiled"] = compiled_cases()
     out.update(decoder_cases(checkpoint))
     return out
@@ -163,7 +179,7 @@ def compiled_cases() -> dict:
 def decoder_cases(checkpoint: str) -> dict:
     """FastDecoder(compute="triton"): bf16 forced-input logits with step_kernels against the torch projections
     (step.GEMV_MAX_TOKENS = step.ROUTE_MAX_TOKENS = 0: only the fused expert mix is Triton) and compute="gather";
-    how often each kernel ran (bf16 only: the GEMVs in decode steps, the top-k in the prefill too; not fp32)."""
+    how often each kernel ran (bf16 only: in every step of at most 64 tokens, the prefill's included; not fp32)."""
     import torch
 
     import omnilab.gpu.step as step
@@ -180,23 +196,25 @@ def decoder_cases(checkpoint: str) -> dict:
     # one program a weight (the tiny model's are at most 96 x 96): the interpreter runs programs one by one, and
     # the default tables' are equal to F.linear above
     sk.QKV = sk.WIDE = sk.NARROW = dict(BLOCK_M=128, BLOCK_K=128, num_warps=4, num_stages=1, ACC2D=False)
+    sk.DOT_QKV = sk.DOT_WIDE = sk.DOT_NARROW = dict(BLOCK_M=128, BLOCK_K=128, num_warps=4, num_stages=1)
     out = {}
     model = SelectiveMoE.from_checkpoint(checkpoint, tokenizer=False, dtype="bfloat16")
     layers = sum(layer.is_moe for layer in model.model.layers)
     n = 6
-    forced = torch.randint(0, model.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(0))
-    batch = [PROMPT, PROMPT[2:]]  # two rows a decode step: N = 2
-    for rows in (1, 2):
-        prompts, teacher = (PROMPT, forced[0]) if rows == 1 else (batch, forced)
+    forced = torch.randint(0, model.config.vocab_size, (5, n), generator=torch.Generator().manual_seed(0))
+    # a decode step of two rows (N = 2: the tl.sum GEMVs) or five (tl.dot); the prefills' 10, 18 and 40 rows: tl.dot
+    batches = {1: PROMPT, 2: [PROMPT, PROMPT[2:]], 5: [PROMPT[i:] for i in range(5)]}
+    for rows, prompts in batches.items():
+        teacher = forced[0] if rows == 1 else forced[:rows]
         runs = {}
-        for name, compute, limit in (("kernels", "triton", 2), ("torch", "triton", 0), ("gather", "gather", 2)):
+        for name, compute, limit in (("kernels", "triton", 64), ("torch", "triton", 0), ("gather", "gather", 64)):
             step.GEMV_MAX_TOKENS = limit
             step.ROUTE_MAX_TOKENS = 64 if limit else 0
             before = dict(calls)
             decoder = FastDecoder(model, max_len=32, batch=rows, compute=compute)
             runs[name] = decoder.generate(prompts, n, forced=teacher, record_logits=True).logits  # [n, B, V]
             out[f"calls-{name}-B{rows}"] = {c: calls[c] - before[c] for c in calls}
-        step.GEMV_MAX_TOKENS, step.ROUTE_MAX_TOKENS = 2, 64
+        step.GEMV_MAX_TOKENS, step.ROUTE_MAX_TOKENS = 64, 64
         ref = runs["torch"]
         out[f"decoder-B{rows}"] = {
             "rel_vs_torch": rel(runs["kernels"], ref), "rel_gather_vs_torch": rel(runs["gather"], ref),
@@ -257,11 +275,13 @@ def test_linear_qkv_equals_three_f_linear(results, case):
         _assert_gemv(r, dtype, int(n[1:]), int(m))
 
 
-@pytest.mark.parametrize("name", list(OTHER_BLOCKS))
+@pytest.mark.parametrize("name", list(OTHER_BLOCKS) + list(OTHER_DOT_BLOCKS))
 def test_other_block_tables_equal_f_linear(results, name):
+    rows_qkv, rows_one = (2, 1) if name in OTHER_BLOCKS else (9, 3)
     for dtype in ("float32", "bfloat16"):
         rs = results[f"blocks-{name}-{dtype}"]
-        for r, (rows, cols) in zip(rs, [(2, 50), (2, 13), (2, 13), (1, 50), (1, 13), (1, 13)]):
+        shapes = [(rows_qkv, 50), (rows_qkv, 13), (rows_qkv, 13), (rows_one, 50), (rows_one, 13), (rows_one, 13)]
+        for r, (rows, cols) in zip(rs, shapes, strict=True):
             _assert_gemv(r, dtype, rows, cols)
 
 
@@ -270,19 +290,18 @@ def test_compile_keeps_the_ops_whole(results):
     assert results["compiled"]["ops"] == ["gemv", "gemv_qkv", "route_topk"]
 
 
-def test_fast_decoder_takes_the_kernels_in_bf16_decode_steps_only(results):
-    per_step = results["layers"] * (results["steps"] - 1)  # decode steps (the prefill's N > 2 takes torch's GEMMs)
-    for rows in (1, 2):
-        # a step: q|k|v one launch, o_proj and the router two GEMVs, one top-k; the prefill (at most
-        # ROUTE_MAX_TOKENS tokens) its top-k too
+def test_fast_decoder_takes_the_kernels_in_bf16_steps_of_at_most_64_tokens(results):
+    per_step = results["layers"] * results["steps"]  # the prefill (at most 40 tokens) and the decode steps
+    for rows in (1, 2, 5):
+        # a step: q|k|v one launch, o_proj and the router two GEMVs, one top-k
         assert results[f"calls-kernels-B{rows}"] == {"linear": 2 * per_step, "linear_qkv": per_step,
-                                                     "route_topk": per_step + results["layers"]}
+                                                     "route_topk": per_step}
         for other in ("torch", "gather"):
             assert results[f"calls-{other}-B{rows}"] == {"linear": 0, "linear_qkv": 0, "route_topk": 0}
     assert results["calls-fp32"] == {"linear": 0, "linear_qkv": 0, "route_topk": 0}
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 5])
 def test_fast_decoder_bf16_logits_within_bf16_noise(results, rows):
     """Against the torch projections under the same forced inputs: logits within bf16 noise (no further from them
     than compute="gather" is, give or take), argmax equal except where the torch run's top two are near-tied."""

@@ -41,7 +41,8 @@ class StaticKV:
 
 # -- the dense projections -----------------------------------------------------------------------------------------
 
-GEMV_MAX_TOKENS = 2  # steps of at most this many tokens are decode-sized (step_kernels.MAX_ROWS)
+GEMV_MAX_TOKENS = 64  # steps of at most this many tokens are decode-sized (step_kernels.MAX_ROWS): a decode step
+# of batch <= 64, or a prefill as short
 ROUTE_MAX_EXPERTS = 256  # step_kernels.route_topk holds a token's E logits in registers
 # steps of at most this many tokens take step_kernels.route_topk (a program per token) whatever the GEMVs take: in a
 # B = 8 decode step torch's softmax, topk and its sort took 13 us a layer (bench/results/batched_h100_run2.md)
@@ -49,8 +50,8 @@ ROUTE_MAX_TOKENS = 64
 
 
 def triton_step(tokens: int, dtype, compute: str | None) -> bool:
-    """Whether a step of `tokens` rows takes step_kernels.py's Triton GEMVs and top-k: decode-sized (at most
-    GEMV_MAX_TOKENS), bf16, compute="triton". fp32 and the other computes keep torch's F.linear and topk."""
+    """Whether a step of `tokens` rows takes step_kernels.py's Triton GEMVs: decode-sized (at most GEMV_MAX_TOKENS),
+    bf16, compute="triton". fp32 and the other computes keep torch's F.linear."""
     return compute == "triton" and dtype == torch.bfloat16 and tokens <= GEMV_MAX_TOKENS
 
 

@@ -1,13 +1,16 @@
-"""The batch-1 decode step's dense GEMVs and router as Triton kernels (step.py's compute="triton" for decode-sized
-bf16 steps): `linear` (x [N <= 2, K] @ w.T, fp32 accumulation), `linear_qkv` (q, k and v in one launch from the
-three separate weight tensors: no concatenated copy) and `route_topk` (softmax, top-k and the renormalisation of a
-token's router logits in one program). Each is one torch.library.custom_op with a fake impl, so torch.compile keeps
-it whole; no host sync and no allocation that depends on data (CUDA-graph capturable).
+"""The decode step's dense GEMVs and router as Triton kernels (step.py's compute="triton" for decode-sized bf16
+steps, batch 1 to 64): `linear` (x [N <= 64, K] @ w.T, fp32 accumulation), `linear_qkv` (q, k and v in one launch
+from the three separate weight tensors: no concatenated copy) and `route_topk` (softmax, top-k and the
+renormalisation of a token's router logits in one program). Each is one torch.library.custom_op with a fake impl,
+so torch.compile keeps it whole; no host sync and no allocation that depends on data (CUDA-graph capturable).
 
 Follows gpt-fast's and vLLM's batch-1 decode (skinny GEMMs as GEMVs streaming the weight once) and fused_moe.py's
 token mode (`_gate_up_by_choice`: a program per block of weight rows, [BLOCK_M, BLOCK_K] tiles along contiguous
 rows, reduced with tl.sum, not tl.dot, which needs M >= 16). At M = 1 cuBLAS picks split-K kernels near 3x the HBM
 floor of these weights (bench/results/step_profile_h100.txt); torch.topk of 128 values is two kernels (~9 us).
+Steps of 3 to 64 rows (batched decode) take tl.dot instead, x's rows padded with zeros to 16, 32 or 64 (tl.dot's
+least is 16) and the weight still read once: at B = 8 cuBLAS took 33 us a layer for q/k/v/o, about 3x the floor
+of their 38 MB (bench/results/batched_h100_run2.md).
 differs from transformers: the sums of a dot product, of the softmax and of the renormalisation run in another
 order (fp32 either way); top-k ties go to the lower expert id (each labelled inline).
 bench/step_kernels.py times them against F.linear / step.route and sweeps the block sizes.
@@ -19,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 2  # the GEMVs take at most this many rows of x (a batch-1 or batch-2 decode step; step.py: F.linear past)
+MAX_ROWS = 64  # the kernels take at most this many rows of x (a decode step of batch <= 64; step.py: F.linear past)
+SUM_ROWS = 2  # steps of at most this many rows take the tl.sum GEMVs (QKV, WIDE, NARROW), more the tl.dot ones
 # block sizes for H100 / H200 in bf16; bench/step_kernels.py --sweep measures them. First choices, not yet timed,
 # from the sm_90 code (Triton 3.9, compiled here without a GPU): these loops are not software-pipelined (no cp.async
 # whatever num_stages), so a program keeps one iteration's tile in flight, and the bytes in flight per SM are
@@ -30,6 +34,12 @@ WIDE = dict(BLOCK_M=4, BLOCK_K=1024, num_warps=4, num_stages=2, ACC2D=True)  # o
 NARROW = dict(BLOCK_M=1, BLOCK_K=2048, num_warps=8, num_stages=1, ACC2D=False)  # the router [128, 2048]: 128
 # programs, each its row in one read (a loop over K would be latency-bound: a program a row already leaves SMs idle)
 NARROW_M = 256  # weights of at most this many rows take NARROW, more WIDE
+# 3 to 64 rows: tl.dot tiles of [BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M], software-pipelined over K (num_stages
+# cp.async stages in flight); first choices, not yet timed: enough programs to fill 132 SMs where the rows allow
+# (q|k|v 5120 rows / 32 = 160, o_proj 2048 / 16 = 128) and 8 KB of weight a stage
+DOT_QKV = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4)
+DOT_WIDE = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=4)
+DOT_NARROW = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3)  # the router: 8 programs whatever the blocks
 ROUTE_WARPS = 1  # route_topk: one warp a token (E <= 256 values in registers, warp-shuffle reductions)
 
 
@@ -84,26 +94,69 @@ def _rows(x, w, y, row0, M, K, sx, sw, sy, N: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def _gemv(x, w, y, M, K, sx, sw, sy, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-          ACC2D: tl.constexpr, EVEN_K: tl.constexpr):
+def _rows_dot(x, w, y, row0, M, K, sx, sw, sy, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """y[n, m] = w[m] . x[n] for the BLOCK_M weight rows m = row0.. and the N (3 to 64) rows of x by tl.dot, x's
+    rows padded with zeros to BLOCK_N (>= 16: tl.dot's least), each weight tile read once, fp32 accumulation,
+    written once in y's dtype. Rows past M are clamped to M - 1 for the loads and not stored."""
+    m = row0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]: rows of w (columns of y)
+    n = tl.arange(0, BLOCK_N)  # [BLOCK_N]: rows of x (and of y); those past N read as zeros
+    kk = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    wp = w + tl.minimum(m, M - 1).to(tl.int64)[None, :] * sw + kk[:, None]  # [BLOCK_K, BLOCK_M]: w's tile, transposed
+    xp = x + n[:, None] * sx + kk[None, :]  # [BLOCK_N, BLOCK_K]
+    nm = n[:, None] < N  # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:  # compile-time: K a multiple of BLOCK_K
+            xt = tl.load(xp, mask=nm, other=0.0)  # [BLOCK_N, BLOCK_K]
+            wt = tl.load(wp)  # [BLOCK_K, BLOCK_M]
+        else:
+            km = (k0 + kk) < K  # [BLOCK_K]
+            xt = tl.load(xp, mask=nm & km[None, :], other=0.0)
+            wt = tl.load(wp, mask=km[:, None], other=0.0)
+        # differs from transformers: fp32 products summed along K in the MMA's order (cuBLAS: its own); fp32 inputs
+        # stay fp32 ("ieee", not TF32), as F.linear with TF32 off
+        if x.dtype.element_ty == tl.float32:  # compile-time
+            acc = tl.dot(xt, wt, acc, input_precision="ieee")  # [BLOCK_N, BLOCK_M]
+        else:
+            acc = tl.dot(xt, wt, acc)  # [BLOCK_N, BLOCK_M]
+        xp += BLOCK_K
+        wp += BLOCK_K
+    tl.store(y + n[:, None] * sy + m[None, :], acc.to(y.dtype.element_ty), mask=nm & (m[None, :] < M))
+
+
+@triton.jit
+def _block(x, w, y, row0, M, K, sx, sw, sy, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):
+    """A program's BLOCK_M weight rows by tl.sum (N <= SUM_ROWS) or by tl.dot (DOT: more rows)."""
+    if DOT:  # compile-time
+        _rows_dot(x, w, y, row0, M, K, sx, sw, sy, N, BLOCK_N, BLOCK_M, BLOCK_K, EVEN_K)
+    else:
+        _rows(x, w, y, row0, M, K, sx, sw, sy, N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K)
+
+
+@triton.jit
+def _gemv(x, w, y, M, K, sx, sw, sy, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):
     """Program (block of BLOCK_M weight rows): y[:, rows] = x @ w[rows].T."""
-    _rows(x, w, y, tl.program_id(0) * BLOCK_M, M, K, sx, sw, sy, N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K)
+    _block(x, w, y, tl.program_id(0) * BLOCK_M, M, K, sx, sw, sy, N, BLOCK_N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K, DOT)
 
 
 @triton.jit
 def _gemv_qkv(x, wq, wk, wv, q, k, v, Mq, Mk, Mv, K, sx, swq, swk, swv, sq, sk, sv, N: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr, EVEN_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr,
+              EVEN_K: tl.constexpr, DOT: tl.constexpr):
     """Program p: a block of BLOCK_M rows of q_proj (the first cdiv(Mq, BLOCK_M) programs), then of k_proj, then of
     v_proj, each writing its own output: three GEMVs of one x in one launch, the weights read where they are."""
     p = tl.program_id(0)
     pq = tl.cdiv(Mq, BLOCK_M)
     pk = pq + tl.cdiv(Mk, BLOCK_M)
     if p < pq:
-        _rows(x, wq, q, p * BLOCK_M, Mq, K, sx, swq, sq, N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K)
+        _block(x, wq, q, p * BLOCK_M, Mq, K, sx, swq, sq, N, BLOCK_N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K, DOT)
     elif p < pk:
-        _rows(x, wk, k, (p - pq) * BLOCK_M, Mk, K, sx, swk, sk, N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K)
+        _block(x, wk, k, (p - pq) * BLOCK_M, Mk, K, sx, swk, sk, N, BLOCK_N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K, DOT)
     else:
-        _rows(x, wv, v, (p - pk) * BLOCK_M, Mv, K, sx, swv, sv, N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K)
+        _block(x, wv, v, (p - pk) * BLOCK_M, Mv, K, sx, swv, sv, N, BLOCK_N, BLOCK_M, BLOCK_K, ACC2D, EVEN_K, DOT)
 
 
 @triton.jit
@@ -137,13 +190,17 @@ def _route_topk(logits, weights, experts, E, sl, sw, se, TOP_K: tl.constexpr, KP
     tl.store(experts + t.to(tl.int64) * se + j, ids, mask=j < TOP_K)
 
 
-def _blocks(M: int) -> dict:
+def _blocks(M: int, N: int) -> dict:
+    if N > SUM_ROWS:
+        return DOT_NARROW if M <= NARROW_M else DOT_WIDE
     return NARROW if M <= NARROW_M else WIDE
 
 
 def _launch_args(x: torch.Tensor, K: int, c: dict) -> dict:
     N = x.shape[0]
-    return dict(N=N, EVEN_K=K % c["BLOCK_K"] == 0, **c)
+    dot = N > SUM_ROWS  # BLOCK_N: x's rows padded to tl.dot's least (16) or the next power of two
+    return dict(N=N, BLOCK_N=max(16, triton.next_power_of_2(N)) if dot else 1, DOT=dot, EVEN_K=K % c["BLOCK_K"] == 0,
+                **{"ACC2D": False, **c})
 
 
 def _rowwise(w: torch.Tensor) -> torch.Tensor:
@@ -156,7 +213,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     N, K = x.shape
     M = w.shape[0]
     y = torch.empty(N, M, dtype=x.dtype, device=x.device)  # [N, M]
-    c = _blocks(M)
+    c = _blocks(M, N)
     _gemv[(triton.cdiv(M, c["BLOCK_M"]),)](x, w, y, M, K, x.stride(0), w.stride(0), y.stride(0),
                                             **_launch_args(x, K, c))
     return y
@@ -174,7 +231,7 @@ def _linear_qkv(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
     N, K = x.shape
     Mq, Mk, Mv = wq.shape[0], wk.shape[0], wv.shape[0]
     q, k, v = (torch.empty(N, M, dtype=x.dtype, device=x.device) for M in (Mq, Mk, Mv))  # [N, M] each
-    c = QKV
+    c = DOT_QKV if N > SUM_ROWS else QKV
     grid = (sum(triton.cdiv(M, c["BLOCK_M"]) for M in (Mq, Mk, Mv)),)
     _gemv_qkv[grid](x, wq, wk, wv, q, k, v, Mq, Mk, Mv, K, x.stride(0), wq.stride(0), wk.stride(0), wv.stride(0),
                     q.stride(0), k.stride(0), v.stride(0), **_launch_args(x, K, c))
@@ -215,7 +272,7 @@ def _check(x: torch.Tensor, *ws: torch.Tensor) -> None:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [N, K] (N <= MAX_ROWS), w [M, K] (x's dtype, bf16 or fp32) -> x @ w.T [N, M] in x's dtype, fp32
-    accumulation; F.linear without bias."""
+    accumulation; F.linear without bias (TF32 off)."""
     _check(x, w)
     return _linear(x, w)
 

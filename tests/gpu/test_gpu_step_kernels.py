@@ -1,8 +1,9 @@
 """omnilab.gpu.step_kernels on cuda at the Qwen3-Omni thinker's shapes (hidden 2048; q_proj 4096, k_proj and v_proj
 512, o_proj 2048 x 4096, a router of 128 experts, top 8): linear and linear_qkv equal F.linear (fp32 to 1e-5, bf16
 within one bf16 rounding of the fp32 product), route_topk equals step.route (experts equal, weights to 1e-6
-relative); the four replay from a CUDA graph; FastDecoder(compute="triton") in bf16 takes them in its decode steps
-and, compiled and graphed, gives the forced-input argmax of the torch projections (step.GEMV_MAX_TOKENS = 0) and of
+relative), for 1 and 2 rows (tl.sum) and 8, 32 and 64 (tl.dot); the four replay from a CUDA graph at 1 and 8 rows;
+FastDecoder(compute="triton") in bf16 takes them in every step of at most 64 tokens and, compiled and graphed at
+batch 1 and 8, gives the forced-input argmax of the torch projections (step.GEMV_MAX_TOKENS = 0) and of
 compute="grouped_mm" within bf16 noise, on the tiny checkpoint and on one of the real attention and router shapes.
 (In Triton's CPU interpreter: tests/test_step_kernels.py.)"""
 
@@ -63,7 +64,7 @@ def router_logits(N, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N", [1, 2])
+@pytest.mark.parametrize("N", [1, 2, 8, 32, 64])
 @pytest.mark.parametrize("name", ["o_proj", "router", "q_proj"])
 def test_linear_real_shapes(weights, name, N, dtype):
     w = weights[dtype][name]
@@ -72,7 +73,7 @@ def test_linear_real_shapes(weights, name, N, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N", [1, 2])
+@pytest.mark.parametrize("N", [1, 2, 8, 32, 64])
 def test_linear_qkv_real_shapes(weights, N, dtype):
     ws = [weights[dtype][n] for n in ("q_proj", "k_proj", "v_proj")]
     x = activations(N, H, dtype)
@@ -101,11 +102,12 @@ def test_step_route_under_triton_equals_torch_and_keeps_the_override():
     assert torch.equal(step.route(logits, K, True, torch.bfloat16, forced, "triton")[1], forced)
 
 
-def test_replays_from_a_cuda_graph(weights):
+@pytest.mark.parametrize("N", [1, 8])
+def test_replays_from_a_cuda_graph(weights, N):
     w = weights[torch.bfloat16]
-    x = activations(1, H, torch.bfloat16)
-    o_in = activations(1, NH * HD, torch.bfloat16, seed=1)
-    logits = router_logits(1, torch.bfloat16)
+    x = activations(N, H, torch.bfloat16)
+    o_in = activations(N, NH * HD, torch.bfloat16, seed=1)
+    logits = router_logits(N, torch.bfloat16)
 
     def run():
         return (*sk.linear_qkv(x, w["q_proj"], w["k_proj"], w["v_proj"]), sk.linear(o_in, w["o_proj"]),
@@ -120,9 +122,9 @@ def test_replays_from_a_cuda_graph(weights):
     with torch.cuda.graph(graph):
         outs = run()
     for seed in (2, 3):  # new inputs in the captured buffers
-        for buffer, value in ((x, activations(1, H, torch.bfloat16, seed)),
-                              (o_in, activations(1, NH * HD, torch.bfloat16, seed + 10)),
-                              (logits, router_logits(1, torch.bfloat16, seed))):
+        for buffer, value in ((x, activations(N, H, torch.bfloat16, seed)),
+                              (o_in, activations(N, NH * HD, torch.bfloat16, seed + 10)),
+                              (logits, router_logits(N, torch.bfloat16, seed))):
             buffer.copy_(value)
         graph.replay()
         for got, want in zip(outs, run()):
@@ -142,9 +144,9 @@ def bf16_model(request, make_checkpoint, tmp_path_factory):
     return SelectiveMoE.from_checkpoint(path, device="cuda", dtype="bfloat16", tokenizer=False)
 
 
-def test_fast_decoder_bf16_decode_steps_take_the_kernels(bf16_model, monkeypatch):
-    """Uncompiled, ungraphed (Python runs each step): every decode step's layer calls linear_qkv once, linear twice
-    (o_proj, router) and route_topk once; the prefill none."""
+def test_fast_decoder_bf16_steps_take_the_kernels(bf16_model, monkeypatch):
+    """Uncompiled, ungraphed (Python runs each step): every step's layer (the prefill of 10 tokens and each decode
+    step) calls linear_qkv once, linear twice (o_proj, router) and route_topk once."""
     calls = {"linear": 0, "linear_qkv": 0, "route_topk": 0}
     for name in calls:
         def counted(*a, _f=getattr(sk, name), _name=name):
@@ -153,20 +155,24 @@ def test_fast_decoder_bf16_decode_steps_take_the_kernels(bf16_model, monkeypatch
         monkeypatch.setattr(sk, name, counted)
     decoder = FastDecoder(bf16_model, max_len=64, compute="triton", graph=False)
     decoder.generate(PROMPT, 5)
-    steps = 4 * len(decoder.pool.layers)
+    steps = 5 * len(decoder.pool.layers)
     assert calls == {"linear": 2 * steps, "linear_qkv": steps, "route_topk": steps}
 
 
-def test_fast_decoder_bf16_compiled_argmax_equals_torch_projections(bf16_model, monkeypatch):
-    """bf16, compile=True, CUDA graph: the forced-input argmax of every step equals the run with torch's projections
-    and top-k (step.GEMV_MAX_TOKENS = 0: only the expert mix in Triton) and grouped_mm's, except where that run's
-    top two logits are within bf16 noise of each other."""
-    forced = torch.randint(0, bf16_model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fast_decoder_bf16_compiled_argmax_equals_torch_projections(bf16_model, monkeypatch, batch):
+    """bf16, compile=True, CUDA graph, batch 1 (tl.sum GEMVs) and 8 (tl.dot): the forced-input argmax of every step
+    and row equals the run with torch's projections (step.GEMV_MAX_TOKENS = 0: the expert mix and top-k in Triton)
+    and grouped_mm's, except where that run's top two logits are within bf16 noise of each other."""
+    forced = torch.randint(0, bf16_model.config.vocab_size, (batch, 24), generator=torch.Generator().manual_seed(1))
+    prompts = PROMPT if batch == 1 else [PROMPT[i % 5:] for i in range(batch)]
     runs = {}
-    for name, compute, limit in (("kernels", "triton", 2), ("torch", "triton", 0), ("grouped_mm", "grouped_mm", 2)):
+    for name, compute, limit in (("kernels", "triton", 64), ("torch", "triton", 0), ("grouped_mm", "grouped_mm", 64)):
         monkeypatch.setattr(step, "GEMV_MAX_TOKENS", limit)
-        decoder = FastDecoder(bf16_model, max_len=64, compute=compute, compile=True)
-        runs[name] = decoder.generate(PROMPT, 24, forced=forced, record_logits=True).logits[:, 0]  # [n, V]
+        decoder = FastDecoder(bf16_model, max_len=64, batch=batch, compute=compute, compile=True)
+        teacher = forced[0] if batch == 1 else forced
+        logits = decoder.generate(prompts, 24, forced=teacher, record_logits=True).logits  # [n, B, V]
+        runs[name] = logits.reshape(-1, logits.shape[-1])  # [n * B, V]
         assert decoder._compiled is not None and decoder._graphs
     got = runs["kernels"]
     for name in ("torch", "grouped_mm"):
