@@ -66,10 +66,15 @@ attach_tokenizer('$C48', 'data/omni-tiny')  # the notebooks tokenize; prompts el
         --workdir /tmp/step --out $OUT/decode_step.json --markdown $OUT/decode_step.md \
         $([ -f $OUT/step_config.json ] && echo --token-config $OUT/step_config.json) 2>&1 | tail -8
       ;;
-    kernels)  # the step's Triton GEMVs and top-k against torch at the real shapes (bench/step_kernels.py), SWEEP=1 tries block sizes
+    kernels)  # the step's Triton GEMVs and top-k against torch at the real shapes (bench/step_kernels.py), SWEEP=1 tries block sizes;
+      # KERNEL_ROWS="8 32": per batch (the tl.dot tables past 2 rows), each batch's best saved as $OUT/token_config_b<rows>.json,
+      # which the batched stage then takes for that batch
       hbm=$(python3 -c "import torch; print(4.8 if 'H200' in torch.cuda.get_device_name() else 3.35)")
-      timeout 200 python3 bench/step_kernels.py --hbm-tb-s $hbm $([ -n "${SWEEP:-}" ] && echo --sweep --seconds ${SWEEP_SECONDS:-90} --save $OUT/step_config.json) \
-        2>&1 | tee $OUT/step_kernels.txt | tail -30
+      for r in ${KERNEL_ROWS:-1}; do
+        save=$OUT/step_config.json; [ "$r" -gt 2 ] && save=$OUT/token_config_b$r.json
+        timeout 200 python3 bench/step_kernels.py --hbm-tb-s $hbm --rows $r $([ -n "${SWEEP:-}" ] && echo --sweep --seconds ${SWEEP_SECONDS:-90} --save $save) \
+          2>&1 | tee $OUT/step_kernels_r$r.txt | grep -v "^  {" | tail -30
+      done
       ;;
     tune)  # block sizes of the fused mix's batch-1 token mode (bench/tune_token_mix.py), distinct layers cycled
       wait48
