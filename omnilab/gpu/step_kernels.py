@@ -196,11 +196,19 @@ def _blocks(M: int, N: int) -> dict:
     return NARROW if M <= NARROW_M else WIDE
 
 
+DOT_SHARED_BYTES = 160 * 1024  # the tl.dot path's pipelined tiles in at most this much shared memory (sm_90: 227 KB)
+
+
 def _launch_args(x: torch.Tensor, K: int, c: dict) -> dict:
     N = x.shape[0]
-    dot = N > SUM_ROWS  # BLOCK_N: x's rows padded to tl.dot's least (16) or the next power of two
-    return dict(N=N, BLOCK_N=max(16, triton.next_power_of_2(N)) if dot else 1, DOT=dot, EVEN_K=K % c["BLOCK_K"] == 0,
-                **{"ACC2D": False, **c})
+    args = dict(N=N, BLOCK_N=1, DOT=False, EVEN_K=K % c["BLOCK_K"] == 0, **{"ACC2D": False, **c})
+    if N > SUM_ROWS:  # BLOCK_N: x's rows padded to tl.dot's least (16) or the next power of two
+        args.update(BLOCK_N=max(16, triton.next_power_of_2(N)), DOT=True)
+        # fewer stages where a stage's x and weight tiles would not fit (fp32 x of 64 rows: 64 KB a stage at
+        # BLOCK_K 256; the H100 refused 240 KB)
+        stage = (args["BLOCK_N"] + c["BLOCK_M"]) * c["BLOCK_K"] * x.element_size()
+        args["num_stages"] = max(1, min(c["num_stages"], DOT_SHARED_BYTES // stage))
+    return args
 
 
 def _rowwise(w: torch.Tensor) -> torch.Tensor:

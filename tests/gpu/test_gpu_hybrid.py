@@ -42,6 +42,10 @@ def test_hybrid_gives_the_resident_tokens_in_fp32(model, share):
 
 
 def test_hybrid_bf16_compiled_equals_the_copied_decoder(make_checkpoint):
+    """bf16: the host's experts are rounded as the GPU's are not (another order of the same fp32 sums), so the
+    forced-input tokens equal the all-copied decoder's except where the eager bf16 model's top two logits at that
+    position are within bf16 noise of each other (the two tokens both within 2% of its logit range of its best);
+    most steps equal. (Run 7 of the GPU suite saw one such step of 16, after the host's picks changed.)"""
     model = SelectiveMoE.from_checkpoint(make_checkpoint("moe"), device="cuda", dtype="bfloat16", tokenizer=False)
     config, layout = model.checkpoint.arch
     host = HostTier.copy(model.checkpoint, config, layout, model.dtype, pin=True)
@@ -49,7 +53,15 @@ def test_hybrid_bf16_compiled_equals_the_copied_decoder(make_checkpoint):
     got = {share: OffloadDecoder(model, host, slots=config.num_experts_per_tok, max_len=64, compile=True,
                                  host_share=share).generate(PROMPT, 16, forced=forced).new_token_ids
            for share in (0.0, 0.5)}
-    assert got[0.5] == got[0.0]
+    differ = [j for j, (a, b) in enumerate(zip(got[0.5], got[0.0], strict=True)) if a != b]
+    assert len(differ) <= 2, differ
+    ids = torch.tensor([PROMPT + forced[:15].tolist()], device="cuda")  # [1, P + 15]
+    with torch.no_grad():
+        logits = model(ids)[0, len(PROMPT) - 1:].float()  # [16, V]: step j's logits
+    for j in differ:
+        row = logits[j]
+        for token in (got[0.5][j], got[0.0][j]):
+            assert row.max() - row[token] <= 2e-2 * (row.max() - row.min()), (j, token)
 
 
 def test_recorded_residuals_under_captured_segments(model, no_tf32):
