@@ -73,9 +73,11 @@ def test_streamed_shard_has_the_bytes_of_the_one_table_writer(tiny_omni, tmp_pat
 
 def test_the_last_shards_are_written_by_layer(tiny_omni, corpus, tmp_path, monkeypatch):
     """trace_corpus writes a rank's last TAIL_BY_LAYER shards of the grouped prefill by layer (as their layers
-    arrive) and the others whole, the most tokens first; the trace reads back as one written whole throughout."""
+    arrive; 3 here, 0 by default since run 7) and the others whole, the most tokens first; the trace reads back as
+    one written whole throughout."""
     from omnilab.trace import run
 
+    monkeypatch.setattr(run, "TAIL_BY_LAYER", 3)
     asked = []
     write = run.write_routing_shard
 

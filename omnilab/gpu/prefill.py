@@ -3,8 +3,9 @@ GEMM per projection per MoE layer, and every layer's routing recorded into pinne
 layer) read as the layers arrive (docs/DESIGN.md, omnilab/gpu/). Follows transformers' `grouped_mm` experts
 implementation. The work around the GEMMs (the glue) is one of three, chosen once per TracePrefill (`prefill_glue`):
 "torch", the eager model's own modules and step.expert_mix (CPU, fp32, no Triton); "triton", prefill_kernels.py's
-fused norms, rotary, SiLU * up and combine into the residual stream (bf16 on CUDA with Triton installed); "fused",
-the Triton glue with gate|up's row gather and SiLU * up inside one Triton GEMM (measured beside, not the default).
+fused norms, rotary, SiLU * up and combine into the residual stream; "fused" (bf16 on CUDA with Triton installed),
+the Triton glue with gate|up's row gather and SiLU * up inside one Triton GEMM (the prefill 5.6% faster than the
+Triton glue's on an H100, bit-equal; bench/results/trace_h100_bf16.md, run 7).
 differs from transformers: padding rows skip the router and the experts; the k expert outputs of a token are
 summed in one reduction; the forward stops after the last MoE layer's router; on CUDA the attention is
 FlashAttention, not cuDNN's (ATTENTIONS; each labelled inline).
@@ -109,9 +110,9 @@ def batch_tokens_for(model, fraction: float = 0.8) -> int:
 
 
 def prefill_glue(dtype, device) -> str:
-    """The glue a TracePrefill takes when not told: "triton" (prefill_kernels.py) for bf16 on CUDA where Triton is
+    """The glue a TracePrefill takes when not told: "fused" (prefill_kernels.py) for bf16 on CUDA where Triton is
     installed (as step.default_compute chooses the Triton expert mix), "torch" otherwise."""
-    return "triton" if default_compute(dtype, device) == "triton" else "torch"
+    return "fused" if default_compute(dtype, device) == "triton" else "torch"
 
 
 class TorchGlue:

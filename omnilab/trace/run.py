@@ -32,10 +32,10 @@ from omnilab.trace.shards import (DOCUMENTS_NAME, FORMAT, MANIFEST_NAME, PLAN_NA
 
 PREFILLS = ("auto", "eager", "grouped_mm")
 # a rank's last batches of the grouped prefill whose shards are written row group by row group as their layers
-# arrive: nothing after them overlaps a whole shard's write. Written whole, a shard took about 0.4 s on one of an
-# H100 host's cores against 0.22 s for a batch's forwards, so the last three whole shards ended 0.31 s after the last
-# forward (bench/results/trace_h100_bf16.md, run 6); by layer, each is written while its own forward runs
-TAIL_BY_LAYER = 3
+# arrive. Written whole, the last three shards ended 0.31 s after the last forward (bench/results/trace_h100_bf16.md,
+# run 6); by layer the hope was that each is written while its own forward runs, but in run 7 the last three by
+# layer ended 0.37 s after it (56.1k tokens/s) against 0.30 s whole (58.0k): so none, every shard whole
+TAIL_BY_LAYER = 0
 
 @dataclass
 class TraceResult:

@@ -125,8 +125,8 @@ def prefills(make_checkpoint):
 @pytest.mark.parametrize("batch", ["padded", "whole"])
 def test_record_triton_glue_equals_torch_glue(prefills, batch, glue):
     default, torch_glue = prefills
-    assert (default.glue, torch_glue.glue) == ("triton", "torch")  # bf16 on cuda: the Triton glue by default
-    triton_glue = default if glue == "triton" else TracePrefill(default.model, default.experts, glue=glue)
+    assert (default.glue, torch_glue.glue) == ("fused", "torch")  # bf16 on cuda: the fused Triton glue by default
+    triton_glue = default if glue == default.glue else TracePrefill(default.model, default.experts, glue=glue)
     gen = np.random.default_rng(0)
     lengths = gen.integers(1, 200, 24) if batch == "padded" else np.full(24, 64)
     vocab = triton_glue.config.vocab_size
