@@ -196,7 +196,7 @@ def _blocks(M: int, N: int) -> dict:
     return NARROW if M <= NARROW_M else WIDE
 
 
-DOT_SHARED_BYTES = 160 * 1024  # the tl.dot path's pipelined tiles in at most this much shared memory (sm_90: 227 KB)
+DOT_SHARED_BYTES = 200 * 1024  # the tl.dot path's pipelined tiles in at most this much shared memory (sm_90: 227 KB)
 
 
 def _launch_args(x: torch.Tensor, K: int, c: dict) -> dict:
@@ -204,10 +204,10 @@ def _launch_args(x: torch.Tensor, K: int, c: dict) -> dict:
     args = dict(N=N, BLOCK_N=1, DOT=False, EVEN_K=K % c["BLOCK_K"] == 0, **{"ACC2D": False, **c})
     if N > SUM_ROWS:  # BLOCK_N: x's rows padded to tl.dot's least (16) or the next power of two
         args.update(BLOCK_N=max(16, triton.next_power_of_2(N)), DOT=True)
-        # fewer stages where a stage's x and weight tiles would not fit (fp32 x of 64 rows: 64 KB a stage at
-        # BLOCK_K 256; the H100 refused 240 KB)
+        # fewer stages where the tiles would not fit: Triton asked the H100 for up to (stages - 1) x 2 x a stage's x
+        # and weight tiles (bf16, 32 rows, BLOCK_M 32, BLOCK_K 256, 5 stages: 256 KB; fp32, 64 rows, 16, 256, 4: 240 KB)
         stage = (args["BLOCK_N"] + c["BLOCK_M"]) * c["BLOCK_K"] * x.element_size()
-        args["num_stages"] = max(1, min(c["num_stages"], DOT_SHARED_BYTES // stage))
+        args["num_stages"] = max(1, min(c["num_stages"], 1 + DOT_SHARED_BYTES // (2 * stage)))
     return args
 
 
