@@ -4,11 +4,11 @@
 #   STAGES="tests build48 resident" bash bench/gpu_session.sh
 #   STAGES="offload before-after" bash bench/gpu_session.sh
 #   STAGES="compare plan cpu" bash bench/gpu_session.sh
-# Stages: tests (scripts/gpu_tests.sh), gemm (bench/prefill_gemm.py: the fused glue's gate|up GEMM, then TRACE_GLUES=fused), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), step (decode.py eager, grouped_mm, the default), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
+# Stages: tests (scripts/gpu_tests.sh), gemm (bench/prefill_gemm.py: the fused glue's gate|up GEMM per block size, the fastest then taken by the trace stage), mix (bench/expert_mix.py), triton (decode.py fast-compiled vs fast-triton), step (decode.py eager, grouped_mm, the default), build48 (the 48-layer real-shape thinker in /dev/shm, in the background),
 # tune (bench/tune_token_mix.py), profile (bench/step_profile.py), batched (bench/batched.py), hybrid (bench/offload.py with host),
 # resident / offload (bench/faces.py: the CLI beside the engine), before-after (bench/decode.py's compiled fast
 # path at the commit before the re-rooming, carried in .old/, and now), compare (omnilab compare on cuda, bf16 and
-# fp32), host (bench/host_rate.py), trace (bench/trace.py on 131k tokens, batches as omnilab trace's default sizes them; TRACE_TORCH_ATTENTION=1: a row with cuDNN's attention; TRACE_WRITERS, TRACE_SPIN, TRACE_BY_LAYER, TRACE_WHOLE_TAIL, TRACE_BATCH_ROWS: more end-to-end rows per writer count: other counts, writers spinning on the events, shards written by layer, every shard whole; per batch size; TRACE_GLUES=fused: the fused glue's rows), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
+# fp32), host (bench/host_rate.py), trace (bench/trace.py on 131k tokens, batches as omnilab trace's default sizes them; TRACE_TORCH_ATTENTION=1: a row with cuDNN's attention; TRACE_WRITERS, TRACE_SPIN, TRACE_BY_LAYER, TRACE_WHOLE_TAIL, TRACE_BATCH_ROWS: more end-to-end rows per writer count: other counts, writers spinning on the events, shards written by layer, every shard whole; per batch size; TRACE_GLUES=triton: the Triton glue's rows beside the default fused one), plan (omnilab plan on this machine), notebooks (NB="03 05": run_notebooks on the 48-layer checkpoint), cpu (bench/faces.py on the CPU, 8 layers, beside transformers).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

@@ -22,15 +22,15 @@ Measured, on the corpus the bench writes (eval-split documents repeated up to --
   (zstd) by background writer threads, each shard whole once its batch's last layer is on the host, the manifest;
   with --writers / --spin / --by-layer, more such rows: other writer counts, writers spinning on the layers'
   events, writers writing row group by row group as the layers arrive (the way before: bench/gil_writer.py);
-  with --batch-rows, the same at other padded-token counts per batch; with --whole-tail, the same with the last
-  shards written whole too (trace_corpus writes its last TAIL_BY_LAYER by layer);
+  with --batch-rows, the same at other padded-token counts per batch; with --whole-tail, the same with every shard
+  written whole whatever trace_corpus's TAIL_BY_LAYER (0 since run 7: then the default's way);
 - the same prefill alone: TracePrefill.record_async over the plan's batches (routing to the host, no Parquet),
-  to separate the device's part from the writing; with its default glue (prefill_kernels.py's Triton kernels for
+  to separate the device's part from the writing; with its default glue (prefill_kernels.py's fused glue for
   bf16 on CUDA) and, where that is not the torch glue, once more with glue="torch" (the eager modules and
   step.expert_mix around the same GEMMs), the before and after of the fused glue in one run, and how often the two
   glues' expert ids agree;
-  with --glues fused, the same for the fused glue (gate|up's row gather and SiLU inside one Triton GEMM), alone and
-  end to end;
+  with --glues triton, the same for the Triton glue without the fused gate|up GEMM (the default before run 7),
+  alone and end to end;
 - the Parquet writing alone: the same shards written from that routing in host memory by the same writer threads;
 - `omnilab trace`, eager path (`--prefill eager`): the selective model's prefill through its hooks (eager
   expert loop, one host sync per layer; stops after the last router), the same writing;
@@ -208,8 +208,9 @@ def main() -> int:
     p.add_argument("--torch-attention", action="store_true", help="one more end-to-end row: the prefill's attention "
                    "as torch's SDPA chooses it (cuDNN first on an H100) instead of FlashAttention")
     p.add_argument("--whole-tail", default="", help="comma-separated writer-thread counts: one more end-to-end "
-                   "row each with every shard written whole (before, the last TAIL_BY_LAYER were written by layer)")
-    p.add_argument("--glues", default="", help="comma-separated glues beyond the default and torch (fused): a "
+                   "row each with every shard written whole, whatever omnilab.trace.run.TAIL_BY_LAYER asks "
+                   "(0 since run 7)")
+    p.add_argument("--glues", default="", help="comma-separated glues beyond the default and torch (triton): a "
                    "prefill-alone row and an end-to-end row each")
     p.add_argument("--gate-up-config", default=None, help="a JSON of prefill_kernels.GATE_UP_ROWS (the fused glue's "
                    "block sizes; bench/prefill_gemm.py --save)")
@@ -287,7 +288,7 @@ def main() -> int:
               f"  the same, {w} writer threads, each shard written by layer as the layers arrive")
              for w in counts(args.by_layer)] + \
             [(f"grouped-w{w}-whole", f"{w} writers, every shard whole", {"writers": w}, False,
-              f"  the same, {w} writer threads, the last shards written whole too (the way before)")
+              f"  the same, {w} writer threads, every shard written whole")
              for w in counts(args.whole_tail)] + \
             [(f"grouped-b{b}", f"{b} padded tokens a batch", {"batch_tokens": b}, None,
               f"  the same, batches of at most {b} padded tokens ({{batches}} batches)")
