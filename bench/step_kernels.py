@@ -11,8 +11,8 @@ as in a real step; the H100's L2 is 50 MB, a layer's weights 38 MB), against the
 
 --sweep tries a grid of block sizes per table (step_kernels.QKV, WIDE for o_proj, NARROW for the router,
 ROUTE_WARPS; past 2 rows DOT_QKV, DOT_WIDE, DOT_NARROW), the most likely first, within --seconds; prints the best
-few and the tables to paste (or --save them as JSON: bench/decode.py --token-config reads its QKV / WIDE / NARROW /
-ROUTE_WARPS keys).
+few and the tables to paste (or --save them as JSON: bench/decode.py and bench/batched.py --token-config read its
+keys).
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ OTHER_BLOCKS = {"acc2d": dict(BLOCK_M=8, BLOCK_K=64, num_warps=4, num_stages=2, 
 # the tl.dot tables of the same kind (the sweep's): tl.dot's least tile, several K blocks, rows past M clamped
 OTHER_DOT_BLOCKS = {"dot-least": dict(BLOCK_M=16, BLOCK_K=16, num_warps=1, num_stages=1),
                     "dot-wide": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3)}
+# each kind: (the step_kernels tables it stands in for, its tables, (x's rows for linear_qkv, for linear))
+OTHER_TABLES = [(("QKV", "WIDE", "NARROW"), OTHER_BLOCKS, (2, 1)),
+                (("DOT_QKV", "DOT_WIDE", "DOT_NARROW"), OTHER_DOT_BLOCKS, (9, 3))]
 PROMPT = [3, 17, 42, 5, 99, 7, 64, 12, 250, 31]
 
 
@@ -117,26 +120,19 @@ def run_cases(checkpoint: str) -> dict:
         ws = [(torch.randn(int(m), K, generator=gen) / K ** 0.5).to(getattr(torch, dtype)) for m in ms[1:].split("x")]
         got = sk.linear_qkv(x, *ws)
         out[case] = [gemv_check(g, x, w) for g, w in zip(got, ws)]
-    saved = sk.QKV, sk.WIDE, sk.NARROW
-    for name, blocks in OTHER_BLOCKS.items():
-        sk.QKV = sk.WIDE = sk.NARROW = blocks
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(2, 300, generator=gen).to(dtype)
-            ws = [(torch.randn(m, 300, generator=gen) / 300 ** 0.5).to(dtype) for m in (50, 13, 13)]
-            out[f"blocks-{name}-{dtype}".replace("torch.", "")] = (
-                [gemv_check(g, x, w) for g, w in zip(sk.linear_qkv(x, *ws), ws)]
-                + [gemv_check(sk.linear(x[:1], w), x[:1], w) for w in ws])
-    sk.QKV, sk.WIDE, sk.NARROW = saved
-    saved = sk.DOT_QKV, sk.DOT_WIDE, sk.DOT_NARROW
-    for name, blocks in OTHER_DOT_BLOCKS.items():
-        sk.DOT_QKV = sk.DOT_WIDE = sk.DOT_NARROW = blocks
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(9, 300, generator=gen).to(dtype)
-            ws = [(torch.randn(m, 300, generator=gen) / 300 ** 0.5).to(dtype) for m in (50, 13, 13)]
-            out[f"blocks-{name}-{dtype}".replace("torch.", "")] = (
-                [gemv_check(g, x, w) for g, w in zip(sk.linear_qkv(x, *ws), ws)]
-                + [gemv_check(sk.linear(x[:3], w), x[:3], w) for w in ws])
-    sk.DOT_QKV, sk.DOT_WIDE, sk.DOT_NARROW = saved
+    for tables, others, (rows, one) in OTHER_TABLES:
+        saved = [getattr(sk, t) for t in tables]
+        for name, blocks in others.items():
+            for t in tables:
+                setattr(sk, t, blocks)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, 300, generator=gen).to(dtype)
+                ws = [(torch.randn(m, 300, generator=gen) / 300 ** 0.5).to(dtype) for m in (50, 13, 13)]
+                out[f"blocks-{name}-{dtype}".replace("torch.", "")] = (
+                    [gemv_check(g, x, w) for g, w in zip(sk.linear_qkv(x, *ws), ws)]
+                    + [gemv_check(sk.linear(x[:one], w), x[:one], w) for w in ws])
+        for t, table in zip(tables, saved):
+            setattr(sk, t, table)
     out["compiled"] = compiled_cases()
     out.update(decoder_cases(checkpoint))
     return out
@@ -277,7 +273,7 @@ def test_linear_qkv_equals_three_f_linear(results, case):
 
 @pytest.mark.parametrize("name", list(OTHER_BLOCKS) + list(OTHER_DOT_BLOCKS))
 def test_other_block_tables_equal_f_linear(results, name):
-    rows_qkv, rows_one = (2, 1) if name in OTHER_BLOCKS else (9, 3)
+    rows_qkv, rows_one = next(rows for _, others, rows in OTHER_TABLES if name in others)
     for dtype in ("float32", "bfloat16"):
         rs = results[f"blocks-{name}-{dtype}"]
         shapes = [(rows_qkv, 50), (rows_qkv, 13), (rows_qkv, 13), (rows_one, 50), (rows_one, 13), (rows_one, 13)]

@@ -49,10 +49,12 @@ ROUTE_MAX_EXPERTS = 256  # step_kernels.route_topk holds a token's E logits in r
 ROUTE_MAX_TOKENS = 64
 
 
-def triton_step(tokens: int, dtype, compute: str | None) -> bool:
-    """Whether a step of `tokens` rows takes step_kernels.py's Triton GEMVs: decode-sized (at most GEMV_MAX_TOKENS),
-    bf16, compute="triton". fp32 and the other computes keep torch's F.linear."""
-    return compute == "triton" and dtype == torch.bfloat16 and tokens <= GEMV_MAX_TOKENS
+def triton_step(tokens: int, dtype, compute: str | None, max_tokens: int | None = None) -> bool:
+    """Whether a step of `tokens` rows takes step_kernels.py's Triton kernels: decode-sized (at most max_tokens,
+    GEMV_MAX_TOKENS for the GEMVs, ROUTE_MAX_TOKENS for the top-k), bf16, compute="triton". fp32 and the other
+    computes keep torch's F.linear and topk."""
+    limit = GEMV_MAX_TOKENS if max_tokens is None else max_tokens
+    return compute == "triton" and dtype == torch.bfloat16 and tokens <= limit
 
 
 def project(x, w, compute: str | None = None):
@@ -270,7 +272,7 @@ def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool, dtype, forc
     compute="triton" with a bf16 step of at most ROUTE_MAX_TOKENS tokens and no override: step_kernels.route_topk,
     one kernel (the override's gather stays in torch)."""
     if (forced is None and router_logits.dim() == 2 and router_logits.shape[1] <= ROUTE_MAX_EXPERTS
-            and compute == "triton" and dtype == torch.bfloat16 and router_logits.shape[0] <= ROUTE_MAX_TOKENS):
+            and triton_step(router_logits.shape[0], dtype, compute, ROUTE_MAX_TOKENS)):
         from omnilab.gpu import step_kernels
 
         # differs from transformers: softmax, top-k and renormalisation in one Triton program per token (sums in

@@ -190,25 +190,27 @@ def _route_topk(logits, weights, experts, E, sl, sw, se, TOP_K: tl.constexpr, KP
     tl.store(experts + t.to(tl.int64) * se + j, ids, mask=j < TOP_K)
 
 
-def _blocks(M: int, N: int) -> dict:
-    if N > SUM_ROWS:
-        return DOT_NARROW if M <= NARROW_M else DOT_WIDE
-    return NARROW if M <= NARROW_M else WIDE
+def _blocks(M: int) -> tuple[dict, dict]:
+    """A weight of M rows: its (tl.sum, tl.dot) block tables."""
+    return (NARROW, DOT_NARROW) if M <= NARROW_M else (WIDE, DOT_WIDE)
 
 
 DOT_SHARED_BYTES = 200 * 1024  # the tl.dot path's pipelined tiles in at most this much shared memory (sm_90: 227 KB)
 
 
-def _launch_args(x: torch.Tensor, K: int, c: dict) -> dict:
+def _launch_args(x: torch.Tensor, K: int, sum_table: dict, dot_table: dict) -> dict:
+    """The kernels' compile-time arguments for x [N, K]: sum_table's blocks (tl.sum) for N <= SUM_ROWS, else
+    dot_table's (tl.dot)."""
     N = x.shape[0]
-    args = dict(N=N, BLOCK_N=1, DOT=False, EVEN_K=K % c["BLOCK_K"] == 0, **{"ACC2D": False, **c})
-    if N > SUM_ROWS:  # BLOCK_N: x's rows padded to tl.dot's least (16) or the next power of two
-        args.update(BLOCK_N=max(16, triton.next_power_of_2(N)), DOT=True)
-        # fewer stages where the tiles would not fit: Triton asked the H100 for up to (stages - 1) x 2 x a stage's x
-        # and weight tiles (bf16, 32 rows, BLOCK_M 32, BLOCK_K 256, 5 stages: 256 KB; fp32, 64 rows, 16, 256, 4: 240 KB)
-        stage = (args["BLOCK_N"] + c["BLOCK_M"]) * c["BLOCK_K"] * x.element_size()
-        args["num_stages"] = max(1, min(c["num_stages"], 1 + DOT_SHARED_BYTES // (2 * stage)))
-    return args
+    if N <= SUM_ROWS:
+        return dict(N=N, BLOCK_N=1, DOT=False, EVEN_K=K % sum_table["BLOCK_K"] == 0, **sum_table)
+    c = dot_table
+    block_n = max(16, triton.next_power_of_2(N))  # x's rows padded to tl.dot's least (16) or the next power of two
+    # fewer stages where the tiles would not fit: Triton asked the H100 for up to (stages - 1) x 2 x a stage's x and
+    # weight tiles (bf16, 32 rows, BLOCK_M 32, BLOCK_K 256, 5 stages: 256 KB; fp32, 64 rows, 16, 256, 4: 240 KB)
+    stage = (block_n + c["BLOCK_M"]) * c["BLOCK_K"] * x.element_size()
+    return dict(N=N, BLOCK_N=block_n, DOT=True, EVEN_K=K % c["BLOCK_K"] == 0, ACC2D=False,
+                **{**c, "num_stages": max(1, min(c["num_stages"], 1 + DOT_SHARED_BYTES // (2 * stage)))})
 
 
 def _rowwise(w: torch.Tensor) -> torch.Tensor:
@@ -221,9 +223,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     N, K = x.shape
     M = w.shape[0]
     y = torch.empty(N, M, dtype=x.dtype, device=x.device)  # [N, M]
-    c = _blocks(M, N)
-    _gemv[(triton.cdiv(M, c["BLOCK_M"]),)](x, w, y, M, K, x.stride(0), w.stride(0), y.stride(0),
-                                            **_launch_args(x, K, c))
+    args = _launch_args(x, K, *_blocks(M))
+    _gemv[(triton.cdiv(M, args["BLOCK_M"]),)](x, w, y, M, K, x.stride(0), w.stride(0), y.stride(0), **args)
     return y
 
 
@@ -239,10 +240,10 @@ def _linear_qkv(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
     N, K = x.shape
     Mq, Mk, Mv = wq.shape[0], wk.shape[0], wv.shape[0]
     q, k, v = (torch.empty(N, M, dtype=x.dtype, device=x.device) for M in (Mq, Mk, Mv))  # [N, M] each
-    c = DOT_QKV if N > SUM_ROWS else QKV
-    grid = (sum(triton.cdiv(M, c["BLOCK_M"]) for M in (Mq, Mk, Mv)),)
+    args = _launch_args(x, K, QKV, DOT_QKV)
+    grid = (sum(triton.cdiv(M, args["BLOCK_M"]) for M in (Mq, Mk, Mv)),)
     _gemv_qkv[grid](x, wq, wk, wv, q, k, v, Mq, Mk, Mv, K, x.stride(0), wq.stride(0), wk.stride(0), wv.stride(0),
-                    q.stride(0), k.stride(0), v.stride(0), **_launch_args(x, K, c))
+                    q.stride(0), k.stride(0), v.stride(0), **args)
     return q, k, v
 
 
