@@ -235,10 +235,31 @@ def _shards(folder: Path) -> dict[str, pa.Table]:
     return {p.name: pq.read_table(p) for p in sorted((folder / "shards").glob("*.parquet"))}
 
 
+# omnilab's CLI as `python -m omnilab` runs it; once the verb returns, each rank writes the names of the native gloo
+# threads still alive (Linux: /proc/self/task) to $THREADS_LEFT.<rank>
+RANK_SCRIPT = """
+import os, sys
+from omnilab.cli import main
+
+code = main(sys.argv[1:])
+tasks = "/proc/self/task"
+names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+with open(os.environ["THREADS_LEFT"] + "." + os.environ["RANK"], "w") as f:
+    f.write(" ".join(n for n in names if "gloo" in n))
+raise SystemExit(code)
+"""
+
+
 def test_two_gloo_processes_equal_one_process(tiny_omni, corpus, tmp_path):
-    """`omnilab trace` under torchrun with two gloo processes writes the very same shards as one process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "OMNILAB_DEBUG": "1"}
-    args = ["-m", "omnilab", "trace", str(tiny_omni), "--corpus", str(corpus), "--max-tokens", "12",
+    """`omnilab trace` under torchrun with two gloo processes writes the very same shards as one process, and each
+    rank's process group is gone when the verb returns: one kept alive (torch.distributed.nn, imported after
+    init_process_group, holds it in its functions' defaults) left gloo threads that freed the last collective's
+    tensors during interpreter exit and aborted a rank now and then."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "OMNILAB_DEBUG": "1",
+           "THREADS_LEFT": str(tmp_path / "threads_left")}
+    args = [str(script), "trace", str(tiny_omni), "--corpus", str(corpus), "--max-tokens", "12",
             "--batch-tokens", "40"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's ranks run (OMP_NUM_THREADS=1): the test never depends on thread count
@@ -250,6 +271,9 @@ def test_two_gloo_processes_equal_one_process(tiny_omni, corpus, tmp_path):
                           *args, "--out", str(tmp_path / "two"), "--json"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    if Path("/proc/self/task").is_dir():
+        left = {rank: (tmp_path / f"threads_left.{rank}").read_text() for rank in (0, 1)}
+        assert left == {0: "", 1: ""}, f"gloo threads alive after the trace returned: {left}"
     report = json.loads(two.stdout)  # rank 0 alone prints
     assert report["run"]["world_size"] == 2 and report["run"]["traced_batches"] == report["shards"] > 2
     a, b = _shards(tmp_path / "one"), _shards(tmp_path / "two")

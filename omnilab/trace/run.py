@@ -84,6 +84,12 @@ class _Dist:
         if backend == "nccl":
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
+            # torch.distributed.nn takes group.WORLD as its functions' default argument when first imported (FSDP,
+            # which loading the model imports, imports it): imported after init_process_group, those defaults keep
+            # the process group alive past destroy_process_group, its gloo threads then free the last collective's
+            # tensors during interpreter exit and the rank aborts ("terminate called without an active exception")
+            import torch.distributed.nn  # noqa: F401  (before init: its defaults are None)
+
             dist.init_process_group(backend=backend)
         self.backend = backend
 
