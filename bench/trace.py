@@ -23,7 +23,7 @@ Measured, on the corpus the bench writes (eval-split documents repeated up to --
   with --writers / --spin / --by-layer, more such rows: other writer counts, writers spinning on the layers'
   events, writers writing row group by row group as the layers arrive (the way before: bench/gil_writer.py);
   with --batch-rows, the same at other padded-token counts per batch; with --whole-tail, the same with every shard
-  written whole whatever trace_corpus's TAIL_BY_LAYER (0 since run 7: then the default's way);
+  forced whole (trace_corpus's own way since run 7, so these rows repeat --writers' rows);
 - the same prefill alone: TracePrefill.record_async over the plan's batches (routing to the host, no Parquet),
   to separate the device's part from the writing; with its default glue (prefill_kernels.py's fused glue for
   bf16 on CUDA) and, where that is not the torch glue, once more with glue="torch" (the eager modules and
@@ -208,8 +208,7 @@ def main() -> int:
     p.add_argument("--torch-attention", action="store_true", help="one more end-to-end row: the prefill's attention "
                    "as torch's SDPA chooses it (cuDNN first on an H100) instead of FlashAttention")
     p.add_argument("--whole-tail", default="", help="comma-separated writer-thread counts: one more end-to-end "
-                   "row each with every shard written whole, whatever omnilab.trace.run.TAIL_BY_LAYER asks "
-                   "(0 since run 7)")
+                   "row each with every shard written whole (trace_corpus's own way since run 7)")
     p.add_argument("--glues", default="", help="comma-separated glues beyond the default and torch (triton): a "
                    "prefill-alone row and an end-to-end row each")
     p.add_argument("--gate-up-config", default=None, help="a JSON of prefill_kernels.GATE_UP_ROWS (the fused glue's "

@@ -71,33 +71,6 @@ def test_streamed_shard_has_the_bytes_of_the_one_table_writer(tiny_omni, tmp_pat
     np.testing.assert_allclose(a.weights, b.weights, rtol=1e-5, atol=1e-7)
 
 
-def test_the_last_shards_are_written_by_layer(tiny_omni, corpus, tmp_path, monkeypatch):
-    """trace_corpus writes a rank's last TAIL_BY_LAYER shards of the grouped prefill by layer (as their layers
-    arrive; 3 here, 0 by default since run 7) and the others whole, the most tokens first; the trace reads back as
-    one written whole throughout."""
-    from omnilab.trace import run
-
-    monkeypatch.setattr(run, "TAIL_BY_LAYER", 3)
-    asked = []
-    write = run.write_routing_shard
-
-    def spy(path, *args, by_layer=False, **kw):
-        asked.append(by_layer)
-        return write(path, *args, by_layer=by_layer, **kw)
-
-    kw = dict(max_tokens=12, batch_tokens=12, progress=False, prefill="grouped_mm", writers=1)
-    monkeypatch.setattr(run, "write_routing_shard", spy)
-    result = trace.trace_corpus(tiny_omni, [corpus], tmp_path / "tail", **kw)
-    assert result.batches == len(asked) > run.TAIL_BY_LAYER
-    assert asked == [False] * (len(asked) - run.TAIL_BY_LAYER) + [True] * run.TAIL_BY_LAYER
-    monkeypatch.setattr(run, "write_routing_shard", lambda *a, by_layer=False, **k: write(*a, by_layer=False, **k))
-    trace.trace_corpus(tiny_omni, [corpus], tmp_path / "whole", **kw)
-    names = sorted(p.name for p in (tmp_path / "tail" / "shards").iterdir())
-    assert len(names) == result.batches
-    for name in names:  # the same bytes either way
-        assert (tmp_path / "tail" / "shards" / name).read_bytes() == (tmp_path / "whole" / "shards" / name).read_bytes()
-
-
 def test_failed_write_names_its_shard_and_leaves_no_half_shard(tmp_path):
     def good(tmp):
         tmp.write_bytes(b"whole shard")

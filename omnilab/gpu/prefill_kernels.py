@@ -29,9 +29,8 @@ import triton.language as tl
 
 ROWS_BLOCK_ELEMENTS = 4096  # rms_norm / norm_rope: rows per program so that a program holds ~4K elements
 SILU_BLOCK = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)  # silu_mul: [16, 256] tiles of act
-# gate_up_rows: [BLOCK_M rows of one slot, BLOCK_N columns of I] per program, gate and up accumulated side by side
-# (first guess; bench/prefill_gemm.py measures others at the real shapes against the grouped_mm it replaces)
-# gate_up_rows' blocks: the fastest of bench/prefill_gemm.py's twelve on an H100 at 16,384 tokens (1,807 us against
+# gate_up_rows: [BLOCK_M rows of one slot, BLOCK_N columns of I] per program, gate and up accumulated side by side;
+# the fastest of bench/prefill_gemm.py's twelve block sizes on an H100 at 16,384 tokens (1,807 us against
 # the Triton glue's gather + grouped_mm + silu_mul at 1,858 us; bench/results/prefill_gemm_h100.txt)
 GATE_UP_ROWS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 COMBINE_BLOCK_H = 512  # combine_into: columns of H per program, the k rows of y loaded together ([KP, 512])

@@ -35,8 +35,9 @@ NARROW = dict(BLOCK_M=1, BLOCK_K=2048, num_warps=8, num_stages=1, ACC2D=False)  
 # programs, each its row in one read (a loop over K would be latency-bound: a program a row already leaves SMs idle)
 NARROW_M = 256  # weights of at most this many rows take NARROW, more WIDE
 # 3 to 64 rows: tl.dot tiles of [BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M], software-pipelined over K (num_stages
-# cp.async stages in flight); first choices, not yet timed: enough programs to fill 132 SMs where the rows allow
-# (q|k|v 5120 rows / 32 = 160, o_proj 2048 / 16 = 128) and 8 KB of weight a stage
+# cp.async stages in flight): enough programs to fill 132 SMs where the rows allow (q|k|v 5120 rows / 32 = 160,
+# o_proj 2048 / 16 = 128) and 8 KB of weight a stage; a sweep at 32 rows on an H100 found nothing faster end to end
+# (bench/results/batched_h100_run3.md: 1,580 tok/s against these tables' 1,595)
 DOT_QKV = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4)
 DOT_WIDE = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=4)
 DOT_NARROW = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3)  # the router: 8 programs whatever the blocks

@@ -31,11 +31,6 @@ from omnilab.trace.shards import (DOCUMENTS_NAME, FORMAT, MANIFEST_NAME, PLAN_NA
                                   write_routing_shard)
 
 PREFILLS = ("auto", "eager", "grouped_mm")
-# a rank's last batches of the grouped prefill whose shards are written row group by row group as their layers
-# arrive. Written whole, the last three shards ended 0.31 s after the last forward (bench/results/trace_h100_bf16.md,
-# run 6); by layer the hope was that each is written while its own forward runs, but in run 7 the last three by
-# layer ended 0.37 s after it (56.1k tokens/s) against 0.30 s whole (58.0k): so none, every shard whole
-TAIL_BY_LAYER = 0
 
 @dataclass
 class TraceResult:
@@ -235,16 +230,15 @@ def _trace(dist, path, corpus, out, max_tokens, batch_tokens, dtype, expert_budg
     # the shards are written by background threads (omnilab.trace.shards: numpy and pyarrow release
     # the GIL) while this thread queues the next batches' forwards; the grouped prefill's routing reaches the host
     # without the host waiting, and a writer writes its shard whole in one pyarrow call once the last layer is there
-    # (the last TAIL_BY_LAYER shards: by layer, as the layers arrive)
     writers = writers or default_writers()
     with ShardWriter(workers=writers, depth=writers + 1) as writer:  # at most writers + 1 batches on the host
-        for i, b in enumerate(mine):
+        for b in mine:
             batch = batches[b]
             batch_ids, batch_domains = [ids[d] for d in batch], [domains[d] for d in batch]
             if recorder is not None:
                 routing = record(batch_ids, batch, pad_id=pad)  # [L, n, k] rows in trace order
                 write = partial(write_routing_shard, docs=batch, domains=batch_domains, token_ids=batch_ids,
-                                layers=layers, routing=routing, by_layer=i >= len(mine) - TAIL_BY_LAYER)
+                                layers=layers, routing=routing)
             else:
                 routing = record_batch(model, batch_ids, layers, pad_id=pad)  # padded [L, B, T, k]
                 write = partial(write_batch_shard, docs=batch, domains=batch_domains, token_ids=batch_ids,
